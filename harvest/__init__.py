@@ -1,0 +1,13 @@
+"""Stage 2: stream hook activations of an LM into bfloat16 Zarr stores, and read them back.
+
+``harvest(bridge, blocks, out_dir, HarvestConfig(...), ...)`` writes one store per hook;
+``ActivationStore(path)`` reads one as an activation source for ``train``. Importing this
+package registers the ``bfloat16`` zarr data type, so plain ``zarr.open`` works afterwards.
+"""
+
+from .bf16 import BFloat16, bf16_to_torch, register as register_bfloat16
+from .harvest import DEFAULT_HOOK, HarvestConfig, harvest, store_name
+from .reader import ActivationStore
+
+__all__ = ["ActivationStore", "BFloat16", "DEFAULT_HOOK", "HarvestConfig", "bf16_to_torch",
+           "harvest", "register_bfloat16", "store_name"]

@@ -1,0 +1,167 @@
+"""The on-disk layout of an activation store, and how it is created, checked and resumed.
+
+A store is one Zarr v3 group per hook point::
+
+    layer1.zarr/
+      zarr.json        group attributes: provenance + progress (see ``Provenance``, ``Progress``)
+      acts/            (rows, d) bfloat16, row chunks, zstd + crc32c
+      tokens/          (rows,) int32: the token id that produced each row
+      positions/       (rows,) int32: that token's place in its block of n_ctx tokens
+
+Rows are written one whole chunk at a time, in order, and ``rows_written`` is raised only after a
+chunk of all three arrays is on disk (zarr's local store writes each file atomically). So after
+any interruption the store is a valid prefix plus, at worst, a stray chunk past ``rows_written``
+that a resumed harvest simply overwrites.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
+
+from unsuperpose import __version__
+from unsuperpose.errors import UserError
+
+from . import bf16  # noqa: F401  (registers the "bfloat16" zarr data type)
+
+FORMAT = "unsuperpose.acts/1"
+ACTS, TOKENS, POSITIONS = "acts", "tokens", "positions"
+
+# Measured on random GPT-2-small MLP activations (d 1024, benchmarks/bench_harvest.py has the
+# figures): zstd level 1 compresses bf16 GELU outputs ~1.28x (the mantissa bits are noise, so
+# higher levels and blosc's byte shuffle gain nothing) and decodes fastest; chunks of ~8 MiB
+# (4,096 rows at d 1024) read fastest in random chunk order, with 1 and 32 MiB both slower.
+CHUNK_BYTES = 8 << 20
+MIN_CHUNK_ROWS, MAX_CHUNK_ROWS = 256, 65536
+ZSTD_LEVEL = 1
+COMPRESSION_RATIO = 1.28  # for the disk estimate printed before a harvest starts
+
+
+def default_chunk_rows(d: int) -> int:
+    """Rows per chunk: a power of two near CHUNK_BYTES of bfloat16, within sane bounds."""
+    rows = 1 << max(0, int(np.log2(CHUNK_BYTES / (2 * d))))
+    return int(min(MAX_CHUNK_ROWS, max(MIN_CHUNK_ROWS, rows)))
+
+
+def _codecs() -> dict[str, Any]:
+    # crc32c last, so it checks the compressed bytes exactly as they lie on disk.
+    return {"compressors": [ZstdCodec(level=ZSTD_LEVEL), Crc32cCodec()]}
+
+
+# Missing chunks would otherwise read back as zeros; every chunk must exist, even an all-zero one.
+ARRAY_CONFIG = {"write_empty_chunks": True}
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """What produced a store. Two stores with equal identity hold the same rows, in order."""
+
+    model_dir: str
+    weights_sha256: str
+    hook: str
+    layer: int | None
+    width: int
+    n_ctx: int
+    corpus_fingerprint: str
+    corpus: dict | None = None
+    dtype: str = "bfloat16"
+
+    # model_dir and the corpus settings are kept for people; the hashes decide sameness.
+    IDENTITY = ("weights_sha256", "hook", "width", "n_ctx", "corpus_fingerprint", "dtype")
+
+    def identity(self) -> dict:
+        return {k: getattr(self, k) for k in self.IDENTITY}
+
+
+@dataclass(frozen=True)
+class Progress:
+    rows_planned: int
+    rows_written: int
+    complete: bool
+    chunk_rows: int
+    batch_size: int
+
+
+def create(path: Path, prov: Provenance, rows: int, chunk_rows: int, batch_size: int) -> zarr.Group:
+    """A new, empty store at ``path`` (whatever was there is removed first)."""
+    if path.exists():
+        shutil.rmtree(path)
+    group = zarr.open_group(path, mode="w", zarr_format=3)
+    group.create_array(ACTS, shape=(rows, prov.width), chunks=(chunk_rows, prov.width),
+                       dtype="bfloat16", fill_value=0, config=ARRAY_CONFIG, **_codecs())
+    for name in (TOKENS, POSITIONS):
+        group.create_array(name, shape=(rows,), chunks=(chunk_rows,), dtype="int32",
+                           fill_value=0, config=ARRAY_CONFIG, **_codecs())
+    progress = Progress(rows, 0, False, chunk_rows, batch_size)
+    group.attrs.update({"format": FORMAT, "unsuperpose_version": __version__,
+                        **dataclasses.asdict(prov), **dataclasses.asdict(progress)})
+    return group
+
+
+def open_group(path: Path, mode: str = "r") -> zarr.Group:
+    """Open an existing store, or fail saying what the path is instead."""
+    path = Path(path)
+    if not (path / "zarr.json").exists():
+        raise UserError(f"{path} is not an activation store (no zarr.json); harvest one with "
+                        "`unsuperpose harvest --lm DIR --layer L --out DIR`")
+    try:
+        group = zarr.open_group(path, mode=mode, zarr_format=3)
+    except Exception as exc:  # zarr raises several types for unreadable metadata
+        raise UserError(f"{path} cannot be opened as a zarr v3 group ({exc}); "
+                        "delete it and harvest again") from exc
+    if group.attrs.get("format") != FORMAT:
+        raise UserError(f"{path} is a zarr group but not an unsuperpose activation store "
+                        f"(format {group.attrs.get('format')!r}, expected {FORMAT!r})")
+    return group
+
+
+def provenance(group: zarr.Group) -> Provenance:
+    attrs = dict(group.attrs)
+    return Provenance(**{f.name: attrs[f.name] for f in dataclasses.fields(Provenance)})
+
+
+def progress(group: zarr.Group) -> Progress:
+    attrs = dict(group.attrs)
+    return Progress(**{f.name: attrs[f.name] for f in dataclasses.fields(Progress)})
+
+
+def record_progress(group: zarr.Group, rows_written: int, complete: bool) -> None:
+    group.attrs.update({"rows_written": int(rows_written), "complete": bool(complete)})
+
+
+def check_same_source(path: Path, have: Provenance, want: Provenance) -> None:
+    """Refuse to append to or replace a store made from something else."""
+    if have.width != want.width:
+        raise UserError(f"{path} holds {have.hook} activations of width {have.width}, but "
+                        f"{want.hook} of this model has width {want.width}; write to another "
+                        "--out directory, or pass --force to replace the store")
+    diff = [k for k in Provenance.IDENTITY if getattr(have, k) != getattr(want, k)]
+    if diff:
+        shown = "; ".join(f"{k}: store has {getattr(have, k)!r}, this run {getattr(want, k)!r}"
+                          for k in diff)
+        raise UserError(f"{path} was harvested from another source ({shown}); write to another "
+                        "--out directory, or pass --force to replace it")
+
+
+def grow(group: zarr.Group, rows: int) -> None:
+    """Extend all arrays to ``rows`` (a larger --tokens cap appends to a store)."""
+    for name in (ACTS, TOKENS, POSITIONS):
+        arr = group[name]
+        arr.resize((rows,) + arr.shape[1:])
+    group.attrs.update({"rows_planned": int(rows), "complete": False})
+
+
+def resume_row(prog: Progress) -> int:
+    """Where writing restarts: the start of the chunk after the last complete one.
+
+    A finished store whose last chunk is partial restarts at that chunk when it is extended, so
+    every chunk is always written whole, in one piece, as an uninterrupted run would write it.
+    """
+    return (prog.rows_written // prog.chunk_rows) * prog.chunk_rows

@@ -1,0 +1,112 @@
+"""Writes rows into a store one whole chunk at a time, on a background thread.
+
+Compression and the disk write of chunk k overlap the forward pass that produces chunk k+1:
+that is what keeps storage overhead small. Memory is bounded by a fixed pool of chunk buffers
+(``POOL`` of them): when the disk falls behind, ``add`` waits for a free buffer instead of
+queueing more work.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+import numpy as np
+import zarr
+
+from . import store
+from .bf16 import BF16
+
+POOL = 3  # one being filled, one being written, one spare so neither side waits on the other
+
+
+class _Chunk:
+    """Pre-allocated buffers for one chunk of rows (reused, so no page faults per chunk)."""
+
+    def __init__(self, rows: int, d: int):
+        self.acts = np.empty((rows, d), BF16)
+        self.tokens = np.empty(rows, np.int32)
+        self.positions = np.empty(rows, np.int32)
+        self.start = 0  # first row of the store this chunk holds
+        self.filled = 0
+
+
+class ChunkWriter:
+    """Append rows from ``start`` (a chunk boundary) to ``end``; marks the store complete at end."""
+
+    def __init__(self, group: zarr.Group, start: int, end: int):
+        prog = store.progress(group)
+        if start % prog.chunk_rows:
+            raise ValueError(f"writing must start on a chunk boundary, not row {start}")
+        self.group, self.end, self.chunk_rows = group, end, prog.chunk_rows
+        self.row = start  # next row that add() expects
+        d = group[store.ACTS].shape[1]
+        self._free: queue.Queue[_Chunk] = queue.Queue()
+        for _ in range(POOL):
+            self._free.put(_Chunk(self.chunk_rows, d))
+        self._full: queue.Queue[_Chunk | None] = queue.Queue()
+        self._error: BaseException | None = None
+        self._current: _Chunk | None = None
+        self._thread = threading.Thread(target=self._write_loop, name="harvest-writer", daemon=True)
+        self._thread.start()
+
+    def add(self, acts: np.ndarray, tokens: np.ndarray, positions: np.ndarray) -> None:
+        """Take the next ``len(acts)`` rows (bfloat16 (n, d), int (n,), int (n,))."""
+        n, i = len(acts), 0
+        if self.row + n > self.end:
+            raise ValueError(f"rows {self.row}..{self.row + n} run past the planned end {self.end}")
+        while i < n:
+            chunk = self._current or self._take_free()
+            take = min(n - i, self.chunk_rows - chunk.filled)
+            lo, hi = chunk.filled, chunk.filled + take
+            chunk.acts[lo:hi] = acts[i:i + take]
+            chunk.tokens[lo:hi] = tokens[i:i + take]
+            chunk.positions[lo:hi] = positions[i:i + take]
+            chunk.filled, i, self.row = hi, i + take, self.row + take
+            self._current = chunk
+            if chunk.filled == self.chunk_rows or self.row == self.end:
+                self._full.put(chunk)
+                self._current = None
+
+    def close(self) -> None:
+        """Wait for every queued chunk to be on disk; re-raise any error of the writer thread."""
+        self._full.put(None)
+        self._thread.join()
+        self._raise_if_failed()
+
+    def abort(self) -> None:
+        """Stop after the chunks already queued (on interrupt): they are complete, keep them."""
+        self._current = None
+        self._full.put(None)
+        self._thread.join()
+
+    def _take_free(self) -> _Chunk:
+        while True:
+            self._raise_if_failed()
+            try:
+                chunk = self._free.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            chunk.start, chunk.filled = self.row, 0
+            return chunk
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"writing {self.group.store} failed: {self._error}") from self._error
+
+    def _write_loop(self) -> None:
+        acts, tokens, positions = (self.group[n] for n in (store.ACTS, store.TOKENS, store.POSITIONS))
+        while (chunk := self._full.get()) is not None:
+            if self._error is not None:
+                continue  # drain without writing: rows after a failed chunk must not land
+            try:
+                lo, hi = chunk.start, chunk.start + chunk.filled
+                acts[lo:hi] = chunk.acts[:chunk.filled]
+                tokens[lo:hi] = chunk.tokens[:chunk.filled]
+                positions[lo:hi] = chunk.positions[:chunk.filled]
+                # Only now is the chunk whole on disk in all three arrays.
+                store.record_progress(self.group, hi, complete=hi == self.end)
+            except BaseException as exc:  # surfaced to the producer by add()/close()
+                self._error = exc
+            finally:
+                self._free.put(chunk)
