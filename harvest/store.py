@@ -90,10 +90,16 @@ class Progress:
 
 
 def create(path: Path, prov: Provenance, rows: int, chunk_rows: int, batch_size: int) -> zarr.Group:
-    """A new, empty store at ``path`` (whatever was there is removed first)."""
-    if path.exists():
-        shutil.rmtree(path)
-    group = zarr.open_group(path, mode="w", zarr_format=3)
+    """A new, empty store at ``path`` (whatever was there is removed first).
+
+    Built beside ``path`` and renamed into place, so an interruption never leaves a store
+    without its arrays or attributes.
+    """
+    tmp = path.with_name(f".{path.name}.creating")
+    for stale in (tmp, path):
+        if stale.exists():
+            shutil.rmtree(stale)
+    group = zarr.open_group(tmp, mode="w", zarr_format=3)
     group.create_array(ACTS, shape=(rows, prov.width), chunks=(chunk_rows, prov.width),
                        dtype="bfloat16", fill_value=0, config=ARRAY_CONFIG, **_codecs())
     for name in (TOKENS, POSITIONS):
@@ -102,7 +108,8 @@ def create(path: Path, prov: Provenance, rows: int, chunk_rows: int, batch_size:
     progress = Progress(rows, 0, False, chunk_rows, batch_size)
     group.attrs.update({"format": FORMAT, "unsuperpose_version": __version__,
                         **dataclasses.asdict(prov), **dataclasses.asdict(progress)})
-    return group
+    tmp.rename(path)
+    return zarr.open_group(path, mode="r+", zarr_format=3)
 
 
 def open_group(path: Path, mode: str = "r") -> zarr.Group:

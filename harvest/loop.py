@@ -131,7 +131,8 @@ def _forward(bridge: Any, tokens: np.ndarray, hooks: list[str], stop: str | None
     fwd_hooks = [(h, capture(h)) for h in hooks] + ([(stop, halt)] if stop else [])
     with torch.inference_mode():
         try:
-            bridge.run_with_hooks(torch.as_tensor(tokens, dtype=torch.long), fwd_hooks=fwd_hooks)
+            bridge.run_with_hooks(torch.from_numpy(np.asarray(tokens, dtype=np.int64)),
+                                  fwd_hooks=fwd_hooks)
         except _StopForward:
             pass
     return got
@@ -150,6 +151,8 @@ def _open_or_create(t: _Target, prov: store.Provenance, rows: int, chunk_rows: i
         raise UserError(f"{t.path} {what} {prog.rows_planned:,} rows, more than the {rows:,} "
                         f"asked for; run with --tokens {prog.rows_planned} to keep it, or "
                         "--force to rewrite it")
+    if prog.complete and prog.rows_planned == rows:
+        return group, rows, prog.batch_size
     if prog.rows_planned < rows:
         store.grow(group, rows)  # a larger --tokens appends to a finished store
     return group, store.resume_row(prog), prog.batch_size
@@ -199,7 +202,7 @@ def harvest(bridge: Any, blocks: np.ndarray, out_dir: str | Path, cfg: HarvestCo
                                 corpus_fingerprint=corpus_fingerprint, corpus=corpus)
         chunk_rows = cfg.chunk_rows or store.default_chunk_rows(prov.width)
         group, start, stored_batch = _open_or_create(t, prov, rows, chunk_rows, cfg.batch_size, cfg.force)
-        if start >= rows and store.progress(group).complete:
+        if start == rows:
             print(f"harvest: {t.path} is complete ({rows:,} rows); nothing to do")
             continue
         if stored_batch != cfg.batch_size:

@@ -1,0 +1,301 @@
+"""Harvesting a tiny random GPT-2: what lands in the store, resuming, and refusing bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from unsuperpose.errors import UserError
+from unsuperpose.harvest import ActivationStore, HarvestConfig, harvest, loop, store
+
+N_CTX, VOCAB = 32, 100
+SOURCE = {"model_dir": "tiny", "weights_sha256": "w0", "corpus_fingerprint": "c0"}
+
+
+def save_tiny_gpt2(path: Path, d_mlp: int = 64, seed: int = 0) -> Path:
+    """A random GPT-2 of the test shape (3 layers, d_model 16), saved as HF files."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_layer=3, n_embd=16, n_inner=d_mlp, n_head=2, n_positions=N_CTX,
+                     vocab_size=VOCAB, bos_token_id=0, eos_token_id=0)
+    GPT2LMHeadModel(cfg).eval().save_pretrained(path)
+    return path
+
+
+def boot(path: Path):
+    from transformer_lens.model_bridge import TransformerBridge
+
+    return TransformerBridge.boot_transformers(str(path), device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny matmuls on a shared 2-core machine run ~10x faster without thread hand-offs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return save_tiny_gpt2(tmp_path_factory.mktemp("tiny_gpt2"))
+
+
+@pytest.fixture(scope="module")
+def bridge(model_dir):
+    return boot(model_dir)
+
+
+@pytest.fixture(scope="module")
+def blocks() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, VOCAB, (40, N_CTX)).astype(np.uint16)
+
+
+def cfg(**kw) -> HarvestConfig:
+    """Small chunks and batches, so a 1,280-token corpus spans many of each."""
+    return HarvestConfig(**{"chunk_rows": 96, "batch_size": 3, **kw})
+
+
+def run(bridge, blocks, out, source=SOURCE, **kw) -> list[Path]:
+    return harvest(bridge, blocks, out, cfg(**kw), progress=False, **source)
+
+
+def arrays(path: Path) -> dict[str, np.ndarray]:
+    g = zarr.open_group(path, mode="r")
+    return {"acts": g["acts"][:].view(np.int16), "tokens": g["tokens"][:], "positions": g["positions"][:]}
+
+
+def assert_same_store(a: Path, b: Path) -> None:
+    for name, x in arrays(a).items():
+        np.testing.assert_array_equal(x, arrays(b)[name], err_msg=name)
+    ga, gb = dict(zarr.open_group(a).attrs), dict(zarr.open_group(b).attrs)
+    assert ga == gb
+
+
+# -- what is stored ----------------------------------------------------------------------------
+
+def test_rows_equal_an_independent_hf_hook_within_bf16_rounding(model_dir, bridge, blocks, tmp_path):
+    from transformers import GPT2LMHeadModel
+
+    [path] = run(bridge, blocks, tmp_path, layer="1")
+    model = GPT2LMHeadModel.from_pretrained(model_dir).eval()
+    seen = []
+    handle = model.transformer.h[1].mlp.act.register_forward_hook(lambda m, i, o: seen.append(o))
+    with torch.no_grad():
+        model(torch.from_numpy(blocks.astype(np.int64)))
+    handle.remove()
+    want = seen[0].reshape(-1, 64)
+    got = torch.from_numpy(ActivationStore(path).read_rows(0, len(want)).astype(np.float32))
+    assert got.shape == want.shape == (blocks.size, 64)
+    # bfloat16 keeps 8 significant bits: a relative error of at most 2**-8 (plus fp32 noise).
+    torch.testing.assert_close(got, want, rtol=2**-8, atol=1e-6)
+    assert not torch.equal(got, torch.zeros_like(got))
+
+
+def test_tokens_and_positions_line_up_with_the_blocks(bridge, blocks, tmp_path):
+    rows = 1000  # not a multiple of n_ctx, batch or chunk: the cap cuts a block in half
+    [path] = run(bridge, blocks, tmp_path, layer="2", tokens=rows)
+    s = ActivationStore(path)
+    assert s.rows == rows and s.d == 64
+    np.testing.assert_array_equal(s.tokens(), blocks.reshape(-1)[:rows])
+    np.testing.assert_array_equal(s.positions(), np.arange(rows) % N_CTX)
+
+
+def test_store_layout_and_provenance_attributes(bridge, blocks, tmp_path):
+    [path] = run(bridge, blocks, tmp_path, layer="1")
+    meta = json.loads((path / "zarr.json").read_text())["attributes"]
+    assert meta["hook"] == "blocks.1.mlp.hook_post" and meta["layer"] == 1
+    assert meta["width"] == 64 and meta["n_ctx"] == N_CTX and meta["dtype"] == "bfloat16"
+    assert meta["weights_sha256"] == "w0" and meta["corpus_fingerprint"] == "c0"
+    assert meta["rows_written"] == blocks.size and meta["complete"] is True
+    assert meta["unsuperpose_version"]
+    acts = json.loads((path / "acts" / "zarr.json").read_text())
+    assert acts["data_type"] == "bfloat16" and acts["chunk_grid"]["configuration"]["chunk_shape"] == [96, 64]
+    assert [c["name"] for c in acts["codecs"]] == ["bytes", "zstd", "crc32c"]
+
+
+def test_store_opens_with_plain_zarr_once_the_dtype_is_registered(bridge, blocks, tmp_path):
+    [path] = run(bridge, blocks, tmp_path, layer="0")
+    code = ("import sys, zarr, numpy as np\n"
+            "try:\n    zarr.open_array(sys.argv[1] + '/acts')\nexcept Exception:\n    print('unregistered: refused')\n"
+            "import unsuperpose.harvest\n"
+            "a = zarr.open_group(sys.argv[1])['acts']\n"
+            "print(a.dtype, a.shape, float(np.abs(a[:5].astype(np.float32)).sum()) > 0)\n")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
+                         check=True).stdout.split("\n")
+    assert out[0] == "unregistered: refused"
+    assert out[1] == f"bfloat16 ({blocks.size}, 64) True"
+
+
+def test_several_layers_in_one_pass_equal_single_layer_passes(bridge, blocks, tmp_path):
+    both = run(bridge, blocks, tmp_path / "both", layer="0,2")
+    one = run(bridge, blocks, tmp_path / "one", layer="0") + run(bridge, blocks, tmp_path / "one", layer="2")
+    assert [p.name for p in both] == ["layer0.zarr", "layer2.zarr"]
+    for a, b in zip(both, one):
+        assert_same_store(a, b)
+
+
+def test_other_hook_points_and_all_layers(bridge, blocks, tmp_path):
+    paths = run(bridge, blocks, tmp_path, layer="all", hook="blocks.{layer}.hook_resid_post", tokens=200)
+    assert [p.name for p in paths] == [f"blocks.{L}.hook_resid_post.zarr" for L in range(3)]
+    assert ActivationStore(paths[2]).d == 16
+    [embed] = run(bridge, blocks, tmp_path, hook="hook_embed", tokens=200)
+    emb = bridge.original_model.transformer.wte.weight.detach()[blocks.reshape(-1)[:200].astype(np.int64)]
+    torch.testing.assert_close(torch.from_numpy(ActivationStore(embed).read_rows(0, 200).astype(np.float32)),
+                               emb, rtol=2**-8, atol=1e-6)
+
+
+def test_the_forward_pass_stops_after_the_last_needed_block(bridge, blocks, tmp_path):
+    ran = []
+    hooks = [bridge.hook_dict[f"blocks.{L}.hook_in"].add_hook(lambda x, hook: ran.append(hook.name))
+             for L in range(3)]
+    try:
+        run(bridge, blocks[:3], tmp_path, layer="1")
+    finally:
+        bridge.reset_hooks()
+    assert hooks is not None and set(ran) == {"blocks.0.hook_in", "blocks.1.hook_in"}
+
+
+# -- resuming ----------------------------------------------------------------------------------
+
+def _interrupt_after(monkeypatch, calls: int) -> None:
+    """Make the forward pass raise KeyboardInterrupt on its ``calls``-th call (a Ctrl-C)."""
+    real, seen = loop._forward, []
+
+    def forward(*args, **kw):
+        seen.append(1)
+        if len(seen) == calls:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(loop, "_forward", forward)
+
+
+def test_interrupted_harvest_resumes_to_an_identical_store(bridge, blocks, tmp_path, monkeypatch):
+    [ref] = run(bridge, blocks, tmp_path / "ref", layer="0,1")[:1]
+    _interrupt_after(monkeypatch, 6)  # the width probe, then 4 batches of 96 rows: 3 whole chunks
+    with pytest.raises(KeyboardInterrupt):
+        run(bridge, blocks, tmp_path / "cut", layer="0,1")
+    cut = tmp_path / "cut" / "layer0.zarr"
+    prog = store.progress(zarr.open_group(cut))
+    assert not prog.complete and prog.rows_written == 4 * 96
+    with pytest.raises(UserError, match="incomplete"):
+        ActivationStore(cut)
+    partial = ActivationStore(cut, allow_incomplete=True)
+    assert partial.rows == 4 * 96
+    monkeypatch.undo()
+    run(bridge, blocks, tmp_path / "cut", layer="0,1")
+    assert_same_store(ref, cut)
+    assert_same_store(tmp_path / "ref" / "layer1.zarr", tmp_path / "cut" / "layer1.zarr")
+
+
+def test_resume_rewrites_chunks_past_the_recorded_progress(bridge, blocks, tmp_path):
+    """The state kill -9 can leave: chunks on disk that the progress record does not cover."""
+    [ref] = run(bridge, blocks, tmp_path / "ref", layer="1")
+    [cut] = run(bridge, blocks, tmp_path / "cut", layer="1")
+    g = zarr.open_group(cut, mode="r+")
+    store.record_progress(g, 2 * 96 + 50, complete=False)  # mid-chunk: progress lost its tail
+    chunk = cut / "acts" / "c" / "3" / "0"
+    chunk.write_bytes(b"half a chunk")  # a torn write past the recorded rows
+    run(bridge, blocks, tmp_path / "cut", layer="1")
+    assert_same_store(ref, cut)
+
+
+def test_a_larger_token_cap_appends_to_a_finished_store(bridge, blocks, tmp_path):
+    [ref] = run(bridge, blocks, tmp_path / "ref", layer="1")
+    [grown] = run(bridge, blocks, tmp_path / "grown", layer="1", tokens=500)
+    run(bridge, blocks, tmp_path / "grown", layer="1")
+    assert_same_store(ref, grown)
+
+
+def test_a_finished_store_is_left_alone(bridge, blocks, tmp_path, capsys):
+    [path] = run(bridge, blocks, tmp_path, layer="1")
+    before = (path / "acts" / "c" / "0" / "0").stat().st_mtime_ns
+    run(bridge, blocks, tmp_path, layer="1")
+    assert "nothing to do" in capsys.readouterr().out
+    assert (path / "acts" / "c" / "0" / "0").stat().st_mtime_ns == before
+
+
+KILL_SCRIPT = """
+import sys, time, numpy as np, torch
+from transformer_lens.model_bridge import TransformerBridge
+from unsuperpose.harvest import HarvestConfig, harvest
+from unsuperpose.harvest import loop
+torch.set_num_threads(1)
+real = loop._forward
+def slow(*a, **k):
+    time.sleep(0.05)
+    return real(*a, **k)
+loop._forward = slow
+bridge = TransformerBridge.boot_transformers(sys.argv[1], device="cpu", dtype=torch.float32)
+blocks = np.random.default_rng(0).integers(0, 100, (40, 32)).astype(np.uint16)
+harvest(bridge, blocks, sys.argv[2], HarvestConfig(layer="1", chunk_rows=96, batch_size=3),
+        model_dir="tiny", weights_sha256="w0", corpus_fingerprint="c0", progress=False)
+"""
+
+
+def test_kill_9_mid_harvest_then_resume_equals_uninterrupted(model_dir, bridge, blocks, tmp_path):
+    [ref] = run(bridge, blocks, tmp_path / "ref", layer="1")
+    out = tmp_path / "killed"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(model_dir), str(out)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    meta = out / "layer1.zarr" / "zarr.json"
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        if meta.exists() and json.loads(meta.read_text())["attributes"]["rows_written"] >= 2 * 96:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    prog = store.progress(zarr.open_group(out / "layer1.zarr"))
+    assert 2 * 96 <= prog.rows_written < blocks.size and not prog.complete
+    run(bridge, blocks, out, layer="1")
+    assert_same_store(ref, out / "layer1.zarr")
+
+
+# -- refusing bad input ------------------------------------------------------------------------
+
+def test_layer_out_of_range_is_a_user_error(bridge, blocks, tmp_path):
+    with pytest.raises(UserError, match=r"layers 0\.\.2"):
+        run(bridge, blocks, tmp_path, layer="3")
+    with pytest.raises(UserError, match="layer index"):
+        run(bridge, blocks, tmp_path, layer="one")
+    assert not any(tmp_path.iterdir())
+
+
+def test_unknown_hook_is_a_user_error_with_suggestions(bridge, blocks, tmp_path):
+    with pytest.raises(UserError, match=r"no hook point 'blocks.1.mlp.hook_pst'.*blocks.1.mlp.hook_post"):
+        run(bridge, blocks, tmp_path, hook="blocks.{layer}.mlp.hook_pst")
+
+
+def test_width_mismatch_with_an_existing_store_is_refused(bridge, blocks, tmp_path):
+    run(bridge, blocks, tmp_path, layer="1", tokens=200)
+    narrow = boot(save_tiny_gpt2(tmp_path / "narrow", d_mlp=32))
+    with pytest.raises(UserError, match="width 64.*width 32"):
+        run(narrow, blocks, tmp_path, layer="1", tokens=200)
+
+
+def test_a_store_of_other_provenance_is_refused_unless_forced(bridge, blocks, tmp_path):
+    [path] = run(bridge, blocks, tmp_path, layer="1", tokens=200)
+    other = {**SOURCE, "corpus_fingerprint": "c1"}
+    with pytest.raises(UserError, match="corpus_fingerprint.*--force"):
+        run(bridge, blocks, tmp_path, source=other, layer="1", tokens=200)
+    with pytest.raises(UserError, match="more than the 100"):
+        run(bridge, blocks, tmp_path, layer="1", tokens=100)
+    assert store.provenance(zarr.open_group(path)).corpus_fingerprint == "c0"
+    run(bridge, blocks, tmp_path, source=other, layer="1", tokens=100, force=True)
+    assert store.provenance(zarr.open_group(path)).corpus_fingerprint == "c1"
+    assert ActivationStore(path).rows == 100

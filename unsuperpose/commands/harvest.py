@@ -1,0 +1,61 @@
+"""`unsuperpose harvest`: a saved LM + its corpus -> one activation store per hook.
+
+The glue between ``lm`` (model, bridge, token blocks) and ``harvest`` (the streaming loop):
+the corpus is the one the model was trained on unless corpus flags say otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from unsuperpose.config import add_arguments, from_args, save_config, to_dict
+from unsuperpose.errors import UserError
+from unsuperpose.harvest import HarvestConfig, harvest
+from unsuperpose.lm import CorpusConfig, load_bridge, model_info, token_blocks
+from unsuperpose.lm.model import check_n_ctx
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "harvest", help="stream an LM's hook activations into bfloat16 Zarr stores",
+        description="Run the corpus through the LM and store one hook's activations per layer "
+                    "(OUT/layer<L>.zarr). Interrupted runs resume when run again.")
+    p.add_argument("--lm", required=True, help="model directory (from `unsuperpose lm train`)")
+    p.add_argument("--out", required=True, help="directory for the stores")
+    p.add_argument("--n-ctx", type=int, default=None,
+                   help="tokens per block (default: the model's context length)")
+    p.add_argument("--cache-dir", default=None, help="token cache (default: runs/cache/tokens "
+                   "or $UNSUPERPOSE_CACHE/tokens)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_arguments(p, HarvestConfig)
+    # Corpus flags override the corpus recorded with the model (all default to it).
+    add_arguments(p, CorpusConfig)
+    p.set_defaults(func=run)
+
+
+def _corpus(args: argparse.Namespace, info: dict) -> CorpusConfig:
+    given = [f.name for f in dataclasses.fields(CorpusConfig) if hasattr(args, f.name)]
+    if info.get("corpus") is None and not given:
+        raise UserError(f"{args.lm} records no training corpus; name one with --corpus "
+                        "(e.g. --corpus wiki)")
+    base = CorpusConfig(**info["corpus"]) if info.get("corpus") else CorpusConfig()
+    return from_args(CorpusConfig, args, base=base)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = from_args(HarvestConfig, args)
+    info = model_info(args.lm)
+    n_ctx = args.n_ctx or info["n_ctx"]
+    check_n_ctx(info, n_ctx)
+    corpus = _corpus(args, info)
+    blocks = token_blocks(corpus, n_ctx, split=cfg.split, cache_dir=args.cache_dir)
+    paths = harvest(load_bridge(args.lm), blocks.blocks, args.out, cfg,
+                    model_dir=info["path"], weights_sha256=info["weights_sha256"],
+                    corpus_fingerprint=blocks.fingerprint, corpus=to_dict(corpus),
+                    progress=not args.no_progress)
+    save_config(cfg, Path(args.out) / "harvest_config.json")
+    for path in paths:
+        print(f"harvest: wrote {path}")
+    return 0
