@@ -1,0 +1,65 @@
+# Every target installs what it needs first (the .venv stamp), so each works alone on a fresh clone.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+RUNS ?= runs
+
+LM ?= tiny
+LAYER ?= 1
+DICT ?= 8x
+
+.PHONY: install toy test bench demo clean lm harvest train analyze
+
+install: $(STAMP)
+
+# torch first, pinned: anything that resolves torch on its own would pull a CUDA build.
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	# gensim only ships a Wikipedia dump we read by path (optional second corpus); never import it.
+	$(BIN)/pip install -q --no-deps gensim==4.4.0
+	touch $(STAMP)
+
+# Stage targets. Each one builds what it needs upstream when it is missing, so
+# `make train DICT=8x` on a fresh clone trains the LM, harvests, then trains the SAEs.
+LM_DIR := $(RUNS)/lm/$(LM)
+STORE_DIR := $(RUNS)/acts/$(LM)
+
+lm: $(STAMP)
+	$(BIN)/unsuperpose lm train --preset $(LM) --out $(LM_DIR) $(ARGS)
+
+$(LM_DIR)/model.safetensors: | $(STAMP)
+	$(BIN)/unsuperpose lm train --preset $(LM) --out $(LM_DIR)
+
+harvest: $(STAMP) $(LM_DIR)/model.safetensors
+	$(BIN)/unsuperpose harvest --lm $(LM_DIR) --layer $(LAYER) --out $(STORE_DIR) $(if $(TOKENS),--tokens $(TOKENS)) $(ARGS)
+
+$(STORE_DIR)/layer$(LAYER).zarr/zarr.json: | $(LM_DIR)/model.safetensors
+	$(BIN)/unsuperpose harvest --lm $(LM_DIR) --layer $(LAYER) --out $(STORE_DIR) $(if $(TOKENS),--tokens $(TOKENS))
+
+train: $(STAMP) $(STORE_DIR)/layer$(LAYER).zarr/zarr.json
+	$(BIN)/unsuperpose train --store $(STORE_DIR)/layer$(LAYER).zarr --dict $(DICT) \
+	  --out $(RUNS)/sae/$(LM)/layer$(LAYER) $(if $(L1),--l1 $(L1)) $(if $(STEPS),--steps $(STEPS)) \
+	  $(if $(BATCH),--batch-size $(BATCH)) $(if $(LR),--lr $(LR)) $(ARGS)
+
+analyze: $(STAMP)
+	$(BIN)/unsuperpose analyze report --runs $(RUNS) --lm $(LM) --layer $(LAYER) $(ARGS)
+
+toy: $(STAMP)
+	$(BIN)/unsuperpose toy --out $(RUNS)/toy $(ARGS)
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(BIN)/python -m pytest tests $(ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks $(ARGS)
+
+demo: $(STAMP)
+	$(BIN)/unsuperpose demo --runs $(RUNS) $(ARGS)
+
+clean:
+	rm -rf $(RUNS) wandb build *.egg-info .pytest_cache

@@ -1,0 +1,3 @@
+from unsuperpose.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,55 @@
+"""The ``unsuperpose`` command: one subcommand per stage.
+
+This is the only layer that wires stages together. Each subcommand lives in
+``unsuperpose/commands/<name>.py`` with ``add_parser(subparsers)`` and ``run(args)``; that keeps
+this file a registry and lets a stage's flags live next to the code that wires it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from unsuperpose import __version__
+from unsuperpose.errors import UserError
+
+COMMANDS = ["toy", "lm", "harvest", "train", "analyze", "demo"]
+
+
+def _available() -> list:
+    mods = []
+    for name in COMMANDS:
+        try:
+            mods.append(importlib.import_module(f"unsuperpose.commands.{name}"))
+        except ModuleNotFoundError as exc:
+            if exc.name != f"unsuperpose.commands.{name}":
+                raise
+    return mods
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="unsuperpose", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"unsuperpose {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for mod in _available():
+        mod.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result = args.func(args)
+    except UserError as exc:
+        print(f"unsuperpose {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\nunsuperpose {args.command}: interrupted; run the same command again to resume.", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Subcommands of the unsuperpose CLI, one module each (see unsuperpose/cli.py)."""

@@ -1,0 +1,141 @@
+"""Dataclass configs <-> argparse flags <-> JSON.
+
+Every stage describes its knobs as a dataclass whose fields carry a ``help`` string in their
+metadata; this module turns such a class into CLI flags (one per field) and back, and saves it
+as JSON beside whatever it produced. Keeping that in one place means a field added to a config
+is a flag, a help line and a provenance entry at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import tempfile
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def field(default: Any = dataclasses.MISSING, *, help: str, **kw: Any) -> Any:
+    """A dataclass field with its CLI help text; lists/dicts need ``default_factory``."""
+    return dataclasses.field(default=default, metadata={"help": help}, **kw)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _base_type(tp: Any) -> Any:
+    """``Optional[X]`` -> X; leaves other types alone."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", ())) and len(args) == 1:
+        return args[0]
+    return tp
+
+
+def _parse_list(item_type: Any):
+    def parse(text: str) -> list:
+        parts = [p.strip() for p in text.split(",") if p.strip()]
+        if not parts:
+            raise argparse.ArgumentTypeError("expected a comma-separated list, got an empty value")
+        try:
+            return [item_type(p) for p in parts]
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"cannot parse {text!r} as a list of {item_type.__name__}: {exc}")
+    return parse
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = ()) -> None:
+    """Add one ``--flag`` per field of dataclass ``cls`` (bools become --x/--no-x)."""
+    hints = typing.get_type_hints(cls)
+    group = parser.add_argument_group(cls.__name__, (cls.__doc__ or "").strip().split("\n")[0])
+    for f in dataclasses.fields(cls):
+        if f.name in skip or not f.init:
+            continue
+        tp = _base_type(hints[f.name])
+        help_text = f.metadata.get("help", "")
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS}
+        if tp is bool:
+            group.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction,
+                               help=f"{help_text} (default: {default})", **kw)
+            continue
+        origin = typing.get_origin(tp)
+        if origin in (list, tuple):
+            item = typing.get_args(tp)[0] if typing.get_args(tp) else str
+            kw["type"] = _parse_list(item)
+            shown = ",".join(str(v) for v in default) if default else default
+        elif typing.get_origin(tp) is typing.Literal:
+            kw["choices"] = list(typing.get_args(tp))
+            shown = default
+        else:
+            kw["type"] = tp if tp in (int, float, str) else str
+            shown = default
+        group.add_argument(_flag(f.name), help=f"{help_text} (default: {shown})", **kw)
+
+
+def from_args(cls: type[T], args: argparse.Namespace, base: T | None = None, **overrides: Any) -> T:
+    """Build ``cls`` from parsed flags: fields the user gave override ``base`` (or the defaults)."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    given.update(overrides)
+    if base is not None:
+        return dataclasses.replace(base, **given)
+    return cls(**given)
+
+
+def to_dict(obj: Any) -> dict:
+    return dataclasses.asdict(obj)
+
+
+def from_dict(cls: type[T], data: dict) -> T:
+    """Inverse of :func:`to_dict`; unknown keys are an error so stale JSON is noticed."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown fields {sorted(unknown)} in saved config")
+    hints = typing.get_type_hints(cls)
+    fixed = {}
+    for k, v in data.items():
+        tp = _base_type(hints[k])
+        fixed[k] = tuple(v) if typing.get_origin(tp) is tuple and isinstance(v, list) else v
+    return cls(**fixed)
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    """Write JSON so that a reader never sees half a file (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=2, sort_keys=False, default=_json_default)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _json_default(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return dataclasses.asdict(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "item"):  # numpy / torch scalars
+        return obj.item()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    raise TypeError(f"cannot write {type(obj).__name__} as JSON")
+
+
+def save_config(obj: Any, path: str | Path) -> None:
+    write_json_atomic(path, to_dict(obj))
+
+
+def load_config(cls: type[T], path: str | Path) -> T:
+    return from_dict(cls, json.loads(Path(path).read_text()))

@@ -1,0 +1,82 @@
+"""Experiment logging: a local JSONL log always, and W&B offline unless the user opts in.
+
+W&B must work with no account: the default mode is ``offline`` (files under ``<dir>/wandb``,
+syncable later with ``wandb sync``); ``online`` needs a login; ``disabled`` writes nothing to W&B.
+The JSONL log is the record we rely on ourselves, so it is written whatever the W&B mode.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+WandbMode = Literal["offline", "online", "disabled"]
+
+
+def default_wandb_mode() -> str:
+    """``WANDB_MODE`` from the environment if set, else offline."""
+    return os.environ.get("WANDB_MODE", "offline")
+
+
+class Tracker:
+    """Log scalars, tables and images for one run to ``<dir>/log.jsonl`` and to W&B."""
+
+    def __init__(self, dir: str | Path, *, project: str = "unsuperpose", name: str | None = None,
+                 config: dict | None = None, mode: str | None = None, resume_id: str | None = None,
+                 group: str | None = None):
+        self.dir = Path(dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.dir / "log.jsonl", "a", buffering=1)
+        self.mode = mode or default_wandb_mode()
+        if self.mode not in ("offline", "online", "disabled"):
+            raise ValueError(f"W&B mode must be offline, online or disabled, not {self.mode!r}")
+        self.run = None
+        if self.mode != "disabled":
+            import wandb
+
+            self.run = wandb.init(project=project, name=name, config=config or {}, mode=self.mode,
+                                  dir=str(self.dir), id=resume_id, resume="allow" if resume_id else None,
+                                  group=group, reinit="finish_previous")
+
+    @property
+    def run_id(self) -> str | None:
+        return self.run.id if self.run is not None else None
+
+    def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        record = {"time": round(time.time(), 3), **({"step": step} if step is not None else {}), **metrics}
+        self._log.write(json.dumps(record, default=float) + "\n")
+        if self.run is not None:
+            self.run.log(metrics, step=step)
+
+    def log_table(self, key: str, columns: list[str], rows: list[list[Any]]) -> None:
+        if self.run is not None:
+            import wandb
+
+            self.run.log({key: wandb.Table(columns=columns, data=rows)})
+
+    def log_images(self, images: dict[str, str | Path]) -> None:
+        if self.run is not None:
+            import wandb
+
+            self.run.log({k: wandb.Image(str(v)) for k, v in images.items()})
+
+    def summary(self, values: dict[str, Any]) -> None:
+        self._log.write(json.dumps({"summary": values}, default=float) + "\n")
+        if self.run is not None:
+            self.run.summary.update(values)
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+        if not self._log.closed:
+            self._log.close()
+
+    def __enter__(self) -> "Tracker":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.finish()
