@@ -1,0 +1,152 @@
+"""The grid trainer: exact agreement with lone SAEs, recovery, dead latents, resume, errors."""
+
+import pytest
+import torch
+
+from unsuperpose.analyze import mmcs
+from unsuperpose.toy import ToyConfig, ToySource
+from unsuperpose.train import SAE, NonFiniteLoss, SAETrainConfig, evaluate, new_state, train_steps
+from unsuperpose.train.grid import SAEGroup
+from unsuperpose.train.init import init_params
+from unsuperpose.train.trainer import data_sample
+
+SMALL = ToyConfig(h=16, G=32, k=2, decay=0.95, seed=0)
+
+
+def _train_alone(src, cfg, l1, n):
+    """A lone SAE: autograd + torch.optim.Adam, same init seed and batches as the grid."""
+    data = data_sample(src, max(cfg.dict_sizes), cfg.seed) if cfg.decoder_init == "data" else None
+    params = init_params(src.d, n, seed=cfg.seed, decoder_init=cfg.decoder_init,
+                         encoder_init=cfg.encoder_init, tied=cfg.tied, data=data)
+    sae = SAE(src.d, n, tied=cfg.tied, params=params)
+    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr)
+    it = src.batches(cfg.batch_size, seed=cfg.data_seed)
+    for _ in range(cfg.steps):
+        opt.zero_grad()
+        sae.loss(next(it), l1, cfg.l1_norm).backward()
+        opt.step()
+    return sae
+
+
+@pytest.mark.parametrize("options", [
+    dict(),
+    dict(tied=True, l1_norm="per_latent"),
+    dict(decoder_init="data", encoder_init="kaiming"),
+])
+def test_grid_equals_each_sae_trained_alone(options):
+    src = ToySource(SMALL)
+    cfg = SAETrainConfig(l1=[1e-3, 1e-2], dict_sizes=[16, 48], steps=40, batch_size=32, lr=3e-3,
+                         log_every=10, resample_every=0, **options)
+    state = train_steps(new_state(src, cfg), src, progress=False)
+    for g in state.groups:
+        for s, l1 in enumerate(g.l1):
+            alone = _train_alone(src, cfg, l1, g.n)
+            grid = g.sae_params(s)
+            torch.testing.assert_close(grid["W_dec"], alone.dictionary().detach(), atol=2e-5, rtol=1e-4)
+            torch.testing.assert_close(grid["W_enc"], alone.encoder_weight().detach(), atol=2e-5, rtol=1e-4)
+            torch.testing.assert_close(grid["b_enc"], alone.b_enc.detach(), atol=2e-5, rtol=1e-4)
+
+
+def test_recovers_ground_truth_on_a_small_problem():
+    src = ToySource(ToyConfig(h=32, G=64, k=3, decay=0.99, seed=1))
+    cfg = SAETrainConfig(l1=[3e-3, 1e-2], dict_sizes=[64], steps=1500, batch_size=256, lr=3e-3,
+                         log_every=500)
+    state = train_steps(new_state(src, cfg), src, progress=False)
+    best = max(mmcs(src.features, d) for d in state.dictionaries().values())
+    assert best > 0.95
+
+
+def test_a_planted_never_firing_latent_counts_as_dead():
+    src = ToySource(SMALL)
+    cfg = SAETrainConfig(l1=[1e-3], dict_sizes=[16], steps=30, batch_size=32, dead_window=10)
+    state = new_state(src, cfg)
+    g = state.groups[0]
+    g.b_enc[5] = -1e4   # pre-activation always negative: gets no gradient, never fires
+    train_steps(state, src, progress=False)
+    assert bool(g.dead_mask(cfg.dead_window, state.step)[0, 5])
+    assert evaluate(state, src)[(1e-3, 16)]["dead"] >= 1
+
+
+def test_resampling_revives_only_dead_latents():
+    src = ToySource(SMALL)
+
+    def run(resample_every):
+        cfg = SAETrainConfig(l1=[1e-3, 1e-2], dict_sizes=[16], steps=20, batch_size=32, dead_window=5,
+                             resample_every=resample_every, resample_until=1.0)
+        state = new_state(src, cfg)
+        state.groups[0].b_enc[3] = -1e4      # SAE 0, latent 3: never fires
+        train_steps(state, src, until=19, progress=False)
+        dead = state.groups[0].dead_mask(5, 19).clone()
+        train_steps(state, src, progress=False)   # step 20: an optimizer step, then the resample
+        return state.groups[0], dead
+
+    g, dead = run(20)
+    plain, _ = run(0)
+    assert bool(dead[0, 3])
+    assert g.b_enc[3].item() == 0.0 and int(g.since_fired[0, 3]) == 0
+    assert g.W_dec[0, 3].norm().item() == pytest.approx(1.0, abs=1e-5)
+    alive = ~dead
+    assert torch.equal(g.W_dec[alive], plain.W_dec[alive])
+    assert torch.equal(g.W_enc.view(SMALL.h, 2, 16).permute(1, 2, 0)[alive],
+                       plain.W_enc.view(SMALL.h, 2, 16).permute(1, 2, 0)[alive])
+    assert not torch.equal(g.W_dec[dead], plain.W_dec[dead])
+    # the revived latent fires on data again
+    x = next(src.batches(256, seed=99))
+    assert (torch.relu(x @ g.W_enc[:, 3] + g.b_enc[3]) > 0).any()
+
+
+def test_stopping_and_continuing_equals_one_run():
+    src = ToySource(SMALL)
+    cfg = SAETrainConfig(l1=[1e-3], dict_sizes=[16], steps=30, batch_size=32, dead_window=5,
+                         resample_every=10)
+    one = train_steps(new_state(src, cfg), src, progress=False)
+    two = new_state(src, cfg)
+    train_steps(two, src, until=13, progress=False)
+    train_steps(two, src, progress=False)
+    for a, b in zip(one.groups[0].parameters(), two.groups[0].parameters()):
+        assert torch.equal(a, b)
+
+
+def test_evaluate_reports_sane_reconstruction_metrics():
+    src = ToySource(SMALL)
+    cfg = SAETrainConfig(l1=[0.0, 1.0], dict_sizes=[32], steps=200, batch_size=64)
+    state = train_steps(new_state(src, cfg), src, progress=False)
+    m = evaluate(state, src)
+    assert m[(0.0, 32)]["fvu"] < 0.1            # no sparsity pressure: near-perfect reconstruction
+    assert m[(1.0, 32)]["l0"] < m[(0.0, 32)]["l0"]
+    assert m[(1.0, 32)]["fvu"] > m[(0.0, 32)]["fvu"]
+
+
+class _NaNSource:
+    d = 8
+
+    def batches(self, batch_size, *, seed=0, start=0):
+        while True:
+            x = torch.randn(batch_size, 8)
+            x[0, 0] = float("nan")
+            yield x
+
+
+def test_non_finite_loss_names_the_sae_and_step():
+    cfg = SAETrainConfig(l1=[1e-3], dict_sizes=[8], steps=20, batch_size=16, log_every=5)
+    with pytest.raises(NonFiniteLoss, match=r"L1 0\.001 and 8 latents.*step 5"):
+        train_steps(new_state(_NaNSource(), cfg), _NaNSource(), progress=False)
+
+
+def test_group_rejects_a_checkpoint_of_other_shape():
+    a = SAEGroup(8, 16, [1e-3], seed=0)
+    b = SAEGroup(8, 32, [1e-3], seed=0)
+    with pytest.raises(ValueError, match="shape"):
+        a.load_state_dict(b.state_dict())
+
+
+def test_saved_sae_round_trips(tmp_path):
+    params = init_params(8, 12, seed=0)
+    sae = SAE(8, 12, params=params)
+    sae.save(tmp_path / "s", {"l1": 0.1})
+    back = SAE.load(tmp_path / "s")
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(back(x)[0], sae(x)[0])
+    assert back.config["l1"] == 0.1
+    with pytest.raises(FileNotFoundError, match="not a saved SAE"):
+        SAE.load(tmp_path / "missing")

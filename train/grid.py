@@ -1,0 +1,155 @@
+"""S SAEs of one dictionary size, trained as one: stacked parameters and a hand-written backward.
+
+Layout, for S SAEs (one per L1 value) of n latents on d-wide inputs and a batch of B:
+  W_enc (d, S*n)   all encoders side by side, so the encoder is ONE GEMM: x @ W_enc -> (B, S*n)
+  b_enc (S*n,)
+  W_dec (S, n, d)  raw decoder rows; the forward pass uses their unit-norm version
+The decoder products are batched GEMMs over S. The gradients are derived by hand (checked
+against autograd in the tests): autograd would keep more intermediates alive and add per-op
+overhead that dominates at toy sizes.
+
+Loss of SAE s:  mean((x_hat - x)^2) + alpha_s / m * mean_b sum_i c_i     (c >= 0 after ReLU)
+  g      = dL/dx_hat = 2 (x_hat - x) / (B d)
+  dDn    = c^T g                        (decoder atoms, before the normalisation's Jacobian)
+  dc     = g Dn^T + alpha_s / (m B)
+  dpre   = dc * [pre > 0]
+  dW_enc = x^T dpre,  db_enc = sum_b dpre
+  dW_dec = (dDn - Dn * <dDn, Dn>_row) / ||W_dec||_row           (through Dn = W_dec / ||W_dec||)
+  tied:  the encoder is Dn^T, so dDn also receives dW_enc^T.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from unsuperpose.train.init import init_params
+from unsuperpose.train.losses import l1_divisor
+
+
+class SAEGroup:
+    """All L1 values of one dictionary size; exposes parameters for a shared optimizer."""
+
+    def __init__(self, d: int, n: int, l1: list[float], *, l1_norm: str = "sum", tied: bool = False,
+                 seed: int = 0, decoder_init: str = "orthogonal", encoder_init: str = "transpose",
+                 data: torch.Tensor | None = None):
+        self.d, self.n, self.S, self.tied = d, n, len(l1), tied
+        self.l1 = list(l1)
+        p = init_params(d, n, seed=seed, decoder_init=decoder_init, encoder_init=encoder_init,
+                        tied=tied, data=data)
+        S = self.S
+        self.W_dec = p["W_dec"].unsqueeze(0).repeat(S, 1, 1).contiguous()
+        self.b_enc = p["b_enc"].repeat(S).contiguous()
+        self.W_enc = None if tied else p["W_enc"].repeat(1, S).contiguous()
+        self.l1_coef = torch.tensor(l1, dtype=torch.float32) / l1_divisor(l1_norm, n)
+        for t in self.parameters():
+            t.grad = torch.zeros_like(t)
+        # Steps since each latent last fired; int64 so it cannot overflow on long runs.
+        self.since_fired = torch.zeros(S, n, dtype=torch.int64)
+        self._buf: dict[str, torch.Tensor] | None = None
+        self._zero = torch.zeros(())
+        self.reset_stats()
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [t for t in (self.W_enc, self.b_enc, self.W_dec) if t is not None]
+
+    def named_parameters(self) -> dict[str, torch.Tensor]:
+        named = {"b_enc": self.b_enc, "W_dec": self.W_dec}
+        if self.W_enc is not None:
+            named["W_enc"] = self.W_enc
+        return named
+
+    # -- views of one SAE -----------------------------------------------------------------------
+    def dictionaries(self) -> torch.Tensor:
+        """Unit-norm atoms of every SAE, (S, n, d)."""
+        return self.W_dec / self.W_dec.norm(dim=-1, keepdim=True)
+
+    def encoder_weight(self, dn: torch.Tensor | None = None) -> torch.Tensor:
+        """(d, S*n): the untied encoders, or the tied ones built from the normalised decoders."""
+        if not self.tied:
+            return self.W_enc
+        dn = self.dictionaries() if dn is None else dn
+        return dn.permute(2, 0, 1).reshape(self.d, self.S * self.n)
+
+    def sae_params(self, s: int) -> dict[str, torch.Tensor]:
+        """Effective weights of SAE ``s`` in the layout of ``unsuperpose.train.SAE``."""
+        dn = self.dictionaries()
+        w_enc = self.encoder_weight(dn).view(self.d, self.S, self.n)[:, s]
+        return {"W_enc": w_enc.contiguous(), "b_enc": self.b_enc.view(self.S, self.n)[s].clone(),
+                "W_dec": dn[s].contiguous()}
+
+    # -- training ---------------------------------------------------------------------------------
+    def reset_stats(self) -> None:
+        self.stat_sq = torch.zeros(self.S, dtype=torch.float64)
+        self.stat_l1 = torch.zeros(self.S, dtype=torch.float64)
+        self.stat_l0 = torch.zeros(self.S, dtype=torch.float64)
+        self.stat_rows = 0
+
+    def _buffers(self, B: int) -> dict[str, torch.Tensor]:
+        """Work tensors reused across steps: fresh allocations of this size page-fault every step."""
+        if self._buf is None or self._buf["pre"].shape[0] != B:
+            S, n, d = self.S, self.n, self.d
+            self._buf = {"pre": torch.empty(B, S * n), "dpre": torch.empty(B, S * n),
+                         "err": torch.empty(S, B, d), "dc": torch.empty(S, B, n),
+                         "d_dn": torch.empty(S, n, d), "d_w_enc": torch.empty(d, S * n)}
+        return self._buf
+
+    @torch.no_grad()
+    def forward_backward(self, x: torch.Tensor) -> None:
+        """Gradients of every SAE's loss on batch ``x`` into ``.grad``; stats and dead counters."""
+        B, d = x.shape
+        S, n = self.S, self.n
+        buf = self._buffers(B)
+        norms = self.W_dec.norm(dim=-1, keepdim=True)
+        dn = self.W_dec / norms
+        w_enc = self.encoder_weight(dn)
+
+        codes = torch.addmm(self.b_enc, x, w_enc, out=buf["pre"]).clamp_(min=0)   # (B, S*n)
+        codes3 = codes.view(B, S, n)
+        codes_s = codes3.transpose(0, 1)                                            # (S, B, n) view
+        err = torch.bmm(codes_s, dn, out=buf["err"]).sub_(x)                         # (S, B, d)
+
+        fired = torch.count_nonzero(codes3, dim=0)                                  # (S, n)
+        self.stat_l0 += fired.sum(dim=1)
+        self.stat_l1 += codes3.sum(dim=(0, 2))
+        self.stat_sq += torch.linalg.vector_norm(err, dim=(1, 2)).square_()
+        self.stat_rows += B
+        self.since_fired.add_(1).masked_fill_(fired > 0, 0)
+
+        g = err.mul_(2.0 / (B * d))
+        d_dn = torch.bmm(codes_s.transpose(1, 2), g, out=buf["d_dn"])              # (S, n, d)
+        dc = torch.bmm(g, dn.transpose(1, 2), out=buf["dc"])                        # (S, B, n)
+        dc.add_((self.l1_coef / B).view(S, 1, 1))
+        dpre = buf["dpre"]
+        torch.where(codes3 > 0, dc.transpose(0, 1), self._zero, out=dpre.view(B, S, n))
+        d_w_enc = torch.mm(x.T, dpre, out=buf["d_w_enc"])                           # (d, S*n)
+        torch.sum(dpre, dim=0, out=self.b_enc.grad)
+        if self.tied:
+            d_dn += d_w_enc.view(d, S, n).permute(1, 2, 0)
+        else:
+            self.W_enc.grad.copy_(d_w_enc)
+        radial = (d_dn * dn).sum(dim=-1, keepdim=True)
+        torch.div(d_dn.sub_(dn * radial), norms, out=self.W_dec.grad)
+
+    def take_stats(self) -> dict[str, torch.Tensor]:
+        """Means since the last call, per SAE: mse, l1 (sum of codes per row), l0."""
+        rows = max(self.stat_rows, 1)
+        out = {"mse": self.stat_sq / (rows * self.d), "l1": self.stat_l1 / rows, "l0": self.stat_l0 / rows}
+        self.reset_stats()
+        return out
+
+    def dead_mask(self, window: int, steps_done: int) -> torch.Tensor:
+        """(S, n) bool: latents silent for the last ``window`` batches (or all of a shorter run)."""
+        return self.since_fired >= min(window, max(steps_done, 1))
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {**{k: v.clone() for k, v in self.named_parameters().items()},
+                "since_fired": self.since_fired.clone()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for name, t in self.named_parameters().items():
+            if state[name].shape != t.shape:
+                raise ValueError(f"checkpoint {name} has shape {tuple(state[name].shape)}, "
+                                 f"expected {tuple(t.shape)}")
+            t.copy_(state[name])
+        self.since_fired.copy_(state["since_fired"])

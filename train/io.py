@@ -1,0 +1,99 @@
+"""What a trained grid leaves on disk, and reading it back.
+
+<out>/
+  train_config.json        the SAETrainConfig
+  summary.csv              one row per SAE: l1, dict_size, steps, samples, final metrics (+ extras)
+  history.jsonl            training scalars and callback values over steps
+  saes/n<size>-l1_<l1>/    sae.safetensors (W_enc, b_enc, W_dec: effective weights) + config.json
+                           (the SAE's settings and its final metrics)
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from unsuperpose.config import save_config, to_dict, write_json_atomic
+from unsuperpose.train.sae import SAE
+
+SUMMARY_FILE = "summary.csv"
+HISTORY_FILE = "history.jsonl"
+CONFIG_FILE = "train_config.json"
+
+
+def sae_dirname(l1: float, n: int) -> str:
+    return f"n{n}-l1_{l1:g}"
+
+
+def save_grid(state, metrics: dict, out: str | Path, *, extra: dict | None = None,
+              labels: dict[int, str] | None = None, source_info: dict | None = None) -> list[dict]:
+    """Write every SAE of ``state`` and the summary; returns the summary rows.
+
+    ``extra`` adds columns per SAE ({(l1, n): {col: value}}), e.g. ground-truth scores;
+    ``labels`` names sizes as the user gave them (e.g. '8x').
+    """
+    out = Path(out)
+    cfg = state.config
+    save_config(cfg, out / CONFIG_FILE)
+    rows = []
+    for g in state.groups:
+        for s, l1 in enumerate(g.l1):
+            key = (l1, g.n)
+            row = {"l1": l1, "dict_size": g.n, "dict_label": (labels or {}).get(g.n, str(g.n)),
+                   "steps": state.step, "samples": state.step * cfg.batch_size,
+                   **metrics[key], **(extra or {}).get(key, {})}
+            sae = SAE(state.d, g.n, tied=cfg.tied, params=g.sae_params(s))
+            sae.save(out / "saes" / sae_dirname(l1, g.n),
+                     {"l1": l1, "l1_norm": cfg.l1_norm, "training": to_dict(cfg), "metrics": row,
+                      "source": source_info or {}})
+            rows.append(row)
+    write_summary(rows, out / SUMMARY_FILE)
+    with open(out / HISTORY_FILE, "w") as fh:
+        for rec in state.history:
+            fh.write(json.dumps(rec) + "\n")
+    return rows
+
+
+def write_summary(rows: list[dict], path: str | Path) -> None:
+    path = Path(path)
+    columns: list[str] = []
+    for row in rows:
+        columns += [c for c in row if c not in columns]
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
+
+
+def read_summary(path: str | Path) -> list[dict]:
+    """Rows of a summary.csv with numbers parsed back."""
+    def parse(v: str):
+        for cast in (int, float):
+            try:
+                return cast(v)
+            except ValueError:
+                pass
+        return v
+    with open(path, newline="") as fh:
+        return [{k: parse(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+
+
+def read_history(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def load_saes(out: str | Path) -> dict[tuple[float, int], SAE]:
+    """Every SAE a grid run wrote, keyed by (l1, dict_size)."""
+    saes = {}
+    for d in sorted((Path(out) / "saes").glob("n*-l1_*")):
+        sae = SAE.load(d)
+        saes[(float(sae.config["l1"]), sae.d_sae)] = sae
+    if not saes:
+        raise FileNotFoundError(f"no SAEs under {out}/saes: was the training run finished?")
+    return saes

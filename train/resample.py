@@ -1,0 +1,68 @@
+"""Give dead latents a second chance: point them at what the SAE currently fails to reconstruct.
+
+Not in the 2022 report (``--preset report`` turns it off). With a dictionary no larger than the
+number of true features, every latent that dies is a feature that can never be recovered; on the
+report's toy setup resampling is what lifts MMCS from ~0.94 to >0.99 within 5k steps (see
+``make bench``). Recipe, per SAE: draw inputs with probability proportional to their squared
+reconstruction error, set each dead latent's atom to the direction of that input's residual,
+its encoder column to the same direction scaled to 0.2 x the mean live encoder norm, its bias to
+0, and zero its Adam moments so stale statistics do not throw it straight back.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from unsuperpose.train.grid import SAEGroup
+
+ENCODER_SCALE = 0.2
+
+
+def resample_generator(seed: int, step: int, n: int) -> torch.Generator:
+    s = int(np.random.SeedSequence([seed, step, n, 17]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    return torch.Generator().manual_seed(s)
+
+
+def _zero_adam(optimizer: torch.optim.Optimizer, param: torch.Tensor, index) -> None:
+    state = optimizer.state.get(param)
+    if state:
+        for key in ("exp_avg", "exp_avg_sq"):
+            state[key][index] = 0
+
+
+@torch.no_grad()
+def resample_dead(group: SAEGroup, x: torch.Tensor, optimizer: torch.optim.Optimizer, dead: torch.Tensor,
+                  gen: torch.Generator) -> int:
+    """Re-initialise the latents marked in ``dead`` (S, n); returns how many were resampled."""
+    if not dead.any():
+        return 0
+    S, n, d = group.S, group.n, group.d
+    dn = group.dictionaries()
+    w_enc = group.encoder_weight(dn)
+    codes = torch.addmm(group.b_enc, x, w_enc).clamp_(min=0).view(len(x), S, n)
+    residual = x - torch.bmm(codes.transpose(0, 1), dn)            # (S, B, d)
+    weights = residual.pow(2).sum(-1)                                # (S, B)
+    total = 0
+    for s in range(S):
+        idx = dead[s].nonzero().squeeze(1)
+        if len(idx) == 0:
+            continue
+        w = weights[s] + 1e-12
+        rows = torch.multinomial(w, len(idx), replacement=len(idx) > len(w), generator=gen)
+        direction = residual[s, rows]
+        direction = direction / direction.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        group.W_dec[s, idx] = direction
+        _zero_adam(optimizer, group.W_dec, (s, idx))
+        cols = s * n + idx
+        if group.W_enc is not None:
+            alive = ~dead[s]
+            norms = group.W_enc[:, s * n:(s + 1) * n].norm(dim=0)
+            scale = ENCODER_SCALE * (norms[alive].mean() if alive.any() else torch.tensor(1.0))
+            group.W_enc[:, cols] = direction.T * scale
+            _zero_adam(optimizer, group.W_enc, (slice(None), cols))
+        group.b_enc[cols] = 0
+        _zero_adam(optimizer, group.b_enc, cols)
+        group.since_fired[s, idx] = 0
+        total += len(idx)
+    return total

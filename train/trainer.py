@@ -1,0 +1,217 @@
+"""Train a grid of SAEs (L1 values x dictionary sizes) on one activation source, in one pass.
+
+Every SAE sees the same batches in the same order. All SAEs of a size are one ``SAEGroup``
+(stacked parameters, one encoder GEMM); one Adam updates every group's tensors. Adam is
+elementwise, so stacking changes nothing: each SAE ends as it would trained alone with the
+same init seed and batches (tested against ``SAE`` + ``torch.optim.Adam``).
+
+``train`` knows nothing of toy data or LMs. Whatever the caller wants measured during training
+(e.g. MMCS with the toy ground truth) comes in as a callback.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from unsuperpose.train.config import SAETrainConfig
+from unsuperpose.train.grid import SAEGroup
+from unsuperpose.train.prefetch import Prefetcher
+from unsuperpose.train.resample import resample_dead, resample_generator
+from unsuperpose.train.source import ActivationSource, check_source
+
+# A callback gets the step and {(l1, dict_size): unit-norm dictionary (n, d)} and returns
+# {(l1, dict_size): {metric: value}}; the trainer adds the values to its history.
+Dictionaries = dict[tuple[float, int], torch.Tensor]
+CallbackFn = Callable[[int, Dictionaries], dict[tuple[float, int], dict[str, float]]]
+
+
+@dataclass
+class Callback:
+    every: int
+    fn: CallbackFn
+
+
+class NonFiniteLoss(RuntimeError):
+    """A loss became NaN or Inf; the message names the SAE and the step."""
+
+
+@dataclass
+class GridState:
+    """Everything a run needs to continue exactly: step, parameters, Adam, dead counters."""
+
+    config: SAETrainConfig
+    d: int
+    groups: list[SAEGroup]
+    optimizer: torch.optim.Optimizer
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+
+    def keys(self) -> list[tuple[float, int]]:
+        return [(l1, g.n) for g in self.groups for l1 in g.l1]
+
+    def dictionaries(self) -> Dictionaries:
+        out = {}
+        for g in self.groups:
+            dn = g.dictionaries()
+            for s, l1 in enumerate(g.l1):
+                out[(l1, g.n)] = dn[s]
+        return out
+
+
+def data_sample(source: ActivationSource, rows: int, seed: int) -> torch.Tensor:
+    """``rows`` activations from a stream of their own (for data-initialised decoders)."""
+    return next(source.batches(rows, seed=seed + 7919))
+
+
+def new_state(source: ActivationSource, config: SAETrainConfig) -> GridState:
+    source = check_source(source)
+    d = int(source.d)
+    init_data = data_sample(source, max(config.dict_sizes), config.seed) \
+        if config.decoder_init == "data" else None
+    groups = [SAEGroup(d, n, config.l1, l1_norm=config.l1_norm, tied=config.tied, seed=config.seed,
+                       decoder_init=config.decoder_init, encoder_init=config.encoder_init,
+                       data=init_data)
+              for n in sorted(config.dict_sizes)]
+    params = [t for g in groups for t in g.parameters()]
+    optimizer = torch.optim.Adam(params, lr=config.lr, betas=(config.beta1, config.beta2), fused=True)
+    return GridState(config=config, d=d, groups=groups, optimizer=optimizer)
+
+
+def _check_finite(state: GridState, stats: list[dict[str, torch.Tensor]]) -> None:
+    for g, st in zip(state.groups, stats):
+        bad = ~torch.isfinite(st["mse"] + st["l1"])
+        if bad.any():
+            l1 = g.l1[int(bad.nonzero()[0, 0])]
+            raise NonFiniteLoss(f"SAE with L1 {l1:g} and {g.n} latents got a non-finite loss "
+                                f"before step {state.step}; try a lower learning rate or check the "
+                                "data for NaN/Inf")
+
+
+def train_steps(state: GridState, source: ActivationSource, *, until: int | None = None,
+                callbacks: Iterable[Callback] = (), on_log: Callable[[dict], None] | None = None,
+                on_step: Callable[[GridState], None] | None = None, progress: bool = True) -> GridState:
+    """Advance ``state`` to step ``until`` (default: config.steps) on the source's batch stream.
+
+    The stream restarts at ``state.step``, so a state restored from a checkpoint continues
+    exactly where it stopped.
+    """
+    cfg = state.config
+    until = cfg.steps if until is None else until
+    callbacks = list(callbacks)
+    if state.step == 0:
+        _run_callbacks(state, callbacks, force=True)
+    batches = Prefetcher(source.batches(cfg.batch_size, seed=cfg.data_seed, start=state.step))
+    bar = tqdm(total=until, initial=state.step, disable=not progress, unit="step",
+               desc=f"{len(state.keys())} SAEs", dynamic_ncols=True)
+    t_last, step_last = time.perf_counter(), state.step
+    try:
+        while state.step < until:
+            x = next(batches)
+            if x.shape != (cfg.batch_size, state.d):
+                raise ValueError(f"source yielded a batch of shape {tuple(x.shape)}, expected "
+                                 f"({cfg.batch_size}, {state.d})")
+            for g in state.groups:
+                g.forward_backward(x)
+            state.optimizer.step()
+            state.step += 1
+            if _resample_due(cfg, state.step):
+                for g in state.groups:
+                    resample_dead(g, x, state.optimizer, g.dead_mask(cfg.dead_window, state.step),
+                                  resample_generator(cfg.seed, state.step, g.n))
+            bar.update(1)
+            if state.step % cfg.log_every == 0 or state.step == until:
+                stats = [g.take_stats() for g in state.groups]
+                _check_finite(state, stats)
+                now = time.perf_counter()
+                rate = (state.step - step_last) * cfg.batch_size / max(now - t_last, 1e-9)
+                t_last, step_last = now, state.step
+                row = _log_row(state, stats, rate)
+                bar.set_postfix(samples_s=f"{rate:,.0f}")
+                if on_log:
+                    on_log(row)
+            _run_callbacks(state, callbacks)
+            if on_step:
+                on_step(state)
+    finally:
+        batches.close()
+        bar.close()
+    return state
+
+
+def _resample_due(cfg: SAETrainConfig, step: int) -> bool:
+    return (cfg.resample_every > 0 and step % cfg.resample_every == 0
+            and step <= cfg.resample_until * cfg.steps)
+
+
+def _log_row(state: GridState, stats: list[dict[str, torch.Tensor]], rate: float) -> dict:
+    row = {"step": state.step, "samples_per_s": rate}
+    for g, st in zip(state.groups, stats):
+        dead = g.dead_mask(state.config.dead_window, state.step).sum(dim=1)
+        for s, l1 in enumerate(g.l1):
+            tag = f"l1={l1:g}/n={g.n}"
+            row[f"{tag}/mse"] = float(st["mse"][s])
+            row[f"{tag}/l1"] = float(st["l1"][s])
+            row[f"{tag}/l0"] = float(st["l0"][s])
+            row[f"{tag}/dead"] = int(dead[s])
+    return row
+
+
+def _run_callbacks(state: GridState, callbacks: list[Callback], force: bool = False) -> None:
+    due = [cb for cb in callbacks if force or state.step % cb.every == 0
+           or state.step == state.config.steps]
+    if not due:
+        return
+    dicts = state.dictionaries()
+    merged: dict[tuple[float, int], dict[str, float]] = {}
+    for cb in due:
+        for key, values in cb.fn(state.step, dicts).items():
+            merged.setdefault(key, {}).update(values)
+    for (l1, n), values in merged.items():
+        state.history.append({"step": state.step, "l1": l1, "dict_size": n, **values})
+
+
+@torch.no_grad()
+def evaluate(state: GridState, source: ActivationSource) -> dict[tuple[float, int], dict[str, float]]:
+    """Reconstruction metrics of every SAE on batches the training stream never produced.
+
+    mse: mean squared error per coordinate; fvu: sum of squared errors over the total variance
+    around the eval set's mean; l1: mean sum of codes per row; l1_loss: that in the run's L1
+    convention (without the coefficient); l0: mean active latents per row; dead: from training.
+    """
+    cfg = state.config
+    it = source.batches(cfg.batch_size, seed=cfg.data_seed + 1_000_003)
+    xs = [next(it) for _ in range(cfg.eval_batches)]
+    x_all = torch.cat(xs)
+    total_var = float((x_all - x_all.mean(0)).pow(2).sum())
+    results = {}
+    for g in state.groups:
+        dn = g.dictionaries()
+        w_enc = g.encoder_weight(dn)
+        sq = torch.zeros(g.S, dtype=torch.float64)
+        l1 = torch.zeros(g.S, dtype=torch.float64)
+        l0 = torch.zeros(g.S, dtype=torch.float64)
+        for x in xs:
+            codes = torch.addmm(g.b_enc, x, w_enc).clamp_(min=0).view(len(x), g.S, g.n)
+            err = torch.bmm(codes.transpose(0, 1), dn) - x
+            sq += err.pow(2).sum(dim=(1, 2), dtype=torch.float64)
+            l1 += codes.sum(dim=(0, 2), dtype=torch.float64)
+            l0 += (codes > 0).sum(dim=(0, 2), dtype=torch.float64)
+        rows = len(x_all)
+        dead = g.dead_mask(cfg.dead_window, state.step).sum(dim=1)
+        divisor = g.n if cfg.l1_norm == "per_latent" else 1
+        for s, a in enumerate(g.l1):
+            results[(a, g.n)] = {
+                "mse": float(sq[s]) / (rows * state.d),
+                "fvu": float(sq[s]) / total_var if total_var > 0 else math.nan,
+                "l1": float(l1[s]) / rows,
+                "l1_loss": float(l1[s]) / rows / divisor,
+                "l0": float(l0[s]) / rows,
+                "dead": int(dead[s]),
+            }
+    return results
