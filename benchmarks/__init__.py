@@ -1,0 +1,1 @@
+"""Benchmarks that print figures (JSON lines), never pass/fail: `make bench`."""

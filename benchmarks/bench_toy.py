@@ -1,0 +1,108 @@
+"""Issue 3's figures: recovery speed on the report's toy setup, and grid throughput vs GEMM peak.
+
+- recovery: best MMCS with the ground truth over the default L1 values after 1k, 2k, 5k steps
+  (h 256, G 512, dictionary 1x, batch 256), with our defaults and with --preset report.
+- throughput: SAE-steps/s and GFLOP/s (10*b*d*n FLOPs per SAE step) of the grid trainer at toy
+  sizes, next to a loop of lone autograd SAEs and the GEMM peak, all measured in this run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import torch
+
+from unsuperpose.analyze import mmcs
+from unsuperpose.toy import ToyConfig, ToySource
+from unsuperpose.train import SAE, Callback, SAETrainConfig, apply_preset, new_state, train_steps
+from unsuperpose.train.init import init_params
+
+
+def gemm_peak(m: int = 2048, k: int = 1024, n: int = 4096, reps: int = 5) -> float:
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * m * k * n * reps / (time.perf_counter() - t) / 1e9
+
+
+def recovery(preset: str | None, l1: list[float]) -> list[dict]:
+    src = ToySource(ToyConfig())
+    cfg = apply_preset(SAETrainConfig(l1=l1, dict_sizes=[512], steps=5000, log_every=1000), preset)
+
+    def cb(step, dicts):
+        return {k: {"mmcs": mmcs(src.features, d)} for k, d in dicts.items()}
+
+    state = new_state(src, cfg)
+    t = time.perf_counter()
+    train_steps(state, src, callbacks=[Callback(1000, cb)], progress=False)
+    wall = time.perf_counter() - t
+    out = []
+    for step in (1000, 2000, 5000):
+        at = [h for h in state.history if h["step"] == step]
+        best = max(at, key=lambda h: h["mmcs"])
+        out.append({"figure": "toy_recovery", "settings": preset or "default", "step": step,
+                    "best_mmcs": round(best["mmcs"], 4), "best_l1": best["l1"]})
+    out[-1]["wall_s"] = round(wall, 1)
+    return out
+
+
+def grid_throughput(n_l1: int = 8, d: int = 256, n: int = 512, batch: int = 256, steps: int = 60) -> list[dict]:
+    src = ToySource(ToyConfig(h=d))
+    xs = [x for _, x in zip(range(steps), src.batches(batch))]
+    flops_per_sae_step = 10 * batch * d * n
+    # grid: n_l1 SAEs of one size in one pass (the batches are ready in RAM: this measures the trainer)
+    cfg = SAETrainConfig(l1=[10 ** (-4 + i / 4) for i in range(n_l1)], dict_sizes=[n], steps=steps,
+                         batch_size=batch, log_every=steps)
+
+    class Ram:
+        d_ = d
+
+        @property
+        def d(self):
+            return d
+
+        def batches(self, batch_size, *, seed=0, start=0):
+            i = start
+            while True:
+                yield xs[i % len(xs)]
+                i += 1
+
+    state = new_state(Ram(), cfg)
+    train_steps(state, Ram(), until=5, progress=False)
+    t = time.perf_counter()
+    train_steps(state, Ram(), progress=False)
+    grid_s = time.perf_counter() - t
+    grid_rate = n_l1 * (steps - 5) / grid_s
+    # the same SAEs one after another, each a plain autograd module + Adam
+    t = time.perf_counter()
+    for l1 in cfg.l1:
+        sae = SAE(d, n, params=init_params(d, n, seed=0))
+        opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
+        for x in xs[: steps - 5]:
+            opt.zero_grad()
+            sae.loss(x, l1).backward()
+            opt.step()
+    loop_rate = n_l1 * (steps - 5) / (time.perf_counter() - t)
+    peak = gemm_peak()
+    return [{"figure": "toy_grid_throughput", "shape": f"{n_l1} x {d}->{n}, batch {batch}",
+             "grid_sae_steps_per_s": round(grid_rate, 1),
+             "grid_gflops": round(grid_rate * flops_per_sae_step / 1e9, 1),
+             "loop_sae_steps_per_s": round(loop_rate, 1),
+             "loop_gflops": round(loop_rate * flops_per_sae_step / 1e9, 1),
+             "gemm_peak_gflops": round(peak, 1),
+             "grid_pct_of_peak": round(100 * grid_rate * flops_per_sae_step / 1e9 / peak, 1),
+             "loop_pct_of_peak": round(100 * loop_rate * flops_per_sae_step / 1e9 / peak, 1),
+             "grid_vs_loop": round(grid_rate / loop_rate, 2)}]
+
+
+def run() -> list[dict]:
+    from unsuperpose.commands.toy import DEFAULT_L1
+
+    out = grid_throughput()
+    out += recovery(None, DEFAULT_L1)
+    report_l1 = [10 ** (e / 4) for e in range(-8, 9, 2)]
+    out += recovery("report", report_l1)
+    return out
