@@ -1,0 +1,63 @@
+"""Training checkpoints: everything a resumed run needs to continue bit for bit.
+
+Model and optimizer state, the step reached, the RNG states (dropout draws from torch's), the
+W&B run id (so the resumed run logs into the same run) and the configs that produced it. The
+learning rate and the data position are functions of the step (see schedule.py), so the step
+restores them. One file, replaced atomically: an interruption mid-write leaves the previous one.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from unsuperpose.errors import UserError
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def save_checkpoint(out_dir: Path, *, step: int, model, optimizer, identity: dict, wandb_id: str | None,
+                    elapsed: float) -> None:
+    state = {
+        "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "identity": identity,
+        "wandb_id": wandb_id, "elapsed": elapsed,
+        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+    }
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{CHECKPOINT}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(state, fh)
+        os.replace(tmp, out_dir / CHECKPOINT)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(out_dir: Path, identity: dict) -> dict | None:
+    """The checkpoint in ``out_dir``, if any; a UserError if it belongs to a different run."""
+    path = out_dir / CHECKPOINT
+    if not path.is_file():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state["identity"] != identity:
+        changed = sorted(k for k in set(identity) | set(state["identity"])
+                         if identity.get(k) != state["identity"].get(k))
+        raise UserError(f"{out_dir} holds a checkpoint of a different run (differs in: {', '.join(changed)}); "
+                        "run with the same settings to resume it, pass --overwrite to start over, "
+                        "or choose another --out")
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    rng = state["rng"]
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])

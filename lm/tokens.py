@@ -1,0 +1,199 @@
+"""Documents -> one flat GPT-2 token stream on disk -> packed blocks of n_ctx tokens.
+
+Tokenising is the slow part (~150k tokens/s), and every stage needs the same tokens: the LM
+trains on them, harvesting streams them through the model, the analysis decodes them. So the
+corpus is tokenised once into a cache keyed by the corpus's content (not its path), and each
+split is served as a memory-mapped (N, n_ctx) view: calling :func:`token_blocks` again is cheap.
+
+Packing: every document is followed by ``<|endoftext|>``, documents are concatenated in corpus
+order, and the stream is cut into consecutive blocks of n_ctx tokens; only the final partial
+block (fewer than n_ctx tokens) is dropped, and :attr:`TokenBlocks.n_dropped` says how many.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from unsuperpose.config import write_json_atomic
+from unsuperpose.errors import UserError
+from unsuperpose.lm.corpus import CorpusConfig, corpus_identity, iter_documents
+from unsuperpose.lm.tokenizer import EOT_ID, VOCAB_SIZE, get_tokenizer
+
+Split = Literal["train", "val", "all"]
+TOKENIZER_TAG = f"gpt2-bpe-{VOCAB_SIZE}"
+_BATCH_DOCS = 512
+
+
+def default_cache_dir() -> Path:
+    """``$UNSUPERPOSE_CACHE/tokens``, else ``runs/cache/tokens`` under the working directory."""
+    return Path(os.environ.get("UNSUPERPOSE_CACHE", "runs/cache")) / "tokens"
+
+
+@dataclass
+class TokenBlocks:
+    """Packed blocks of one split: ``blocks[i]`` is the i-th run of n_ctx consecutive tokens."""
+
+    blocks: np.ndarray  # (N, n_ctx) uint16, memory-mapped from the cache
+    fingerprint: str  # sha256 of corpus identity, split, n_ctx, tokenizer and the tokens themselves
+    split: str
+    n_ctx: int
+    n_documents: int
+    n_tokens: int  # tokens in the split's stream, EOT separators included
+    n_dropped: int  # tokens of the final partial block, not served
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def _tokenise_into(cfg: CorpusConfig, tmp: Path) -> None:
+    tok = get_tokenizer()
+    chunks: list[np.ndarray] = []
+    ends: list[int] = []
+    total = 0
+    batch: list[str] = []
+
+    def flush() -> None:
+        nonlocal total
+        # split_special_tokens: a literal "<|endoftext|>" inside a text must not forge a document boundary.
+        for ids in tok(batch, split_special_tokens=True)["input_ids"]:
+            arr = np.empty(len(ids) + 1, dtype=np.uint16)
+            arr[:-1] = ids
+            arr[-1] = EOT_ID
+            chunks.append(arr)
+            total += len(arr)
+            ends.append(total)
+        batch.clear()
+
+    for doc in iter_documents(cfg):
+        batch.append(doc)
+        if len(batch) == _BATCH_DOCS:
+            flush()
+    if batch:
+        flush()
+    if not ends:
+        raise UserError(f"--corpus {cfg.corpus!r} holds no text (no non-empty documents)")
+    np.save(tmp / "stream.npy", np.concatenate(chunks))
+    np.save(tmp / "doc_ends.npy", np.asarray(ends, dtype=np.int64))
+
+
+def _corpus_cache(cfg: CorpusConfig, cache_dir: Path) -> Path:
+    """The cache folder holding the whole corpus's stream, built if missing (renamed into place whole)."""
+    identity = {"corpus": corpus_identity(cfg), "tokenizer": TOKENIZER_TAG}
+    path = cache_dir / _digest(identity)[:24]
+    if (path / "identity.json").is_file():
+        return path
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".building-"))
+    try:
+        _tokenise_into(cfg, tmp)
+        write_json_atomic(tmp / "identity.json", identity)
+        try:
+            tmp.rename(path)
+        except OSError:  # another process finished the same cache first; theirs is identical
+            if not (path / "identity.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def split_documents(n_docs: int, cfg: CorpusConfig) -> dict[str, np.ndarray]:
+    """Document indices of each split, each in corpus order; a seeded choice of held-out documents."""
+    n_val = 0 if cfg.val_fraction == 0 else max(1, round(cfg.val_fraction * n_docs))
+    if n_val >= n_docs:
+        raise UserError(f"the corpus has {n_docs} document(s): too few to hold out a validation fraction of "
+                        f"{cfg.val_fraction}; add documents or pass --val-fraction 0")
+    is_val = np.zeros(n_docs, dtype=bool)
+    is_val[np.random.default_rng(cfg.seed).permutation(n_docs)[:n_val]] = True
+    every = np.arange(n_docs)
+    return {"train": every[~is_val], "val": every[is_val], "all": every}
+
+
+def _split_stream(path: Path, cfg: CorpusConfig, split: str) -> tuple[np.ndarray, dict]:
+    """The split's token stream (memory-mapped) and its metadata, written once per split."""
+    if split == "all":
+        name = "all"
+    else:
+        name = f"{split}-seed{cfg.seed}-val{cfg.val_fraction!r}"
+    stream_file, meta_file = path / f"{name}.npy", path / f"{name}.json"
+    if not meta_file.is_file():
+        stream = np.load(path / "stream.npy", mmap_mode="r")
+        ends = np.load(path / "doc_ends.npy")
+        docs = split_documents(len(ends), cfg)[split]
+        starts = np.concatenate([[0], ends[:-1]])
+        if split == "all":
+            stream_file = path / "stream.npy"
+            part = stream
+        else:
+            part = (np.concatenate([stream[starts[d]:ends[d]] for d in docs]) if len(docs)
+                    else np.empty(0, dtype=np.uint16))
+            fd, tmp = tempfile.mkstemp(dir=path, suffix=".npy")
+            with os.fdopen(fd, "wb") as fh:
+                np.save(fh, part)
+            os.replace(tmp, stream_file)
+        meta = {"file": stream_file.name, "n_documents": int(len(docs)), "n_tokens": int(len(part)),
+                "sha256": hashlib.sha256(np.ascontiguousarray(part).tobytes()).hexdigest()}
+        write_json_atomic(meta_file, meta)
+    meta = json.loads(meta_file.read_text())
+    return np.load(path / meta["file"], mmap_mode="r"), meta
+
+
+def token_blocks(corpus: CorpusConfig, n_ctx: int, split: Split = "all",
+                 cache_dir: str | Path | None = None) -> TokenBlocks:
+    """Packed (N, n_ctx) token blocks of a split; the first call tokenises, later calls memory-map."""
+    if split not in ("train", "val", "all"):
+        raise UserError(f"split must be 'train', 'val' or 'all', not {split!r}")
+    if n_ctx < 2:
+        raise UserError(f"n_ctx must be at least 2 tokens, not {n_ctx}")
+    path = _corpus_cache(corpus, Path(cache_dir) if cache_dir is not None else default_cache_dir())
+    stream, meta = _split_stream(path, corpus, split)
+    n_blocks = len(stream) // n_ctx
+    if n_blocks == 0:
+        raise UserError(f"the {split!r} split of --corpus {corpus.corpus!r} has {len(stream)} tokens, fewer than one "
+                        f"block of n_ctx={n_ctx}; use more text, a smaller n_ctx or another --val-fraction")
+    identity = json.loads((path / "identity.json").read_text())
+    fingerprint = _digest({"identity": identity, "split": split, "n_ctx": n_ctx, "tokens": meta["sha256"],
+                           **({} if split == "all" else {"seed": corpus.seed, "val_fraction": corpus.val_fraction})})
+    return TokenBlocks(blocks=stream[: n_blocks * n_ctx].reshape(n_blocks, n_ctx), fingerprint=fingerprint,
+                       split=split, n_ctx=n_ctx, n_documents=meta["n_documents"], n_tokens=meta["n_tokens"],
+                       n_dropped=len(stream) - n_blocks * n_ctx)
+
+
+def unigram_entropy(tokens: np.ndarray) -> float:
+    """Entropy (nats/token) of the empirical token distribution: the loss of the best context-free model.
+
+    An LM whose validation loss is not clearly below this has learnt nothing about context.
+    """
+    counts = np.bincount(np.asarray(tokens).ravel(), minlength=VOCAB_SIZE).astype(np.float64)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def describe(blocks: TokenBlocks) -> dict:
+    """JSON-able summary of a TokenBlocks, for logs and provenance."""
+    out = asdict(blocks)
+    out.pop("blocks")
+    out["n_blocks"] = len(blocks)
+    return out
+
+
+def describe_tokens(corpus: CorpusConfig, n_ctx: int, cache_dir: str | Path | None = None) -> dict:
+    """Block counts and fingerprints of every split, and the training split's unigram entropy."""
+    splits = ["all", "train", "val"] if corpus.val_fraction > 0 else ["all"]
+    out = {split: describe(token_blocks(corpus, n_ctx, split, cache_dir)) for split in splits}
+    train = token_blocks(corpus, n_ctx, "train" if corpus.val_fraction > 0 else "all", cache_dir)
+    out["unigram_entropy"] = unigram_entropy(train.blocks)
+    return out

@@ -1,0 +1,110 @@
+"""``unsuperpose lm``: train the LM, adopt an existing one, describe a model, tokenise a corpus.
+
+    unsuperpose lm train --preset tiny --out runs/lm/tiny     # ~10 min on a 2-core CPU
+    unsuperpose lm train --preset report --out runs/lm/report # the report's recipe (batch 256)
+    unsuperpose lm adopt --from path/to/hf-gpt2 --out runs/lm/mine
+    unsuperpose lm info runs/lm/tiny
+    unsuperpose lm tokens --corpus wiki+gensim
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from unsuperpose.config import add_arguments, from_args
+
+
+def _add_corpus_arguments(parser: argparse.ArgumentParser) -> None:
+    from unsuperpose.lm import CorpusConfig
+
+    # The split seed gets its own flag so that --seed stays the training seed.
+    add_arguments(parser, CorpusConfig, skip=("seed",))
+    parser.add_argument("--split-seed", type=int, default=argparse.SUPPRESS,
+                        help="seed of the document-level train/validation split (default: 0)")
+
+
+def _corpus(args: argparse.Namespace, base=None):
+    from unsuperpose.lm import CorpusConfig
+
+    extra = {"seed": args.split_seed} if hasattr(args, "split_seed") else {}
+    return from_args(CorpusConfig, args, base=base, **extra)
+
+
+def add_parser(subparsers) -> None:
+    from unsuperpose.lm import PRESETS, LMConfig, TrainLMConfig
+
+    parser = subparsers.add_parser("lm", help="train or adopt the GPT-2-style LM (stage 1)",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="lm_command", required=True, metavar="ACTION")
+
+    train = sub.add_parser("train", help="train an LM (resumes from its checkpoint if interrupted)",
+                           description="Train an LM. Every flag below overrides the chosen preset's value; "
+                                       "the defaults shown are those of the tiny preset.")
+    train.add_argument("--preset", default="tiny",
+                       help=f"one of {', '.join(PRESETS)} (default: tiny). tiny = 6 layers x d_model 16 with the "
+                            "CPU batch of 16 sequences (the `make lm` default, ~10 min on 2 cores); small = the "
+                            "report's 6 x 256 model with the same CPU batch; report = that model with the report's "
+                            "batch of 256 sequences (gradient accumulation over micro-batches of 16)")
+    train.add_argument("--out", required=True, help="model directory to write, e.g. runs/lm/tiny")
+    train.add_argument("--from", dest="init_from", default=None,
+                       help="start from the weights (and architecture) of this local HF GPT-2-style model instead of a "
+                            "random init; --preset then only chooses the training recipe")
+    train.add_argument("--overwrite", action="store_true", help="discard a finished model or checkpoint in --out")
+    train.add_argument("--no-progress", dest="progress", action="store_false", help="do not show the progress bar")
+    add_arguments(train, LMConfig, skip=("preset",))
+    add_arguments(train, TrainLMConfig)
+    _add_corpus_arguments(train)
+    train.set_defaults(func=run)
+
+    adopt = sub.add_parser("adopt", help="make an existing local HF GPT-2-style model usable by the next stages")
+    adopt.add_argument("--from", dest="init_from", required=True, help="local directory saved with save_pretrained")
+    adopt.add_argument("--out", required=True, help="model directory to write, e.g. runs/lm/mine")
+    _add_corpus_arguments(adopt)
+    adopt.set_defaults(func=run)
+
+    info = sub.add_parser("info", help="print a model directory's description as JSON")
+    info.add_argument("model_dir")
+    info.set_defaults(func=run)
+
+    tokens = sub.add_parser("tokens", help="tokenise a corpus into the cache and print its statistics")
+    tokens.add_argument("--n-ctx", type=int, default=256, help="block length")
+    tokens.add_argument("--cache-dir", default=None, help="token cache folder (default runs/cache/tokens)")
+    _add_corpus_arguments(tokens)
+    tokens.set_defaults(func=run)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from unsuperpose.lm import LMConfig, TrainLMConfig, model_lm_config, preset, train_lm
+
+    lm_base, train_base = preset(args.preset)
+    if args.init_from is not None:
+        lm_base = model_lm_config(args.init_from)
+    lm = from_args(LMConfig, args, base=lm_base, preset=lm_base.preset)
+    train = from_args(TrainLMConfig, args, base=train_base)
+    result = train_lm(lm, train, _corpus(args), args.out, init_from=args.init_from, overwrite=args.overwrite,
+                      progress=args.progress)
+    if not result["finished"]:
+        print(f"stopped at step {result['step']} of {result['steps']}; run the same command again to continue")
+        return 0
+    line = f"saved {args.out}: {result['train_tokens']:,} tokens in {result['train_seconds']:.0f} s"
+    if "val_loss" in result:
+        line += (f"; validation loss {result['val_loss']:.3f} nats/token vs unigram entropy "
+                 f"{result['unigram_entropy']:.3f}")
+    print(line)
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    from unsuperpose.lm import adopt_model, describe_tokens, model_info
+
+    if args.lm_command == "train":
+        return _train(args)
+    if args.lm_command == "adopt":
+        out = adopt_model(args.init_from, args.out, corpus=_corpus(args))
+        print(f"adopted {args.init_from} as {out}")
+    elif args.lm_command == "info":
+        print(json.dumps(model_info(args.model_dir), indent=2))
+    elif args.lm_command == "tokens":
+        print(json.dumps(describe_tokens(_corpus(args), args.n_ctx, cache_dir=args.cache_dir), indent=2))
+    return 0
