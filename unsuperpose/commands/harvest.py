@@ -13,8 +13,7 @@ from pathlib import Path
 from unsuperpose.config import add_arguments, from_args, save_config, to_dict
 from unsuperpose.errors import UserError
 from unsuperpose.harvest import HarvestConfig, harvest
-from unsuperpose.lm import CorpusConfig, load_bridge, model_info, token_blocks
-from unsuperpose.lm.model import check_n_ctx
+from unsuperpose.lm import CorpusConfig, check_n_ctx, load_bridge, model_info, token_blocks
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
