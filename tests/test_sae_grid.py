@@ -8,24 +8,9 @@ from unsuperpose.toy import ToyConfig, ToySource
 from unsuperpose.train import SAE, NonFiniteLoss, SAETrainConfig, evaluate, new_state, train_steps
 from unsuperpose.train.grid import SAEGroup
 from unsuperpose.train.init import init_params
-from unsuperpose.train.trainer import data_sample
+from sae_reference import assert_matches, train_alone
 
 SMALL = ToyConfig(h=16, G=32, k=2, decay=0.95, seed=0)
-
-
-def _train_alone(src, cfg, l1, n):
-    """A lone SAE: autograd + torch.optim.Adam, same init seed and batches as the grid."""
-    data = data_sample(src, max(cfg.dict_sizes), cfg.seed) if cfg.decoder_init == "data" else None
-    params = init_params(src.d, n, seed=cfg.seed, decoder_init=cfg.decoder_init,
-                         encoder_init=cfg.encoder_init, tied=cfg.tied, data=data)
-    sae = SAE(src.d, n, tied=cfg.tied, params=params)
-    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr)
-    it = src.batches(cfg.batch_size, seed=cfg.data_seed)
-    for _ in range(cfg.steps):
-        opt.zero_grad()
-        sae.loss(next(it), l1, cfg.l1_norm).backward()
-        opt.step()
-    return sae
 
 
 @pytest.mark.parametrize("options", [
@@ -40,11 +25,7 @@ def test_grid_equals_each_sae_trained_alone(options):
     state = train_steps(new_state(src, cfg), src, progress=False)
     for g in state.groups:
         for s, l1 in enumerate(g.l1):
-            alone = _train_alone(src, cfg, l1, g.n)
-            grid = g.sae_params(s)
-            torch.testing.assert_close(grid["W_dec"], alone.dictionary().detach(), atol=2e-5, rtol=1e-4)
-            torch.testing.assert_close(grid["W_enc"], alone.encoder_weight().detach(), atol=2e-5, rtol=1e-4)
-            torch.testing.assert_close(grid["b_enc"], alone.b_enc.detach(), atol=2e-5, rtol=1e-4)
+            assert_matches(g.sae_params(s), train_alone(src, cfg, l1, g.n))
 
 
 def test_recovers_ground_truth_on_a_small_problem():

@@ -20,6 +20,7 @@ def test_toy_cli_writes_summary_dictionaries_and_figures(tmp_path):
                 "l1_loss", "l0", "fvu", "dead", "mmcs", "mcc", "ssll", "mmcs_larger"]:
         assert col in rows[0], col
     assert {r["dict_size"] for r in rows} == {"16", "32", "64"}
+    assert {float(r["l1"]) for r in rows} == {1e-3, 1e-2}
     assert {r["dict_label"] for r in rows} == {"1/2x", "1x", "2x"}
     assert {float(r["dict_ratio"]) for r in rows} == {0.5, 1.0, 2.0}
     assert all(0 < float(r["mmcs"]) <= 1 for r in rows)

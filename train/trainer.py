@@ -181,7 +181,7 @@ def evaluate(state: GridState, source: ActivationSource) -> dict[tuple[float, in
     """Reconstruction metrics of every SAE on batches the training stream never produced.
 
     mse: mean squared error per coordinate; fvu: sum of squared errors over the total variance
-    around the eval set's mean; l1: mean sum of codes per row; l1_loss: that in the run's L1
+    around the eval set's mean; mean_l1: mean sum of codes per row; l1_loss: that in the run's L1
     convention (without the coefficient); l0: mean active latents per row; dead: from training.
     """
     cfg = state.config
@@ -209,7 +209,7 @@ def evaluate(state: GridState, source: ActivationSource) -> dict[tuple[float, in
             results[(a, g.n)] = {
                 "mse": float(sq[s]) / (rows * state.d),
                 "fvu": float(sq[s]) / total_var if total_var > 0 else math.nan,
-                "l1": float(l1[s]) / rows,
+                "mean_l1": float(l1[s]) / rows,
                 "l1_loss": float(l1[s]) / rows / divisor,
                 "l0": float(l0[s]) / rows,
                 "dead": int(dead[s]),

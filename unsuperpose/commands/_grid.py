@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shutil
 from pathlib import Path
 
 from unsuperpose.analyze import grid_figures, score_grid
-from unsuperpose.config import add_arguments, to_dict
+from unsuperpose.config import add_arguments, load_config, to_dict
 from unsuperpose.errors import UserError
 from unsuperpose.tracking import Tracker
-from unsuperpose.train import (PRESETS, Callback, SAETrainConfig, apply_preset, evaluate, new_state,
-                               parse_dict_sizes, parse_l1_list, save_grid, train_steps)
+from unsuperpose.train import (PRESETS, Callback, NonFiniteLoss, SAETrainConfig, apply_preset,
+                               evaluate, new_state, parse_dict_sizes, parse_l1_list, read_summary,
+                               save_grid, train_steps)
+from unsuperpose.train.checkpoint import (CHECKPOINT_DIR, CheckpointMismatch, Checkpointer,
+                                          check_compatible, load_checkpoint, read_checkpoint_meta)
 
 SKIP = ("l1", "dict_sizes")  # parsed from --l1 / --dict so that ratios and lists get clear errors
 
@@ -45,25 +49,81 @@ def sae_config(args: argparse.Namespace, *, base: SAETrainConfig, dict_base: int
     return cfg, {n: label for label, n in sizes}
 
 
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint-every", type=int, default=1000,
+                        help="steps between checkpoints (also saved on Ctrl-C/SIGTERM); 0: only then")
+    parser.add_argument("--force", action="store_true",
+                        help="start over even if the output folder holds a run with other settings")
+
+
+def _prepare(out: Path, cfg: SAETrainConfig, source, force: bool):
+    """A fresh or resumed state, or the rows of a finished identical run (then nothing to do)."""
+    ckpt = out / CHECKPOINT_DIR
+    meta = read_checkpoint_meta(ckpt)
+    finished = (out / "summary.csv").exists() and (out / "train_config.json").exists()
+    if force:
+        shutil.rmtree(ckpt, ignore_errors=True)
+        meta = None
+    elif meta is not None:
+        try:
+            check_compatible(meta, cfg, int(source.d))
+        except CheckpointMismatch as exc:
+            raise UserError(f"{out} holds an unfinished run with other settings ({exc}); rerun with "
+                            "its settings to resume it, choose another --out, or add --force to "
+                            "start over") from None
+    elif finished:
+        if load_config(SAETrainConfig, out / "train_config.json") == cfg:
+            print(f"{out} already holds this grid, finished; add --force to train it again")
+            return None, read_summary(out / "summary.csv")
+        raise UserError(f"{out} holds a finished grid with other settings; choose another --out or "
+                        "add --force to replace it")
+    state = new_state(source, cfg)
+    if meta is not None:
+        load_checkpoint(state, ckpt)
+        print(f"resuming from the checkpoint at step {state.step:,} of {cfg.steps:,}")
+    return state, None
+
+
 def train_and_save(source, cfg: SAETrainConfig, out: Path, *, size_labels: dict[int, str],
                    size_base: int, size_axis: str, ground_truth=None, callbacks: list[Callback] = (),
                    wandb_mode: str | None = None, progress: bool = True, run_name: str,
-                   source_info: dict) -> list[dict]:
-    """Train the grid, score it (with ground truth if given), save SAEs, summary and figures."""
+                   source_info: dict, checkpoint_every: int = 1000, force: bool = False,
+                   export=None) -> list[dict]:
+    """Train the grid (resuming a checkpoint if there is one), score it (with ground truth if
+    given), save SAEs, summary and figures; ``export(state, out)`` may write more formats."""
     out.mkdir(parents=True, exist_ok=True)
+    state, done = _prepare(out, cfg, source, force)
+    if done is not None:
+        return done
+    run_id_file = out / "wandb_run_id"
+    run_id = run_id_file.read_text().strip() if run_id_file.exists() and state.step > 0 else None
     with Tracker(out, name=run_name, config={"train": to_dict(cfg), "source": source_info},
-                 mode=wandb_mode) as tracker:
-        state = new_state(source, cfg)
-        train_steps(state, source, callbacks=callbacks, progress=progress,
-                    on_log=lambda row: tracker.log(row, step=row["step"]))
+                 mode=wandb_mode, resume_id=run_id) as tracker:
+        if tracker.run_id:
+            run_id_file.write_text(tracker.run_id)
+        try:
+            with Checkpointer(out / CHECKPOINT_DIR, checkpoint_every) as checkpointer:
+                train_steps(state, source, callbacks=callbacks, progress=progress, on_step=checkpointer,
+                            on_log=lambda row: tracker.log(row, step=row["step"]))
+        except NonFiniteLoss as exc:
+            kept = read_checkpoint_meta(out / CHECKPOINT_DIR)
+            where = f"the last good checkpoint (step {kept['step']:,}) is kept in {out / CHECKPOINT_DIR}" \
+                if kept else "no checkpoint had been written yet"
+            raise UserError(f"{exc}; {where}") from None
         metrics = evaluate(state, source)
         scores = score_grid(state.dictionaries(), metrics, ground_truth)
         for (l1, n), s in scores.items():
             s["dict_ratio"] = n / size_base
         rows = save_grid(state, metrics, out, extra=scores, labels=size_labels, source_info=source_info)
+        if export is not None:
+            export(state, out)
         figures = grid_figures(rows, state.history, out / "figures", size_axis=size_axis,
                                size_labels=size_labels)
         columns = list(rows[0])
         tracker.log_table("summary", columns, [[r.get(c) for c in columns] for r in rows])
         tracker.log_images({f"figures/{k}": v for k, v in figures.items()})
+        tracker.summary({"steps": state.step})
+    # The dictionaries and summary are written; the checkpoint's weights and Adam state would only
+    # take disk space (3x the dictionaries).
+    shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
     return rows

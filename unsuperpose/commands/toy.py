@@ -7,7 +7,7 @@ import dataclasses
 from pathlib import Path
 
 from unsuperpose.analyze import ground_truth_callback
-from unsuperpose.commands._grid import add_sae_arguments, sae_config, train_and_save
+from unsuperpose.commands._grid import add_run_arguments, add_sae_arguments, sae_config, train_and_save
 from unsuperpose.config import add_arguments, from_args
 from unsuperpose.errors import UserError
 from unsuperpose.toy import ToyConfig, ToySource
@@ -42,6 +42,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_sae_arguments(p, dict_flag="--dict-ratios",
                       dict_help="dictionary sizes as ratios of G (1/8x..32x) or absolute latents",
                       skip=("seed", "data_seed"))
+    add_run_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -69,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         ground_truth=source.features,
         callbacks=[Callback(args.eval_every, ground_truth_callback(source.features))],
         wandb_mode=args.wandb, progress=not args.no_progress, run_name=f"toy-{args.out.name}",
-        source_info=source.describe())
+        source_info=source.describe(), checkpoint_every=args.checkpoint_every, force=args.force)
     best = max(rows, key=lambda r: r["mmcs"])
     print(f"best MMCS with the ground truth: {best['mmcs']:.4f} (L1 {best['l1']:g}, dictionary "
           f"{best['dict_label']}); MCC {best['mcc']:.4f}")

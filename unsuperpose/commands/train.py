@@ -1,0 +1,81 @@
+"""`unsuperpose train`: a grid of SAEs (L1 values x dictionary sizes) on a harvested store.
+
+One pass over the data trains every SAE of the grid. Output:
+<out>/<DICT>/ with the layout of unsuperpose.train.io, plus saelens/<sae>/ exports. Rerunning the
+same command after an interruption resumes from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+from unsuperpose.commands._grid import add_run_arguments, add_sae_arguments, sae_config, train_and_save
+from unsuperpose.errors import UserError
+from unsuperpose.harvest import ActivationStore
+from unsuperpose.train import SAE, SAETrainConfig
+from unsuperpose.train.io import sae_dirname
+from unsuperpose.train.saelens import export_saelens
+
+DEFAULT_L1 = [round(10 ** (e / 4), 8) for e in range(-16, -12)]  # 1e-4 .. 5.6e-4, quarter decades
+DEFAULT_DICT = "8x"
+DEFAULT_STEPS = 10_000
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train SAE grids on a harvested activation store",
+                       description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--store", type=Path, required=True, help="a store written by `unsuperpose harvest`")
+    p.add_argument("--out", type=Path, required=True,
+                   help="parent folder; the grid goes to <out>/<DICT> (commas in DICT become '+')")
+    p.add_argument("--tokens", type=int, default=None,
+                   help="train on this many activations (sets --steps = tokens / batch size)")
+    p.add_argument("--allow-incomplete", action="store_true",
+                   help="train on the complete chunks of a store whose harvest has not finished")
+    add_sae_arguments(p, dict_flag="--dict",
+                      dict_help=f"dictionary sizes: ratios of the store width d (e.g. 8x or "
+                      f"1x,2x,4x,8x) or absolute latents (4096); default {DEFAULT_DICT}")
+    add_run_arguments(p)
+    p.set_defaults(func=run)
+
+
+def dict_folder(spec: str) -> str:
+    return spec.replace(",", "+").replace("/", "_")
+
+
+def run(args: argparse.Namespace) -> int:
+    if not args.store.exists():
+        raise UserError(f"no store at {args.store}: harvest one first, e.g. `make harvest LAYER=1`")
+    store = ActivationStore(args.store, allow_incomplete=args.allow_incomplete)
+    base = SAETrainConfig(steps=DEFAULT_STEPS)
+    cfg, labels = sae_config(args, base=base, dict_base=store.d, default_l1=DEFAULT_L1,
+                             default_dict=DEFAULT_DICT)
+    if args.tokens is not None:
+        if args.tokens < cfg.batch_size:
+            raise UserError(f"--tokens {args.tokens} is less than one batch ({cfg.batch_size})")
+        cfg.steps = math.ceil(args.tokens / cfg.batch_size)
+    out = args.out / dict_folder(args.dict or DEFAULT_DICT)
+    info = store.describe()
+    print(f"store {args.store}: {store.rows:,} rows of width {store.d}; {len(cfg.l1)} L1 x "
+          f"{len(cfg.dict_sizes)} sizes = {len(cfg.l1) * len(cfg.dict_sizes)} SAEs, {cfg.steps:,} "
+          f"steps of {cfg.batch_size} ({cfg.steps * cfg.batch_size / store.rows:.2f} epochs)")
+
+    def export(state, folder: Path) -> None:
+        meta = {k: info.get(k) for k in ("hook", "layer", "model_dir", "weights_sha256") if k in info}
+        for g in state.groups:
+            for s, l1 in enumerate(g.l1):
+                sae = SAE(state.d, g.n, tied=cfg.tied, params=g.sae_params(s))
+                export_saelens(sae, folder / "saelens" / sae_dirname(l1, g.n),
+                               metadata={**meta, "hook_name": info.get("hook"), "l1": l1,
+                                         "l1_norm": cfg.l1_norm})
+
+    rows = train_and_save(
+        store, cfg, out, size_labels=labels, size_base=store.d,
+        size_axis="dictionary size (x d, the activation width)", wandb_mode=args.wandb,
+        progress=not args.no_progress, run_name=f"sae-{out.parent.name}-{out.name}",
+        source_info=info, checkpoint_every=args.checkpoint_every, force=args.force, export=export)
+    best = min(rows, key=lambda r: r["fvu"])
+    print(f"lowest FVU {best['fvu']:.4f} (L1 {best['l1']:g}, {best['dict_label']}, L0 {best['l0']:.1f}, "
+          f"{best['dead']} dead); wrote {out}/summary.csv, figures/, saes/, saelens/")
+    return 0
