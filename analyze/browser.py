@@ -1,0 +1,195 @@
+"""The feature browser's numbers: one streaming pass over a store for many dictionaries at once.
+
+For every unit (an SAE latent, or an MLP neuron as the baseline) it gathers its firing frequency
+(fraction of rows with activation > 0), mean and max activation, a histogram of its positive
+activations and its top-k rows, then the tokens around those rows. Memory is bounded: rows are
+read ``batch_rows`` at a time and only per-unit summaries are kept, whatever the store's length.
+
+The histogram uses fixed log2-spaced bins (``BINS_PER_OCTAVE`` per factor of two, 2^-16..2^16)
+so that one pass suffices: linear bins would need every unit's maximum before the first count.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import zarr
+from tqdm.auto import tqdm
+
+from unsuperpose.errors import UserError
+from unsuperpose.harvest import bf16_to_torch
+
+BINS_PER_OCTAVE = 4
+LOG2_LO, LOG2_HI = -16, 16
+N_BINS = (LOG2_HI - LOG2_LO) * BINS_PER_OCTAVE
+
+Encoder = Callable[[torch.Tensor], torch.Tensor]  # (rows, d) float32 -> (rows, units) activations
+
+
+def bin_edges() -> np.ndarray:
+    """The N_BINS + 1 activation values bounding the histogram bins."""
+    return 2.0 ** (LOG2_LO + np.arange(N_BINS + 1) / BINS_PER_OCTAVE)
+
+
+@dataclass
+class UnitStats:
+    """Per-unit summaries over ``rows`` rows of a store."""
+
+    rows: int
+    count: np.ndarray      # (units,) rows with activation > 0
+    total: np.ndarray      # (units,) sum of positive activations
+    max: np.ndarray        # (units,) largest activation (0 if it never fired)
+    hist: np.ndarray       # (units, N_BINS) counts of positive activations on log2 bins
+    top_vals: np.ndarray   # (units, k) descending; 0 where fewer than k rows fired
+    top_rows: np.ndarray   # (units, k) store rows of top_vals
+
+    @property
+    def units(self) -> int:
+        return len(self.count)
+
+    @property
+    def freq(self) -> np.ndarray:
+        return self.count / max(self.rows, 1)
+
+    @property
+    def mean_active(self) -> np.ndarray:
+        return np.where(self.count > 0, self.total / np.maximum(self.count, 1), 0.0)
+
+
+class _Accumulator:
+    def __init__(self, units: int, k: int):
+        self.k = k
+        self.count = torch.zeros(units, dtype=torch.int64)
+        self.total = torch.zeros(units, dtype=torch.float64)
+        self.max = torch.zeros(units)
+        self.hist = torch.zeros(units * N_BINS, dtype=torch.int64)
+        self.top_vals = torch.zeros(k, units)
+        self.top_rows = torch.zeros(k, units, dtype=torch.int64)
+
+    def add(self, acts: torch.Tensor, lo: int) -> None:
+        pos = acts.clamp_min(0)
+        active = acts > 0
+        self.count += active.sum(0)
+        self.total += pos.sum(0, dtype=torch.float64)
+        self.max = torch.maximum(self.max, pos.max(0).values)
+        r, u = active.nonzero(as_tuple=True)
+        if len(u):
+            b = (torch.log2(acts[r, u]) * BINS_PER_OCTAVE).floor().long() - LOG2_LO * BINS_PER_OCTAVE
+            self.hist += torch.bincount(u * N_BINS + b.clamp_(0, N_BINS - 1), minlength=len(self.hist))
+        # Top-k across batches: the running top k and this batch compete together.
+        rows = torch.arange(lo, lo + len(acts)).unsqueeze(1).expand(-1, acts.shape[1])
+        vals = torch.cat([self.top_vals, pos])
+        idx = torch.cat([self.top_rows, rows])
+        self.top_vals, pick = vals.topk(self.k, dim=0)
+        self.top_rows = idx.gather(0, pick)
+
+    def stats(self, rows: int) -> UnitStats:
+        return UnitStats(rows=rows, count=self.count.numpy(), total=self.total.numpy(),
+                         max=self.max.numpy(), hist=self.hist.view(-1, N_BINS).numpy(),
+                         top_vals=self.top_vals.T.contiguous().numpy(),
+                         top_rows=self.top_rows.T.contiguous().numpy())
+
+
+def scan(store, encoders: dict[str, Encoder], *, top: int = 20, batch_rows: int = 4096,
+         max_rows: int | None = None, progress: bool = True) -> dict[str, UnitStats]:
+    """Stream ``store`` (``.rows``, ``.read_rows(lo, hi)``) once through every encoder."""
+    if top < 1 or batch_rows < 1:
+        raise UserError("--top and the batch size must be at least 1")
+    rows = min(store.rows, max_rows) if max_rows else store.rows
+    acc: dict[str, _Accumulator] = {}
+    bar = tqdm(total=rows, unit="row", unit_scale=True, desc="features", disable=not progress)
+    with torch.inference_mode():
+        for lo in range(0, rows, batch_rows):
+            hi = min(rows, lo + batch_rows)
+            x = bf16_to_torch(store.read_rows(lo, hi)).float()
+            for name, enc in encoders.items():
+                acts = enc(x)
+                if name not in acc:
+                    acc[name] = _Accumulator(acts.shape[1], top)
+                acc[name].add(acts, lo)
+            bar.update(hi - lo)
+    bar.close()
+    return {name: a.stats(rows) for name, a in acc.items()}
+
+
+# -- contexts ----------------------------------------------------------------------------------
+
+@dataclass
+class Context:
+    """The tokens around one top-activating row; ``at`` indexes the row's own token."""
+
+    row: int
+    act: float
+    tokens: list[int]
+    at: int
+
+
+def token_arrays(path) -> tuple[zarr.Array, zarr.Array]:
+    """The store's ``tokens`` and ``positions`` arrays, or a UserError naming the fix."""
+    group = zarr.open_group(path, mode="r")
+    missing = [n for n in ("tokens", "positions") if n not in group]
+    if missing:
+        raise UserError(f"{path} kept no {' or '.join(missing)} (only activations), so there is "
+                        "no text to show; harvest the store again with `unsuperpose harvest`, "
+                        "which keeps the token of every row")
+    return group["tokens"], group["positions"]
+
+
+def gather(array: zarr.Array, wanted: np.ndarray, step: int) -> np.ndarray:
+    """``array[wanted]`` for sorted unique indices, reading ``step`` rows at a time."""
+    out = np.empty(len(wanted), dtype=array.dtype)
+    for lo in range(0, int(wanted[-1]) + 1 if len(wanted) else 0, step):
+        a, b = np.searchsorted(wanted, [lo, lo + step])
+        if a < b:
+            out[a:b] = array[lo:min(lo + step, array.shape[0])][wanted[a:b] - lo]
+    return out
+
+
+def contexts(stats: dict[str, UnitStats], path, *, left: int = 10, right: int = 4,
+             step: int = 1 << 16) -> dict[str, list[list[Context]]]:
+    """For every unit of every scan, its top rows with up to ``left``/``right`` tokens around each,
+    cut at the edges of the context block the row came from: a store holds whole blocks of n_ctx
+    tokens in order, so the row at position p of its block has its block start p rows earlier."""
+    tokens, positions = token_arrays(path)
+    n = tokens.shape[0]
+    n_ctx = int(zarr.open_group(path, mode="r").attrs.get("n_ctx") or n)
+    tops = [s.top_rows[s.top_vals > 0] for s in stats.values()]
+    top_rows = np.unique(np.concatenate(tops)) if tops else np.zeros(0, np.int64)
+    start = top_rows - gather(positions, top_rows, step)
+    lo = np.maximum(top_rows - left, start)
+    hi = np.minimum(np.minimum(top_rows + right, start + n_ctx - 1), n - 1)
+    spans = [np.arange(a, b + 1) for a, b in zip(lo, hi)]
+    wanted = np.unique(np.concatenate(spans)) if spans else np.zeros(0, np.int64)
+    tok = gather(tokens, wanted, step)
+
+    def window(r: int) -> tuple[list[int], int]:
+        i = int(np.searchsorted(top_rows, r))
+        a, b = np.searchsorted(wanted, [lo[i], hi[i] + 1])
+        return [int(t) for t in tok[a:b]], int(r - lo[i])
+
+    out: dict[str, list[list[Context]]] = {}
+    for name, s in stats.items():
+        per_unit = []
+        for u in range(s.units):
+            ctxs = []
+            for v, r in zip(s.top_vals[u], s.top_rows[u]):
+                if v <= 0:
+                    break
+                toks, at = window(int(r))
+                ctxs.append(Context(row=int(r), act=float(v), tokens=toks, at=at))
+            per_unit.append(ctxs)
+        out[name] = per_unit
+    return out
+
+
+def firing_summary(s: UnitStats) -> dict:
+    """Headline numbers of one scan: dead units and the spread of firing frequencies."""
+    alive = s.count > 0
+    f = s.freq[alive]
+    return {"units": s.units, "rows": s.rows, "never_fired": int((~alive).sum()),
+            "median_freq": float(np.median(f)) if len(f) else math.nan,
+            "max_freq": float(f.max()) if len(f) else math.nan}

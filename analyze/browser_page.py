@@ -1,0 +1,110 @@
+"""The feature browser's pages: one self-contained HTML page per dictionary (and one for the MLP
+neurons as the baseline), rows sortable by firing frequency with a few lines of inline script."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from unsuperpose.analyze.browser import Context, UnitStats, bin_edges, firing_summary
+from unsuperpose.analyze.html import STYLE, esc, fmt, page, table, write
+
+STYLE_EXTRA = """
+.ctx { font-family: ui-monospace, monospace; font-size: 0.82em; white-space: pre-wrap;
+       text-align: left; margin: 1px 0; }
+.ctx mark { border-radius: 2px; color: #000; outline: 1px solid #c60; }
+.ctxs { max-height: 16em; overflow-y: auto; }
+td.ctxcell { text-align: left; min-width: 32em; }
+button { margin-right: 0.4em; }
+"""
+
+# Sorting moves the <tr> elements; data-* attributes hold the keys (no external library).
+SORT_JS = """
+function sortUnits(key, desc) {
+  const body = document.getElementById('units');
+  const rows = Array.from(body.rows);
+  rows.sort((a, b) => (parseFloat(a.dataset[key]) - parseFloat(b.dataset[key])) * (desc ? -1 : 1));
+  rows.forEach(r => body.appendChild(r));
+}
+"""
+
+
+def hist_svg(counts: np.ndarray, width: int = 170, height: int = 42) -> str:
+    """A tiny bar chart of one unit's positive activations (log2 bins), cropped to its range."""
+    nz = np.flatnonzero(counts)
+    if not len(nz):
+        return ""
+    lo, hi = nz[0], nz[-1] + 1
+    c = counts[lo:hi].astype(float)
+    edges = bin_edges()
+    bw = width / len(c)
+    # Empty bins draw nothing; a non-empty one at least one pixel, so rare values stay visible.
+    bars = "".join(f'<rect x="{i * bw:.1f}" y="{height - 12 - h:.1f}" width="{max(bw - 0.5, 0.5):.1f}" '
+                   f'height="{h:.1f}" fill="#3a6fb0"/>'
+                   for i, h in enumerate(np.where(c > 0, np.maximum(c / c.max() * (height - 14), 1), 0))
+                   if h > 0)
+    label = (f'<text x="0" y="{height - 1}" font-size="9">{edges[lo]:.2g}</text>'
+             f'<text x="{width}" y="{height - 1}" font-size="9" text-anchor="end">{edges[hi]:.2g}</text>')
+    return (f'<svg width="{width}" height="{height}" role="img" '
+            f'aria-label="activation histogram">{bars}{label}</svg>')
+
+
+def show_token(text: str) -> str:
+    """Token text made visible: newlines and tabs as symbols, so each context stays one line."""
+    return text.replace("\n", "\u23ce").replace("\t", "\u21e5")
+
+
+def context_html(ctx: Context, decode: Callable[[int], str], unit_max: float) -> str:
+    """Decoded text around the token, the token itself highlighted by its activation strength."""
+    strength = ctx.act / unit_max if unit_max > 0 else 0.0
+    alpha = 0.15 + 0.85 * min(max(strength, 0.0), 1.0)
+    left = "".join(show_token(decode(t)) for t in ctx.tokens[:ctx.at])
+    right = "".join(show_token(decode(t)) for t in ctx.tokens[ctx.at + 1:])
+    tok = show_token(decode(ctx.tokens[ctx.at])) if ctx.tokens else ""
+    return (f'<div class="ctx">{esc(left)}<mark style="background: rgba(255,140,0,{alpha:.2f})" '
+            f'title="activation {ctx.act:.4g} (row {ctx.row})">{esc(tok)}</mark>{esc(right)} '
+            f'<span class="note">{ctx.act:.3g}</span></div>')
+
+
+def render(title: str, what: str, stats: UnitStats, ctxs: list[list[Context]],
+           decode: Callable[[int], str], meta: dict) -> str:
+    """One page: headline numbers, provenance, then one sortable row per unit that ever fired."""
+    summary = firing_summary(stats)
+    head = (f"<h1>{esc(title)}</h1>"
+            f"<p>{summary['units']:,} {what}s over {summary['rows']:,} store rows; "
+            f"{summary['never_fired']:,} never fired (listed at the end); median firing frequency "
+            f"of the others {fmt(summary['median_freq'], 3)}. A {what} <i>fires</i> on a row when "
+            "its activation is above 0. Histograms: positive activations on log2-spaced bins "
+            "(the labels give the range). Contexts: the highest activations, the token itself "
+            "highlighted, darker when closer to this unit's maximum.</p>")
+    head += table(["", ""], [[k, v] for k, v in meta.items()], left=2)
+    buttons = ('<p>sort: <button onclick="sortUnits(\'freq\', true)">frequency &darr;</button>'
+               '<button onclick="sortUnits(\'freq\', false)">frequency &uarr;</button>'
+               '<button onclick="sortUnits(\'max\', true)">max activation &darr;</button>'
+               f'<button onclick="sortUnits(\'i\', false)">{esc(what)} index</button></p>')
+    order = np.argsort(-stats.freq, kind="stable")
+    rows = []
+    for u in order:
+        if stats.count[u] == 0:
+            continue
+        ctx = "".join(context_html(c, decode, float(stats.max[u])) for c in ctxs[u])
+        rows.append(f'<tr data-i="{u}" data-freq="{stats.freq[u]:.6g}" data-max="{stats.max[u]:.6g}">'
+                    f'<td>{u}</td><td>{fmt(float(stats.freq[u]), 3)}</td>'
+                    f'<td>{fmt(float(stats.max[u]), 3)}</td><td>{fmt(float(stats.mean_active[u]), 3)}</td>'
+                    f'<td>{hist_svg(stats.hist[u])}</td><td class="ctxcell"><div class="ctxs">{ctx}</div></td></tr>')
+    units = (f"<table><thead><tr><th>{esc(what)}</th><th>firing frequency</th><th>max</th>"
+             "<th>mean when firing</th><th>activation histogram</th><th class=\"l\">top-activating "
+             f"contexts</th></tr></thead><tbody id=\"units\">{''.join(rows)}</tbody></table>")
+    dead = np.flatnonzero(stats.count == 0)
+    tail = (f"<h3>Never fired ({len(dead):,})</h3><p class=\"note\">{esc(', '.join(map(str, dead)))}</p>"
+            if len(dead) else "")
+    return page(title, head + buttons + units + tail, style=STYLE + STYLE_EXTRA, script=SORT_JS)
+
+
+def write_index(out: Path, pages: dict[str, Path], meta: dict) -> Path:
+    links = "".join(f'<li><a href="{esc(p.name)}">{esc(name)}</a></li>' for name, p in pages.items())
+    body = (f"<h1>Feature browser</h1>{table(['', ''], [[k, v] for k, v in meta.items()], left=2)}"
+            f"<ul>{links}</ul>")
+    return write(out / "index.html", page("Feature browser", body))

@@ -1,0 +1,165 @@
+"""Read the dictionary sets a grid run left on disk (see ``unsuperpose.train.io``) and merge them.
+
+A *dictionary set* is one ``unsuperpose toy`` / ``unsuperpose train`` output folder: ``saes/``
+with one ``n<size>-l1_<l1>/`` per SAE, beside ``summary.csv``. The LM report reads every set
+trained for one store (``runs/sae/<LM>/layer<L>/*/``) and merges them into one grid keyed by
+(L1 coefficient, dictionary size).
+
+Each SAE is read from its own ``config.json`` rather than from ``summary.csv``: the config holds
+the L1 coefficient under ``l1`` unambiguously, while a summary row also carries the codes' mean
+L1 norm, which train/io.py writes under the same column name.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from unsuperpose.errors import UserError
+
+Key = tuple[float, int]
+SAES = "saes"
+
+
+@dataclass
+class Cell:
+    """One trained SAE: its grid position, final metrics and where it lies."""
+
+    l1: float
+    n: int
+    d_in: int
+    metrics: dict
+    sae_dir: Path
+    set_dir: Path
+    steps: int
+    samples: int
+    mtime: float
+
+    @property
+    def key(self) -> Key:
+        return (self.l1, self.n)
+
+
+@dataclass
+class Grid:
+    """The merged grid of one store (or of the toy run) and what was merged to make it."""
+
+    cells: dict[Key, Cell]
+    sets: list[Path]
+    source: dict
+    d: int
+    notes: list[str] = field(default_factory=list)
+
+    def rows(self) -> list[dict]:
+        """One flat row per SAE: the saved metrics, with the coefficient and size as keys."""
+        out = []
+        for key in sorted(self.cells):
+            c = self.cells[key]
+            # The saved metrics' "l1" is the codes' L1 norm; keep it under a name that says so.
+            row = {k: v for k, v in c.metrics.items() if k != "l1"}
+            if "l1" in c.metrics and c.metrics["l1"] != c.l1:
+                row["l1_codes"] = c.metrics["l1"]
+            row.update(l1=c.l1, dict_size=c.n, steps=c.steps, samples=c.samples, set=c.set_dir.name)
+            out.append(row)
+        return out
+
+    def values(self, column: str) -> dict[Key, float]:
+        """{(l1, n): value} of one metric, for the cells that have a finite one."""
+        out = {}
+        for row in self.rows():
+            v = row.get(column)
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                out[(row["l1"], row["dict_size"])] = float(v)
+        return out
+
+    def dictionaries(self) -> dict[Key, torch.Tensor]:
+        """The unit-norm atoms (n, d) of every SAE, read from its safetensors file."""
+        return {k: load_file(str(c.sae_dir / "sae.safetensors"))["W_dec"] for k, c in self.cells.items()}
+
+
+def is_set(path: Path) -> bool:
+    return (path / SAES).is_dir() and any((path / SAES).glob("n*-l1_*/config.json"))
+
+
+def read_set(set_dir: str | Path) -> dict[Key, Cell]:
+    """Every SAE of one dictionary set, from the config.json beside each one's weights."""
+    set_dir = Path(set_dir)
+    cells = {}
+    for cfg_path in sorted((set_dir / SAES).glob("n*-l1_*/config.json")):
+        cfg = json.loads(cfg_path.read_text())
+        if not (cfg_path.parent / "sae.safetensors").exists():
+            continue  # an SAE still being written: its config is not enough to analyse it
+        metrics = dict(cfg.get("metrics") or {})
+        training = cfg.get("training") or {}
+        steps = int(metrics.get("steps", training.get("steps", 0)))
+        samples = int(metrics.get("samples", steps * int(training.get("batch_size", 1))))
+        cell = Cell(l1=float(cfg["l1"]), n=int(cfg["d_sae"]), d_in=int(cfg["d_in"]), metrics=metrics,
+                    sae_dir=cfg_path.parent, set_dir=set_dir, steps=steps, samples=samples,
+                    mtime=cfg_path.stat().st_mtime)
+        cells[cell.key] = cell
+    return cells
+
+
+def merge_sets(sets: list[dict[Key, Cell]]) -> tuple[dict[Key, Cell], list[str]]:
+    """One cell per (L1, size): where two sets hold the same one, the longer-trained (then the
+    more recent) wins, and a note says which."""
+    merged: dict[Key, Cell] = {}
+    notes = []
+    for cells in sets:
+        for key, cell in cells.items():
+            old = merged.get(key)
+            if old is None:
+                merged[key] = cell
+                continue
+            new_wins = (cell.samples, cell.mtime) > (old.samples, old.mtime)
+            win, lose = (cell, old) if new_wins else (old, cell)
+            merged[key] = win
+            notes.append(f"L1 {key[0]:g} x {key[1]} latents is in both {lose.set_dir.name} and "
+                         f"{win.set_dir.name}: using {win.set_dir.name} ({win.steps:,} steps, "
+                         f"{win.samples:,} samples; the other {lose.steps:,} steps, {lose.samples:,})")
+    return merged, notes
+
+
+def _grid(set_dirs: list[Path], what: str, fix: str) -> Grid:
+    if not set_dirs:
+        raise UserError(f"no dictionaries found for {what}; {fix}")
+    cells, notes = merge_sets([read_set(p) for p in set_dirs])
+    widths = {c.d_in for c in cells.values()}
+    if len(widths) != 1:
+        by = {w: sorted({c.set_dir.name for c in cells.values() if c.d_in == w}) for w in widths}
+        raise UserError(f"the dictionaries for {what} have different input widths {by}: they were "
+                        "trained on different stores; move the stray set out of the folder")
+    first = next(iter(cells.values()))
+    source = json.loads((first.sae_dir / "config.json").read_text()).get("source") or {}
+    return Grid(cells=cells, sets=list(set_dirs), source=source, d=widths.pop(), notes=notes)
+
+
+def lm_sets_dir(runs: str | Path, lm: str, layer: int | str) -> Path:
+    return Path(runs) / "sae" / lm / f"layer{layer}"
+
+
+def collect_lm(runs: str | Path, lm: str, layer: int | str) -> Grid:
+    """Every dictionary set trained on ``<runs>/acts/<lm>/layer<L>.zarr``, merged into one grid.
+
+    Sets are merged oldest first, so that the later of two equally long runs wins a tie.
+    """
+    base = lm_sets_dir(runs, lm, layer)
+    found = [p for p in sorted(base.iterdir()) if p.is_dir() and is_set(p)] if base.is_dir() else []
+    if is_set(base):
+        found.append(base)
+    found.sort(key=lambda p: max(c.stat().st_mtime for c in (p / SAES).glob("*/config.json")))
+    return _grid(found, f"LM {lm!r} layer {layer} (looked in {base}/*/saes/)",
+                 f"train a grid first, e.g. `make train LM={lm} LAYER={layer} DICT=1x,2x,4x,8x`")
+
+
+def collect_toy(path: str | Path) -> Grid:
+    """The toy run's grid (one set, with ground-truth columns mmcs/mcc)."""
+    path = Path(path)
+    return _grid([path] if is_set(path) else [], f"the toy run (looked in {path}/saes/)",
+                 f"run the toy replication first (`make toy`, or `unsuperpose toy --out {path}`), "
+                 "or pass --toy PATH")

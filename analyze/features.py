@@ -1,0 +1,75 @@
+"""The feature browser end to end: dictionaries + their store -> one HTML page per dictionary,
+plus the MLP neurons as the baseline, from one pass over the store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from unsuperpose.analyze.browser import contexts, firing_summary, scan, token_arrays
+from unsuperpose.analyze.browser_page import render, write_index
+from unsuperpose.analyze.html import write
+from unsuperpose.errors import UserError
+from unsuperpose.train import SAE
+
+NEURONS = "neurons"
+
+
+def find_saes(path: str | Path) -> list[Path]:
+    """One SAE folder, or every SAE of a dictionary set (a folder with saes/)."""
+    path = Path(path)
+    if (path / "sae.safetensors").exists():
+        return [path]
+    found = sorted(p.parent for p in (path / "saes").glob("n*-l1_*/sae.safetensors"))
+    if not found:
+        raise UserError(f"{path} holds no dictionary: pass one SAE folder (.../saes/n<size>-l1_<l1>, "
+                        "with sae.safetensors) or a dictionary set (a folder with saes/)")
+    return found
+
+
+def store_of(sae: SAE) -> str | None:
+    """The store an SAE was trained on, as its config.json recorded it (None for toy data)."""
+    src = sae.config.get("source") or {}
+    return src.get("path") if src.get("kind") == "activation_store" else None
+
+
+def build_browser(sae_dirs: list[Path], store, out: str | Path, decode: Callable[[int], str], *,
+                  top: int = 20, max_rows: int | None = None, neurons: bool = True,
+                  left: int = 10, right: int = 4, progress: bool = True) -> dict[str, Path]:
+    """Write ``out/<sae folder>.html`` per dictionary, ``out/neurons.html`` and ``out/index.html``.
+
+    ``store`` is an ``ActivationStore`` (``.path``, ``.d``, ``.rows``, ``.read_rows``,
+    ``.metadata``); ``decode`` turns one token id into its text.
+    """
+    out = Path(out)
+    token_arrays(store.path)  # fail before the long pass if there is no text to show
+    saes = {}
+    for d in sae_dirs:
+        sae = SAE.load(d)
+        if sae.d_in != store.d:
+            raise UserError(f"{d} reads activations of width {sae.d_in} but {store.path} has width "
+                            f"{store.d}: pass the store it was trained on with --store "
+                            f"(its config.json names {store_of(sae) or 'no store'})")
+        saes[d.name] = sae.eval()
+    encoders = {name: sae.encode for name, sae in saes.items()}
+    if neurons:
+        encoders[NEURONS] = lambda x: x
+    stats = scan(store, encoders, top=top, max_rows=max_rows, progress=progress)
+    ctxs = contexts(stats, store.path, left=left, right=right)
+    meta = store.metadata
+    common = {"store": str(store.path), "model": meta.get("model_dir", "?"),
+              "hook": meta.get("hook", "?"), "rows scanned": f"{stats[next(iter(stats))].rows:,} of {store.rows:,}"}
+    pages = {}
+    for name, sae in saes.items():
+        info = {**common, "dictionary": str(sae_dirs[[d.name for d in sae_dirs].index(name)]),
+                "latents": sae.d_sae, "L1 coefficient": sae.config.get("l1", "?")}
+        pages[name] = write(out / f"{name}.html", render(f"Latents of {name}", "latent", stats[name],
+                                                           ctxs[name], decode, info))
+    if neurons:
+        pages[NEURONS] = write(out / f"{NEURONS}.html",
+                               render("MLP neurons (baseline)", "neuron", stats[NEURONS], ctxs[NEURONS],
+                                      decode, {**common, "neurons": store.d}))
+    pages["index"] = write_index(out, {k: v for k, v in pages.items()}, common)
+    summaries = {name: firing_summary(s) for name, s in stats.items()}
+    write(out / "summary.txt", "".join(f"{k}: {v}\n" for k, v in summaries.items()))
+    return pages

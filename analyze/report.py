@@ -1,0 +1,207 @@
+"""The analysis report for one LM store: every dictionary set trained on it, beside the toy run.
+
+``build_report`` writes ``<out>/``:
+  index.html            one self-contained page: figures, tables, provenance, commands
+  figures/lm_heatmap_<metric>.png   the LM grid: dead (capped at 100), SSLL, MSE, L1 loss, L0,
+                                    FVU, MMCS with larger dictionaries
+  figures/compare_<diagnostic>.png  toy | LM side by side for the three diagnostics
+  figures/toy_heatmap_mmcs.png      the toy ground truth's view, for reference
+  lm_grid.csv, diagnosis.json       the merged LM grid and where each diagnostic points
+and logs the same to one W&B run (offline unless asked otherwise) through ``Tracker``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from unsuperpose.analyze.collect import Grid, collect_lm, collect_toy
+from unsuperpose.analyze.compare import COMPARISONS, ratio_label, side_by_side, size_labels
+from unsuperpose.analyze.diagnostics import Diagnosis, diagnose
+from unsuperpose.analyze.figures import heatmap
+from unsuperpose.analyze.grid import GRID_FIGURES
+from unsuperpose.analyze.metrics import mmcs_with_larger, ssll
+from unsuperpose.analyze.report_page import render_index
+from unsuperpose.config import write_json_atomic
+from unsuperpose.errors import UserError
+from unsuperpose.tracking import Tracker
+from unsuperpose.train.io import write_summary
+
+# The LM heatmaps: every grid figure except those needing ground truth.
+LM_FIGURES = [f for f in GRID_FIGURES if f[0] not in ("mmcs", "mcc")]
+
+
+@dataclass
+class Side:
+    """One side of the comparison: its merged grid, what the diagnostics say, its size base."""
+
+    name: str
+    grid: Grid
+    diagnosis: Diagnosis
+    base: int            # G for toy data, d for the LM
+    base_name: str
+
+
+@dataclass
+class Report:
+    out: Path
+    lm: Side
+    toy: Side | None
+    figures: dict[str, Path]
+    notes: list[str] = field(default_factory=list)
+    features: dict[str, Path] = field(default_factory=dict)
+    feature_dict: Path | None = None
+
+    @property
+    def index(self) -> Path:
+        return self.out / "index.html"
+
+
+def rescore(grid: Grid) -> None:
+    """Recompute the grid-wide measures over the merged grid.
+
+    SSLL standardises over the whole grid and MMCS with larger dictionaries compares across
+    sizes, so values saved by separate runs are not comparable once their sets are merged.
+    """
+    larger = mmcs_with_larger(grid.dictionaries())
+    stick = ssll(grid.values("mse"), grid.values("l1_loss"))
+    for key, cell in grid.cells.items():
+        cell.metrics["mmcs_larger"] = larger.get(key, math.nan)
+        cell.metrics["ssll"] = stick.get(key, math.nan)
+
+
+def diagnose_grid(grid: Grid, *, truth: bool, tolerance: float) -> Diagnosis:
+    return diagnose(grid.values("dead"), grid.values("ssll"), grid.values("mmcs_larger"),
+                    grid.values("mmcs") if truth else None, tolerance=tolerance)
+
+
+def lm_figures(side: Side, out: Path) -> dict[str, Path]:
+    labels = size_labels({c.n for c in side.grid.cells.values()}, side.base)
+    paths = {}
+    for col, title, opts in LM_FIGURES:
+        values = side.grid.values(col)
+        if values:
+            paths[f"lm_heatmap_{col}"] = heatmap(
+                values, out / f"lm_heatmap_{col}.png", title=f"{side.name}: {title}",
+                size_labels=labels, size_axis=f"dictionary size (ratio to d = {side.base}, the activation width)", **opts)
+    return paths
+
+
+def comparison_figures(lm: Side, toy: Side | None, out: Path) -> dict[str, Path]:
+    paths = {}
+    for diag, col, title, opts in COMPARISONS:
+        paths[f"compare_{diag}"] = side_by_side(
+            toy.grid.values(col) if toy else {}, lm.grid.values(col), out / f"compare_{diag}.png",
+            diagnostic=diag, title=title, toy_base=toy.base if toy else 1, lm_base=lm.base,
+            toy_diag=toy.diagnosis if toy else None, lm_diag=lm.diagnosis, opts=opts, lm_name=lm.name)
+    if toy is not None and toy.grid.values("mmcs"):
+        col, title, opts = next(f for f in GRID_FIGURES if f[0] == "mmcs")
+        paths["toy_heatmap_mmcs"] = heatmap(
+            toy.grid.values("mmcs"), out / "toy_heatmap_mmcs.png", title=f"toy data: {title}",
+            size_labels=size_labels({c.n for c in toy.grid.cells.values()}, toy.base),
+            size_axis=f"dictionary size (ratio to G = {toy.base} ground-truth features)", **opts)
+    return paths
+
+
+def diagnosis_record(side: Side) -> dict:
+    """What a side's diagnostics say, as JSON (and the W&B summary)."""
+    d = side.diagnosis
+    rec = {"base": side.base, "base_name": side.base_name,
+           "pointers": [{"diagnostic": p.diagnostic, "l1": p.l1, "size": p.size,
+                         "ratio": (p.size / side.base) if p.size else None, "why": p.why, **p.match}
+                        for p in d.pointers],
+           "largest_alive_per_l1": {f"{a:g}": n for a, n in d.dead.per_l1.items()}}
+    if d.optimum is not None:
+        rec["optimum"] = {"l1": d.optimum[0], "size": d.optimum[1], "mmcs": d.optimum_mmcs,
+                          "ratio": d.optimum[1] / side.base}
+    est = d.estimate()
+    if est is not None:
+        rec["estimate"] = {**est, "ratio_low": est["low"] / side.base, "ratio_high": est["high"] / side.base}
+    return rec
+
+
+def build_report(runs: str | Path, lm: str, layer: int | str, *, out: str | Path | None = None,
+                 toy: str | Path | None = None, tolerance: float = 0.0, wandb_mode: str | None = None,
+                 browse: Callable[[Path, Path], dict[str, Path]] | None = None,
+                 command: str | None = None) -> Report:
+    """Collect, score, draw and write the report; ``browse(sae_dir, out_dir)`` (optional) builds
+    the feature browser for the dictionary the diagnostics point to, linked from the page."""
+    runs = Path(runs)
+    out = Path(out) if out else runs / "report" / f"{lm}-layer{layer}"
+    toy_path = Path(toy) if toy else runs / "toy"
+    lm_grid = collect_lm(runs, lm, layer)
+    rescore(lm_grid)
+    notes = list(lm_grid.notes)
+    lm_side = Side(f"{lm} layer {layer}", lm_grid, diagnose_grid(lm_grid, truth=False, tolerance=tolerance),
+                   base=lm_grid.d, base_name="d (activation width)")
+    try:
+        toy_grid = collect_toy(toy_path)
+    except UserError as exc:
+        toy_side = None
+        notes.append(f"no toy comparison: {exc}")
+    else:
+        g = int(toy_grid.source.get("G") or 0)
+        if g < 1:
+            raise UserError(f"{toy_path} does not record its number of ground-truth features G "
+                            "(source.G in each SAE's config.json); rerun `unsuperpose toy`")
+        toy_side = Side("toy data", toy_grid, diagnose_grid(toy_grid, truth=True, tolerance=tolerance),
+                        base=g, base_name="G (ground-truth features)")
+    figdir = out / "figures"
+    figures = {**lm_figures(lm_side, figdir), **comparison_figures(lm_side, toy_side, figdir)}
+    report = Report(out=out, lm=lm_side, toy=toy_side, figures=figures, notes=notes)
+
+    if browse is not None:
+        pick = pick_dictionary(lm_side)
+        if pick is not None:
+            report.feature_dict = lm_grid.cells[pick].sae_dir
+            try:
+                report.features = browse(report.feature_dict, out / "features")
+            except UserError as exc:
+                notes.append(f"no feature browser: {exc}")
+
+    write_summary(lm_grid.rows(), out / "lm_grid.csv")
+    record = {"lm": diagnosis_record(lm_side), "toy": diagnosis_record(toy_side) if toy_side else None,
+              "notes": notes, "sets": [str(p) for p in lm_grid.sets]}
+    write_json_atomic(out / "diagnosis.json", record)
+    render_index(report, command=command)
+    _track(report, record, wandb_mode)
+    return report
+
+
+def pick_dictionary(side: Side):
+    """The dictionary worth browsing: where MMCS with larger ones peaks, else the SSLL peak."""
+    for p in reversed(side.diagnosis.pointers):
+        if p.l1 is not None and p.size is not None and (p.l1, p.size) in side.grid.cells:
+            return (p.l1, p.size)
+    return None
+
+
+def _track(report: Report, record: dict, mode: str | None) -> None:
+    lm = report.lm
+    with Tracker(report.out, name=f"report-{report.out.name}", mode=mode,
+                 config={"sets": record["sets"], "source": lm.grid.source}) as tracker:
+        rows = lm.grid.rows()
+        cols = [c for c in rows[0] if all(c in r for r in rows)]
+        tracker.log_table("lm_grid", cols, [[r[c] for c in cols] for r in rows])
+        for side in (report.lm, report.toy):
+            if side is None:
+                continue
+            tracker.log_table(f"diagnostics/{'toy' if side is report.toy else 'lm'}",
+                              ["diagnostic", "l1", "size", "ratio", "matches_optimum"],
+                              [[p.diagnostic, p.l1, p.size, ratio_label(p.size, side.base) if p.size else None,
+                                p.match.get("matches")] for p in side.diagnosis.pointers])
+        tracker.log_images({f"figures/{k}": v for k, v in report.figures.items()})
+        est = record["lm"].get("estimate")
+        summary = {"lm/estimate_low": est["low"], "lm/estimate_high": est["high"],
+                   "lm/estimate_median": est["median"]} if est else {}
+        if record["toy"] and record["toy"].get("optimum"):
+            summary.update({f"toy/{p['diagnostic']}/matches": p.get("matches")
+                            for p in record["toy"]["pointers"]})
+        tracker.summary({**summary, "report": str(report.index)})
+
+
+def load_record(out: str | Path) -> dict:
+    return json.loads((Path(out) / "diagnosis.json").read_text())

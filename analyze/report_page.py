@@ -1,0 +1,178 @@
+"""The report's index.html: verdicts first, then figures, tables, provenance and commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+from pathlib import Path
+
+from unsuperpose.analyze.compare import ratio_label
+from unsuperpose.analyze.html import Raw, esc, fmt, image, page, table, write
+
+GRID_COLUMNS = ["l1", "dict_size", "dict_ratio", "steps", "samples", "mse", "fvu", "l1_loss", "l0",
+                "dead", "ssll", "mmcs_larger", "mmcs", "mcc", "set"]
+
+FIGURE_TEXT = {
+    "compare_dead": "Dead latents. Past the number of features there are to find, extra latents "
+                    "have nothing to learn and die; boxes mark, per L1, the largest dictionary "
+                    "without dead latents.",
+    "compare_ssll": "Loss stickiness: log reconstruction loss and log L1 loss, each standardised "
+                    "over its grid, summed; the box marks the peak.",
+    "compare_mmcs_larger": "MMCS with larger dictionaries: how well each dictionary's atoms "
+                           "reappear in the larger ones at the same L1 (no ground truth needed); "
+                           "the box marks the peak.",
+}
+
+
+def _where(p, base: int, dead=None) -> str:
+    if p.size is None:
+        if dead is not None and dead.all_alive and not dead.inside:
+            largest = max(n for n in dead.per_l1.values() if n)
+            return f"beyond the grid: no dead latents up to {ratio_label(largest, base)}"
+        if dead is not None and dead.none_alive and not dead.inside:
+            return "below the grid: dead latents even in the smallest dictionary"
+        return "nowhere in the grid"
+    at = f"L1 {p.l1:g}, " if p.l1 is not None else ""
+    return f"{at}{ratio_label(p.size, base)} ({p.size:,} latents)"
+
+
+def _verdict(match: dict) -> Raw:
+    if not match:
+        return Raw("-")
+    if match.get("matches"):
+        return Raw('<span class="ok">yes</span>')
+    off = []
+    if match.get("size_steps_off"):
+        off.append(f"size {match['size_steps_off']} step(s) off")
+    if match.get("l1_steps_off"):
+        off.append(f"L1 {match['l1_steps_off']} step(s) off")
+    return Raw(f'<span class="no">no</span> ({esc(", ".join(off) or "off the grid")})')
+
+
+def summary_html(report) -> str:
+    lm, toy = report.lm, report.toy
+    parts = []
+    est = lm.diagnosis.estimate()
+    if est:
+        rng = (f"{est['low']:,}" if est["low"] == est["high"] else f"{est['low']:,}–{est['high']:,}")
+        parts.append(f"<p><b>Estimate for {esc(lm.name)}:</b> the diagnostics point to dictionaries of "
+                     f"{rng} latents ({ratio_label(est['low'], lm.base)}–{ratio_label(est['high'], lm.base)} "
+                     f"of d = {lm.base}); taken at face value, about <b>{est['median']:,} features</b> "
+                     f"(the median of {', '.join(f'{s:,}' for s in est['sizes'])}). The dead-latent "
+                     "boundary is a lower bound; a grid whose largest dictionaries show no dead latents "
+                     "cannot place it.</p>")
+    else:
+        parts.append(f"<p><b>{esc(lm.name)}:</b> no diagnostic points inside this grid; train larger "
+                     "dictionaries or more L1 values.</p>")
+    if toy is not None and toy.diagnosis.optimum is not None:
+        a, n = toy.diagnosis.optimum
+        hits = sum(bool(p.match.get("matches")) for p in toy.diagnosis.pointers)
+        parts.append(f"<p><b>Toy data (G = {toy.base}):</b> the ground-truth optimum is L1 {a:g}, "
+                     f"{ratio_label(n, toy.base)} ({n:,} latents, MMCS {toy.diagnosis.optimum_mmcs:.3f}); "
+                     f"{hits} of {len(toy.diagnosis.pointers)} diagnostics point to it.</p>")
+    return "".join(parts)
+
+
+def diagnostics_table(report) -> str:
+    lm, toy = report.lm, report.toy
+    rows = []
+    for i, p in enumerate(lm.diagnosis.pointers):
+        tp = toy.diagnosis.pointers[i] if toy else None
+        rows.append([p.diagnostic, _where(tp, toy.base, toy.diagnosis.dead) if tp else "-",
+                     _verdict(tp.match) if tp else "-", _where(p, lm.base, lm.diagnosis.dead), p.why])
+    return table(["diagnostic", "toy: points to", "toy: at the ground-truth optimum?",
+                  f"{lm.name}: points to", "how"], rows, left=5)
+
+
+def dead_table(report) -> str:
+    out = []
+    for side in (report.toy, report.lm):
+        if side is None:
+            continue
+        rows = [[f"{a:g}", ratio_label(n, side.base) + f" ({n:,})" if n else "none"]
+                for a, n in side.diagnosis.dead.per_l1.items()]
+        out.append(f"<h3>{esc(side.name)}</h3>" + table(["L1", "largest dictionary without dead latents"], rows, left=2))
+    return "".join(out)
+
+
+def grid_table(side) -> str:
+    rows = side.grid.rows()
+    cols = [c for c in GRID_COLUMNS if any(c in r for r in rows)]
+    for r in rows:
+        r["dict_ratio"] = ratio_label(r["dict_size"], side.base)
+    return table(cols, [[r.get(c) for c in cols] for r in rows], left=0)
+
+
+def commands(report, command: str | None) -> list[str]:
+    """Commands that reproduce the inputs, rebuilt from the configs saved beside them."""
+    q = shlex.quote
+    src = report.lm.grid.source
+    cmds = []
+    if src.get("model_dir"):
+        store = Path(src.get("path", ""))
+        cmds.append(f"unsuperpose harvest --lm {q(src['model_dir'])} --layer {src.get('layer')} "
+                    f"--out {q(str(store.parent))} --tokens {src.get('rows')}")
+    for s in report.lm.grid.sets:
+        cfg_path = s / "train_config.json"
+        cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+        l1 = ",".join(f"{a:g}" for a in cfg.get("l1", []))
+        cmds.append(f"unsuperpose train --store {q(src.get('path', '?'))} --dict {q(s.name.replace('+', ','))} "
+                    f"--out {q(str(s.parent))}" + (f" --l1 {l1} --steps {cfg.get('steps')} "
+                                                   f"--batch-size {cfg.get('batch_size')}" if cfg else ""))
+    if report.toy is not None:
+        t = report.toy.grid.source
+        cfg_path = report.toy.grid.sets[0] / "train_config.json"
+        cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+        sizes = ",".join(ratio_label(n, report.toy.base) for n in sorted({c.n for c in report.toy.grid.cells.values()}))
+        cmds.append(f"unsuperpose toy --out {q(str(report.toy.grid.sets[0]))} --h {t.get('h')} --G {t.get('G')} "
+                    f"--k {t.get('k')} --steps {cfg.get('steps')} --l1 "
+                    f"{','.join(f'{a:g}' for a in cfg.get('l1', []))} --dict-ratios {sizes}")
+    cmds.append(command or "unsuperpose analyze report")
+    return cmds
+
+
+def provenance(report) -> str:
+    src = report.lm.grid.source
+    corpus = src.get("corpus")
+    rows = [["model", src.get("model_dir", "?")], ["weights sha256", src.get("weights_sha256", "?")],
+            ["layer / hook", f"{src.get('layer')} / {src.get('hook')}"],
+            ["tokens (store rows)", fmt(src.get("rows"))], ["context length", src.get("n_ctx", "?")],
+            ["activation width d", report.lm.base], ["store", src.get("path", "?")],
+            ["corpus", json.dumps(corpus) if corpus else "?"],
+            ["dictionary sets", ", ".join(str(p) for p in report.lm.grid.sets)]]
+    if report.toy is not None:
+        rows.append(["toy run", f"{report.toy.grid.sets[0]} ({json.dumps(report.toy.grid.source)})"])
+    return table(["", ""], rows, left=2)
+
+
+def render_index(report, *, command: str | None = None) -> Path:
+    figs = report.figures
+    lm = report.lm
+    body = [f"<h1>unsuperpose report: {esc(lm.name)}</h1>", summary_html(report),
+            "<h2>Where the diagnostics point</h2>", diagnostics_table(report),
+            "<h3>Largest dictionary without dead latents, per L1</h3>", dead_table(report),
+            "<h2>Toy data and the LM side by side</h2>",
+            "<p>Same axes in both panels: L1 upwards, dictionary size to the right as a ratio "
+            "(of G for toy data, of d for the LM).</p>"]
+    for key in ("compare_dead", "compare_ssll", "compare_mmcs_larger"):
+        body += [f"<p>{esc(FIGURE_TEXT[key])}</p>", image(figs[key], key)]
+    if report.features:
+        links = " · ".join(f'<a href="features/{esc(p.name)}">{esc(name)}</a>'
+                           for name, p in report.features.items())
+        body.append(f"<h2>Feature browser</h2><p>For {esc(str(report.feature_dict))} (where the diagnostics "
+                    f"point) and the MLP neurons as the baseline: {links}</p>")
+    body.append(f"<h2>{esc(lm.name)}: the grid</h2>")
+    body += [image(p, k) for k, p in figs.items() if k.startswith("lm_heatmap_")]
+    body.append(grid_table(lm))
+    if report.toy is not None:
+        body.append("<h2>Toy data: the grid</h2>")
+        if "toy_heatmap_mmcs" in figs:
+            body.append(image(figs["toy_heatmap_mmcs"], "toy MMCS"))
+        body.append(grid_table(report.toy))
+    if report.notes:
+        body.append("<h2>Notes</h2><ul>" + "".join(f"<li>{esc(n)}</li>" for n in report.notes) + "</ul>")
+    body += ["<h2>Provenance</h2>", provenance(report), "<h3>Commands</h3>",
+             "<pre>" + esc("\n".join(commands(report, command))) + "</pre>",
+             f"<p class=\"note\">written by unsuperpose in {esc(os.getcwd())}</p>"]
+    return write(report.index, page(f"unsuperpose report: {lm.name}", "".join(body)))

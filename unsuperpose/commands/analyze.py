@@ -1,0 +1,134 @@
+"""`unsuperpose analyze`: the report over an LM store's dictionaries, and the feature browser.
+
+    unsuperpose analyze report --runs runs --lm tiny --layer 1
+    unsuperpose analyze features --dict runs/sae/tiny/layer1/1x+2x+4x+8x/saes/n256-l1_0.001 --top 20
+
+The glue between ``analyze`` (which reads dictionaries and stores) and ``lm`` (the tokenizer that
+turns a store's token ids back into text) lives here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+from functools import lru_cache
+from pathlib import Path
+
+from unsuperpose.errors import UserError
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("analyze", help="the analysis report and the feature browser",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    acts = p.add_subparsers(dest="analyze_command", required=True, metavar="ACTION")
+
+    r = acts.add_parser("report", help="report over every dictionary set of one store, beside the toy run",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                        description="Read every dictionary set under RUNS/sae/LM/layerL/*/ (and the toy run), "
+                                    "draw the heatmaps and the toy-vs-LM comparison, say where the three "
+                                    "diagnostics point, and write RUNS/report/LM-layerL/index.html.")
+    r.add_argument("--runs", type=Path, default=Path("runs"), help="the runs folder every stage writes to")
+    r.add_argument("--lm", default="tiny", help="LM name (the folder under RUNS/sae/)")
+    r.add_argument("--layer", default="1", help="layer whose dictionaries to report on")
+    r.add_argument("--toy", type=Path, default=None, help="toy run to compare with (default RUNS/toy)")
+    r.add_argument("--out", type=Path, default=None, help="report folder (default RUNS/report/LM-layerL)")
+    r.add_argument("--dead-tolerance", type=float, default=0.0,
+                   help="a dictionary counts as without dead latents if at most this fraction of its "
+                        "latents are dead (0: none at all)")
+    r.add_argument("--features", action=argparse.BooleanOptionalAction, default=True,
+                   help="also build the feature browser for the dictionary the diagnostics point to")
+    _browser_arguments(r)
+    r.add_argument("--wandb", choices=["offline", "online", "disabled"], default=None,
+                   help="W&B mode (default: $WANDB_MODE, else offline)")
+    r.set_defaults(func=run)
+
+    f = acts.add_parser("features", help="feature browser: an HTML page per dictionary, plus the MLP neurons",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                        description="Per latent: firing frequency, activation histogram and the "
+                                    "top-activating contexts from the store's tokens; the same for the "
+                                    "store's neurons as the baseline. One pass over the store, in chunks.")
+    f.add_argument("--dict", dest="dict_path", type=Path, required=True,
+                   help="one SAE folder (saes/n<size>-l1_<l1>) or a dictionary set (a folder with saes/)")
+    f.add_argument("--store", type=Path, default=None,
+                   help="activation store to read (default: the one the dictionary was trained on)")
+    f.add_argument("--out", type=Path, default=None, help="output folder (default DICT/features)")
+    _browser_arguments(f)
+    f.set_defaults(func=run)
+
+
+def _browser_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--top", type=int, default=20, help="top-activating contexts per unit")
+    p.add_argument("--max-rows", type=int, default=None,
+                   help="scan at most this many store rows (default: all)")
+    p.add_argument("--no-neurons", action="store_true", help="skip the MLP-neuron baseline page")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+@lru_cache(maxsize=1)
+def _decoder():
+    from unsuperpose.lm import get_tokenizer
+
+    tok = get_tokenizer()
+    return lru_cache(maxsize=None)(lambda t: tok.decode([t]))
+
+
+def _open_store(path: Path):
+    from unsuperpose.harvest import ActivationStore
+
+    if not Path(path).exists():
+        raise UserError(f"activation store {path} does not exist; pass the store the dictionary was "
+                        "trained on with --store, or harvest it (`make harvest`)")
+    return ActivationStore(path)
+
+
+def _browse(sae_dirs: list[Path], store_path: Path | None, out: Path, args) -> dict[str, Path]:
+    from unsuperpose.analyze.features import build_browser, store_of
+    from unsuperpose.train import SAE
+
+    if store_path is None:
+        recorded = store_of(SAE.load(sae_dirs[0]))
+        if recorded is None:
+            raise UserError(f"{sae_dirs[0]} was not trained on an activation store (toy data has no "
+                            "tokens to show); pass one with --store")
+        store_path = Path(recorded)
+    if args.top < 1:
+        raise UserError("--top must be at least 1")
+    return build_browser(sae_dirs, _open_store(store_path), out, _decoder(), top=args.top,
+                         max_rows=args.max_rows, neurons=not args.no_neurons,
+                         progress=not args.no_progress)
+
+
+def _report_command(args) -> str:
+    """This report's command line, rebuilt from the parsed flags (also when the demo calls it)."""
+    q = shlex.quote
+    cmd = f"unsuperpose analyze report --runs {q(str(args.runs))} --lm {q(args.lm)} --layer {q(str(args.layer))}"
+    for flag, value in (("--toy", args.toy), ("--out", args.out), ("--max-rows", args.max_rows)):
+        if value is not None:
+            cmd += f" {flag} {q(str(value))}"
+    return cmd + ("" if args.features else " --no-features")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.analyze_command == "features":
+        from unsuperpose.analyze.features import find_saes
+
+        saes = find_saes(args.dict_path)
+        out = args.out or args.dict_path / "features"
+        pages = _browse(saes, args.store, out, args)
+        print(f"feature browser: {pages['index']} ({len(pages) - 1} pages)")
+        return 0
+
+    from unsuperpose.analyze.report import build_report
+
+    browse = (lambda sae_dir, out: _browse([sae_dir], None, out, args)) if args.features else None
+    report = build_report(args.runs, args.lm, args.layer, out=args.out, toy=args.toy,
+                          tolerance=args.dead_tolerance, wandb_mode=args.wandb, browse=browse,
+                          command=_report_command(args))
+    for note in report.notes:
+        print(f"note: {note}")
+    est = report.lm.diagnosis.estimate()
+    if est:
+        print(f"estimate: {est['median']:,} features in {report.lm.name} "
+              f"(diagnostics point to {', '.join(f'{s:,}' for s in est['sizes'])} latents)")
+    print(f"report: {report.index}")
+    return 0
