@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from unsuperpose.config import field
+from unsuperpose.config import field, save_config
 from unsuperpose.errors import UserError
 
 from . import store
@@ -27,6 +27,7 @@ from .bf16 import torch_to_bf16
 from .writer import ChunkWriter
 
 DEFAULT_HOOK = "blocks.{layer}.mlp.hook_post"
+CONFIG_FILE = "harvest_config.json"  # the HarvestConfig of the latest run, inside each store
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 _EMBED = ("hook_embed", "hook_pos_embed", "embed.", "pos_embed.")
 
@@ -187,6 +188,9 @@ def harvest(bridge: Any, blocks: np.ndarray, out_dir: str | Path, cfg: HarvestCo
     if cfg.batch_size < 1:
         raise UserError(f"--batch-size {cfg.batch_size}: give a positive number of blocks")
     rows = min(blocks.size, cfg.tokens or blocks.size)
+    if cfg.tokens and cfg.tokens > blocks.size:
+        print(f"harvest: the corpus has {blocks.size:,} tokens, fewer than --tokens {cfg.tokens:,}; "
+              "harvesting all of them")
     n_layer = int(bridge.cfg.n_layers)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -209,6 +213,7 @@ def harvest(bridge: Any, blocks: np.ndarray, out_dir: str | Path, cfg: HarvestCo
             print(f"harvest: resuming {t.path} with its batch size {stored_batch} "
                   f"(not {cfg.batch_size}) so its rows match an uninterrupted run")
             batch_size = stored_batch
+        save_config(cfg, t.path / CONFIG_FILE)  # zarr ignores files it does not know
         work.append((t, group, start))
     if not work:
         return [t.path for t in targets]

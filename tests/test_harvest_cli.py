@@ -36,7 +36,7 @@ def test_harvest_command_writes_stores_of_the_models_corpus(tiny_lm_dir, tiny_co
         assert s.metadata["corpus_fingerprint"] == blocks.fingerprint
         assert s.metadata["model_dir"] == info["path"] and s.metadata["corpus"]["corpus"] == tiny_corpus.corpus
         np.testing.assert_array_equal(s.tokens(), np.asarray(blocks.blocks).reshape(-1)[:300])
-    saved = json.loads((out / "harvest_config.json").read_text())
+    saved = json.loads((out / "layer1.zarr" / "harvest_config.json").read_text())
     assert saved["layer"] == "1,2" and saved["tokens"] == 300
 
 

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from pathlib import Path
 
-from unsuperpose.config import add_arguments, from_args, save_config, to_dict
+from unsuperpose.config import add_arguments, from_args, to_dict
 from unsuperpose.errors import UserError
 from unsuperpose.harvest import HarvestConfig, harvest
 from unsuperpose.lm import CorpusConfig, check_n_ctx, load_bridge, model_info, token_blocks
@@ -54,7 +53,6 @@ def run(args: argparse.Namespace) -> int:
                     model_dir=info["path"], weights_sha256=info["weights_sha256"],
                     corpus_fingerprint=blocks.fingerprint, corpus=to_dict(corpus),
                     progress=not args.no_progress)
-    save_config(cfg, Path(args.out) / "harvest_config.json")
     for path in paths:
         print(f"harvest: wrote {path}")
     return 0
