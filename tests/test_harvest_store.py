@@ -159,13 +159,22 @@ def test_other_hook_points_and_all_layers(bridge, blocks, tmp_path):
 
 def test_the_forward_pass_stops_after_the_last_needed_block(bridge, blocks, tmp_path):
     ran = []
-    hooks = [bridge.hook_dict[f"blocks.{L}.hook_in"].add_hook(lambda x, hook: ran.append(hook.name))
-             for L in range(3)]
+    for L in range(3):
+        bridge.hook_dict[f"blocks.{L}.hook_in"].add_hook(lambda x, hook: ran.append(hook.name))
     try:
         run(bridge, blocks[:3], tmp_path, layer="1")
     finally:
         bridge.reset_hooks()
-    assert hooks is not None and set(ran) == {"blocks.0.hook_in", "blocks.1.hook_in"}
+    assert set(ran) == {"blocks.0.hook_in", "blocks.1.hook_in"}
+    ran.clear()
+    for L in range(3):
+        bridge.hook_dict[f"blocks.{L}.hook_in"].add_hook(lambda x, hook: ran.append(hook.name))
+    bridge.hook_dict["unembed.hook_in"].add_hook(lambda x, hook: ran.append(hook.name))
+    try:
+        run(bridge, blocks[:3], tmp_path / "last", layer="2")
+    finally:
+        bridge.reset_hooks()
+    assert "blocks.2.hook_in" in ran and "unembed.hook_in" not in ran  # no logits for the last block
 
 
 # -- resuming ----------------------------------------------------------------------------------
