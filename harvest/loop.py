@@ -182,7 +182,7 @@ def harvest(bridge: Any, blocks: np.ndarray, out_dir: str | Path, cfg: HarvestCo
     blocks = np.asarray(blocks)
     if blocks.ndim != 2 or blocks.size == 0:
         raise UserError(f"token blocks must be a non-empty (N, n_ctx) array, got shape {blocks.shape}")
-    n_blocks, n_ctx = blocks.shape
+    n_ctx = blocks.shape[1]
     if cfg.tokens is not None and cfg.tokens < 1:
         raise UserError(f"--tokens {cfg.tokens}: give a positive number of tokens")
     if cfg.batch_size < 1:
