@@ -46,12 +46,19 @@ def load_checkpoint(out_dir: Path, identity: dict) -> dict | None:
         return None
     state = torch.load(path, map_location="cpu", weights_only=False)
     if state["identity"] != identity:
-        changed = sorted(k for k in set(identity) | set(state["identity"])
-                         if identity.get(k) != state["identity"].get(k))
+        now, then = _flatten(identity), _flatten(state["identity"])
+        changed = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k))
         raise UserError(f"{out_dir} holds a checkpoint of a different run (differs in: {', '.join(changed)}); "
                         "run with the same settings to resume it, pass --overwrite to start over, "
                         "or choose another --out")
     return state
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    flat = {}
+    for k, v in d.items():
+        flat.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return flat
 
 
 def restore_rng(state: dict) -> None:

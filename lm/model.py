@@ -139,8 +139,8 @@ def load_bridge(model_dir: str | Path):
 
     path = Path(model_dir)
     _check_model_dir(path)
-    return TransformerBridge.boot_transformers(str(path), device="cpu", dtype=torch.float32,
-                                               tokenizer=get_tokenizer())
+    # The tokenizer comes from the files save_model wrote beside the weights, so no hub access.
+    return TransformerBridge.boot_transformers(str(path), device="cpu", dtype=torch.float32)
 
 
 def weights_sha256(model_dir: str | Path) -> str:

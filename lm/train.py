@@ -98,10 +98,18 @@ def train_lm(lm: LMConfig, train: TrainLMConfig, corpus: CorpusConfig, out_dir: 
     ``init_from`` starts from the weights of a saved GPT-2-style model (its architecture must
     match ``lm``) instead of a random init. Stops early, with a checkpoint, at ``stop_at_step``.
     """
-    out = Path(out_dir)
-    init_from = str(Path(init_from).resolve()) if init_from is not None else None
+    threads = torch.get_num_threads()
     if train.threads:
         torch.set_num_threads(train.threads)
+    try:
+        return _train(lm, train, corpus, Path(out_dir), init_from, overwrite, progress)
+    finally:
+        torch.set_num_threads(threads)  # a library call should not leave the process's threads changed
+
+
+def _train(lm: LMConfig, train: TrainLMConfig, corpus: CorpusConfig, out: Path, init_from, overwrite: bool,
+           progress: bool) -> dict:
+    init_from = str(Path(init_from).resolve()) if init_from is not None else None
     cache = train.token_cache
     data = token_blocks(corpus, lm.n_ctx, "train", cache_dir=cache)
     val = token_blocks(corpus, lm.n_ctx, "val", cache_dir=cache) if corpus.val_fraction > 0 else None

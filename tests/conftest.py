@@ -55,3 +55,41 @@ def tiny_lm_dir(tmp_path_factory, tiny_corpus):
     cfg = LMConfig(**TINY_LM)
     save_model(build_model(cfg, seed=0), out, corpus=tiny_corpus, lm_config=cfg)
     return out
+
+
+@pytest.fixture(scope="session")
+def analyze_runs(tmp_path_factory, tiny_lm_dir, tiny_corpus):
+    """A runs/ tree as the pipeline leaves it, tiny: a store of the tiny LM's layer-1 MLP
+    (runs/acts/tiny/layer1.zarr), a 2 x 2 SAE grid on it (runs/sae/tiny/layer1/1x+2x/) and a
+    2 x 2 toy grid (runs/toy/), each written by the same code the commands use."""
+    import torch
+
+    from unsuperpose.commands._grid import train_and_save
+    from unsuperpose.harvest import ActivationStore, HarvestConfig, harvest
+    from unsuperpose.lm import load_bridge, model_info, token_blocks
+    from unsuperpose.toy import ToyConfig, ToySource
+    from unsuperpose.train import SAETrainConfig
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: thread hand-offs cost more than they save
+    runs = tmp_path_factory.mktemp("runs")
+    info = model_info(tiny_lm_dir)
+    blocks = token_blocks(tiny_corpus, 32)
+    [path] = harvest(load_bridge(tiny_lm_dir), blocks.blocks, runs / "acts" / "tiny",
+                     HarvestConfig(layer="1", chunk_rows=256, batch_size=8), model_dir=info["path"],
+                     weights_sha256=info["weights_sha256"], corpus_fingerprint=blocks.fingerprint,
+                     progress=False)
+    store = ActivationStore(path)
+    cfg = SAETrainConfig(l1=[1e-3, 1e-2], dict_sizes=[64, 128], steps=60, batch_size=64,
+                         log_every=20, dead_window=20, resample_every=0)
+    train_and_save(store, cfg, runs / "sae" / "tiny" / "layer1" / "1x+2x",
+                   size_labels={64: "1x", 128: "2x"}, size_base=64, size_axis="x d", progress=False,
+                   run_name="test", source_info=store.describe())
+    toy = ToySource(ToyConfig(h=16, G=32, k=2, decay=0.95, seed=0))
+    cfg = SAETrainConfig(l1=[1e-3, 1e-2], dict_sizes=[32, 64], steps=100, batch_size=64,
+                         log_every=50, dead_window=20)
+    train_and_save(toy, cfg, runs / "toy", size_labels={32: "1x", 64: "2x"}, size_base=32,
+                   size_axis="x G", ground_truth=toy.features, progress=False, run_name="toy",
+                   source_info=toy.describe())
+    torch.set_num_threads(threads)
+    return runs

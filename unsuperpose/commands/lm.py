@@ -43,8 +43,8 @@ def add_parser(subparsers) -> None:
                                        "the defaults shown are those of the tiny preset.")
     train.add_argument("--preset", default="tiny",
                        help=f"one of {', '.join(PRESETS)} (default: tiny). tiny = 6 layers x d_model 16 with the "
-                            "CPU batch of 16 sequences (the `make lm` default, ~10 min on 2 cores); small = the "
-                            "report's 6 x 256 model with the same CPU batch; report = that model with the report's "
+                            "CPU batch of 8 sequences, 1M tokens, 1 thread (the `make lm` default, ~10 min on 2 cores); small = the "
+                            "report's 6 x 256 model with the same CPU batch, all cores; report = that model with the report's "
                             "batch of 256 sequences (gradient accumulation over micro-batches of 16)")
     train.add_argument("--out", required=True, help="model directory to write, e.g. runs/lm/tiny")
     train.add_argument("--from", dest="init_from", default=None,
