@@ -131,3 +131,21 @@ def test_saved_sae_round_trips(tmp_path):
     assert back.config["l1"] == 0.1
     with pytest.raises(FileNotFoundError, match="not a saved SAE"):
         SAE.load(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_sparse_steps_give_the_dense_results(tied):
+    src = ToySource(ToyConfig(h=32, G=64, k=2, seed=3))
+    base = dict(l1=[1e-3, 3e-2], dict_sizes=[64, 128], steps=25, batch_size=64, tied=tied,
+                dead_window=5, resample_every=10)
+    dense = new_state(src, SAETrainConfig(**base, sparse_below=0.0))
+    sparse = new_state(src, SAETrainConfig(**base, sparse_below=1.0))   # every step sparse
+    for state in (dense, sparse):
+        state.groups[0].b_enc[64:].fill_(-1e3)   # the second SAE of size 64 never fires
+        train_steps(state, src, progress=False)
+    assert all(g.sparse_steps == 25 for g in sparse.groups)
+    assert all(g.sparse_steps == 0 for g in dense.groups)
+    for a, b in zip(dense.groups, sparse.groups):
+        for name, t in a.named_parameters().items():
+            torch.testing.assert_close(b.named_parameters()[name], t, atol=1e-5, rtol=1e-4)
+        assert torch.equal(a.since_fired, b.since_fired)

@@ -37,6 +37,8 @@ class SAETrainConfig:
                                 "reconstructed inputs (0: never; not in the report)")
     resample_until: float = field(0.7, help="fraction of training after which no more resampling "
                                   "happens, so the final dictionary can settle")
+    sparse_below: float = field(0.02, help="use the sparse backward in a step where fewer than this "
+                                "fraction of codes are active (0: always dense); same results")
     seed: int = field(0, help="seed of the initialisation (one per dictionary size; shared across L1)")
     data_seed: int = field(0, help="seed of the batch stream drawn from the source")
     log_every: int = field(100, help="steps between logged training scalars")
@@ -57,6 +59,8 @@ class SAETrainConfig:
         for name in ("batch_size", "steps", "dead_window", "log_every", "eval_batches"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1 (got {getattr(self, name)})")
+        if not 0 <= self.sparse_below <= 1:
+            problems.append(f"sparse_below must be in [0, 1] (got {self.sparse_below})")
         if self.resample_every < 0 or not 0 <= self.resample_until <= 1:
             problems.append("resample_every must be >= 0 and resample_until in [0, 1]")
         if not self.lr > 0:

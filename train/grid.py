@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from unsuperpose.train import sparse
 from unsuperpose.train.init import init_params
 from unsuperpose.train.losses import l1_divisor
 
@@ -31,8 +32,10 @@ class SAEGroup:
 
     def __init__(self, d: int, n: int, l1: list[float], *, l1_norm: str = "sum", tied: bool = False,
                  seed: int = 0, decoder_init: str = "orthogonal", encoder_init: str = "transpose",
-                 data: torch.Tensor | None = None):
+                 data: torch.Tensor | None = None, sparse_below: float = 0.0):
         self.d, self.n, self.S, self.tied = d, n, len(l1), tied
+        self.sparse_below = sparse_below
+        self.sparse_steps = 0
         self.l1 = list(l1)
         p = init_params(d, n, seed=seed, decoder_init=decoder_init, encoder_init=encoder_init,
                         tied=tied, data=data)
@@ -106,9 +109,21 @@ class SAEGroup:
         codes = torch.addmm(self.b_enc, x, w_enc, out=buf["pre"]).clamp_(min=0)   # (B, S*n)
         codes3 = codes.view(B, S, n)
         codes_s = codes3.transpose(0, 1)                                            # (S, B, n) view
-        err = torch.bmm(codes_s, dn, out=buf["err"]).sub_(x)                         # (S, B, d)
-
         fired = torch.count_nonzero(codes3, dim=0)                                  # (S, n)
+        nnz = int(fired.sum())
+        # Decided per step from this step's own codes: the sparse kernels pay off only when few
+        # codes are active, which is true late in training and false at the start.
+        use_sparse = nnz < self.sparse_below * B * S * n
+        if use_sparse:
+            self.sparse_steps += 1
+            pairs = [sparse.to_csr_pair(codes3[:, s].contiguous()) for s in range(S)]
+            err = buf["err"]
+            for s in range(S):
+                err[s] = sparse.decode(pairs[s], dn[s])
+            err.sub_(x)
+        else:
+            err = torch.bmm(codes_s, dn, out=buf["err"]).sub_(x)                     # (S, B, d)
+
         self.stat_l0 += fired.sum(dim=1)
         self.stat_l1 += codes3.sum(dim=(0, 2))
         self.stat_sq += torch.linalg.vector_norm(err, dim=(1, 2)).square_()
@@ -116,13 +131,22 @@ class SAEGroup:
         self.since_fired.add_(1).masked_fill_(fired > 0, 0)
 
         g = err.mul_(2.0 / (B * d))
-        d_dn = torch.bmm(codes_s.transpose(1, 2), g, out=buf["d_dn"])              # (S, n, d)
-        dc = torch.bmm(g, dn.transpose(1, 2), out=buf["dc"])                        # (S, B, n)
-        dc.add_((self.l1_coef / B).view(S, 1, 1))
-        dpre = buf["dpre"]
-        torch.where(codes3 > 0, dc.transpose(0, 1), self._zero, out=dpre.view(B, S, n))
-        d_w_enc = torch.mm(x.T, dpre, out=buf["d_w_enc"])                           # (d, S*n)
-        torch.sum(dpre, dim=0, out=self.b_enc.grad)
+        d_dn = buf["d_dn"]
+        d_w_enc = buf["d_w_enc"]
+        if use_sparse:
+            l1_grad = (self.l1_coef / B).tolist()
+            for s in range(S):
+                cols = slice(s * n, (s + 1) * n)
+                d_dn[s], d_w_enc[:, cols], self.b_enc.grad[cols] = sparse.backward(
+                    pairs[s], g[s], dn[s], x, l1_grad[s])
+        else:
+            torch.bmm(codes_s.transpose(1, 2), g, out=d_dn)                         # (S, n, d)
+            dc = torch.bmm(g, dn.transpose(1, 2), out=buf["dc"])                    # (S, B, n)
+            dc.add_((self.l1_coef / B).view(S, 1, 1))
+            dpre = buf["dpre"]
+            torch.where(codes3 > 0, dc.transpose(0, 1), self._zero, out=dpre.view(B, S, n))
+            torch.mm(x.T, dpre, out=d_w_enc)                                        # (d, S*n)
+            torch.sum(dpre, dim=0, out=self.b_enc.grad)
         if self.tied:
             d_dn += d_w_enc.view(d, S, n).permute(1, 2, 0)
         else:

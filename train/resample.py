@@ -48,10 +48,15 @@ def resample_dead(group: SAEGroup, x: torch.Tensor, optimizer: torch.optim.Optim
         idx = dead[s].nonzero().squeeze(1)
         if len(idx) == 0:
             continue
-        w = weights[s] + 1e-12
-        rows = torch.multinomial(w, len(idx), replacement=len(idx) > len(w), generator=gen)
+        # Only inputs with something left to explain give a direction (an all-zero toy sample
+        # has none); with fewer of them than dead latents, draw with replacement.
+        w = weights[s]
+        candidates = int((w > 0).sum())
+        if candidates == 0:
+            continue
+        rows = torch.multinomial(w, len(idx), replacement=len(idx) > candidates, generator=gen)
         direction = residual[s, rows]
-        direction = direction / direction.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        direction = direction / direction.norm(dim=1, keepdim=True)
         group.W_dec[s, idx] = direction
         _zero_adam(optimizer, group.W_dec, (s, idx))
         cols = s * n + idx

@@ -76,7 +76,7 @@ def new_state(source: ActivationSource, config: SAETrainConfig) -> GridState:
         if config.decoder_init == "data" else None
     groups = [SAEGroup(d, n, config.l1, l1_norm=config.l1_norm, tied=config.tied, seed=config.seed,
                        decoder_init=config.decoder_init, encoder_init=config.encoder_init,
-                       data=init_data)
+                       data=init_data, sparse_below=config.sparse_below)
               for n in sorted(config.dict_sizes)]
     params = [t for g in groups for t in g.parameters()]
     optimizer = torch.optim.Adam(params, lr=config.lr, betas=(config.beta1, config.beta2), fused=True)
