@@ -1,0 +1,122 @@
+"""The feature browser on a planted store: a latent that fires on one token id must show exactly
+that token, in its own block's context, with the right frequency; bad input gets one clear error."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from unsuperpose.analyze.browser import contexts, scan
+from unsuperpose.analyze.features import build_browser, find_saes
+from unsuperpose.cli import main
+from unsuperpose.errors import UserError
+from unsuperpose.harvest import ActivationStore, store
+from unsuperpose.harvest.bf16 import BF16
+from unsuperpose.harvest.writer import ChunkWriter
+from unsuperpose.lm import get_tokenizer
+from unsuperpose.train import SAE
+
+D, N_CTX, ROWS = 16, 20, 1000
+TOK = get_tokenizer()
+VOCAB = [TOK.encode(w)[0] for w in (" cat", " dog", " owl", " fox", " the", " river", ",", ".")]
+PLANTED = VOCAB[2]  # " owl"
+
+
+def write_store(path, acts, tokens, positions, chunk_rows=128):
+    prov = store.Provenance(model_dir="planted", weights_sha256="w", hook="blocks.1.mlp.hook_post",
+                            layer=1, width=acts.shape[1], n_ctx=N_CTX, corpus_fingerprint="c")
+    group = store.create(path, prov, len(acts), chunk_rows, batch_size=1)
+    w = ChunkWriter(group, 0, len(acts))
+    w.add(acts.astype(BF16), tokens.astype(np.int32), positions.astype(np.int32))
+    w.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """Rows in blocks of N_CTX; coordinate 0 is 4.0 exactly where the token is PLANTED, else 0;
+    the other coordinates are noise. Latent 0 of the SAE reads coordinate 0 with threshold 1."""
+    tmp = tmp_path_factory.mktemp("planted")
+    rng = np.random.default_rng(0)
+    tokens = rng.choice(VOCAB, ROWS)
+    acts = rng.normal(0, 0.3, (ROWS, D)).astype(np.float32)
+    acts[:, 0] = np.where(tokens == PLANTED, 4.0, 0.0)
+    path = write_store(tmp / "layer1.zarr", acts, tokens, np.arange(ROWS) % N_CTX)
+    w_enc = torch.randn(D, 8, generator=torch.Generator().manual_seed(0)) * 0.3
+    w_enc[:, 0] = 0
+    w_enc[0, 0] = 1.0
+    w_enc[0, 1:] = 0  # no other latent sees the planted coordinate
+    b_enc = torch.zeros(8)
+    b_enc[0] = -1.0
+    sae = SAE(D, 8, params={"W_enc": w_enc, "b_enc": b_enc, "W_dec": torch.randn(8, D)})
+    sae_dir = sae.save(tmp / "saes" / "n8-l1_0.001", {"l1": 1e-3, "source": {
+        "kind": "activation_store", "path": str(path)}})
+    return tmp, path, tokens, sae_dir
+
+
+def test_the_planted_latent_fires_exactly_on_its_token(planted):
+    _, path, tokens, sae_dir = planted
+    s = ActivationStore(path)
+    sae = SAE.load(sae_dir)
+    stats = scan(s, {"sae": sae.encode, "neurons": lambda x: x}, top=5, batch_rows=96, progress=False)
+    st = stats["sae"]
+    assert st.count[0] == int((tokens == PLANTED).sum())
+    assert st.freq[0] == pytest.approx((tokens == PLANTED).mean())
+    assert np.allclose(st.top_vals[0], 3.0)   # 4.0 - threshold 1, every time
+    assert set(tokens[st.top_rows[0]]) == {PLANTED}
+    assert st.hist[0].sum() == st.count[0]
+    ctx = contexts(stats, path, left=4, right=2)["sae"][0]
+    assert len(ctx) == 5
+    for c in ctx:
+        assert c.tokens[c.at] == PLANTED and c.tokens[c.at] == tokens[c.row]
+        pos = c.row % N_CTX
+        # Never across a block boundary: the context starts no earlier than the block does.
+        assert c.at == min(4, pos)
+        assert c.tokens == list(tokens[c.row - c.at: c.row - c.at + len(c.tokens)])
+        assert len(c.tokens) - c.at - 1 == min(2, N_CTX - 1 - pos)
+
+
+def test_the_page_highlights_the_planted_token_and_has_the_neuron_baseline(planted, tmp_path):
+    _, path, tokens, sae_dir = planted
+    pages = build_browser([sae_dir], ActivationStore(path), tmp_path, lambda t: TOK.decode([t]),
+                          top=5, progress=False)
+    assert set(pages) == {"n8-l1_0.001", "neurons", "index"}
+    html = pages["n8-l1_0.001"].read_text()
+    row0 = html[html.index('<tr data-i="0"'):]
+    row0 = row0[:row0.index("</tr>")]
+    assert row0.count("<mark") == 5 and row0.count("> owl</mark>") == 5
+    assert f'data-freq="{(tokens == PLANTED).mean():.6g}"' in row0
+    assert "sortUnits('freq'" in html
+    assert pages["neurons"].read_text().count("<tr data-i=") == D
+
+
+def test_cli_writes_one_page_per_dictionary_of_a_set(planted, tmp_path):
+    root, path, _, _ = planted
+    assert find_saes(root) == [root / "saes" / "n8-l1_0.001"]
+    code = main(["analyze", "features", "--dict", str(root), "--out", str(tmp_path), "--top", "3",
+                 "--no-progress"])
+    assert code == 0
+    assert (tmp_path / "n8-l1_0.001.html").exists() and (tmp_path / "neurons.html").exists()
+
+
+def test_a_dictionary_of_another_width_is_refused(planted, tmp_path):
+    _, path, _, _ = planted
+    other = SAE(D + 1, 4, tied=True).save(tmp_path / "saes" / "n4-l1_1", {"l1": 1.0})
+    with pytest.raises(UserError, match="width 17 .*width 16.*--store"):
+        build_browser([other], ActivationStore(path), tmp_path / "out", str, progress=False)
+
+
+def test_a_store_without_tokens_is_refused_before_the_pass(planted, tmp_path):
+    _, path, _, sae_dir = planted
+    bare = tmp_path / "bare.zarr"
+    shutil.copytree(path, bare)
+    shutil.rmtree(bare / "tokens")
+    with pytest.raises(UserError, match="kept no tokens.*unsuperpose harvest"):
+        build_browser([sae_dir], ActivationStore(bare), tmp_path / "out", str, progress=False)
+
+
+def test_a_toy_dictionary_needs_a_store(tmp_path, capsys):
+    sae = SAE(4, 4, tied=True).save(tmp_path / "saes" / "n4-l1_1", {"l1": 1.0, "source": {"kind": "toy"}})
+    assert main(["analyze", "features", "--dict", str(sae)]) == 2
+    assert "--store" in capsys.readouterr().err

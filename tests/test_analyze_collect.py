@@ -1,0 +1,67 @@
+"""Reading dictionary sets back and merging them; the errors a user sees for bad folders."""
+
+import os
+import time
+
+import pytest
+import torch
+
+from unsuperpose.analyze.collect import collect_lm, collect_toy
+from unsuperpose.errors import UserError
+from unsuperpose.train import SAE
+from unsuperpose.train.io import sae_dirname
+
+
+def make_set(folder, d, cells, *, steps, batch=64):
+    """A dictionary set on disk without training: random SAEs with made-up final metrics."""
+    for i, (l1, n) in enumerate(cells):
+        g = torch.Generator().manual_seed(i)
+        sae = SAE(d, n, params={"W_enc": torch.randn(d, n, generator=g), "b_enc": torch.zeros(n),
+                                "W_dec": torch.randn(n, d, generator=g)})
+        metrics = {"l1": l1, "dict_size": n, "steps": steps, "samples": steps * batch, "mse": 0.1 + i,
+                   "l1_loss": 1.0 + i, "mean_l1": 3.0, "dead": i, "fvu": 0.5, "l0": 4.0}
+        sae.save(folder / "saes" / sae_dirname(l1, n),
+                 {"l1": l1, "l1_norm": "sum", "training": {"steps": steps, "batch_size": batch},
+                  "metrics": metrics, "source": {"kind": "activation_store", "path": "/x/layer1.zarr"}})
+    (folder / "summary.csv").write_text("l1\n")
+    return folder
+
+
+def test_sets_merge_and_the_longer_trained_duplicate_wins(tmp_path):
+    base = tmp_path / "sae" / "tiny" / "layer1"
+    make_set(base / "1x+2x", 8, [(1e-3, 8), (1e-3, 16)], steps=100)
+    time.sleep(0.01)
+    make_set(base / "2x+4x", 8, [(1e-3, 16), (1e-3, 32)], steps=500)
+    grid = collect_lm(tmp_path, "tiny", 1)
+    assert sorted(grid.cells) == [(1e-3, 8), (1e-3, 16), (1e-3, 32)]
+    assert grid.cells[(1e-3, 16)].set_dir.name == "2x+4x" and grid.cells[(1e-3, 16)].steps == 500
+    assert grid.cells[(1e-3, 8)].set_dir.name == "1x+2x"
+    assert len(grid.notes) == 1 and "using 2x+4x" in grid.notes[0]
+    assert grid.d == 8 and grid.source["path"] == "/x/layer1.zarr"
+    rows = grid.rows()
+    assert [r["dict_size"] for r in rows] == [8, 16, 32] and all(r["l1"] == 1e-3 for r in rows)
+    assert grid.dictionaries()[(1e-3, 32)].shape == (32, 8)
+
+
+def test_of_two_equally_long_runs_the_later_one_wins(tmp_path):
+    base = tmp_path / "sae" / "tiny" / "layer1"
+    old = make_set(base / "b-old", 8, [(1e-3, 8)], steps=100)
+    new = make_set(base / "a-new", 8, [(1e-3, 8)], steps=100)
+    cfg = old / "saes" / sae_dirname(1e-3, 8) / "config.json"
+    os.utime(cfg, (time.time() - 100, time.time() - 100))
+    assert collect_lm(tmp_path, "tiny", 1).cells[(1e-3, 8)].set_dir == new
+
+
+def test_no_dictionaries_is_one_clear_error_naming_the_fix(tmp_path):
+    with pytest.raises(UserError, match=r"no dictionaries found .*make train LM=tiny LAYER=1"):
+        collect_lm(tmp_path, "tiny", 1)
+    with pytest.raises(UserError, match="make toy"):
+        collect_toy(tmp_path / "toy")
+
+
+def test_sets_of_different_widths_are_refused(tmp_path):
+    base = tmp_path / "sae" / "tiny" / "layer1"
+    make_set(base / "1x", 8, [(1e-3, 8)], steps=10)
+    make_set(base / "stray", 16, [(1e-3, 16)], steps=10)
+    with pytest.raises(UserError, match="different input widths .*stray"):
+        collect_lm(tmp_path, "tiny", 1)

@@ -1,0 +1,65 @@
+"""The report end to end on a tiny run: every promised figure, embedded; provenance; errors."""
+
+import json
+
+import matplotlib.image as mpimg
+import pytest
+
+from unsuperpose.cli import main
+
+LM_HEATMAPS = ["dead", "ssll", "mse", "l1_loss", "l0", "fvu", "mmcs_larger"]
+COMPARISONS = ["dead", "ssll", "mmcs_larger"]
+
+
+@pytest.fixture(scope="module")
+def report(analyze_runs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    code = main(["analyze", "report", "--runs", str(analyze_runs), "--lm", "tiny", "--layer", "1",
+                 "--out", str(out), "--no-progress", "--top", "5"])
+    assert code == 0
+    return out
+
+
+def test_every_promised_figure_is_drawn_and_embedded(report):
+    figs = {p.stem: p for p in (report / "figures").glob("*.png")}
+    want = {f"lm_heatmap_{c}" for c in LM_HEATMAPS} | {f"compare_{c}" for c in COMPARISONS}
+    assert want <= set(figs)
+    for name in COMPARISONS:   # toy and LM side by side: a wide figure
+        h, w = mpimg.imread(figs[f"compare_{name}"]).shape[:2]
+        assert w > 1.5 * h
+    html = (report / "index.html").read_text()
+    assert html.count('src="data:image/png;base64,') == len(figs)
+    # Self-contained: nothing fetched from elsewhere.
+    assert "http://" not in html and "https://" not in html and "<link" not in html
+
+
+def test_the_page_says_where_each_diagnostic_points_and_where_the_data_came_from(report, analyze_runs):
+    html = (report / "index.html").read_text()
+    for text in ("dead neurons", "loss stickiness (SSLL)", "MMCS with larger dictionaries",
+                 "ground-truth optimum", "Estimate for tiny layer 1", "largest dictionary without dead latents",
+                 "blocks.1.mlp.hook_post", str(analyze_runs / "acts" / "tiny" / "layer1.zarr"),
+                 "unsuperpose train --store", "unsuperpose toy --out", "unsuperpose analyze report --runs",
+                 "unsuperpose harvest --lm"):
+        assert text in html, text
+    rec = json.loads((report / "diagnosis.json").read_text())
+    assert [p["diagnostic"] for p in rec["lm"]["pointers"]] == ["dead neurons", "loss stickiness (SSLL)",
+                                                                "MMCS with larger dictionaries"]
+    assert rec["toy"]["optimum"]["size"] in (32, 64) and rec["toy"]["base"] == 32
+    assert all("matches" in p for p in rec["toy"]["pointers"])
+    assert rec["lm"]["base"] == 64 and "estimate" in rec["lm"]
+    rows = (report / "lm_grid.csv").read_text().splitlines()
+    assert len(rows) == 1 + 4
+
+
+def test_the_feature_browser_of_the_pointed_dictionary_is_linked(report):
+    pages = sorted(p.name for p in (report / "features").glob("*.html"))
+    assert "neurons.html" in pages and "index.html" in pages and len(pages) == 3
+    html = (report / "index.html").read_text()
+    assert 'href="features/neurons.html"' in html
+
+
+def test_no_dictionaries_is_one_clear_error(tmp_path, capsys):
+    code = main(["analyze", "report", "--runs", str(tmp_path), "--lm", "tiny", "--layer", "1"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "no dictionaries found" in err and "make train" in err and "Traceback" not in err
