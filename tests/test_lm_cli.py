@@ -25,3 +25,11 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     assert main(["lm", "train", "--out", str(tmp_path / "z"), "--corpus", str(tmp_path / "none.jsonl")]) == 2
     assert "is not 'wiki', 'gensim', an existing file" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists() and not (tmp_path / "z").exists()
+
+
+def test_tokens_reports_splits_and_unigram_entropy(tmp_path, tiny_corpus, capsys):
+    assert main(["lm", "tokens", "--corpus", tiny_corpus.corpus, "--val-fraction", "0.2", "--n-ctx", "8",
+                 "--cache-dir", str(tmp_path)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["train"]["n_documents"] + report["val"]["n_documents"] == report["all"]["n_documents"] == 40
+    assert 0 < report["unigram_entropy"] < 10.83  # below log(50257): the text is far from uniform

@@ -53,3 +53,13 @@ def test_wikitext_markup_is_stripped():
     plain = _strip_wikitext(mwparserfromhell, text)
     assert "Bold" in plain and "shown" in plain and plain.endswith("end")
     assert not any(junk in plain for junk in ("'''", "[[", "cite", "note", "Category"))
+
+
+def test_saved_datasets_dataset_with_text_field(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_dict({"content": ["alpha beta", "", "gamma"], "id": [1, 2, 3]}).save_to_disk(tmp_path / "ds")
+    cfg = CorpusConfig(corpus=str(tmp_path / "ds"), text_field="content")
+    assert list(iter_documents(cfg)) == ["alpha beta", "gamma"]
+    with pytest.raises(UserError, match="no column 'text'"):
+        list(iter_documents(CorpusConfig(corpus=str(tmp_path / "ds"))))
