@@ -38,12 +38,15 @@ $(LM_DIR)/model.safetensors: | $(STAMP)
 harvest: $(STAMP) $(LM_DIR)/model.safetensors
 	$(BIN)/unsuperpose harvest --lm $(LM_DIR) --layer $(LAYER) --out $(STORE_DIR) $(if $(TOKENS),--tokens $(TOKENS)) $(ARGS)
 
+# Harvested on demand by `make train`; there TOKENS= means training tokens, so the harvest
+# cap of this automatic step is HARVEST_TOKENS= (default: the whole corpus).
 $(STORE_DIR)/layer$(LAYER).zarr/zarr.json: | $(LM_DIR)/model.safetensors
-	$(BIN)/unsuperpose harvest --lm $(LM_DIR) --layer $(LAYER) --out $(STORE_DIR) $(if $(TOKENS),--tokens $(TOKENS))
+	$(BIN)/unsuperpose harvest --lm $(LM_DIR) --layer $(LAYER) --out $(STORE_DIR) $(if $(HARVEST_TOKENS),--tokens $(HARVEST_TOKENS))
 
 train: $(STAMP) $(STORE_DIR)/layer$(LAYER).zarr/zarr.json
 	$(BIN)/unsuperpose train --store $(STORE_DIR)/layer$(LAYER).zarr --dict $(DICT) \
 	  --out $(RUNS)/sae/$(LM)/layer$(LAYER) $(if $(L1),--l1 $(L1)) $(if $(STEPS),--steps $(STEPS)) \
+	  $(if $(TOKENS),--tokens $(TOKENS)) \
 	  $(if $(BATCH),--batch-size $(BATCH)) $(if $(LR),--lr $(LR)) $(ARGS)
 
 analyze: $(STAMP)

@@ -12,6 +12,7 @@ same init seed and batches (tested against ``SAE`` + ``torch.optim.Adam``).
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -107,8 +108,10 @@ def train_steps(state: GridState, source: ActivationSource, *, until: int | None
     if state.step == 0:
         _run_callbacks(state, callbacks, force=True)
     batches = Prefetcher(source.batches(cfg.batch_size, seed=cfg.data_seed, start=state.step))
+    # In a log file (no terminal) a bar redrawn ten times a second buries everything else.
     bar = tqdm(total=until, initial=state.step, disable=not progress, unit="step",
-               desc=f"{len(state.keys())} SAEs", dynamic_ncols=True)
+               desc=f"{len(state.keys())} SAEs", dynamic_ncols=True,
+               mininterval=0.1 if sys.stderr.isatty() else 30.0)
     t_last, step_last = time.perf_counter(), state.step
     try:
         while state.step < until:
