@@ -52,20 +52,20 @@ def build_model(cfg: LMConfig, seed: int = 0):
     return model
 
 
-def lm_config_of(model) -> LMConfig:
+def _lm_config_from_hf(c: dict, preset: str) -> LMConfig:
+    return LMConfig(preset=preset, n_layer=c["n_layer"], d_model=c["n_embd"], n_head=c["n_head"],
+                    d_mlp=c.get("n_inner") or 4 * c["n_embd"], n_ctx=c["n_positions"],
+                    activation=c.get("activation_function", "gelu_new"), dropout=float(c.get("resid_pdrop", 0.0)))
+
+
+def lm_config_of(model, *, preset: str = "custom") -> LMConfig:
     """The LMConfig describing an HF GPT-2 model (used for adopted models and provenance)."""
-    c = model.config
-    return LMConfig(preset="custom", n_layer=c.n_layer, d_model=c.n_embd, n_head=c.n_head,
-                    d_mlp=c.n_inner or 4 * c.n_embd, n_ctx=c.n_positions, activation=c.activation_function,
-                    dropout=float(c.resid_pdrop))
+    return _lm_config_from_hf(model.config.to_dict(), preset)
 
 
 def model_lm_config(model_dir: str | Path, *, preset: str = "custom") -> LMConfig:
     """The LMConfig of a saved GPT-2-style model directory, read from its config.json alone."""
-    c = _check_model_dir(Path(model_dir))
-    return LMConfig(preset=preset, n_layer=c["n_layer"], d_model=c["n_embd"], n_head=c["n_head"],
-                    d_mlp=c.get("n_inner") or 4 * c["n_embd"], n_ctx=c["n_positions"],
-                    activation=c.get("activation_function", "gelu_new"), dropout=float(c.get("resid_pdrop", 0.0)))
+    return _lm_config_from_hf(_check_model_dir(Path(model_dir)), preset)
 
 
 def save_model(model, out_dir: str | Path, *, corpus: CorpusConfig | None = None, extra: dict | None = None,

@@ -179,7 +179,6 @@ def _train(lm: LMConfig, train: TrainLMConfig, corpus: CorpusConfig, out: Path, 
                 checkpoint()
         if step < steps:
             checkpoint()
-            tracker.finish()
             return {"step": step, "steps": steps, "finished": False}
         return _finish(model, lm, train, corpus, out, data, val, tracker, steps, init_from,
                        elapsed + time.perf_counter() - started)

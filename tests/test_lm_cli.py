@@ -8,7 +8,7 @@ def test_train_through_the_cli(tmp_path, tiny_corpus, capsys):
     code = main(["lm", "train", "--preset", "tiny", "--out", str(out), "--n-layer", "1", "--d-model", "8",
                  "--n-head", "2", "--d-mlp", "16", "--n-ctx", "16", "--tokens", "256", "--batch-size", "4",
                  "--micro-batch", "2", "--corpus", tiny_corpus.corpus, "--val-fraction", "0.2",
-                 "--token-cache", str(tmp_path / "cache"), "--wandb", "disabled", "--no-progress"])
+                 "--token-cache", str(tmp_path / "cache"), "--threads", "1", "--wandb", "disabled", "--no-progress"])
     assert code == 0 and (out / "model.safetensors").is_file()
     assert "validation loss" in capsys.readouterr().out
     main(["lm", "info", str(out)])

@@ -31,6 +31,21 @@ def _corpus(args: argparse.Namespace, base=None):
     return from_args(CorpusConfig, args, base=base, **extra)
 
 
+def _preset_differences() -> str:
+    """'tiny: threads=1; small: d_model=256, ...' computed from the presets, so help cannot go stale."""
+    import dataclasses
+
+    from unsuperpose.lm import PRESETS, LMConfig, TrainLMConfig
+
+    defaults = {**dataclasses.asdict(LMConfig()), **dataclasses.asdict(TrainLMConfig())}
+    parts = []
+    for name, (lm, train) in PRESETS.items():
+        values = {**dataclasses.asdict(lm), **dataclasses.asdict(train)}
+        changed = [f"{k}={v}" for k, v in values.items() if k != "preset" and v != defaults[k]]
+        parts.append(f"{name}: {', '.join(changed) or 'none'}")
+    return "; ".join(parts) + "."
+
+
 def add_parser(subparsers) -> None:
     from unsuperpose.lm import PRESETS, LMConfig, TrainLMConfig
 
@@ -39,8 +54,9 @@ def add_parser(subparsers) -> None:
     sub = parser.add_subparsers(dest="lm_command", required=True, metavar="ACTION")
 
     train = sub.add_parser("train", help="train an LM (resumes from its checkpoint if interrupted)",
-                           description="Train an LM. Every flag below overrides the chosen preset's value; "
-                                       "the defaults shown are those of the tiny preset.")
+                           description="Train an LM. Every flag below overrides the chosen preset's value. "
+                                       "The defaults shown are the configs' own; the presets change: "
+                                       + _preset_differences())
     train.add_argument("--preset", default="tiny",
                        help=f"one of {', '.join(PRESETS)} (default: tiny). tiny = 6 layers x d_model 16 with the "
                             "CPU batch of 8 sequences, 1M tokens, 1 thread (the `make lm` default, ~10 min on 2 cores); small = the "
