@@ -89,3 +89,14 @@ def test_fine_tuning_cannot_exceed_positions(tmp_path, tiny_corpus, tiny_lm_dir)
         train_lm(dataclasses.replace(lm, n_ctx=64), train, tiny_corpus, tmp_path / "ft", init_from=tiny_lm_dir,
                  progress=False)
     assert not (tmp_path / "ft" / "model.safetensors").exists()
+
+
+def test_training_on_from_a_saved_model(tmp_path, tiny_corpus, tiny_lm_dir):
+    from unsuperpose.lm import model_info, model_lm_config
+
+    _, train = _cfgs(tmp_path, tokens=2 * 4 * 32)
+    lm = model_lm_config(tiny_lm_dir)
+    result = train_lm(lm, train, tiny_corpus, tmp_path / "ft", init_from=tiny_lm_dir, progress=False)
+    info = model_info(tmp_path / "ft")
+    assert result["finished"] and info["extra"]["init_from"] == str(tiny_lm_dir.resolve())
+    assert info["weights_sha256"] != model_info(tiny_lm_dir)["weights_sha256"]
