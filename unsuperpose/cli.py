@@ -17,23 +17,12 @@ from unsuperpose.errors import UserError
 COMMANDS = ["toy", "lm", "harvest", "train", "analyze", "demo"]
 
 
-def _available() -> list:
-    mods = []
-    for name in COMMANDS:
-        try:
-            mods.append(importlib.import_module(f"unsuperpose.commands.{name}"))
-        except ModuleNotFoundError as exc:
-            if exc.name != f"unsuperpose.commands.{name}":
-                raise
-    return mods
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unsuperpose", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"unsuperpose {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for mod in _available():
-        mod.add_parser(sub)
+    for name in COMMANDS:
+        importlib.import_module(f"unsuperpose.commands.{name}").add_parser(sub)
     return parser
 
 
