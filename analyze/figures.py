@@ -16,6 +16,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
+def save_figure(fig, path: str | Path) -> Path:
+    """Write ``fig`` as PNG (creating folders) and free it: figures are many, memory is not."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def grid_matrix(values: dict[tuple[float, int], float], l1s: list[float], sizes: list[int]) -> np.ndarray:
     """(len(l1s), len(sizes)) array of ``values``; NaN where a cell is missing."""
     m = np.full((len(l1s), len(sizes)), np.nan)
@@ -58,12 +68,7 @@ def heatmap(values: dict[tuple[float, int], float], path: str | Path, *, title: 
         cbar.set_label("log10")
     if not own:
         return None
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def curves(history: list[dict], metric: str, path: str | Path, *, title: str,
@@ -91,9 +96,4 @@ def curves(history: list[dict], metric: str, path: str | Path, *, title: str,
     axes[0, 0].set_ylabel(metric)
     axes[0, 0].legend(title="L1", fontsize=7)
     fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

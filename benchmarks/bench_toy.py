@@ -8,24 +8,15 @@
 
 from __future__ import annotations
 
-import dataclasses
 import time
 
 import torch
 
+from benchmarks.common import RamSource, gemm_peak
 from unsuperpose.analyze import mmcs
 from unsuperpose.toy import ToyConfig, ToySource
 from unsuperpose.train import SAE, Callback, SAETrainConfig, apply_preset, new_state, train_steps
 from unsuperpose.train.init import init_params
-
-
-def gemm_peak(m: int = 2048, k: int = 1024, n: int = 4096, reps: int = 5) -> float:
-    a, b = torch.randn(m, k), torch.randn(k, n)
-    a @ b
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return 2 * m * k * n * reps / (time.perf_counter() - t) / 1e9
 
 
 def recovery(preset: str | None, l1: list[float]) -> list[dict]:
@@ -57,23 +48,10 @@ def grid_throughput(n_l1: int = 8, d: int = 256, n: int = 512, batch: int = 256,
     cfg = SAETrainConfig(l1=[10 ** (-4 + i / 4) for i in range(n_l1)], dict_sizes=[n], steps=steps,
                          batch_size=batch, log_every=steps)
 
-    class Ram:
-        d_ = d
-
-        @property
-        def d(self):
-            return d
-
-        def batches(self, batch_size, *, seed=0, start=0):
-            i = start
-            while True:
-                yield xs[i % len(xs)]
-                i += 1
-
-    state = new_state(Ram(), cfg)
-    train_steps(state, Ram(), until=5, progress=False)
+    state = new_state(RamSource(xs), cfg)
+    train_steps(state, RamSource(xs), until=5, progress=False)
     t = time.perf_counter()
-    train_steps(state, Ram(), progress=False)
+    train_steps(state, RamSource(xs), progress=False)
     grid_s = time.perf_counter() - t
     grid_rate = n_l1 * (steps - 5) / grid_s
     # the same SAEs one after another, each a plain autograd module + Adam

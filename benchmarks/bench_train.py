@@ -20,36 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.common import RamSource, gemm_peak
 from unsuperpose.train import SAE, SAETrainConfig, new_state, train_steps
 from unsuperpose.train.init import init_params
 
 SAELENS_VS_PLAIN = 1650 / 2520  # FACTS.md, same machine, same shape
-
-
-class RamSource:
-    """Pre-made batches cycled from memory: measures the trainer, not data generation."""
-
-    def __init__(self, xs: list[torch.Tensor]):
-        self.xs = xs
-
-    @property
-    def d(self) -> int:
-        return self.xs[0].shape[1]
-
-    def batches(self, batch_size, *, seed=0, start=0):
-        i = start
-        while True:
-            yield self.xs[i % len(self.xs)]
-            i += 1
-
-
-def _gemm_peak(b: int, d: int, n: int, reps: int = 3) -> float:
-    x, w = torch.randn(b, d), torch.randn(d, n)
-    x @ w
-    t = time.perf_counter()
-    for _ in range(reps):
-        x @ w
-    return 2 * b * d * n * reps / (time.perf_counter() - t) / 1e9
 
 
 def _trainer_rate(src, cfg: SAETrainConfig, warmup: int, steps: int, setup=None) -> tuple[float, object]:
@@ -66,7 +41,7 @@ def dense_and_sparse(b: int = 4096, d: int = 1024, n: int = 8192, steps: int = 3
     torch.manual_seed(0)
     src = RamSource([torch.randn(b, d) for _ in range(2)])
     flops = 10 * d * n  # per sample
-    peak = _gemm_peak(b, d, n)
+    peak = gemm_peak(b, d, n)
     cfg = SAETrainConfig(l1=[1e-3], dict_sizes=[n], batch_size=b, steps=10_000, sparse_below=0.0,
                          resample_every=0, log_every=10_000)
     ours, _ = _trainer_rate(src, cfg, 1, steps)
@@ -84,7 +59,7 @@ def dense_and_sparse(b: int = 4096, d: int = 1024, n: int = 8192, steps: int = 3
     for _ in range(steps):
         plain_step()
     plain = steps * b / (time.perf_counter() - t)
-    peak = max(peak, _gemm_peak(b, d, n))  # the machine is shared: take the better of two reads
+    peak = max(peak, gemm_peak(b, d, n))  # the machine is shared: take the better of two reads
 
     def make_sparse(state):  # ~24 active latents per sample at first: the regime of a trained L1 SAE
         g = state.groups[0]

@@ -14,7 +14,7 @@ import csv
 import json
 from pathlib import Path
 
-from unsuperpose.config import save_config, to_dict, write_json_atomic
+from unsuperpose.config import save_config, to_dict
 from unsuperpose.train.sae import SAE
 
 SUMMARY_FILE = "summary.csv"

@@ -37,7 +37,7 @@ def resample_dead(group: SAEGroup, x: torch.Tensor, optimizer: torch.optim.Optim
     """Re-initialise the latents marked in ``dead`` (S, n); returns how many were resampled."""
     if not dead.any():
         return 0
-    S, n, d = group.S, group.n, group.d
+    S, n = group.S, group.n
     dn = group.dictionaries()
     w_enc = group.encoder_weight(dn)
     codes = torch.addmm(group.b_enc, x, w_enc).clamp_(min=0).view(len(x), S, n)

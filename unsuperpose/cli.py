@@ -18,7 +18,9 @@ COMMANDS = ["toy", "lm", "harvest", "train", "analyze", "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="unsuperpose", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="unsuperpose",
+        description="Take features out of superposition: LM, harvest, SAE grids, analysis.")
     parser.add_argument("--version", action="version", version=f"unsuperpose {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
