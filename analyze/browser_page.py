@@ -56,20 +56,24 @@ def show_token(text: str) -> str:
     return text.replace("\n", "\u23ce").replace("\t", "\u21e5")
 
 
-def context_html(ctx: Context, decode: Callable[[int], str], unit_max: float) -> str:
-    """Decoded text around the token, the token itself highlighted by its activation strength."""
+def context_html(ctx: Context, decode: Callable[[list[int]], str], unit_max: float) -> str:
+    """Decoded text around the token, the token itself highlighted by its activation strength.
+
+    Left context, token and right context are decoded as three runs rather than token by token,
+    so that characters whose UTF-8 bytes span several byte-level BPE tokens come out whole.
+    """
     strength = ctx.act / unit_max if unit_max > 0 else 0.0
     alpha = 0.15 + 0.85 * min(max(strength, 0.0), 1.0)
-    left = "".join(show_token(decode(t)) for t in ctx.tokens[:ctx.at])
-    right = "".join(show_token(decode(t)) for t in ctx.tokens[ctx.at + 1:])
-    tok = show_token(decode(ctx.tokens[ctx.at])) if ctx.tokens else ""
+    left = show_token(decode(ctx.tokens[:ctx.at])) if ctx.at else ""
+    right = show_token(decode(ctx.tokens[ctx.at + 1:])) if ctx.at + 1 < len(ctx.tokens) else ""
+    tok = show_token(decode(ctx.tokens[ctx.at:ctx.at + 1])) if ctx.tokens else ""
     return (f'<div class="ctx">{esc(left)}<mark style="background: rgba(255,140,0,{alpha:.2f})" '
             f'title="activation {ctx.act:.4g} (row {ctx.row})">{esc(tok)}</mark>{esc(right)} '
             f'<span class="note">{ctx.act:.3g}</span></div>')
 
 
 def render(title: str, what: str, stats: UnitStats, ctxs: list[list[Context]],
-           decode: Callable[[int], str], meta: dict) -> str:
+           decode: Callable[[list[int]], str], meta: dict) -> str:
     """One page: headline numbers, provenance, then one sortable row per unit that ever fired."""
     summary = firing_summary(stats)
     head = (f"<h1>{esc(title)}</h1>"

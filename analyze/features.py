@@ -33,24 +33,24 @@ def store_of(sae: SAE) -> str | None:
     return src.get("path") if src.get("kind") == "activation_store" else None
 
 
-def build_browser(sae_dirs: list[Path], store, out: str | Path, decode: Callable[[int], str], *,
+def build_browser(sae_dirs: list[Path], store, out: str | Path, decode: Callable[[list[int]], str], *,
                   top: int = 20, max_rows: int | None = None, neurons: bool = True,
                   left: int = 10, right: int = 4, progress: bool = True) -> dict[str, Path]:
     """Write ``out/<sae folder>.html`` per dictionary, ``out/neurons.html`` and ``out/index.html``.
 
     ``store`` is an ``ActivationStore`` (``.path``, ``.d``, ``.rows``, ``.read_rows``,
-    ``.metadata``); ``decode`` turns one token id into its text.
+    ``.metadata``); ``decode`` turns a list of token ids into their text.
     """
     out = Path(out)
     token_arrays(store.path)  # fail before the long pass if there is no text to show
-    saes = {}
+    saes, dirs = {}, {}
     for d in sae_dirs:
         sae = SAE.load(d)
         if sae.d_in != store.d:
             raise UserError(f"{d} reads activations of width {sae.d_in} but {store.path} has width "
                             f"{store.d}: pass the store it was trained on with --store "
                             f"(its config.json names {store_of(sae) or 'no store'})")
-        saes[d.name] = sae.eval()
+        saes[d.name], dirs[d.name] = sae.eval(), d
     encoders = {name: sae.encode for name, sae in saes.items()}
     if neurons:
         encoders[NEURONS] = lambda x: x
@@ -61,7 +61,7 @@ def build_browser(sae_dirs: list[Path], store, out: str | Path, decode: Callable
               "hook": meta.get("hook", "?"), "rows scanned": f"{stats[next(iter(stats))].rows:,} of {store.rows:,}"}
     pages = {}
     for name, sae in saes.items():
-        info = {**common, "dictionary": str(sae_dirs[[d.name for d in sae_dirs].index(name)]),
+        info = {**common, "dictionary": str(dirs[name]),
                 "latents": sae.d_sae, "L1 coefficient": sae.config.get("l1", "?")}
         pages[name] = write(out / f"{name}.html", render(f"Latents of {name}", "latent", stats[name],
                                                            ctxs[name], decode, info))
@@ -69,7 +69,7 @@ def build_browser(sae_dirs: list[Path], store, out: str | Path, decode: Callable
         pages[NEURONS] = write(out / f"{NEURONS}.html",
                                render("MLP neurons (baseline)", "neuron", stats[NEURONS], ctxs[NEURONS],
                                       decode, {**common, "neurons": store.d}))
-    pages["index"] = write_index(out, {k: v for k, v in pages.items()}, common)
+    pages["index"] = write_index(out, dict(pages), common)
     summaries = {name: firing_summary(s) for name, s in stats.items()}
     write(out / "summary.txt", "".join(f"{k}: {v}\n" for k, v in summaries.items()))
     return pages

@@ -79,7 +79,7 @@ def test_the_planted_latent_fires_exactly_on_its_token(planted):
 
 def test_the_page_highlights_the_planted_token_and_has_the_neuron_baseline(planted, tmp_path):
     _, path, tokens, sae_dir = planted
-    pages = build_browser([sae_dir], ActivationStore(path), tmp_path, lambda t: TOK.decode([t]),
+    pages = build_browser([sae_dir], ActivationStore(path), tmp_path, TOK.decode,
                           top=5, progress=False)
     assert set(pages) == {"n8-l1_0.001", "neurons", "index"}
     html = pages["n8-l1_0.001"].read_text()
@@ -104,7 +104,7 @@ def test_a_dictionary_of_another_width_is_refused(planted, tmp_path):
     _, path, _, _ = planted
     other = SAE(D + 1, 4, tied=True).save(tmp_path / "saes" / "n4-l1_1", {"l1": 1.0})
     with pytest.raises(UserError, match="width 17 .*width 16.*--store"):
-        build_browser([other], ActivationStore(path), tmp_path / "out", str, progress=False)
+        build_browser([other], ActivationStore(path), tmp_path / "out", TOK.decode, progress=False)
 
 
 def test_a_store_without_tokens_is_refused_before_the_pass(planted, tmp_path):
@@ -113,7 +113,7 @@ def test_a_store_without_tokens_is_refused_before_the_pass(planted, tmp_path):
     shutil.copytree(path, bare)
     shutil.rmtree(bare / "tokens")
     with pytest.raises(UserError, match="kept no tokens.*unsuperpose harvest"):
-        build_browser([sae_dir], ActivationStore(bare), tmp_path / "out", str, progress=False)
+        build_browser([sae_dir], ActivationStore(bare), tmp_path / "out", TOK.decode, progress=False)
 
 
 def test_a_toy_dictionary_needs_a_store(tmp_path, capsys):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import shlex
-from functools import lru_cache
 from pathlib import Path
 
 from unsuperpose.errors import UserError
@@ -64,12 +63,10 @@ def _browser_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-@lru_cache(maxsize=1)
-def _decoder():
+def _decode(ids: list[int]) -> str:
     from unsuperpose.lm import get_tokenizer
 
-    tok = get_tokenizer()
-    return lru_cache(maxsize=None)(lambda t: tok.decode([t]))
+    return get_tokenizer().decode(ids)
 
 
 def _open_store(path: Path):
@@ -93,7 +90,7 @@ def _browse(sae_dirs: list[Path], store_path: Path | None, out: Path, args) -> d
         store_path = Path(recorded)
     if args.top < 1:
         raise UserError("--top must be at least 1")
-    return build_browser(sae_dirs, _open_store(store_path), out, _decoder(), top=args.top,
+    return build_browser(sae_dirs, _open_store(store_path), out, _decode, top=args.top,
                          max_rows=args.max_rows, neurons=not args.no_neurons,
                          progress=not args.no_progress)
 

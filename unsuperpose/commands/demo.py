@@ -25,9 +25,10 @@ CHECKPOINT_DIR = "checkpoint"  # what `train`/`toy` leave while a grid is unfini
 # Sizes chosen so the whole demo fits ~20 minutes on a 2-core CPU (README has the measured
 # cost per step). LM: 600k tokens, ~60% of the tiny preset's budget, about 290 optimizer steps
 # of 8 x 256 tokens. Store: 2^19 tokens. SAEs: 1x..8x of d = 64 at four L1 values a half decade
-# apart, 2,000 steps of 256 (~1 pass over the store). Toy: the report's data (h 256, G 512)
+# apart, 2,000 steps of 256 (~1 pass over the store); on this LM's layer 1, L1 1e-4 left ~40-80
+# of 64..512 latents active per token, 3e-3 about 7, so the grid spans 3e-4..1e-2. Toy: the report's data (h 256, G 512)
 # with the toy command's default grid, at 2,000 steps instead of 5,000.
-FULL = dict(lm_tokens=600_000, store_tokens=524_288, dict="1x,2x,4x,8x", l1="1e-4,3e-4,1e-3,3e-3",
+FULL = dict(lm_tokens=600_000, store_tokens=524_288, dict="1x,2x,4x,8x", l1="3e-4,1e-3,3e-3,1e-2",
             sae_steps=2000, toy=["--steps", "2000"])
 # --quick: a smoke run of a few minutes; the numbers mean little.
 QUICK = dict(lm_tokens=65_536, store_tokens=131_072, dict="1x,2x,4x", l1="3e-4,1e-3,3e-3",
