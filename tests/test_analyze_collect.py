@@ -65,3 +65,19 @@ def test_sets_of_different_widths_are_refused(tmp_path):
     make_set(base / "stray", 16, [(1e-3, 16)], steps=10)
     with pytest.raises(UserError, match="different input widths .*stray"):
         collect_lm(tmp_path, "tiny", 1)
+
+
+def test_grid_wide_measures_are_recomputed_over_the_merged_sets(tmp_path):
+    from unsuperpose.analyze.metrics import mmcs
+    from unsuperpose.analyze.report import rescore
+
+    base = tmp_path / "sae" / "tiny" / "layer1"
+    make_set(base / "1x", 8, [(1e-3, 8)], steps=10)
+    make_set(base / "4x", 8, [(1e-3, 32)], steps=10)
+    grid = collect_lm(tmp_path, "tiny", 1)
+    rescore(grid)
+    d = grid.dictionaries()
+    # Alone, the 1x set has nothing larger to compare with; merged, it has the 4x one.
+    assert grid.cells[(1e-3, 8)].metrics["mmcs_larger"] == pytest.approx(mmcs(d[(1e-3, 8)], d[(1e-3, 32)]))
+    ssll = grid.values("ssll")
+    assert set(ssll) == {(1e-3, 8), (1e-3, 32)} and sum(ssll.values()) == pytest.approx(0, abs=1e-9)
