@@ -153,8 +153,14 @@ def collect_lm(runs: str | Path, lm: str, layer: int | str) -> Grid:
     if is_set(base):
         found.append(base)
     found.sort(key=lambda p: max(c.stat().st_mtime for c in (p / SAES).glob("*/config.json")))
-    return _grid(found, f"LM {lm!r} layer {layer} (looked in {base}/*/saes/)",
+    grid = _grid(found, f"LM {lm!r} layer {layer} (looked in {base}/*/saes/)",
                  f"train a grid first, e.g. `make train LM={lm} LAYER={layer} DICT=1x,2x,4x,8x`")
+    # A set still training has a checkpoint but no dictionaries yet: say so rather than skip it silently.
+    unfinished = [p.name for p in sorted(base.iterdir()) if (p / "checkpoint").is_dir() and not is_set(p)]
+    if unfinished:
+        grid.notes.append(f"not included, still training (rerun its `unsuperpose train` command to "
+                          f"finish it): {', '.join(unfinished)}")
+    return grid
 
 
 def collect_toy(path: str | Path) -> Grid:

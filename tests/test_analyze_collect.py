@@ -81,3 +81,11 @@ def test_grid_wide_measures_are_recomputed_over_the_merged_sets(tmp_path):
     assert grid.cells[(1e-3, 8)].metrics["mmcs_larger"] == pytest.approx(mmcs(d[(1e-3, 8)], d[(1e-3, 32)]))
     ssll = grid.values("ssll")
     assert set(ssll) == {(1e-3, 8), (1e-3, 32)} and sum(ssll.values()) == pytest.approx(0, abs=1e-9)
+
+
+def test_a_set_still_training_is_named_in_the_notes(tmp_path):
+    base = tmp_path / "sae" / "tiny" / "layer1"
+    make_set(base / "1x", 8, [(1e-3, 8)], steps=10)
+    (base / "8x" / "checkpoint").mkdir(parents=True)
+    grid = collect_lm(tmp_path, "tiny", 1)
+    assert list(grid.cells) == [(1e-3, 8)] and "still training" in grid.notes[0] and "8x" in grid.notes[0]
