@@ -61,10 +61,11 @@ class Grid:
         for key in sorted(self.cells):
             c = self.cells[key]
             # The saved metrics' "l1" is the codes' L1 norm; keep it under a name that says so.
-            row = {k: v for k, v in c.metrics.items() if k != "l1"}
+            row = {"l1": c.l1, "dict_size": c.n}
+            row.update((k, v) for k, v in c.metrics.items() if k not in row)
             if "l1" in c.metrics and c.metrics["l1"] != c.l1:
                 row["l1_codes"] = c.metrics["l1"]
-            row.update(l1=c.l1, dict_size=c.n, steps=c.steps, samples=c.samples, set=c.set_dir.name)
+            row.update(steps=c.steps, samples=c.samples, set=c.set_dir.name)
             out.append(row)
         return out
 

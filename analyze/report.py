@@ -78,11 +78,18 @@ def diagnose_grid(grid: Grid, *, truth: bool, tolerance: float) -> Diagnosis:
                     grid.values("mmcs") if truth else None, tolerance=tolerance)
 
 
+def full(grid: Grid, column: str) -> dict:
+    """A column over every cell of the grid, NaN where undefined (e.g. MMCS with larger
+    dictionaries for the largest size), so every figure of a grid has the same rows and columns."""
+    values = grid.values(column)
+    return {k: values.get(k, math.nan) for k in grid.cells} if values else {}
+
+
 def lm_figures(side: Side, out: Path) -> dict[str, Path]:
     labels = size_labels({c.n for c in side.grid.cells.values()}, side.base)
     paths = {}
     for col, title, opts in LM_FIGURES:
-        values = side.grid.values(col)
+        values = full(side.grid, col)
         if values:
             paths[f"lm_heatmap_{col}"] = heatmap(
                 values, out / f"lm_heatmap_{col}.png", title=f"{side.name}: {title}",
@@ -94,7 +101,7 @@ def comparison_figures(lm: Side, toy: Side | None, out: Path) -> dict[str, Path]
     paths = {}
     for diag, col, title, opts in COMPARISONS:
         paths[f"compare_{diag}"] = side_by_side(
-            toy.grid.values(col) if toy else {}, lm.grid.values(col), out / f"compare_{diag}.png",
+            full(toy.grid, col) if toy else {}, full(lm.grid, col), out / f"compare_{diag}.png",
             diagnostic=diag, title=title, toy_base=toy.base if toy else 1, lm_base=lm.base,
             toy_diag=toy.diagnosis if toy else None, lm_diag=lm.diagnosis, opts=opts, lm_name=lm.name)
     if toy is not None and toy.grid.values("mmcs"):
