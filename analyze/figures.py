@@ -51,6 +51,8 @@ def heatmap(values: dict[tuple[float, int], float], path: str | Path, *, title: 
         fig, ax = plt.subplots(figsize=(1.1 * len(sizes) + 2.5, 0.45 * len(l1s) + 2))
     finite = shown[np.isfinite(shown)]
     vmin, vmax = (finite.min(), finite.max()) if finite.size else (0, 1)
+    if vmax == vmin:  # a constant grid (e.g. no dead latents anywhere): a scale that contains it
+        vmin, vmax = vmin - 0.5, vmax + 0.5
     im = ax.imshow(shown, origin="lower", aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax)
     ax.set_xticks(range(len(sizes)), [size_labels.get(n, str(n)) for n in sizes], rotation=45)
     ax.set_yticks(range(len(l1s)), [f"{a:.3g}" for a in l1s])
