@@ -5,7 +5,8 @@ An SAE step is counted as 10*b*d*n FLOPs (five dense GEMMs). Figures:
   both as % of the GEMM peak of the same shapes measured here;
 - sparse: the same SAE in the L0 <= 64 regime (encoder bias set so ~24 of 8,192 latents fire at first),
   the automatic sparse backward vs forced dense;
-- grid vs sequential: 8 L1 values x 256 -> 512 (batch 256) in one pass vs one SAE at a time;
+- grid vs sequential: 8 L1 values x 256 -> 512 (batch 256) in one pass vs one SAE at a time, fed
+  from memory (the trainer alone) and from the toy generator (what a user pays);
 - store vs RAM: the same grid fed from a bfloat16 Zarr store vs from tensors in memory.
 SAELens and dictionary_learning are not installed here; FACTS.md measured them on this machine
 at 0.65x of a plain PyTorch SAE at 1024 -> 8192, which is how the SAELens column is derived.
@@ -83,9 +84,16 @@ def dense_and_sparse(b: int = 4096, d: int = 1024, n: int = 8192, steps: int = 3
              "sparse_vs_saelens_est": round(sparse / (plain * SAELENS_VS_PLAIN), 2)}]
 
 
-def grid_vs_sequential(n_l1: int = 8, d: int = 256, n: int = 512, b: int = 256, steps: int = 40) -> dict:
+def grid_vs_sequential(n_l1: int = 8, d: int = 256, n: int = 512, b: int = 256, steps: int = 40,
+                       source: str = "ram") -> dict:
+    """``source='ram'``: pre-made batches (the trainer alone); ``'toy'``: the toy generator, as
+    a user training these SAEs one after another would pay for the data once per SAE."""
     torch.manual_seed(0)
-    src = RamSource([torch.relu(torch.randn(b, d)) for _ in range(8)])
+    if source == "toy":
+        from unsuperpose.toy import ToyConfig, ToySource
+        src = ToySource(ToyConfig(h=d, G=2 * d))
+    else:
+        src = RamSource([torch.relu(torch.randn(b, d)) for _ in range(8)])
     l1s = [10 ** (-4 + i / 4) for i in range(n_l1)]
     # Dense path pinned: this compares batching SAEs, not the sparse kernels.
     base = dict(dict_sizes=[n], batch_size=b, steps=10_000, resample_every=0, log_every=10_000,
@@ -99,7 +107,7 @@ def grid_vs_sequential(n_l1: int = 8, d: int = 256, n: int = 512, b: int = 256, 
             seq_time += steps * b / rate
         seqs.append(steps * b / seq_time)
     grid, seq = max(grids), max(seqs)
-    return {"figure": "grid_vs_sequential", "shape": f"{n_l1} x {d}->{n}, batch {b}",
+    return {"figure": "grid_vs_sequential", "data": source, "shape": f"{n_l1} x {d}->{n}, batch {b}",
             "grid_sae_samples_per_s": round(grid * n_l1), "sequential_sae_samples_per_s": round(seq * n_l1),
             "grid_vs_sequential": round(grid / seq, 2)}
 
@@ -136,4 +144,5 @@ def store_vs_ram(d: int = 256, n: int = 2048, b: int = 1024, steps: int = 30) ->
 
 
 def run() -> list[dict]:
-    return [grid_vs_sequential(), store_vs_ram(), *dense_and_sparse()]
+    return [grid_vs_sequential(source="ram"), grid_vs_sequential(source="toy"), store_vs_ram(),
+            *dense_and_sparse()]
