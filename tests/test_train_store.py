@@ -213,3 +213,13 @@ def test_nan_in_the_data_stops_naming_the_sae_and_keeps_the_last_good_checkpoint
     meta = json.loads((tmp_path / "2x" / "checkpoint" / "state.json").read_text())
     state = load_file(str(tmp_path / "2x" / "checkpoint" / "state.safetensors"))
     assert all(torch.isfinite(t.float()).all() for t in state.values()), meta["step"]
+
+
+def test_a_checkpoint_is_never_written_from_non_finite_weights(toy_store, tmp_path):
+    from unsuperpose.train import NonFiniteLoss
+    src = ActivationStore(toy_store)
+    state = new_state(src, SAETrainConfig(l1=[1e-3, 1e-2], dict_sizes=[16], steps=10, batch_size=64))
+    state.groups[0].W_dec[1, 3, 0] = float("nan")   # the SAE with L1 0.01
+    with pytest.raises(NonFiniteLoss, match=r"L1 0\.01 and 16 latents"):
+        Checkpointer(tmp_path / "ckpt", every=1)(state)
+    assert not (tmp_path / "ckpt").exists()

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from unsuperpose.config import from_dict, to_dict, write_json_atomic
 from unsuperpose.train.config import SAETrainConfig
+from unsuperpose.train.trainer import check_finite_parameters
 
 CHECKPOINT_DIR = "checkpoint"
 # Settings a resumed run may change: it may be asked to train longer or log differently.
@@ -134,6 +135,9 @@ class Checkpointer:
 
     def __call__(self, state) -> None:
         if self.stop_requested or (self.every and state.step % self.every == 0):
+            # The loss is checked only at log steps; a checkpoint must never keep a NaN as the
+            # "last good" state, whatever the two intervals are.
+            check_finite_parameters(state)
             save_checkpoint(state, self.directory)
         if self.stop_requested:
             raise KeyboardInterrupt(f"stopped at step {state.step}; checkpoint saved in {self.directory}")
