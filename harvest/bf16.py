@@ -64,6 +64,18 @@ def bf16_to_torch(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
 
 
+def bf16_to_float32(array: np.ndarray) -> np.ndarray:
+    """Exact bfloat16 -> float32 in plain NumPy: the bits, shifted into the high half.
+
+    Single-threaded on purpose: the reader converts on a background thread while training runs
+    its GEMMs, and a torch conversion there would start torch's own worker threads on the same
+    cores (measured: ~10% off training speed on 2 cores).
+    """
+    if array.dtype != BF16:
+        raise TypeError(f"expected a bfloat16 array, got {array.dtype}")
+    return (array.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
 def torch_to_bf16(tensor: torch.Tensor) -> np.ndarray:
     """A NumPy bfloat16 array sharing memory with a contiguous torch bfloat16 CPU tensor."""
     if tensor.dtype != torch.bfloat16:

@@ -23,7 +23,7 @@ from zarr.core.buffer.cpu import NDBuffer
 from unsuperpose.errors import UserError
 
 from . import store
-from .bf16 import BF16, bf16_to_torch
+from .bf16 import BF16, bf16_to_float32
 
 PREFETCH_BATCHES = 4  # batches ready ahead of the consumer; memory is ~that many batches
 
@@ -154,7 +154,7 @@ class ActivationStore:
                         have, i = have + take, i + take
                         if have == batch_size:
                             rows = pending[0] if len(pending) == 1 else np.concatenate(pending)
-                            if not put(bf16_to_torch(rows).to(torch.float32)):
+                            if not put(torch.from_numpy(bf16_to_float32(rows))):
                                 return
                             pending, have = [], 0
                 epoch += 1
