@@ -20,6 +20,16 @@ from unsuperpose.errors import UserError
 
 CHECKPOINT = "checkpoint.pt"
 
+try:  # NumPy 2 moved it; the RNG state pickles an ndarray through this function
+    from numpy._core.multiarray import _reconstruct
+except ImportError:  # NumPy 1
+    from numpy.core.multiarray import _reconstruct
+
+# Everything in a checkpoint is tensors and plain containers except NumPy's RNG state (a tuple
+# holding an ndarray). Allowing exactly those types lets torch.load run with weights_only=True,
+# so a checkpoint file can never execute code when it is loaded.
+_SAFE_GLOBALS = [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
 
 def save_checkpoint(out_dir: Path, *, step: int, model, optimizer, identity: dict, wandb_id: str | None,
                     elapsed: float) -> None:
@@ -44,7 +54,8 @@ def load_checkpoint(out_dir: Path, identity: dict) -> dict | None:
     path = out_dir / CHECKPOINT
     if not path.is_file():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    with torch.serialization.safe_globals(_SAFE_GLOBALS):
+        state = torch.load(path, map_location="cpu", weights_only=True)
     if state["identity"] != identity:
         now, then = _flatten(identity), _flatten(state["identity"])
         changed = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k))
