@@ -22,14 +22,13 @@ from unsuperpose.errors import UserError
 LM, LAYER = "tiny", 1
 CHECKPOINT_DIR = "checkpoint"  # what `train`/`toy` leave while a grid is unfinished
 
-# Sizes chosen so the whole demo fits ~20 minutes on a 2-core CPU (README has the measured
-# cost per step). LM: 600k tokens, ~60% of the tiny preset's budget, about 290 optimizer steps
-# of 8 x 256 tokens. Store: 2^19 tokens. SAEs: 1x..8x of d = 64 at four L1 values a half decade
-# apart, 2,000 steps of 256 (~1 pass over the store); on this LM's layer 1, L1 1e-4 left ~40-80
-# of 64..512 latents active per token, 3e-3 about 7, so the grid spans 3e-4..1e-2. Toy: the report's data (h 256, G 512)
-# with the toy command's default grid, at 2,000 steps instead of 5,000.
-FULL = dict(lm_tokens=600_000, store_tokens=524_288, dict="1x,2x,4x,8x", l1="3e-4,1e-3,3e-3,1e-2",
-            sae_steps=2000, toy=["--steps", "2000"])
+# The demo uses the same budgets as `make lm` (the tiny preset: 2.5M tokens) and `make toy` (its
+# default grid, 5,000 steps), so its outputs are the ones those targets would make. Store: 2^19
+# tokens of layer 1. SAEs: 1x..8x of d = 64 at four L1 values a half decade apart (on this layer,
+# L1 1e-4 left ~40-80 latents active per token, 3e-3 about 7), 5,000 steps of 256. Measured on
+# the 2-core machine: about 15 minutes in all (README).
+FULL = dict(lm_tokens=2_500_000, store_tokens=524_288, dict="1x,2x,4x,8x", l1="3e-4,1e-3,3e-3,1e-2",
+            sae_steps=5000, toy=[])
 # --quick: a smoke run of a few minutes; the numbers mean little.
 QUICK = dict(lm_tokens=65_536, store_tokens=131_072, dict="1x,2x,4x", l1="3e-4,1e-3,3e-3",
              sae_steps=400, toy=["--h", "64", "--G", "128", "--steps", "500", "--dict-ratios", "1/2x,1x,2x"])
