@@ -8,6 +8,8 @@ import html
 import math
 from pathlib import Path
 
+from unsuperpose.config import write_text_atomic
+
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1250px; padding: 0 1em;
        color: #222; line-height: 1.45; }
@@ -65,10 +67,5 @@ def page(title: str, body: str, *, style: str = STYLE, script: str = "") -> str:
 
 
 def write(path: str | Path, text: str) -> Path:
-    """Write beside and rename, so a reader never opens half a page."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-    return path
+    """Write a page so that a browser never opens half of it."""
+    return write_text_atomic(path, text)

@@ -11,10 +11,11 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
-from unsuperpose.config import save_config, to_dict
+from unsuperpose.config import save_config, to_dict, write_text_atomic
 from unsuperpose.train.sae import SAE
 
 SUMMARY_FILE = "summary.csv"
@@ -60,12 +61,11 @@ def write_summary(rows: list[dict], path: str | Path) -> None:
     columns: list[str] = []
     for row in rows:
         columns += [c for c in row if c not in columns]
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(path)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(path, buf.getvalue())
 
 
 def read_summary(path: str | Path) -> list[dict]:

@@ -106,8 +106,8 @@ def from_dict(cls: type[T], data: dict) -> T:
     return cls(**fixed)
 
 
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    """Write JSON so that a reader never sees half a file (temp file + rename)."""
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` so that a reader never sees half a file (temp file + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -116,13 +116,19 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
         umask = os.umask(0)
         os.umask(umask)
         os.fchmod(fd, 0o666 & ~umask)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2, sort_keys=False, default=_json_default)
-            fh.write("\n")
+        # newline="": the text is written as given (a CSV's \r\n rows stay as the csv module made them).
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return path
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    """Write JSON so that a reader never sees half a file."""
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
 
 
 def _json_default(obj: Any) -> Any:
