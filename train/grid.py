@@ -80,6 +80,13 @@ class SAEGroup:
         return {"W_enc": w_enc.contiguous(), "b_enc": self.b_enc.view(self.S, self.n)[s].clone(),
                 "W_dec": dn[s].contiguous()}
 
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor, dn: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Codes (B, S, n) and reconstructions (S, B, d) of every SAE; no training buffers used."""
+        dn = self.dictionaries() if dn is None else dn
+        codes = torch.addmm(self.b_enc, x, self.encoder_weight(dn)).clamp_(min=0).view(len(x), self.S, self.n)
+        return codes, torch.bmm(codes.transpose(0, 1), dn)
+
     # -- training ---------------------------------------------------------------------------------
     def reset_stats(self) -> None:
         self.stat_sq = torch.zeros(self.S, dtype=torch.float64)

@@ -8,11 +8,17 @@ import numpy as np
 import torch
 
 
+def seeded_generator(*key: int) -> torch.Generator:
+    """A torch generator determined by ``key`` alone: every random draw in training is a function
+    of such a key (never of global state), which is what makes runs resume exactly."""
+    s = int(np.random.SeedSequence(list(key)).generate_state(1, dtype=np.uint64)[0] >> 1)
+    return torch.Generator().manual_seed(s)
+
+
 def init_generator(seed: int, d_sae: int) -> torch.Generator:
     """The generator of a dictionary's init: depends on (seed, size) only, so all L1 values of a
     size start from the same point and a lone SAE with the same seed matches its grid twin."""
-    s = int(np.random.SeedSequence([seed, d_sae]).generate_state(1, dtype=np.uint64)[0] >> 1)
-    return torch.Generator().manual_seed(s)
+    return seeded_generator(seed, d_sae)
 
 
 def init_params(d_in: int, d_sae: int, *, seed: int, decoder_init: str = "orthogonal",

@@ -11,17 +11,16 @@ its encoder column to the same direction scaled to 0.2 x the mean live encoder n
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from unsuperpose.train.grid import SAEGroup
+from unsuperpose.train.init import seeded_generator
 
 ENCODER_SCALE = 0.2
 
 
 def resample_generator(seed: int, step: int, n: int) -> torch.Generator:
-    s = int(np.random.SeedSequence([seed, step, n, 17]).generate_state(1, dtype=np.uint64)[0] >> 1)
-    return torch.Generator().manual_seed(s)
+    return seeded_generator(seed, step, n, 17)
 
 
 def _zero_adam(optimizer: torch.optim.Optimizer, param: torch.Tensor, index) -> None:
@@ -38,10 +37,8 @@ def resample_dead(group: SAEGroup, x: torch.Tensor, optimizer: torch.optim.Optim
     if not dead.any():
         return 0
     S, n = group.S, group.n
-    dn = group.dictionaries()
-    w_enc = group.encoder_weight(dn)
-    codes = torch.addmm(group.b_enc, x, w_enc).clamp_(min=0).view(len(x), S, n)
-    residual = x - torch.bmm(codes.transpose(0, 1), dn)            # (S, B, d)
+    _, x_hat = group.reconstruct(x)
+    residual = x - x_hat                                             # (S, B, d)
     weights = residual.pow(2).sum(-1)                                # (S, B)
     total = 0
     for s in range(S):

@@ -213,13 +213,12 @@ def evaluate(state: GridState, source: ActivationSource) -> dict[tuple[float, in
     results = {}
     for g in state.groups:
         dn = g.dictionaries()
-        w_enc = g.encoder_weight(dn)
         sq = torch.zeros(g.S, dtype=torch.float64)
         l1 = torch.zeros(g.S, dtype=torch.float64)
         l0 = torch.zeros(g.S, dtype=torch.float64)
         for x in xs:
-            codes = torch.addmm(g.b_enc, x, w_enc).clamp_(min=0).view(len(x), g.S, g.n)
-            err = torch.bmm(codes.transpose(0, 1), dn) - x
+            codes, x_hat = g.reconstruct(x, dn)
+            err = x_hat - x
             sq += err.pow(2).sum(dim=(1, 2), dtype=torch.float64)
             l1 += codes.sum(dim=(0, 2), dtype=torch.float64)
             l0 += (codes > 0).sum(dim=(0, 2), dtype=torch.float64)
