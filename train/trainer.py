@@ -83,29 +83,28 @@ def new_state(source: ActivationSource, config: SAETrainConfig) -> GridState:
     return GridState(config=config, d=d, groups=groups, optimizer=optimizer)
 
 
+def _raise_if_bad(g: SAEGroup, bad: torch.Tensor, what: str) -> None:
+    """``bad``: (S,) flags of group ``g``; the error names the first flagged SAE."""
+    if bad.any():
+        l1 = g.l1[int(bad.nonzero()[0, 0])]
+        raise NonFiniteLoss(f"SAE with L1 {l1:g} and {g.n} latents {what}; try a lower learning "
+                            "rate or check the data for NaN/Inf")
+
+
 def check_finite_parameters(state: GridState) -> None:
     """Raise NonFiniteLoss naming the first SAE whose weights hold a NaN or Inf."""
     for g in state.groups:
-        bad = torch.zeros(g.S, dtype=torch.bool)
-        bad |= ~torch.isfinite(g.W_dec).flatten(1).all(dim=1)
+        bad = ~torch.isfinite(g.W_dec).flatten(1).all(dim=1)
         bad |= ~torch.isfinite(g.b_enc).view(g.S, g.n).all(dim=1)
         if g.W_enc is not None:
             bad |= ~torch.isfinite(g.W_enc).view(g.d, g.S, g.n).all(dim=2).all(dim=0)
-        if bad.any():
-            l1 = g.l1[int(bad.nonzero()[0, 0])]
-            raise NonFiniteLoss(f"SAE with L1 {l1:g} and {g.n} latents has non-finite weights at "
-                                f"step {state.step}; try a lower learning rate or check the data "
-                                "for NaN/Inf")
+        _raise_if_bad(g, bad, f"has non-finite weights at step {state.step}")
 
 
 def _check_finite(state: GridState, stats: list[dict[str, torch.Tensor]]) -> None:
     for g, st in zip(state.groups, stats):
-        bad = ~torch.isfinite(st["mse"] + st["l1"])
-        if bad.any():
-            l1 = g.l1[int(bad.nonzero()[0, 0])]
-            raise NonFiniteLoss(f"SAE with L1 {l1:g} and {g.n} latents got a non-finite loss "
-                                f"before step {state.step}; try a lower learning rate or check the "
-                                "data for NaN/Inf")
+        _raise_if_bad(g, ~torch.isfinite(st["mse"] + st["l1"]),
+                      f"got a non-finite loss before step {state.step}")
 
 
 def train_steps(state: GridState, source: ActivationSource, *, until: int | None = None,
