@@ -21,7 +21,7 @@ def test_mean_active_is_k_within_2_percent():
 
 
 def test_uncorrelated_mode_is_also_rescaled_to_k():
-    src = ToySource(ToyConfig(correlated=False, k=3, seed=2))
+    src = ToySource(ToyConfig(correlation=0, k=3, seed=2))
     codes = _codes(src, 50_000)
     assert abs((codes > 0).sum(1).float().mean().item() - 3.0) < 0.06
 
@@ -50,16 +50,53 @@ def test_coefficients_are_single_uniforms():
     assert vals.var().item() == pytest.approx(1 / 12, abs=0.005)
 
 
-def _max_indicator_corr(correlated: bool) -> float:
-    src = ToySource(ToyConfig(h=16, G=8, k=2, decay=0.9, correlated=correlated, seed=5))
-    act = (src.sample(50_000)[1] > 0).double().numpy()
-    corr = np.corrcoef(act.T)
-    return np.abs(corr[~np.eye(8, dtype=bool)]).max()
+def _lift(src: ToySource, n: int = 200_000) -> tuple[float, float]:
+    """Mean P(i and j) / (P(i) P(j)) over pairs of frequent features (p > 1%), for pairs in the
+    same correlated group and in different groups, on the binary activities."""
+    act = (_codes(src, n) > 0).float()
+    p = act.mean(0)
+    lift = (act.T @ act / n) / (p[:, None] * p[None, :])
+    g = src.groups
+    frequent = (p > 0.01)[:, None] & (p > 0.01)[None, :] & ~torch.eye(len(p), dtype=torch.bool)
+    same = g[:, None] == g[None, :]
+    return lift[frequent & same].mean().item(), lift[frequent & ~same].mean().item()
 
 
-def test_correlation_present_only_when_asked():
-    assert _max_indicator_corr(True) > 0.08
-    assert _max_indicator_corr(False) < 0.03
+def test_default_correlation_makes_coactivation_plain_at_report_size():
+    # G = 512, the report's size: a normalised Wishart draw gave |rho| ~ 1/sqrt(G) there, so
+    # features fired together no more often than chance. The default must change that.
+    src = ToySource(ToyConfig(seed=11))
+    assert src.config.G == 512 and src.config.correlation > 0
+    same, other = _lift(src)
+    assert same > 4.0           # partners fire together several times more often than chance
+    assert abs(other - 1.0) < 0.05
+
+
+def test_correlation_zero_means_independent_features():
+    same, other = _lift(ToySource(ToyConfig(correlation=0, seed=11)))
+    assert abs(same - 1.0) < 0.1 and abs(other - 1.0) < 0.05
+
+
+def test_stronger_correlation_gives_more_coactivation_and_keeps_k():
+    weak, strong = (ToySource(ToyConfig(correlation=c, seed=12)) for c in (0.2, 0.8))
+    assert _lift(strong, 100_000)[0] > 2 * _lift(weak, 100_000)[0]
+    assert abs((_codes(strong, 50_000) > 0).sum(1).float().mean().item() - 5.0) < 0.1
+
+
+def test_heldout_stream_is_fixed_and_apart_from_training():
+    src = ToySource(ToyConfig(h=16, G=32, k=2, seed=7))
+    held = torch.cat(list(src.heldout_batches(100, 250)))
+    assert held.shape == (250, 16)
+    assert torch.equal(held, torch.cat(list(src.heldout_batches(100, 250))))
+    train = torch.cat([b for b, _ in zip(src.batches(50, seed=0), range(20))])
+    held = held[held.norm(dim=1) > 0]   # a sample with no active feature is 0 in any stream
+    assert not (torch.cdist(held, train) < 1e-6).any()
+
+
+def test_fingerprint_follows_the_data_settings():
+    a, b = ToySource(ToyConfig(k=5)), ToySource(ToyConfig(k=3))
+    assert a.describe()["fingerprint"] != b.describe()["fingerprint"]
+    assert a.describe()["fingerprint"] == ToySource(ToyConfig(k=5)).describe()["fingerprint"]
 
 
 def test_features_unit_norm_and_data_is_their_combination():
@@ -85,6 +122,7 @@ def test_batches_are_deterministic_and_resumable():
 @pytest.mark.parametrize("kwargs, word", [
     (dict(k=600), "k must be"), (dict(decay=0.0), "decay"), (dict(decay=1.5), "decay"),
     (dict(h=0), "h must be"), (dict(G=0), "G must be"), (dict(noise=-1), "noise"),
+    (dict(correlation=1.0), "correlation"), (dict(group_size=0), "group_size"),
 ])
 def test_invalid_parameters_raise_clear_errors(kwargs, word):
     with pytest.raises(ValueError, match=word):

@@ -15,7 +15,11 @@ class ToyConfig:
     G: int = field(512, help="number of ground-truth features (the report: 512)")
     k: float = field(5.0, help="expected number of active features per sample (the report: 5)")
     decay: float = field(0.99, help="feature i is active with probability proportional to decay**i")
-    correlated: bool = field(True, help="correlate feature activations through a Gaussian copula")
+    correlation: float = field(0.5, help="correlation of the copula's normals within a group of "
+                               "features (0: independent features). 0.5 makes a feature ~8x more "
+                               "likely to fire when another of its group fires (G 512, k 5)")
+    group_size: int = field(8, help="features per correlated group; groups are a random partition "
+                            "of the features, fixed by the seed")
     noise: float = field(0.0, help="std of isotropic Gaussian noise added to each sample")
     seed: int = field(0, help="seed of the features, probabilities and covariance")
 
@@ -29,6 +33,10 @@ class ToyConfig:
             problems.append(f"k must be in (0, G={self.G}] (got {self.k})")
         if not 0 < self.decay <= 1:
             problems.append(f"decay must be in (0, 1] (got {self.decay})")
+        if not 0 <= self.correlation < 1:
+            problems.append(f"correlation must be in [0, 1) (got {self.correlation})")
+        if not 1 <= self.group_size <= self.G:
+            problems.append(f"group_size must be in [1, G={self.G}] (got {self.group_size})")
         if self.noise < 0:
             problems.append(f"noise must be >= 0 (got {self.noise})")
         if problems:

@@ -39,29 +39,43 @@ def feature_probabilities(G: int, k: float, decay: float) -> torch.Tensor:
     return torch.from_numpy(np.minimum(p, 1.0))
 
 
-def random_correlation_cholesky(G: int, gen: torch.Generator) -> torch.Tensor:
-    """Cholesky factor of a random, fixed correlation matrix (a normalised Wishart draw)."""
-    a = torch.rand(G, G, generator=gen, dtype=torch.float64) * 2 - 1
-    cov = a @ a.T + 1e-3 * torch.eye(G, dtype=torch.float64)
-    d = cov.diagonal().rsqrt()
-    corr = cov * d[:, None] * d[None, :]
-    return torch.linalg.cholesky(corr).float()
+def random_groups(G: int, group_size: int, gen: torch.Generator) -> torch.Tensor:
+    """A random partition of the G features into groups of ``group_size`` (the last may be
+    smaller): (G,) group index per feature, independent of the features' frequency ranks."""
+    n_groups = -(-G // group_size)
+    return torch.randperm(G, generator=gen) % n_groups
 
 
-def sample_codes(n: int, probs: torch.Tensor, chol: torch.Tensor | None,
+def copula_normals(n: int, groups: torch.Tensor, correlation: float,
+                   gen: torch.Generator) -> torch.Tensor:
+    """n x G standard normals, correlated ``correlation`` within a group and 0 across groups.
+
+    A random positive correlation matrix of block form: one shared normal per group plus a
+    private one per feature. Why blocks and not a normalised Wishart draw: with G = 512 such a
+    draw has |rho| ~ 1/sqrt(G) between any two features, which leaves the binary activities
+    nearly independent; a block gives each feature a few partners it visibly co-fires with,
+    the structure that lets a too-small dictionary merge features (the report's argument for
+    MMCS with larger dictionaries). O(n G) per batch, no G x G Cholesky product.
+    """
+    shared = torch.randn(n, int(groups.max()) + 1, generator=gen)[:, groups]
+    private = torch.randn(n, groups.shape[0], generator=gen)
+    return shared.mul_(correlation ** 0.5).add_(private, alpha=(1 - correlation) ** 0.5)
+
+
+def sample_codes(n: int, probs: torch.Tensor, groups: torch.Tensor | None, correlation: float,
                  gen: torch.Generator) -> torch.Tensor:
     """n x G sparse codes: feature i is active with probability probs[i], coefficient U(0, 1).
 
-    With ``chol`` the activations are correlated through a Gaussian copula: a correlated
-    standard-normal vector per sample, mapped through the normal CDF to uniforms whose
-    marginals are exactly U(0, 1), so each feature keeps its probability.
+    With ``correlation`` > 0 the activations are correlated through a Gaussian copula: a
+    correlated standard-normal vector per sample (``copula_normals``), mapped through the
+    normal CDF to uniforms whose marginals are exactly U(0, 1), so each feature keeps its
+    probability and the mean number active stays k.
     """
     G = probs.shape[0]
-    if chol is None:
+    if groups is None or correlation == 0:
         u = torch.rand(n, G, generator=gen)
     else:
-        z = torch.randn(n, G, generator=gen) @ chol.T
-        u = torch.special.ndtr(z)
+        u = torch.special.ndtr(copula_normals(n, groups, correlation, gen))
     active = u < probs.float()
     coef = torch.rand(n, G, generator=gen)
     return coef * active

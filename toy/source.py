@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Iterator
 
 import numpy as np
 import torch
 
 from unsuperpose.toy.config import ToyConfig
-from unsuperpose.toy.sampling import (feature_probabilities, random_correlation_cholesky,
-                                      sample_codes, unit_features)
+from unsuperpose.toy.sampling import feature_probabilities, random_groups, sample_codes, unit_features
 
 # Separate random streams so that training batches, evaluation samples and the fixed
 # structure (features, covariance) never share draws.
-_STREAM_STRUCTURE, _STREAM_BATCHES, _STREAM_SAMPLE = 0, 1, 2
+_STREAM_STRUCTURE, _STREAM_BATCHES, _STREAM_SAMPLE, _STREAM_HELDOUT = 0, 1, 2, 3
 
 
 def _generator(*key: int) -> torch.Generator:
@@ -36,14 +37,14 @@ class ToySource:
         gen = _generator(c.seed, _STREAM_STRUCTURE)
         self.features = unit_features(c.G, c.h, gen)
         self.probs = feature_probabilities(c.G, c.k, c.decay)
-        self._chol = random_correlation_cholesky(c.G, gen) if c.correlated else None
+        self.groups = random_groups(c.G, c.group_size, gen)
 
     @property
     def d(self) -> int:
         return self.config.h
 
     def _make(self, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        codes = sample_codes(n, self.probs, self._chol, gen)
+        codes = sample_codes(n, self.probs, self.groups, self.config.correlation, gen)
         x = codes @ self.features
         if self.config.noise > 0:
             x += self.config.noise * torch.randn(x.shape, generator=gen)
@@ -62,5 +63,24 @@ class ToySource:
             yield self._make(batch_size, _generator(self.config.seed, _STREAM_BATCHES, seed, i))[0]
             i += 1
 
+    # -- held-out evaluation: a stream no training batch is ever drawn from -----------------------
+    def heldout_rows(self, max_rows: int | None = None) -> int:
+        if max_rows is None:
+            raise ValueError("toy data has endless held-out samples: give max_rows")
+        return max_rows
+
+    def heldout_batches(self, batch_size: int, max_rows: int | None = None) -> Iterator[torch.Tensor]:
+        """``max_rows`` samples in batches of ``batch_size`` (the last may be shorter), the same
+        every call, from their own stream (never a training batch, whatever its seed)."""
+        total = self.heldout_rows(max_rows)
+        for i, lo in enumerate(range(0, total, batch_size)):
+            n = min(batch_size, total - lo)
+            yield self._make(n, _generator(self.config.seed, _STREAM_HELDOUT, i))[0]
+
+    heldout_description = "fresh samples from a generator stream training never draws from"
+
     def describe(self) -> dict:
-        return {"kind": "toy", **vars(self.config)}
+        """What the data is; ``fingerprint`` identifies it for resuming and merging runs."""
+        info = {"kind": "toy", **vars(self.config)}
+        digest = hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()
+        return {**info, "fingerprint": digest}
