@@ -2,9 +2,9 @@
 
 - MMCS(A, B): for each atom of the reference A, its best cosine with any atom of B, averaged.
   Not symmetric: with A the ground truth it asks "was every true feature found?".
-- MCC: one-to-one matching of atoms (Hungarian algorithm) maximising total cosine; the mean
-  cosine over the min(|A|, |B|) matched pairs. Unlike MMCS, one learned atom cannot explain two
-  true features.
+- MCC: one-to-one matching of atoms (Hungarian algorithm) maximising total cosine, averaged
+  over the reference's atoms, an unmatched one scoring 0 (so a dictionary smaller than the
+  truth cannot score 1). Unlike MMCS, one learned atom cannot explain two true features.
 - MMCS with larger dictionaries: for each (L1, size), MMCS of its dictionary against every larger
   dictionary trained at the same L1, averaged (the report's proxy for "features found" when no
   ground truth exists).
@@ -43,10 +43,11 @@ def mmcs(reference, other) -> float:
 
 
 def mcc(reference, other) -> float:
-    """Mean cosine of the best one-to-one matching between the two sets of atoms."""
+    """Best one-to-one matching's summed cosine / the number of ``reference`` atoms: with fewer
+    atoms in ``other``, the reference atoms left unmatched count 0, as MMCS counts every one."""
     cos = cosine_matrix(reference, other).double().numpy()
     rows, cols = linear_sum_assignment(cos, maximize=True)
-    return float(cos[rows, cols].mean())
+    return float(cos[rows, cols].sum() / cos.shape[0])
 
 
 def mmcs_with_larger(dicts: dict[tuple[float, int], torch.Tensor]) -> dict[tuple[float, int], float]:

@@ -36,11 +36,24 @@ def test_mcc_finds_the_permutation_and_punishes_duplicates():
     truth = _random_dict(8, 64, 2)
     perm = torch.tensor([3, 0, 7, 1, 6, 2, 5, 4])
     assert mcc(truth, truth[perm]) == pytest.approx(1.0, abs=1e-6)
-    # one learned atom copied twice: MMCS still sees every truth atom but one; MCC cannot reuse it
-    dup = truth.clone()
-    dup[1] = dup[0]
-    assert mmcs(truth, dup) < 1.0
-    assert mcc(truth, dup) < mmcs(truth, dup) + 1e-9
+    # one learned atom between truth[0] and truth[1], and a stray atom: MMCS lets both true
+    # features claim the shared atom, MCC gives it to one and the stray to the other
+    learned = truth.clone()
+    learned[0] = (truth[0] + truth[1]) / (truth[0] + truth[1]).norm()
+    learned[1] = _random_dict(1, 64, 9)[0]
+    shared = float(learned[0] @ truth[0])
+    assert mmcs(truth, learned) == pytest.approx((6 + 2 * shared) / 8, abs=1e-5)
+    assert mcc(truth, learned) < mmcs(truth, learned) - 0.5 * shared / 8
+
+
+def test_mcc_of_a_smaller_dictionary_averages_over_the_reference():
+    # An 1/8x dictionary holding 64 of 512 true features exactly: 64 matched at 1, 448 at 0.
+    truth = _random_dict(512, 256, 3)
+    part = truth[:64]
+    assert mcc(truth, part) == pytest.approx(64 / 512, abs=1e-6)
+    assert mcc(truth, part) <= mmcs(truth, part) + 1e-9
+    # the other way round the small one is the reference and is matched in full
+    assert mcc(part, truth) == pytest.approx(1.0, abs=1e-6)
 
 
 def test_mismatched_widths_raise():
