@@ -1,7 +1,9 @@
 """Stage 2: stream hook activations of an LM into bfloat16 Zarr stores, and read them back.
 
 ``harvest(bridge, blocks, out_dir, HarvestConfig(...), ...)`` writes one store per hook;
-``ActivationStore(path)`` reads one as an activation source for ``train``. Importing this
+``ActivationStore(path)`` reads one as an activation source for ``train``, whose stream never
+serves the store's held-out rows (``heldout.py`` says which; ``heldout_batches`` serves them).
+Importing this
 package registers the ``bfloat16`` zarr data type, so plain ``zarr.open`` works afterwards.
 """
 

@@ -3,15 +3,17 @@
 One forward pass serves every requested hook (one store each) and stops after the last block
 any of them needs. Forward batches are always the same fixed slices of the blocks
 (``[k*batch_size, (k+1)*batch_size)``), also when resuming, so a resumed store gets bit-for-bit
-the rows an uninterrupted run computes.
+the rows an uninterrupted run computes. Stores started with different batch sizes therefore
+cannot share a pass: each batch size gets its own.
 """
 
 from __future__ import annotations
 
 import difflib
+import hashlib
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +46,9 @@ class HarvestConfig:
     batch_size: int = field(32, help="token blocks per forward pass")
     chunk_rows: int | None = field(None, help="rows per stored chunk (default: ~8 MiB of "
                                    "bfloat16, e.g. 4096 rows at width 1024)")
-    split: str = field("all", help="which blocks of the corpus to harvest: all, train or val")
+    split: str = field("all", help="which blocks of the corpus to harvest: all (its validation "
+                       "documents' rows are marked held out from SAE training), train or val "
+                       "(then the store's last chunks are held out instead)")
     force: bool = field(False, help="replace existing stores made from another model, corpus, "
                         "hook or token count instead of refusing")
 
@@ -139,12 +143,24 @@ def _forward(bridge: Any, tokens: np.ndarray, hooks: list[str], stop: str | None
     return got
 
 
+def mask_fingerprint(heldout: np.ndarray | None) -> str | None:
+    """sha256 of a 0/1 held-out mask, read in pieces (it may be a memory map of the whole corpus)."""
+    if heldout is None:
+        return None
+    flat, h = heldout.reshape(-1), hashlib.sha256()
+    for i in range(0, len(flat), 1 << 26):
+        h.update((flat[i:i + (1 << 26)] != 0).view(np.uint8))
+    return h.hexdigest()
+
+
 def _open_or_create(t: _Target, prov: store.Provenance, rows: int, chunk_rows: int,
                     batch_size: int, force: bool) -> tuple[Any, int, int]:
     """Returns (group, first row to write, forward batch size that keeps batches aligned)."""
     if force or not t.path.exists():
         return store.create(t.path, prov, rows, chunk_rows, batch_size), 0, batch_size
     group = store.open_group(t.path, mode="r+")
+    if not store.has_heldout(group):
+        return _old_store(t, group, prov, rows)
     store.check_same_source(t.path, store.provenance(group), prov)
     prog = store.progress(group)
     if prog.rows_planned > rows:
@@ -157,6 +173,25 @@ def _open_or_create(t: _Target, prov: store.Provenance, rows: int, chunk_rows: i
     if prog.rows_planned < rows:
         store.grow(group, rows)  # a larger --tokens appends to a finished store
     return group, store.resume_row(prog), prog.batch_size
+
+
+def _old_store(t: _Target, group: Any, prov: store.Provenance, rows: int) -> tuple[Any, int, int]:
+    """A store from before the held-out array: kept as it is when finished, else refused.
+
+    Its rows cannot be continued, since the earlier ones have no held-out marks to match.
+    """
+    # Its attributes lack the mask's fingerprint; everything else must still be the same.
+    store.check_same_source(t.path, store.provenance(group),
+                            replace(prov, heldout_fingerprint=None))
+    prog = store.progress(group)
+    if prog.complete and prog.rows_planned == rows:
+        print(f"harvest: {t.path} predates held-out rows (no {store.HELDOUT!r} array): training "
+              "will hold out its last chunks instead of the LM's validation documents; pass "
+              "--force to harvest it again with them")
+        return group, rows, prog.batch_size
+    raise UserError(f"{t.path} was harvested before stores recorded held-out rows (it has no "
+                    f"{store.HELDOUT!r} array), so it cannot be resumed or extended; run the same "
+                    "command with --force to harvest it again")
 
 
 def _print_plan(work: list[tuple[_Target, Any, int]], rows: int, out_dir: Path) -> None:
@@ -174,14 +209,20 @@ def _print_plan(work: list[tuple[_Target, Any, int]], rows: int, out_dir: Path) 
 
 def harvest(bridge: Any, blocks: np.ndarray, out_dir: str | Path, cfg: HarvestConfig, *,
             model_dir: str, weights_sha256: str, corpus_fingerprint: str,
-            corpus: dict | None = None, progress: bool = True) -> list[Path]:
+            corpus: dict | None = None, heldout: np.ndarray | None = None,
+            progress: bool = True) -> list[Path]:
     """Harvest ``cfg``'s hooks of ``bridge`` over ``blocks`` (N, n_ctx) into stores in ``out_dir``.
 
-    Resumes unfinished stores of the same provenance; returns the store paths.
+    ``heldout`` (the shape of ``blocks``, 0/1; ``TokenBlocks.val_mask``) marks the tokens of the
+    LM's validation documents; each store records it per row, and SAE training never reads
+    those rows. Resumes unfinished stores of the same provenance; returns the store paths.
     """
     blocks = np.asarray(blocks)
     if blocks.ndim != 2 or blocks.size == 0:
         raise UserError(f"token blocks must be a non-empty (N, n_ctx) array, got shape {blocks.shape}")
+    heldout = None if heldout is None else np.asarray(heldout)
+    if heldout is not None and heldout.shape != blocks.shape:
+        raise ValueError(f"the held-out mask has shape {heldout.shape}, the blocks {blocks.shape}")
     n_ctx = blocks.shape[1]
     if cfg.tokens is not None and cfg.tokens < 1:
         raise UserError(f"--tokens {cfg.tokens}: give a positive number of tokens")
@@ -199,11 +240,13 @@ def harvest(bridge: Any, blocks: np.ndarray, out_dir: str | Path, cfg: HarvestCo
     stop = stop_hook(targets)
     widths = {h: int(a.shape[-1]) for h, a in _forward(bridge, blocks[:1], hooks, stop).items()}
 
-    work, batch_size = [], cfg.batch_size
+    heldout_fp = mask_fingerprint(heldout)
+    work: dict[int, list] = {}  # forward batch size -> the stores whose rows were batched so
     for t in targets:
         prov = store.Provenance(model_dir=str(model_dir), weights_sha256=weights_sha256, hook=t.hook,
                                 layer=t.layer, width=widths[t.hook], n_ctx=int(n_ctx),
-                                corpus_fingerprint=corpus_fingerprint, corpus=corpus)
+                                corpus_fingerprint=corpus_fingerprint, corpus=corpus,
+                                heldout_fingerprint=heldout_fp)
         chunk_rows = cfg.chunk_rows or store.default_chunk_rows(prov.width)
         group, start, stored_batch = _open_or_create(t, prov, rows, chunk_rows, cfg.batch_size, cfg.force)
         if start == rows:
@@ -212,18 +255,25 @@ def harvest(bridge: Any, blocks: np.ndarray, out_dir: str | Path, cfg: HarvestCo
         if stored_batch != cfg.batch_size:
             print(f"harvest: resuming {t.path} with its batch size {stored_batch} "
                   f"(not {cfg.batch_size}) so its rows match an uninterrupted run")
-            batch_size = stored_batch
         save_config(cfg, t.path / CONFIG_FILE)  # zarr ignores files it does not know
-        work.append((t, group, start))
+        work.setdefault(stored_batch, []).append((t, group, start))
     if not work:
         return [t.path for t in targets]
-    _print_plan(work, rows, out_dir)
-    _stream(bridge, blocks, rows, work, batch_size, stop, progress)
+    _print_plan([w for ws in work.values() for w in ws], rows, out_dir)
+    if len(work) > 1:
+        # Float sums depend on the batch shape, so one shared pass would change some stores' rows.
+        sizes = "; ".join(f"batch size {b}: {', '.join(t.path.name for t, _, _ in ws)}"
+                          for b, ws in work.items())
+        print(f"harvest: the stores were started with different batch sizes ({sizes}); "
+              f"each batch size gets its own pass over the corpus ({len(work)} passes)")
+    for batch_size, ws in work.items():
+        _stream(bridge, blocks, heldout, rows, ws, batch_size,
+                stop_hook([t for t, _, _ in ws]), progress)
     return [t.path for t in targets]
 
 
-def _stream(bridge: Any, blocks: np.ndarray, rows: int, work: list, batch_size: int,
-            stop: str | None, show: bool) -> None:
+def _stream(bridge: Any, blocks: np.ndarray, heldout: np.ndarray | None, rows: int, work: list,
+            batch_size: int, stop: str | None, show: bool) -> None:
     n_ctx = blocks.shape[1]
     first = min(start for _, _, start in work)
     writers = [(t.hook, start, ChunkWriter(group, start, rows)) for t, group, start in work]
@@ -237,12 +287,16 @@ def _stream(bridge: Any, blocks: np.ndarray, rows: int, work: list, batch_size: 
             acts = _forward(bridge, blk, [h for h, _, _ in writers], stop)
             flat_tokens = blk.reshape(-1)[:hi - lo].astype(np.int32)
             positions = (np.arange(lo, hi) % n_ctx).astype(np.int32)
+            marks = (np.zeros(hi - lo, np.uint8) if heldout is None else
+                     (heldout[b * batch_size:(b + 1) * batch_size].reshape(-1)[:hi - lo] != 0)
+                     .astype(np.uint8))
             for hook, start, writer in writers:
                 skip = max(0, start - lo)  # rows this store already holds
                 if skip >= hi - lo:
                     continue
                 a = acts[hook].reshape(-1, acts[hook].shape[-1])[skip:hi - lo]
-                writer.add(torch_to_bf16(a.to(torch.bfloat16)), flat_tokens[skip:], positions[skip:])
+                writer.add(torch_to_bf16(a.to(torch.bfloat16)), flat_tokens[skip:], positions[skip:],
+                           marks[skip:])
             bar.update(hi - max(lo, first))
     except BaseException:
         for _, _, writer in writers:

@@ -1,18 +1,24 @@
 """Reading a store back: ``ActivationStore``, an activation source for SAE training.
 
-The stream is a pure function of (seed, position). Each epoch visits the chunks in a random
-order (seeded by (seed, epoch)) and cuts that order into groups of ``buffer_chunks`` chunks;
-the rows of a group are permuted together (seeded by (seed, epoch, group)), so a batch mixes
-rows from several distant parts of the corpus. Where batch k starts is plain arithmetic over
-chunk sizes, so ``start=k`` jumps there without reading anything before it. A background
-thread decodes the next group into a pre-allocated buffer and cuts batches while the consumer
-trains on the previous ones.
+The training stream never yields a held-out row (``heldout.py`` says which rows those are);
+``heldout_batches`` serves exactly them, in store order, for held-out metrics.
+
+The stream is a pure function of (seed, position). Each epoch visits the chunks that hold
+training rows in a random order (seeded by (seed, epoch)) and cuts that order into groups of
+``buffer_chunks`` chunks; the training rows of a group are permuted together (seeded by (seed,
+epoch, group)), so a batch mixes rows from several distant parts of the corpus. Where batch k
+starts is plain arithmetic over the training rows per chunk, so ``start=k`` jumps there without
+reading anything before it. A background thread decodes the next group into a pre-allocated
+buffer and cuts batches while the consumer trains on the previous ones.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import queue
 import threading
+from functools import cached_property
 from pathlib import Path
 from typing import Iterator
 
@@ -22,7 +28,7 @@ from zarr.core.buffer.cpu import NDBuffer
 
 from unsuperpose.errors import UserError
 
-from . import store
+from . import heldout, store
 from .bf16 import BF16, bf16_to_float32
 
 PREFETCH_BATCHES = 4  # batches ready ahead of the consumer; memory is ~that many batches
@@ -32,7 +38,8 @@ class ActivationStore:
     """A harvested store as an activation source (``d``, ``batches``), plus its metadata.
 
     An incomplete store is refused unless ``allow_incomplete=True``, which reads only its
-    complete chunks.
+    complete chunks (and holds out rows of those by the same rules, so fewer or other ones than
+    the finished store will).
     """
 
     def __init__(self, path: str | Path, *, allow_incomplete: bool = False):
@@ -52,6 +59,9 @@ class ActivationStore:
         self._check_chunks_present()
         self.provenance = store.provenance(self._group)
         self.metadata = dict(self._group.attrs)
+        if not store.has_heldout(self._group):
+            print(f"note: {self.path} was harvested before stores recorded held-out rows; SAE "
+                  f"training holds out {self.heldout_description}")
 
     @property
     def d(self) -> int:
@@ -61,10 +71,92 @@ class ActivationStore:
     def n_chunks(self) -> int:
         return -(-self.rows // self.chunk_rows)
 
+    # -- held-out rows -------------------------------------------------------------------------
+
+    @cached_property
+    def _heldout(self) -> heldout.HeldOut:
+        marks = self._group[store.HELDOUT][: self.rows] if store.has_heldout(self._group) else None
+        return heldout.decide(marks, self.rows, self.chunk_rows)
+
+    @cached_property
+    def _train_per_chunk(self) -> np.ndarray:
+        """Training (not held-out) rows in each chunk: all the epoch arithmetic needs."""
+        starts = np.arange(0, self.rows, self.chunk_rows)
+        held = np.add.reduceat(self._heldout.mask, starts, dtype=np.int64)
+        return np.array([self._chunk_len(c) for c in range(self.n_chunks)]) - held
+
+    @property
+    def train_rows(self) -> int:
+        """Rows the training stream serves: ``rows`` minus the held-out ones."""
+        return int(self._train_per_chunk.sum())
+
+    @property
+    def heldout_description(self) -> str:
+        """What is held out and by which rule, as a short phrase."""
+        return self._heldout.description
+
+    def heldout_mask(self) -> np.ndarray:
+        """True for every held-out row (bool, one per row): for analysis that must avoid them."""
+        return self._heldout.mask.copy()
+
+    def heldout_rows(self, max_rows: int | None = None) -> int:
+        """How many rows ``heldout_batches(..., max_rows)`` yields in total."""
+        n = self._heldout.rows
+        return n if max_rows is None else min(n, max(0, int(max_rows)))
+
+    def heldout_batches(self, batch_size: int, max_rows: int | None = None) -> Iterator[torch.Tensor]:
+        """Float32 (<= batch_size, d) batches of the held-out rows in store order, then stop.
+
+        At most ``max_rows`` rows in all (None: every one), the first ones in store order; only
+        the last batch may be shorter. Never any row the training stream serves.
+        """
+        if batch_size < 1 or (max_rows is not None and max_rows < 0):
+            raise ValueError("batch_size must be >= 1 and max_rows >= 0")
+        left, mask = self.heldout_rows(max_rows), self._heldout.mask
+        pending: list[np.ndarray] = []
+        have = 0
+        for c in range(self.n_chunks):
+            if left == 0:
+                break
+            lo = c * self.chunk_rows
+            idx = np.flatnonzero(mask[lo:lo + self._chunk_len(c)])[:left]
+            if not len(idx):
+                continue
+            # Read only the span of the chunk's held-out rows (zarr decodes the whole chunk anyway).
+            span = self.read_rows(lo + int(idx[0]), lo + int(idx[-1]) + 1)
+            pending.append(span[idx - idx[0]] if len(idx) < len(span) else span)
+            have, left = have + len(idx), left - len(idx)
+            while have >= batch_size:
+                rows = np.concatenate(pending) if len(pending) > 1 else pending[0]
+                yield torch.from_numpy(bf16_to_float32(rows[:batch_size]))
+                pending, have = ([rows[batch_size:]] if have > batch_size else []), have - batch_size
+        if have:
+            yield torch.from_numpy(bf16_to_float32(np.concatenate(pending)))
+
+    # -- metadata ------------------------------------------------------------------------------
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """sha256 of what the training stream and the held-out rows are made of.
+
+        Equal for two reads of the same store; different whenever the model, corpus, hook,
+        width, context, row count, chunking (the shuffle's unit) or held-out rows differ.
+        """
+        p = self.provenance
+        identity = {"weights_sha256": p.weights_sha256, "corpus_fingerprint": p.corpus_fingerprint,
+                    "hook": p.hook, "layer": p.layer, "width": p.width, "n_ctx": p.n_ctx,
+                    "dtype": p.dtype, "rows": self.rows, "chunk_rows": self.chunk_rows,
+                    "heldout": {"rule": self._heldout.rule, "rows": self._heldout.rows,
+                                "mask_sha256": self._heldout.digest()}}
+        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
     def describe(self) -> dict:
         """Provenance for whatever is trained on this store (saved beside it as JSON)."""
         return {"kind": "activation_store", "path": str(self.path.resolve()), "rows": self.rows,
-                "d": self.d, **{k: v for k, v in self.metadata.items() if k != "rows_written"}}
+                "d": self.d, **{k: v for k, v in self.metadata.items() if k != "rows_written"},
+                "train_rows": self.train_rows, "heldout_rows": self.heldout_rows(),
+                "heldout_rule": self._heldout.rule, "heldout": self.heldout_description,
+                "fingerprint": self.fingerprint}
 
     def tokens(self) -> np.ndarray:
         """Token id of every row (int32, small: 4 bytes per row), for analysis."""
@@ -90,6 +182,10 @@ class ActivationStore:
         """
         if batch_size < 1 or start < 0 or buffer_chunks < 1:
             raise ValueError("batch_size and buffer_chunks must be >= 1 and start >= 0")
+        if self.train_rows == 0:  # also computes the held-out split here, not on the worker
+            raise UserError(f"{self.path}: all of its {self.rows:,} rows are held out "
+                            f"({self.heldout_description}), none is left to train on; harvest "
+                            "more tokens (a larger --tokens) so it holds training documents too")
         out: queue.Queue = queue.Queue(maxsize=PREFETCH_BATCHES)
         stop = threading.Event()
         worker = threading.Thread(
@@ -113,11 +209,14 @@ class ActivationStore:
     # -- the stream ----------------------------------------------------------------------------
 
     def epoch_groups(self, seed: int, epoch: int, shuffle: bool, buffer_chunks: int) -> list[np.ndarray]:
-        """The chunk indices of each group of one epoch, in the order they are served."""
-        order = np.arange(self.n_chunks)
+        """The chunk indices of each group of one epoch, in the order they are served.
+
+        Only chunks with training rows take part: a wholly held-out chunk is never read.
+        """
+        order = np.flatnonzero(self._train_per_chunk)
         if shuffle:
-            order = np.random.default_rng([seed, epoch]).permutation(self.n_chunks)
-        return [order[i:i + buffer_chunks] for i in range(0, self.n_chunks, buffer_chunks)]
+            order = order[np.random.default_rng([seed, epoch]).permutation(len(order))]
+        return [order[i:i + buffer_chunks] for i in range(0, len(order), buffer_chunks)]
 
     def _chunk_len(self, c: int) -> int:
         return min(self.chunk_rows, self.rows - c * self.chunk_rows)
@@ -137,16 +236,18 @@ class ActivationStore:
             buf = np.empty((buffer_chunks * self.chunk_rows, self.d), BF16)
             pending: list[np.ndarray] = []
             have = 0
-            epoch, skip = divmod(start * batch_size, self.rows)
+            epoch, skip = divmod(start * batch_size, self.train_rows)
             while not stop.is_set():
                 for g, chunks in enumerate(self.epoch_groups(seed, epoch, shuffle, buffer_chunks)):
-                    n = sum(self._chunk_len(int(c)) for c in chunks)
+                    n = int(self._train_per_chunk[chunks].sum())
                     if skip >= n:  # wholly before the start position: never read it
                         skip -= n
                         continue
-                    self._load_group(chunks, buf)
+                    keep = self._load_group(chunks, buf)
                     perm = (np.random.default_rng([seed, epoch, g]).permutation(n)
                             if shuffle else np.arange(n))
+                    if keep is not None:  # positions in buf of the group's training rows
+                        perm = keep[perm]
                     i, skip = skip, 0
                     while i < n:
                         take = min(n - i, batch_size - have)
@@ -161,13 +262,17 @@ class ActivationStore:
         except BaseException as exc:  # handed to the consumer, which re-raises it
             put(exc)
 
-    def _load_group(self, chunks: np.ndarray, buf: np.ndarray) -> None:
-        at = 0
+    def _load_group(self, chunks: np.ndarray, buf: np.ndarray) -> np.ndarray | None:
+        """Decode the chunks into ``buf``; returns where its training rows are (None: all rows)."""
+        at, keep, mask = 0, [], self._heldout.mask
         for c in chunks:
             lo = int(c) * self.chunk_rows
             n = self._chunk_len(int(c))
             self._read_into(lo, lo + n, buf[at:at + n])
+            keep.append(at + np.flatnonzero(~mask[lo:lo + n]))
             at += n
+        keep_all = np.concatenate(keep)
+        return None if len(keep_all) == at else keep_all
 
     def _read_into(self, lo: int, hi: int, out: np.ndarray) -> None:
         # Decoding straight into reused memory avoids fresh pages per chunk (see FACTS.md).
@@ -181,14 +286,20 @@ class ActivationStore:
                             "mismatch); delete the store and harvest it again") from exc
 
     def _check_chunks_present(self) -> None:
-        # A missing chunk file would silently read back as zeros. Chunk keys are c/<row>/0.
-        acts_dir = self.path / store.ACTS / "c"
-        present = {int(p.parent.name) for p in acts_dir.glob("*/0")} if acts_dir.is_dir() else set()
-        missing = [c for c in range(self.n_chunks) if c not in present]
-        if missing:
-            raise UserError(f"{self.path} is corrupt: {len(missing)} chunk(s) of acts are missing "
-                            f"(first: rows from {missing[0] * self.chunk_rows:,}); delete the "
-                            "store and harvest it again")
+        # A missing chunk file would silently read back as zeros: for acts, zero activations; for
+        # the held-out marks, validation rows served for training. Acts chunk keys are c/<row>/0,
+        # those of the 1-d arrays c/<row>.
+        for name, key in ((store.ACTS, "*/0"), (store.HELDOUT, "*")):
+            if name == store.HELDOUT and not store.has_heldout(self._group):
+                continue
+            found = self.path / name / "c"
+            present = ({int(p.name if key == "*" else p.parent.name) for p in found.glob(key)}
+                       if found.is_dir() else set())
+            missing = [c for c in range(self.n_chunks) if c not in present]
+            if missing:
+                raise UserError(f"{self.path} is corrupt: {len(missing)} chunk(s) of {name} are "
+                                f"missing (first: rows from {missing[0] * self.chunk_rows:,}); "
+                                "delete the store and harvest it again")
 
     def __repr__(self) -> str:
         return (f"ActivationStore({str(self.path)!r}, rows={self.rows:,}, d={self.d}, "

@@ -7,9 +7,11 @@ A store is one Zarr v3 group per hook point::
       acts/            (rows, d) bfloat16, row chunks, zstd + crc32c
       tokens/          (rows,) int32: the token id that produced each row
       positions/       (rows,) int32: that token's place in its block of n_ctx tokens
+      heldout/         (rows,) uint8: 1 where the token belongs to one of the LM's validation
+                       documents (see ``heldout.py`` for how training uses it)
 
 Rows are written one whole chunk at a time, in order, and ``rows_written`` is raised only after a
-chunk of all three arrays is on disk (zarr's local store writes each file atomically). So after
+chunk of all four arrays is on disk (zarr's local store writes each file atomically). So after
 any interruption the store is a valid prefix plus, at worst, a stray chunk past ``rows_written``
 that a resumed harvest simply overwrites.
 """
@@ -32,7 +34,8 @@ from unsuperpose.errors import UserError
 from . import bf16  # noqa: F401  (registers the "bfloat16" zarr data type)
 
 FORMAT = "unsuperpose.acts/1"
-ACTS, TOKENS, POSITIONS = "acts", "tokens", "positions"
+ACTS, TOKENS, POSITIONS, HELDOUT = "acts", "tokens", "positions", "heldout"
+ROW_ARRAYS = (TOKENS, POSITIONS, HELDOUT)  # the per-row arrays beside acts, chunked like it
 
 # Measured here on 65,536 rows of random GPT-2-small MLP activations (d 1024, bfloat16), with
 # crc32c, reading whole chunks in random order (2026-11, shared 2-core machine):
@@ -67,6 +70,16 @@ def _codecs() -> dict[str, Any]:
 ARRAY_CONFIG = {"write_empty_chunks": True}
 
 
+def writable(group: zarr.Group, name: str) -> zarr.Array:
+    """One of the store's arrays, opened to write every chunk, all-zero ones included.
+
+    zarr keeps ``write_empty_chunks`` with the open array, not in the metadata, so each open for
+    writing must set it again (without it, an all-zero chunk of held-out marks or of acts is
+    skipped, and the reader then finds the store missing a chunk).
+    """
+    return group[name].with_config(ARRAY_CONFIG)
+
+
 @dataclass(frozen=True)
 class Provenance:
     """What produced a store. Two stores with equal identity hold the same rows, in order."""
@@ -80,9 +93,13 @@ class Provenance:
     corpus_fingerprint: str
     corpus: dict | None = None
     dtype: str = "bfloat16"
+    # sha256 of the whole corpus's validation-document mask (None: no mask, every row 0). The
+    # corpus fingerprint of the "all" split does not cover the seeded choice of documents.
+    heldout_fingerprint: str | None = None
 
     # model_dir and the corpus settings are kept for people; the hashes decide sameness.
-    IDENTITY = ("weights_sha256", "hook", "width", "n_ctx", "corpus_fingerprint", "dtype")
+    IDENTITY = ("weights_sha256", "hook", "width", "n_ctx", "corpus_fingerprint", "dtype",
+                "heldout_fingerprint")
 
     def identity(self) -> dict:
         return {k: getattr(self, k) for k in self.IDENTITY}
@@ -110,8 +127,8 @@ def create(path: Path, prov: Provenance, rows: int, chunk_rows: int, batch_size:
     group = zarr.open_group(tmp, mode="w", zarr_format=3)
     group.create_array(ACTS, shape=(rows, prov.width), chunks=(chunk_rows, prov.width),
                        dtype="bfloat16", fill_value=0, config=ARRAY_CONFIG, **_codecs())
-    for name in (TOKENS, POSITIONS):
-        group.create_array(name, shape=(rows,), chunks=(chunk_rows,), dtype="int32",
+    for name, dtype in ((TOKENS, "int32"), (POSITIONS, "int32"), (HELDOUT, "uint8")):
+        group.create_array(name, shape=(rows,), chunks=(chunk_rows,), dtype=dtype,
                            fill_value=0, config=ARRAY_CONFIG, **_codecs())
     progress = Progress(rows, 0, False, chunk_rows, batch_size)
     group.attrs.update({"format": FORMAT, "unsuperpose_version": __version__,
@@ -139,7 +156,18 @@ def open_group(path: Path, mode: str = "r") -> zarr.Group:
 
 def provenance(group: zarr.Group) -> Provenance:
     attrs = dict(group.attrs)
-    return Provenance(**{f.name: attrs[f.name] for f in dataclasses.fields(Provenance)})
+    # Fields added later have defaults; stores written before them read back with the default.
+    return Provenance(**{f.name: attrs[f.name] for f in dataclasses.fields(Provenance)
+                         if f.name in attrs or f.default is dataclasses.MISSING})
+
+
+def has_heldout(group: zarr.Group) -> bool:
+    """Whether the store records held-out rows (stores written before that have no such array)."""
+    try:  # not `in group`: listing the members warns about the files zarr does not know
+        group[HELDOUT]
+    except KeyError:
+        return False
+    return True
 
 
 def progress(group: zarr.Group) -> Progress:
@@ -167,7 +195,7 @@ def check_same_source(path: Path, have: Provenance, want: Provenance) -> None:
 
 def grow(group: zarr.Group, rows: int) -> None:
     """Extend all arrays to ``rows`` (a larger --tokens cap appends to a store)."""
-    for name in (ACTS, TOKENS, POSITIONS):
+    for name in (ACTS, *ROW_ARRAYS):
         arr = group[name]
         arr.resize((rows,) + arr.shape[1:])
     group.attrs.update({"rows_planned": int(rows), "complete": False})

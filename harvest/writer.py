@@ -27,6 +27,7 @@ class _Chunk:
         self.acts = np.empty((rows, d), BF16)
         self.tokens = np.empty(rows, np.int32)
         self.positions = np.empty(rows, np.int32)
+        self.heldout = np.empty(rows, np.uint8)
         self.start = 0  # first row of the store this chunk holds
         self.filled = 0
 
@@ -38,6 +39,8 @@ class ChunkWriter:
         prog = store.progress(group)
         if start % prog.chunk_rows:
             raise ValueError(f"writing must start on a chunk boundary, not row {start}")
+        if not store.has_heldout(group):  # checked here: the writer thread could only die of it
+            raise ValueError(f"{group.store} predates the {store.HELDOUT!r} array; create it anew")
         self.group, self.end, self.chunk_rows = group, end, prog.chunk_rows
         self.row = start  # next row that add() expects
         d = group[store.ACTS].shape[1]
@@ -50,8 +53,12 @@ class ChunkWriter:
         self._thread = threading.Thread(target=self._write_loop, name="harvest-writer", daemon=True)
         self._thread.start()
 
-    def add(self, acts: np.ndarray, tokens: np.ndarray, positions: np.ndarray) -> None:
-        """Take the next ``len(acts)`` rows (bfloat16 (n, d), int (n,), int (n,))."""
+    def add(self, acts: np.ndarray, tokens: np.ndarray, positions: np.ndarray,
+            heldout: np.ndarray | None = None) -> None:
+        """Take the next ``len(acts)`` rows (bfloat16 (n, d), int (n,), int (n,), 0/1 (n,)).
+
+        ``heldout`` marks rows of the LM's validation documents; None marks none of them.
+        """
         n, i = len(acts), 0
         if self.row + n > self.end:
             raise ValueError(f"rows {self.row}..{self.row + n} run past the planned end {self.end}")
@@ -62,6 +69,7 @@ class ChunkWriter:
             chunk.acts[lo:hi] = acts[i:i + take]
             chunk.tokens[lo:hi] = tokens[i:i + take]
             chunk.positions[lo:hi] = positions[i:i + take]
+            chunk.heldout[lo:hi] = 0 if heldout is None else heldout[i:i + take]
             chunk.filled, i, self.row = hi, i + take, self.row + take
             self._current = chunk
             if chunk.filled == self.chunk_rows or self.row == self.end:
@@ -95,7 +103,8 @@ class ChunkWriter:
             raise RuntimeError(f"writing {self.group.store} failed: {self._error}") from self._error
 
     def _write_loop(self) -> None:
-        acts, tokens, positions = (self.group[n] for n in (store.ACTS, store.TOKENS, store.POSITIONS))
+        acts, tokens, positions, heldout = (store.writable(self.group, n)
+                                            for n in (store.ACTS, *store.ROW_ARRAYS))
         while (chunk := self._full.get()) is not None:
             if self._error is not None:
                 continue  # drain without writing: rows after a failed chunk must not land
@@ -104,7 +113,8 @@ class ChunkWriter:
                 acts[lo:hi] = chunk.acts[:chunk.filled]
                 tokens[lo:hi] = chunk.tokens[:chunk.filled]
                 positions[lo:hi] = chunk.positions[:chunk.filled]
-                # Only now is the chunk whole on disk in all three arrays.
+                heldout[lo:hi] = chunk.heldout[:chunk.filled]
+                # Only now is the chunk whole on disk in all four arrays.
                 store.record_progress(self.group, hi, complete=hi == self.end)
             except BaseException as exc:  # surfaced to the producer by add()/close()
                 self._error = exc

@@ -8,6 +8,10 @@ split is served as a memory-mapped (N, n_ctx) view: calling :func:`token_blocks`
 Packing: every document is followed by ``<|endoftext|>``, documents are concatenated in corpus
 order, and the stream is cut into consecutive blocks of n_ctx tokens; only the final partial
 block (fewer than n_ctx tokens) is dropped, and :attr:`TokenBlocks.n_dropped` says how many.
+
+The "all" split also carries :attr:`TokenBlocks.val_mask`, which tokens belong to the LM's
+validation documents (the same seeded choice the "val" split serves), so that a harvest over
+every document can still tell later stages which rows the LM never trained on.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Literal
 
@@ -49,6 +53,10 @@ class TokenBlocks:
     n_documents: int
     n_tokens: int  # tokens in the split's stream, EOT separators included
     n_dropped: int  # tokens of the final partial block, not served
+    # (N, n_ctx) uint8, memory-mapped, aligned with ``blocks``: 1 where the token belongs to one of
+    # the validation documents (each document's trailing EOT included). Only the "all" split of a
+    # corpus with validation documents has one; it is None otherwise.
+    val_mask: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.blocks)
@@ -151,6 +159,37 @@ def _split_stream(path: Path, cfg: CorpusConfig, split: str) -> tuple[np.ndarray
     return np.load(path / meta["file"], mmap_mode="r"), meta
 
 
+def _val_mask(path: Path, cfg: CorpusConfig) -> np.ndarray | None:
+    """Per token of the "all" stream, 1 if its document is a validation document (memory-mapped).
+
+    Built once per (seed, val_fraction) from the document ends, written through a memory map so
+    that a corpus of billions of tokens never needs the mask in RAM; renamed into place whole.
+    """
+    if cfg.val_fraction == 0:
+        return None
+    mask_file = path / f"all-valmask-seed{cfg.seed}-val{cfg.val_fraction!r}.npy"
+    if not mask_file.is_file():
+        ends = np.load(path / "doc_ends.npy")
+        starts = np.concatenate([[0], ends[:-1]])
+        is_val = np.zeros(len(ends), dtype=np.uint8)
+        is_val[split_documents(len(ends), cfg)["val"]] = 1
+        fd, tmp = tempfile.mkstemp(dir=path, suffix=".npy")
+        os.close(fd)
+        try:
+            mask = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(int(ends[-1]),))
+            for i in range(0, len(ends), _BATCH_DOCS):  # a batch of documents at a time: bounded RAM
+                j = min(len(ends), i + _BATCH_DOCS)
+                # ends[d] is past document d's EOT, so the separator belongs to its document.
+                mask[starts[i]:ends[j - 1]] = np.repeat(is_val[i:j], ends[i:j] - starts[i:j])
+            mask.flush()
+            del mask
+            os.replace(tmp, mask_file)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return np.load(mask_file, mmap_mode="r")
+
+
 def token_blocks(corpus: CorpusConfig, n_ctx: int, split: Split = "all",
                  cache_dir: str | Path | None = None) -> TokenBlocks:
     """Packed (N, n_ctx) token blocks of a split; the first call tokenises, later calls memory-map."""
@@ -167,9 +206,11 @@ def token_blocks(corpus: CorpusConfig, n_ctx: int, split: Split = "all",
     identity = json.loads((path / "identity.json").read_text())
     fingerprint = _digest({"identity": identity, "split": split, "n_ctx": n_ctx, "tokens": meta["sha256"],
                            **({} if split == "all" else {"seed": corpus.seed, "val_fraction": corpus.val_fraction})})
+    mask = _val_mask(path, corpus) if split == "all" else None
     return TokenBlocks(blocks=stream[: n_blocks * n_ctx].reshape(n_blocks, n_ctx), fingerprint=fingerprint,
                        split=split, n_ctx=n_ctx, n_documents=meta["n_documents"], n_tokens=meta["n_tokens"],
-                       n_dropped=len(stream) - n_blocks * n_ctx)
+                       n_dropped=len(stream) - n_blocks * n_ctx,
+                       val_mask=None if mask is None else mask[: n_blocks * n_ctx].reshape(n_blocks, n_ctx))
 
 
 def unigram_entropy(tokens: np.ndarray) -> float:
@@ -184,8 +225,8 @@ def unigram_entropy(tokens: np.ndarray) -> float:
 
 def describe(blocks: TokenBlocks) -> dict:
     """JSON-able summary of a TokenBlocks, for logs and provenance."""
-    out = asdict(blocks)
-    out.pop("blocks")
+    # Not dataclasses.asdict: it would deep-copy the memory-mapped arrays.
+    out = {f.name: getattr(blocks, f.name) for f in fields(blocks) if f.name not in ("blocks", "val_mask")}
     out["n_blocks"] = len(blocks)
     return out
 

@@ -78,8 +78,9 @@ def analyze_runs(tmp_path_factory, tiny_lm_dir, tiny_corpus):
     [path] = harvest(load_bridge(tiny_lm_dir), blocks.blocks, runs / "acts" / "tiny",
                      HarvestConfig(layer="1", chunk_rows=256, batch_size=8), model_dir=info["path"],
                      weights_sha256=info["weights_sha256"], corpus_fingerprint=blocks.fingerprint,
-                     progress=False)
+                     heldout=blocks.val_mask, progress=False)
     store = ActivationStore(path)
+    assert store.describe()["heldout_rule"] == "documents"
     cfg = SAETrainConfig(l1=[1e-3, 1e-2], dict_sizes=[64, 128], steps=60, batch_size=64,
                          log_every=20, dead_window=20, resample_every=0)
     train_and_save(store, cfg, runs / "sae" / "tiny" / "layer1" / "1x+2x",

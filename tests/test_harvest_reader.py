@@ -18,6 +18,9 @@ from unsuperpose.harvest.writer import ChunkWriter
 from unsuperpose.train.source import check_source
 
 ROWS, CHUNK, D = 1000, 64, 4  # 15 whole chunks and a partial one of 40 rows
+# No row is marked held out, so the last quarter of the chunks is (4 of 16: rows 768..999); the
+# training stream serves the rest. tests/test_harvest_heldout.py tests the rules themselves.
+TRAIN = 12 * CHUNK
 
 
 def labelled_rows(lo: int, hi: int) -> np.ndarray:
@@ -59,17 +62,20 @@ def take(it, n: int) -> list[torch.Tensor]:
 def test_store_is_an_activation_source(labelled):
     assert check_source(labelled) is labelled
     assert labelled.d == D and labelled.rows == ROWS and labelled.n_chunks == 16
+    assert labelled.train_rows == TRAIN and labelled.heldout_rows() == ROWS - TRAIN
     desc = labelled.describe()
     assert desc["hook"] == "blocks.0.mlp.hook_post" and desc["rows"] == ROWS and desc["complete"]
+    assert desc["train_rows"] == TRAIN and desc["heldout_rows"] == ROWS - TRAIN
+    assert desc["heldout"] == "the last 4 chunks (232 rows), held out whole (the store holds none of the LM's validation documents)"
 
 
-def test_shuffled_batches_are_a_permutation_of_the_rows_over_each_epoch(labelled):
-    batches = take(labelled.batches(50, seed=3), 3 * ROWS // 50)
-    assert all(b.dtype == torch.float32 and b.shape == (50, D) for b in batches)
-    epochs = [np.concatenate([row_ids(b) for b in batches[e * 20:(e + 1) * 20]]) for e in range(3)]
+def test_shuffled_batches_are_a_permutation_of_the_training_rows_over_each_epoch(labelled):
+    batches = take(labelled.batches(48, seed=3), 3 * TRAIN // 48)
+    assert all(b.dtype == torch.float32 and b.shape == (48, D) for b in batches)
+    epochs = [np.concatenate([row_ids(b) for b in batches[e * 16:(e + 1) * 16]]) for e in range(3)]
     for ids in epochs:
-        np.testing.assert_array_equal(np.sort(ids), np.arange(ROWS))
-    assert not np.array_equal(epochs[0], np.arange(ROWS))
+        np.testing.assert_array_equal(np.sort(ids), np.arange(TRAIN))
+    assert not np.array_equal(epochs[0], np.arange(TRAIN))
     assert not np.array_equal(epochs[0], epochs[1])  # each epoch is reshuffled
 
 
@@ -98,10 +104,10 @@ def test_start_k_continues_the_stream_exactly(labelled, shuffle, start):
         assert torch.equal(x, y)
 
 
-def test_unshuffled_batches_read_the_rows_in_order_and_wrap_around(labelled):
+def test_unshuffled_batches_read_the_training_rows_in_order_and_wrap_around(labelled):
     batches = take(labelled.batches(300, shuffle=False), 4)
     ids = np.concatenate([row_ids(b) for b in batches])
-    np.testing.assert_array_equal(ids, np.arange(1200) % ROWS)
+    np.testing.assert_array_equal(ids, np.arange(1200) % TRAIN)
 
 
 def test_closing_the_stream_stops_the_prefetch_thread(labelled):
@@ -115,9 +121,9 @@ def test_incomplete_store_is_refused_or_read_up_to_its_last_whole_chunk(tmp_path
     with pytest.raises(UserError, match=r"incomplete \(320 of 1,000 rows\).*allow_incomplete=True"):
         ActivationStore(path)
     part = ActivationStore(path, allow_incomplete=True)
-    assert part.rows == 5 * CHUNK
-    ids = np.concatenate([row_ids(b) for b in take(part.batches(32, seed=0), 10)])
-    np.testing.assert_array_equal(np.sort(ids), np.arange(5 * CHUNK))
+    assert part.rows == 5 * CHUNK and part.train_rows == 4 * CHUNK  # its own last chunk held out
+    ids = np.concatenate([row_ids(b) for b in take(part.batches(32, seed=0), 8)])
+    np.testing.assert_array_equal(np.sort(ids), np.arange(4 * CHUNK))
 
 
 def test_a_corrupt_chunk_is_detected_on_read(tmp_path):

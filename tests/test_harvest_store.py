@@ -22,6 +22,16 @@ N_CTX, VOCAB = 32, 100
 SOURCE = {"model_dir": "tiny", "weights_sha256": "w0", "corpus_fingerprint": "c0"}
 
 
+def planted_marks(shape=(40, N_CTX), seed: int = 0) -> np.ndarray:
+    """A held-out mask shaped like validation documents: runs of 1s of uneven length."""
+    ends = np.cumsum(np.random.default_rng(seed).integers(20, 90, 64))
+    doc = np.searchsorted(ends, np.arange(shape[0] * shape[1]), side="right")
+    return (doc % 4 == 1).astype(np.uint8).reshape(shape)
+
+
+MARKS = planted_marks()
+
+
 def save_tiny_gpt2(path: Path, d_mlp: int = 64, seed: int = 0) -> Path:
     """A random GPT-2 of the test shape (3 layers, d_model 16), saved as HF files."""
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -68,13 +78,15 @@ def cfg(**kw) -> HarvestConfig:
     return HarvestConfig(**{"chunk_rows": 96, "batch_size": 3, **kw})
 
 
-def run(bridge, blocks, out, source=SOURCE, **kw) -> list[Path]:
-    return harvest(bridge, blocks, out, cfg(**kw), progress=False, **source)
+def run(bridge, blocks, out, source=SOURCE, heldout="planted", **kw) -> list[Path]:
+    marks = MARKS[:len(blocks)] if isinstance(heldout, str) else heldout
+    return harvest(bridge, blocks, out, cfg(**kw), progress=False, heldout=marks, **source)
 
 
 def arrays(path: Path) -> dict[str, np.ndarray]:
     g = zarr.open_group(path, mode="r")
-    return {"acts": g["acts"][:].view(np.int16), "tokens": g["tokens"][:], "positions": g["positions"][:]}
+    return {"acts": g["acts"][:].view(np.int16), "tokens": g["tokens"][:], "positions": g["positions"][:],
+            "heldout": g["heldout"][:]}
 
 
 def assert_same_store(a: Path, b: Path) -> None:
@@ -111,6 +123,8 @@ def test_tokens_and_positions_line_up_with_the_blocks(bridge, blocks, tmp_path):
     assert s.rows == rows and s.d == 64
     np.testing.assert_array_equal(s.tokens(), blocks.reshape(-1)[:rows])
     np.testing.assert_array_equal(s.positions(), np.arange(rows) % N_CTX)
+    np.testing.assert_array_equal(arrays(path)["heldout"], MARKS.reshape(-1)[:rows])
+    np.testing.assert_array_equal(s.heldout_mask(), MARKS.reshape(-1)[:rows] == 1)
 
 
 def test_store_layout_and_provenance_attributes(bridge, blocks, tmp_path):
@@ -119,11 +133,14 @@ def test_store_layout_and_provenance_attributes(bridge, blocks, tmp_path):
     assert meta["hook"] == "blocks.1.mlp.hook_post" and meta["layer"] == 1
     assert meta["width"] == 64 and meta["n_ctx"] == N_CTX and meta["dtype"] == "bfloat16"
     assert meta["weights_sha256"] == "w0" and meta["corpus_fingerprint"] == "c0"
+    assert meta["heldout_fingerprint"] == loop.mask_fingerprint(MARKS)
     assert meta["rows_written"] == blocks.size and meta["complete"] is True
     assert meta["unsuperpose_version"]
     acts = json.loads((path / "acts" / "zarr.json").read_text())
     assert acts["data_type"] == "bfloat16" and acts["chunk_grid"]["configuration"]["chunk_shape"] == [96, 64]
     assert [c["name"] for c in acts["codecs"]] == ["bytes", "zstd", "crc32c"]
+    marks = json.loads((path / "heldout" / "zarr.json").read_text())
+    assert marks["data_type"] == "uint8" and marks["chunk_grid"]["configuration"]["chunk_shape"] == [96]
 
 
 def test_store_opens_with_plain_zarr_once_the_dtype_is_registered(bridge, blocks, tmp_path):
@@ -237,8 +254,60 @@ def test_a_finished_store_is_left_alone(bridge, blocks, tmp_path, capsys):
     assert (path / "acts" / "c" / "0" / "0").stat().st_mtime_ns == before
 
 
+def test_stores_started_with_different_batch_sizes_each_resume_with_their_own(
+        bridge, blocks, tmp_path, monkeypatch, capsys):
+    """One pass shared by all stores would batch some of them differently from their first part."""
+    ref0 = run(bridge, blocks, tmp_path / "ref", layer="0", batch_size=3)[0]
+    ref1 = run(bridge, blocks, tmp_path / "ref", layer="1", batch_size=5)[0]
+    out = tmp_path / "cut"
+    for layer, batch in (("0", 3), ("1", 5)):
+        _interrupt_after(monkeypatch, 4)  # the width probe, then 2 batches
+        with pytest.raises(KeyboardInterrupt):
+            run(bridge, blocks, out, layer=layer, batch_size=batch)
+        monkeypatch.undo()
+    real, seen = loop._forward, []
+
+    def forward(bridge, tokens, hooks, stop):
+        seen.append((len(tokens), tuple(hooks)))
+        return real(bridge, tokens, hooks, stop)
+
+    monkeypatch.setattr(loop, "_forward", forward)
+    run(bridge, blocks, out, layer="0,1", batch_size=4)
+    sizes = {h: {n for n, hooks in seen[1:] if h in hooks} for h in ("blocks.0.mlp.hook_post",
+                                                                        "blocks.1.mlp.hook_post")}
+    assert sizes == {"blocks.0.mlp.hook_post": {3, len(blocks) % 3}, "blocks.1.mlp.hook_post": {5}}
+    printed = capsys.readouterr().out
+    assert "different batch sizes (batch size 3: layer0.zarr; batch size 5: layer1.zarr)" in printed
+    assert_same_store(ref0, out / "layer0.zarr")
+    assert_same_store(ref1, out / "layer1.zarr")
+
+
+def _strip_heldout(path: Path) -> None:
+    """Make ``path`` look like a store written before the held-out array existed."""
+    import shutil
+
+    shutil.rmtree(path / "heldout")
+    attrs = json.loads((path / "zarr.json").read_text())
+    attrs["attributes"].pop("heldout_fingerprint")
+    (path / "zarr.json").write_text(json.dumps(attrs))
+
+
+def test_a_store_from_before_held_out_rows_is_kept_when_finished_else_refused(bridge, blocks, tmp_path, capsys):
+    [done] = run(bridge, blocks, tmp_path / "done", layer="1", tokens=500)
+    _strip_heldout(done)
+    run(bridge, blocks, tmp_path / "done", layer="1", tokens=500)
+    assert "predates held-out rows" in capsys.readouterr().out and not (done / "heldout").exists()
+    with pytest.raises(UserError, match=r"before stores recorded held-out rows.*--force"):
+        run(bridge, blocks, tmp_path / "done", layer="1")  # extending it
+    with pytest.raises(UserError, match="corpus_fingerprint"):  # other sources still refused first
+        run(bridge, blocks, tmp_path / "done", source={**SOURCE, "corpus_fingerprint": "c1"}, layer="1", tokens=500)
+    [forced] = run(bridge, blocks, tmp_path / "done", layer="1", force=True)
+    assert_same_store(run(bridge, blocks, tmp_path / "ref", layer="1")[0], forced)
+
+
 KILL_SCRIPT = """
 import sys, time, numpy as np, torch
+from test_harvest_store import MARKS
 from transformer_lens.model_bridge import TransformerBridge
 from unsuperpose.harvest import HarvestConfig, harvest
 from unsuperpose.harvest import loop
@@ -251,14 +320,15 @@ loop._forward = slow
 bridge = TransformerBridge.boot_transformers(sys.argv[1], device="cpu", dtype=torch.float32)
 blocks = np.random.default_rng(0).integers(0, 100, (40, 32)).astype(np.uint16)
 harvest(bridge, blocks, sys.argv[2], HarvestConfig(layer="1", chunk_rows=96, batch_size=3),
-        model_dir="tiny", weights_sha256="w0", corpus_fingerprint="c0", progress=False)
+        model_dir="tiny", weights_sha256="w0", corpus_fingerprint="c0", heldout=MARKS, progress=False)
 """
 
 
 def test_kill_9_mid_harvest_then_resume_equals_uninterrupted(model_dir, bridge, blocks, tmp_path):
     [ref] = run(bridge, blocks, tmp_path / "ref", layer="1")
     out = tmp_path / "killed"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(model_dir), str(out)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     meta = out / "layer1.zarr" / "zarr.json"
@@ -308,3 +378,12 @@ def test_a_store_of_other_provenance_is_refused_unless_forced(bridge, blocks, tm
     run(bridge, blocks, tmp_path, source=other, layer="1", tokens=100, force=True)
     assert store.provenance(zarr.open_group(path)).corpus_fingerprint == "c1"
     assert ActivationStore(path).rows == 100
+
+
+def test_a_store_with_other_held_out_marks_is_refused(bridge, blocks, tmp_path):
+    """The corpus fingerprint of the "all" split does not cover the seeded validation choice."""
+    run(bridge, blocks, tmp_path, layer="1", tokens=200)
+    with pytest.raises(UserError, match="heldout_fingerprint.*--force"):
+        run(bridge, blocks, tmp_path, layer="1", heldout=planted_marks(seed=1))
+    with pytest.raises(UserError, match="heldout_fingerprint"):
+        run(bridge, blocks, tmp_path, layer="1", heldout=None)

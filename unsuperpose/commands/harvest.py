@@ -1,7 +1,8 @@
 """`unsuperpose harvest`: a saved LM + its corpus -> one activation store per hook.
 
 The glue between ``lm`` (model, bridge, token blocks) and ``harvest`` (the streaming loop):
-the corpus is the one the model was trained on unless corpus flags say otherwise.
+the corpus is the one the model was trained on unless corpus flags say otherwise, and so are its
+validation documents, whose rows the stores mark as held out from SAE training.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     paths = harvest(load_bridge(args.lm), blocks.blocks, args.out, cfg,
                     model_dir=info["path"], weights_sha256=info["weights_sha256"],
                     corpus_fingerprint=blocks.fingerprint, corpus=to_dict(corpus),
-                    progress=not args.no_progress)
+                    heldout=blocks.val_mask, progress=not args.no_progress)
     for path in paths:
         print(f"harvest: wrote {path}")
     return 0
