@@ -15,12 +15,12 @@ Key = tuple[float, int]
 GRID_FIGURES = [
     ("mmcs", "MMCS with the ground-truth features", dict(cmap="viridis")),
     ("dead", "dead latents (capped at 100)", dict(cap=100, cmap="magma", fmt=".0f")),
-    ("mse", "reconstruction loss (MSE)", dict(log_color=True, fmt=".2g")),
-    ("l1_loss", "L1 loss", dict(log_color=True, fmt=".2g")),
+    ("heldout_mse", "held-out reconstruction loss (MSE)", dict(log_color=True, fmt=".2g")),
+    ("heldout_l1_loss", "held-out L1 loss", dict(log_color=True, fmt=".2g")),
     ("ssll", "summed standardised log losses", dict(cmap="coolwarm")),
     ("mmcs_larger", "MMCS with larger dictionaries", dict(cmap="viridis")),
-    ("l0", "L0 (active latents per sample)", dict(log_color=True, fmt=".3g")),
-    ("fvu", "fraction of variance unexplained", dict(log_color=True, fmt=".2g")),
+    ("heldout_l0", "held-out L0 (active latents per sample)", dict(log_color=True, fmt=".3g")),
+    ("heldout_fvu", "held-out fraction of variance unexplained", dict(log_color=True, fmt=".2g")),
 ]
 
 
@@ -28,7 +28,8 @@ def score_grid(dicts: dict[Key, torch.Tensor], metrics: dict[Key, dict],
                ground_truth: torch.Tensor | None = None) -> dict[Key, dict[str, float]]:
     """Per SAE: MMCS with larger dictionaries, SSLL, and with ground truth also MMCS and MCC."""
     larger = mmcs_with_larger(dicts)
-    stick = ssll({k: m["mse"] for k, m in metrics.items()}, {k: m["l1_loss"] for k, m in metrics.items()})
+    stick = ssll({k: m["heldout_mse"] for k, m in metrics.items()},
+                 {k: m["heldout_l1_loss"] for k, m in metrics.items()})
     scores = {}
     for key, d in dicts.items():
         s = {"mmcs_larger": larger[key], "ssll": stick[key]}

@@ -10,7 +10,8 @@ from pathlib import Path
 from unsuperpose.analyze.compare import ratio_label
 from unsuperpose.analyze.html import Raw, esc, fmt, image, page, table, write
 
-GRID_COLUMNS = ["l1", "dict_size", "dict_ratio", "steps", "samples", "mse", "fvu", "l1_loss", "l0",
+GRID_COLUMNS = ["l1", "dict_size", "dict_ratio", "steps", "samples", "heldout_rows", "heldout_mse", "heldout_fvu",
+                "heldout_l1_loss", "heldout_l0",
                 "dead", "ssll", "mmcs_larger", "mmcs", "mcc", "set"]
 
 FIGURE_TEXT = {
@@ -25,52 +26,59 @@ FIGURE_TEXT = {
 }
 
 
-def _where(p, base: int, dead=None) -> str:
+def _where(p, base: int) -> str:
     if p.size is None:
-        if dead is not None and dead.all_alive and not dead.inside:
-            largest = max(n for n in dead.per_l1.values() if n)
-            return f"beyond the grid: no dead latents up to {ratio_label(largest, base)}"
-        if dead is not None and dead.none_alive and not dead.inside:
-            return "below the grid: dead latents even in the smallest dictionary"
         return "nowhere in the grid"
+    if p.lower_bound:
+        return f"more than {ratio_label(p.size, base)} (more than {p.size:,} latents): grow the grid"
     at = f"L1 {p.l1:g}, " if p.l1 is not None else ""
     return f"{at}{ratio_label(p.size, base)} ({p.size:,} latents)"
 
 
 def _verdict(match: dict) -> Raw:
-    if not match:
+    if "size_steps_off" not in match:
         return Raw("-")
-    if match.get("matches"):
+    off = match["size_steps_off"]
+    if off is None:
+        return Raw('<span class="no">no</span> (no size inside the grid)')
+    if off == 0:
         return Raw('<span class="ok">yes</span>')
-    off = []
-    if match.get("size_steps_off"):
-        off.append(f"size {match['size_steps_off']} step(s) off")
-    if match.get("l1_steps_off"):
-        off.append(f"L1 {match['l1_steps_off']} step(s) off")
-    return Raw(f'<span class="no">no</span> ({esc(", ".join(off) or "off the grid")})')
+    return Raw(f'<span class="{"ok" if off <= 1 else "no"}">{off} size step(s) off</span>')
+
+
+def estimate_text(est: dict | None, base: int, name: str) -> str:
+    """One sentence for the estimate; an open upper end is printed as a bound, never a number."""
+    if not est:
+        return f"{name}: no diagnostic points inside this grid; train larger dictionaries or more L1 values."
+    if est["high"] is None:
+        pointed = f" (the other diagnostics point to {', '.join(f'{s:,}' for s in est['sizes'])})" \
+            if est["sizes"] else ""
+        return (f"{name}: more than {est['more_than']:,} features ({ratio_label(est['more_than'], base)} "
+                f"of {base}): even the largest dictionary keeps every latent alive at some L1, so "
+                f"nothing bounds the number from above{pointed}; the grid must grow until dead "
+                "latents appear.")
+    rng = f"{est['low']:,}" if est["low"] == est["high"] else f"{est['low']:,}–{est['high']:,}"
+    return (f"{name}: the diagnostics point to dictionaries of {rng} latents "
+            f"({ratio_label(est['low'], base)}–{ratio_label(est['high'], base)} of {base}); "
+            f"taken at face value about {est['median']:,} features (the median of "
+            f"{', '.join(f'{s:,}' for s in est['sizes'])}).")
 
 
 def summary_html(report) -> str:
     lm, toy = report.lm, report.toy
-    parts = []
-    est = lm.diagnosis.estimate()
-    if est:
-        rng = (f"{est['low']:,}" if est["low"] == est["high"] else f"{est['low']:,}–{est['high']:,}")
-        parts.append(f"<p><b>Estimate for {esc(lm.name)}:</b> the diagnostics point to dictionaries of "
-                     f"{rng} latents ({ratio_label(est['low'], lm.base)}–{ratio_label(est['high'], lm.base)} "
-                     f"of d = {lm.base}); taken at face value, about <b>{est['median']:,} features</b> "
-                     f"(the median of {', '.join(f'{s:,}' for s in est['sizes'])}). The dead-latent "
-                     "boundary is a lower bound; a grid whose largest dictionaries show no dead latents "
-                     "cannot place it.</p>")
-    else:
-        parts.append(f"<p><b>{esc(lm.name)}:</b> no diagnostic points inside this grid; train larger "
-                     "dictionaries or more L1 values.</p>")
-    if toy is not None and toy.diagnosis.optimum is not None:
-        a, n = toy.diagnosis.optimum
-        hits = sum(bool(p.match.get("matches")) for p in toy.diagnosis.pointers)
-        parts.append(f"<p><b>Toy data (G = {toy.base}):</b> the ground-truth optimum is L1 {a:g}, "
-                     f"{ratio_label(n, toy.base)} ({n:,} latents, MMCS {toy.diagnosis.optimum_mmcs:.3f}); "
-                     f"{hits} of {len(toy.diagnosis.pointers)} diagnostics point to it.</p>")
+    parts = [f"<p><b>Estimate.</b> {esc(estimate_text(lm.diagnosis.estimate(), lm.base, lm.name))}</p>"]
+    if toy is not None and toy.diagnosis.truth_size is not None:
+        offs = [p.match.get("size_steps_off") for p in toy.diagnosis.pointers]
+        hits = sum(o == 0 for o in offs)
+        near = sum(o is not None and o <= 1 for o in offs)
+        opt = ""
+        if toy.diagnosis.optimum is not None:
+            a, n = toy.diagnosis.optimum
+            opt = (f" The best recovery is at L1 {a:g}, {ratio_label(n, toy.base)} ({n:,} latents, "
+                   f"MMCS {toy.diagnosis.optimum_mmcs:.3f}).")
+        parts.append(f"<p><b>Toy data (G = {toy.base} true features):</b> {hits} of "
+                     f"{len(toy.diagnosis.pointers)} diagnostics point to 1x, {near} within one size "
+                     f"step.{esc(opt)}</p>")
     return "".join(parts)
 
 
@@ -79,9 +87,9 @@ def diagnostics_table(report) -> str:
     rows = []
     for i, p in enumerate(lm.diagnosis.pointers):
         tp = toy.diagnosis.pointers[i] if toy else None
-        rows.append([p.diagnostic, _where(tp, toy.base, toy.diagnosis.dead) if tp else "-",
-                     _verdict(tp.match) if tp else "-", _where(p, lm.base, lm.diagnosis.dead), p.why])
-    return table(["diagnostic", "toy: points to", "toy: at the ground-truth optimum?",
+        rows.append([p.diagnostic, _where(tp, toy.base) if tp else "-",
+                     _verdict(tp.match) if tp else "-", _where(p, lm.base), p.why])
+    return table(["diagnostic", "toy: points to", "toy: at the truth (1x)?",
                   f"{lm.name}: points to", "how"], rows, left=5)
 
 

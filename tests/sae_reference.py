@@ -19,6 +19,7 @@ def train_alone(src, cfg, l1: float, n: int) -> SAE:
         opt.zero_grad()
         sae.loss(next(it), l1, cfg.l1_norm).backward()
         opt.step()
+        sae.renormalise_()
     if hasattr(it, "close"):
         it.close()
     return sae

@@ -16,8 +16,8 @@ def test_toy_cli_writes_summary_dictionaries_and_figures(tmp_path):
     assert code == 0
     rows = list(csv.DictReader(open(out / "summary.csv")))
     assert len(rows) == 6
-    for col in ["l1", "dict_ratio", "dict_label", "dict_size", "steps", "samples", "mse",
-                "l1_loss", "l0", "fvu", "dead", "mmcs", "mcc", "ssll", "mmcs_larger"]:
+    for col in ["l1", "dict_ratio", "dict_label", "dict_size", "steps", "samples", "heldout_mse",
+                "heldout_l1_loss", "heldout_l0", "heldout_fvu", "heldout_rows", "dead", "mmcs", "mcc", "ssll", "mmcs_larger"]:
         assert col in rows[0], col
     assert {r["dict_size"] for r in rows} == {"16", "32", "64"}
     assert {float(r["l1"]) for r in rows} == {1e-3, 1e-2}
@@ -26,7 +26,7 @@ def test_toy_cli_writes_summary_dictionaries_and_figures(tmp_path):
     assert all(0 < float(r["mmcs"]) <= 1 for r in rows)
     saes = sorted(p.name for p in (out / "saes").iterdir())
     assert len(saes) == 6 and all((out / "saes" / s / "sae.safetensors").exists() for s in saes)
-    for fig in ["mmcs", "dead", "mse", "l1_loss", "ssll", "mmcs_larger"]:
+    for fig in ["mmcs", "dead", "heldout_mse", "heldout_l1_loss", "ssll", "mmcs_larger"]:
         assert (out / "figures" / f"heatmap_{fig}.png").stat().st_size > 1000, fig
     assert (out / "figures" / "curve_mmcs.png").exists()
     assert (out / "train_config.json").exists() and (out / "log.jsonl").exists()
@@ -57,3 +57,16 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "8y" in err and "Traceback" not in err
     assert main(["toy", "--out", str(tmp_path), "--k", "600", "--wandb", "disabled"]) == 2
+
+
+def test_package_metadata_matches_what_the_code_needs():
+    # The code uses Python 3.11 (tomllib here, typing features elsewhere) and fused Adam on the
+    # CPU (train/trainer.py), which arrived in torch 2.4.
+    import re
+    import tomllib
+    from pathlib import Path
+    meta = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    assert meta["requires-python"] == ">=3.11"
+    torch_req = next(d for d in meta["dependencies"] if d.startswith("torch"))
+    major, minor = map(int, re.search(r">=(\d+)\.(\d+)", torch_req).groups())
+    assert (major, minor) >= (2, 4)

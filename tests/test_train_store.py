@@ -70,8 +70,11 @@ def test_train_cli_writes_grid_saelens_exports_and_figures(toy_store, tmp_path):
     rows = list(csv.DictReader(open(out / "summary.csv")))
     assert {(r["l1"], r["dict_size"]) for r in rows} == {("0.001", "16"), ("0.001", "32"),
                                                           ("0.01", "16"), ("0.01", "32")}
-    for col in ["mse", "l1_loss", "l0", "fvu", "dead", "mmcs_larger", "ssll", "dict_ratio"]:
+    for col in ["heldout_mse", "heldout_l1_loss", "heldout_l0", "heldout_fvu", "heldout_rows", "dead",
+                "mmcs_larger", "ssll", "dict_ratio"]:
         assert col in rows[0]
+    # 16 chunks, none marked held out: the last quarter of them is (see harvest/heldout.py).
+    assert {r["heldout_rows"] for r in rows} == {str(4 * 256)}
     assert "mmcs" not in rows[0]      # no ground truth on a store
     assert (out / "figures" / "heatmap_dead.png").exists()
     assert not (out / "checkpoint").exists()   # a finished run keeps dictionaries, not Adam state

@@ -33,8 +33,12 @@ class SAETrainConfig:
     batch_size: int = field(256, help="activations per step")
     steps: int = field(5000, help="optimizer steps")
     dead_window: int = field(1000, help="a latent is dead if it has not fired in this many minibatches")
-    resample_every: int = field(250, help="steps between resampling dead latents onto poorly "
-                                "reconstructed inputs (0: never; not in the report)")
+    resample_every: int = field(0, help="steps between resampling dead latents onto poorly "
+                                "reconstructed inputs (0: never, the default: resampling revives "
+                                "the very latents whose death the dead-neuron diagnostic reads; "
+                                "not in the report)")
+    resample_pool: int = field(16, help="batches drawn (from a stream of their own) to pick "
+                               "resampling targets from, so many dead latents get distinct inputs")
     resample_until: float = field(0.7, help="fraction of training after which no more resampling "
                                   "happens, so the final dictionary can settle")
     sparse_below: float = field(0.02, help="use the sparse backward in a step where fewer than this "
@@ -42,7 +46,8 @@ class SAETrainConfig:
     seed: int = field(0, help="seed of the initialisation (one per dictionary size; shared across L1)")
     data_seed: int = field(0, help="seed of the batch stream drawn from the source")
     log_every: int = field(100, help="steps between logged training scalars")
-    eval_batches: int = field(16, help="batches used for the final reconstruction metrics")
+    eval_rows: int = field(65_536, help="held-out rows for the final metrics (at most the "
+                           "source's held-out rows: all of them for a store holding fewer)")
 
     def __post_init__(self) -> None:
         self.l1 = [float(v) for v in self.l1]
@@ -56,7 +61,7 @@ class SAETrainConfig:
             problems.append(f"dictionary sizes must be positive integers (got {self.dict_sizes})")
         if len(set(self.dict_sizes)) != len(self.dict_sizes):
             problems.append(f"dictionary sizes repeat: {self.dict_sizes}")
-        for name in ("batch_size", "steps", "dead_window", "log_every", "eval_batches"):
+        for name in ("batch_size", "steps", "dead_window", "log_every", "eval_rows", "resample_pool"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1 (got {getattr(self, name)})")
         if not 0 <= self.sparse_below <= 1:
@@ -97,24 +102,31 @@ def parse_l1_list(text: str) -> list[float]:
     return values
 
 
-_SIZE = re.compile(r"^(?:(\d+(?:\.\d+)?|\d+/\d+)x|(\d+))$")
+_SIZE = re.compile(r"^(?:(\d+(?:\.\d+)?|\d+/\d+)x|(\d+(?:\.\d+)?|\d+/\d+))$")
 
 
-def parse_dict_sizes(text: str, base: int) -> list[tuple[str, int]]:
+def parse_dict_sizes(text: str, base: int, *, bare: str = "absolute") -> list[tuple[str, int]]:
     """'1/8x,1x,8x,4096' -> [(label, size)], ratios relative to ``base``.
 
     The base is G for toy data (as in the report) and the activation width d for an LM store.
+    ``bare``: what a number without 'x' means, 'absolute' (latents) or 'ratio' (for a flag named
+    --dict-ratios, where '1' meaning one latent would be a trap).
     """
+    if bare not in ("absolute", "ratio"):
+        raise ValueError(f"bare must be 'absolute' or 'ratio', not {bare!r}")
     out = []
     for part in (p.strip() for p in text.split(",")):
         m = _SIZE.match(part)
         if not m:
             raise ValueError(f"cannot parse dictionary size {part!r} in {text!r}: use a ratio like "
                              "8x, 0.5x or 1/8x, or an absolute number of latents like 4096")
-        if m.group(2):
+        if m.group(2) and bare == "absolute":
+            if not m.group(2).isdigit():
+                raise ValueError(f"dictionary size {part!r}: an absolute size is a whole number of "
+                                 f"latents; for a ratio write {part}x")
             size = int(m.group(2))
         else:
-            ratio_text = m.group(1)
+            ratio_text = m.group(1) or m.group(2)
             num, _, den = ratio_text.partition("/")
             if den and float(den) == 0:
                 raise ValueError(f"dictionary size {part!r} divides by zero")

@@ -88,6 +88,18 @@ class SAEGroup:
         return codes, torch.bmm(codes.transpose(0, 1), dn)
 
     # -- training ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def renormalise_(self) -> None:
+        """Raw decoder rows back to unit norm, after every optimiser step.
+
+        The loss only sees W_dec / ||W_dec||, so the gradient is tangent to the sphere and the
+        raw norms grow under Adam (max 1.27 after 1,500 steps at h 32). Adam's step is ~lr in
+        raw coordinates, i.e. lr / ||W_row|| on the sphere: grown atoms would learn slower than
+        freshly resampled ones (norm 1). Projecting back keeps every atom's step at lr and
+        leaves the function the SAE computes unchanged.
+        """
+        self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True))
+
     def reset_stats(self) -> None:
         self.stat_sq = torch.zeros(self.S, dtype=torch.float64)
         self.stat_l1 = torch.zeros(self.S, dtype=torch.float64)

@@ -3,8 +3,10 @@
 Not in the 2022 report (``--preset report`` turns it off). With a dictionary no larger than the
 number of true features, every latent that dies is a feature that can never be recovered; on the
 report's toy setup resampling is what lifts MMCS from ~0.94 to >0.99 within 5k steps (see
-``make bench``). Recipe, per SAE: draw inputs with probability proportional to their squared
-reconstruction error, set each dead latent's atom to the direction of that input's residual,
+``make bench``). Recipe, per SAE: from a pool of many batches (``resample_pool``, a stream apart
+from training's, so that hundreds of dead latents get distinct inputs), draw inputs without
+replacement with probability proportional to their squared reconstruction error, set each
+dead latent's atom to the direction of that input's residual,
 its encoder column to the same direction scaled to 0.2 x the mean live encoder norm, its bias to
 0, and zero its Adam moments so stale statistics do not throw it straight back.
 """
@@ -31,14 +33,14 @@ def _zero_adam(optimizer: torch.optim.Optimizer, param: torch.Tensor, index) -> 
 
 
 @torch.no_grad()
-def resample_dead(group: SAEGroup, x: torch.Tensor, optimizer: torch.optim.Optimizer, dead: torch.Tensor,
+def resample_dead(group: SAEGroup, pool: torch.Tensor, optimizer: torch.optim.Optimizer, dead: torch.Tensor,
                   gen: torch.Generator) -> int:
     """Re-initialise the latents marked in ``dead`` (S, n); returns how many were resampled."""
     if not dead.any():
         return 0
     S, n = group.S, group.n
-    _, x_hat = group.reconstruct(x)
-    residual = x - x_hat                                             # (S, B, d)
+    _, x_hat = group.reconstruct(pool)
+    residual = pool - x_hat                                            # (S, B, d)
     weights = residual.pow(2).sum(-1)                                # (S, B)
     total = 0
     for s in range(S):

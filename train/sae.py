@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from unsuperpose.config import write_json_atomic
+from unsuperpose.train.init import init_params
 from unsuperpose.train.losses import l1_penalty, reconstruction_mse
 
 WEIGHTS_FILE = "sae.safetensors"
@@ -27,7 +28,8 @@ class SAE(nn.Module):
                  params: dict[str, torch.Tensor] | None = None):
         super().__init__()
         self.d_in, self.d_sae, self.tied = d_in, d_sae, tied
-        params = params or {"b_enc": torch.zeros(d_sae), "W_dec": torch.randn(d_sae, d_in)}
+        if params is None:  # a fresh SAE starts as a grid's would with seed 0
+            params = init_params(d_in, d_sae, seed=0, tied=tied)
         self.W_dec = nn.Parameter(params["W_dec"].clone())
         self.b_enc = nn.Parameter(params["b_enc"].clone())
         self.W_enc = None if tied else nn.Parameter(params["W_enc"].clone())
@@ -35,6 +37,16 @@ class SAE(nn.Module):
     def dictionary(self) -> torch.Tensor:
         """The unit-norm atoms, (d_sae, d_in)."""
         return self.W_dec / self.W_dec.norm(dim=1, keepdim=True)
+
+    @torch.no_grad()
+    def renormalise_(self) -> None:
+        """Put the raw decoder rows back on the unit sphere; call after every optimiser step.
+
+        The forward pass uses W_dec / ||W_dec|| either way, but Adam's step has a fixed size in
+        the raw coordinates, so an atom whose raw norm drifted to r moves by lr / r on the
+        sphere: without this, atoms learn at different speeds (see ``SAEGroup.renormalise_``).
+        """
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True))
 
     def encoder_weight(self) -> torch.Tensor:
         return self.dictionary().T if self.tied else self.W_enc

@@ -8,6 +8,13 @@ this module, and ``train`` never imports them.
 ``batches(batch_size, seed=s, start=k)`` must yield exactly the stream that
 ``batches(batch_size, seed=s)`` yields after its first ``k`` batches: that is what makes a
 resumed training run end with the same weights as an uninterrupted one.
+
+The final metrics (``train.evaluate``) need rows that no training batch ever holds, whatever its
+seed: ``heldout_batches(batch_size, max_rows)`` yields them (the same ones every call; the last
+batch may be shorter), ``heldout_rows(max_rows)`` says how many that is and
+``heldout_description`` what they are (a store: its LM validation documents or whole chunks;
+toy data: a generator stream of its own). ``describe()``, when present, returns provenance with
+a ``fingerprint`` that identifies the data for resuming and merging runs.
 """
 
 from __future__ import annotations
@@ -26,6 +33,19 @@ class ActivationSource(Protocol):
 
     def batches(self, batch_size: int, *, seed: int = 0, start: int = 0) -> Iterator[torch.Tensor]:
         """An endless, deterministic stream of float32 (batch_size, d) tensors, skipping ``start``."""
+        ...
+
+
+@runtime_checkable
+class HeldOutSource(ActivationSource, Protocol):
+    """A source that can also serve rows training never sees (what ``evaluate`` scores on)."""
+
+    heldout_description: str
+
+    def heldout_rows(self, max_rows: int | None = None) -> int:
+        ...
+
+    def heldout_batches(self, batch_size: int, max_rows: int | None = None) -> Iterator[torch.Tensor]:
         ...
 
 

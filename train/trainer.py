@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from unsuperpose.train.config import SAETrainConfig
 from unsuperpose.train.grid import SAEGroup
+from unsuperpose.train.losses import l1_divisor
 from unsuperpose.train.resample import resample_dead, resample_generator
 from unsuperpose.train.source import ActivationSource, check_source
 
@@ -51,6 +52,7 @@ class GridState:
     optimizer: torch.optim.Optimizer
     step: int = 0
     history: list[dict] = field(default_factory=list)
+    source_fingerprint: str | None = None   # the data's identity, kept with every checkpoint
 
     def keys(self) -> list[tuple[float, int]]:
         return [(l1, g.n) for g in self.groups for l1 in g.l1]
@@ -66,7 +68,7 @@ class GridState:
 
 def data_sample(source: ActivationSource, rows: int, seed: int) -> torch.Tensor:
     """``rows`` activations from a stream of their own (for data-initialised decoders)."""
-    return next(source.batches(rows, seed=seed + 7919))
+    return next(source.batches(rows, seed=seed + _INIT_STREAM))
 
 
 def new_state(source: ActivationSource, config: SAETrainConfig) -> GridState:
@@ -80,7 +82,10 @@ def new_state(source: ActivationSource, config: SAETrainConfig) -> GridState:
               for n in sorted(config.dict_sizes)]
     params = [t for g in groups for t in g.parameters()]
     optimizer = torch.optim.Adam(params, lr=config.lr, betas=(config.beta1, config.beta2), fused=True)
-    return GridState(config=config, d=d, groups=groups, optimizer=optimizer)
+    describe = getattr(source, "describe", None)
+    fingerprint = describe().get("fingerprint") if callable(describe) else None
+    return GridState(config=config, d=d, groups=groups, optimizer=optimizer,
+                     source_fingerprint=fingerprint)
 
 
 def _raise_if_bad(g: SAEGroup, bad: torch.Tensor, what: str) -> None:
@@ -138,10 +143,13 @@ def train_steps(state: GridState, source: ActivationSource, *, until: int | None
             for g in state.groups:
                 g.forward_backward(x)
             state.optimizer.step()
+            for g in state.groups:
+                g.renormalise_()
             state.step += 1
             if _resample_due(cfg, state.step):
+                pool = resample_pool(source, cfg, state.step)
                 for g in state.groups:
-                    resample_dead(g, x, state.optimizer, g.dead_mask(cfg.dead_window, state.step),
+                    resample_dead(g, pool, state.optimizer, g.dead_mask(cfg.dead_window, state.step),
                                   resample_generator(cfg.seed, state.step, g.n))
             bar.update(1)
             if state.step % cfg.log_every == 0 or state.step == until:
@@ -162,6 +170,23 @@ def train_steps(state: GridState, source: ActivationSource, *, until: int | None
             batches.close()
         bar.close()
     return state
+
+
+# Seed offsets of the source streams that are not the training batches.
+_INIT_STREAM, _RESAMPLE_STREAM = 7919, 104_729
+
+
+def resample_pool(source: ActivationSource, cfg: SAETrainConfig, step: int) -> torch.Tensor:
+    """``resample_pool`` batches of candidate inputs for the resampling at ``step``: a stream of
+    their own (not the training batches), a fixed function of the step so resuming is exact."""
+    event = step // cfg.resample_every
+    it = source.batches(cfg.batch_size, seed=cfg.data_seed + _RESAMPLE_STREAM,
+                        start=event * cfg.resample_pool)
+    try:
+        return torch.cat([next(it) for _ in range(cfg.resample_pool)])
+    finally:
+        if hasattr(it, "close"):
+            it.close()
 
 
 def _resample_due(cfg: SAETrainConfig, step: int) -> bool:
@@ -198,17 +223,24 @@ def _run_callbacks(state: GridState, callbacks: list[Callback], force: bool = Fa
 
 @torch.no_grad()
 def evaluate(state: GridState, source: ActivationSource) -> dict[tuple[float, int], dict[str, float]]:
-    """Reconstruction metrics of every SAE on batches the training stream never produced.
+    """Metrics of every SAE on the source's held-out rows (never in a training batch).
 
-    mse: mean squared error per coordinate; fvu: sum of squared errors over the total variance
-    around the eval set's mean; mean_l1: mean sum of codes per row; l1_loss: that in the run's L1
-    convention (without the coefficient); l0: mean active latents per row; dead: from training.
+    Columns say so: heldout_mse (mean squared error per coordinate), heldout_fvu (squared
+    error over the total variance around the held-out mean), heldout_mean_l1 (mean sum of codes
+    per row), heldout_l1_loss (that in the run's L1 convention, without the coefficient),
+    heldout_l0 (mean active latents per row), heldout_rows; dead comes from training (latents
+    silent in the last ``dead_window`` training batches).
     """
     cfg = state.config
-    it = source.batches(cfg.batch_size, seed=cfg.data_seed + 1_000_003)
-    xs = [next(it) for _ in range(cfg.eval_batches)]
+    if not hasattr(source, "heldout_batches"):
+        raise TypeError(f"{type(source).__name__} has no held-out rows (heldout_batches): the "
+                        "final metrics are only ever computed on data training never saw")
+    xs = list(source.heldout_batches(cfg.batch_size, cfg.eval_rows))
+    if not xs:
+        raise ValueError("the source has no held-out rows to evaluate on")
     x_all = torch.cat(xs)
-    total_var = float((x_all - x_all.mean(0)).pow(2).sum())
+    rows = len(x_all)
+    total_var = float((x_all.double() - x_all.double().mean(0)).pow(2).sum())
     results = {}
     for g in state.groups:
         dn = g.dictionaries()
@@ -221,16 +253,16 @@ def evaluate(state: GridState, source: ActivationSource) -> dict[tuple[float, in
             sq += err.pow(2).sum(dim=(1, 2), dtype=torch.float64)
             l1 += codes.sum(dim=(0, 2), dtype=torch.float64)
             l0 += (codes > 0).sum(dim=(0, 2), dtype=torch.float64)
-        rows = len(x_all)
         dead = g.dead_mask(cfg.dead_window, state.step).sum(dim=1)
-        divisor = g.n if cfg.l1_norm == "per_latent" else 1
+        divisor = l1_divisor(cfg.l1_norm, g.n)
         for s, a in enumerate(g.l1):
             results[(a, g.n)] = {
-                "mse": float(sq[s]) / (rows * state.d),
-                "fvu": float(sq[s]) / total_var if total_var > 0 else math.nan,
-                "mean_l1": float(l1[s]) / rows,
-                "l1_loss": float(l1[s]) / rows / divisor,
-                "l0": float(l0[s]) / rows,
+                "heldout_mse": float(sq[s]) / (rows * state.d),
+                "heldout_fvu": float(sq[s]) / total_var if total_var > 0 else math.nan,
+                "heldout_mean_l1": float(l1[s]) / rows,
+                "heldout_l1_loss": float(l1[s]) / rows / divisor,
+                "heldout_l0": float(l0[s]) / rows,
+                "heldout_rows": rows,
                 "dead": int(dead[s]),
             }
     return results
