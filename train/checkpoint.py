@@ -24,8 +24,10 @@ from unsuperpose.train.config import SAETrainConfig
 from unsuperpose.train.trainer import check_finite_parameters
 
 CHECKPOINT_DIR = "checkpoint"
-# Settings a resumed run may change: it may be asked to train longer or log differently.
-MAY_CHANGE = {"steps", "log_every", "eval_batches", "resample_until"}
+# Settings a resumed run may change: how it logs and how much held-out data it is scored on.
+# Not the budget (steps): the resampling schedule follows it, and a run asked for 5,000 steps
+# is not the run that was planned for 10,000.
+MAY_CHANGE = {"log_every", "eval_rows"}
 
 
 class CheckpointMismatch(ValueError):
@@ -50,41 +52,69 @@ def save_checkpoint(state, directory: str | Path) -> Path:
     write_json_atomic(tmp / "state.json", {
         "step": state.step, "d": state.d, "sizes": [g.n for g in state.groups],
         "config": to_dict(state.config), "param_groups": opt["param_groups"],
-        "history": state.history})
+        "source_fingerprint": state.source_fingerprint, "history": state.history})
     old = directory.with_name(directory.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if directory.exists():
         directory.rename(old)
+    # A kill here leaves only .old and a complete .tmp: recover_checkpoint takes the .tmp.
     tmp.rename(directory)
     shutil.rmtree(old, ignore_errors=True)
     return directory
 
 
+def recover_checkpoint(directory: str | Path) -> None:
+    """Finish a swap a kill interrupted: with ``directory`` gone, a ``.tmp`` holding its
+    state.json (written last, so the folder is whole) is the newest checkpoint, else ``.old``
+    is the previous one. A ``.tmp`` without state.json is half written and ignored."""
+    directory = Path(directory)
+    if directory.exists():
+        return
+    tmp = directory.with_name(directory.name + ".tmp")
+    old = directory.with_name(directory.name + ".old")
+    if (tmp / "state.json").exists():
+        tmp.rename(directory)
+        shutil.rmtree(old, ignore_errors=True)
+    elif (old / "state.json").exists():
+        old.rename(directory)
+
+
 def read_checkpoint_meta(directory: str | Path) -> dict | None:
+    recover_checkpoint(directory)
     path = Path(directory) / "state.json"
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def check_compatible(meta: dict, config: SAETrainConfig, d: int) -> None:
-    """Raise CheckpointMismatch naming every difference that would make resuming wrong."""
+def config_differences(saved: SAETrainConfig, config: SAETrainConfig,
+                       may_change: set[str] | tuple = ()) -> list[str]:
+    """One phrase per setting that differs, e.g. 'steps: 5000 then, 10000 now'."""
+    return [f"{f.name}: {getattr(saved, f.name)} then, {getattr(config, f.name)} now"
+            for f in dataclasses.fields(SAETrainConfig)
+            if f.name not in may_change and getattr(saved, f.name) != getattr(config, f.name)]
+
+
+def check_compatible(meta: dict, config: SAETrainConfig, d: int, source_info: dict | None = None) -> None:
+    """Raise CheckpointMismatch naming every difference that would make resuming wrong: the
+    settings (the budget included), the activation width and the data's fingerprint."""
     problems = []
     if meta["d"] != d:
         problems.append(f"activation width {meta['d']} in the checkpoint, {d} in the data now")
-    saved = from_dict(SAETrainConfig, meta["config"])
-    for f in dataclasses.fields(SAETrainConfig):
-        a, b = getattr(saved, f.name), getattr(config, f.name)
-        if f.name not in MAY_CHANGE and a != b:
-            problems.append(f"{f.name}: {a} in the checkpoint, {b} now")
+    problems += config_differences(from_dict(SAETrainConfig, meta["config"]), config, MAY_CHANGE)
+    want = (source_info or {}).get("fingerprint")
+    have = meta.get("source_fingerprint")
+    if want is not None and have != want:
+        problems.append(f"data: the checkpoint was trained on data with fingerprint "
+                        f"{str(have)[:12]}…, the source now has {want[:12]}…")
     if problems:
         raise CheckpointMismatch("; ".join(problems))
 
 
-def load_checkpoint(state, directory: str | Path) -> None:
+def load_checkpoint(state, directory: str | Path, source_info: dict | None = None) -> None:
     """Restore ``state`` (fresh from ``new_state`` with the same config) from ``directory``."""
     meta = read_checkpoint_meta(directory)
     if meta is None:
         raise FileNotFoundError(f"no checkpoint in {directory}")
-    check_compatible(meta, state.config, state.d)
+    check_compatible(meta, state.config, state.d, source_info)
     tensors = load_file(str(Path(directory) / "state.safetensors"))
     for i, g in enumerate(state.groups):
         prefix = f"group{i}."

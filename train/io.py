@@ -15,12 +15,33 @@ import io
 import json
 from pathlib import Path
 
-from unsuperpose.config import save_config, to_dict, write_text_atomic
+from unsuperpose.config import save_config, to_dict, write_json_atomic, write_text_atomic
 from unsuperpose.train.sae import SAE
 
 SUMMARY_FILE = "summary.csv"
 HISTORY_FILE = "history.jsonl"
 CONFIG_FILE = "train_config.json"
+SOURCE_FILE = "source.json"   # what the grid was trained on: the source's describe(), fingerprint included
+# Provenance that may differ between two reads of the same data (where it lies, how it is read).
+_NOT_IDENTITY = {"path"}
+
+
+def write_source_file(out: str | Path, info: dict) -> None:
+    write_json_atomic(Path(out) / SOURCE_FILE, info)
+
+
+def read_source_file(out: str | Path) -> dict | None:
+    path = Path(out) / SOURCE_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def source_differences(have: dict, want: dict) -> list[str]:
+    """Why two sources are not the same data ([] when their fingerprints agree)."""
+    if have.get("fingerprint") is not None and have.get("fingerprint") == want.get("fingerprint"):
+        return []
+    keys = sorted((set(have) | set(want)) - _NOT_IDENTITY - {"fingerprint"})
+    diff = [f"{k}: {have.get(k)!r} then, {want.get(k)!r} now" for k in keys if have.get(k) != want.get(k)]
+    return ["data: " + ("; ".join(diff) if diff else "another fingerprint")]
 
 
 def sae_dirname(l1: float, n: int) -> str:

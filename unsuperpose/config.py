@@ -49,8 +49,14 @@ def _parse_list(item_type: Any):
     return parse
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = ()) -> None:
-    """Add one ``--flag`` per field of dataclass ``cls`` (bools become --x/--no-x)."""
+def add_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = (),
+                  defaults: Any = None) -> None:
+    """Add one ``--flag`` per field of dataclass ``cls`` (bools become --x/--no-x).
+
+    ``defaults``: an instance of ``cls`` holding the command's own defaults (they may differ from
+    the dataclass's, e.g. a toy grid's dead window); ``--help`` shows those, the values a run
+    without the flag will use.
+    """
     hints = typing.get_type_hints(cls)
     group = parser.add_argument_group(cls.__name__, (cls.__doc__ or "").strip().split("\n")[0])
     for f in dataclasses.fields(cls):
@@ -58,8 +64,11 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str
             continue
         tp = _base_type(hints[f.name])
         help_text = f.metadata.get("help", "")
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        if defaults is not None:
+            default = getattr(defaults, f.name)
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS}
         if tp is bool:
             group.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction,

@@ -15,35 +15,66 @@ from unsuperpose.train import (PRESETS, Callback, NonFiniteLoss, SAETrainConfig,
                                evaluate, new_state, parse_dict_sizes, parse_l1_list, read_summary,
                                save_grid, train_steps)
 from unsuperpose.train.checkpoint import (CHECKPOINT_DIR, CheckpointMismatch, Checkpointer,
-                                          check_compatible, load_checkpoint, read_checkpoint_meta)
+                                          check_compatible, config_differences, load_checkpoint,
+                                          read_checkpoint_meta)
+from unsuperpose.train.io import SOURCE_FILE, read_source_file, source_differences, write_source_file
 
 SKIP = ("l1", "dict_sizes")  # parsed from --l1 / --dict so that ratios and lists get clear errors
 
 
 def add_sae_arguments(parser: argparse.ArgumentParser, *, dict_flag: str, dict_help: str,
-                      skip: tuple[str, ...] = ()) -> None:
-    parser.add_argument("--l1", type=str, default=None, help="L1 coefficients, comma-separated "
-                        "(e.g. 1e-4,3e-4,1e-3)")
-    parser.add_argument(dict_flag, dest="dict", type=str, default=None, help=dict_help)
+                      defaults: SAETrainConfig, skip: tuple[str, ...] = ()) -> None:
+    """The SAE flags; ``--help`` shows ``defaults``, the command's own (not the dataclass's)."""
+    shown = ",".join(f"{a:.3g}" for a in defaults.l1)
+    parser.add_argument("--l1", type=str, default=argparse.SUPPRESS,
+                        help=f"L1 coefficients, comma-separated, in the --l1-norm convention "
+                        f"(default: {shown}, {defaults.l1_norm} convention)")
+    parser.add_argument(dict_flag, dest="dict", type=str, default=argparse.SUPPRESS, help=dict_help)
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
                         help="'report': the 2022 report's settings (Adam 1e-3, batch 256, per-latent "
                         "L1, nn.Linear-style encoder init); flags given explicitly still win")
     parser.add_argument("--wandb", choices=["offline", "online", "disabled"], default=None,
                         help="W&B mode (default: $WANDB_MODE, else offline; online needs `wandb login`)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_arguments(parser, SAETrainConfig, skip=SKIP + skip)
+    add_arguments(parser, SAETrainConfig, skip=SKIP + skip, defaults=defaults)
+
+
+def convert_l1(values: list[float], *, have: str, want: str, base: int) -> list[float]:
+    """The same penalty for a dictionary of ``base`` latents in the other L1 convention.
+
+    per_latent divides the summed penalty by the dictionary size, so alpha_per_latent =
+    alpha_sum x size; the two agree exactly at size ``base`` (1x) only, which is where the
+    default grids are centred.
+    """
+    if have == want:
+        return list(values)
+    factor = base if (have, want) == ("sum", "per_latent") else 1 / base
+    return [float(f"{a * factor:.6g}") for a in values]
 
 
 def sae_config(args: argparse.Namespace, *, base: SAETrainConfig, dict_base: int,
-               default_l1: list[float], default_dict: str) -> tuple[SAETrainConfig, dict[int, str]]:
-    """Defaults < preset < explicit flags; returns the config and each size's label."""
+               default_l1: list[float], default_dict: str, bare: str = "absolute"
+               ) -> tuple[SAETrainConfig, dict[int, str]]:
+    """Defaults < preset < explicit flags; returns the config and each size's label.
+
+    ``default_l1`` is in ``base.l1_norm``'s convention; when a preset or flag switches the
+    convention and no --l1 is given, the defaults are converted (at 1x of ``dict_base``) and the
+    run says so, rather than reading sum-convention values as per-latent ones.
+    """
     try:
-        l1 = parse_l1_list(args.l1) if args.l1 else default_l1
-        sizes = parse_dict_sizes(args.dict or default_dict, dict_base)
+        sizes = parse_dict_sizes(getattr(args, "dict", None) or default_dict, dict_base, bare=bare)
         cfg = apply_preset(base, args.preset)
         given = {f.name: getattr(args, f.name) for f in dataclasses.fields(SAETrainConfig)
                  if f.name not in SKIP and hasattr(args, f.name)}
-        cfg = dataclasses.replace(cfg, l1=l1, dict_sizes=[n for _, n in sizes], **given)
+        cfg = dataclasses.replace(cfg, **given)
+        if getattr(args, "l1", None):
+            l1 = parse_l1_list(args.l1)
+        else:
+            l1 = convert_l1(default_l1, have=base.l1_norm, want=cfg.l1_norm, base=dict_base)
+            if cfg.l1_norm != base.l1_norm:
+                print(f"L1 convention {cfg.l1_norm}: default L1 values converted from the "
+                      f"{base.l1_norm} convention at {dict_base} latents: {l1}")
+        cfg = dataclasses.replace(cfg, l1=l1, dict_sizes=[n for _, n in sizes])
     except ValueError as exc:
         raise UserError(str(exc)) from None
     return cfg, {n: label for label, n in sizes}
@@ -56,8 +87,27 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="start over even if the output folder holds a run with other settings")
 
 
-def _prepare(out: Path, cfg: SAETrainConfig, source, force: bool):
-    """A fresh or resumed state, or the rows of a finished identical run (then nothing to do)."""
+def _finished_differences(out: Path, cfg: SAETrainConfig, source_info: dict) -> list[str]:
+    """What differs between the finished grid in ``out`` and the one asked for (empty: same)."""
+    try:
+        saved = load_config(SAETrainConfig, out / "train_config.json")
+    except (ValueError, TypeError) as exc:  # written by an older version: not comparable
+        return [f"its train_config.json cannot be read ({exc})"]
+    problems = config_differences(saved, cfg, may_change=())
+    have = read_source_file(out)
+    if have is None:
+        problems.append(f"it does not record its data ({SOURCE_FILE} is missing)")
+    else:
+        problems += source_differences(have, source_info)
+    return problems
+
+
+def _prepare(out: Path, cfg: SAETrainConfig, source, source_info: dict, force: bool):
+    """A fresh or resumed state, or the rows of a finished identical run (then nothing to do).
+
+    A run is identified by its settings, its data (the source's fingerprint) and its budget:
+    a checkpoint or a finished grid made otherwise is never resumed or passed off as this run.
+    """
     ckpt = out / CHECKPOINT_DIR
     meta = read_checkpoint_meta(ckpt)
     finished = (out / "summary.csv").exists() and (out / "train_config.json").exists()
@@ -66,21 +116,25 @@ def _prepare(out: Path, cfg: SAETrainConfig, source, force: bool):
         meta = None
     elif meta is not None:
         try:
-            check_compatible(meta, cfg, int(source.d))
+            check_compatible(meta, cfg, int(source.d), source_info)
         except CheckpointMismatch as exc:
-            raise UserError(f"{out} holds an unfinished run with other settings ({exc}); rerun with "
-                            "its settings to resume it, choose another --out, or add --force to "
-                            "start over") from None
+            raise UserError(f"{out} holds an unfinished run made otherwise ({exc}); rerun with "
+                            "its settings and data to resume it, choose another --out, or add "
+                            "--force to start over") from None
     elif finished:
-        if load_config(SAETrainConfig, out / "train_config.json") == cfg:
-            print(f"{out} already holds this grid, finished; add --force to train it again")
+        problems = _finished_differences(out, cfg, source_info)
+        if not problems:
+            print(f"{out} already holds this grid (same settings, data and budget), finished; "
+                  "add --force to train it again")
             return None, read_summary(out / "summary.csv")
-        raise UserError(f"{out} holds a finished grid with other settings; choose another --out or "
-                        "add --force to replace it")
+        raise UserError(f"{out} holds a finished grid made otherwise: {'; '.join(problems)}. "
+                        "Choose another --out, or add --force to replace it")
     state = new_state(source, cfg)
     if meta is not None:
-        load_checkpoint(state, ckpt)
+        load_checkpoint(state, ckpt, source_info)
         print(f"resuming from the checkpoint at step {state.step:,} of {cfg.steps:,}")
+    else:
+        write_source_file(out, source_info)
     return state, None
 
 
@@ -92,7 +146,7 @@ def train_and_save(source, cfg: SAETrainConfig, out: Path, *, size_labels: dict[
     """Train the grid (resuming a checkpoint if there is one), score it (with ground truth if
     given), save SAEs, summary and figures; ``export(state, out)`` may write more formats."""
     out.mkdir(parents=True, exist_ok=True)
-    state, done = _prepare(out, cfg, source, force)
+    state, done = _prepare(out, cfg, source, source_info, force)
     if done is not None:
         return done
     run_id_file = out / "wandb_run_id"

@@ -7,8 +7,9 @@ import dataclasses
 from pathlib import Path
 
 from unsuperpose.analyze import ground_truth_callback
+from unsuperpose.analyze.diagnostics import diagnose, diagnosis_record
 from unsuperpose.commands._grid import add_run_arguments, add_sae_arguments, sae_config, train_and_save
-from unsuperpose.config import add_arguments, from_args
+from unsuperpose.config import add_arguments, from_args, write_json_atomic
 from unsuperpose.errors import UserError
 from unsuperpose.toy import ToyConfig, ToySource
 from unsuperpose.train import Callback, SAETrainConfig
@@ -40,10 +41,32 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_arguments(p, ToyConfig)
     # One --seed (the toy data's) also seeds the SAE inits and the batch stream.
     add_sae_arguments(p, dict_flag="--dict-ratios",
-                      dict_help="dictionary sizes as ratios of G (1/8x..32x) or absolute latents",
+                      dict_help=f"dictionary sizes as ratios of G (1/8x..32x; a bare number is a "
+                      f"ratio too: 1 means 1x); default {DEFAULT_DICT}", defaults=default_config(),
                       skip=("seed", "data_seed"))
     add_run_arguments(p)
     p.set_defaults(func=run)
+
+
+def default_config(grid: str = "default") -> SAETrainConfig:
+    """The SAE settings of a toy grid before any flag (what --help shows for the default grid)."""
+    if grid == "paper":
+        return SAETrainConfig(steps=20_000, l1_norm="per_latent", dead_window=TOY_DEAD_WINDOW,
+                              l1=PAPER_L1)
+    return SAETrainConfig(steps=DEFAULT_STEPS, dead_window=TOY_DEAD_WINDOW, l1=DEFAULT_L1)
+
+
+DIAGNOSIS_FILE = "diagnosis.json"
+
+
+def write_diagnosis(rows: list[dict], G: int, path: Path) -> dict:
+    """Where the report's three diagnostics point on this grid, against the truth (G features);
+    the same record the LM report writes under "toy"."""
+    col = lambda c: {(r["l1"], r["dict_size"]): r[c] for r in rows if c in r}
+    diag = diagnose(col("dead"), col("ssll"), col("mmcs_larger"), col("mmcs"), truth_size=G)
+    record = diagnosis_record(diag, G, "G (ground-truth features)")
+    write_json_atomic(path, record)
+    return record
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,15 +74,11 @@ def run(args: argparse.Namespace) -> int:
         toy = from_args(ToyConfig, args)
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    if args.grid == "paper":
-        base = SAETrainConfig(steps=20_000, l1_norm="per_latent", dead_window=TOY_DEAD_WINDOW)
-        default_l1, default_dict = PAPER_L1, PAPER_DICT
-    else:
-        base = SAETrainConfig(steps=DEFAULT_STEPS, dead_window=TOY_DEAD_WINDOW)
-        default_l1, default_dict = DEFAULT_L1, DEFAULT_DICT
+    base = default_config(args.grid)
+    default_dict = PAPER_DICT if args.grid == "paper" else DEFAULT_DICT
     base = dataclasses.replace(base, seed=toy.seed, data_seed=toy.seed)
-    cfg, labels = sae_config(args, base=base, dict_base=toy.G, default_l1=default_l1,
-                             default_dict=default_dict)
+    cfg, labels = sae_config(args, base=base, dict_base=toy.G, default_l1=base.l1,
+                             default_dict=default_dict, bare="ratio")
     if args.eval_every < 1:
         raise UserError("--eval-every must be >= 1")
     source = ToySource(toy)
@@ -71,8 +90,15 @@ def run(args: argparse.Namespace) -> int:
         callbacks=[Callback(args.eval_every, ground_truth_callback(source.features))],
         wandb_mode=args.wandb, progress=not args.no_progress, run_name=f"toy-{args.out.name}",
         source_info=source.describe(), checkpoint_every=args.checkpoint_every, force=args.force)
+    diagnosis = write_diagnosis(rows, toy.G, args.out / DIAGNOSIS_FILE)
+    for p in diagnosis["pointers"]:
+        where = "nowhere in the grid" if p["size"] is None else (
+            f"more than {p['size']:,} latents" if p["lower_bound"] else
+            f"{p['size']:,} latents ({p['ratio']:g}x of G)")
+        off = p.get("size_steps_off")
+        print(f"{p['diagnostic']}: {where}" + ("" if off is None else f", {off} size step(s) from the truth"))
     best = max(rows, key=lambda r: r["mmcs"])
     print(f"best MMCS with the ground truth: {best['mmcs']:.4f} (L1 {best['l1']:g}, dictionary "
           f"{best['dict_label']}); MCC {best['mcc']:.4f}")
-    print(f"wrote {args.out}/summary.csv, {args.out}/figures/, {args.out}/saes/")
+    print(f"wrote {args.out}/summary.csv, {DIAGNOSIS_FILE}, figures/, saes/")
     return 0

@@ -36,9 +36,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="train on the complete chunks of a store whose harvest has not finished")
     add_sae_arguments(p, dict_flag="--dict",
                       dict_help=f"dictionary sizes: ratios of the store width d (e.g. 8x or "
-                      f"1x,2x,4x,8x) or absolute latents (4096); default {DEFAULT_DICT}")
+                      f"1x,2x,4x,8x) or absolute latents (4096); default {DEFAULT_DICT}",
+                      defaults=default_config())
     add_run_arguments(p)
     p.set_defaults(func=run)
+
+
+def default_config() -> SAETrainConfig:
+    """The SAE settings of `unsuperpose train` before any flag (what --help shows)."""
+    return SAETrainConfig(steps=DEFAULT_STEPS, l1=DEFAULT_L1)
 
 
 def dict_folder(spec: str) -> str:
@@ -49,18 +55,18 @@ def run(args: argparse.Namespace) -> int:
     if not args.store.exists():
         raise UserError(f"no store at {args.store}: harvest one first, e.g. `make harvest LAYER=1`")
     store = ActivationStore(args.store, allow_incomplete=args.allow_incomplete)
-    base = SAETrainConfig(steps=DEFAULT_STEPS)
-    cfg, labels = sae_config(args, base=base, dict_base=store.d, default_l1=DEFAULT_L1,
+    base = default_config()
+    cfg, labels = sae_config(args, base=base, dict_base=store.d, default_l1=base.l1,
                              default_dict=DEFAULT_DICT)
     if args.tokens is not None:
         if args.tokens < cfg.batch_size:
             raise UserError(f"--tokens {args.tokens} is less than one batch ({cfg.batch_size})")
         cfg.steps = math.ceil(args.tokens / cfg.batch_size)
-    out = args.out / dict_folder(args.dict or DEFAULT_DICT)
+    out = args.out / dict_folder(getattr(args, "dict", None) or DEFAULT_DICT)
     info = store.describe()
     print(f"store {args.store}: {store.rows:,} rows of width {store.d}; {len(cfg.l1)} L1 x "
           f"{len(cfg.dict_sizes)} sizes = {len(cfg.l1) * len(cfg.dict_sizes)} SAEs, {cfg.steps:,} "
-          f"steps of {cfg.batch_size} ({cfg.steps * cfg.batch_size / store.rows:.2f} epochs)")
+          f"steps of {cfg.batch_size} ({cfg.steps * cfg.batch_size / store.train_rows:.2f} epochs of its {store.train_rows:,} training rows; {store.heldout_rows():,} held out: {store.heldout_description})")
 
     def export(state, folder: Path) -> None:
         meta = {k: info.get(k) for k in ("hook", "layer", "model_dir", "weights_sha256") if k in info}
@@ -76,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         size_axis="dictionary size (x d, the activation width)", wandb_mode=args.wandb,
         progress=not args.no_progress, run_name=f"sae-{out.parent.name}-{out.name}",
         source_info=info, checkpoint_every=args.checkpoint_every, force=args.force, export=export)
-    best = min(rows, key=lambda r: r["fvu"])
-    print(f"lowest FVU {best['fvu']:.4f} (L1 {best['l1']:g}, {best['dict_label']}, L0 {best['l0']:.1f}, "
+    best = min(rows, key=lambda r: r["heldout_fvu"])
+    print(f"lowest held-out FVU {best['heldout_fvu']:.4f} on {best['heldout_rows']:,} rows (L1 {best['l1']:g}, {best['dict_label']}, L0 {best['heldout_l0']:.1f}, "
           f"{best['dead']} dead); wrote {out}/summary.csv, figures/, saes/, saelens/")
     return 0
