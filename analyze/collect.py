@@ -39,6 +39,7 @@ class Cell:
     steps: int
     samples: int
     mtime: float
+    identity: dict = field(default_factory=dict)
 
     @property
     def key(self) -> Key:
@@ -101,9 +102,42 @@ def read_set(set_dir: str | Path) -> dict[Key, Cell]:
         samples = int(metrics.get("samples", steps * int(training.get("batch_size", 1))))
         cell = Cell(l1=float(cfg["l1"]), n=int(cfg["d_sae"]), d_in=int(cfg["d_in"]), metrics=metrics,
                     sae_dir=cfg_path.parent, set_dir=set_dir, steps=steps, samples=samples,
-                    mtime=cfg_path.stat().st_mtime)
+                    mtime=cfg_path.stat().st_mtime, identity=merge_identity(cfg))
         cells[cell.key] = cell
     return cells
+
+
+# What must agree for two dictionary sets to be one grid: the meaning of the L1 axis, of "dead",
+# and the data (the store's fingerprint covers model weights, corpus, hook, layer and rows).
+_SOURCE_IDENTITY = ("fingerprint", "weights_sha256", "corpus_fingerprint", "hook", "layer", "rows")
+
+
+def merge_identity(cfg: dict) -> dict:
+    training = cfg.get("training") or {}
+    source = cfg.get("source") or {}
+    return {"l1_norm": cfg.get("l1_norm", training.get("l1_norm")),
+            "dead_window": training.get("dead_window"),
+            **{f"source.{k}": source.get(k) for k in _SOURCE_IDENTITY}}
+
+
+def check_mergeable(sets: list[dict[Key, Cell]]) -> None:
+    """One UserError naming the sets and what differs, when they are not one experiment."""
+    by_set = {}
+    for cells in sets:
+        for c in cells.values():
+            by_set.setdefault(c.set_dir, c.identity)
+    if len({tuple(sorted(i.items())) for i in by_set.values()}) <= 1:
+        return
+    first_dir, first = next(iter(by_set.items()))
+    lines = []
+    for d, ident in by_set.items():
+        diff = [f"{k} {first.get(k)!r} vs {ident.get(k)!r}" for k in first if first.get(k) != ident.get(k)]
+        if diff:
+            lines.append(f"{d.name} differs from {first_dir.name}: {', '.join(diff)}")
+    raise UserError("these dictionary sets cannot be merged into one grid (the L1 axis, dead "
+                    "window or data differ): " + "; ".join(lines) + ". Move the stray set out of "
+                    "the folder, or retrain it on the same store with the same --l1-norm and "
+                    "--dead-window")
 
 
 def merge_sets(sets: list[dict[Key, Cell]]) -> tuple[dict[Key, Cell], list[str]]:
@@ -129,7 +163,9 @@ def merge_sets(sets: list[dict[Key, Cell]]) -> tuple[dict[Key, Cell], list[str]]
 def _grid(set_dirs: list[Path], what: str, fix: str) -> Grid:
     if not set_dirs:
         raise UserError(f"no dictionaries found for {what}; {fix}")
-    cells, notes = merge_sets([read_set(p) for p in set_dirs])
+    sets = [read_set(p) for p in set_dirs]
+    check_mergeable(sets)
+    cells, notes = merge_sets(sets)
     widths = {c.d_in for c in cells.values()}
     if len(widths) != 1:
         by = {w: sorted({c.set_dir.name for c in cells.values() if c.d_in == w}) for w in widths}

@@ -20,7 +20,7 @@ from typing import Callable
 
 from unsuperpose.analyze.collect import Grid, collect_lm, collect_toy
 from unsuperpose.analyze.compare import COMPARISONS, ratio_label, side_by_side, size_labels
-from unsuperpose.analyze.diagnostics import Diagnosis, diagnose
+from unsuperpose.analyze.diagnostics import Diagnosis, diagnose, diagnosis_record
 from unsuperpose.analyze.figures import heatmap
 from unsuperpose.analyze.grid import GRID_FIGURES
 from unsuperpose.analyze.metrics import mmcs_with_larger, ssll
@@ -67,15 +67,17 @@ def rescore(grid: Grid) -> None:
     sizes, so values saved by separate runs are not comparable once their sets are merged.
     """
     larger = mmcs_with_larger(grid.dictionaries())
-    stick = ssll(grid.values("mse"), grid.values("l1_loss"))
+    stick = ssll(grid.values("heldout_mse"), grid.values("heldout_l1_loss"))
     for key, cell in grid.cells.items():
         cell.metrics["mmcs_larger"] = larger.get(key, math.nan)
         cell.metrics["ssll"] = stick.get(key, math.nan)
 
 
-def diagnose_grid(grid: Grid, *, truth: bool, tolerance: float) -> Diagnosis:
+def diagnose_grid(grid: Grid, *, truth_size: int | None, tolerance: float) -> Diagnosis:
+    """``truth_size``: the number of true features (toy data), else None (an LM)."""
     return diagnose(grid.values("dead"), grid.values("ssll"), grid.values("mmcs_larger"),
-                    grid.values("mmcs") if truth else None, tolerance=tolerance)
+                    grid.values("mmcs") if truth_size else None, truth_size=truth_size,
+                    tolerance=tolerance)
 
 
 def full(grid: Grid, column: str) -> dict:
@@ -113,21 +115,8 @@ def comparison_figures(lm: Side, toy: Side | None, out: Path) -> dict[str, Path]
     return paths
 
 
-def diagnosis_record(side: Side) -> dict:
-    """What a side's diagnostics say, as JSON (and the W&B summary)."""
-    d = side.diagnosis
-    rec = {"base": side.base, "base_name": side.base_name,
-           "pointers": [{"diagnostic": p.diagnostic, "l1": p.l1, "size": p.size,
-                         "ratio": (p.size / side.base) if p.size else None, "why": p.why, **p.match}
-                        for p in d.pointers],
-           "largest_alive_per_l1": {f"{a:g}": n for a, n in d.dead.per_l1.items()}}
-    if d.optimum is not None:
-        rec["optimum"] = {"l1": d.optimum[0], "size": d.optimum[1], "mmcs": d.optimum_mmcs,
-                          "ratio": d.optimum[1] / side.base}
-    est = d.estimate()
-    if est is not None:
-        rec["estimate"] = {**est, "ratio_low": est["low"] / side.base, "ratio_high": est["high"] / side.base}
-    return rec
+def side_record(side: Side) -> dict:
+    return diagnosis_record(side.diagnosis, side.base, side.base_name)
 
 
 def build_report(runs: str | Path, lm: str, layer: int | str, *, out: str | Path | None = None,
@@ -142,7 +131,7 @@ def build_report(runs: str | Path, lm: str, layer: int | str, *, out: str | Path
     lm_grid = collect_lm(runs, lm, layer)
     rescore(lm_grid)
     notes = list(lm_grid.notes)
-    lm_side = Side(f"{lm} layer {layer}", lm_grid, diagnose_grid(lm_grid, truth=False, tolerance=tolerance),
+    lm_side = Side(f"{lm} layer {layer}", lm_grid, diagnose_grid(lm_grid, truth_size=None, tolerance=tolerance),
                    base=lm_grid.d, base_name="d (activation width)")
     try:
         toy_grid = collect_toy(toy_path)
@@ -154,7 +143,7 @@ def build_report(runs: str | Path, lm: str, layer: int | str, *, out: str | Path
         if g < 1:
             raise UserError(f"{toy_path} does not record its number of ground-truth features G "
                             "(source.G in each SAE's config.json); rerun `unsuperpose toy`")
-        toy_side = Side("toy data", toy_grid, diagnose_grid(toy_grid, truth=True, tolerance=tolerance),
+        toy_side = Side("toy data", toy_grid, diagnose_grid(toy_grid, truth_size=g, tolerance=tolerance),
                         base=g, base_name="G (ground-truth features)")
     figdir = out / "figures"
     figures = {**lm_figures(lm_side, figdir), **comparison_figures(lm_side, toy_side, figdir)}
@@ -170,7 +159,7 @@ def build_report(runs: str | Path, lm: str, layer: int | str, *, out: str | Path
                 notes.append(f"no feature browser: {exc}")
 
     write_summary(lm_grid.rows(), out / "lm_grid.csv")
-    record = {"lm": diagnosis_record(lm_side), "toy": diagnosis_record(toy_side) if toy_side else None,
+    record = {"lm": side_record(lm_side), "toy": side_record(toy_side) if toy_side else None,
               "notes": notes, "sets": [str(p) for p in lm_grid.sets]}
     write_json_atomic(out / "diagnosis.json", record)
     render_index(report, command=command)
@@ -197,15 +186,15 @@ def _track(report: Report, record: dict, mode: str | None) -> None:
             if side is None:
                 continue
             tracker.log_table(f"diagnostics/{'toy' if side is report.toy else 'lm'}",
-                              ["diagnostic", "l1", "size", "ratio", "matches_optimum"],
+                              ["diagnostic", "l1", "size", "ratio", "lower_bound", "size_steps_off"],
                               [[p.diagnostic, p.l1, p.size, ratio_label(p.size, side.base) if p.size else None,
-                                p.match.get("matches")] for p in side.diagnosis.pointers])
+                                p.lower_bound, p.match.get("size_steps_off")] for p in side.diagnosis.pointers])
         tracker.log_images({f"figures/{k}": v for k, v in report.figures.items()})
         est = record["lm"].get("estimate")
         summary = {"lm/estimate_low": est["low"], "lm/estimate_high": est["high"],
                    "lm/estimate_median": est["median"]} if est else {}
-        if record["toy"] and record["toy"].get("optimum"):
-            summary.update({f"toy/{p['diagnostic']}/matches": p.get("matches")
+        if record["toy"]:
+            summary.update({f"toy/{p['diagnostic']}/size_steps_off": p.get("size_steps_off")
                             for p in record["toy"]["pointers"]})
         tracker.summary({**summary, "report": str(report.index)})
 

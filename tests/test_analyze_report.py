@@ -7,7 +7,7 @@ import pytest
 
 from unsuperpose.cli import main
 
-LM_HEATMAPS = ["dead", "ssll", "mse", "l1_loss", "l0", "fvu", "mmcs_larger"]
+LM_HEATMAPS = ["dead", "ssll", "heldout_mse", "heldout_l1_loss", "heldout_l0", "heldout_fvu", "mmcs_larger"]
 COMPARISONS = ["dead", "ssll", "mmcs_larger"]
 
 
@@ -36,7 +36,7 @@ def test_every_promised_figure_is_drawn_and_embedded(report):
 def test_the_page_says_where_each_diagnostic_points_and_where_the_data_came_from(report, analyze_runs):
     html = (report / "index.html").read_text()
     for text in ("dead neurons", "loss stickiness (SSLL)", "MMCS with larger dictionaries",
-                 "ground-truth optimum", "Estimate for tiny layer 1", "largest dictionary without dead latents",
+                 "The best recovery is at", "Estimate.</b> tiny layer 1:", "toy: at the truth (1x)?", "largest dictionary without dead latents",
                  "blocks.1.mlp.hook_post", str(analyze_runs / "acts" / "tiny" / "layer1.zarr"),
                  "unsuperpose train --store", "unsuperpose toy --out", "unsuperpose analyze report --runs",
                  "unsuperpose harvest --lm"):
@@ -45,7 +45,8 @@ def test_the_page_says_where_each_diagnostic_points_and_where_the_data_came_from
     assert [p["diagnostic"] for p in rec["lm"]["pointers"]] == ["dead neurons", "loss stickiness (SSLL)",
                                                                 "MMCS with larger dictionaries"]
     assert rec["toy"]["optimum"]["size"] in (32, 64) and rec["toy"]["base"] == 32
-    assert all("matches" in p for p in rec["toy"]["pointers"])
+    assert all("size_steps_off" in p and "matches_optimum" in p for p in rec["toy"]["pointers"])
+    assert rec["toy"]["truth"] == {"size": 32, "ratio": 1.0}
     assert rec["lm"]["base"] == 64 and "estimate" in rec["lm"]
     rows = (report / "lm_grid.csv").read_text().splitlines()
     assert len(rows) == 1 + 4

@@ -123,9 +123,8 @@ def run(args: argparse.Namespace) -> int:
                           command=_report_command(args))
     for note in report.notes:
         print(f"note: {note}")
-    est = report.lm.diagnosis.estimate()
-    if est:
-        print(f"estimate: {est['median']:,} features in {report.lm.name} "
-              f"(diagnostics point to {', '.join(f'{s:,}' for s in est['sizes'])} latents)")
+    from unsuperpose.analyze.report_page import estimate_text
+
+    print("estimate: " + estimate_text(report.lm.diagnosis.estimate(), report.lm.base, report.lm.name))
     print(f"report: {report.index}")
     return 0
