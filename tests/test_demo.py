@@ -10,26 +10,34 @@ from unsuperpose.commands import demo
 from unsuperpose.errors import UserError
 
 
-def fake_outputs(runs, step):
-    """What each subcommand leaves once finished, reduced to what the completeness checks read."""
+def fake_outputs(runs, step, dead_at=None):
+    """What each subcommand leaves once finished, reduced to what the completeness checks read.
+    ``dead_at``: the smallest dictionary size with dead latents (None: none ever die)."""
     if step.name == "tiny LM":
         step.output.mkdir(parents=True, exist_ok=True)
         (step.output / "model.safetensors").write_bytes(b"")
     elif step.name.startswith("harvest"):
         step.output.mkdir(parents=True, exist_ok=True)
         (step.output / "zarr.json").write_text(json.dumps({"attributes": {"complete": True}}))
-    elif step.name in ("SAE grid", "toy replication"):
+    elif step.name.startswith("SAE grid"):
+        step.output.mkdir(parents=True, exist_ok=True)
+        spec = step.argv[step.argv.index("--dict") + 1]
+        sizes = [int(float(r.rstrip("x")) * 64) for r in spec.split(",")]
+        rows = [f"{a},{n},{int(dead_at is not None and n >= dead_at)}"
+                for a in (1e-3, 1e-2) for n in sizes]
+        (step.output / "summary.csv").write_text("l1,dict_size,dead\n" + "\n".join(rows) + "\n")
+    elif step.name == "toy replication":
         step.output.mkdir(parents=True, exist_ok=True)
         (step.output / "summary.csv").write_text("l1\n")
 
 
-def run_demo(runs, monkeypatch, *extra):
+def run_demo(runs, monkeypatch, *extra, dead_at=128):
     ran = []
     steps = {tuple(s.argv): s for s in demo.plan(runs, "--quick" in extra, progress=False)}
 
     def fake_main(argv):
-        ran.append(argv[:2])
-        fake_outputs(runs, steps[tuple(argv)])
+        ran.append(argv[:2] if argv[0] != "train" else argv[:2] + [argv[argv.index("--dict") + 1]])
+        fake_outputs(runs, steps[tuple(argv)], dead_at)
         return 0
 
     monkeypatch.setattr(demo, "cli_main", fake_main)
@@ -40,8 +48,8 @@ def run_demo(runs, monkeypatch, *extra):
 
 def test_the_demo_runs_the_pipeline_in_order_and_ends_with_the_report(tmp_path, monkeypatch, capsys):
     ran = run_demo(tmp_path, monkeypatch)
-    assert ran == [["lm", "train"], ["harvest", "--lm"], ["train", "--store"], ["toy", "--out"],
-                   ["analyze", "report"]]
+    assert ran == [["lm", "train"], ["harvest", "--lm"], ["train", "--store", "1x,2x,4x,8x"],
+                   ["toy", "--out"], ["analyze", "report"]]
     out = capsys.readouterr().out
     assert "report:" in out and out.strip().endswith("index.html")
     assert "total" in out
@@ -57,17 +65,20 @@ def test_an_unfinished_grid_is_run_again_so_it_resumes(tmp_path, monkeypatch):
     run_demo(tmp_path, monkeypatch, "--quick")
     grid = demo.plan(tmp_path, True)[2].output
     (grid / demo.CHECKPOINT_DIR).mkdir()
-    assert run_demo(tmp_path, monkeypatch, "--quick") == [["train", "--store"], ["analyze", "report"]]
+    assert run_demo(tmp_path, monkeypatch, "--quick") == [["train", "--store", "1x,2x,4x"],
+                                                         ["analyze", "report"]]
 
 
 def test_the_steps_feed_each_other(tmp_path):
-    lm, harvest, train, toy, report = demo.plan(tmp_path)
+    lm, harvest, train, *grow, toy, report = demo.plan(tmp_path)
+    assert [g.output.name for g in grow] == ["16x", "32x"] and all(g.grow for g in grow)
+    assert all(g.argv[g.argv.index("--l1") + 1] == train.argv[train.argv.index("--l1") + 1] for g in grow)
     assert harvest.argv[harvest.argv.index("--lm") + 1] == str(lm.output)
     assert train.argv[train.argv.index("--store") + 1] == str(harvest.output)
     assert train.output.name == train.argv[train.argv.index("--dict") + 1].replace(",", "+")
     assert report.output == tmp_path / "report" / "tiny-layer1" / "index.html"
     # Every command line parses with the real CLI.
-    for step in (lm, harvest, train, toy, report):
+    for step in (lm, harvest, train, *grow, toy, report):
         build_parser().parse_args(step.argv)
 
 
@@ -76,3 +87,30 @@ def test_a_failing_step_stops_the_demo_with_a_clear_error(tmp_path, monkeypatch)
     args = build_parser().parse_args(["demo", "--runs", str(tmp_path)])
     with pytest.raises(UserError, match="tiny LM.*rerun the same command"):
         args.func(args)
+
+
+def test_the_lm_grid_grows_until_dead_latents_appear_and_says_so(tmp_path, monkeypatch, capsys):
+    # dead latents only from 1,024 latents (16x of d = 64): 16x is trained, 32x is not needed
+    ran = run_demo(tmp_path, monkeypatch, dead_at=1024)
+    trained = [r[2] for r in ran if r[0] == "train"]
+    assert trained == ["1x,2x,4x,8x", "16x"]
+    out = capsys.readouterr().out
+    assert "growing the grid to 16x" in out and "dead latents appear in the largest dictionary at every L1" in out
+
+
+def test_when_no_latent_ever_dies_the_demo_says_the_estimate_is_a_lower_bound(tmp_path, monkeypatch, capsys):
+    ran = run_demo(tmp_path, monkeypatch, dead_at=None)
+    assert [r[2] for r in ran if r[0] == "train"] == ["1x,2x,4x,8x", "16x", "32x"]
+    assert "the LM estimate is a lower bound" in capsys.readouterr().out
+
+
+def test_quick_writes_to_its_own_folder_and_a_quick_lm_is_never_taken_for_the_full_one(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = build_parser().parse_args(["demo", "--quick"])
+    assert args.runs is None   # resolved to runs/quick by the command
+    lm = demo.plan(tmp_path, quick=False)[0]
+    lm.output.mkdir(parents=True)
+    (lm.output / "model.safetensors").write_bytes(b"")
+    (lm.output / "lm_config.json").write_text(json.dumps({"extra": {"train": {"tokens": 65_536}}}))
+    with pytest.raises(UserError, match="65,536 tokens, not the 2,500,000"):
+        lm.done()

@@ -1,9 +1,12 @@
 """`unsuperpose demo`: the whole pipeline on the embedded defaults, as one command.
 
-tiny LM -> harvest layer 1 -> SAE grid on the store -> toy replication -> report (+ feature
-browser). Each step is the ordinary subcommand, so its output is exactly what that command
-writes. A step whose output is already complete is skipped, and the subcommands themselves resume
-from their checkpoints, so after an interruption the same command carries on where it stopped.
+tiny LM -> harvest layer 1 -> SAE grid on the store (grown, one larger dictionary at a time,
+until dead latents appear at every L1 or the demo's largest size is reached) -> toy replication
+-> report (+ feature browser). Each step is the ordinary subcommand, so its output is exactly
+what that command writes. A step whose output is already complete is skipped, and the
+subcommands themselves resume from their checkpoints (and refuse outputs made with other
+settings, data or budget), so after an interruption the same command carries on where it
+stopped. ``--quick`` writes to its own folder, so its outputs are never taken for the full demo's.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Callable
 
 from unsuperpose.cli import main as cli_main
 from unsuperpose.errors import UserError
+from unsuperpose.train.io import read_summary
 
 LM, LAYER = "tiny", 1
 CHECKPOINT_DIR = "checkpoint"  # what `train`/`toy` leave while a grid is unfinished
@@ -28,10 +32,15 @@ CHECKPOINT_DIR = "checkpoint"  # what `train`/`toy` leave while a grid is unfini
 # L1 1e-4 left ~40-80 latents active per token, 3e-3 about 7), 5,000 steps of 256. Measured on
 # the 2-core machine: about 15 minutes in all (README).
 FULL = dict(lm_tokens=2_500_000, store_tokens=524_288, dict="1x,2x,4x,8x", l1="3e-4,1e-3,3e-3,1e-2",
-            sae_steps=5000, toy=[])
-# --quick: a smoke run of a few minutes; the numbers mean little.
+            sae_steps=5000, grow=["16x", "32x"],
+            # `make toy`'s grid at its three middle L1 values (1/4x..4x, 5,000 steps): the whole
+            # grid would take the demo past 20 minutes; this still brackets the truth (README).
+            toy=["--l1", "0.0001,0.00031623,0.001"])
+# --quick: a smoke run of a few minutes; the numbers mean little. Its own runs folder.
 QUICK = dict(lm_tokens=65_536, store_tokens=131_072, dict="1x,2x,4x", l1="3e-4,1e-3,3e-3",
-             sae_steps=400, toy=["--h", "64", "--G", "128", "--steps", "500", "--dict-ratios", "1/2x,1x,2x"])
+             sae_steps=400, grow=["8x"],
+             toy=["--h", "64", "--G", "128", "--steps", "500", "--dict-ratios", "1/4x,1/2x,1x,2x,4x"])
+QUICK_RUNS = Path("runs/quick")
 
 
 @dataclass
@@ -40,6 +49,7 @@ class Step:
     argv: list[str]
     done: Callable[[], bool]
     output: Path
+    grow: bool = False   # a larger dictionary, run only while some L1 keeps every latent alive
 
 
 def _store_complete(path: Path) -> bool:
@@ -53,6 +63,34 @@ def _grid_complete(path: Path) -> bool:
     return (path / "summary.csv").exists() and not (path / CHECKPOINT_DIR).exists()
 
 
+def _lm_done(lm_dir: Path, tokens: int) -> bool:
+    """A model trained on this demo's budget is done; one trained on another is refused (it
+    would be passed off as this demo's: e.g. the --quick LM in the full demo's folder)."""
+    if not (lm_dir / "model.safetensors").exists():
+        return False
+    cfg_path = lm_dir / "lm_config.json"
+    meta = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+    have = ((meta.get("extra") or {}).get("train") or {}).get("tokens")
+    if have is not None and int(have) != tokens:
+        raise UserError(f"{lm_dir} holds an LM trained on {int(have):,} tokens, not the {tokens:,} of "
+                        "this demo; use another --runs, or delete that folder to train it again")
+    return True
+
+
+def alive_at_largest(sae_out: Path) -> list[float]:
+    """L1 values at which the largest dictionary trained so far (over every set in ``sae_out``)
+    has no dead latent: there the dead-neuron evidence is open-ended and the grid must grow."""
+    rows = []
+    for summary in sorted(sae_out.glob("*/summary.csv")):
+        if not (summary.parent / CHECKPOINT_DIR).exists():
+            rows += [r for r in read_summary(summary) if "dead" in r and "dict_size" in r]
+    largest: dict[float, tuple[int, int]] = {}
+    for r in rows:
+        a, n = float(r["l1"]), int(r["dict_size"])
+        if a not in largest or n > largest[a][0]:
+            largest[a] = (n, int(r["dead"]))
+    return sorted(a for a, (_, dead) in largest.items() if dead == 0)
+
 def plan(runs: Path, quick: bool = False, progress: bool = True) -> list[Step]:
     """The demo's steps, in order, each with its command line and its completeness check."""
     s = QUICK if quick else FULL
@@ -65,13 +103,18 @@ def plan(runs: Path, quick: bool = False, progress: bool = True) -> list[Step]:
     quiet = [] if progress else ["--no-progress"]
     return [
         Step("tiny LM", ["lm", "train", "--preset", LM, "--out", str(lm_dir), "--tokens", str(s["lm_tokens"]),
-                         *quiet], lambda: (lm_dir / "model.safetensors").exists(), lm_dir),
+                         *quiet], lambda: _lm_done(lm_dir, s["lm_tokens"]), lm_dir),
         Step(f"harvest layer {LAYER}", ["harvest", "--lm", str(lm_dir), "--layer", str(LAYER), "--out", str(acts),
                                         "--tokens", str(s["store_tokens"]), *quiet],
              lambda: _store_complete(store), store),
         Step("SAE grid", ["train", "--store", str(store), "--dict", s["dict"], "--out", str(sae_out),
                           "--l1", s["l1"], "--steps", str(s["sae_steps"]), *quiet],
              lambda: _grid_complete(grid), grid),
+        *[Step(f"SAE grid, grown to {size}",
+               ["train", "--store", str(store), "--dict", size, "--out", str(sae_out), "--l1", s["l1"],
+                "--steps", str(s["sae_steps"]), *quiet],
+               lambda size=size: _grid_complete(sae_out / size), sae_out / size, grow=True)
+          for size in s["grow"]],
         Step("toy replication", ["toy", "--out", str(toy), *s["toy"], *quiet], lambda: _grid_complete(toy), toy),
         # Always rebuilt: it is cheap, and it must reflect whatever the steps above left.
         Step("report", ["analyze", "report", "--runs", str(runs), "--lm", LM, "--layer", str(LAYER), *quiet],
@@ -82,7 +125,8 @@ def plan(runs: Path, quick: bool = False, progress: bool = True) -> list[Step]:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the whole pipeline on the embedded defaults",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runs", type=Path, default=Path("runs"), help="where every stage writes")
+    p.add_argument("--runs", type=Path, default=None,
+                   help=f"where every stage writes (default: runs, or {QUICK_RUNS} with --quick)")
     p.add_argument("--quick", action="store_true", help="a few minutes instead of ~20 (numbers mean little)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -96,10 +140,20 @@ def _cpu_seconds() -> float:
 
 
 def run(args: argparse.Namespace) -> int:
-    steps = plan(args.runs, args.quick, progress=not args.no_progress)
+    runs = args.runs or (QUICK_RUNS if args.quick else Path("runs"))
+    steps = plan(runs, args.quick, progress=not args.no_progress)
+    sae_out = runs / "sae" / LM / f"layer{LAYER}"
     timings: list[tuple[str, float | None, float | None]] = []
     start, cpu0 = time.perf_counter(), _cpu_seconds()
     for step in steps:
+        if step.grow:
+            open_l1 = alive_at_largest(sae_out)
+            if not open_l1:
+                print(f"\n=== {step.name}: not needed, dead latents appear in the largest "
+                      "dictionary at every L1", flush=True)
+                continue
+            print(f"\n=== at L1 {', '.join(f'{a:g}' for a in open_l1)} the largest dictionary has no "
+                  f"dead latent: growing the grid to {step.output.name}", flush=True)
         if step.done():
             print(f"\n=== {step.name}: {step.output} is complete; skipped", flush=True)
             timings.append((step.name, None, None))
@@ -111,6 +165,13 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"demo step '{step.name}' failed (exit {code}); fix what it says, then "
                             "rerun the same command: finished steps are skipped")
         timings.append((step.name, time.perf_counter() - t, _cpu_seconds() - cpu))
+    open_l1 = alive_at_largest(sae_out)
+    if open_l1:
+        print(f"\nSAE grid: the demo's largest dictionary ({[st for st in steps if st.grow][-1].output.name}) "
+              f"still has no dead latent at L1 {', '.join(f'{a:g}' for a in open_l1)}: the budget "
+              "ended before dead latents appeared, so the LM estimate is a lower bound")
+    else:
+        print("\nSAE grid: dead latents appear in the largest dictionary at every L1")
     timings.append(("total", time.perf_counter() - start, _cpu_seconds() - cpu0))
     print("\n=== demo finished\n\n  step                  wall      CPU")
     for name, secs, cpu in timings:

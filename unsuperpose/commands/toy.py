@@ -14,9 +14,13 @@ from unsuperpose.errors import UserError
 from unsuperpose.toy import ToyConfig, ToySource
 from unsuperpose.train import Callback, SAETrainConfig
 
-# The default grid: the largest that finishes in about 10 minutes on a 2-core CPU (see README).
-DEFAULT_L1 = [round(10 ** (e / 4), 8) for e in range(-16, -12)]  # 1e-4 .. 5.6e-4, quarter decades
-DEFAULT_DICT = "1/4x,1/2x,1x,2x"
+# The default grid brackets the truth on both axes: sizes 1/4x..4x of G; L1 (sum convention)
+# from too low (3.2e-5: 1x recovers 0.65 MMCS) through the Goldilocks zone (1e-4..3.2e-4) to too
+# high (3.2e-3: codes collapse), half decades. 5,000 steps: at 2,000 the dead-neuron and MMCS-
+# with-larger pointers were still moving (README). No resampling (the dead-neuron diagnostic
+# reads deaths). About 10 minutes on the 2-core machine.
+DEFAULT_L1 = [round(10 ** (e / 2), 8) for e in range(-9, -4)]  # 3.2e-5 .. 3.2e-3
+DEFAULT_DICT = "1/4x,1/2x,1x,2x,4x"
 DEFAULT_STEPS = 5000
 
 # The report's full grid: 17 L1 values 10^(e/4), e = -8..8, in its per-latent convention;
