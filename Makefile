@@ -10,7 +10,7 @@ LM ?= tiny
 LAYER ?= 1
 DICT ?= 8x
 
-.PHONY: install toy test bench demo clean lm harvest train analyze
+.PHONY: install toy test bench demo clean lm harvest train analyze replicate-update
 
 install: $(STAMP)
 
@@ -54,6 +54,11 @@ analyze: $(STAMP)
 
 toy: $(STAMP)
 	$(BIN)/unsuperpose toy --out $(RUNS)/toy $(ARGS)
+
+# The follow-up update's experiment: the tiny LM's layer-3 MLP (64 wide), dictionaries 1x..32x
+# (64..2,048 latents) over an L1 sweep, beside `make toy`'s grid on the same conventions (README).
+replicate-update: $(STAMP)
+	$(BIN)/unsuperpose demo --update --runs $(RUNS) $(ARGS)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(BIN)/python -m pytest tests $(ARGS)

@@ -1,7 +1,6 @@
-"""Issue 3's figures: recovery speed on the report's toy setup, and grid throughput vs GEMM peak.
+"""Issue 3's figures: grid throughput vs GEMM peak (recovery and the diagnostics moved to
+bench_diagnostics).
 
-- recovery: best MMCS with the ground truth over the default L1 values after 1k, 2k, 5k steps
-  (h 256, G 512, dictionary 1x, batch 256), with our defaults and with --preset report.
 - throughput: SAE-steps/s and GFLOP/s (10*b*d*n FLOPs per SAE step) of the grid trainer at toy
   sizes, next to a loop of lone autograd SAEs and the GEMM peak, all measured in this run.
 """
@@ -13,31 +12,9 @@ import time
 import torch
 
 from benchmarks.common import RamSource, gemm_peak
-from unsuperpose.analyze import mmcs
 from unsuperpose.toy import ToyConfig, ToySource
-from unsuperpose.train import SAE, Callback, SAETrainConfig, apply_preset, new_state, train_steps
+from unsuperpose.train import SAE, SAETrainConfig, new_state, train_steps
 from unsuperpose.train.init import init_params
-
-
-def recovery(preset: str | None, l1: list[float]) -> list[dict]:
-    src = ToySource(ToyConfig())
-    cfg = apply_preset(SAETrainConfig(l1=l1, dict_sizes=[512], steps=5000, log_every=1000), preset)
-
-    def cb(step, dicts):
-        return {k: {"mmcs": mmcs(src.features, d)} for k, d in dicts.items()}
-
-    state = new_state(src, cfg)
-    t = time.perf_counter()
-    train_steps(state, src, callbacks=[Callback(1000, cb)], progress=False)
-    wall = time.perf_counter() - t
-    out = []
-    for step in (1000, 2000, 5000):
-        at = [h for h in state.history if h["step"] == step]
-        best = max(at, key=lambda h: h["mmcs"])
-        out.append({"figure": "toy_recovery", "settings": preset or "default", "step": step,
-                    "best_mmcs": round(best["mmcs"], 4), "best_l1": best["l1"]})
-    out[-1]["wall_s"] = round(wall, 1)
-    return out
 
 
 def grid_throughput(n_l1: int = 8, d: int = 256, n: int = 512, batch: int = 256, steps: int = 60) -> list[dict]:
@@ -77,10 +54,4 @@ def grid_throughput(n_l1: int = 8, d: int = 256, n: int = 512, batch: int = 256,
 
 
 def run() -> list[dict]:
-    from unsuperpose.commands.toy import DEFAULT_L1
-
-    out = grid_throughput()
-    out += recovery(None, DEFAULT_L1)
-    report_l1 = [10 ** (e / 4) for e in range(-6, 1, 2)]  # 0.03..1 per-latent: around its optimum
-    out += recovery("report", report_l1)
-    return out
+    return grid_throughput()

@@ -114,3 +114,14 @@ def test_quick_writes_to_its_own_folder_and_a_quick_lm_is_never_taken_for_the_fu
     (lm.output / "lm_config.json").write_text(json.dumps({"extra": {"train": {"tokens": 65_536}}}))
     with pytest.raises(UserError, match="65,536 tokens, not the 2,500,000"):
         lm.done()
+
+
+def test_the_update_replication_is_layer_3_with_1x_to_32x_beside_the_full_toy_grid(tmp_path):
+    lm, harvest, train, toy, report = demo.plan(tmp_path, update=True)
+    assert harvest.argv[harvest.argv.index("--layer") + 1] == "3" and "--tokens" not in harvest.argv
+    assert train.argv[train.argv.index("--dict") + 1] == "1x,2x,4x,8x,16x,32x"
+    assert train.argv[train.argv.index("--steps") + 1] == "10000"
+    assert toy.output == tmp_path / "toy" and "--l1" not in toy.argv      # `make toy`'s own grid
+    assert report.argv[report.argv.index("--layer") + 1] == "3"
+    for step in (lm, harvest, train, toy, report):
+        build_parser().parse_args(step.argv)

@@ -41,6 +41,14 @@ QUICK = dict(lm_tokens=65_536, store_tokens=131_072, dict="1x,2x,4x", l1="3e-4,1
              sae_steps=400, grow=["8x"],
              toy=["--h", "64", "--G", "128", "--steps", "500", "--dict-ratios", "1/4x,1/2x,1x,2x,4x"])
 QUICK_RUNS = Path("runs/quick")
+# --update: the follow-up update's experiment (`make replicate-update`): the same tiny LM, its
+# layer-3 MLP (64 wide) over the whole corpus, dictionaries 1x..32x (64..2,048 latents) at four
+# L1 values, 10,000 steps; `make toy`'s full grid beside it. About 30 minutes (README).
+UPDATE = dict(lm_tokens=2_500_000, layer=3, store_tokens=None, dict="1x,2x,4x,8x,16x,32x",
+              l1="3.1623e-4,1e-3,3.1623e-3,1e-2", sae_steps=10_000, grow=[], toy=[], toy_dir="toy")
+for _s in (FULL, QUICK):
+    _s.setdefault("layer", LAYER)
+    _s.setdefault("toy_dir", "toy-demo")
 
 
 @dataclass
@@ -77,13 +85,22 @@ def _lm_done(lm_dir: Path, tokens: int) -> bool:
     return True
 
 
-def alive_at_largest(sae_out: Path) -> list[float]:
-    """L1 values at which the largest dictionary trained so far (over every set in ``sae_out``)
-    has no dead latent: there the dead-neuron evidence is open-ended and the grid must grow."""
+def _finished_rows(sae_out: Path) -> list[dict]:
     rows = []
     for summary in sorted(sae_out.glob("*/summary.csv")):
         if not (summary.parent / CHECKPOINT_DIR).exists():
             rows += [r for r in read_summary(summary) if "dead" in r and "dict_size" in r]
+    return rows
+
+
+def trained_sizes(sae_out: Path) -> list[int]:
+    return sorted({int(r["dict_size"]) for r in _finished_rows(sae_out)}) or [0]
+
+
+def alive_at_largest(sae_out: Path) -> list[float]:
+    """L1 values at which the largest dictionary trained so far (over every set in ``sae_out``)
+    has no dead latent: there the dead-neuron evidence is open-ended and the grid must grow."""
+    rows = _finished_rows(sae_out)
     largest: dict[float, tuple[int, int]] = {}
     for r in rows:
         a, n = float(r["l1"]), int(r["dict_size"])
@@ -91,21 +108,28 @@ def alive_at_largest(sae_out: Path) -> list[float]:
             largest[a] = (n, int(r["dead"]))
     return sorted(a for a, (_, dead) in largest.items() if dead == 0)
 
-def plan(runs: Path, quick: bool = False, progress: bool = True) -> list[Step]:
+def settings(quick: bool = False, update: bool = False) -> dict:
+    return UPDATE if update else QUICK if quick else FULL
+
+
+def plan(runs: Path, quick: bool = False, progress: bool = True, update: bool = False) -> list[Step]:
     """The demo's steps, in order, each with its command line and its completeness check."""
-    s = QUICK if quick else FULL
+    s = settings(quick, update)
+    layer = s["layer"]
     lm_dir = runs / "lm" / LM
     acts = runs / "acts" / LM
-    store = acts / f"layer{LAYER}.zarr"
-    sae_out = runs / "sae" / LM / f"layer{LAYER}"
+    store = acts / f"layer{layer}.zarr"
+    sae_out = runs / "sae" / LM / f"layer{layer}"
     grid = sae_out / s["dict"].replace(",", "+")
-    toy = runs / "toy"
+    # The demo's toy grid is smaller than `make toy`'s (runs/toy), and a folder holds one grid.
+    toy = runs / s["toy_dir"]
     quiet = [] if progress else ["--no-progress"]
+    tokens = ["--tokens", str(s["store_tokens"])] if s["store_tokens"] else []
     return [
         Step("tiny LM", ["lm", "train", "--preset", LM, "--out", str(lm_dir), "--tokens", str(s["lm_tokens"]),
                          *quiet], lambda: _lm_done(lm_dir, s["lm_tokens"]), lm_dir),
-        Step(f"harvest layer {LAYER}", ["harvest", "--lm", str(lm_dir), "--layer", str(LAYER), "--out", str(acts),
-                                        "--tokens", str(s["store_tokens"]), *quiet],
+        Step(f"harvest layer {layer}", ["harvest", "--lm", str(lm_dir), "--layer", str(layer), "--out", str(acts),
+                                        *tokens, *quiet],
              lambda: _store_complete(store), store),
         Step("SAE grid", ["train", "--store", str(store), "--dict", s["dict"], "--out", str(sae_out),
                           "--l1", s["l1"], "--steps", str(s["sae_steps"]), *quiet],
@@ -117,8 +141,9 @@ def plan(runs: Path, quick: bool = False, progress: bool = True) -> list[Step]:
           for size in s["grow"]],
         Step("toy replication", ["toy", "--out", str(toy), *s["toy"], *quiet], lambda: _grid_complete(toy), toy),
         # Always rebuilt: it is cheap, and it must reflect whatever the steps above left.
-        Step("report", ["analyze", "report", "--runs", str(runs), "--lm", LM, "--layer", str(LAYER), *quiet],
-             lambda: False, runs / "report" / f"{LM}-layer{LAYER}" / "index.html"),
+        Step("report", ["analyze", "report", "--runs", str(runs), "--lm", LM, "--layer", str(layer),
+                        "--toy", str(toy), *quiet],
+             lambda: False, runs / "report" / f"{LM}-layer{layer}" / "index.html"),
     ]
 
 
@@ -128,6 +153,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--runs", type=Path, default=None,
                    help=f"where every stage writes (default: runs, or {QUICK_RUNS} with --quick)")
     p.add_argument("--quick", action="store_true", help="a few minutes instead of ~20 (numbers mean little)")
+    p.add_argument("--update", action="store_true",
+                   help="the follow-up update's experiment instead: layer 3, dictionaries 1x..32x, "
+                   "10,000 steps, beside `make toy`'s grid (~30 minutes)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -140,9 +168,11 @@ def _cpu_seconds() -> float:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.quick and args.update:
+        raise UserError("--quick and --update are two different runs; choose one")
     runs = args.runs or (QUICK_RUNS if args.quick else Path("runs"))
-    steps = plan(runs, args.quick, progress=not args.no_progress)
-    sae_out = runs / "sae" / LM / f"layer{LAYER}"
+    steps = plan(runs, args.quick, progress=not args.no_progress, update=args.update)
+    sae_out = runs / "sae" / LM / f"layer{settings(args.quick, args.update)['layer']}"
     timings: list[tuple[str, float | None, float | None]] = []
     start, cpu0 = time.perf_counter(), _cpu_seconds()
     for step in steps:
@@ -167,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
         timings.append((step.name, time.perf_counter() - t, _cpu_seconds() - cpu))
     open_l1 = alive_at_largest(sae_out)
     if open_l1:
-        print(f"\nSAE grid: the demo's largest dictionary ({[st for st in steps if st.grow][-1].output.name}) "
+        print(f"\nSAE grid: the largest dictionary ({max(trained_sizes(sae_out)):,} latents) "
               f"still has no dead latent at L1 {', '.join(f'{a:g}' for a in open_l1)}: the budget "
               "ended before dead latents appeared, so the LM estimate is a lower bound")
     else:

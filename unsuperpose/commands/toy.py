@@ -63,12 +63,17 @@ def default_config(grid: str = "default") -> SAETrainConfig:
 DIAGNOSIS_FILE = "diagnosis.json"
 
 
-def write_diagnosis(rows: list[dict], G: int, path: Path) -> dict:
-    """Where the report's three diagnostics point on this grid, against the truth (G features);
-    the same record the LM report writes under "toy"."""
+def toy_diagnosis(rows: list[dict], G: int) -> dict:
+    """Where the report's three diagnostics point on a scored toy grid (rows with dead, ssll,
+    mmcs_larger, mmcs), against the truth (G features); the record the LM report writes under
+    "toy"."""
     col = lambda c: {(r["l1"], r["dict_size"]): r[c] for r in rows if c in r}
     diag = diagnose(col("dead"), col("ssll"), col("mmcs_larger"), col("mmcs"), truth_size=G)
-    record = diagnosis_record(diag, G, "G (ground-truth features)")
+    return diagnosis_record(diag, G, "G (ground-truth features)")
+
+
+def write_diagnosis(rows: list[dict], G: int, path: Path) -> dict:
+    record = toy_diagnosis(rows, G)
     write_json_atomic(path, record)
     return record
 
