@@ -9,7 +9,10 @@
   report's setup, with our defaults (no resampling), with resampling every 250 steps, and with
   --preset report (per-latent L1, lr 1e-3).
 
-Slow: about 25 minutes for the two grids and 10 for recovery on the 2-core machine.
+  Also without renormalising the decoder after each step, and with resampling candidates from
+  one batch instead of a pool: what each fix changed.
+
+Slow: about 25 minutes for the two grids and 15 for recovery on the 2-core machine.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from unsuperpose.commands.toy import DEFAULT_DICT, DEFAULT_L1, DEFAULT_STEPS, TO
 from unsuperpose.toy import ToyConfig, ToySource
 from unsuperpose.train import (Callback, SAETrainConfig, apply_preset, evaluate, new_state,
                                parse_dict_sizes, train_steps)
+from unsuperpose.train.grid import SAEGroup
 
 SEEDS = (101, 202)          # tests use seeds below 20
 READ_AT = (3000, 4000, DEFAULT_STEPS)
@@ -67,7 +71,16 @@ def toy_grid(seed: int) -> list[dict]:
     return out
 
 
-def recovery(name: str, l1: list[float], **overrides) -> list[dict]:
+def recovery(name: str, l1: list[float], renormalise: bool = True, **overrides) -> list[dict]:
+    """Best MMCS at 1x; ``renormalise=False`` reproduces the old trainer (decoder rows normalised
+    in the forward pass only) to measure what renormalising after each step changes."""
+    if not renormalise:
+        original = SAEGroup.renormalise_
+        SAEGroup.renormalise_ = lambda self: None
+        try:
+            return recovery(name, l1, **overrides)
+        finally:
+            SAEGroup.renormalise_ = original
     src = ToySource(ToyConfig(seed=SEEDS[0]))
     preset = overrides.pop("preset", None)
     cfg = apply_preset(SAETrainConfig(l1=l1, dict_sizes=[512], steps=5000, log_every=1000,
@@ -91,7 +104,10 @@ def run() -> list[dict]:
     out = []
     goldilocks = [round(10 ** (e / 4), 8) for e in range(-17, -13)]   # 5.6e-5 .. 3.2e-4, sum convention
     out += recovery("default (no resampling)", goldilocks)
+    out += recovery("no renormalisation after the step (the old trainer)", goldilocks, renormalise=False)
     out += recovery("resampling every 250 steps", goldilocks, resample_every=250)
+    out += recovery("resampling every 250 steps, candidates from one batch (the old pool)", goldilocks,
+                    resample_every=250, resample_pool=1)
     out += recovery("--preset report", [10 ** (e / 4) for e in range(-6, 1, 2)], preset="report")
     for seed in SEEDS:
         out += toy_grid(seed)

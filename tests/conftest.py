@@ -94,3 +94,14 @@ def analyze_runs(tmp_path_factory, tiny_lm_dir, tiny_corpus):
                    source_info=toy.describe())
     torch.set_num_threads(threads)
     return runs
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny matmuls: thread hand-offs cost more than they save."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

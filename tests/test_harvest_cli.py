@@ -6,19 +6,13 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from unsuperpose.cli import main
 from unsuperpose.harvest import ActivationStore
 from unsuperpose.lm import model_info, token_blocks
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_harvest_command_writes_stores_of_the_models_corpus(tiny_lm_dir, tiny_corpus, tmp_path, capsys):

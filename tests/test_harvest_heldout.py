@@ -246,14 +246,6 @@ def test_the_val_mask_marks_the_tokens_of_the_validation_documents(tiny_corpus, 
     assert token_blocks(none, 16, "all", cache_dir=tmp_path).val_mask is None
 
 
-@pytest.fixture
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_harvest_command_marks_the_lms_validation_rows(tiny_lm_dir, tiny_corpus, tmp_path, one_torch_thread):
     out = tmp_path / "acts"
     assert main(["harvest", "--lm", str(tiny_lm_dir), "--layer", "1", "--out", str(out),
