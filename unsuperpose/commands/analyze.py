@@ -2,6 +2,7 @@
 
     unsuperpose analyze report --runs runs --lm tiny --layer 1
     unsuperpose analyze features --dict runs/sae/tiny/layer1/1x+2x+4x+8x/saes/n256-l1_0.001 --top 20
+    unsuperpose analyze splice --dict runs/sae/tiny/layer1/1x+2x+4x+8x [--corpus FILE] [--tokens N]
 
 The glue between ``analyze`` (which reads dictionaries and stores) and ``lm`` (the tokenizer that
 turns a store's token ids back into text) lives here.
@@ -53,6 +54,30 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--out", type=Path, default=None, help="output folder (default DICT/features)")
     _browser_arguments(f)
     f.set_defaults(func=run)
+
+    sp = acts.add_parser("splice", help="the SAE spliced into its LM: CE loss recovered, delta CE, KL, shrinkage",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                         description="Replace the hook's activation with each SAE's reconstruction "
+                                     "and measure the LM's next-token loss against the clean, zero- and "
+                                     "mean-ablated model, on the LM's validation documents or a text file.")
+    sp.add_argument("--dict", dest="dict_path", type=Path, required=True,
+                    help="one SAE folder (saes/n<size>-l1_<l1>) or a dictionary set (a folder with saes/)")
+    sp.add_argument("--corpus", type=Path, default=None,
+                    help="a local text file, documents separated by blank lines, used whole "
+                    "(default: the LM's held-out validation documents)")
+    sp.add_argument("--tokens", type=int, default=None,
+                    help="predicted tokens of the validation documents to use (default 16,384); "
+                    "ignored with --corpus")
+    sp.add_argument("--batch-size", type=int, default=4, help="token blocks per forward pass")
+    sp.add_argument("--out", type=Path, default=None, help="JSON file (default DICT/splice.json)")
+    sp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sp.set_defaults(func=_run_splice)
+
+
+def _run_splice(args: argparse.Namespace) -> int:
+    from unsuperpose.commands._splice import run_splice
+
+    return run_splice(args)
 
 
 def _browser_arguments(p: argparse.ArgumentParser) -> None:
