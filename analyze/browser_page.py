@@ -9,7 +9,7 @@ from typing import Callable
 import numpy as np
 
 from unsuperpose.analyze.browser import Context, UnitStats, bin_edges, firing_summary
-from unsuperpose.analyze.html import STYLE, esc, fmt, page, table, write
+from unsuperpose.analyze.html import STYLE, Raw, esc, fmt, page, table, write
 
 STYLE_EXTRA = """
 .ctx { font-family: ui-monospace, monospace; font-size: 0.82em; white-space: pre-wrap;
@@ -31,24 +31,32 @@ function sortUnits(key, desc) {
 """
 
 
-def hist_svg(counts: np.ndarray, width: int = 170, height: int = 42) -> str:
-    """A tiny bar chart of one unit's positive activations (log2 bins), cropped to its range."""
-    nz = np.flatnonzero(counts)
-    if not len(nz):
+def bars_svg(counts: np.ndarray, lo_label: str, hi_label: str, width: int = 170, height: int = 42,
+             what: str = "histogram") -> str:
+    """A tiny bar chart of ``counts`` with its two ends labelled."""
+    c = np.asarray(counts, dtype=float)
+    if not c.any():
         return ""
-    lo, hi = nz[0], nz[-1] + 1
-    c = counts[lo:hi].astype(float)
-    edges = bin_edges()
     bw = width / len(c)
     # Empty bins draw nothing; a non-empty one at least one pixel, so rare values stay visible.
     bars = "".join(f'<rect x="{i * bw:.1f}" y="{height - 12 - h:.1f}" width="{max(bw - 0.5, 0.5):.1f}" '
                    f'height="{h:.1f}" fill="#3a6fb0"/>'
                    for i, h in enumerate(np.where(c > 0, np.maximum(c / c.max() * (height - 14), 1), 0))
                    if h > 0)
-    label = (f'<text x="0" y="{height - 1}" font-size="9">{edges[lo]:.2g}</text>'
-             f'<text x="{width}" y="{height - 1}" font-size="9" text-anchor="end">{edges[hi]:.2g}</text>')
-    return (f'<svg width="{width}" height="{height}" role="img" '
-            f'aria-label="activation histogram">{bars}{label}</svg>')
+    label = (f'<text x="0" y="{height - 1}" font-size="9">{esc(lo_label)}</text>'
+             f'<text x="{width}" y="{height - 1}" font-size="9" text-anchor="end">{esc(hi_label)}</text>')
+    return f'<svg width="{width}" height="{height}" role="img" aria-label="{esc(what)}">{bars}{label}</svg>'
+
+
+def hist_svg(counts: np.ndarray, width: int = 170, height: int = 42) -> str:
+    """One unit's positive activations (log2 bins), cropped to its range."""
+    nz = np.flatnonzero(counts)
+    if not len(nz):
+        return ""
+    lo, hi = nz[0], nz[-1] + 1
+    edges = bin_edges()
+    return bars_svg(counts[lo:hi], f"{edges[lo]:.2g}", f"{edges[hi]:.2g}", width, height,
+                    "activation histogram")
 
 
 def show_token(text: str) -> str:
@@ -107,8 +115,30 @@ def render(title: str, what: str, stats: UnitStats, ctxs: list[list[Context]],
     return page(title, head + buttons + units + tail, style=STYLE + STYLE_EXTRA, script=SORT_JS)
 
 
-def write_index(out: Path, pages: dict[str, Path], meta: dict) -> Path:
+def _quartiles(m: dict, name: str) -> str:
+    if not m.get(f"{name}_scored"):
+        return "-"
+    return f"{m[f'{name}_median']:.2f} ({m[f'{name}_q25']:.2f}–{m[f'{name}_q75']:.2f})"
+
+
+def concentration_table(mono: dict[str, dict]) -> str:
+    """Token and pair concentration of every page's units: median (quartiles) and a histogram."""
+    rows = []
+    for name, m in mono.items():
+        hist = bars_svg(m["token_hist"], "0", "1", what="token concentration") if m.get("token_scored") else "-"
+        rows.append([name, m.get("token_scored", 0), _quartiles(m, "token"), Raw(hist), _quartiles(m, "pair")])
+    k = next(iter(mono.values()))["k"] if mono else 0
+    note = (f"<p>Concentration of the top {k} activations (monosemanticity without an LLM): the "
+            f"share of a unit's {k} strongest rows that fall on its most common token (or pair of "
+            "previous token and token). 1 = a single token; higher than the neurons' = the "
+            "dictionary is more monosemantic than the neuron basis. Units firing on fewer than "
+            f"{k} rows are not scored. Histogram: token concentration, 0 to 1 in tenths.</p>")
+    return note + table(["page", "units scored", "token concentration, median (quartiles)",
+                         "distribution", "pair concentration"], rows, left=1)
+
+
+def write_index(out: Path, pages: dict[str, Path], meta: dict, mono: dict[str, dict] | None = None) -> Path:
     links = "".join(f'<li><a href="{esc(p.name)}">{esc(name)}</a></li>' for name, p in pages.items())
     body = (f"<h1>Feature browser</h1>{table(['', ''], [[k, v] for k, v in meta.items()], left=2)}"
-            f"<ul>{links}</ul>")
+            f"<ul>{links}</ul>" + (concentration_table(mono) if mono else ""))
     return write(out / "index.html", page("Feature browser", body))

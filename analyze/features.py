@@ -9,6 +9,8 @@ from typing import Callable
 from unsuperpose.analyze.browser import contexts, firing_summary, scan, token_arrays
 from unsuperpose.analyze.browser_page import render, write_index
 from unsuperpose.analyze.html import write
+from unsuperpose.analyze.monosemantic import summary as concentration_summary
+from unsuperpose.config import write_json_atomic
 from unsuperpose.errors import UserError
 from unsuperpose.train import SAE
 
@@ -69,7 +71,10 @@ def build_browser(sae_dirs: list[Path], store, out: str | Path, decode: Callable
         pages[NEURONS] = write(out / f"{NEURONS}.html",
                                render("MLP neurons (baseline)", "neuron", stats[NEURONS], ctxs[NEURONS],
                                       decode, {**common, "neurons": store.d}))
-    pages["index"] = write_index(out, dict(pages), common)
-    summaries = {name: firing_summary(s) for name, s in stats.items()}
+    mono = {name: concentration_summary(c, top) for name, c in ctxs.items()}
+    pages["index"] = write_index(out, dict(pages), common, mono)
+    write_json_atomic(out / "monosemanticity.json", mono)
+    summaries = {name: {**firing_summary(s), "token_concentration_median": mono[name].get("token_median")}
+                 for name, s in stats.items()}
     write(out / "summary.txt", "".join(f"{k}: {v}\n" for k, v in summaries.items()))
     return pages

@@ -120,3 +120,33 @@ def test_a_toy_dictionary_needs_a_store(tmp_path, capsys):
     sae = SAE(4, 4, tied=True).save(tmp_path / "saes" / "n4-l1_1", {"l1": 1.0, "source": {"kind": "toy"}})
     assert main(["analyze", "features", "--dict", str(sae)]) == 2
     assert "--store" in capsys.readouterr().err
+
+
+def test_token_concentration_is_the_share_of_the_commonest_token_among_the_top_rows():
+    from unsuperpose.analyze.browser import Context
+    from unsuperpose.analyze.monosemantic import concentration, summary
+
+    def ctx(prev, tok):
+        return Context(row=0, act=1.0, tokens=[prev, tok] if prev is not None else [tok], at=1 if prev is not None else 0)
+
+    one_token = [ctx(7, 5)] * 3 + [ctx(8, 5)]                  # token 5 four times, after 7 or 8
+    mixed = [ctx(1, 2), ctx(3, 4), ctx(None, 6), ctx(1, 2)]
+    assert concentration(one_token, 4) == 1.0
+    assert concentration(one_token, 4, pairs=True) == 0.75     # (7, 5) three times of four
+    assert concentration(mixed, 4) == 0.5 and concentration(mixed, 4, pairs=True) == 0.5
+    assert concentration(mixed[:3], 4) is None                 # fewer firing rows than k: unscored
+    s = summary([one_token, mixed, mixed[:3]], 4)
+    assert s["token_scored"] == 2 and s["token_median"] == 0.75 and sum(s["token_hist"]) == 2
+
+
+def test_the_index_compares_concentration_of_latents_and_neurons(tmp_path, analyze_runs):
+    import json
+    from unsuperpose.cli import main
+    grid = analyze_runs / "sae" / "tiny" / "layer1" / "1x+2x"
+    out = tmp_path / "features"
+    assert main(["analyze", "features", "--dict", str(grid), "--out", str(out), "--top", "5",
+                 "--no-progress"]) == 0
+    mono = json.loads((out / "monosemanticity.json").read_text())
+    assert "neurons" in mono and len(mono) == 5
+    assert mono["neurons"]["token_scored"] > 0 and 0 < mono["neurons"]["token_median"] <= 1
+    assert "token concentration, median (quartiles)" in (out / "index.html").read_text()
