@@ -99,3 +99,35 @@ def curves(history: list[dict], metric: str, path: str | Path, *, title: str,
     axes[0, 0].legend(title="L1", fontsize=7)
     fig.suptitle(title)
     return save_figure(fig, path)
+
+
+def frontier(rows: list[dict], y: str, path: str | Path, *, title: str, ylabel: str,
+             size_labels: dict[int, str], references: dict[str, tuple[float, float]] | None = None,
+             log_y: bool = False) -> Path | None:
+    """The sparsity-fidelity frontier: L0 (held-out) against ``y``, one line per dictionary size
+    (its points are the L1 values), and labelled reference points (e.g. the neuron basis, the
+    zero and mean ablations) as {label: (l0, y)}."""
+    pts = [(r["dict_size"], r["heldout_l0"], r[y]) for r in rows
+           if isinstance(r.get(y), (int, float)) and math.isfinite(r[y]) and r.get("heldout_l0") is not None]
+    if not pts:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    cmap = plt.get_cmap("viridis")
+    sizes = sorted({p[0] for p in pts})
+    for i, n in enumerate(sizes):
+        line = sorted((l0, v) for m, l0, v in pts if m == n)
+        ax.plot([a for a, _ in line], [b for _, b in line], marker="o", ms=4,
+                color=cmap(i / max(len(sizes) - 1, 1)), label=size_labels.get(n, str(n)))
+    for k, (label, (l0, v)) in enumerate((references or {}).items()):
+        if math.isfinite(v):
+            ax.scatter([max(l0, 0.5)], [v], marker="*s^"[k % 3], s=90, color="black", zorder=5)
+            ax.annotate(label, (max(l0, 0.5), v), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.set_xscale("log")
+    if log_y:
+        ax.set_yscale("symlog", linthresh=1e-3)
+    ax.set_xlabel("L0: active latents per token (held-out; log scale)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(title="dictionary", fontsize=8, title_fontsize=8)
+    ax.grid(alpha=0.3)
+    return save_figure(fig, path)

@@ -21,6 +21,10 @@ GRID_FIGURES = [
     ("mmcs_larger", "MMCS with larger dictionaries", dict(cmap="viridis")),
     ("heldout_l0", "held-out L0 (active latents per sample)", dict(log_color=True, fmt=".3g")),
     ("heldout_fvu", "held-out fraction of variance unexplained", dict(log_color=True, fmt=".2g")),
+    # LM grids only: the SAE spliced into its LM (validation documents)
+    ("ce_loss_recovered", "CE loss recovered (vs zero ablation)", dict(cmap="viridis", fmt=".3f")),
+    ("delta_ce", "delta CE (nats), SAE spliced in", dict(cmap="magma_r", fmt=".3g")),
+    ("kl", "KL(clean || spliced), nats", dict(log_color=True, fmt=".2g")),
 ]
 
 

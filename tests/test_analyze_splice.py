@@ -120,3 +120,19 @@ def test_splice_command_on_validation_documents_and_on_a_text_file(analyze_runs,
 def test_splice_refuses_toy_dictionaries(analyze_runs, capsys):
     assert main(["analyze", "splice", "--dict", str(analyze_runs / "toy"), "--no-progress"]) == 2
     assert "LM activation store" in capsys.readouterr().err
+
+
+def test_train_puts_the_spliced_figures_in_summary_csv(analyze_runs, tmp_path):
+    import csv
+    store = analyze_runs / "acts" / "tiny" / "layer1.zarr"
+    assert main(["train", "--store", str(store), "--out", str(tmp_path), "--dict", "1x", "--l1", "1e-3,1e-1",
+                 "--steps", "20", "--batch-size", "64", "--splice-tokens", "60", "--wandb", "disabled",
+                 "--no-progress"]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "1x" / "summary.csv")))
+    for col in ("ce_loss_recovered", "ce_loss_recovered_mean", "delta_ce", "delta_ce_se", "kl",
+                "norm_ratio", "relative_reconstruction_bias", "splice_tokens", "ce_clean", "ce_zero", "ce_mean"):
+        assert col in rows[0], col
+    assert int(rows[0]["splice_tokens"]) >= 60
+    # the stronger penalty keeps less of the activation
+    weak, strong = sorted(rows, key=lambda r: float(r["l1"]))
+    assert float(strong["norm_ratio"]) < float(weak["norm_ratio"])

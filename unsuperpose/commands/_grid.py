@@ -142,9 +142,11 @@ def train_and_save(source, cfg: SAETrainConfig, out: Path, *, size_labels: dict[
                    size_base: int, size_axis: str, ground_truth=None, callbacks: list[Callback] = (),
                    wandb_mode: str | None = None, progress: bool = True, run_name: str,
                    source_info: dict, checkpoint_every: int = 1000, force: bool = False,
-                   export=None) -> list[dict]:
+                   export=None, more_scores=None) -> list[dict]:
     """Train the grid (resuming a checkpoint if there is one), score it (with ground truth if
-    given), save SAEs, summary and figures; ``export(state, out)`` may write more formats."""
+    given), save SAEs, summary and figures; ``export(state, out)`` may write more formats and
+    ``more_scores(state)`` add columns per SAE ({(l1, n): {column: value}}, e.g. the spliced-in
+    evaluation)."""
     out.mkdir(parents=True, exist_ok=True)
     state, done = _prepare(out, cfg, source, source_info, force)
     if done is not None:
@@ -168,6 +170,9 @@ def train_and_save(source, cfg: SAETrainConfig, out: Path, *, size_labels: dict[
         scores = score_grid(state.dictionaries(), metrics, ground_truth)
         for (l1, n), s in scores.items():
             s["dict_ratio"] = n / size_base
+        if more_scores is not None:
+            for key, extra in more_scores(state).items():
+                scores[key].update(extra)
         rows = save_grid(state, metrics, out, extra=scores, labels=size_labels, source_info=source_info)
         if export is not None:
             export(state, out)

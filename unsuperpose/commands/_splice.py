@@ -69,6 +69,35 @@ def store_mean(store) -> torch.Tensor:
     return torch.from_numpy(total / store.rows)
 
 
+# What `unsuperpose train` adds to summary.csv per SAE (the baselines repeat on every row).
+SUMMARY_COLUMNS = ("ce_loss_recovered", "ce_loss_recovered_mean", "delta_ce", "delta_ce_se", "kl",
+                   "kl_div_score", "norm_ratio", "relative_reconstruction_bias")
+
+
+def splice_columns(saes: dict, store, tokens: int, *, progress: bool = True) -> dict:
+    """{key: summary columns} for SAEs trained on ``store``, on ``tokens`` predicted tokens of
+    the LM's validation documents; {} (with a note) when the LM or its corpus cannot be found,
+    so a trained grid is never lost to its evaluation."""
+    from unsuperpose.analyze.splice import splice_eval
+    from unsuperpose.lm import load_bridge
+
+    model_dir = Path(store.provenance.model_dir)
+    try:
+        blocks, _ = validation_blocks(model_dir, int(store.provenance.n_ctx), tokens)
+        bridge = load_bridge(model_dir)
+    except (UserError, FileNotFoundError, OSError) as exc:
+        print(f"note: no spliced-in evaluation ({exc}); run `unsuperpose analyze splice` once the "
+              "LM is back")
+        return {}
+    names = {key: f"n{key[1]}-l1_{key[0]:g}" for key in saes}
+    res = splice_eval(bridge, store.provenance.hook, blocks,
+                      {names[k]: (lambda x, s=s: s(x)[0]) for k, s in saes.items()},
+                      mean=store_mean(store), progress=progress)
+    base = {"splice_tokens": res["tokens"], "ce_clean": res["ce_clean"], "ce_zero": res["ce_zero"],
+            "ce_mean": res["ce_mean"]}
+    return {k: {**{c: res["saes"][names[k]][c] for c in SUMMARY_COLUMNS}, **base} for k in saes}
+
+
 def run_splice(args) -> int:
     from unsuperpose.analyze.features import find_saes
     from unsuperpose.analyze.splice import splice_eval

@@ -34,6 +34,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="train on this many activations (sets --steps = tokens / batch size)")
     p.add_argument("--allow-incomplete", action="store_true",
                    help="train on the complete chunks of a store whose harvest has not finished")
+    p.add_argument("--splice-tokens", type=int, default=16_384,
+                   help="predicted tokens of the LM's validation documents for the spliced-in "
+                   "evaluation of every SAE (CE loss recovered, delta CE, KL) in summary.csv; 0: skip")
     add_sae_arguments(p, dict_flag="--dict",
                       dict_help=f"dictionary sizes: ratios of the store width d (e.g. 8x or "
                       f"1x,2x,4x,8x) or absolute latents (4096); default {DEFAULT_DICT}",
@@ -77,8 +80,19 @@ def run(args: argparse.Namespace) -> int:
                                metadata={**meta, "hook_name": info.get("hook"), "l1": l1,
                                          "l1_norm": cfg.l1_norm})
 
+    def spliced(state) -> dict:
+        from unsuperpose.commands._splice import splice_columns
+
+        if args.splice_tokens <= 0:
+            return {}
+        saes = {(l1, g.n): SAE(state.d, g.n, tied=cfg.tied, params=g.sae_params(s))
+                for g in state.groups for s, l1 in enumerate(g.l1)}
+        print(f"spliced-in evaluation of {len(saes)} SAEs on {args.splice_tokens:,} tokens of the LM's "
+              "validation documents")
+        return splice_columns(saes, store, args.splice_tokens, progress=not args.no_progress)
+
     rows = train_and_save(
-        store, cfg, out, size_labels=labels, size_base=store.d,
+        store, cfg, out, size_labels=labels, size_base=store.d, more_scores=spliced,
         size_axis="dictionary size (x d, the activation width)", wandb_mode=args.wandb,
         progress=not args.no_progress, run_name=f"sae-{out.parent.name}-{out.name}",
         source_info=info, checkpoint_every=args.checkpoint_every, force=args.force, export=export)
