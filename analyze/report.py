@@ -21,7 +21,7 @@ from typing import Callable
 from unsuperpose.analyze.collect import Grid, collect_lm, collect_toy
 from unsuperpose.analyze.compare import COMPARISONS, ratio_label, side_by_side, size_labels
 from unsuperpose.analyze.diagnostics import Diagnosis, diagnose, diagnosis_record
-from unsuperpose.analyze.figures import heatmap
+from unsuperpose.analyze.figures import frontier, heatmap
 from unsuperpose.analyze.grid import GRID_FIGURES
 from unsuperpose.analyze.metrics import mmcs_with_larger, ssll
 from unsuperpose.analyze.report_page import render_index
@@ -96,6 +96,32 @@ def lm_figures(side: Side, out: Path) -> dict[str, Path]:
             paths[f"lm_heatmap_{col}"] = heatmap(
                 values, out / f"lm_heatmap_{col}.png", title=f"{side.name}: {title}",
                 size_labels=labels, size_axis=f"dictionary size (ratio to d = {side.base}, the activation width)", **opts)
+    paths.update(frontier_figures(side, out, labels))
+    return paths
+
+
+def frontier_figures(side: Side, out: Path, labels: dict[int, str]) -> dict[str, Path]:
+    """L0 against delta CE and against FVU, one line per size, with reference points: the neuron
+    basis (every one of the d neurons active, nothing lost) and the ablations (no latent active)."""
+    rows = side.grid.rows()
+    paths = {}
+    spliced = [r for r in rows if isinstance(r.get("delta_ce"), (int, float))]
+    ref_ce = {}
+    if spliced:
+        r0 = spliced[0]
+        ref_ce = {"neurons (d active)": (side.base, 0.0), "zero ablation": (0.0, r0["ce_zero"] - r0["ce_clean"]),
+                  "mean ablation": (0.0, r0["ce_mean"] - r0["ce_clean"])}
+    p = frontier(rows, "delta_ce", out / "lm_frontier_delta_ce.png", references=ref_ce, size_labels=labels,
+                 title=f"{side.name}: sparsity vs the LM's loss (validation documents)",
+                 ylabel="delta CE, nats (SAE spliced in - clean)", log_y=True)
+    if p:
+        paths["lm_frontier_delta_ce"] = p
+    p = frontier(rows, "heldout_fvu", out / "lm_frontier_fvu.png", size_labels=labels,
+                 references={"neurons (d active)": (side.base, 0.0), "mean ablation": (0.0, 1.0)},
+                 title=f"{side.name}: sparsity vs reconstruction (held-out rows)",
+                 ylabel="fraction of variance unexplained", log_y=True)
+    if p:
+        paths["lm_frontier_fvu"] = p
     return paths
 
 

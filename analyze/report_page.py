@@ -11,7 +11,8 @@ from unsuperpose.analyze.compare import ratio_label
 from unsuperpose.analyze.html import Raw, esc, fmt, image, page, table, write
 
 GRID_COLUMNS = ["l1", "dict_size", "dict_ratio", "steps", "samples", "heldout_rows", "heldout_mse", "heldout_fvu",
-                "heldout_l1_loss", "heldout_l0",
+                "heldout_l1_loss", "heldout_l0", "delta_ce", "delta_ce_se", "ce_loss_recovered",
+                "ce_loss_recovered_mean", "kl", "norm_ratio", "relative_reconstruction_bias",
                 "dead", "ssll", "mmcs_larger", "mmcs", "mcc", "set"]
 
 FIGURE_TEXT = {
@@ -170,6 +171,13 @@ def render_index(report, *, command: str | None = None) -> Path:
                            for name, p in report.features.items())
         body.append(f"<h2>Feature browser</h2><p>For {esc(str(report.feature_dict))} (where the diagnostics "
                     f"point) and the MLP neurons as the baseline: {links}</p>")
+    if any(k.startswith("lm_frontier_") for k in figs):
+        body.append("<h2>The sparsity–fidelity frontier</h2><p>Each dictionary size is a line through "
+                    "its L1 values: further left is sparser, lower is more faithful. Delta CE is the "
+                    "LM's loss with the SAE spliced in minus its clean loss, on its validation "
+                    "documents; the stars are the neuron basis (all d neurons, nothing lost) and the "
+                    "ablations (nothing kept).</p>")
+        body += [image(p, k) for k, p in figs.items() if k.startswith("lm_frontier_")]
     body.append(f"<h2>{esc(lm.name)}: the grid</h2>")
     body += [image(p, k) for k, p in figs.items() if k.startswith("lm_heatmap_")]
     body.append(grid_table(lm))

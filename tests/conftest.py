@@ -83,9 +83,11 @@ def analyze_runs(tmp_path_factory, tiny_lm_dir, tiny_corpus):
     assert store.describe()["heldout_rule"] == "documents"
     cfg = SAETrainConfig(l1=[1e-3, 1e-2], dict_sizes=[64, 128], steps=60, batch_size=64,
                          log_every=20, dead_window=20, resample_every=0)
+    from unsuperpose.commands._splice import splice_columns
     train_and_save(store, cfg, runs / "sae" / "tiny" / "layer1" / "1x+2x",
                    size_labels={64: "1x", 128: "2x"}, size_base=64, size_axis="x d", progress=False,
-                   run_name="test", source_info=store.describe())
+                   run_name="test", source_info=store.describe(),
+                   more_scores=lambda state: splice_columns(state.saes(), store, 64, progress=False))
     toy = ToySource(ToyConfig(h=16, G=32, k=2, decay=0.95, seed=0))
     cfg = SAETrainConfig(l1=[1e-3, 1e-2], dict_sizes=[32, 64], steps=100, batch_size=64,
                          log_every=50, dead_window=20)

@@ -7,7 +7,8 @@ import pytest
 
 from unsuperpose.cli import main
 
-LM_HEATMAPS = ["dead", "ssll", "heldout_mse", "heldout_l1_loss", "heldout_l0", "heldout_fvu", "mmcs_larger"]
+LM_HEATMAPS = ["dead", "ssll", "heldout_mse", "heldout_l1_loss", "heldout_l0", "heldout_fvu", "mmcs_larger",
+               "ce_loss_recovered", "delta_ce", "kl"]
 COMPARISONS = ["dead", "ssll", "mmcs_larger"]
 
 
@@ -22,7 +23,8 @@ def report(analyze_runs, tmp_path_factory):
 
 def test_every_promised_figure_is_drawn_and_embedded(report):
     figs = {p.stem: p for p in (report / "figures").glob("*.png")}
-    want = {f"lm_heatmap_{c}" for c in LM_HEATMAPS} | {f"compare_{c}" for c in COMPARISONS}
+    want = ({f"lm_heatmap_{c}" for c in LM_HEATMAPS} | {f"compare_{c}" for c in COMPARISONS}
+            | {"lm_frontier_delta_ce", "lm_frontier_fvu"})
     assert want <= set(figs)
     for name in COMPARISONS:   # toy and LM side by side: a wide figure
         h, w = mpimg.imread(figs[f"compare_{name}"]).shape[:2]

@@ -59,17 +59,15 @@ def save_grid(state, metrics: dict, out: str | Path, *, extra: dict | None = Non
     cfg = state.config
     save_config(cfg, out / CONFIG_FILE)
     rows = []
-    for g in state.groups:
-        for s, l1 in enumerate(g.l1):
-            key = (l1, g.n)
-            row = {"l1": l1, "dict_size": g.n, "dict_label": (labels or {}).get(g.n, str(g.n)),
-                   "steps": state.step, "samples": state.step * cfg.batch_size,
-                   **metrics[key], **(extra or {}).get(key, {})}
-            sae = SAE(state.d, g.n, tied=cfg.tied, params=g.sae_params(s))
-            sae.save(out / "saes" / sae_dirname(l1, g.n),
-                     {"l1": l1, "l1_norm": cfg.l1_norm, "training": to_dict(cfg), "metrics": row,
-                      "source": source_info or {}})
-            rows.append(row)
+    for (l1, n), sae in state.saes().items():
+        key = (l1, n)
+        row = {"l1": l1, "dict_size": n, "dict_label": (labels or {}).get(n, str(n)),
+               "steps": state.step, "samples": state.step * cfg.batch_size,
+               **metrics[key], **(extra or {}).get(key, {})}
+        sae.save(out / "saes" / sae_dirname(l1, n),
+                 {"l1": l1, "l1_norm": cfg.l1_norm, "training": to_dict(cfg), "metrics": row,
+                  "source": source_info or {}})
+        rows.append(row)
     write_summary(rows, out / SUMMARY_FILE)
     with open(out / HISTORY_FILE, "w") as fh:
         for rec in state.history:

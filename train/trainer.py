@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from unsuperpose.train.config import SAETrainConfig
 from unsuperpose.train.grid import SAEGroup
 from unsuperpose.train.losses import l1_divisor
+from unsuperpose.train.sae import SAE
 from unsuperpose.train.resample import resample_dead, resample_generator
 from unsuperpose.train.source import ActivationSource, check_source
 
@@ -56,6 +57,11 @@ class GridState:
 
     def keys(self) -> list[tuple[float, int]]:
         return [(l1, g.n) for g in self.groups for l1 in g.l1]
+
+    def saes(self) -> dict[tuple[float, int], SAE]:
+        """Every SAE of the grid as a plain ``SAE`` module (its effective weights, copied)."""
+        return {(l1, g.n): SAE(self.d, g.n, tied=self.config.tied, params=g.sae_params(s))
+                for g in self.groups for s, l1 in enumerate(g.l1)}
 
     def dictionaries(self) -> Dictionaries:
         out = {}

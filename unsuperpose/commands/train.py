@@ -14,7 +14,7 @@ from pathlib import Path
 from unsuperpose.commands._grid import add_run_arguments, add_sae_arguments, sae_config, train_and_save
 from unsuperpose.errors import UserError
 from unsuperpose.harvest import ActivationStore
-from unsuperpose.train import SAE, SAETrainConfig
+from unsuperpose.train import SAETrainConfig
 from unsuperpose.train.io import sae_dirname
 from unsuperpose.train.saelens import export_saelens
 
@@ -73,20 +73,16 @@ def run(args: argparse.Namespace) -> int:
 
     def export(state, folder: Path) -> None:
         meta = {k: info.get(k) for k in ("hook", "layer", "model_dir", "weights_sha256") if k in info}
-        for g in state.groups:
-            for s, l1 in enumerate(g.l1):
-                sae = SAE(state.d, g.n, tied=cfg.tied, params=g.sae_params(s))
-                export_saelens(sae, folder / "saelens" / sae_dirname(l1, g.n),
-                               metadata={**meta, "hook_name": info.get("hook"), "l1": l1,
-                                         "l1_norm": cfg.l1_norm})
+        for (l1, n), sae in state.saes().items():
+            export_saelens(sae, folder / "saelens" / sae_dirname(l1, n),
+                           metadata={**meta, "hook_name": info.get("hook"), "l1": l1, "l1_norm": cfg.l1_norm})
 
     def spliced(state) -> dict:
         from unsuperpose.commands._splice import splice_columns
 
         if args.splice_tokens <= 0:
             return {}
-        saes = {(l1, g.n): SAE(state.d, g.n, tied=cfg.tied, params=g.sae_params(s))
-                for g in state.groups for s, l1 in enumerate(g.l1)}
+        saes = state.saes()
         print(f"spliced-in evaluation of {len(saes)} SAEs on {args.splice_tokens:,} tokens of the LM's "
               "validation documents")
         return splice_columns(saes, store, args.splice_tokens, progress=not args.no_progress)
