@@ -44,8 +44,19 @@ def _ce_per_token(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Te
     return -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1), logp
 
 
-def _kl(logp_clean: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
-    return (logp_clean.exp() * (logp_clean - logp)).sum(-1)
+class _Clean:
+    """The clean distribution of one batch, with what every KL against it reuses: KL(p || q) =
+    sum p log p - sum p log q, the first term once per batch, the second a batched dot product
+    (no vocabulary-sized temporary per SAE)."""
+
+    def __init__(self, logp: torch.Tensor):
+        v = logp.shape[-1]
+        self.p = logp.exp().reshape(-1, 1, v)
+        self.neg_entropy = torch.bmm(self.p, logp.reshape(-1, v, 1)).reshape(logp.shape[:-1])
+
+    def kl(self, logp: torch.Tensor) -> torch.Tensor:
+        cross = torch.bmm(self.p, logp.reshape(-1, logp.shape[-1], 1)).reshape(logp.shape[:-1])
+        return self.neg_entropy - cross
 
 
 def _run(bridge, tokens: torch.Tensor, hook: str, fn) -> torch.Tensor:
@@ -83,6 +94,8 @@ def splice_eval(bridge, hook: str, blocks: list[np.ndarray], saes: dict[str, Rec
         targets = tokens[:, 1:]
         logits = _run(bridge, tokens, hook, capture)
         ce_c, logp_c = _ce_per_token(logits[:, :-1], targets)
+        ref = _Clean(logp_c)
+        del logits, logp_c
         x = captured["x"]
         clean.ce += float(ce_c.sum(dtype=torch.float64))
         n_tokens += ce_c.numel()
@@ -90,7 +103,7 @@ def splice_eval(bridge, hook: str, blocks: list[np.ndarray], saes: dict[str, Rec
             ce, logp = _ce_per_token(_run(bridge, tokens, hook, lambda a, hook=None, r=replacement: r)[:, :-1],
                                      targets)
             acc.ce += float(ce.sum(dtype=torch.float64))
-            acc.kl += float(_kl(logp_c, logp).sum(dtype=torch.float64))
+            acc.kl += float(ref.kl(logp).sum(dtype=torch.float64))
         for name, reconstruct in saes.items():
             x_hat = reconstruct(x.reshape(-1, x.shape[-1])).reshape(x.shape).to(x.dtype)
             ce, logp = _ce_per_token(_run(bridge, tokens, hook, lambda a, hook=None, r=x_hat: r)[:, :-1], targets)
@@ -99,7 +112,7 @@ def splice_eval(bridge, hook: str, blocks: list[np.ndarray], saes: dict[str, Rec
             s.ce += float(ce.sum(dtype=torch.float64))
             s.dce += float(dce.sum())
             s.dce_sq += float(dce.square().sum())
-            s.kl += float(_kl(logp_c, logp).sum(dtype=torch.float64))
+            s.kl += float(ref.kl(logp).sum(dtype=torch.float64))
             xf, xh = x.reshape(-1, x.shape[-1]).double(), x_hat.reshape(-1, x.shape[-1]).double()
             norms = xf.norm(dim=-1)
             ok = norms > 0
