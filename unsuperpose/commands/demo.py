@@ -32,20 +32,21 @@ CHECKPOINT_DIR = "checkpoint"  # what `train`/`toy` leave while a grid is unfini
 # L1 1e-4 left ~40-80 latents active per token, 3e-3 about 7), 5,000 steps of 256. Measured on
 # the 2-core machine: about 15 minutes in all (README).
 FULL = dict(lm_tokens=2_500_000, store_tokens=524_288, dict="1x,2x,4x,8x", l1="3e-4,1e-3,3e-3,1e-2",
-            sae_steps=5000, grow=["16x", "32x"],
+            sae_steps=5000, grow=["16x", "32x"], splice_tokens=8192,
             # `make toy`'s grid at its three middle L1 values (1/4x..4x, 5,000 steps): the whole
             # grid would take the demo past 20 minutes; this still brackets the truth (README).
             toy=["--l1", "0.0001,0.00031623,0.001"])
 # --quick: a smoke run of a few minutes; the numbers mean little. Its own runs folder.
 QUICK = dict(lm_tokens=65_536, store_tokens=131_072, dict="1x,2x,4x", l1="3e-4,1e-3,3e-3",
-             sae_steps=400, grow=["8x"],
+             sae_steps=400, grow=["8x"], splice_tokens=1024,
              toy=["--h", "64", "--G", "128", "--steps", "500", "--dict-ratios", "1/4x,1/2x,1x,2x,4x"])
 QUICK_RUNS = Path("runs/quick")
 # --update: the follow-up update's experiment (`make replicate-update`): the same tiny LM, its
 # layer-3 MLP (64 wide) over the whole corpus, dictionaries 1x..32x (64..2,048 latents) at four
 # L1 values, 10,000 steps; `make toy`'s full grid beside it. About 30 minutes (README).
 UPDATE = dict(lm_tokens=2_500_000, layer=3, store_tokens=None, dict="1x,2x,4x,8x,16x,32x",
-              l1="3.1623e-4,1e-3,3.1623e-3,1e-2", sae_steps=10_000, grow=[], toy=[], toy_dir="toy")
+              l1="3.1623e-4,1e-3,3.1623e-3,1e-2", sae_steps=10_000, grow=[], toy=[], toy_dir="toy",
+              splice_tokens=16_384)
 for _s in (FULL, QUICK):
     _s.setdefault("layer", LAYER)
     _s.setdefault("toy_dir", "toy-demo")
@@ -132,11 +133,12 @@ def plan(runs: Path, quick: bool = False, progress: bool = True, update: bool = 
                                         *tokens, *quiet],
              lambda: _store_complete(store), store),
         Step("SAE grid", ["train", "--store", str(store), "--dict", s["dict"], "--out", str(sae_out),
-                          "--l1", s["l1"], "--steps", str(s["sae_steps"]), *quiet],
+                          "--l1", s["l1"], "--steps", str(s["sae_steps"]),
+                          "--splice-tokens", str(s["splice_tokens"]), *quiet],
              lambda: _grid_complete(grid), grid),
         *[Step(f"SAE grid, grown to {size}",
                ["train", "--store", str(store), "--dict", size, "--out", str(sae_out), "--l1", s["l1"],
-                "--steps", str(s["sae_steps"]), *quiet],
+                "--steps", str(s["sae_steps"]), "--splice-tokens", str(s["splice_tokens"]), *quiet],
                lambda size=size: _grid_complete(sae_out / size), sae_out / size, grow=True)
           for size in s["grow"]],
         Step("toy replication", ["toy", "--out", str(toy), *s["toy"], *quiet], lambda: _grid_complete(toy), toy),
