@@ -47,8 +47,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         description="Per latent: firing frequency, activation histogram and the "
                                     "top-activating contexts from the store's tokens; the same for the "
                                     "store's neurons as the baseline. One pass over the store, in chunks.")
-    f.add_argument("--dict", dest="dict_path", type=Path, required=True,
-                   help="one SAE folder (saes/n<size>-l1_<l1>) or a dictionary set (a folder with saes/)")
+    _dict_argument(f)
     f.add_argument("--store", type=Path, default=None,
                    help="activation store to read (default: the one the dictionary was trained on)")
     f.add_argument("--out", type=Path, default=None, help="output folder (default DICT/features)")
@@ -60,8 +59,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                          description="Replace the hook's activation with each SAE's reconstruction "
                                      "and measure the LM's next-token loss against the clean, zero- and "
                                      "mean-ablated model, on the LM's validation documents or a text file.")
-    sp.add_argument("--dict", dest="dict_path", type=Path, required=True,
-                    help="one SAE folder (saes/n<size>-l1_<l1>) or a dictionary set (a folder with saes/)")
+    _dict_argument(sp)
     sp.add_argument("--corpus", type=Path, default=None,
                     help="a local text file, documents separated by blank lines, used whole "
                     "(default: the LM's held-out validation documents)")
@@ -78,6 +76,11 @@ def _run_splice(args: argparse.Namespace) -> int:
     from unsuperpose.commands._splice import run_splice
 
     return run_splice(args)
+
+
+def _dict_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dict", dest="dict_path", type=Path, required=True,
+                   help="one SAE folder (saes/n<size>-l1_<l1>) or a dictionary set (a folder with saes/)")
 
 
 def _browser_arguments(p: argparse.ArgumentParser) -> None:
