@@ -86,8 +86,10 @@ def recovery(name: str, l1: list[float], renormalise: bool = True, **overrides) 
             SAEGroup.renormalise_ = original
     src = ToySource(ToyConfig(seed=SEEDS[0]))
     preset = overrides.pop("preset", None)
+    # make toy's dead window: with the LM default (1,000 batches) almost nothing counts as dead
+    # at 1x, and resampling would have nothing to act on.
     cfg = apply_preset(SAETrainConfig(l1=l1, dict_sizes=[512], steps=5000, log_every=1000,
-                                      seed=SEEDS[0], data_seed=SEEDS[0]), preset)
+                                      dead_window=TOY_DEAD_WINDOW, seed=SEEDS[0], data_seed=SEEDS[0]), preset)
     cfg = dataclasses.replace(cfg, **overrides)
 
     def cb(step, dicts):

@@ -1,9 +1,9 @@
 """Give dead latents a second chance: point them at what the SAE currently fails to reconstruct.
 
-Not in the 2022 report (``--preset report`` turns it off). With a dictionary no larger than the
-number of true features, every latent that dies is a feature that can never be recovered; on the
-report's toy setup resampling is what lifts MMCS from ~0.94 to >0.99 within 5k steps (see
-``make bench``). Recipe, per SAE: from a pool of many batches (``resample_pool``, a stream apart
+Not in the 2022 report, and off by default: the report's first diagnostic reads which latents
+die. With a dictionary no larger than the number of true features, every latent that dies is a
+feature that can never be recovered. On today's toy data it changes nothing at the best L1 of a
+1x dictionary, because none die there (``make bench``, bench_diagnostics). Recipe, per SAE: from a pool of many batches (``resample_pool``, a stream apart
 from training's, so that hundreds of dead latents get distinct inputs), draw inputs without
 replacement with probability proportional to their squared reconstruction error, set each
 dead latent's atom to the direction of that input's residual,
