@@ -19,8 +19,9 @@ FIGURE_TEXT = {
     "compare_dead": "Dead latents. Past the number of features there are to find, extra latents "
                     "have nothing to learn and die; boxes mark, per L1, the largest dictionary "
                     "without dead latents.",
-    "compare_ssll": "Loss stickiness: log reconstruction loss and log L1 loss, each standardised "
-                    "over its grid, summed; the box marks the peak.",
+    "compare_ssll": "Loss stickiness: held-out log reconstruction loss and log L1 loss, each "
+                    "standardised over its grid, summed; the box marks the smallest dictionary "
+                    "whose SSLL has an interior minimum over L1 (a basin), at that minimum.",
     "compare_mmcs_larger": "MMCS with larger dictionaries: how well each dictionary's atoms "
                            "reappear in the larger ones at the same L1 (no ground truth needed); "
                            "the box marks the peak.",
