@@ -5,6 +5,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RUNS ?= runs
+# The demo picks its own folder (runs, or runs/quick with --quick, so a smoke run is never taken
+# for the full one); RUNS=... on the command line still wins.
+RUNS_FLAG := $(if $(filter command line environment,$(origin RUNS)),--runs $(RUNS))
 
 LM ?= tiny
 LAYER ?= 1
@@ -58,7 +61,7 @@ toy: $(STAMP)
 # The follow-up update's experiment: the tiny LM's layer-3 MLP (64 wide), dictionaries 1x..32x
 # (64..2,048 latents) over an L1 sweep, beside `make toy`'s grid on the same conventions (README).
 replicate-update: $(STAMP)
-	$(BIN)/unsuperpose demo --update --runs $(RUNS) $(ARGS)
+	$(BIN)/unsuperpose demo --update $(RUNS_FLAG) $(ARGS)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(BIN)/python -m pytest tests $(ARGS)
@@ -67,7 +70,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks $(ARGS)
 
 demo: $(STAMP)
-	$(BIN)/unsuperpose demo --runs $(RUNS) $(ARGS)
+	$(BIN)/unsuperpose demo $(RUNS_FLAG) $(ARGS)
 
 clean:
 	rm -rf $(RUNS) wandb build *.egg-info .pytest_cache

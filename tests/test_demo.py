@@ -125,3 +125,22 @@ def test_the_update_replication_is_layer_3_with_1x_to_32x_beside_the_full_toy_gr
     assert report.argv[report.argv.index("--layer") + 1] == "3"
     for step in (lm, harvest, train, toy, report):
         build_parser().parse_args(step.argv)
+
+
+def test_make_demo_quick_leaves_the_folder_to_the_demo():
+    # `make demo` used to pass --runs runs always, so `make demo ARGS=--quick` wrote into the
+    # full demo's folder (and was refused there); RUNS=... given by the user still wins.
+    import shutil
+    import subprocess
+    from pathlib import Path
+    if shutil.which("make") is None:
+        pytest.skip("no make")
+    repo = Path(__file__).parents[1]
+
+    def dry(*args):
+        out = subprocess.run(["make", "-n", "-C", str(repo), "demo", *args], capture_output=True, text=True,
+                             env={k: v for k, v in __import__("os").environ.items() if k != "RUNS"})
+        return next(line for line in out.stdout.splitlines() if "unsuperpose demo" in line)
+
+    assert "--runs" not in dry("ARGS=--quick") and "--quick" in dry("ARGS=--quick")
+    assert "--runs /tmp/elsewhere" in dry("RUNS=/tmp/elsewhere")
