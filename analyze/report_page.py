@@ -59,9 +59,11 @@ def estimate_text(est: dict | None, base: int, name: str) -> str:
                 f"of {base}): even the largest dictionary keeps every latent alive at some L1, so "
                 f"nothing bounds the number from above{pointed}; the grid must grow until dead "
                 "latents appear.")
-    rng = f"{est['low']:,}" if est["low"] == est["high"] else f"{est['low']:,}–{est['high']:,}"
-    return (f"{name}: the diagnostics point to dictionaries of {rng} latents "
-            f"({ratio_label(est['low'], base)}–{ratio_label(est['high'], base)} of {base}); "
+    same = est["low"] == est["high"]
+    rng = f"{est['low']:,}" if same else f"{est['low']:,}–{est['high']:,}"
+    ratios = ratio_label(est["low"], base) if same else \
+        f"{ratio_label(est['low'], base)}–{ratio_label(est['high'], base)}"
+    return (f"{name}: the diagnostics point to dictionaries of {rng} latents ({ratios} of {base}); "
             f"taken at face value about {est['median']:,} features (the median of "
             f"{', '.join(f'{s:,}' for s in est['sizes'])}).")
 

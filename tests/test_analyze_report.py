@@ -66,3 +66,11 @@ def test_no_dictionaries_is_one_clear_error(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "no dictionaries found" in err and "make train" in err and "Traceback" not in err
+
+
+def test_an_open_estimate_is_printed_as_a_bound_and_says_the_grid_must_grow():
+    from unsuperpose.analyze.report_page import estimate_text
+    text = estimate_text({"low": 64, "high": None, "median": None, "sizes": [64], "more_than": 512}, 64, "lm")
+    assert "more than 512 features" in text and "grid must grow" in text and "about" not in text
+    closed = estimate_text({"low": 64, "high": 64, "median": 64, "sizes": [64, 64], "more_than": None}, 64, "lm")
+    assert "64 latents (1x of 64)" in closed and "about 64 features" in closed
