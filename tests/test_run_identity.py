@@ -106,3 +106,16 @@ def test_report_preset_converts_the_default_l1_values_to_its_convention(tmp_path
     assert cfg["l1"] == pytest.approx([a * 32 for a in DEFAULT_L1], rel=1e-5)
     assert "converted" in capsys.readouterr().out
     assert convert_l1([0.1], have="per_latent", want="sum", base=10) == [0.01]
+
+
+def test_a_checkpoint_of_another_version_is_refused_with_a_message(tmp_path):
+    src = ToySource(ToyConfig(h=16, G=32, k=2, seed=0))
+    cfg = SAETrainConfig(l1=[1e-3], dict_sizes=[16], steps=40, batch_size=32)
+    state = new_state(src, cfg)
+    save_checkpoint(state, tmp_path / CHECKPOINT_DIR)
+    meta_path = tmp_path / CHECKPOINT_DIR / "state.json"
+    meta = json.loads(meta_path.read_text())
+    meta["config"]["eval_batches"] = 16          # a field this version no longer has
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointMismatch, match="another version"):
+        load_checkpoint(new_state(src, cfg), tmp_path / CHECKPOINT_DIR, src.describe())

@@ -99,7 +99,12 @@ def check_compatible(meta: dict, config: SAETrainConfig, d: int, source_info: di
     problems = []
     if meta["d"] != d:
         problems.append(f"activation width {meta['d']} in the checkpoint, {d} in the data now")
-    problems += config_differences(from_dict(SAETrainConfig, meta["config"]), config, MAY_CHANGE)
+    try:
+        saved = from_dict(SAETrainConfig, meta["config"])
+    except (ValueError, TypeError) as exc:   # written by another version of unsuperpose
+        raise CheckpointMismatch(f"the checkpoint's settings cannot be read ({exc}); it was written "
+                                 "by another version") from None
+    problems += config_differences(saved, config, MAY_CHANGE)
     want = (source_info or {}).get("fingerprint")
     have = meta.get("source_fingerprint")
     if want is not None and have != want:
