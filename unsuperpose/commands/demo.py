@@ -30,16 +30,17 @@ CHECKPOINT_DIR = "checkpoint"  # what `train`/`toy` leave while a grid is unfini
 # default grid, 5,000 steps), so its outputs are the ones those targets would make. Store: 2^19
 # tokens of layer 1. SAEs: 1x..8x of d = 64 at four L1 values a half decade apart (on this layer,
 # L1 1e-4 left ~40-80 latents active per token, 3e-3 about 7), 5,000 steps of 256. Measured on
-# the 2-core machine: about 15 minutes in all (README).
-FULL = dict(lm_tokens=2_500_000, store_tokens=524_288, dict="1x,2x,4x,8x", l1="3e-4,1e-3,3e-3,1e-2",
+# the 2-core machine: about 11 minutes in all (README).
+FULL = dict(lm_tokens=2_500_000, layer=LAYER, store_tokens=524_288, dict="1x,2x,4x,8x", l1="3e-4,1e-3,3e-3,1e-2",
             sae_steps=5000, grow=["16x", "32x"], splice_tokens=8192,
             # `make toy`'s grid at its three middle L1 values (1/4x..4x, 5,000 steps): the whole
             # grid would take the demo past 20 minutes; this still brackets the truth (README).
-            toy=["--l1", "0.0001,0.00031623,0.001"])
+            toy=["--l1", "0.0001,0.00031623,0.001"], toy_dir="toy-demo")
 # --quick: a smoke run of a few minutes; the numbers mean little. Its own runs folder.
-QUICK = dict(lm_tokens=65_536, store_tokens=131_072, dict="1x,2x,4x", l1="3e-4,1e-3,3e-3",
+QUICK = dict(lm_tokens=65_536, layer=LAYER, store_tokens=131_072, dict="1x,2x,4x", l1="3e-4,1e-3,3e-3",
              sae_steps=400, grow=["8x"], splice_tokens=1024,
-             toy=["--h", "64", "--G", "128", "--steps", "500", "--dict-ratios", "1/4x,1/2x,1x,2x,4x"])
+             toy=["--h", "64", "--G", "128", "--steps", "500", "--dict-ratios", "1/4x,1/2x,1x,2x,4x"],
+             toy_dir="toy-demo")
 QUICK_RUNS = Path("runs/quick")
 # --update: the follow-up update's experiment (`make replicate-update`): the same tiny LM, its
 # layer-3 MLP (64 wide) over the whole corpus, dictionaries 1x..32x (64..2,048 latents) at four
@@ -47,9 +48,6 @@ QUICK_RUNS = Path("runs/quick")
 UPDATE = dict(lm_tokens=2_500_000, layer=3, store_tokens=None, dict="1x,2x,4x,8x,16x,32x",
               l1="3.1623e-4,1e-3,3.1623e-3,1e-2", sae_steps=10_000, grow=[], toy=[], toy_dir="toy",
               splice_tokens=16_384)
-for _s in (FULL, QUICK):
-    _s.setdefault("layer", LAYER)
-    _s.setdefault("toy_dir", "toy-demo")
 
 
 @dataclass
@@ -95,7 +93,7 @@ def _finished_rows(sae_out: Path) -> list[dict]:
 
 
 def trained_sizes(sae_out: Path) -> list[int]:
-    return sorted({int(r["dict_size"]) for r in _finished_rows(sae_out)}) or [0]
+    return sorted({int(r["dict_size"]) for r in _finished_rows(sae_out)})
 
 
 def alive_at_largest(sae_out: Path) -> list[float]:
@@ -121,26 +119,26 @@ def plan(runs: Path, quick: bool = False, progress: bool = True, update: bool = 
     acts = runs / "acts" / LM
     store = acts / f"layer{layer}.zarr"
     sae_out = runs / "sae" / LM / f"layer{layer}"
-    grid = sae_out / s["dict"].replace(",", "+")
     # The demo's toy grid is smaller than `make toy`'s (runs/toy), and a folder holds one grid.
     toy = runs / s["toy_dir"]
     quiet = [] if progress else ["--no-progress"]
     tokens = ["--tokens", str(s["store_tokens"])] if s["store_tokens"] else []
+
+    def train_step(name: str, spec: str, grow: bool = False) -> Step:
+        folder = sae_out / spec.replace(",", "+")
+        return Step(name, ["train", "--store", str(store), "--dict", spec, "--out", str(sae_out),
+                           "--l1", s["l1"], "--steps", str(s["sae_steps"]),
+                           "--splice-tokens", str(s["splice_tokens"]), *quiet],
+                    lambda: _grid_complete(folder), folder, grow=grow)
+
     return [
         Step("tiny LM", ["lm", "train", "--preset", LM, "--out", str(lm_dir), "--tokens", str(s["lm_tokens"]),
                          *quiet], lambda: _lm_done(lm_dir, s["lm_tokens"]), lm_dir),
         Step(f"harvest layer {layer}", ["harvest", "--lm", str(lm_dir), "--layer", str(layer), "--out", str(acts),
                                         *tokens, *quiet],
              lambda: _store_complete(store), store),
-        Step("SAE grid", ["train", "--store", str(store), "--dict", s["dict"], "--out", str(sae_out),
-                          "--l1", s["l1"], "--steps", str(s["sae_steps"]),
-                          "--splice-tokens", str(s["splice_tokens"]), *quiet],
-             lambda: _grid_complete(grid), grid),
-        *[Step(f"SAE grid, grown to {size}",
-               ["train", "--store", str(store), "--dict", size, "--out", str(sae_out), "--l1", s["l1"],
-                "--steps", str(s["sae_steps"]), "--splice-tokens", str(s["splice_tokens"]), *quiet],
-               lambda size=size: _grid_complete(sae_out / size), sae_out / size, grow=True)
-          for size in s["grow"]],
+        train_step("SAE grid", s["dict"]),
+        *[train_step(f"SAE grid, grown to {size}", size, grow=True) for size in s["grow"]],
         Step("toy replication", ["toy", "--out", str(toy), *s["toy"], *quiet], lambda: _grid_complete(toy), toy),
         # Always rebuilt: it is cheap, and it must reflect whatever the steps above left.
         Step("report", ["analyze", "report", "--runs", str(runs), "--lm", LM, "--layer", str(layer),
