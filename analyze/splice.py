@@ -33,7 +33,7 @@ class _Sums:
     """Running float64 sums over predicted tokens (and over activation rows for shrinkage)."""
 
     def __init__(self):
-        self.ce = self.ce_sq = self.dce = self.dce_sq = self.kl = 0.0
+        self.ce = self.dce = self.dce_sq = self.kl = 0.0
         self.norm_ratio = self.xhat_sq = self.x_dot_xhat = 0.0
         self.rows = 0
 
