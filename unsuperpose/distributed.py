@@ -1,0 +1,132 @@
+"""Where this process runs: its device, and its place among torchrun's processes.
+
+Every stage calls ``setup(device)`` once. Under ``torchrun`` (RANK / WORLD_SIZE / LOCAL_RANK in
+the environment) it joins the one process group (NCCL when the processes use CUDA, gloo
+otherwise) and each rank takes the GPU of its local rank; alone it is a world of one and nothing
+is initialised. The rest of the code asks ``rank()``, ``world_size()``, ``is_main()`` and calls
+``barrier()`` / the collectives below without caring which case it is in.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from unsuperpose.errors import UserError
+
+DEVICE_HELP = ("cuda, cuda:N, cpu or auto (default: the GPU when one is visible, else the CPU; "
+               "under torchrun each process takes the GPU of its local rank)")
+
+
+@dataclass(frozen=True)
+class Placement:
+    device: torch.device
+    rank: int
+    world_size: int
+    local_rank: int
+
+    def describe(self) -> dict:
+        """What every output records about how it was made."""
+        return {"device": str(self.device), "device_name": device_name(self.device),
+                "world_size": self.world_size}
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def resolve_device(requested: str | None = "auto", local_rank: int = 0) -> torch.device:
+    """``auto`` -> this rank's GPU when CUDA is usable, else the CPU; anything else is checked."""
+    requested = (requested or "auto").strip()
+    if requested == "auto":
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        dev = torch.device(requested)
+    except RuntimeError:
+        raise UserError(f"--device {requested!r}: give cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {requested}: this machine has no usable CUDA GPU "
+                            "(torch.cuda.is_available() is False); use --device cpu")
+        index = local_rank if dev.index is None else dev.index
+        if index >= torch.cuda.device_count():
+            raise UserError(f"--device {requested}: only {torch.cuda.device_count()} GPU(s) visible")
+        return torch.device("cuda", index)
+    if dev.type != "cpu":
+        raise UserError(f"--device {requested}: only cpu and cuda are supported")
+    return dev
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "cpu"
+
+
+def setup(device: str | None = "auto") -> Placement:
+    """Join torchrun's process group when launched by it (once), and pick this rank's device."""
+    if not launched_by_torchrun():
+        return Placement(resolve_device(device), 0, 1, 0)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    dev = resolve_device(device, local_rank)
+    if not dist.is_initialized():
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        # A long harvest or evaluation on rank 0 alone must not trip the default 10-minute timeout.
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(hours=2))
+    return Placement(dev, dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def broadcast_object(obj, src: int = 0):
+    """``obj`` of rank ``src`` on every rank (a world of one returns it as it is)."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_objects(obj) -> list:
+    """Every rank's ``obj``, in rank order, on every rank."""
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def check_same_everywhere(what: str, value) -> None:
+    """Fail on every rank, naming the ranks, when ranks were started with different ``value``
+    (different flags or data would silently make their shares of the work disagree)."""
+    values = all_gather_objects(value)
+    if any(v != values[0] for v in values):
+        shown = "; ".join(f"rank {r}: {v!r}" for r, v in enumerate(values))
+        raise UserError(f"the torchrun processes disagree on {what} ({shown}); start every "
+                        "process with the same command")
