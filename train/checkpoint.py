@@ -6,6 +6,12 @@ Adam's hyperparameters, the history so far). No pickles. All other randomness in
 function of (seed, step) — the source's batch stream and the resampling draws — so these two
 files are the whole state. A new checkpoint is written beside the old one and swapped in by
 renames, so a crash while saving leaves the previous one intact.
+
+Tensors are named by their place in the whole grid (``group<i>`` is the i-th size in sorted order,
+``adam.<k>`` the k-th parameter of the whole grid), never by a rank's share of it: under torchrun
+rank 0 gathers every rank's sizes and writes exactly the files one process would, so a checkpoint
+resumes under any number of processes and on any device (tensors are loaded onto the CPU and
+copied into the state's own).
 """
 
 from __future__ import annotations
@@ -19,9 +25,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from unsuperpose import distributed
 from unsuperpose.config import from_dict, to_dict, write_json_atomic
+from unsuperpose.train import parallel
 from unsuperpose.train.config import SAETrainConfig
-from unsuperpose.train.trainer import check_finite_parameters
+from unsuperpose.train.trainer import check_finite_parameters, new_state
 
 CHECKPOINT_DIR = "checkpoint"
 # Settings a resumed run may change: how it logs and how much held-out data it is scored on.
@@ -34,25 +42,75 @@ class CheckpointMismatch(ValueError):
     """The checkpoint on disk was made by a different run than the one asked for."""
 
 
+def _params_per_group(config: SAETrainConfig) -> int:
+    return 2 if config.tied else 3   # (b_enc, W_dec) or (W_enc, b_enc, W_dec)
+
+
+def _global_param_ids(state) -> list[int]:
+    """The whole-grid index of each parameter of this state's optimizer, in its order."""
+    k = _params_per_group(state.config)
+    return [gid * k + j for gid in state.group_ids for j in range(k)]
+
+
+def local_tensors(state) -> dict[str, torch.Tensor]:
+    """This state's share of a checkpoint, on the CPU, under whole-grid names."""
+    tensors: dict[str, torch.Tensor] = {}
+    for gid, g in zip(state.group_ids, state.groups):
+        for name, t in g.state_dict().items():
+            tensors[f"group{gid}.{name}"] = t.contiguous().cpu()
+    ids = _global_param_ids(state)
+    for pid, st in state.optimizer.state_dict()["state"].items():
+        for name, v in st.items():
+            tensors[f"adam.{ids[pid]}.{name}"] = torch.as_tensor(v).reshape(1).cpu().clone() \
+                if name == "step" else v.contiguous().cpu()
+    return tensors
+
+
+def _history_order(state):
+    sizes = sorted(state.config.dict_sizes)
+    return lambda rec: (rec["step"], sizes.index(rec["dict_size"]), state.config.l1.index(rec["l1"]))
+
+
+def gather_whole(state) -> tuple[dict[str, torch.Tensor], list[dict]] | None:
+    """(tensors, history) of the whole grid on rank 0, in one process's order; None elsewhere."""
+    sh = state.sharding
+    if sh is None or sh.single or sh.data_parallel:   # this rank holds the whole grid
+        return (local_tensors(state), list(state.history)) if distributed.is_main() else None
+    parts = parallel.gather_to_main((local_tensors(state), state.history))
+    if parts is None:
+        return None
+    tensors = {k: v for t, _ in parts for k, v in t.items()}
+    history = sorted((rec for _, h in parts for rec in h), key=_history_order(state))
+    return tensors, history
+
+
+def _param_groups(state) -> list[dict]:
+    """Adam's settings with the whole grid's parameter ids (what one process's state_dict has)."""
+    groups = state.optimizer.state_dict()["param_groups"]
+    total = len(state.config.dict_sizes) * _params_per_group(state.config)
+    return [{**groups[0], "params": list(range(total))}]
+
+
 def save_checkpoint(state, directory: str | Path) -> Path:
+    """Every rank calls this at the same step; rank 0 writes the whole grid's checkpoint."""
     directory = Path(directory)
+    whole = gather_whole(state)
+    if whole is not None:
+        _write(state, whole, directory)
+    distributed.barrier()
+    return directory
+
+
+def _write(state, whole: tuple[dict[str, torch.Tensor], list[dict]], directory: Path) -> None:
+    tensors, history = whole
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    tensors: dict[str, torch.Tensor] = {}
-    for i, g in enumerate(state.groups):
-        for name, t in g.state_dict().items():
-            tensors[f"group{i}.{name}"] = t.contiguous()
-    opt = state.optimizer.state_dict()
-    for pid, st in opt["state"].items():
-        for name, v in st.items():
-            tensors[f"adam.{pid}.{name}"] = torch.as_tensor(v).reshape(1).clone() if name == "step" \
-                else v.contiguous()
     save_file(tensors, str(tmp / "state.safetensors"))
     write_json_atomic(tmp / "state.json", {
-        "step": state.step, "d": state.d, "sizes": [g.n for g in state.groups],
-        "config": to_dict(state.config), "param_groups": opt["param_groups"],
-        "source_fingerprint": state.source_fingerprint, "history": state.history})
+        "step": state.step, "d": state.d, "sizes": sorted(state.config.dict_sizes),
+        "config": to_dict(state.config), "param_groups": _param_groups(state),
+        "source_fingerprint": state.source_fingerprint, "history": history})
     old = directory.with_name(directory.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if directory.exists():
@@ -121,20 +179,60 @@ def load_checkpoint(state, directory: str | Path, source_info: dict | None = Non
         raise FileNotFoundError(f"no checkpoint in {directory}")
     check_compatible(meta, state.config, state.d, source_info)
     tensors = load_file(str(Path(directory) / "state.safetensors"))
-    for i, g in enumerate(state.groups):
-        prefix = f"group{i}."
+    restore(state, tensors, int(meta["step"]), meta["history"], meta["param_groups"])
+
+
+def _keeps_history_of(state, dict_size: int) -> bool:
+    """Which callback records a rank carries: those of its own sizes (rank 0 alone when data
+    parallel), so gathering them again later yields each record once."""
+    sh = state.sharding
+    if sh is None or sh.single:
+        return True
+    if sh.data_parallel:
+        return sh.rank == 0
+    return dict_size in {g.n for g in state.groups}
+
+
+def restore(state, tensors: dict[str, torch.Tensor], step: int, history: list[dict],
+            param_groups: list[dict] | None = None) -> None:
+    """Put this state's share of a whole-grid checkpoint (``tensors``) into it."""
+    for gid, g in zip(state.group_ids, state.groups):
+        prefix = f"group{gid}."
         g.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
-    opt_state: dict[int, dict] = {}
-    for key, v in tensors.items():
-        if key.startswith("adam."):
-            _, pid, name = key.split(".", 2)
-            opt_state.setdefault(int(pid), {})[name] = v.reshape(()) if name == "step" else v
-    param_groups = meta["param_groups"]
-    for pg in param_groups:
-        pg["betas"] = tuple(pg["betas"])
-    state.optimizer.load_state_dict({"state": opt_state, "param_groups": param_groups})
-    state.step = int(meta["step"])
-    state.history = list(meta["history"])
+    if param_groups is not None:
+        local = {gp: lp for lp, gp in enumerate(_global_param_ids(state))}
+        opt_state: dict[int, dict] = {}
+        for key, v in tensors.items():
+            if key.startswith("adam."):
+                _, pid, name = key.split(".", 2)
+                if int(pid) in local:
+                    opt_state.setdefault(local[int(pid)], {})[name] = \
+                        v.reshape(()) if name == "step" else v
+        hyper = {k: v for k, v in param_groups[0].items() if k != "params"}
+        hyper["betas"] = tuple(hyper["betas"])
+        groups = [{**hyper, "params": list(range(len(local)))}]
+        state.optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+    state.step = int(step)
+    state.history = [rec for rec in history if _keeps_history_of(state, rec["dict_size"])]
+
+
+def whole_state(state, source):
+    """The whole grid as one process's state on rank 0 (for scoring and saving); None on the
+    other ranks. A one-process state is returned as it is."""
+    sh = state.sharding
+    if sh is None or sh.single:
+        return state
+    whole = gather_whole(state)
+    if whole is None:
+        return None
+    if sh.data_parallel:
+        for g in state.groups:   # from here on rank 0 works alone: no more collectives
+            g.data_parallel = False
+        return state
+    full = new_state(source, state.config, device=state.device)
+    tensors, history = whole
+    restore(full, tensors, state.step, history)
+    return full
 
 
 class Checkpointer:
@@ -169,10 +267,21 @@ class Checkpointer:
             signal.signal(sig, handler)
 
     def __call__(self, state) -> None:
-        if self.stop_requested or (self.every and state.step % self.every == 0):
+        stop = self.stop_requested
+        if distributed.world_size() > 1:
+            # torchrun signals every rank, but each notices at its own step; they agree at log
+            # steps (a collective every step would cost a host sync), so all stop at the same one.
+            at_log_step = state.step % state.config.log_every == 0 or state.step == state.config.steps
+            stop = parallel.any_rank(stop) if at_log_step else False
+        if stop or (self.every and state.step % self.every == 0):
             # The loss is checked only at log steps; a checkpoint must never keep a NaN as the
             # "last good" state, whatever the two intervals are.
-            check_finite_parameters(state)
+            error = None
+            try:
+                check_finite_parameters(state)
+            except Exception as exc:  # noqa: BLE001 (re-raised on every rank just below)
+                error = exc
+            parallel.agree_on_error(error)
             save_checkpoint(state, self.directory)
-        if self.stop_requested:
+        if stop:
             raise KeyboardInterrupt(f"stopped at step {state.step}; checkpoint saved in {self.directory}")

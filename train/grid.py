@@ -16,11 +16,25 @@ Loss of SAE s:  mean((x_hat - x)^2) + alpha_s / m * mean_b sum_i c_i     (c >= 0
   dW_enc = x^T dpre,  db_enc = sum_b dpre
   dW_dec = (dDn - Dn * <dDn, Dn>_row) / ||W_dec||_row           (through Dn = W_dec / ||W_dec||)
   tied:  the encoder is Dn^T, so dDn also receives dW_enc^T.
+
+Devices: everything a step touches (parameters, work buffers, statistics, dead counters) lives on
+the group's device, and a step never waits for the host: the statistics stay tensors until a log
+step reads them. The initial weights are drawn on the CPU with the seeded generator and then
+moved, so a GPU run starts from exactly the CPU run's weights. The sparse CSR path exists for the
+CPU only (torch's CUDA CSR kernels were not measured faster than cuBLAS here; and deciding per
+step needs the active count on the host, a sync); on a GPU every step is dense.
+
+Data parallel (one grid too big for one device, ``data_parallel=True`` under torchrun): every rank
+holds every SAE and computes gradients on its own slice of the batch; the trainer averages them
+across ranks, and the latents' firing counts and the statistics are summed across ranks here, so
+dead counters and logged means are those of the whole batch.
 """
 
 from __future__ import annotations
 
 import torch
+
+import torch.distributed as dist
 
 from unsuperpose.train import sparse
 from unsuperpose.train.init import init_params
@@ -32,24 +46,28 @@ class SAEGroup:
 
     def __init__(self, d: int, n: int, l1: list[float], *, l1_norm: str = "sum", tied: bool = False,
                  seed: int = 0, decoder_init: str = "orthogonal", encoder_init: str = "transpose",
-                 data: torch.Tensor | None = None, sparse_below: float = 0.0):
+                 data: torch.Tensor | None = None, sparse_below: float = 0.0,
+                 device: torch.device | str = "cpu", data_parallel: bool = False):
         self.d, self.n, self.S, self.tied = d, n, len(l1), tied
-        self.sparse_below = sparse_below
+        self.device = torch.device(device)
+        self.data_parallel = data_parallel
+        self.sparse_below = sparse_below if self.device.type == "cpu" else 0.0
         self.sparse_steps = 0
         self.l1 = list(l1)
         p = init_params(d, n, seed=seed, decoder_init=decoder_init, encoder_init=encoder_init,
-                        tied=tied, data=data)
+                        tied=tied, data=None if data is None else data.cpu())
+        p = {k: v.to(self.device) for k, v in p.items()}
         S = self.S
         self.W_dec = p["W_dec"].unsqueeze(0).repeat(S, 1, 1).contiguous()
         self.b_enc = p["b_enc"].repeat(S).contiguous()
         self.W_enc = None if tied else p["W_enc"].repeat(1, S).contiguous()
-        self.l1_coef = torch.tensor(l1, dtype=torch.float32) / l1_divisor(l1_norm, n)
+        self.l1_coef = (torch.tensor(l1, dtype=torch.float32) / l1_divisor(l1_norm, n)).to(self.device)
         for t in self.parameters():
             t.grad = torch.zeros_like(t)
         # Steps since each latent last fired; int64 so it cannot overflow on long runs.
-        self.since_fired = torch.zeros(S, n, dtype=torch.int64)
+        self.since_fired = torch.zeros(S, n, dtype=torch.int64, device=self.device)
         self._buf: dict[str, torch.Tensor] | None = None
-        self._zero = torch.zeros(())
+        self._zero = torch.zeros((), device=self.device)
         self.reset_stats()
 
     def parameters(self) -> list[torch.Tensor]:
@@ -101,18 +119,19 @@ class SAEGroup:
         self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True))
 
     def reset_stats(self) -> None:
-        self.stat_sq = torch.zeros(self.S, dtype=torch.float64)
-        self.stat_l1 = torch.zeros(self.S, dtype=torch.float64)
-        self.stat_l0 = torch.zeros(self.S, dtype=torch.float64)
+        # float64 on the device: a sum over thousands of steps; read on the host at log steps only.
+        self.stat_sq = torch.zeros(self.S, dtype=torch.float64, device=self.device)
+        self.stat_l1 = torch.zeros(self.S, dtype=torch.float64, device=self.device)
+        self.stat_l0 = torch.zeros(self.S, dtype=torch.float64, device=self.device)
         self.stat_rows = 0
 
     def _buffers(self, B: int) -> dict[str, torch.Tensor]:
         """Work tensors reused across steps: fresh allocations of this size page-fault every step."""
         if self._buf is None or self._buf["pre"].shape[0] != B:
             S, n, d = self.S, self.n, self.d
-            self._buf = {"pre": torch.empty(B, S * n), "dpre": torch.empty(B, S * n),
-                         "err": torch.empty(S, B, d), "dc": torch.empty(S, B, n),
-                         "d_dn": torch.empty(S, n, d), "d_w_enc": torch.empty(d, S * n)}
+            shapes = {"pre": (B, S * n), "dpre": (B, S * n), "err": (S, B, d), "dc": (S, B, n),
+                      "d_dn": (S, n, d), "d_w_enc": (d, S * n)}
+            self._buf = {k: torch.empty(v, device=self.device) for k, v in shapes.items()}
         return self._buf
 
     @torch.no_grad()
@@ -129,10 +148,13 @@ class SAEGroup:
         codes3 = codes.view(B, S, n)
         codes_s = codes3.transpose(0, 1)                                            # (S, B, n) view
         fired = torch.count_nonzero(codes3, dim=0)                                  # (S, n)
-        nnz = int(fired.sum())
+        self.stat_l0 += fired.sum(dim=1)   # this slice's; take_stats sums the ranks
         # Decided per step from this step's own codes: the sparse kernels pay off only when few
-        # codes are active, which is true late in training and false at the start.
-        use_sparse = nnz < self.sparse_below * B * S * n
+        # codes are active, which is true late in training and false at the start. The count is
+        # read on the host only when the sparse path is possible at all (CPU).
+        use_sparse = self.sparse_below > 0 and int(fired.sum()) < self.sparse_below * B * S * n
+        if self.data_parallel:  # a latent is alive if it fired on any rank's slice
+            dist.all_reduce(fired)
         if use_sparse:
             self.sparse_steps += 1
             pairs = [sparse.to_csr_pair(codes3[:, s].contiguous()) for s in range(S)]
@@ -143,7 +165,6 @@ class SAEGroup:
         else:
             err = torch.bmm(codes_s, dn, out=buf["err"]).sub_(x)                     # (S, B, d)
 
-        self.stat_l0 += fired.sum(dim=1)
         self.stat_l1 += codes3.sum(dim=(0, 2))
         self.stat_sq += torch.linalg.vector_norm(err, dim=(1, 2)).square_()
         self.stat_rows += B
@@ -175,7 +196,13 @@ class SAEGroup:
 
     def take_stats(self) -> dict[str, torch.Tensor]:
         """Means since the last call, per SAE: mse, l1 (sum of codes per row), l0."""
-        rows = max(self.stat_rows, 1)
+        rows = self.stat_rows
+        if self.data_parallel:
+            stats = torch.stack([self.stat_sq, self.stat_l1, self.stat_l0])
+            dist.all_reduce(stats)
+            self.stat_sq, self.stat_l1, self.stat_l0 = stats
+            rows *= dist.get_world_size()
+        rows = max(rows, 1)
         out = {"mse": self.stat_sq / (rows * self.d), "l1": self.stat_l1 / rows, "l0": self.stat_l0 / rows}
         self.reset_stats()
         return out
@@ -190,6 +217,7 @@ class SAEGroup:
                 "since_fired": self.since_fired.clone()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Copies into this group's tensors, so a checkpoint from any device loads on this one."""
         for name, t in self.named_parameters().items():
             if state[name].shape != t.shape:
                 raise ValueError(f"checkpoint {name} has shape {tuple(state[name].shape)}, "

@@ -49,11 +49,15 @@ def resample_dead(group: SAEGroup, pool: torch.Tensor, optimizer: torch.optim.Op
             continue
         # Only inputs with something left to explain give a direction (an all-zero toy sample
         # has none); with fewer of them than dead latents, draw with replacement.
-        w = weights[s]
+        # Drawn on the CPU with the seeded CPU generator whatever the device: the same rows on
+        # a GPU as on the CPU, and resuming stays exact. A resampling step syncs with the host;
+        # it comes every resample_every steps, not every step.
+        w = weights[s].cpu()
         candidates = int((w > 0).sum())
         if candidates == 0:
             continue
-        rows = torch.multinomial(w, len(idx), replacement=len(idx) > candidates, generator=gen)
+        rows = torch.multinomial(w, len(idx), replacement=len(idx) > candidates,
+                                 generator=gen).to(pool.device)
         direction = residual[s, rows]
         direction = direction / direction.norm(dim=1, keepdim=True)
         group.W_dec[s, idx] = direction
@@ -62,7 +66,7 @@ def resample_dead(group: SAEGroup, pool: torch.Tensor, optimizer: torch.optim.Op
         if group.W_enc is not None:
             alive = ~dead[s]
             norms = group.W_enc[:, s * n:(s + 1) * n].norm(dim=0)
-            scale = ENCODER_SCALE * (norms[alive].mean() if alive.any() else torch.tensor(1.0))
+            scale = ENCODER_SCALE * (norms[alive].mean() if alive.any() else 1.0)
             group.W_enc[:, cols] = direction.T * scale
             _zero_adam(optimizer, group.W_enc, (slice(None), cols))
         group.b_enc[cols] = 0

@@ -7,6 +7,12 @@ same init seed and batches (tested against ``SAE`` + ``torch.optim.Adam``).
 
 ``train`` knows nothing of toy data or LMs. Whatever the caller wants measured during training
 (e.g. MMCS with the toy ground truth) comes in as a callback.
+
+Devices and processes: a state lives on one device (``new_state(..., device=)``) and the batches
+are moved there as they come (``to_device``). Under torchrun each rank holds its share of the
+grid (``train.parallel``); the loop below is the same for every rank, and the only places ranks
+talk are the log steps (one gathered record), the data-parallel gradient average, checkpoints
+and the end.
 """
 
 from __future__ import annotations
@@ -15,11 +21,13 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 from tqdm.auto import tqdm
 
+from unsuperpose import distributed
+from unsuperpose.train import parallel
 from unsuperpose.train.config import SAETrainConfig
 from unsuperpose.train.grid import SAEGroup
 from unsuperpose.train.losses import l1_divisor
@@ -54,6 +62,13 @@ class GridState:
     step: int = 0
     history: list[dict] = field(default_factory=list)
     source_fingerprint: str | None = None   # the data's identity, kept with every checkpoint
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    sharding: parallel.Sharding | None = None   # None: one process, the whole grid
+
+    @property
+    def group_ids(self) -> list[int]:
+        """Each local group's index in the whole grid (sizes sorted): checkpoints use these."""
+        return list(self.sharding.owned) if self.sharding else list(range(len(self.groups)))
 
     def keys(self) -> list[tuple[float, int]]:
         return [(l1, g.n) for g in self.groups for l1 in g.l1]
@@ -77,21 +92,53 @@ def data_sample(source: ActivationSource, rows: int, seed: int) -> torch.Tensor:
     return next(source.batches(rows, seed=seed + _INIT_STREAM))
 
 
-def new_state(source: ActivationSource, config: SAETrainConfig) -> GridState:
+def new_state(source: ActivationSource, config: SAETrainConfig, *,
+              device: torch.device | str = "cpu", sharding: parallel.Sharding | None = None) -> GridState:
+    """A fresh grid on ``device``; with ``sharding``, only this rank's share of it."""
     source = check_source(source)
     d = int(source.d)
+    device = torch.device(device)
+    sizes = sorted(config.dict_sizes)
+    owned = sharding.owned if sharding else range(len(sizes))
+    data_parallel = bool(sharding and sharding.data_parallel)
     init_data = data_sample(source, max(config.dict_sizes), config.seed) \
         if config.decoder_init == "data" else None
-    groups = [SAEGroup(d, n, config.l1, l1_norm=config.l1_norm, tied=config.tied, seed=config.seed,
-                       decoder_init=config.decoder_init, encoder_init=config.encoder_init,
-                       data=init_data, sparse_below=config.sparse_below)
-              for n in sorted(config.dict_sizes)]
+    groups = [SAEGroup(d, sizes[i], config.l1, l1_norm=config.l1_norm, tied=config.tied,
+                       seed=config.seed, decoder_init=config.decoder_init,
+                       encoder_init=config.encoder_init, data=init_data,
+                       sparse_below=config.sparse_below, device=device, data_parallel=data_parallel)
+              for i in owned]
     params = [t for g in groups for t in g.parameters()]
     optimizer = torch.optim.Adam(params, lr=config.lr, betas=(config.beta1, config.beta2), fused=True)
     describe = getattr(source, "describe", None)
     fingerprint = describe().get("fingerprint") if callable(describe) else None
     return GridState(config=config, d=d, groups=groups, optimizer=optimizer,
-                     source_fingerprint=fingerprint)
+                     source_fingerprint=fingerprint, device=device, sharding=sharding)
+
+
+def to_device(batches: Iterator[torch.Tensor], device: torch.device) -> Iterator[torch.Tensor]:
+    """The source's batches on ``device``. For a GPU each CPU batch is pinned and copied on a
+    side stream, so the copy of batch k+1 runs while the GPU still computes step k; the compute
+    stream waits for that copy only when it needs the batch."""
+    try:
+        if device.type != "cuda":
+            for x in batches:
+                yield x.to(device)
+            return
+        copy_stream = torch.cuda.Stream(device)
+        for x in batches:
+            if x.device == device:   # generated there (the toy source on a GPU)
+                yield x
+                continue
+            with torch.cuda.stream(copy_stream):
+                y = x.pin_memory().to(device, non_blocking=True)
+            compute = torch.cuda.current_stream(device)
+            compute.wait_stream(copy_stream)
+            y.record_stream(compute)   # its memory is not reused before the compute stream is done
+            yield y
+    finally:
+        if hasattr(batches, "close"):
+            batches.close()
 
 
 def _raise_if_bad(g: SAEGroup, bad: torch.Tensor, what: str) -> None:
@@ -127,17 +174,25 @@ def train_steps(state: GridState, source: ActivationSource, *, until: int | None
     exactly where it stopped.
     """
     cfg = state.config
+    sharding = state.sharding
     until = cfg.steps if until is None else until
-    callbacks = list(callbacks)
+    # Data parallel: every rank holds the same SAEs, so rank 0 alone measures them.
+    callbacks = list(callbacks) if not (sharding and sharding.data_parallel and sharding.rank) else []
+    params = [t for g in state.groups for t in g.parameters()]
     if state.step == 0:
         _run_callbacks(state, callbacks, force=True)
     # No prefetch thread here: a source that computes its batches with torch (the toy generator)
     # would start torch's worker threads beside the training GEMMs, which on 2 cores measured
     # 30% slower than generating inline. The Zarr reader prefetches on its own, in NumPy.
-    batches = source.batches(cfg.batch_size, seed=cfg.data_seed, start=state.step)
-    # In a log file (no terminal) a bar redrawn ten times a second buries everything else.
-    bar = tqdm(total=until, initial=state.step, disable=not progress, unit="step",
-               desc=f"{len(state.keys())} SAEs", dynamic_ncols=True,
+    batches = to_device(source.batches(cfg.batch_size, seed=cfg.data_seed, start=state.step),
+                        state.device)
+    # In a log file (no terminal) a bar redrawn ten times a second buries everything else. Under
+    # torchrun only rank 0 draws one; it says how many SAEs this rank trains of the whole grid.
+    total = len(cfg.l1) * len(cfg.dict_sizes)
+    desc = f"{len(state.keys())} SAEs" if len(state.keys()) == total else \
+        f"rank 0: {len(state.keys())} of {total} SAEs"
+    bar = tqdm(total=until, initial=state.step, disable=not progress or not distributed.is_main(),
+               unit="step", desc=desc, dynamic_ncols=True,
                mininterval=0.1 if sys.stderr.isatty() else 30.0)
     t_last, step_last = time.perf_counter(), state.step
     try:
@@ -146,27 +201,36 @@ def train_steps(state: GridState, source: ActivationSource, *, until: int | None
             if x.shape != (cfg.batch_size, state.d):
                 raise ValueError(f"source yielded a batch of shape {tuple(x.shape)}, expected "
                                  f"({cfg.batch_size}, {state.d})")
+            if sharding is not None:
+                x = parallel.local_rows(x, sharding)
             for g in state.groups:
                 g.forward_backward(x)
+            if sharding is not None and sharding.data_parallel:
+                parallel.average_gradients(params, sharding.world_size)
             state.optimizer.step()
             for g in state.groups:
                 g.renormalise_()
             state.step += 1
             if _resample_due(cfg, state.step):
-                pool = resample_pool(source, cfg, state.step)
+                pool = resample_pool(source, cfg, state.step).to(state.device)
                 for g in state.groups:
                     resample_dead(g, pool, state.optimizer, g.dead_mask(cfg.dead_window, state.step),
                                   resample_generator(cfg.seed, state.step, g.n))
             bar.update(1)
             if state.step % cfg.log_every == 0 or state.step == until:
                 stats = [g.take_stats() for g in state.groups]
-                _check_finite(state, stats)
+                try:
+                    _check_finite(state, stats)
+                    error = None
+                except NonFiniteLoss as exc:
+                    error = exc
+                parallel.agree_on_error(error)
                 now = time.perf_counter()
                 rate = (state.step - step_last) * cfg.batch_size / max(now - t_last, 1e-9)
                 t_last, step_last = now, state.step
                 row = _log_row(state, stats, rate)
-                bar.set_postfix(samples_s=f"{rate:,.0f}")
-                if on_log:
+                bar.set_postfix(samples_s=f"{row['samples_per_s']:,.0f}")
+                if on_log and distributed.is_main():
                     on_log(row)
             _run_callbacks(state, callbacks)
             if on_step:
@@ -201,15 +265,25 @@ def _resample_due(cfg: SAETrainConfig, step: int) -> bool:
 
 
 def _log_row(state: GridState, stats: list[dict[str, torch.Tensor]], rate: float) -> dict:
-    row = {"step": state.step, "samples_per_s": rate}
-    for g, st in zip(state.groups, stats):
-        dead = g.dead_mask(state.config.dead_window, state.step).sum(dim=1)
+    """The scalars of every SAE of the whole grid (gathered from the ranks in grid order); the
+    rate is the slowest rank's, i.e. the whole job's."""
+    per_group = []
+    for gid, g, st in zip(state.group_ids, state.groups, stats):
+        dead = g.dead_mask(state.config.dead_window, state.step).sum(dim=1).tolist()
+        values = {k: v.tolist() for k, v in st.items()}
+        items = {}
         for s, l1 in enumerate(g.l1):
             tag = f"l1={l1:g}/n={g.n}"
-            row[f"{tag}/mse"] = float(st["mse"][s])
-            row[f"{tag}/l1"] = float(st["l1"][s])
-            row[f"{tag}/l0"] = float(st["l0"][s])
-            row[f"{tag}/dead"] = int(dead[s])
+            items.update({f"{tag}/mse": values["mse"][s], f"{tag}/l1": values["l1"][s],
+                          f"{tag}/l0": values["l0"][s], f"{tag}/dead": int(dead[s])})
+        per_group.append((gid, items))
+    if state.sharding is not None and not state.sharding.single and state.sharding.mode == "grid":
+        gathered = distributed.all_gather_objects((rate, per_group))
+        rate = min(r for r, _ in gathered)
+        per_group = sorted((p for _, ps in gathered for p in ps), key=lambda p: p[0])
+    row = {"step": state.step, "samples_per_s": rate}
+    for _, items in per_group:
+        row.update(items)
     return row
 
 
@@ -241,7 +315,7 @@ def evaluate(state: GridState, source: ActivationSource) -> dict[tuple[float, in
     if not hasattr(source, "heldout_batches"):
         raise TypeError(f"{type(source).__name__} has no held-out rows (heldout_batches): the "
                         "final metrics are only ever computed on data training never saw")
-    xs = list(source.heldout_batches(cfg.batch_size, cfg.eval_rows))
+    xs = [x.to(state.device) for x in source.heldout_batches(cfg.batch_size, cfg.eval_rows)]
     if not xs:
         raise ValueError("the source has no held-out rows to evaluate on")
     x_all = torch.cat(xs)
@@ -250,9 +324,7 @@ def evaluate(state: GridState, source: ActivationSource) -> dict[tuple[float, in
     results = {}
     for g in state.groups:
         dn = g.dictionaries()
-        sq = torch.zeros(g.S, dtype=torch.float64)
-        l1 = torch.zeros(g.S, dtype=torch.float64)
-        l0 = torch.zeros(g.S, dtype=torch.float64)
+        sq, l1, l0 = torch.zeros(3, g.S, dtype=torch.float64, device=state.device)
         for x in xs:
             codes, x_hat = g.reconstruct(x, dn)
             err = x_hat - x
