@@ -33,9 +33,14 @@ class _Chunk:
 
 
 class ChunkWriter:
-    """Append rows from ``start`` (a chunk boundary) to ``end``; marks the store complete at end."""
+    """Append rows from ``start`` (a chunk boundary) to ``end``; marks the store complete at end.
 
-    def __init__(self, group: zarr.Group, start: int, end: int):
+    ``record_progress=False`` leaves the store's attributes alone: under torchrun several ranks
+    write chunks of one store, and only rank 0 may say how far the store is valid (``seek``
+    then jumps to the next rows this rank owns, ``wait_written`` tells when its chunks are down).
+    """
+
+    def __init__(self, group: zarr.Group, start: int, end: int, *, record_progress: bool = True):
         prog = store.progress(group)
         if start % prog.chunk_rows:
             raise ValueError(f"writing must start on a chunk boundary, not row {start}")
@@ -43,6 +48,10 @@ class ChunkWriter:
             raise ValueError(f"{group.store} predates the {store.HELDOUT!r} array; create it anew")
         self.group, self.end, self.chunk_rows = group, end, prog.chunk_rows
         self.row = start  # next row that add() expects
+        self.record_progress = record_progress
+        self.queued = 0  # chunks handed to the writer thread so far
+        self._written = 0  # of those, chunks done (on disk, or failed)
+        self._done = threading.Condition()
         d = group[store.ACTS].shape[1]
         self._free: queue.Queue[_Chunk] = queue.Queue()
         for _ in range(POOL):
@@ -74,7 +83,24 @@ class ChunkWriter:
             self._current = chunk
             if chunk.filled == self.chunk_rows or self.row == self.end:
                 self._full.put(chunk)
+                self.queued += 1
                 self._current = None
+
+    def seek(self, row: int) -> None:
+        """Continue at ``row`` (a chunk boundary at or after the next row): the rows between
+        belong to another rank."""
+        if self._current is not None:
+            raise ValueError(f"cannot leave row {self.row}: its chunk is only partly filled")
+        if row < self.row or row > self.end or (row % self.chunk_rows and row != self.end):
+            raise ValueError(f"cannot seek from row {self.row} to row {row} "
+                             f"(chunks of {self.chunk_rows} rows, end {self.end})")
+        self.row = row
+
+    def wait_written(self, chunks: int) -> None:
+        """Block until the first ``chunks`` queued chunks are on disk; re-raise a write error."""
+        with self._done:
+            self._done.wait_for(lambda: self._written >= chunks or self._error is not None)
+        self._raise_if_failed()
 
     def close(self) -> None:
         """Wait for every queued chunk to be on disk; re-raise any error of the writer thread."""
@@ -115,8 +141,12 @@ class ChunkWriter:
                 positions[lo:hi] = chunk.positions[:chunk.filled]
                 heldout[lo:hi] = chunk.heldout[:chunk.filled]
                 # Only now is the chunk whole on disk in all four arrays.
-                store.record_progress(self.group, hi, complete=hi == self.end)
+                if self.record_progress:
+                    store.record_progress(self.group, hi, complete=hi == self.end)
             except BaseException as exc:  # surfaced to the producer by add()/close()
                 self._error = exc
             finally:
                 self._free.put(chunk)
+                with self._done:
+                    self._written += 1
+                    self._done.notify_all()

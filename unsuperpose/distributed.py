@@ -100,8 +100,13 @@ def setup(device: str | None = "auto") -> Placement:
 
 
 def teardown() -> None:
+    """Leave the process group together: a rank that closes its connections while a peer is
+    still reading the last message makes gloo abort that peer."""
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def broadcast_object(obj, src: int = 0):
@@ -130,3 +135,40 @@ def check_same_everywhere(what: str, value) -> None:
         shown = "; ".join(f"rank {r}: {v!r}" for r, v in enumerate(values))
         raise UserError(f"the torchrun processes disagree on {what} ({shown}); start every "
                         "process with the same command")
+
+
+@dataclass(frozen=True)
+class _Failed:
+    refused: bool  # a UserError: bad input, said to the user as it is
+    message: str
+
+
+def from_main(fn):
+    """``fn()`` run on rank 0 alone (e.g. creating shared files); every rank gets its result,
+    which must pickle. A failure on rank 0 is raised on every rank, with rank 0's message,
+    instead of leaving the others waiting for a result that never comes."""
+    if world_size() == 1:
+        return fn()
+    if is_main():
+        try:
+            out = fn()
+        except BaseException as exc:
+            broadcast_object(_Failed(isinstance(exc, UserError), str(exc)))
+            raise
+        return broadcast_object(out)
+    got = broadcast_object(None)
+    if isinstance(got, _Failed):
+        if got.refused:
+            raise UserError(got.message)
+        raise RuntimeError(f"rank 0 failed: {got.message}")
+    return got
+
+
+def main_first(fn):
+    """``fn()`` on rank 0, then on the other ranks: e.g. rank 0 builds a cache, the others only
+    read it (a failure on rank 0 stops them all, as in ``from_main``)."""
+    if world_size() == 1:
+        return fn()
+    mine: list = []
+    from_main(lambda: mine.append(fn()))
+    return mine[0] if is_main() else fn()
