@@ -94,9 +94,18 @@ def resolve_targets(cfg: HarvestConfig, hook_names: Any, n_layer: int, out_dir: 
         if hook not in hook_names:
             close = difflib.get_close_matches(hook, list(hook_names), n=3)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise UserError(f"--hook: the model has no hook point {hook!r}{hint}; "
-                            "the names are those of TransformerLens' bridge.hook_dict")
+            raise UserError(f"--hook: the model has no hook point {hook!r}{hint}; its layers are "
+                            f"0..{n_layer - 1} and its bridge offers: {', '.join(hook_templates(hook_names))}")
     return [_Target(h, L, Path(out_dir) / store_name(h, L)) for h, L in pairs]
+
+
+def hook_templates(hook_names: Any) -> list[str]:
+    """The bridge's hook names with the layer written ``{layer}`` (one entry per kind of hook),
+    the usual SAE targets first."""
+    names = sorted({_BLOCK.sub("blocks.{layer}.", h) for h in hook_names})
+    usual = [h for h in (DEFAULT_HOOK, "blocks.{layer}.hook_resid_post", "blocks.{layer}.hook_attn_out",
+                         "blocks.{layer}.hook_mlp_out") if h in names]
+    return usual + [h for h in names if h not in usual]
 
 
 def stop_hook(targets: list[_Target]) -> str | None:

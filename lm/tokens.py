@@ -1,13 +1,19 @@
-"""Documents -> one flat GPT-2 token stream on disk -> packed blocks of n_ctx tokens.
+"""Documents -> one flat token stream on disk -> packed blocks of n_ctx tokens.
 
 Tokenising is the slow part (~150k tokens/s), and every stage needs the same tokens: the LM
 trains on them, harvesting streams them through the model, the analysis decodes them. So the
 corpus is tokenised once into a cache keyed by the corpus's content (not its path), and each
 split is served as a memory-mapped (N, n_ctx) view: calling :func:`token_blocks` again is cheap.
 
-Packing: every document is followed by ``<|endoftext|>``, documents are concatenated in corpus
-order, and the stream is cut into consecutive blocks of n_ctx tokens; only the final partial
-block (fewer than n_ctx tokens) is dropped, and :attr:`TokenBlocks.n_dropped` says how many.
+Tokens come from GPT-2's BPE unless a model's own tokenizer is passed (:class:`ModelTokenizer`);
+the cache and the fingerprint are keyed by the tokenizer's tag, so two tokenizers never share a
+cache, and GPT-2's tag is the one caches had before other tokenizers existed.
+
+Packing: every document is followed by the tokenizer's end-of-text token (``<|endoftext|>`` for
+GPT-2 and Pythia) and preceded by the BOS token its tokenizer adds itself (``<s>`` for Llama's;
+none for GPT-2's), documents are concatenated in corpus order, and the stream is cut into
+consecutive blocks of n_ctx tokens; only the final partial block (fewer than n_ctx tokens) is
+dropped, and :attr:`TokenBlocks.n_dropped` says how many.
 
 The "all" split also carries :attr:`TokenBlocks.val_mask`, which tokens belong to the LM's
 validation documents (the same seeded choice the "val" split serves), so that a harvest over
@@ -30,10 +36,10 @@ import numpy as np
 from unsuperpose.config import write_json_atomic
 from unsuperpose.errors import UserError
 from unsuperpose.lm.corpus import CorpusConfig, corpus_identity, iter_documents
-from unsuperpose.lm.tokenizer import EOT_ID, VOCAB_SIZE, get_tokenizer
+from unsuperpose.lm.tokenizer import VOCAB_SIZE, ModelTokenizer, gpt2_tokenizer
 
 Split = Literal["train", "val", "all"]
-TOKENIZER_TAG = f"gpt2-bpe-{VOCAB_SIZE}"
+TOKENIZER_TAG = f"gpt2-bpe-{VOCAB_SIZE}"  # == gpt2_tokenizer().tag
 _BATCH_DOCS = 512
 
 
@@ -46,7 +52,7 @@ def default_cache_dir() -> Path:
 class TokenBlocks:
     """Packed blocks of one split: ``blocks[i]`` is the i-th run of n_ctx consecutive tokens."""
 
-    blocks: np.ndarray  # (N, n_ctx) uint16, memory-mapped from the cache
+    blocks: np.ndarray  # (N, n_ctx) uint16 (uint32 for vocabularies over 65,536), memory-mapped
     fingerprint: str  # sha256 of corpus identity, split, n_ctx, tokenizer and the tokens themselves
     split: str
     n_ctx: int
@@ -57,6 +63,7 @@ class TokenBlocks:
     # the validation documents (each document's trailing EOT included). Only the "all" split of a
     # corpus with validation documents has one; it is None otherwise.
     val_mask: np.ndarray | None = None
+    tokenizer: str = TOKENIZER_TAG  # the tag of the tokenizer that made the tokens
 
     def __len__(self) -> int:
         return len(self.blocks)
@@ -66,8 +73,7 @@ def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
-def _tokenise_into(cfg: CorpusConfig, tmp: Path) -> None:
-    tok = get_tokenizer()
+def _tokenise_into(cfg: CorpusConfig, tmp: Path, tok: ModelTokenizer) -> None:
     chunks: list[np.ndarray] = []
     ends: list[int] = []
     total = 0
@@ -75,11 +81,8 @@ def _tokenise_into(cfg: CorpusConfig, tmp: Path) -> None:
 
     def flush() -> None:
         nonlocal total
-        # split_special_tokens: a literal "<|endoftext|>" inside a text must not forge a document boundary.
-        for ids in tok(batch, split_special_tokens=True)["input_ids"]:
-            arr = np.empty(len(ids) + 1, dtype=np.uint16)
-            arr[:-1] = ids
-            arr[-1] = EOT_ID
+        for ids in tok.encode_documents(batch):
+            arr = np.asarray(ids, dtype=tok.dtype)
             chunks.append(arr)
             total += len(arr)
             ends.append(total)
@@ -97,16 +100,16 @@ def _tokenise_into(cfg: CorpusConfig, tmp: Path) -> None:
     np.save(tmp / "doc_ends.npy", np.asarray(ends, dtype=np.int64))
 
 
-def _corpus_cache(cfg: CorpusConfig, cache_dir: Path) -> Path:
+def _corpus_cache(cfg: CorpusConfig, cache_dir: Path, tok: ModelTokenizer) -> Path:
     """The cache folder holding the whole corpus's stream, built if missing (renamed into place whole)."""
-    identity = {"corpus": corpus_identity(cfg), "tokenizer": TOKENIZER_TAG}
+    identity = {"corpus": corpus_identity(cfg), "tokenizer": tok.tag}
     path = cache_dir / _digest(identity)[:24]
     if (path / "identity.json").is_file():
         return path
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".building-"))
     try:
-        _tokenise_into(cfg, tmp)
+        _tokenise_into(cfg, tmp, tok)
         write_json_atomic(tmp / "identity.json", identity)
         try:
             tmp.rename(path)
@@ -147,7 +150,7 @@ def _split_stream(path: Path, cfg: CorpusConfig, split: str) -> tuple[np.ndarray
             part = stream
         else:
             part = (np.concatenate([stream[starts[d]:ends[d]] for d in docs]) if len(docs)
-                    else np.empty(0, dtype=np.uint16))
+                    else np.empty(0, dtype=stream.dtype))
             fd, tmp = tempfile.mkstemp(dir=path, suffix=".npy")
             with os.fdopen(fd, "wb") as fh:
                 np.save(fh, part)
@@ -191,13 +194,17 @@ def _val_mask(path: Path, cfg: CorpusConfig) -> np.ndarray | None:
 
 
 def token_blocks(corpus: CorpusConfig, n_ctx: int, split: Split = "all",
-                 cache_dir: str | Path | None = None) -> TokenBlocks:
-    """Packed (N, n_ctx) token blocks of a split; the first call tokenises, later calls memory-map."""
+                 cache_dir: str | Path | None = None, tokenizer: ModelTokenizer | None = None) -> TokenBlocks:
+    """Packed (N, n_ctx) token blocks of a split; the first call tokenises, later calls memory-map.
+
+    ``tokenizer``: the model's own (``load_tokenizer(model_dir)``); GPT-2's BPE when None.
+    """
+    tok = tokenizer or gpt2_tokenizer()
     if split not in ("train", "val", "all"):
         raise UserError(f"split must be 'train', 'val' or 'all', not {split!r}")
     if n_ctx < 2:
         raise UserError(f"n_ctx must be at least 2 tokens, not {n_ctx}")
-    path = _corpus_cache(corpus, Path(cache_dir) if cache_dir is not None else default_cache_dir())
+    path = _corpus_cache(corpus, Path(cache_dir) if cache_dir is not None else default_cache_dir(), tok)
     stream, meta = _split_stream(path, corpus, split)
     n_blocks = len(stream) // n_ctx
     if n_blocks == 0:
@@ -210,7 +217,8 @@ def token_blocks(corpus: CorpusConfig, n_ctx: int, split: Split = "all",
     return TokenBlocks(blocks=stream[: n_blocks * n_ctx].reshape(n_blocks, n_ctx), fingerprint=fingerprint,
                        split=split, n_ctx=n_ctx, n_documents=meta["n_documents"], n_tokens=meta["n_tokens"],
                        n_dropped=len(stream) - n_blocks * n_ctx,
-                       val_mask=None if mask is None else mask[: n_blocks * n_ctx].reshape(n_blocks, n_ctx))
+                       val_mask=None if mask is None else mask[: n_blocks * n_ctx].reshape(n_blocks, n_ctx),
+                       tokenizer=tok.tag)
 
 
 def unigram_entropy(tokens: np.ndarray) -> float:
@@ -231,10 +239,11 @@ def describe(blocks: TokenBlocks) -> dict:
     return out
 
 
-def describe_tokens(corpus: CorpusConfig, n_ctx: int, cache_dir: str | Path | None = None) -> dict:
+def describe_tokens(corpus: CorpusConfig, n_ctx: int, cache_dir: str | Path | None = None,
+                    tokenizer: ModelTokenizer | None = None) -> dict:
     """Block counts and fingerprints of every split, and the training split's unigram entropy."""
     splits = ["all", "train", "val"] if corpus.val_fraction > 0 else ["all"]
-    out = {split: describe(token_blocks(corpus, n_ctx, split, cache_dir)) for split in splits}
-    train = token_blocks(corpus, n_ctx, "train" if corpus.val_fraction > 0 else "all", cache_dir)
+    out = {split: describe(token_blocks(corpus, n_ctx, split, cache_dir, tokenizer)) for split in splits}
+    train = token_blocks(corpus, n_ctx, "train" if corpus.val_fraction > 0 else "all", cache_dir, tokenizer)
     out["unigram_entropy"] = unigram_entropy(train.blocks)
     return out

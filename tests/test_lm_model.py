@@ -84,7 +84,7 @@ def test_adopting_a_plain_hf_model(tmp_path, tiny_lm_dir):
     assert torch.equal(load_model(out).transformer.wte.weight, load_model(tiny_lm_dir).transformer.wte.weight)
 
 
-def test_not_a_gpt2_dir_is_one_clear_error(tmp_path):
+def test_not_a_bridged_causal_lm_dir_is_one_clear_error(tmp_path):
     with pytest.raises(UserError, match="no such model directory"):
         load_model(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
@@ -92,7 +92,8 @@ def test_not_a_gpt2_dir_is_one_clear_error(tmp_path):
         load_model(tmp_path / "empty")
     (tmp_path / "bert").mkdir()
     (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "bert", "vocab_size": 30522}))
-    with pytest.raises(UserError, match="only GPT-2-style"):
+    with pytest.raises(UserError, match="'bert' .* not a causal LM that TransformerLens 4 can bridge; "
+                                        "supported: .*GPTNeoX"):
         adopt_model(tmp_path / "bert", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 

@@ -21,20 +21,18 @@ from unsuperpose.errors import UserError
 DEFAULT_TOKENS = 16_384   # predicted tokens: delta CE's standard error is then ~1e-3 nats (README)
 
 
-def read_text_blocks(path: Path, n_ctx: int) -> list[np.ndarray]:
-    """A local text file, documents separated by blank lines: each document's tokens then
-    <|endoftext|>, concatenated, cut into blocks of ``n_ctx`` (the last one shorter)."""
-    from unsuperpose.lm import EOT_ID, get_tokenizer
+def read_text_blocks(path: Path, n_ctx: int, tokenizer=None) -> list[np.ndarray]:
+    """A local text file, documents separated by blank lines: each document packed as the LM's
+    corpus is (``tokenizer``'s BOS, its tokens, its end-of-text; GPT-2's <|endoftext|> when
+    None), concatenated, cut into blocks of ``n_ctx`` (the last one shorter)."""
+    from unsuperpose.lm import gpt2_tokenizer
 
     if not path.is_file():
         raise UserError(f"--corpus {path}: no such file (a text file, documents separated by blank lines)")
     docs = [d.strip() for d in path.read_text(encoding="utf-8").split("\n\n") if d.strip()]
     if not docs:
         raise UserError(f"--corpus {path} holds no text")
-    tok = get_tokenizer()
-    stream = []
-    for ids in tok(docs, split_special_tokens=True)["input_ids"]:
-        stream += list(ids) + [EOT_ID]
+    stream = [i for ids in (tokenizer or gpt2_tokenizer()).encode_documents(docs) for i in ids]
     blocks = [np.asarray(stream[i:i + n_ctx], dtype=np.int64) for i in range(0, len(stream), n_ctx)]
     blocks = [b for b in blocks if len(b) >= 2]   # a block of one token predicts nothing
     if not blocks:
@@ -42,11 +40,17 @@ def read_text_blocks(path: Path, n_ctx: int) -> list[np.ndarray]:
     return blocks
 
 
-def validation_blocks(model_dir: Path, n_ctx: int, tokens: int) -> tuple[list[np.ndarray], dict]:
-    """Enough of the LM's validation-document blocks for ``tokens`` predicted tokens."""
-    from unsuperpose.lm import CorpusConfig, model_info, token_blocks
+def validation_blocks(model_dir: Path, n_ctx: int, tokens: int,
+                      store_corpus: dict | None = None) -> tuple[list[np.ndarray], dict]:
+    """Enough of the LM's validation-document blocks for ``tokens`` predicted tokens, in the
+    LM's own tokens. A model that records no corpus of its own (a downloaded one, harvested with
+    --corpus) uses the corpus its store was harvested from: its validation documents are the
+    store's held-out rows."""
+    from unsuperpose.lm import CorpusConfig, model_info, model_tokenizer, token_blocks
 
     corpus = model_info(model_dir).get("corpus")
+    if not corpus and store_corpus:
+        corpus = {k: v for k, v in store_corpus.items() if k != "tokenizer"}
     if not corpus:
         raise UserError(f"{model_dir} does not record the corpus it was trained on, so its validation "
                         "documents are unknown; pass a text file with --corpus")
@@ -54,7 +58,7 @@ def validation_blocks(model_dir: Path, n_ctx: int, tokens: int) -> tuple[list[np
     if cfg.val_fraction == 0:
         raise UserError(f"{model_dir} was trained with --val-fraction 0 (no held-out documents); pass "
                         "a text file with --corpus")
-    val = token_blocks(cfg, n_ctx, "val")
+    val = token_blocks(cfg, n_ctx, "val", tokenizer=model_tokenizer(model_dir))
     n = min(len(val), math.ceil(tokens / (n_ctx - 1)))
     return [np.asarray(b, dtype=np.int64) for b in val.blocks[:n]], {"split": "val", "corpus": corpus,
                                                                       "fingerprint": val.fingerprint}
@@ -83,7 +87,7 @@ def splice_columns(saes: dict, store, tokens: int, *, progress: bool = True) -> 
 
     model_dir = Path(store.provenance.model_dir)
     try:
-        blocks, _ = validation_blocks(model_dir, int(store.provenance.n_ctx), tokens)
+        blocks, _ = validation_blocks(model_dir, int(store.provenance.n_ctx), tokens, store.provenance.corpus)
         bridge = load_bridge(model_dir)
     except (UserError, FileNotFoundError, OSError) as exc:
         print(f"note: no spliced-in evaluation ({exc}); run `unsuperpose analyze splice` once the "
@@ -118,10 +122,12 @@ def run_splice(args) -> int:
     store = ActivationStore(first["path"])
     hook, n_ctx = store.provenance.hook, int(store.provenance.n_ctx)
     if args.corpus is not None:
-        blocks = read_text_blocks(args.corpus, n_ctx)
+        from unsuperpose.lm import model_tokenizer
+
+        blocks = read_text_blocks(args.corpus, n_ctx, model_tokenizer(model_dir))
         text = {"file": str(args.corpus.resolve())}
     else:
-        blocks, text = validation_blocks(model_dir, n_ctx, args.tokens or DEFAULT_TOKENS)
+        blocks, text = validation_blocks(model_dir, n_ctx, args.tokens or DEFAULT_TOKENS, store.provenance.corpus)
     bridge = load_bridge(model_dir)
     result = splice_eval(bridge, hook, blocks, {k: (lambda x, s=s: s(x)[0]) for k, s in saes.items()},
                          mean=store_mean(store), batch_size=args.batch_size, progress=not args.no_progress)

@@ -5,7 +5,7 @@
     unsuperpose analyze splice --dict runs/sae/tiny/layer1/1x+2x+4x+8x [--corpus FILE] [--tokens N]
 
 The glue between ``analyze`` (which reads dictionaries and stores) and ``lm`` (the tokenizer that
-turns a store's token ids back into text) lives here.
+turns a store's token ids back into text: its model's own) lives here.
 """
 
 from __future__ import annotations
@@ -91,10 +91,30 @@ def _browser_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _decode(ids: list[int]) -> str:
-    from unsuperpose.lm import get_tokenizer
+def _decoder(store):
+    """Token ids -> text with the tokenizer of the model the store was harvested from.
 
-    return get_tokenizer().decode(ids)
+    A store records its tokenizer's tag with its corpus (stores from before then are GPT-2's);
+    the model directory's tokenizer must still be that one, else its text would be wrong.
+    """
+    from unsuperpose.lm import gpt2_tokenizer, model_tokenizer
+
+    meta = store.metadata
+    tag = (meta.get("corpus") or {}).get("tokenizer", gpt2_tokenizer().tag)
+    model_dir = meta.get("model_dir")
+    try:
+        tok = model_tokenizer(model_dir) if model_dir else None
+    except UserError as exc:
+        if tag != gpt2_tokenizer().tag:
+            raise UserError(f"{store.path}: its tokens are for the tokenizer of {model_dir}, which cannot be "
+                            f"read now ({exc}); put the model back there to see the text") from None
+        tok = None
+    if tok is None:
+        tok = gpt2_tokenizer()
+    if tok.tag != tag:
+        raise UserError(f"{store.path}: its tokens were made by tokenizer {tag}, but {model_dir} now holds "
+                        f"{tok.tag}; harvest the store again, or restore that model's tokenizer")
+    return tok.decode
 
 
 def _open_store(path: Path):
@@ -118,7 +138,8 @@ def _browse(sae_dirs: list[Path], store_path: Path | None, out: Path, args) -> d
         store_path = Path(recorded)
     if args.top < 1:
         raise UserError("--top must be at least 1")
-    return build_browser(sae_dirs, _open_store(store_path), out, _decode, top=args.top,
+    store = _open_store(store_path)
+    return build_browser(sae_dirs, store, out, _decoder(store), top=args.top,
                          max_rows=args.max_rows, neurons=not args.no_neurons,
                          progress=not args.no_progress)
 

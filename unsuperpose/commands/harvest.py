@@ -13,7 +13,7 @@ import dataclasses
 from unsuperpose.config import add_arguments, from_args, to_dict
 from unsuperpose.errors import UserError
 from unsuperpose.harvest import HarvestConfig, harvest
-from unsuperpose.lm import CorpusConfig, check_n_ctx, load_bridge, model_info, token_blocks
+from unsuperpose.lm import CorpusConfig, check_n_ctx, load_bridge, model_info, model_tokenizer, token_blocks
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -21,7 +21,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "harvest", help="stream an LM's hook activations into bfloat16 Zarr stores",
         description="Run the corpus through the LM and store one hook's activations per layer "
                     "(OUT/layer<L>.zarr). Interrupted runs resume when run again.")
-    p.add_argument("--lm", required=True, help="model directory (from `unsuperpose lm train`)")
+    p.add_argument("--lm", required=True, help="model directory (from `unsuperpose lm train` or `lm adopt`, or any "
+                   "saved causal LM TransformerLens 4 bridges, with its tokenizer), or a hub name such as "
+                   "EleutherAI/pythia-70m when online")
     p.add_argument("--out", required=True, help="directory for the stores")
     p.add_argument("--n-ctx", type=int, default=None,
                    help="tokens per block (default: the model's context length)")
@@ -49,10 +51,13 @@ def run(args: argparse.Namespace) -> int:
     n_ctx = args.n_ctx or info["n_ctx"]
     check_n_ctx(info, n_ctx)
     corpus = _corpus(args, info)
-    blocks = token_blocks(corpus, n_ctx, split=cfg.split, cache_dir=args.cache_dir)
+    # The model's own tokenizer: its tag is in the corpus fingerprint and in the store's corpus record.
+    tokenizer = model_tokenizer(args.lm)
+    blocks = token_blocks(corpus, n_ctx, split=cfg.split, cache_dir=args.cache_dir, tokenizer=tokenizer)
     paths = harvest(load_bridge(args.lm), blocks.blocks, args.out, cfg,
                     model_dir=info["path"], weights_sha256=info["weights_sha256"],
-                    corpus_fingerprint=blocks.fingerprint, corpus=to_dict(corpus),
+                    corpus_fingerprint=blocks.fingerprint,
+                    corpus={**to_dict(corpus), "tokenizer": tokenizer.tag},
                     heldout=blocks.val_mask, progress=not args.no_progress)
     for path in paths:
         print(f"harvest: wrote {path}")

@@ -2,9 +2,10 @@
 
     unsuperpose lm train --preset tiny --out runs/lm/tiny     # ~10 min on a 2-core CPU
     unsuperpose lm train --preset report --out runs/lm/report # the report's recipe (batch 256)
-    unsuperpose lm adopt --from path/to/hf-gpt2 --out runs/lm/mine
+    unsuperpose lm adopt --from path/to/hf-model --out runs/lm/mine --corpus wiki   # any bridged causal LM
+    unsuperpose lm adopt --from EleutherAI/pythia-70m --out runs/lm/pythia-70m --corpus wiki  # online
     unsuperpose lm info runs/lm/tiny
-    unsuperpose lm tokens --corpus wiki+gensim
+    unsuperpose lm tokens --corpus wiki+gensim [--tokenizer runs/lm/pythia-70m]
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ def _preset_differences() -> str:
 def add_parser(subparsers) -> None:
     from unsuperpose.lm import PRESETS, LMConfig, TrainLMConfig
 
-    parser = subparsers.add_parser("lm", help="train or adopt the GPT-2-style LM (stage 1)",
+    parser = subparsers.add_parser("lm", help="train a GPT-2-style LM, or adopt any causal LM TransformerLens "
+                                   "bridges (stage 1)",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="lm_command", required=True, metavar="ACTION")
 
@@ -73,8 +75,11 @@ def add_parser(subparsers) -> None:
     _add_corpus_arguments(train)
     train.set_defaults(func=run)
 
-    adopt = sub.add_parser("adopt", help="make an existing local HF GPT-2-style model usable by the next stages")
-    adopt.add_argument("--from", dest="init_from", required=True, help="local directory saved with save_pretrained")
+    adopt = sub.add_parser("adopt", help="make an existing HF causal LM (GPT-2, GPT-NeoX/Pythia, Llama, ...) and its "
+                                         "tokenizer usable by the next stages")
+    adopt.add_argument("--from", dest="init_from", required=True,
+                       help="local directory saved with save_pretrained (model and tokenizer), or a hub name such as "
+                            "EleutherAI/pythia-70m when online")
     adopt.add_argument("--out", required=True, help="model directory to write, e.g. runs/lm/mine")
     _add_corpus_arguments(adopt)
     adopt.set_defaults(func=run)
@@ -86,6 +91,8 @@ def add_parser(subparsers) -> None:
     tokens = sub.add_parser("tokens", help="tokenise a corpus into the cache and print its statistics")
     tokens.add_argument("--n-ctx", type=int, default=256, help="block length")
     tokens.add_argument("--cache-dir", default=None, help="token cache folder (default runs/cache/tokens)")
+    tokens.add_argument("--tokenizer", default=None, metavar="MODEL_DIR",
+                        help="tokenise with this model's own tokenizer (default: GPT-2's BPE)")
     _add_corpus_arguments(tokens)
     tokens.set_defaults(func=run)
 
@@ -112,7 +119,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from unsuperpose.lm import adopt_model, describe_tokens, model_info
+    from unsuperpose.lm import adopt_model, describe_tokens, model_info, model_tokenizer
 
     if args.lm_command == "train":
         return _train(args)
@@ -122,5 +129,6 @@ def run(args: argparse.Namespace) -> int:
     elif args.lm_command == "info":
         print(json.dumps(model_info(args.model_dir), indent=2))
     elif args.lm_command == "tokens":
-        print(json.dumps(describe_tokens(_corpus(args), args.n_ctx, cache_dir=args.cache_dir), indent=2))
+        tok = model_tokenizer(args.tokenizer) if args.tokenizer else None
+        print(json.dumps(describe_tokens(_corpus(args), args.n_ctx, cache_dir=args.cache_dir, tokenizer=tok), indent=2))
     return 0
