@@ -92,7 +92,8 @@ class ModelTokenizer:
     def encode_documents(self, texts: list[str]) -> list[list[int]]:
         """Each text as ``bos + ids + eos``; a special token's spelling inside a text stays text,
         so no document can forge a boundary."""
-        ids = self.hf(list(texts), add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        # verbose=False: documents longer than the model's context are expected (blocks are cut later).
+        ids = self.hf(list(texts), add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
         return [[*self.bos, *x, *self.eos] for x in ids]
 
     def decode(self, ids: list[int]) -> str:

@@ -365,3 +365,25 @@ def test_a_downloaded_model_is_harvested_as_it_is_and_spliced_on_its_stores_corp
     blocks, _ = validation_blocks(pipeline["raw"], N_CTX, 100, direct.provenance.corpus)
     want, _ = validation_blocks(pipeline["lm"], N_CTX, 100)
     assert all(np.array_equal(a, b) for a, b in zip(blocks, want)) and len(blocks) == len(want)
+
+
+def test_a_hub_name_resolves_to_its_snapshot_and_is_harvested_from_there(pipeline, tiny_corpus, monkeypatch):
+    """What `harvest --lm EleutherAI/pythia-70m` does, with the download replaced by a folder."""
+    import huggingface_hub
+
+    asked = []
+
+    def snapshot_download(repo_id, allow_patterns=None, **kw):
+        asked.append((repo_id, allow_patterns))
+        return str(pipeline["raw"])
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    from unsuperpose.lm import model_info
+
+    assert model_info("someone/tiny-model")["path"] == str(pipeline["raw"].resolve())
+    assert asked[0] == ("someone/tiny-model", ["*.json", "*.safetensors", "*.model", "*.txt"])  # no .bin, no code
+    out = pipeline["root"] / "hub"
+    assert main(["harvest", "--lm", "someone/tiny-model", "--out", str(out), "--layer", "0", "--tokens", "128",
+                 "--corpus", tiny_corpus.corpus, "--no-progress"]) == 0
+    from unsuperpose.harvest import ActivationStore
+    assert ActivationStore(out / "layer0.zarr").metadata["model_dir"] == str(pipeline["raw"].resolve())
