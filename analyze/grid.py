@@ -38,16 +38,23 @@ def score_grid(dicts: dict[Key, torch.Tensor], metrics: dict[Key, dict],
     for key, d in dicts.items():
         s = {"mmcs_larger": larger[key], "ssll": stick[key]}
         if ground_truth is not None:
-            s["mmcs"] = mmcs(ground_truth, d)
-            s["mcc"] = mcc(ground_truth, d)
+            truth = ground_truth.to(d.device)
+            s["mmcs"] = mmcs(truth, d)
+            s["mcc"] = mcc(truth, d)
         scores[key] = s
     return scores
 
 
 def ground_truth_callback(ground_truth: torch.Tensor):
     """A training callback recording MMCS with the ground truth for every SAE."""
+    on: dict[torch.device, torch.Tensor] = {}   # the truth copied once to each device it meets
+
     def fn(step: int, dicts: dict[Key, torch.Tensor]) -> dict[Key, dict[str, float]]:
-        return {k: {"mmcs": mmcs(ground_truth, d)} for k, d in dicts.items()}
+        out = {}
+        for k, d in dicts.items():
+            truth = on.setdefault(d.device, ground_truth.to(d.device))
+            out[k] = {"mmcs": mmcs(truth, d)}
+        return out
     return fn
 
 

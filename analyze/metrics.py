@@ -45,7 +45,7 @@ def mmcs(reference, other) -> float:
 def mcc(reference, other) -> float:
     """Best one-to-one matching's summed cosine / the number of ``reference`` atoms: with fewer
     atoms in ``other``, the reference atoms left unmatched count 0, as MMCS counts every one."""
-    cos = cosine_matrix(reference, other).double().numpy()
+    cos = cosine_matrix(reference, other).double().cpu().numpy()
     rows, cols = linear_sum_assignment(cos, maximize=True)
     return float(cos[rows, cols].sum() / cos.shape[0])
 

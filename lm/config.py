@@ -63,7 +63,7 @@ class TrainLMConfig:
                                      "schedule; run again to continue (splits a long run into sessions)")
     loss_chunk: int = field(256, help="tokens per slice of the output layer's loss (memory vs. speed)")
     threads: int | None = field(None, help="torch CPU threads (default: torch's choice, all cores)")
-    device: str = field("cpu", help="torch device, e.g. cpu or cuda")
+    device: str = field("auto", help="cuda, cuda:N, cpu or auto (the GPU when one is visible, else the CPU)")
     wandb: Literal["offline", "online", "disabled"] | None = field(
         None, help="W&B mode: offline (default, or $WANDB_MODE), online (needs a login) or disabled")
     token_cache: str | None = field(None, help="folder of the tokenised-corpus cache (default runs/cache/tokens "

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from unsuperpose import distributed
 from unsuperpose.config import write_json_atomic
 from unsuperpose.errors import UserError
 from unsuperpose.lm.checkpoint import CHECKPOINT, load_checkpoint, restore_rng, save_checkpoint
@@ -98,6 +99,11 @@ def train_lm(lm: LMConfig, train: TrainLMConfig, corpus: CorpusConfig, out_dir: 
     ``init_from`` starts from the weights of a saved GPT-2-style model (its architecture must
     match ``lm``) instead of a random init. Stops early, with a checkpoint, at ``stop_at_step``.
     """
+    if distributed.world_size() > 1 or distributed.launched_by_torchrun():
+        raise UserError("`unsuperpose lm train` runs in one process (the LM presets are small); "
+                        "start it without torchrun, with --device cuda for a GPU")
+    # Resolved once, here: the checkpoint and the run's config record the device it ran on.
+    train = dataclasses.replace(train, device=str(distributed.resolve_device(train.device)))
     threads = torch.get_num_threads()
     if train.threads:
         torch.set_num_threads(train.threads)

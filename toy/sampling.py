@@ -47,7 +47,7 @@ def random_groups(G: int, group_size: int, gen: torch.Generator) -> torch.Tensor
 
 
 def copula_normals(n: int, groups: torch.Tensor, correlation: float,
-                   gen: torch.Generator) -> torch.Tensor:
+                   gen: torch.Generator, n_groups: int | None = None) -> torch.Tensor:
     """n x G standard normals, correlated ``correlation`` within a group and 0 across groups.
 
     A random positive correlation matrix of block form: one shared normal per group plus a
@@ -57,13 +57,15 @@ def copula_normals(n: int, groups: torch.Tensor, correlation: float,
     the structure that lets a too-small dictionary merge features (the report's argument for
     MMCS with larger dictionaries). O(n G) per batch, no G x G Cholesky product.
     """
-    shared = torch.randn(n, int(groups.max()) + 1, generator=gen)[:, groups]
-    private = torch.randn(n, groups.shape[0], generator=gen)
+    # Given by callers on a GPU: reading groups.max() every batch would make each batch wait.
+    n_groups = int(groups.max()) + 1 if n_groups is None else n_groups
+    shared = torch.randn(n, n_groups, generator=gen, device=gen.device)[:, groups]
+    private = torch.randn(n, groups.shape[0], generator=gen, device=gen.device)
     return shared.mul_(correlation ** 0.5).add_(private, alpha=(1 - correlation) ** 0.5)
 
 
 def sample_codes(n: int, probs: torch.Tensor, groups: torch.Tensor | None, correlation: float,
-                 gen: torch.Generator) -> torch.Tensor:
+                 gen: torch.Generator, n_groups: int | None = None) -> torch.Tensor:
     """n x G sparse codes: feature i is active with probability probs[i], coefficient U(0, 1).
 
     With ``correlation`` > 0 the activations are correlated through a Gaussian copula: a
@@ -73,9 +75,9 @@ def sample_codes(n: int, probs: torch.Tensor, groups: torch.Tensor | None, corre
     """
     G = probs.shape[0]
     if groups is None or correlation == 0:
-        u = torch.rand(n, G, generator=gen)
+        u = torch.rand(n, G, generator=gen, device=gen.device)
     else:
-        u = torch.special.ndtr(copula_normals(n, groups, correlation, gen))
+        u = torch.special.ndtr(copula_normals(n, groups, correlation, gen, n_groups))
     active = u < probs.float()
-    coef = torch.rand(n, G, generator=gen)
+    coef = torch.rand(n, G, generator=gen, device=gen.device)
     return coef * active

@@ -17,9 +17,9 @@ from unsuperpose.toy.sampling import feature_probabilities, random_groups, sampl
 _STREAM_STRUCTURE, _STREAM_BATCHES, _STREAM_SAMPLE, _STREAM_HELDOUT = 0, 1, 2, 3
 
 
-def _generator(*key: int) -> torch.Generator:
+def _generator(*key: int, device: torch.device | str = "cpu") -> torch.Generator:
     seed = int(np.random.SeedSequence(list(key)).generate_state(1, dtype=np.uint64)[0] >> 1)
-    return torch.Generator().manual_seed(seed)
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 class ToySource:
@@ -29,30 +29,47 @@ class ToySource:
     ``batches(batch_size, seed=, start=)``. Batch ``i`` of a stream is generated from its own
     seed (config seed, stream seed, i), so a stream can restart at any batch in O(1) — that is
     what lets a training run resume exactly.
+
+    ``device``: where batches are drawn (with that device's generator) and delivered. The ground
+    truth (features, probabilities, groups) is always drawn on the CPU, so it is the same on
+    every device; the batches of a GPU are not the CPU's (another generator), which ``describe``
+    records as part of the data's identity. ``rng_device="cpu"`` draws the CPU's very batches
+    and moves them, for comparing a GPU run with a CPU run of the same seed.
     """
 
-    def __init__(self, config: ToyConfig | None = None):
+    def __init__(self, config: ToyConfig | None = None, *, device: torch.device | str = "cpu",
+                 rng_device: torch.device | str | None = None):
         self.config = config or ToyConfig()
         c = self.config
         gen = _generator(c.seed, _STREAM_STRUCTURE)
         self.features = unit_features(c.G, c.h, gen)
         self.probs = feature_probabilities(c.G, c.k, c.decay)
         self.groups = random_groups(c.G, c.group_size, gen)
+        self.device = torch.device(device)
+        self.rng_device = torch.device(rng_device) if rng_device is not None else self.device
+        self._n_groups = int(self.groups.max()) + 1
+        on = self.rng_device
+        self._features, self._probs, self._groups = (t.to(on) for t in
+                                                     (self.features, self.probs, self.groups))
 
     @property
     def d(self) -> int:
         return self.config.h
 
     def _make(self, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        codes = sample_codes(n, self.probs, self.groups, self.config.correlation, gen)
-        x = codes @ self.features
+        codes = sample_codes(n, self._probs, self._groups, self.config.correlation, gen,
+                             self._n_groups)
+        x = codes @ self._features
         if self.config.noise > 0:
-            x += self.config.noise * torch.randn(x.shape, generator=gen)
-        return x, codes
+            x += self.config.noise * torch.randn(x.shape, generator=gen, device=gen.device)
+        return x.to(self.device), codes.to(self.device)
+
+    def _gen(self, *key: int) -> torch.Generator:
+        return _generator(self.config.seed, *key, device=self.rng_device)
 
     def sample(self, n: int, *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """``n`` fresh samples (x: n x h, codes: n x G) from a stream apart from training's."""
-        return self._make(n, _generator(self.config.seed, _STREAM_SAMPLE, seed))
+        return self._make(n, self._gen(_STREAM_SAMPLE, seed))
 
     def batches(self, batch_size: int, *, seed: int = 0, start: int = 0) -> Iterator[torch.Tensor]:
         """Endless float32 (batch_size, h) batches; ``start`` skips that many at no cost."""
@@ -60,7 +77,7 @@ class ToySource:
             raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
         i = start
         while True:
-            yield self._make(batch_size, _generator(self.config.seed, _STREAM_BATCHES, seed, i))[0]
+            yield self._make(batch_size, self._gen(_STREAM_BATCHES, seed, i))[0]
             i += 1
 
     # -- held-out evaluation: a stream no training batch is ever drawn from -----------------------
@@ -75,12 +92,14 @@ class ToySource:
         total = self.heldout_rows(max_rows)
         for i, lo in enumerate(range(0, total, batch_size)):
             n = min(batch_size, total - lo)
-            yield self._make(n, _generator(self.config.seed, _STREAM_HELDOUT, i))[0]
+            yield self._make(n, self._gen(_STREAM_HELDOUT, i))[0]
 
     heldout_description = "fresh samples from a generator stream training never draws from"
 
     def describe(self) -> dict:
         """What the data is; ``fingerprint`` identifies it for resuming and merging runs."""
         info = {"kind": "toy", **vars(self.config)}
+        if self.rng_device.type != "cpu":   # another generator, other batches (CPU runs: unchanged)
+            info["rng"] = self.rng_device.type
         digest = hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()
         return {**info, "fingerprint": digest}

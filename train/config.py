@@ -46,6 +46,9 @@ class SAETrainConfig:
     seed: int = field(0, help="seed of the initialisation (one per dictionary size; shared across L1)")
     data_seed: int = field(0, help="seed of the batch stream drawn from the source")
     log_every: int = field(100, help="steps between logged training scalars")
+    tf32: bool = field(False, help="let float32 matmuls on an NVIDIA GPU use TF32 (faster; "
+                       "products keep ~10 mantissa bits); off by default so a GPU run matches the "
+                       "CPU run of the same seed to float32 tolerance; no effect on the CPU")
     eval_rows: int = field(65_536, help="held-out rows for the final metrics (at most the "
                            "source's held-out rows: all of them for a store holding fewer)")
 

@@ -1,7 +1,8 @@
 """What a trained grid leaves on disk, and reading it back.
 
 <out>/
-  train_config.json        the SAETrainConfig
+  train_config.json        the SAETrainConfig, and how the run was made (RUN_KEYS: device,
+                           world_size, parallel)
   summary.csv              one row per SAE: l1, dict_size, steps, samples, final metrics (+ extras)
   history.jsonl            training scalars and callback values over steps
   saes/n<size>-l1_<l1>/    sae.safetensors (W_enc, b_enc, W_dec: effective weights) + config.json
@@ -15,7 +16,8 @@ import io
 import json
 from pathlib import Path
 
-from unsuperpose.config import save_config, to_dict, write_json_atomic, write_text_atomic
+from unsuperpose.config import from_dict, to_dict, write_json_atomic, write_text_atomic
+from unsuperpose.train.config import SAETrainConfig
 from unsuperpose.train.sae import SAE
 
 SUMMARY_FILE = "summary.csv"
@@ -24,6 +26,20 @@ CONFIG_FILE = "train_config.json"
 SOURCE_FILE = "source.json"   # what the grid was trained on: the source's describe(), fingerprint included
 # Provenance that may differ between two reads of the same data (where it lies, how it is read).
 _NOT_IDENTITY = {"path"}
+# How a run was made, beside its settings in train_config.json: not part of what it computes
+# (a grid split over ranks is bit-identical to one process), so never compared on resume.
+RUN_KEYS = ("device", "device_name", "world_size", "parallel", "sizes_by_rank")
+
+
+def write_train_config(out: str | Path, cfg: SAETrainConfig, run_info: dict | None = None) -> None:
+    write_json_atomic(Path(out) / CONFIG_FILE, {**to_dict(cfg), **(run_info or {})})
+
+
+def read_train_config(out: str | Path) -> tuple[SAETrainConfig, dict]:
+    """(settings, how the run was made) from a grid folder's train_config.json."""
+    data = json.loads((Path(out) / CONFIG_FILE).read_text())
+    run_info = {k: data.pop(k) for k in RUN_KEYS if k in data}
+    return from_dict(SAETrainConfig, data), run_info
 
 
 def write_source_file(out: str | Path, info: dict) -> None:
@@ -49,7 +65,8 @@ def sae_dirname(l1: float, n: int) -> str:
 
 
 def save_grid(state, metrics: dict, out: str | Path, *, extra: dict | None = None,
-              labels: dict[int, str] | None = None, source_info: dict | None = None) -> list[dict]:
+              labels: dict[int, str] | None = None, source_info: dict | None = None,
+              run_info: dict | None = None) -> list[dict]:
     """Write every SAE of ``state`` and the summary; returns the summary rows.
 
     ``extra`` adds columns per SAE ({(l1, n): {col: value}}), e.g. ground-truth scores;
@@ -57,7 +74,7 @@ def save_grid(state, metrics: dict, out: str | Path, *, extra: dict | None = Non
     """
     out = Path(out)
     cfg = state.config
-    save_config(cfg, out / CONFIG_FILE)
+    write_train_config(out, cfg, run_info)
     rows = []
     for (l1, n), sae in state.saes().items():
         key = (l1, n)
@@ -66,7 +83,7 @@ def save_grid(state, metrics: dict, out: str | Path, *, extra: dict | None = Non
                **metrics[key], **(extra or {}).get(key, {})}
         sae.save(out / "saes" / sae_dirname(l1, n),
                  {"l1": l1, "l1_norm": cfg.l1_norm, "training": to_dict(cfg), "metrics": row,
-                  "source": source_info or {}})
+                  "source": source_info or {}, **(run_info or {})})
         rows.append(row)
     write_summary(rows, out / SUMMARY_FILE)
     with open(out / HISTORY_FILE, "w") as fh:

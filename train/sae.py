@@ -71,9 +71,9 @@ class SAE(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         with torch.no_grad():
-            tensors = {"W_enc": self.encoder_weight().detach().contiguous(),
-                       "b_enc": self.b_enc.detach().contiguous(),
-                       "W_dec": self.dictionary().detach().contiguous()}
+            tensors = {"W_enc": self.encoder_weight().detach().cpu().contiguous(),
+                       "b_enc": self.b_enc.detach().cpu().contiguous(),
+                       "W_dec": self.dictionary().detach().cpu().contiguous()}
         save_file(tensors, str(directory / WEIGHTS_FILE))
         write_json_atomic(directory / CONFIG_FILE,
                           {"d_in": self.d_in, "d_sae": self.d_sae, "tied": self.tied, **(config or {})})

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
-from unsuperpose import __version__
+from unsuperpose import __version__, distributed
 from unsuperpose.errors import UserError
 
 COMMANDS = ["toy", "lm", "harvest", "train", "analyze", "demo"]
@@ -31,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if distributed.launched_by_torchrun() and os.environ.get("RANK", "0") != "0":
+        # Under torchrun rank 0 speaks for the job; the others print only their errors.
+        sys.stdout = open(os.devnull, "w")
     try:
         result = args.func(args)
     except UserError as exc:
@@ -39,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"\nunsuperpose {args.command}: interrupted; run the same command again to resume.", file=sys.stderr)
         return 130
+    finally:
+        distributed.teardown()
     return int(result or 0)
 
 

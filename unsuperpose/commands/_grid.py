@@ -7,17 +7,22 @@ import dataclasses
 import shutil
 from pathlib import Path
 
+import torch
+
+from unsuperpose import distributed
 from unsuperpose.analyze import grid_figures, score_grid
-from unsuperpose.config import add_arguments, load_config, to_dict
+from unsuperpose.config import add_arguments, to_dict
 from unsuperpose.errors import UserError
 from unsuperpose.tracking import Tracker
 from unsuperpose.train import (PRESETS, Callback, NonFiniteLoss, SAETrainConfig, apply_preset,
                                evaluate, new_state, parse_dict_sizes, parse_l1_list, read_summary,
                                save_grid, train_steps)
+from unsuperpose.train import parallel
 from unsuperpose.train.checkpoint import (CHECKPOINT_DIR, CheckpointMismatch, Checkpointer,
                                           check_compatible, config_differences, load_checkpoint,
-                                          read_checkpoint_meta)
-from unsuperpose.train.io import SOURCE_FILE, read_source_file, source_differences, write_source_file
+                                          read_checkpoint_meta, recover_checkpoint, whole_state)
+from unsuperpose.train.io import (SOURCE_FILE, read_source_file, read_train_config,
+                                  source_differences, write_source_file)
 
 SKIP = ("l1", "dict_sizes")  # parsed from --l1 / --dict so that ratios and lists get clear errors
 
@@ -81,6 +86,11 @@ def sae_config(args: argparse.Namespace, *, base: SAETrainConfig, dict_base: int
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help=distributed.DEVICE_HELP)
+    parser.add_argument("--parallel", choices=parallel.MODES, default="grid",
+                        help="under torchrun: 'grid' deals the dictionary sizes out to the processes "
+                        "(bit-identical to one process), 'data' gives every process a slice of each "
+                        "batch and averages gradients (one grid too big for one device)")
     parser.add_argument("--checkpoint-every", type=int, default=1000,
                         help="steps between checkpoints (also saved on Ctrl-C/SIGTERM); 0: only then")
     parser.add_argument("--force", action="store_true",
@@ -90,7 +100,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 def _finished_differences(out: Path, cfg: SAETrainConfig, source_info: dict) -> list[str]:
     """What differs between the finished grid in ``out`` and the one asked for (empty: same)."""
     try:
-        saved = load_config(SAETrainConfig, out / "train_config.json")
+        saved, _ = read_train_config(out)
     except (ValueError, TypeError) as exc:  # written by an older version: not comparable
         return [f"its train_config.json cannot be read ({exc})"]
     problems = config_differences(saved, cfg, may_change=())
@@ -102,17 +112,23 @@ def _finished_differences(out: Path, cfg: SAETrainConfig, source_info: dict) -> 
     return problems
 
 
-def _prepare(out: Path, cfg: SAETrainConfig, source, source_info: dict, force: bool):
+def _prepare(out: Path, cfg: SAETrainConfig, source, source_info: dict, force: bool,
+             placement: distributed.Placement, sharding: parallel.Sharding):
     """A fresh or resumed state, or the rows of a finished identical run (then nothing to do).
 
     A run is identified by its settings, its data (the source's fingerprint) and its budget:
     a checkpoint or a finished grid made otherwise is never resumed or passed off as this run.
+    Rank 0 alone changes files here; the other ranks read them after it.
     """
     ckpt = out / CHECKPOINT_DIR
+    if distributed.is_main():
+        if force:
+            shutil.rmtree(ckpt, ignore_errors=True)
+        recover_checkpoint(ckpt)
+    distributed.barrier()
     meta = read_checkpoint_meta(ckpt)
     finished = (out / "summary.csv").exists() and (out / "train_config.json").exists()
     if force:
-        shutil.rmtree(ckpt, ignore_errors=True)
         meta = None
     elif meta is not None:
         try:
@@ -129,33 +145,68 @@ def _prepare(out: Path, cfg: SAETrainConfig, source, source_info: dict, force: b
             return None, read_summary(out / "summary.csv")
         raise UserError(f"{out} holds a finished grid made otherwise: {'; '.join(problems)}. "
                         "Choose another --out, or add --force to replace it")
-    state = new_state(source, cfg)
+    state = new_state(source, cfg, device=placement.device, sharding=sharding)
     if meta is not None:
         load_checkpoint(state, ckpt, source_info)
         print(f"resuming from the checkpoint at step {state.step:,} of {cfg.steps:,}")
-    else:
+    elif distributed.is_main():
         write_source_file(out, source_info)
     return state, None
+
+
+def _describe_split(sharding: parallel.Sharding, cfg: SAETrainConfig,
+                    placement: distributed.Placement) -> None:
+    if sharding.single:
+        print(f"training on {placement.device} ({distributed.device_name(placement.device)})")
+        return
+    if sharding.data_parallel:
+        print(f"{sharding.world_size} processes, data parallel: each takes "
+              f"{cfg.batch_size // sharding.world_size} of every batch of {cfg.batch_size}")
+        return
+    sizes = sorted(cfg.dict_sizes)
+    owner = parallel.assign_sizes(sizes, sharding.world_size)
+    for r in range(sharding.world_size):
+        mine = [sizes[i] for i in range(len(sizes)) if owner[i] == r]
+        print(f"rank {r}: dictionary sizes {mine} ({len(mine) * len(cfg.l1)} SAEs)")
 
 
 def train_and_save(source, cfg: SAETrainConfig, out: Path, *, size_labels: dict[int, str],
                    size_base: int, size_axis: str, ground_truth=None, callbacks: list[Callback] = (),
                    wandb_mode: str | None = None, progress: bool = True, run_name: str,
                    source_info: dict, checkpoint_every: int = 1000, force: bool = False,
-                   export=None, more_scores=None) -> list[dict]:
+                   export=None, more_scores=None, placement: distributed.Placement | None = None,
+                   parallel_mode: str = "grid") -> list[dict]:
     """Train the grid (resuming a checkpoint if there is one), score it (with ground truth if
     given), save SAEs, summary and figures; ``export(state, out)`` may write more formats and
     ``more_scores(state)`` add columns per SAE ({(l1, n): {column: value}}, e.g. the spliced-in
-    evaluation)."""
+    evaluation).
+
+    Under torchrun every rank calls this; ``placement`` (``distributed.setup``) says where this
+    rank runs. Rank 0 alone writes files, logs and tracks; the rows are returned on every rank.
+    """
+    placement = placement or distributed.setup("cpu")
+    sharding = parallel.plan(sorted(cfg.dict_sizes), parallel_mode)
+    parallel.check_batch(sharding, cfg.batch_size)
+    distributed.check_same_everywhere("the settings", to_dict(cfg))
+    if placement.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.tf32
+    run_info = {**placement.describe(), **sharding.describe()}
     out.mkdir(parents=True, exist_ok=True)
-    state, done = _prepare(out, cfg, source, source_info, force)
+    state, done = _prepare(out, cfg, source, source_info, force, placement, sharding)
     if done is not None:
         return done
+    _describe_split(sharding, cfg, placement)
+    if not sharding.single:
+        # What each process really holds (read from its state, not from the plan), so the
+        # split is visible in the outputs: every rank redoing the whole grid would show here.
+        run_info["sizes_by_rank"] = distributed.all_gather_objects([g.n for g in state.groups])
+    main = distributed.is_main()
     run_id_file = out / "wandb_run_id"
     run_id = run_id_file.read_text().strip() if run_id_file.exists() and state.step > 0 else None
-    with Tracker(out, name=run_name, config={"train": to_dict(cfg), "source": source_info},
-                 mode=wandb_mode, resume_id=run_id) as tracker:
-        if tracker.run_id:
+    with Tracker(out, name=run_name, config={"train": to_dict(cfg), "source": source_info, **run_info},
+                 mode=wandb_mode if main else "disabled", resume_id=run_id) as tracker:
+        if tracker.run_id and main:
             run_id_file.write_text(tracker.run_id)
         try:
             with Checkpointer(out / CHECKPOINT_DIR, checkpoint_every) as checkpointer:
@@ -166,6 +217,9 @@ def train_and_save(source, cfg: SAETrainConfig, out: Path, *, size_labels: dict[
             where = f"the last good checkpoint (step {kept['step']:,}) is kept in {out / CHECKPOINT_DIR}" \
                 if kept else "no checkpoint had been written yet"
             raise UserError(f"{exc}; {where}") from None
+        state = whole_state(state, source)
+        if state is None:   # another rank's share, now with rank 0
+            return distributed.broadcast_object(None)
         metrics = evaluate(state, source)
         scores = score_grid(state.dictionaries(), metrics, ground_truth)
         for (l1, n), s in scores.items():
@@ -173,7 +227,8 @@ def train_and_save(source, cfg: SAETrainConfig, out: Path, *, size_labels: dict[
         if more_scores is not None:
             for key, extra in more_scores(state).items():
                 scores[key].update(extra)
-        rows = save_grid(state, metrics, out, extra=scores, labels=size_labels, source_info=source_info)
+        rows = save_grid(state, metrics, out, extra=scores, labels=size_labels, source_info=source_info,
+                         run_info=run_info)
         if export is not None:
             export(state, out)
         figures = grid_figures(rows, state.history, out / "figures", size_axis=size_axis,
@@ -185,4 +240,4 @@ def train_and_save(source, cfg: SAETrainConfig, out: Path, *, size_labels: dict[
     # The dictionaries and summary are written; the checkpoint's weights and Adam state would only
     # take disk space (3x the dictionaries).
     shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
-    return rows
+    return distributed.broadcast_object(rows)

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+from unsuperpose import distributed
 from unsuperpose.analyze import ground_truth_callback
 from unsuperpose.analyze.diagnostics import diagnose, diagnosis_record
 from unsuperpose.commands._grid import add_run_arguments, add_sae_arguments, sae_config, train_and_save
@@ -42,6 +43,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    f"{DEFAULT_STEPS} steps; 'paper': the report's 17 L1 values (per-latent) x "
                    f"{PAPER_DICT} for 20,000 steps (a GPU job)")
     p.add_argument("--eval-every", type=int, default=250, help="steps between MMCS evaluations")
+    p.add_argument("--data-rng", choices=["device", "cpu"], default="device",
+                   help="where toy batches are drawn: on the training device (a GPU's generator "
+                   "gives other batches than the CPU's, and the run records it), or on the CPU and "
+                   "copied over (a GPU run on exactly the CPU run's data, slower)")
     add_arguments(p, ToyConfig)
     # One --seed (the toy data's) also seeds the SAE inits and the batch stream.
     add_sae_arguments(p, dict_flag="--dict-ratios",
@@ -90,7 +95,9 @@ def run(args: argparse.Namespace) -> int:
                              default_dict=default_dict, bare="ratio")
     if args.eval_every < 1:
         raise UserError("--eval-every must be >= 1")
-    source = ToySource(toy)
+    placement = distributed.setup(args.device)
+    source = ToySource(toy, device=placement.device,
+                       rng_device="cpu" if args.data_rng == "cpu" else placement.device)
     print(f"toy data: h={toy.h}, G={toy.G}, k={toy.k}; {len(cfg.l1)} L1 x {len(cfg.dict_sizes)} "
           f"sizes = {len(cfg.l1) * len(cfg.dict_sizes)} SAEs, {cfg.steps} steps of {cfg.batch_size}")
     rows = train_and_save(
@@ -98,7 +105,10 @@ def run(args: argparse.Namespace) -> int:
         ground_truth=source.features,
         callbacks=[Callback(args.eval_every, ground_truth_callback(source.features))],
         wandb_mode=args.wandb, progress=not args.no_progress, run_name=f"toy-{args.out.name}",
-        source_info=source.describe(), checkpoint_every=args.checkpoint_every, force=args.force)
+        source_info=source.describe(), checkpoint_every=args.checkpoint_every, force=args.force,
+        placement=placement, parallel_mode=args.parallel)
+    if not distributed.is_main():
+        return 0
     diagnosis = write_diagnosis(rows, toy.G, args.out / DIAGNOSIS_FILE)
     for p in diagnosis["pointers"]:
         where = "nowhere in the grid" if p["size"] is None else (

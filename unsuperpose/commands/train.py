@@ -11,6 +11,8 @@ import argparse
 import math
 from pathlib import Path
 
+from unsuperpose import storage
+from unsuperpose import distributed
 from unsuperpose.commands._grid import add_run_arguments, add_sae_arguments, sae_config, train_and_save
 from unsuperpose.errors import UserError
 from unsuperpose.harvest import ActivationStore
@@ -27,7 +29,8 @@ DEFAULT_STEPS = 10_000
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train SAE grids on a harvested activation store",
                        description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--store", type=Path, required=True, help="a store written by `unsuperpose harvest`")
+    p.add_argument("--store", type=storage.location, required=True,
+                   help="a store written by `unsuperpose harvest` (a folder or s3://bucket/prefix/layer1.zarr)")
     p.add_argument("--out", type=Path, required=True,
                    help="parent folder; the grid goes to <out>/<DICT> (commas in DICT become '+')")
     p.add_argument("--tokens", type=int, default=None,
@@ -55,8 +58,9 @@ def dict_folder(spec: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not args.store.exists():
+    if not storage.exists(args.store):
         raise UserError(f"no store at {args.store}: harvest one first, e.g. `make harvest LAYER=1`")
+    placement = distributed.setup(args.device)
     store = ActivationStore(args.store, allow_incomplete=args.allow_incomplete)
     base = default_config()
     cfg, labels = sae_config(args, base=base, dict_base=store.d, default_l1=base.l1,
@@ -91,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
         store, cfg, out, size_labels=labels, size_base=store.d, more_scores=spliced,
         size_axis="dictionary size (x d, the activation width)", wandb_mode=args.wandb,
         progress=not args.no_progress, run_name=f"sae-{out.parent.name}-{out.name}",
-        source_info=info, checkpoint_every=args.checkpoint_every, force=args.force, export=export)
+        source_info=info, checkpoint_every=args.checkpoint_every, force=args.force, export=export,
+        placement=placement, parallel_mode=args.parallel)
     best = min(rows, key=lambda r: r["heldout_fvu"])
     print(f"lowest held-out FVU {best['heldout_fvu']:.4f} on {best['heldout_rows']:,} rows (L1 {best['l1']:g}, {best['dict_label']}, L0 {best['heldout_l0']:.1f}, "
           f"{best['dead']} dead); wrote {out}/summary.csv, figures/, saes/, saelens/")
