@@ -20,6 +20,7 @@ import torch
 import zarr
 from tqdm.auto import tqdm
 
+from unsuperpose import storage
 from unsuperpose.errors import UserError
 from unsuperpose.harvest import bf16_to_torch
 
@@ -130,7 +131,7 @@ class Context:
 
 def token_arrays(path) -> tuple[zarr.Array, zarr.Array]:
     """The store's ``tokens`` and ``positions`` arrays, or a UserError naming the fix."""
-    group = zarr.open_group(path, mode="r")
+    group = storage.open_zarr_group(storage.location(path), mode="r")  # local or s3://
     missing = [n for n in ("tokens", "positions") if n not in group]
     if missing:
         raise UserError(f"{path} kept no {' or '.join(missing)} (only activations), so there is "
@@ -156,7 +157,7 @@ def contexts(stats: dict[str, UnitStats], path, *, left: int = 10, right: int = 
     tokens in order, so the row at position p of its block has its block start p rows earlier."""
     tokens, positions = token_arrays(path)
     n = tokens.shape[0]
-    n_ctx = int(zarr.open_group(path, mode="r").attrs.get("n_ctx") or n)
+    n_ctx = int(storage.open_zarr_group(storage.location(path), mode="r").attrs.get("n_ctx") or n)
     tops = [s.top_rows[s.top_vals > 0] for s in stats.values()]
     top_rows = np.unique(np.concatenate(tops)) if tops else np.zeros(0, np.int64)
     start = top_rows - gather(positions, top_rows, step)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import difflib
 import hashlib
 import re
-import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from unsuperpose.config import field, save_config
+from unsuperpose import storage
+from unsuperpose.config import field, to_dict
 from unsuperpose.errors import UserError
 
 from . import store
@@ -59,7 +59,7 @@ class _Target:
 
     hook: str
     layer: int | None
-    path: Path
+    path: storage.Location  # a local folder or an object-store URL
 
 
 def store_name(hook: str, layer: int | None) -> str:
@@ -83,7 +83,8 @@ def parse_layers(text: str, n_layer: int) -> list[int]:
     return layers
 
 
-def resolve_targets(cfg: HarvestConfig, hook_names: Any, n_layer: int, out_dir: Path) -> list[_Target]:
+def resolve_targets(cfg: HarvestConfig, hook_names: Any, n_layer: int,
+                    out_dir: storage.Location) -> list[_Target]:
     """Hook templates + layers -> concrete hook names, each checked against the model's hooks."""
     if "{layer}" in cfg.hook:
         pairs = [(cfg.hook.format(layer=L), L) for L in parse_layers(cfg.layer, n_layer)]
@@ -96,7 +97,7 @@ def resolve_targets(cfg: HarvestConfig, hook_names: Any, n_layer: int, out_dir: 
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise UserError(f"--hook: the model has no hook point {hook!r}{hint}; its layers are "
                             f"0..{n_layer - 1} and its bridge offers: {', '.join(hook_templates(hook_names))}")
-    return [_Target(h, L, Path(out_dir) / store_name(h, L)) for h, L in pairs]
+    return [_Target(h, L, storage.location(out_dir) / store_name(h, L)) for h, L in pairs]
 
 
 def hook_templates(hook_names: Any) -> list[str]:
@@ -165,7 +166,7 @@ def mask_fingerprint(heldout: np.ndarray | None) -> str | None:
 def _open_or_create(t: _Target, prov: store.Provenance, rows: int, chunk_rows: int,
                     batch_size: int, force: bool) -> tuple[Any, int, int]:
     """Returns (group, first row to write, forward batch size that keeps batches aligned)."""
-    if force or not t.path.exists():
+    if force or not store.exists(t.path):
         return store.create(t.path, prov, rows, chunk_rows, batch_size), 0, batch_size
     group = store.open_group(t.path, mode="r+")
     if not store.has_heldout(group):
@@ -209,7 +210,11 @@ def _print_plan(work: list[tuple[_Target, Any, int]], rows: int, out_dir: Path) 
         d = group[store.ACTS].shape[1]
         need += int((rows - start) * (2 * d / store.COMPRESSION_RATIO + 2))  # + tokens, positions
         print(f"harvest: {t.hook} -> {t.path} (width {d}, rows {start:,}..{rows:,})")
-    free = shutil.disk_usage(out_dir).free
+    free = storage.free_bytes(out_dir)
+    if free is None:
+        print(f"harvest: about {need / 2**30:.2f} GiB will be written to {out_dir} (object storage: "
+              "free space is not checked)")
+        return
     print(f"harvest: about {need / 2**30:.2f} GiB of disk needed, {free / 2**30:.1f} GiB free")
     if need > free:
         raise UserError(f"not enough disk under {out_dir}: about {need / 2**30:.2f} GiB needed, "
@@ -242,8 +247,8 @@ def harvest(bridge: Any, blocks: np.ndarray, out_dir: str | Path, cfg: HarvestCo
         print(f"harvest: the corpus has {blocks.size:,} tokens, fewer than --tokens {cfg.tokens:,}; "
               "harvesting all of them")
     n_layer = int(bridge.cfg.n_layers)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = storage.location(out_dir)  # a local folder or s3://bucket/prefix
+    storage.make_dirs(out_dir)
     targets = resolve_targets(cfg, bridge.hook_dict, n_layer, out_dir)
     hooks = [t.hook for t in targets]
     stop = stop_hook(targets)
@@ -264,7 +269,7 @@ def harvest(bridge: Any, blocks: np.ndarray, out_dir: str | Path, cfg: HarvestCo
         if stored_batch != cfg.batch_size:
             print(f"harvest: resuming {t.path} with its batch size {stored_batch} "
                   f"(not {cfg.batch_size}) so its rows match an uninterrupted run")
-        save_config(cfg, t.path / CONFIG_FILE)  # zarr ignores files it does not know
+        storage.write_json(t.path / CONFIG_FILE, to_dict(cfg))  # zarr ignores files it does not know
         work.setdefault(stored_batch, []).append((t, group, start))
     if not work:
         return [t.path for t in targets]

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from zarr.core.buffer.cpu import NDBuffer
 
+from unsuperpose import storage
 from unsuperpose.errors import UserError
 
 from . import heldout, store
@@ -42,8 +43,8 @@ class ActivationStore:
     the finished store will).
     """
 
-    def __init__(self, path: str | Path, *, allow_incomplete: bool = False):
-        self.path = Path(path)
+    def __init__(self, path: str | Path | storage.ObjectPath, *, allow_incomplete: bool = False):
+        self.path = storage.location(path)  # a local folder or s3://bucket/prefix/layer1.zarr
         self._group = store.open_group(self.path, mode="r")
         prog = store.progress(self._group)
         if not prog.complete and not allow_incomplete:
@@ -152,7 +153,7 @@ class ActivationStore:
 
     def describe(self) -> dict:
         """Provenance for whatever is trained on this store (saved beside it as JSON)."""
-        return {"kind": "activation_store", "path": str(self.path.resolve()), "rows": self.rows,
+        return {"kind": "activation_store", "path": storage.resolved(self.path), "rows": self.rows,
                 "d": self.d, **{k: v for k, v in self.metadata.items() if k != "rows_written"},
                 "train_rows": self.train_rows, "heldout_rows": self.heldout_rows(),
                 "heldout_rule": self._heldout.rule, "heldout": self.heldout_description,
@@ -288,13 +289,13 @@ class ActivationStore:
     def _check_chunks_present(self) -> None:
         # A missing chunk file would silently read back as zeros: for acts, zero activations; for
         # the held-out marks, validation rows served for training. Acts chunk keys are c/<row>/0,
-        # those of the 1-d arrays c/<row>.
-        for name, key in ((store.ACTS, "*/0"), (store.HELDOUT, "*")):
+        # those of the 1-d arrays c/<row>. One listing per array, locally or on object storage.
+        for name, last in ((store.ACTS, "/0"), (store.HELDOUT, "")):
             if name == store.HELDOUT and not store.has_heldout(self._group):
                 continue
-            found = self.path / name / "c"
-            present = ({int(p.name if key == "*" else p.parent.name) for p in found.glob(key)}
-                       if found.is_dir() else set())
+            keys = storage.list_files(self.path / name / "c")
+            present = {int(k[:len(k) - len(last)]) for k in keys
+                       if k.endswith(last) and k[:len(k) - len(last)].isdigit()}
             missing = [c for c in range(self.n_chunks) if c not in present]
             if missing:
                 raise UserError(f"{self.path} is corrupt: {len(missing)} chunk(s) of {name} are "

@@ -14,6 +14,17 @@ Rows are written one whole chunk at a time, in order, and ``rows_written`` is ra
 chunk of all four arrays is on disk (zarr's local store writes each file atomically). So after
 any interruption the store is a valid prefix plus, at worst, a stray chunk past ``rows_written``
 that a resumed harvest simply overwrites.
+
+A store may also live on object storage (``s3://bucket/prefix/layer1.zarr``; see
+``unsuperpose.storage``), written through zarr's ``FsspecStore``: the same objects, codecs and
+crc32c checksums, byte for byte. Every object there is one atomic PUT, so the argument above holds
+unchanged, except for creation: a local store is built beside its path and renamed into place,
+and object storage has no rename. There the arrays' metadata is written first and the group's
+``zarr.json`` gets its attributes (``format`` among them) in one last PUT; a store whose
+``zarr.json`` is missing or has no attributes yet is "not a store yet" (``exists`` says False)
+and is created anew, provided everything under its prefix is a part of a store (anything else is
+refused, never deleted). Removing a store deletes its ``zarr.json`` first, so a removal cut short
+leaves such a "not yet" store too.
 """
 
 from __future__ import annotations
@@ -21,14 +32,13 @@ from __future__ import annotations
 import dataclasses
 import shutil
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
-from unsuperpose import __version__
+from unsuperpose import __version__, storage
 from unsuperpose.errors import UserError
 
 from . import bf16  # noqa: F401  (registers the "bfloat16" zarr data type)
@@ -114,17 +124,30 @@ class Progress:
     batch_size: int
 
 
-def create(path: Path, prov: Provenance, rows: int, chunk_rows: int, batch_size: int) -> zarr.Group:
+def create(path: storage.Location, prov: Provenance, rows: int, chunk_rows: int,
+           batch_size: int) -> zarr.Group:
     """A new, empty store at ``path`` (whatever was there is removed first).
 
-    Built beside ``path`` and renamed into place, so an interruption never leaves a store
-    without its arrays or attributes.
+    Locally built beside ``path`` and renamed into place, so an interruption never leaves a store
+    without its arrays or attributes; on object storage the attributes come last (module docstring).
     """
+    if storage.is_remote(path):
+        storage.remove_tree(path, first="zarr.json")
+        _build(path, prov, rows, chunk_rows, batch_size)
+        return storage.open_zarr_group(path, mode="r+", zarr_format=3)
     tmp = path.with_name(f".{path.name}.creating")
     for stale in (tmp, path):
         if stale.exists():
             shutil.rmtree(stale)
-    group = zarr.open_group(tmp, mode="w", zarr_format=3)
+    _build(tmp, prov, rows, chunk_rows, batch_size)
+    tmp.rename(path)
+    return zarr.open_group(path, mode="r+", zarr_format=3)
+
+
+def _build(path: storage.Location, prov: Provenance, rows: int, chunk_rows: int,
+           batch_size: int) -> None:
+    """The arrays' metadata, then the group's attributes in one write (what marks it a store)."""
+    group = storage.open_zarr_group(path, mode="w", zarr_format=3)
     group.create_array(ACTS, shape=(rows, prov.width), chunks=(chunk_rows, prov.width),
                        dtype="bfloat16", fill_value=0, config=ARRAY_CONFIG, **_codecs())
     for name, dtype in ((TOKENS, "int32"), (POSITIONS, "int32"), (HELDOUT, "uint8")):
@@ -133,18 +156,41 @@ def create(path: Path, prov: Provenance, rows: int, chunk_rows: int, batch_size:
     progress = Progress(rows, 0, False, chunk_rows, batch_size)
     group.attrs.update({"format": FORMAT, "unsuperpose_version": __version__,
                         **dataclasses.asdict(prov), **dataclasses.asdict(progress)})
-    tmp.rename(path)
-    return zarr.open_group(path, mode="r+", zarr_format=3)
 
 
-def open_group(path: Path, mode: str = "r") -> zarr.Group:
+def exists(path: storage.Location) -> bool:
+    """Whether a store, finished or not, is at ``path``: a harvest resumes it instead of creating one.
+
+    Locally any folder counts (stores appear by a rename, so a folder without ``zarr.json`` is
+    something else, which ``open_group`` refuses). On object storage a store interrupted while it
+    was being created or removed (``zarr.json`` missing or without attributes) does not count, so
+    it is created anew; a prefix holding anything that is not part of a store counts, so that
+    ``open_group`` refuses it instead of its objects being deleted.
+    """
+    if not storage.is_remote(path):
+        return path.exists()
+    meta = path / "zarr.json"
+    if storage.exists(meta) and storage.read_json(meta).get("attributes"):
+        return True
+    files = storage.list_files(path)
+    ours = all(f.split("/", 1)[0] in (ACTS, *ROW_ARRAYS) or ("/" not in f and f.endswith(".json"))
+               for f in files)
+    if files and ours:
+        print(f"harvest: {path} was left half-created or half-removed (no attributes in its "
+              "zarr.json); creating it anew")
+    return not ours
+
+
+def open_group(path: storage.Location, mode: str = "r") -> zarr.Group:
     """Open an existing store, or fail saying what the path is instead."""
-    path = Path(path)
-    if not (path / "zarr.json").exists():
+    path = storage.location(path)
+    if not storage.exists(path / "zarr.json"):
         raise UserError(f"{path} is not an activation store (no zarr.json); harvest one with "
                         "`unsuperpose harvest --lm DIR --layer L --out DIR`")
     try:
-        group = zarr.open_group(path, mode=mode, zarr_format=3)
+        group = storage.open_zarr_group(path, mode=mode, zarr_format=3)
+    except UserError:
+        raise
     except Exception as exc:  # zarr raises several types for unreadable metadata
         raise UserError(f"{path} cannot be opened as a zarr v3 group ({exc}); "
                         "delete it and harvest again") from exc
@@ -179,7 +225,7 @@ def record_progress(group: zarr.Group, rows_written: int, complete: bool) -> Non
     group.attrs.update({"rows_written": int(rows_written), "complete": bool(complete)})
 
 
-def check_same_source(path: Path, have: Provenance, want: Provenance) -> None:
+def check_same_source(path: storage.Location, have: Provenance, want: Provenance) -> None:
     """Refuse to append to or replace a store made from something else."""
     if have.width != want.width:
         raise UserError(f"{path} holds {have.hook} activations of width {have.width}, but "

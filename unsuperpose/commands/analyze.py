@@ -14,6 +14,7 @@ import argparse
 import shlex
 from pathlib import Path
 
+from unsuperpose import storage
 from unsuperpose.errors import UserError
 
 
@@ -48,8 +49,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                     "top-activating contexts from the store's tokens; the same for the "
                                     "store's neurons as the baseline. One pass over the store, in chunks.")
     _dict_argument(f)
-    f.add_argument("--store", type=Path, default=None,
-                   help="activation store to read (default: the one the dictionary was trained on)")
+    f.add_argument("--store", type=storage.location, default=None,
+                   help="activation store to read, a folder or s3://... (default: the one the "
+                   "dictionary was trained on)")
     f.add_argument("--out", type=Path, default=None, help="output folder (default DICT/features)")
     _browser_arguments(f)
     f.set_defaults(func=run)
@@ -120,7 +122,8 @@ def _decoder(store):
 def _open_store(path: Path):
     from unsuperpose.harvest import ActivationStore
 
-    if not Path(path).exists():
+    path = storage.location(path)
+    if not storage.exists(path):
         raise UserError(f"activation store {path} does not exist; pass the store the dictionary was "
                         "trained on with --store, or harvest it (`make harvest`)")
     return ActivationStore(path)
@@ -135,7 +138,7 @@ def _browse(sae_dirs: list[Path], store_path: Path | None, out: Path, args) -> d
         if recorded is None:
             raise UserError(f"{sae_dirs[0]} was not trained on an activation store (toy data has no "
                             "tokens to show); pass one with --store")
-        store_path = Path(recorded)
+        store_path = storage.location(recorded)
     if args.top < 1:
         raise UserError("--top must be at least 1")
     store = _open_store(store_path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from unsuperpose import storage
 from unsuperpose.config import add_arguments, from_args, to_dict
 from unsuperpose.errors import UserError
 from unsuperpose.harvest import HarvestConfig, harvest
@@ -24,7 +25,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lm", required=True, help="model directory (from `unsuperpose lm train` or `lm adopt`, or any "
                    "saved causal LM TransformerLens 4 bridges, with its tokenizer), or a hub name such as "
                    "EleutherAI/pythia-70m when online")
-    p.add_argument("--out", required=True, help="directory for the stores")
+    p.add_argument("--out", required=True, type=storage.location,
+                   help="directory for the stores, or s3://bucket/prefix (needs "
+                   "'unsuperpose[s3]'; credentials and AWS_ENDPOINT_URL from the environment)")
     p.add_argument("--n-ctx", type=int, default=None,
                    help="tokens per block (default: the model's context length)")
     p.add_argument("--cache-dir", default=None, help="token cache (default: runs/cache/tokens "
@@ -47,6 +50,7 @@ def _corpus(args: argparse.Namespace, info: dict) -> CorpusConfig:
 
 def run(args: argparse.Namespace) -> int:
     cfg = from_args(HarvestConfig, args)
+    storage.check_access(args.out)  # a bucket that cannot be used fails before the model loads
     info = model_info(args.lm)
     n_ctx = args.n_ctx or info["n_ctx"]
     check_n_ctx(info, n_ctx)
