@@ -288,3 +288,18 @@ def test_no_credentials_no_bucket_no_endpoint_no_s3fs_each_one_clear_error(
     _clear_clients()
     assert tree(f"{url}/layer1.zarr") == before  # nothing was touched on the way
     assert not (tmp_path / "sae").exists()
+
+
+def test_a_larger_token_cap_appends_to_a_store_on_s3(tiny_lm_dir, s3, local_store):
+    """Growing resizes every array on S3 (zarr deletes chunks only when shrinking) and rewrites
+    none of the chunks already there."""
+    url = f"{s3}/acts/tiny"
+    assert harvest(tiny_lm_dir, url, "--tokens", "300") == 0  # after HARVEST's 640: it wins
+    store_url = storage.location(url) / "layer1.zarr"
+    first = tree(store_url)["acts/c/0/0"]
+    assert harvest(tiny_lm_dir, url) == 0  # 640 tokens: grows the store
+    grown, straight = tree(store_url), tree(local_store)
+    assert grown["acts/c/0/0"] == first and sorted(grown) == sorted(straight)
+    for key in straight:
+        if key != "zarr.json":
+            assert grown[key] == straight[key], key
