@@ -62,14 +62,14 @@ class UnitStats:
 
 
 class _Accumulator:
-    def __init__(self, units: int, k: int):
+    def __init__(self, units: int, k: int, device: torch.device | str = "cpu"):
         self.k = k
-        self.count = torch.zeros(units, dtype=torch.int64)
-        self.total = torch.zeros(units, dtype=torch.float64)
-        self.max = torch.zeros(units)
-        self.hist = torch.zeros(units * N_BINS, dtype=torch.int64)
-        self.top_vals = torch.zeros(k, units)
-        self.top_rows = torch.zeros(k, units, dtype=torch.int64)
+        self.count = torch.zeros(units, dtype=torch.int64, device=device)
+        self.total = torch.zeros(units, dtype=torch.float64, device=device)
+        self.max = torch.zeros(units, device=device)
+        self.hist = torch.zeros(units * N_BINS, dtype=torch.int64, device=device)
+        self.top_vals = torch.zeros(k, units, device=device)
+        self.top_rows = torch.zeros(k, units, dtype=torch.int64, device=device)
 
     def add(self, acts: torch.Tensor, lo: int) -> None:
         pos = acts.clamp_min(0)
@@ -82,22 +82,25 @@ class _Accumulator:
             b = (torch.log2(acts[r, u]) * BINS_PER_OCTAVE).floor().long() - LOG2_LO * BINS_PER_OCTAVE
             self.hist += torch.bincount(u * N_BINS + b.clamp_(0, N_BINS - 1), minlength=len(self.hist))
         # Top-k across batches: the running top k and this batch compete together.
-        rows = torch.arange(lo, lo + len(acts)).unsqueeze(1).expand(-1, acts.shape[1])
+        rows = torch.arange(lo, lo + len(acts), device=acts.device).unsqueeze(1).expand(-1, acts.shape[1])
         vals = torch.cat([self.top_vals, pos])
         idx = torch.cat([self.top_rows, rows])
         self.top_vals, pick = vals.topk(self.k, dim=0)
         self.top_rows = idx.gather(0, pick)
 
     def stats(self, rows: int) -> UnitStats:
-        return UnitStats(rows=rows, count=self.count.numpy(), total=self.total.numpy(),
-                         max=self.max.numpy(), hist=self.hist.view(-1, N_BINS).numpy(),
-                         top_vals=self.top_vals.T.contiguous().numpy(),
-                         top_rows=self.top_rows.T.contiguous().numpy())
+        host = lambda t: t.cpu().numpy()  # noqa: E731
+        return UnitStats(rows=rows, count=host(self.count), total=host(self.total),
+                         max=host(self.max), hist=host(self.hist.view(-1, N_BINS)),
+                         top_vals=host(self.top_vals.T.contiguous()),
+                         top_rows=host(self.top_rows.T.contiguous()))
 
 
 def scan(store, encoders: dict[str, Encoder], *, top: int = 20, batch_rows: int = 4096,
-         max_rows: int | None = None, progress: bool = True) -> dict[str, UnitStats]:
-    """Stream ``store`` (``.rows``, ``.read_rows(lo, hi)``) once through every encoder."""
+         max_rows: int | None = None, progress: bool = True,
+         device: torch.device | str = "cpu") -> dict[str, UnitStats]:
+    """Stream ``store`` (``.rows``, ``.read_rows(lo, hi)``) once through every encoder (which
+    take inputs on ``device``; the statistics are gathered there too)."""
     if top < 1 or batch_rows < 1:
         raise UserError("--top and the batch size must be at least 1")
     rows = min(store.rows, max_rows) if max_rows else store.rows
@@ -106,11 +109,11 @@ def scan(store, encoders: dict[str, Encoder], *, top: int = 20, batch_rows: int 
     with torch.inference_mode():
         for lo in range(0, rows, batch_rows):
             hi = min(rows, lo + batch_rows)
-            x = bf16_to_torch(store.read_rows(lo, hi)).float()
+            x = bf16_to_torch(store.read_rows(lo, hi)).float().to(device)
             for name, enc in encoders.items():
                 acts = enc(x)
                 if name not in acc:
-                    acc[name] = _Accumulator(acts.shape[1], top)
+                    acc[name] = _Accumulator(acts.shape[1], top, acts.device)
                 acc[name].add(acts, lo)
             bar.update(hi - lo)
     bar.close()

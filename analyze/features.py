@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from unsuperpose.analyze.browser import contexts, firing_summary, scan, token_arrays
 from unsuperpose.analyze.browser_page import render, write_index
 from unsuperpose.analyze.html import write
@@ -37,7 +39,8 @@ def store_of(sae: SAE) -> str | None:
 
 def build_browser(sae_dirs: list[Path], store, out: str | Path, decode: Callable[[list[int]], str], *,
                   top: int = 20, max_rows: int | None = None, neurons: bool = True,
-                  left: int = 10, right: int = 4, progress: bool = True) -> dict[str, Path]:
+                  left: int = 10, right: int = 4, progress: bool = True,
+                  device: torch.device | str = "cpu") -> dict[str, Path]:
     """Write ``out/<sae folder>.html`` per dictionary, ``out/neurons.html`` and ``out/index.html``.
 
     ``store`` is an ``ActivationStore`` (``.path``, ``.d``, ``.rows``, ``.read_rows``,
@@ -52,11 +55,11 @@ def build_browser(sae_dirs: list[Path], store, out: str | Path, decode: Callable
             raise UserError(f"{d} reads activations of width {sae.d_in} but {store.path} has width "
                             f"{store.d}: pass the store it was trained on with --store "
                             f"(its config.json names {store_of(sae) or 'no store'})")
-        saes[d.name], dirs[d.name] = sae.eval(), d
+        saes[d.name], dirs[d.name] = sae.eval().to(device), d
     encoders = {name: sae.encode for name, sae in saes.items()}
     if neurons:
         encoders[NEURONS] = lambda x: x
-    stats = scan(store, encoders, top=top, max_rows=max_rows, progress=progress)
+    stats = scan(store, encoders, top=top, max_rows=max_rows, progress=progress, device=device)
     ctxs = contexts(stats, store.path, left=left, right=right)
     meta = store.metadata
     common = {"store": str(store.path), "model": meta.get("model_dir", "?"),

@@ -75,16 +75,19 @@ def batches_of_blocks(blocks: list[np.ndarray], batch_size: int) -> Iterator[tor
 
 @torch.no_grad()
 def splice_eval(bridge, hook: str, blocks: list[np.ndarray], saes: dict[str, Reconstruct], *,
-                mean: torch.Tensor, batch_size: int = 4, progress: bool = True) -> dict:
+                mean: torch.Tensor, batch_size: int = 4, progress: bool = True,
+                device: torch.device | str = "cpu") -> dict:
     """Spliced-in figures of every SAE in ``saes`` ({name: x -> x_hat}) on ``blocks`` (token id
-    arrays of length >= 2). Returns {"tokens", "ce_clean", "ce_zero", "ce_mean", "saes": {name: {...}}}."""
-    mean = mean.float()
+    arrays of length >= 2), with ``bridge`` and the SAEs on ``device``. Returns {"tokens",
+    "ce_clean", "ce_zero", "ce_mean", "saes": {name: {...}}}."""
+    mean = mean.float().to(device)
     clean, zero, mean_abl = _Sums(), _Sums(), _Sums()
     sums = {name: _Sums() for name in saes}
     n_tokens = 0
     total = sum(len(b) - 1 for b in blocks)
     bar = tqdm(total=total, unit="tok", unit_scale=True, desc="splice", disable=not progress)
     for tokens in batches_of_blocks(blocks, batch_size):
+        tokens = tokens.to(device)
         captured = {}
 
         def capture(x, hook=None):

@@ -128,6 +128,10 @@ def _prepare(out: Path, cfg: SAETrainConfig, source, source_info: dict, force: b
     distributed.barrier()
     meta = read_checkpoint_meta(ckpt)
     finished = (out / "summary.csv").exists() and (out / "train_config.json").exists()
+    # Across nodes every rank must see rank 0's --out (it resumes from the checkpoint there).
+    distributed.check_same_everywhere(
+        f"what {out} holds (every node must see the same --out folder)",
+        (None if meta is None else meta["step"], finished))
     if force:
         meta = None
     elif meta is not None:

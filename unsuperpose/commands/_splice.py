@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from unsuperpose import distributed
 from unsuperpose.config import write_json_atomic
 from unsuperpose.errors import UserError
 
@@ -78,7 +79,8 @@ SUMMARY_COLUMNS = ("ce_loss_recovered", "ce_loss_recovered_mean", "delta_ce", "d
                    "kl_div_score", "norm_ratio", "relative_reconstruction_bias")
 
 
-def splice_columns(saes: dict, store, tokens: int, *, progress: bool = True) -> dict:
+def splice_columns(saes: dict, store, tokens: int, *, progress: bool = True,
+                   device: torch.device | str = "cpu") -> dict:
     """{key: summary columns} for SAEs trained on ``store``, on ``tokens`` predicted tokens of
     the LM's validation documents; {} (with a note) when the LM or its corpus cannot be found,
     so a trained grid is never lost to its evaluation."""
@@ -88,15 +90,15 @@ def splice_columns(saes: dict, store, tokens: int, *, progress: bool = True) -> 
     model_dir = Path(store.provenance.model_dir)
     try:
         blocks, _ = validation_blocks(model_dir, int(store.provenance.n_ctx), tokens, store.provenance.corpus)
-        bridge = load_bridge(model_dir)
+        bridge = load_bridge(model_dir, device=device)
     except (UserError, FileNotFoundError, OSError) as exc:
         print(f"note: no spliced-in evaluation ({exc}); run `unsuperpose analyze splice` once the "
               "LM is back")
         return {}
     names = {key: f"n{key[1]}-l1_{key[0]:g}" for key in saes}
     res = splice_eval(bridge, store.provenance.hook, blocks,
-                      {names[k]: (lambda x, s=s: s(x)[0]) for k, s in saes.items()},
-                      mean=store_mean(store), progress=progress)
+                      {names[k]: (lambda x, s=s.to(device): s(x)[0]) for k, s in saes.items()},
+                      mean=store_mean(store), progress=progress, device=device)
     base = {"splice_tokens": res["tokens"], "ce_clean": res["ce_clean"], "ce_zero": res["ce_zero"],
             "ce_mean": res["ce_mean"]}
     return {k: {**{c: res["saes"][names[k]][c] for c in SUMMARY_COLUMNS}, **base} for k in saes}
@@ -128,9 +130,11 @@ def run_splice(args) -> int:
         text = {"file": str(args.corpus.resolve())}
     else:
         blocks, text = validation_blocks(model_dir, n_ctx, args.tokens or DEFAULT_TOKENS, store.provenance.corpus)
-    bridge = load_bridge(model_dir)
-    result = splice_eval(bridge, hook, blocks, {k: (lambda x, s=s: s(x)[0]) for k, s in saes.items()},
-                         mean=store_mean(store), batch_size=args.batch_size, progress=not args.no_progress)
+    device = distributed.resolve_device(getattr(args, "device", "cpu"))
+    bridge = load_bridge(model_dir, device=device)
+    result = splice_eval(bridge, hook, blocks, {k: (lambda x, s=s.to(device): s(x)[0]) for k, s in saes.items()},
+                         mean=store_mean(store), batch_size=args.batch_size, progress=not args.no_progress,
+                         device=device)
     result.update(model_dir=str(model_dir), hook=hook, store=str(store.path), text=text,
                   dictionaries={k: str(p) for k, p in zip(saes, sae_dirs)})
     out = args.out or (Path(args.dict_path) / "splice.json")

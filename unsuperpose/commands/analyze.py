@@ -14,7 +14,7 @@ import argparse
 import shlex
 from pathlib import Path
 
-from unsuperpose import storage
+from unsuperpose import distributed, storage
 from unsuperpose.errors import UserError
 
 
@@ -69,6 +69,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     help="predicted tokens of the validation documents to use (default 16,384); "
                     "ignored with --corpus")
     sp.add_argument("--batch-size", type=int, default=4, help="token blocks per forward pass")
+    sp.add_argument("--device", default="auto", help=distributed.DEVICE_HELP)
     sp.add_argument("--out", type=Path, default=None, help="JSON file (default DICT/splice.json)")
     sp.add_argument("--no-progress", action="store_true", help="no progress bar")
     sp.set_defaults(func=_run_splice)
@@ -91,6 +92,7 @@ def _browser_arguments(p: argparse.ArgumentParser) -> None:
                    help="scan at most this many store rows (default: all)")
     p.add_argument("--no-neurons", action="store_true", help="skip the MLP-neuron baseline page")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--device", default="auto", help=distributed.DEVICE_HELP)
 
 
 def _decoder(store):
@@ -144,7 +146,8 @@ def _browse(sae_dirs: list[Path], store_path: Path | None, out: Path, args) -> d
     store = _open_store(store_path)
     return build_browser(sae_dirs, store, out, _decoder(store), top=args.top,
                          max_rows=args.max_rows, neurons=not args.no_neurons,
-                         progress=not args.no_progress)
+                         progress=not args.no_progress,
+                         device=distributed.resolve_device(getattr(args, "device", "cpu")))
 
 
 def _report_command(args) -> str:

@@ -89,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
         saes = state.saes()
         print(f"spliced-in evaluation of {len(saes)} SAEs on {args.splice_tokens:,} tokens of the LM's "
               "validation documents")
-        return splice_columns(saes, store, args.splice_tokens, progress=not args.no_progress)
+        return splice_columns(saes, store, args.splice_tokens, progress=not args.no_progress,
+                              device=state.device)
 
     rows = train_and_save(
         store, cfg, out, size_labels=labels, size_base=store.d, more_scores=spliced,
