@@ -214,6 +214,36 @@ def test_stored_activations_equal_forward_hooks_on_the_hf_model(pipeline):
         assert (torch.from_numpy(mlp.read_rows(0, n).astype(np.float32)) - alone).abs().max() > 0.05
 
 
+def test_the_mlp_hooks_are_what_the_readme_says(pipeline):
+    """hook_pre: the up (NeoX) or gate (Llama) projection before the activation; hook_pre_linear
+    (Llama only): the up projection; hook_post: the down projection's input, act(pre) * pre_linear
+    for the gated MLP. Checked against forward hooks on the HF modules themselves."""
+    from unsuperpose.lm import load_bridge, load_model
+
+    arch = pipeline["arch"]
+    model = load_model(pipeline["raw"])
+    mlp = _parts(model, arch, 0)[0].mlp
+    first, act = (mlp.dense_h_to_4h, mlp.act) if arch == "neox" else (mlp.gate_proj, mlp.act_fn)
+    got = {}
+    hooks = [first.register_forward_hook(lambda m, i, o: got.__setitem__("pre", o)),
+             act.register_forward_hook(lambda m, i, o: got.__setitem__("act", o))]
+    if arch == "llama":
+        hooks.append(mlp.up_proj.register_forward_hook(lambda m, i, o: got.__setitem__("up", o)))
+    ids = torch.arange(3, 40)[None]
+    with torch.no_grad():
+        model(ids)
+        _, cache = load_bridge(pipeline["lm"]).run_with_cache(ids, names_filter=lambda n: n.startswith("blocks.0.mlp."))
+    for h in hooks:
+        h.remove()
+    torch.testing.assert_close(cache["blocks.0.mlp.hook_pre"], got["pre"])
+    if arch == "llama":
+        torch.testing.assert_close(cache["blocks.0.mlp.hook_pre_linear"], got["up"])
+        torch.testing.assert_close(cache["blocks.0.mlp.hook_post"], got["act"] * got["up"])
+    else:
+        assert "blocks.0.mlp.hook_pre_linear" not in cache
+        torch.testing.assert_close(cache["blocks.0.mlp.hook_post"], got["act"])
+
+
 def _store_corpus(store):
     from unsuperpose.lm import CorpusConfig
 
@@ -315,6 +345,8 @@ def test_hook_and_layer_errors_name_what_the_bridge_offers(pipeline, capsys):
     assert "no hook point 'blocks.1.mlp.hook_postt'" in err and "layers are 0..1" in err
     for name in ("blocks.{layer}.mlp.hook_post", "blocks.{layer}.hook_resid_post", "blocks.{layer}.hook_attn_out"):
         assert name in err
+    # GPT-NeoX runs attention and MLP in parallel: no residual stream between them to offer.
+    assert ("blocks.{layer}.hook_resid_mid" in err) == (pipeline["arch"] == "llama")
     assert main(["harvest", "--lm", lm, "--out", acts, "--layer", "5", "--no-progress"]) == 2
     assert "this model has layers 0..1" in capsys.readouterr().err
 
