@@ -5,26 +5,34 @@ any of them needs. Forward batches are always the same fixed slices of the block
 (``[k*batch_size, (k+1)*batch_size)``), also when resuming, so a resumed store gets bit-for-bit
 the rows an uninterrupted run computes. Stores started with different batch sizes therefore
 cannot share a pass: each batch size gets its own.
+
+Under torchrun the rows are cut into work units of whole chunks of every store (``work_unit``);
+in round j rank r harvests unit j*W+r, computing the forward batches that overlap it (a batch
+that straddles two ranks' units is computed by both: the same slice gives the same rows). After
+each round rank 0 alone records how far the store is valid, so the store keeps the one-process
+invariant (a valid prefix, at worst stray chunks after it) and resumes with any number of ranks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from unsuperpose import distributed
 from unsuperpose import storage
 from unsuperpose.config import field, to_dict
 from unsuperpose.errors import UserError
 
-from . import store
+from . import ranks, store
 from .bf16 import torch_to_bf16
 from .writer import ChunkWriter
 
@@ -51,6 +59,10 @@ class HarvestConfig:
                        "(then the store's last chunks are held out instead)")
     force: bool = field(False, help="replace existing stores made from another model, corpus, "
                         "hook or token count instead of refusing")
+    device: str = field("auto", help=distributed.DEVICE_HELP)
+    precision: Literal["auto", "fp32", "bf16"] = field("auto", help="forward precision: auto (bf16 autocast on CUDA, fp32 on "
+                           "the CPU), fp32, or bf16 (autocast; on a CPU it is slow and only for "
+                           "comparing); a store keeps the precision it was started with")
 
 
 @dataclass(frozen=True)
@@ -130,7 +142,25 @@ class _StopForward(Exception):
     """Raised by the stop hook once every needed activation has been captured."""
 
 
-def _forward(bridge: Any, tokens: np.ndarray, hooks: list[str], stop: str | None) -> dict[str, torch.Tensor]:
+def resolve_precision(asked: str, device: torch.device) -> str:
+    """``auto`` -> bf16 autocast on CUDA (tensor cores; stored values are bf16 anyway), fp32 on
+    the CPU (no bf16 units here: autocast is several times slower, and today's bytes stay)."""
+    if asked == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if asked not in ("fp32", "bf16"):
+        raise UserError(f"--precision {asked!r}: give auto, fp32 or bf16")
+    return asked
+
+
+def model_device(bridge: Any) -> torch.device:
+    try:
+        return next(bridge.parameters()).device
+    except (AttributeError, StopIteration):  # a stand-in without parameters: it runs on the CPU
+        return torch.device("cpu")
+
+
+def _forward(bridge: Any, tokens: np.ndarray, hooks: list[str], stop: str | None, *,
+             device: torch.device | None = None, precision: str = "fp32") -> dict[str, torch.Tensor]:
     got: dict[str, torch.Tensor] = {}
 
     def capture(name: str):
@@ -144,13 +174,64 @@ def _forward(bridge: Any, tokens: np.ndarray, hooks: list[str], stop: str | None
 
     # Registered after the captures, so a capture on the stop point itself still runs first.
     fwd_hooks = [(h, capture(h)) for h in hooks] + ([(stop, halt)] if stop else [])
-    with torch.inference_mode():
+    ids = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
+    if device is not None and device.type != "cpu":
+        ids = ids.to(device, non_blocking=True)
+    # fp32 enters no autocast context at all, so the CPU path is exactly what it always was.
+    cast = (torch.autocast(ids.device.type, dtype=torch.bfloat16) if precision == "bf16"
+            else contextlib.nullcontext())
+    with torch.inference_mode(), cast:
         try:
-            bridge.run_with_hooks(torch.from_numpy(np.asarray(tokens, dtype=np.int64)),
-                                  fwd_hooks=fwd_hooks)
+            bridge.run_with_hooks(ids, fwd_hooks=fwd_hooks)
         except _StopForward:
             pass
     return got
+
+
+def _host_batches(bridge: Any, blocks: np.ndarray, batch_ids: list[int], batch_size: int,
+                  hooks: list[str], stop: str | None, device: torch.device, precision: str):
+    """(b, {hook: bfloat16 NumPy (rows, d)}) for each forward batch b of ``batch_ids``, in order.
+
+    On CUDA the device-to-host copy of batch b goes into pinned memory on a side stream and is
+    handed out only after batch b+1's forward was launched, so the copy runs under that forward
+    and the CPU packs chunks meanwhile. The arrays handed out are views of two reused pinned
+    buffers: valid until the next item is taken.
+    """
+    def run(b: int) -> dict[str, torch.Tensor]:
+        acts = _forward(bridge, blocks[b * batch_size:(b + 1) * batch_size], hooks, stop,
+                        device=device, precision=precision)
+        return {h: a.reshape(-1, a.shape[-1]).to(torch.bfloat16) for h, a in acts.items()}
+
+    if device.type != "cuda":
+        for b in batch_ids:
+            yield b, {h: torch_to_bf16(a) for h, a in run(b).items()}
+        return
+    copier = torch.cuda.Stream(device)
+    pinned: list[dict[str, torch.Tensor]] = [{}, {}]
+    pending = None
+    for i, b in enumerate(batch_ids):
+        acts = run(b)
+        copier.wait_stream(torch.cuda.current_stream(device))
+        bufs, host = pinned[i % 2], {}
+        with torch.cuda.stream(copier):
+            for h, a in acts.items():
+                if h not in bufs or bufs[h].shape[0] < a.shape[0]:
+                    bufs[h] = torch.empty(a.shape, dtype=torch.bfloat16, pin_memory=True)
+                bufs[h][:a.shape[0]].copy_(a, non_blocking=True)
+                a.record_stream(copier)  # its memory must outlive the copy, not just the forward
+                host[h] = bufs[h][:a.shape[0]]
+        done = torch.cuda.Event()
+        done.record(copier)
+        if pending is not None:
+            yield _landed(*pending)
+        pending = (b, host, done)
+    if pending is not None:
+        yield _landed(*pending)
+
+
+def _landed(b: int, host: dict[str, torch.Tensor], done: Any) -> tuple[int, dict[str, np.ndarray]]:
+    done.synchronize()
+    return b, {h: torch_to_bf16(t) for h, t in host.items()}
 
 
 def mask_fingerprint(heldout: np.ndarray | None) -> str | None:
@@ -164,14 +245,19 @@ def mask_fingerprint(heldout: np.ndarray | None) -> str | None:
 
 
 def _open_or_create(t: _Target, prov: store.Provenance, rows: int, chunk_rows: int,
-                    batch_size: int, force: bool) -> tuple[Any, int, int]:
-    """Returns (group, first row to write, forward batch size that keeps batches aligned)."""
+                    batch_size: int, force: bool, keep: Any = None) -> tuple[Any, int, int]:
+    """Returns (group, first row to write, forward batch size that keeps batches aligned).
+
+    ``keep(group)`` checks an existing store of this source before it is touched (it may refuse).
+    """
     if force or not store.exists(t.path):
         return store.create(t.path, prov, rows, chunk_rows, batch_size), 0, batch_size
     group = store.open_group(t.path, mode="r+")
     if not store.has_heldout(group):
         return _old_store(t, group, prov, rows)
     store.check_same_source(t.path, store.provenance(group), prov)
+    if keep is not None:
+        keep(group)
     prog = store.progress(group)
     if prog.rows_planned > rows:
         what = "holds" if prog.complete else "is an unfinished harvest of"
@@ -221,6 +307,47 @@ def _print_plan(work: list[tuple[_Target, Any, int]], rows: int, out_dir: Path) 
                         f"{free / 2**30:.1f} GiB free; use --tokens to harvest fewer")
 
 
+def _plan_stores(targets: list[_Target], cfg: HarvestConfig, rows: int, widths: dict, n_ctx: int,
+                 precision: str, made: dict, out_dir: Any, *, model_dir: str, weights_sha256: str,
+                 corpus_fingerprint: str, corpus: dict | None, heldout_fp: str | None) -> dict:
+    """Rank 0's part: open, create or grow each store and say which rows each pass writes."""
+    asked = cfg.precision
+    work: dict[tuple[int, str], list] = {}  # (batch size, precision) -> the stores computed so
+    for t in targets:
+        prov = store.Provenance(model_dir=str(model_dir), weights_sha256=weights_sha256, hook=t.hook,
+                                layer=t.layer, width=widths[t.hook], n_ctx=int(n_ctx),
+                                corpus_fingerprint=corpus_fingerprint, corpus=corpus,
+                                heldout_fingerprint=heldout_fp)
+        chunk_rows = cfg.chunk_rows or store.default_chunk_rows(prov.width)
+        kept: dict[str, str] = {}  # the precision an existing store was started with
+        group, start, stored_batch = _open_or_create(
+            t, prov, rows, chunk_rows, cfg.batch_size, cfg.force,
+            keep=lambda g: kept.setdefault("precision", _kept_precision(t, g, asked, precision)))
+        if start == rows:
+            print(f"harvest: {t.path} is complete ({rows:,} rows); nothing to do")
+            continue
+        if stored_batch != cfg.batch_size:
+            print(f"harvest: resuming {t.path} with its batch size {stored_batch} "
+                  f"(not {cfg.batch_size}) so its rows match an uninterrupted run")
+        prec = kept.get("precision", precision)
+        cfg = replace(cfg, device=made["device"], precision=prec)  # the config says how it ran
+        storage.write_json(t.path / CONFIG_FILE, to_dict(cfg))  # zarr ignores files it does not know
+        ranks.record_run(group, made, prec, start, rows)
+        work.setdefault((stored_batch, prec), []).append((t, group, start))
+    if not work:
+        return work
+    _print_plan([w for ws in work.values() for w in ws], rows, out_dir)
+    if len(work) > 1:
+        # Float sums depend on the batch shape, so one shared pass would change some stores' rows.
+        precisions = {p for _, p in work}
+        sizes = "; ".join(f"batch size {b}{f', {p}' if len(precisions) > 1 else ''}: "
+                          f"{', '.join(t.path.name for t, _, _ in ws)}" for (b, p), ws in work.items())
+        what = "batch sizes" if len(precisions) == 1 else "batch sizes or precisions"
+        print(f"harvest: the stores were started with different {what} ({sizes}); "
+              f"each gets its own pass over the corpus ({len(work)} passes)")
+    return work
+
+
 def harvest(bridge: Any, blocks: np.ndarray, out_dir: str | Path, cfg: HarvestConfig, *,
             model_dir: str, weights_sha256: str, corpus_fingerprint: str,
             corpus: dict | None = None, heldout: np.ndarray | None = None,
@@ -243,7 +370,7 @@ def harvest(bridge: Any, blocks: np.ndarray, out_dir: str | Path, cfg: HarvestCo
     if cfg.batch_size < 1:
         raise UserError(f"--batch-size {cfg.batch_size}: give a positive number of blocks")
     rows = min(blocks.size, cfg.tokens or blocks.size)
-    if cfg.tokens and cfg.tokens > blocks.size:
+    if cfg.tokens and cfg.tokens > blocks.size and distributed.is_main():
         print(f"harvest: the corpus has {blocks.size:,} tokens, fewer than --tokens {cfg.tokens:,}; "
               "harvesting all of them")
     n_layer = int(bridge.cfg.n_layers)
@@ -252,71 +379,134 @@ def harvest(bridge: Any, blocks: np.ndarray, out_dir: str | Path, cfg: HarvestCo
     targets = resolve_targets(cfg, bridge.hook_dict, n_layer, out_dir)
     hooks = [t.hook for t in targets]
     stop = stop_hook(targets)
-    widths = {h: int(a.shape[-1]) for h, a in _forward(bridge, blocks[:1], hooks, stop).items()}
+    device = model_device(bridge)
+    precision = resolve_precision(cfg.precision, device)
+    widths = {h: int(a.shape[-1]) for h, a in
+              _forward(bridge, blocks[:1], hooks, stop, device=device, precision=precision).items()}
 
     heldout_fp = mask_fingerprint(heldout)
-    work: dict[int, list] = {}  # forward batch size -> the stores whose rows were batched so
-    for t in targets:
-        prov = store.Provenance(model_dir=str(model_dir), weights_sha256=weights_sha256, hook=t.hook,
-                                layer=t.layer, width=widths[t.hook], n_ctx=int(n_ctx),
-                                corpus_fingerprint=corpus_fingerprint, corpus=corpus,
-                                heldout_fingerprint=heldout_fp)
-        chunk_rows = cfg.chunk_rows or store.default_chunk_rows(prov.width)
-        group, start, stored_batch = _open_or_create(t, prov, rows, chunk_rows, cfg.batch_size, cfg.force)
-        if start == rows:
-            print(f"harvest: {t.path} is complete ({rows:,} rows); nothing to do")
-            continue
-        if stored_batch != cfg.batch_size:
-            print(f"harvest: resuming {t.path} with its batch size {stored_batch} "
-                  f"(not {cfg.batch_size}) so its rows match an uninterrupted run")
-        storage.write_json(t.path / CONFIG_FILE, to_dict(cfg))  # zarr ignores files it does not know
-        work.setdefault(stored_batch, []).append((t, group, start))
+    distributed.check_same_everywhere("the harvest settings", {
+        "config": to_dict(cfg), "out": str(out_dir), "rows": rows, "n_ctx": int(n_ctx),
+        "precision": precision, "weights_sha256": weights_sha256,
+        "corpus_fingerprint": corpus_fingerprint, "heldout_fingerprint": heldout_fp})
+    made = {"world_size": distributed.world_size(), "device": str(device),
+            "device_name": distributed.device_name(device)}  # rank 0's; each rank's is in the runs
+    work = ranks.shared_plan(targets, lambda: _plan_stores(
+        targets, cfg, rows, widths, n_ctx, precision, made, out_dir, model_dir=model_dir,
+        weights_sha256=weights_sha256, corpus_fingerprint=corpus_fingerprint, corpus=corpus,
+        heldout_fp=heldout_fp))
     if not work:
         return [t.path for t in targets]
-    _print_plan([w for ws in work.values() for w in ws], rows, out_dir)
-    if len(work) > 1:
-        # Float sums depend on the batch shape, so one shared pass would change some stores' rows.
-        sizes = "; ".join(f"batch size {b}: {', '.join(t.path.name for t, _, _ in ws)}"
-                          for b, ws in work.items())
-        print(f"harvest: the stores were started with different batch sizes ({sizes}); "
-              f"each batch size gets its own pass over the corpus ({len(work)} passes)")
-    for batch_size, ws in work.items():
-        _stream(bridge, blocks, heldout, rows, ws, batch_size,
-                stop_hook([t for t, _, _ in ws]), progress)
+    for (batch_size, prec), ws in work.items():
+        shares = _stream(bridge, blocks, heldout, rows, ws, batch_size, prec,
+                         stop_hook([t for t, _, _ in ws]), progress, device)
+        shares = distributed.all_gather_objects(shares)
+        if distributed.is_main():
+            ranks.record_shares([group for _, group, _ in ws], shares)
     return [t.path for t in targets]
 
 
+def _kept_precision(t: _Target, group: Any, asked: str, precision: str) -> str:
+    """The precision a store's rows are computed in: the one it was started with, as batch size.
+
+    Mixing precisions in one store would give rows no single run computes. Stores from before
+    the attribute existed were all computed in fp32.
+    """
+    had = group.attrs.get("precision") or ("fp32" if store.progress(group).rows_written else None)
+    if had is None or had == precision:
+        return precision
+    if asked != "auto":
+        raise UserError(f"{t.path} was started with a {had} forward; run with --precision {had} "
+                        "(or auto) to continue it, or --force to harvest it again in "
+                        f"{precision}")
+    print(f"harvest: continuing {t.path} in {had}, the precision it was started with "
+          f"(not {precision}), so its rows match an uninterrupted run")
+    return had
+
+
 def _stream(bridge: Any, blocks: np.ndarray, heldout: np.ndarray | None, rows: int, work: list,
-            batch_size: int, stop: str | None, show: bool) -> None:
+            batch_size: int, precision: str, stop: str | None, show: bool,
+            device: torch.device) -> dict:
+    """Compute and write this rank's share of ``work``; returns what it did (for the record)."""
     n_ctx = blocks.shape[1]
+    world, me = distributed.world_size(), distributed.rank()
+    alone = world == 1
     first = min(start for _, _, start in work)
-    writers = [(t.hook, start, ChunkWriter(group, start, rows)) for t, group, start in work]
     batch_rows = batch_size * n_ctx
+    unit = ranks.work_unit([store.progress(group).chunk_rows for _, group, _ in work], batch_rows)
+    pieces = ranks.rank_pieces(first, rows, unit, batch_rows, me, world)
+    rounds = ranks.n_rounds(first, rows, unit, world)
+    valid = [store.progress(group).rows_written for _, group, _ in work]  # rank 0's record
+    # Alone, the writer records each chunk as it lands (as it always did); under torchrun only
+    # rank 0 records, and only rows every rank has finished.
+    writers = [(t.hook, start, ChunkWriter(group, start, rows, record_progress=alone))
+               for t, group, start in work]
     bar = tqdm(total=rows, initial=first, unit="tok", unit_scale=True, dynamic_ncols=True,
-               desc="harvest", disable=not show)
+               desc="harvest" if alone else f"harvest, {world} ranks",
+               disable=not (show and distributed.is_main()))
+    queued = [0] * len(writers)  # each writer's chunks queued by the end of the previous round
+    done = {"rank": me, "device": str(device), "forward_batches": 0, "rows": 0}
+
+    def end_round(j: int) -> None:
+        # Round j's chunks are queued; once every rank has round j-1's on disk, rank 0 records it.
+        for (_, _, writer), n in zip(writers, queued):
+            writer.wait_written(n)
+        queued[:] = [writer.queued for _, _, writer in writers]
+        distributed.barrier()
+        if distributed.is_main():
+            if j > 0:
+                upto = ranks.round_rows(j - 1, first, rows, unit, world)[1]
+                for i, (_, group, _) in enumerate(work):
+                    if upto > valid[i]:
+                        store.record_progress(group, upto, complete=False)
+                        valid[i] = upto
+            lo, hi = ranks.round_rows(j, first, rows, unit, world)
+            bar.update(hi - lo)
+
+    computed = _host_batches(bridge, blocks, sorted({b for _, b, _, _ in pieces}), batch_size,
+                             [h for h, _, _ in writers], stop, device, precision)
+    ended, have, acts = 0, None, {}
     try:
-        for b in range(first // batch_rows, -(-rows // batch_rows)):
-            lo, hi = b * batch_rows, min(rows, (b + 1) * batch_rows)
+        for rnd, b, lo, hi in pieces:
+            while not alone and ended < rnd:
+                end_round(ended)
+                ended += 1
+            if have != b:
+                have, acts = next(computed)
+                done["forward_batches"] += 1
+            base = b * batch_rows
             blk = blocks[b * batch_size:(b + 1) * batch_size]
-            acts = _forward(bridge, blk, [h for h, _, _ in writers], stop)
-            flat_tokens = blk.reshape(-1)[:hi - lo].astype(np.int32)
+            flat_tokens = blk.reshape(-1)[lo - base:hi - base].astype(np.int32)
             positions = (np.arange(lo, hi) % n_ctx).astype(np.int32)
             marks = (np.zeros(hi - lo, np.uint8) if heldout is None else
-                     (heldout[b * batch_size:(b + 1) * batch_size].reshape(-1)[:hi - lo] != 0)
-                     .astype(np.uint8))
+                     (heldout[b * batch_size:(b + 1) * batch_size].reshape(-1)[lo - base:hi - base]
+                      != 0).astype(np.uint8))
             for hook, start, writer in writers:
                 skip = max(0, start - lo)  # rows this store already holds
                 if skip >= hi - lo:
                     continue
-                a = acts[hook].reshape(-1, acts[hook].shape[-1])[skip:hi - lo]
-                writer.add(torch_to_bf16(a.to(torch.bfloat16)), flat_tokens[skip:], positions[skip:],
-                           marks[skip:])
-            bar.update(hi - max(lo, first))
+                if writer.row != lo + skip:
+                    writer.seek(lo + skip)  # the rows in between are another rank's
+                writer.add(acts[hook][lo + skip - base:hi - base], flat_tokens[skip:],
+                           positions[skip:], marks[skip:])
+            done["rows"] += hi - lo
+            if alone:
+                bar.update(hi - lo)
+        while not alone and ended < rounds:  # a rank with no unit in the last rounds still syncs
+            end_round(ended)
+            ended += 1
     except BaseException:
         for _, _, writer in writers:
             writer.abort()
         raise
     finally:
+        computed.close()
         bar.close()
     for _, _, writer in writers:
         writer.close()
+    if not alone:
+        distributed.barrier()  # every rank's last chunks are on disk
+        if distributed.is_main():
+            for _, group, _ in work:
+                store.record_progress(group, rows, complete=True)
+    return done

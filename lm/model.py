@@ -222,15 +222,15 @@ def load_model(model_dir: str | Path, *, attn_implementation: str = "eager"):
     return model.to("cpu").eval()
 
 
-def load_bridge(model_dir: str | Path):
+def load_bridge(model_dir: str | Path, device: str | torch.device = "cpu"):
     """A TransformerLens 4 ``TransformerBridge`` around the saved model (offline; hooks like
-    ``blocks.{L}.mlp.hook_post``)."""
+    ``blocks.{L}.mlp.hook_post``), its float32 weights on ``device``."""
     from transformer_lens.model_bridge import TransformerBridge
 
     path = resolve_model(model_dir)
     _check_model_dir(path)
     # The tokenizer comes from the files saved beside the weights, so no hub access.
-    return TransformerBridge.boot_transformers(str(path), device="cpu", dtype=torch.float32)
+    return TransformerBridge.boot_transformers(str(path), device=str(device), dtype=torch.float32)
 
 
 def _file_sha256(path: Path) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from unsuperpose import storage
+from unsuperpose import distributed, storage
 from unsuperpose.config import add_arguments, from_args, to_dict
 from unsuperpose.errors import UserError
 from unsuperpose.harvest import HarvestConfig, harvest
@@ -50,6 +50,7 @@ def _corpus(args: argparse.Namespace, info: dict) -> CorpusConfig:
 
 def run(args: argparse.Namespace) -> int:
     cfg = from_args(HarvestConfig, args)
+    placement = distributed.setup(cfg.device)  # under torchrun: joins the other ranks
     storage.check_access(args.out)  # a bucket that cannot be used fails before the model loads
     info = model_info(args.lm)
     n_ctx = args.n_ctx or info["n_ctx"]
@@ -57,12 +58,14 @@ def run(args: argparse.Namespace) -> int:
     corpus = _corpus(args, info)
     # The model's own tokenizer: its tag is in the corpus fingerprint and in the store's corpus record.
     tokenizer = model_tokenizer(args.lm)
-    blocks = token_blocks(corpus, n_ctx, split=cfg.split, cache_dir=args.cache_dir, tokenizer=tokenizer)
-    paths = harvest(load_bridge(args.lm), blocks.blocks, args.out, cfg,
+    # Rank 0 tokenises into the cache first; the other ranks then only read it.
+    blocks = distributed.main_first(lambda: token_blocks(corpus, n_ctx, split=cfg.split,
+                                                         cache_dir=args.cache_dir, tokenizer=tokenizer))
+    paths = harvest(load_bridge(args.lm, device=placement.device), blocks.blocks, args.out, cfg,
                     model_dir=info["path"], weights_sha256=info["weights_sha256"],
                     corpus_fingerprint=blocks.fingerprint,
                     corpus={**to_dict(corpus), "tokenizer": tokenizer.tag},
                     heldout=blocks.val_mask, progress=not args.no_progress)
-    for path in paths:
+    for path in paths if distributed.is_main() else []:
         print(f"harvest: wrote {path}")
     return 0
