@@ -23,7 +23,7 @@ from unsuperpose import distributed
 from unsuperpose.errors import UserError
 from unsuperpose.toy import ToyConfig, ToySource
 from unsuperpose.train import SAETrainConfig, new_state, train_steps
-from unsuperpose.train.checkpoint import load_checkpoint, save_checkpoint
+from unsuperpose.train.checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
 from unsuperpose.train.parallel import assign_sizes, plan
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
@@ -70,35 +70,52 @@ def test_sizes_are_dealt_largest_first_to_the_least_loaded_rank():
         plan([16, 32, 64], "grid", rank=0, world_size=4)
 
 
-def test_grid_split_over_two_processes_gives_one_process_bytes(tmp_path):
-    args = TOY + ["--steps", "150"]
-    solo = one_process(args, tmp_path / "solo")
-    assert solo.returncode == 0, solo.stderr
-    duo = two_processes(args, tmp_path / "duo")
+SHORT = TOY + ["--steps", "150"]
+LONG = TOY + ["--steps", "800", "--checkpoint-every", "100"]
+
+
+@pytest.fixture(scope="module")
+def solo(tmp_path_factory) -> Path:
+    """One process, one thread, the short run: what the two-process runs are compared with."""
+    out = tmp_path_factory.mktemp("solo") / "toy"
+    run = one_process(SHORT, out)
+    assert run.returncode == 0, run.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> Path:
+    """The long run, uninterrupted, in one process."""
+    out = tmp_path_factory.mktemp("straight") / "toy"
+    run = one_process(LONG, out)
+    assert run.returncode == 0, run.stderr
+    return out
+
+
+def test_grid_split_over_two_processes_gives_one_process_bytes(tmp_path, solo):
+    duo = two_processes(SHORT, tmp_path / "duo")
     assert duo.returncode == 0, duo.stderr
-    assert_same_bytes(tmp_path / "solo", tmp_path / "duo")
+    assert_same_bytes(solo, tmp_path / "duo")
     cfg = json.loads((tmp_path / "duo" / "train_config.json").read_text())
     assert cfg["world_size"] == 2 and cfg["parallel"] == "grid" and cfg["device"] == "cpu"
     # Each process really held only its share (read from its state): 64 on rank 0, the rest on 1.
     assert cfg["sizes_by_rank"] == [[64], [16, 32]]
-    assert json.loads((tmp_path / "solo" / "train_config.json").read_text())["world_size"] == 1
+    assert json.loads((solo / "train_config.json").read_text())["world_size"] == 1
     assert "rank 1: dictionary sizes [16, 32]" in duo.stdout
     assert duo.stdout.count("wrote ") == 1   # rank 0 alone reports
 
 
-def test_data_parallel_equals_one_process_within_float_tolerance(tmp_path):
-    args = TOY + ["--steps", "150"]
-    solo = one_process(args, tmp_path / "solo")
-    duo = two_processes(args + ["--parallel", "data"], tmp_path / "duo")
-    assert solo.returncode == 0 and duo.returncode == 0, duo.stderr
-    wa, wb = weights(tmp_path / "solo"), weights(tmp_path / "duo")
+def test_data_parallel_equals_one_process_within_float_tolerance(tmp_path, solo):
+    duo = two_processes(SHORT + ["--parallel", "data"], tmp_path / "duo")
+    assert duo.returncode == 0, duo.stderr
+    wa, wb = weights(solo), weights(tmp_path / "duo")
     for name in wa:
         for k in wa[name]:
             torch.testing.assert_close(wa[name][k], wb[name][k], rtol=1e-4, atol=1e-5)
     cfg = json.loads((tmp_path / "duo" / "train_config.json").read_text())
     assert cfg["parallel"] == "data" and cfg["sizes_by_rank"] == [[16, 32, 64], [16, 32, 64]]
     # Dead counters see the whole batch (firing summed over ranks), not one rank's half.
-    solo_rows = (tmp_path / "solo" / "summary.csv").read_text().splitlines()
+    solo_rows = (solo / "summary.csv").read_text().splitlines()
     duo_rows = (tmp_path / "duo" / "summary.csv").read_text().splitlines()
     dead = solo_rows[0].split(",").index("dead")
     assert [r.split(",")[dead] for r in solo_rows[1:]] == [r.split(",")[dead] for r in duo_rows[1:]]
@@ -110,34 +127,54 @@ def test_data_parallel_needs_a_batch_divisible_by_the_processes(tmp_path):
     assert run.returncode != 0 and "divisible" in run.stderr
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (torchrun starts its workers in sessions of their own, so
+    killing its process group would leave them running)."""
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            kids = [int(c) for t in os.listdir(f"/proc/{p}/task")
+                    for c in open(f"/proc/{p}/task/{t}/children").read().split()]
+        except OSError:
+            kids = []
+        found += kids
+        todo += kids
+    return found
+
+
 def _killed_after_first_checkpoint(cmd: list[str], out: Path) -> int:
-    """Start ``cmd``, SIGKILL its whole process group once a checkpoint is on disk; its step."""
+    """Start ``cmd``, SIGKILL it and every process below it once a checkpoint is on disk (as a
+    crash of the machine would); the checkpoint's step."""
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+                            text=True)
     state = out / "checkpoint" / "state.json"
     deadline = time.time() + 120
     while time.time() < deadline and not state.exists() and proc.poll() is None:
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
+    for pid in [proc.pid, *_descendants(proc.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     proc.wait(timeout=30)
-    assert state.exists(), proc.stderr.read()
-    return json.loads(state.read_text())["step"]
+    meta = read_checkpoint_meta(out / "checkpoint")   # finishes a swap the kill interrupted
+    assert meta is not None, proc.stderr.read()
+    return meta["step"]
 
 
 @pytest.mark.parametrize("first,then", [(2, 1), (1, 2)])
-def test_a_run_killed_under_one_world_size_resumes_under_another_bit_identically(tmp_path, first, then):
-    args = TOY + ["--steps", "2000", "--checkpoint-every", "100"]
+def test_a_run_killed_under_one_world_size_resumes_under_another_bit_identically(
+        tmp_path, straight, first, then):
     out = tmp_path / "resumed"
-    start = torchrun_cmd(args, out) if first == 2 else \
-        [sys.executable, "-m", "unsuperpose", *args, "--out", str(out)]
+    start = torchrun_cmd(LONG, out) if first == 2 else \
+        [sys.executable, "-m", "unsuperpose", *LONG, "--out", str(out)]
     step = _killed_after_first_checkpoint(start, out)
-    assert 0 < step < 2000
-    finish = two_processes(args, out) if then == 2 else one_process(args, out)
+    assert 0 < step < 800
+    finish = two_processes(LONG, out) if then == 2 else one_process(LONG, out)
     assert finish.returncode == 0, finish.stderr
-    assert "resuming from the checkpoint" in finish.stdout
-    straight = one_process(args, tmp_path / "straight")
-    assert straight.returncode == 0, straight.stderr
-    assert_same_bytes(out, tmp_path / "straight")
+    assert f"resuming from the checkpoint at step {step:,}" in finish.stdout
+    assert_same_bytes(out, straight)
 
 
 # -- devices: the device-agnostic code, run on the CPU here (and on a GPU when one is there) ------

@@ -35,17 +35,26 @@ def main(argv: list[str] | None = None) -> int:
     if distributed.launched_by_torchrun() and os.environ.get("RANK", "0") != "0":
         # Under torchrun rank 0 speaks for the job; the others print only their errors.
         sys.stdout = open(os.devnull, "w")
+    code = 1   # an exception that escapes below
     try:
-        result = args.func(args)
+        code = int(args.func(args) or 0)
     except UserError as exc:
         print(f"unsuperpose {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        code = 2
     except KeyboardInterrupt:
         print(f"\nunsuperpose {args.command}: interrupted; run the same command again to resume.", file=sys.stderr)
-        return 130
+        code = 130
     finally:
-        distributed.teardown()
-    return int(result or 0)
+        distributed.teardown(ok=code == 0)
+    if distributed.launched_by_torchrun():
+        # With everything written and the process group gone, leave without the interpreter's
+        # finalisation: there, gloo's worker threads still release tensors and now and then
+        # abort the process ("terminate called without an active exception", about 1 run in 30
+        # here, pytorch/pytorch#179291), which torchrun reports as a failed job.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -99,12 +99,15 @@ def setup(device: str | None = "auto") -> Placement:
     return Placement(dev, dist.get_rank(), dist.get_world_size(), local_rank)
 
 
-def teardown() -> None:
-    """Leave the process group together: a rank that closes its connections while a peer is
-    still reading the last message makes gloo abort that peer."""
+def teardown(ok: bool = True) -> None:
+    """Leave the process group. After success, together: a rank that closes its connections
+    while a peer is still reading the last message makes gloo abort that peer. After a failure,
+    at once: the others may be waiting in another collective, and torchrun stops them when this
+    rank exits."""
     if dist.is_available() and dist.is_initialized():
         try:
-            dist.barrier()
+            if ok:
+                dist.barrier()
         finally:
             dist.destroy_process_group()
 
