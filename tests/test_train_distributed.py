@@ -74,22 +74,23 @@ SHORT = TOY + ["--steps", "150"]
 LONG = TOY + ["--steps", "800", "--checkpoint-every", "100"]
 
 
+def _baseline(tmp_path_factory, args: list[str]) -> Path:
+    out = tmp_path_factory.mktemp("baseline") / "toy"
+    run = one_process(args, out)
+    assert run.returncode == 0, run.stderr
+    return out
+
+
 @pytest.fixture(scope="module")
 def solo(tmp_path_factory) -> Path:
     """One process, one thread, the short run: what the two-process runs are compared with."""
-    out = tmp_path_factory.mktemp("solo") / "toy"
-    run = one_process(SHORT, out)
-    assert run.returncode == 0, run.stderr
-    return out
+    return _baseline(tmp_path_factory, SHORT)
 
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory) -> Path:
     """The long run, uninterrupted, in one process."""
-    out = tmp_path_factory.mktemp("straight") / "toy"
-    run = one_process(LONG, out)
-    assert run.returncode == 0, run.stderr
-    return out
+    return _baseline(tmp_path_factory, LONG)
 
 
 def test_grid_split_over_two_processes_gives_one_process_bytes(tmp_path, solo):
