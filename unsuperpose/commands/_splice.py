@@ -135,7 +135,7 @@ def run_splice(args) -> int:
     result = splice_eval(bridge, hook, blocks, {k: (lambda x, s=s.to(device): s(x)[0]) for k, s in saes.items()},
                          mean=store_mean(store), batch_size=args.batch_size, progress=not args.no_progress,
                          device=device)
-    result.update(model_dir=str(model_dir), hook=hook, store=str(store.path), text=text,
+    result.update(model_dir=str(model_dir), hook=hook, store=str(store.path), text=text, device=str(device),
                   dictionaries={k: str(p) for k, p in zip(saes, sae_dirs)})
     out = args.out or (Path(args.dict_path) / "splice.json")
     write_json_atomic(out, result)
