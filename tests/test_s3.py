@@ -35,7 +35,9 @@ from unsuperpose.harvest import ActivationStore  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-HARVEST = ["--layer", "1", "--tokens", "640", "--chunk-rows", "64", "--batch-size", "2", "--no-progress"]
+# The CPU even where a GPU is visible: "auto" would harvest there in bf16, other bytes.
+HARVEST = ["--layer", "1", "--tokens", "640", "--chunk-rows", "64", "--batch-size", "2", "--no-progress",
+           "--device", "cpu"]
 TRAIN = ["--dict", "1x", "--l1", "1e-3,1e-2", "--steps", "30", "--batch-size", "64", "--log-every", "10",
          "--splice-tokens", "0", "--wandb", "disabled", "--no-progress"]
 
@@ -303,3 +305,22 @@ def test_a_larger_token_cap_appends_to_a_store_on_s3(tiny_lm_dir, s3, local_stor
     for key in straight:
         if key != "zarr.json":
             assert grown[key] == straight[key], key
+
+
+def test_two_torchrun_ranks_write_one_store_on_s3_equal_to_one_local_process(tiny_lm_dir, s3, local_store):
+    """Rank 0 creates the store and records progress, both ranks write their own chunks: nothing
+    in the storage layer may assume one process (no cached listings, no local-only paths)."""
+    url = f"{s3}/acts/tiny"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "unsuperpose", "harvest", "--lm", str(tiny_lm_dir), "--out", url, *HARVEST]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "rank 1 (cpu) ran" in done.stdout
+    two, one = tree(f"{url}/layer1.zarr"), tree(local_store)
+    assert sorted(two) == sorted(one)
+    for key in one:
+        if key != "zarr.json":
+            assert two[key] == one[key], key
+    attrs = json.loads(two["zarr.json"])["attributes"]
+    assert attrs["world_size"] == 2 and attrs["complete"] and attrs["rows_written"] == 640
