@@ -52,7 +52,9 @@ def ground_truth_callback(ground_truth: torch.Tensor):
     def fn(step: int, dicts: dict[Key, torch.Tensor]) -> dict[Key, dict[str, float]]:
         out = {}
         for k, d in dicts.items():
-            truth = on.setdefault(d.device, ground_truth.to(d.device))
+            if d.device not in on:
+                on[d.device] = ground_truth.to(d.device)
+            truth = on[d.device]
             out[k] = {"mmcs": mmcs(truth, d)}
         return out
     return fn

@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 
 TOY = ["toy", "--h", "64", "--G", "128", "--dict-ratios", "1/2x,1x,2x,4x", "--l1", "1e-4,3e-4,1e-3",
        "--steps", "600", "--batch-size", "256", "--log-every", "100", "--eval-every", "300",
-       "--no-progress", "--wandb", "disabled"]
+       "--no-progress", "--wandb", "disabled", "--device", "cpu"]   # CPU processes (gloo), also on a GPU machine
 
 
 def _run(cmd: list[str], env: dict) -> tuple[float, subprocess.CompletedProcess]:

@@ -9,6 +9,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from unsuperpose.distributed import with_index
 from unsuperpose.toy.config import ToyConfig
 from unsuperpose.toy.sampling import feature_probabilities, random_groups, sample_codes, unit_features
 
@@ -30,11 +31,12 @@ class ToySource:
     seed (config seed, stream seed, i), so a stream can restart at any batch in O(1) — that is
     what lets a training run resume exactly.
 
-    ``device``: where batches are drawn (with that device's generator) and delivered. The ground
-    truth (features, probabilities, groups) is always drawn on the CPU, so it is the same on
-    every device; the batches of a GPU are not the CPU's (another generator), which ``describe``
-    records as part of the data's identity. ``rng_device="cpu"`` draws the CPU's very batches
-    and moves them, for comparing a GPU run with a CPU run of the same seed.
+    ``device``: where the data is used. Batches are drawn with the generator of ``rng_device``
+    (default: ``device``) and yielded there; the trainer moves them. The ground truth (features,
+    probabilities, groups) is always drawn on the CPU, so it is the same on every device; a
+    GPU's batches are not the CPU's (another generator), which ``describe`` records as part of
+    the data's identity. ``rng_device="cpu"`` draws the CPU's very batches for a GPU run, to
+    compare it with a CPU run of the same seed.
     """
 
     def __init__(self, config: ToyConfig | None = None, *, device: torch.device | str = "cpu",
@@ -45,8 +47,8 @@ class ToySource:
         self.features = unit_features(c.G, c.h, gen)
         self.probs = feature_probabilities(c.G, c.k, c.decay)
         self.groups = random_groups(c.G, c.group_size, gen)
-        self.device = torch.device(device)
-        self.rng_device = torch.device(rng_device) if rng_device is not None else self.device
+        self.device = with_index(device)
+        self.rng_device = with_index(rng_device) if rng_device is not None else self.device
         self._n_groups = int(self.groups.max()) + 1
         on = self.rng_device
         self._features, self._probs, self._groups = (t.to(on) for t in
@@ -57,19 +59,22 @@ class ToySource:
         return self.config.h
 
     def _make(self, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """On the generator's device: drawn on the CPU for a GPU run, the trainer copies them
+        over asynchronously through pinned memory (a plain ``.to`` here would wait for it)."""
         codes = sample_codes(n, self._probs, self._groups, self.config.correlation, gen,
                              self._n_groups)
         x = codes @ self._features
         if self.config.noise > 0:
             x += self.config.noise * torch.randn(x.shape, generator=gen, device=gen.device)
-        return x.to(self.device), codes.to(self.device)
+        return x, codes
 
     def _gen(self, *key: int) -> torch.Generator:
         return _generator(self.config.seed, *key, device=self.rng_device)
 
     def sample(self, n: int, *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """``n`` fresh samples (x: n x h, codes: n x G) from a stream apart from training's."""
-        return self._make(n, self._gen(_STREAM_SAMPLE, seed))
+        x, codes = self._make(n, self._gen(_STREAM_SAMPLE, seed))
+        return x.to(self.device), codes.to(self.device)
 
     def batches(self, batch_size: int, *, seed: int = 0, start: int = 0) -> Iterator[torch.Tensor]:
         """Endless float32 (batch_size, h) batches; ``start`` skips that many at no cost."""
@@ -99,7 +104,9 @@ class ToySource:
     def describe(self) -> dict:
         """What the data is; ``fingerprint`` identifies it for resuming and merging runs."""
         info = {"kind": "toy", **vars(self.config)}
-        if self.rng_device.type != "cpu":   # another generator, other batches (CPU runs: unchanged)
-            info["rng"] = self.rng_device.type
+        if self.rng_device.type == "cuda":   # another generator, other batches (CPU runs: unchanged)
+            # CUDA's random streams depend on the GPU's multiprocessor count, so name the model.
+            props = torch.cuda.get_device_properties(self.rng_device)
+            info["rng"] = f"cuda:{props.name}:{props.multi_processor_count}SM"
         digest = hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()
         return {**info, "fingerprint": digest}

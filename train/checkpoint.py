@@ -23,7 +23,8 @@ import signal
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from unsuperpose import distributed
 from unsuperpose.config import from_dict, to_dict, write_json_atomic
@@ -36,6 +37,7 @@ CHECKPOINT_DIR = "checkpoint"
 # Not the budget (steps): the resampling schedule follows it, and a run asked for 5,000 steps
 # is not the run that was planned for 10,000.
 MAY_CHANGE = {"log_every", "eval_rows"}
+STOP_CHECK_EVERY = 10   # steps between the ranks' agreement on a stop request (torchrun only)
 
 
 class CheckpointMismatch(ValueError):
@@ -178,7 +180,12 @@ def load_checkpoint(state, directory: str | Path, source_info: dict | None = Non
     if meta is None:
         raise FileNotFoundError(f"no checkpoint in {directory}")
     check_compatible(meta, state.config, state.d, source_info)
-    tensors = load_file(str(Path(directory) / "state.safetensors"))
+    # Each rank reads only its share (eight ranks on a node would otherwise hold eight copies).
+    wanted = {f"group{gid}." for gid in state.group_ids} | \
+        {f"adam.{pid}." for pid in _global_param_ids(state)}
+    with safe_open(str(Path(directory) / "state.safetensors"), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()
+                   if k.startswith(tuple(wanted))}
     restore(state, tensors, int(meta["step"]), meta["history"], meta["param_groups"])
 
 
@@ -269,10 +276,12 @@ class Checkpointer:
     def __call__(self, state) -> None:
         stop = self.stop_requested
         if distributed.world_size() > 1:
-            # torchrun signals every rank, but each notices at its own step; they agree at log
-            # steps (a collective every step would cost a host sync), so all stop at the same one.
-            at_log_step = state.step % state.config.log_every == 0 or state.step == state.config.steps
-            stop = parallel.any_rank(stop) if at_log_step else False
+            # torchrun signals every rank, but each notices at its own step; they agree which
+            # step to stop at, so all stop at the same one.
+            # torchrun sends SIGKILL 30 s after SIGTERM, so they agree every few steps, through
+            # gloo on the host (no wait on the GPU).
+            due = state.step % STOP_CHECK_EVERY == 0 or state.step == state.config.steps
+            stop = parallel.any_rank(stop) if due else False
         if stop or (self.every and state.step % self.every == 0):
             # The loss is checked only at log steps; a checkpoint must never keep a NaN as the
             # "last good" state, whatever the two intervals are.

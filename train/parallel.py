@@ -97,15 +97,12 @@ def local_rows(x: torch.Tensor, sharding: Sharding) -> torch.Tensor:
 
 
 def average_gradients(params: list[torch.Tensor], world_size: int) -> None:
-    """Mean of every rank's gradients, in place: one flat all-reduce (few, large messages)."""
+    """Mean of every rank's gradients, in place, tensor by tensor: no second copy of all the
+    gradients, which for the grids data parallelism is for would be the memory it saves."""
     grads = [p.grad for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat.div_(world_size)
-    offset = 0
     for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
+        dist.all_reduce(g)
+        g.div_(world_size)
 
 
 def gather_to_main(obj):

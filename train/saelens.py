@@ -25,9 +25,9 @@ def export_saelens(sae: SAE, directory: str | Path, *, metadata: dict | None = N
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
-        tensors = {"W_enc": sae.encoder_weight().detach().float().contiguous(),
-                   "b_enc": sae.b_enc.detach().float().contiguous(),
-                   "W_dec": sae.dictionary().detach().float().contiguous(),
+        tensors = {"W_enc": sae.encoder_weight().detach().float().cpu().contiguous(),
+                   "b_enc": sae.b_enc.detach().float().cpu().contiguous(),
+                   "W_dec": sae.dictionary().detach().float().cpu().contiguous(),
                    "b_dec": torch.zeros(sae.d_in)}
     save_file(tensors, str(directory / WEIGHTS))
     write_json_atomic(directory / CONFIG, {

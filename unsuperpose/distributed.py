@@ -56,11 +56,17 @@ def barrier() -> None:
         dist.barrier()
 
 
-def resolve_device(requested: str | None = "auto", local_rank: int = 0) -> torch.device:
-    """``auto`` -> this rank's GPU when CUDA is usable, else the CPU; anything else is checked."""
+def resolve_device(requested: str | None = "auto", local_rank: int = 0,
+                   local_world_size: int = 1) -> torch.device:
+    """``auto`` -> this rank's GPU when CUDA is usable, else the CPU; anything else is checked.
+
+    Under torchrun a process takes the GPU of its local rank; where a scheduler shows each
+    process one GPU of its own (CUDA_VISIBLE_DEVICES), that is GPU 0. The result always has an
+    index: ``torch.device("cuda") != torch.device("cuda", 0)``.
+    """
     requested = (requested or "auto").strip()
     if requested == "auto":
-        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(requested)
     except RuntimeError:
@@ -69,13 +75,28 @@ def resolve_device(requested: str | None = "auto", local_rank: int = 0) -> torch
         if not torch.cuda.is_available():
             raise UserError(f"--device {requested}: this machine has no usable CUDA GPU "
                             "(torch.cuda.is_available() is False); use --device cpu")
-        index = local_rank if dev.index is None else dev.index
-        if index >= torch.cuda.device_count():
-            raise UserError(f"--device {requested}: only {torch.cuda.device_count()} GPU(s) visible")
+        count = torch.cuda.device_count()
+        if dev.index is not None and local_world_size > 1:
+            raise UserError(f"--device {requested} under torchrun would put all {local_world_size} "
+                            "processes of this node on one GPU; give --device cuda (each takes the "
+                            "GPU of its local rank)")
+        index = dev.index if dev.index is not None else (0 if count == 1 else local_rank)
+        if index >= count:
+            raise UserError(f"--device {requested}: this process (local rank {local_rank}) needs GPU "
+                            f"{index}, but only {count} GPU(s) are visible; start at most {count} "
+                            "processes per node (--nproc_per_node), or use --device cpu")
         return torch.device("cuda", index)
     if dev.type != "cpu":
         raise UserError(f"--device {requested}: only cpu and cuda are supported")
     return dev
+
+
+def with_index(device: torch.device | str) -> torch.device:
+    """``cuda`` as the GPU it means now (``cuda:K``), so that device comparisons hold."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def device_name(device: torch.device) -> str:
@@ -84,18 +105,28 @@ def device_name(device: torch.device) -> str:
     return "cpu"
 
 
+_PATIENT: list = []   # the gloo group for waiting on rank 0 (see setup)
+
+
 def setup(device: str | None = "auto") -> Placement:
-    """Join torchrun's process group when launched by it (once), and pick this rank's device."""
+    """Join torchrun's process group when launched by it (once), and pick this rank's device.
+
+    On GPUs the group has two backends: NCCL for tensors on the GPU, gloo for the CPU. Object
+    collectives (gathering checkpoints, log records, plans) then go through gloo in host memory,
+    never through GPU memory (NCCL's object gather pads every rank's share on rank 0's GPU).
+    A second gloo group with a long timeout serves the waits for rank 0's work alone (building a
+    token cache, scoring and saving a grid), which may take longer than any collective should.
+    """
     if not launched_by_torchrun():
         return Placement(resolve_device(device), 0, 1, 0)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    dev = resolve_device(device, local_rank)
+    dev = resolve_device(device, local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     if not dist.is_initialized():
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-        # A long harvest or evaluation on rank 0 alone must not trip the default 10-minute timeout.
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
+        dist.init_process_group("cpu:gloo,cuda:nccl" if dev.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(hours=2))
+        _PATIENT[:] = [dist.new_group(backend="gloo", timeout=datetime.timedelta(days=2))]
     return Placement(dev, dist.get_rank(), dist.get_world_size(), local_rank)
 
 
@@ -104,12 +135,15 @@ def teardown(ok: bool = True) -> None:
     while a peer is still reading the last message makes gloo abort that peer. After a failure,
     at once: the others may be waiting in another collective, and torchrun stops them when this
     rank exits."""
-    if dist.is_available() and dist.is_initialized():
-        try:
-            if ok:
-                dist.barrier()
-        finally:
-            dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if not ok:   # the process leaves at once; destroying NCCL with a collective pending can block
+        return
+    try:
+        dist.barrier(group=_PATIENT[0] if _PATIENT else None)
+    finally:
+        _PATIENT.clear()
+        dist.destroy_process_group()
 
 
 def broadcast_object(obj, src: int = 0):
@@ -117,7 +151,8 @@ def broadcast_object(obj, src: int = 0):
     if world_size() == 1:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    # Patient: the others may be waiting for rank 0's long work alone.
+    dist.broadcast_object_list(box, src=src, group=_PATIENT[0] if _PATIENT else None)
     return box[0]
 
 
