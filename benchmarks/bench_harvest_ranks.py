@@ -58,6 +58,7 @@ def child(model: str, out: str, tokens: int, device: str, precision: str) -> Non
         print("RESULT " + json.dumps({"seconds": seconds, "tokens": int(blocks.size),
                                       "threads": torch.get_num_threads(), **place.describe()}))
     distributed.teardown()
+    distributed.leave(0)
 
 
 def timed(model: Path, out: Path, tokens: int, *, procs: int = 1, device: str = "cpu",

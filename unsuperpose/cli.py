@@ -46,14 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         code = 130
     finally:
         distributed.teardown(ok=code == 0)
-    if distributed.launched_by_torchrun():
-        # With everything written and the process group gone, leave without the interpreter's
-        # finalisation: there, gloo's worker threads still release tensors and now and then
-        # abort the process ("terminate called without an active exception", about 1 run in 30
-        # here, pytorch/pytorch#179291), which torchrun reports as a failed job.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+    distributed.leave(code)
     return code
 
 
