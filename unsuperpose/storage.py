@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
-from unsuperpose.config import write_json_atomic, write_text_atomic
+from unsuperpose.config import _json_default, write_json_atomic, write_text_atomic
 from unsuperpose.errors import UserError
 
 INSTALL_HINT = "pip install 'unsuperpose[s3]'"
@@ -249,7 +249,8 @@ def write_json(loc: Location, data: Any) -> None:
     if not is_remote(loc):
         write_json_atomic(loc, data)
         return
-    write_text(loc, json.dumps(data, indent=2, sort_keys=False) + "\n")
+    # write_json_atomic's own encoding (numpy scalars, paths), so the bytes match locally.
+    write_text(loc, json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
 
 
 def free_bytes(loc: Location) -> int | None:
@@ -278,3 +279,32 @@ def open_zarr_group(loc: Location, mode: str = "r", **kw: Any) -> Any:
     if is_remote(loc):
         return _call(loc, zarr.open_group, store, mode=mode, **kw)
     return zarr.open_group(store, mode=mode, **kw)
+
+
+# -- whole folders, for run folders worked on in a local mirror ------------------------------
+
+def upload_tree(local: Path, remote: ObjectPath, files: list[str] | None = None) -> None:
+    """Copy ``files`` (paths relative to ``local``; default: every file there) to the same
+    names under ``remote``, replacing what is there.
+
+    One list-to-list ``put`` rather than a recursive one: fsspec's recursive copy nests the
+    source folder's own name under the target when the target already exists, and s3fs sends
+    a list of files concurrently anyway.
+    """
+    local = Path(local)
+    files = list_files(local) if files is None else list(files)
+    if not files:
+        return
+    fs = _filesystem(remote)
+    _call(remote, fs.put, [str(local / f) for f in files], [(remote / f).key for f in files])
+
+
+def download_tree(remote: ObjectPath, local: Path) -> None:
+    """Copy every file under ``remote`` to the same names under the local folder ``local``."""
+    files = list_files(remote)
+    local = Path(local)
+    for f in files:
+        (local / f).parent.mkdir(parents=True, exist_ok=True)
+    if files:
+        fs = _filesystem(remote)
+        _call(remote, fs.get, [(remote / f).key for f in files], [str(local / f) for f in files])

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
+import os
 import shutil
 from pathlib import Path
 
 import torch
 
-from unsuperpose import distributed
+from unsuperpose import distributed, storage
 from unsuperpose.analyze import grid_figures, score_grid
 from unsuperpose.config import add_arguments, to_dict
 from unsuperpose.errors import UserError
@@ -113,13 +115,15 @@ def _finished_differences(out: Path, cfg: SAETrainConfig, source_info: dict) -> 
 
 
 def _prepare(out: Path, cfg: SAETrainConfig, source, source_info: dict, force: bool,
-             placement: distributed.Placement, sharding: parallel.Sharding):
+             placement: distributed.Placement, sharding: parallel.Sharding, shown=None):
     """A fresh or resumed state, or the rows of a finished identical run (then nothing to do).
 
     A run is identified by its settings, its data (the source's fingerprint) and its budget:
     a checkpoint or a finished grid made otherwise is never resumed or passed off as this run.
-    Rank 0 alone changes files here; the other ranks read them after it.
+    Rank 0 alone changes files here; the other ranks read them after it. ``shown``: what the
+    messages call ``out`` (the URL of a run worked on in a local mirror).
     """
+    shown = out if shown is None else shown
     ckpt = out / CHECKPOINT_DIR
     if distributed.is_main():
         if force:
@@ -130,7 +134,7 @@ def _prepare(out: Path, cfg: SAETrainConfig, source, source_info: dict, force: b
     finished = (out / "summary.csv").exists() and (out / "train_config.json").exists()
     # Across nodes every rank must see rank 0's --out (it resumes from the checkpoint there).
     distributed.check_same_everywhere(
-        f"what {out} holds (every node must see the same --out folder)",
+        f"what {shown} holds (every node must see the same --out folder)",
         (None if meta is None else meta["step"], finished))
     if force:
         meta = None
@@ -138,16 +142,16 @@ def _prepare(out: Path, cfg: SAETrainConfig, source, source_info: dict, force: b
         try:
             check_compatible(meta, cfg, int(source.d), source_info)
         except CheckpointMismatch as exc:
-            raise UserError(f"{out} holds an unfinished run made otherwise ({exc}); rerun with "
+            raise UserError(f"{shown} holds an unfinished run made otherwise ({exc}); rerun with "
                             "its settings and data to resume it, choose another --out, or add "
                             "--force to start over") from None
     elif finished:
         problems = _finished_differences(out, cfg, source_info)
         if not problems:
-            print(f"{out} already holds this grid (same settings, data and budget), finished; "
+            print(f"{shown} already holds this grid (same settings, data and budget), finished; "
                   "add --force to train it again")
             return None, read_summary(out / "summary.csv")
-        raise UserError(f"{out} holds a finished grid made otherwise: {'; '.join(problems)}. "
+        raise UserError(f"{shown} holds a finished grid made otherwise: {'; '.join(problems)}. "
                         "Choose another --out, or add --force to replace it")
     state = new_state(source, cfg, device=placement.device, sharding=sharding)
     if meta is not None:
@@ -174,12 +178,119 @@ def _describe_split(sharding: parallel.Sharding, cfg: SAETrainConfig,
         print(f"rank {r}: dictionary sizes {mine} ({len(mine) * len(cfg.l1)} SAEs)")
 
 
-def train_and_save(source, cfg: SAETrainConfig, out: Path, *, size_labels: dict[int, str],
+def check_run_folder(out) -> None:
+    """Before any work: one clear error if a run folder on object storage cannot be used."""
+    if not storage.is_remote(out):
+        return
+    world = os.environ.get("WORLD_SIZE", "1")
+    if distributed.launched_by_torchrun() and os.environ.get("LOCAL_WORLD_SIZE", world) != world:
+        # Rank 0 downloads the run into its node's mirror; ranks on other nodes would not see it.
+        raise UserError(f"--out {out} is on object storage, which a run over several nodes "
+                        "cannot share (only rank 0's node would see the downloaded run); give a "
+                        "folder on a filesystem every node mounts")
+    storage.check_access(out)
+
+
+class RunMirror:
+    """A run folder on object storage, worked on in a local folder and copied up to its URL.
+
+    Training writes plain files (safetensors, renames that make checkpoints atomic, W&B's own
+    files), so a run whose --out is a URL works in ``$UNSUPERPOSE_CACHE/runs-mirror/<hash of
+    the URL>``, started from what the URL holds, and copies it up after every checkpoint (a
+    killed run resumes from the URL on any machine) and at the end. Rank 0 alone copies; the
+    ranks of one node share the mirror.
+    """
+
+    def __init__(self, url: storage.ObjectPath):
+        self.url = url
+        root = Path(os.environ.get("UNSUPERPOSE_CACHE", "runs/cache"))
+        self.folder = root / "runs-mirror" / hashlib.sha256(str(url).encode()).hexdigest()[:16]
+        self._uploaded = None  # the checkpoint last copied up (its state.json's inode, mtime)
+
+    def _holds_run(self) -> bool:
+        return storage.exists(self.url / CHECKPOINT_DIR) or (
+            storage.exists(self.url / "summary.csv") and storage.exists(self.url / "train_config.json"))
+
+    def pull(self, force: bool = False) -> None:
+        """The mirror becomes what the URL holds: its run, or nothing (a stale mirror is replaced,
+        so the identity checks judge the URL's run, never an older local copy). ``force``: the
+        URL's checkpoint goes now, as --force deletes a local one before training."""
+        if distributed.is_main():
+            shutil.rmtree(self.folder, ignore_errors=True)
+            if force:
+                storage.remove_tree(self.url / CHECKPOINT_DIR, first="state.json")
+            if self._holds_run():
+                print(f"{self.url} holds a run: downloading it to compare with this one")
+                storage.download_tree(self.url, self.folder)
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self._uploaded = self._checkpoint_stamp()
+        distributed.barrier()
+
+    def _checkpoint_stamp(self):
+        try:
+            st = (self.folder / CHECKPOINT_DIR / "state.json").stat()
+        except FileNotFoundError:
+            return None
+        return st.st_ino, st.st_mtime_ns
+
+    def _files(self) -> list[str]:
+        # checkpoint.tmp / checkpoint.old are a local save in progress, never copied up.
+        return [f for f in storage.list_files(self.folder)
+                if not f.split("/", 1)[0].startswith(CHECKPOINT_DIR + ".")]
+
+    def after_step(self) -> None:
+        """Rank 0, after the Checkpointer's turn: copy a checkpoint just written up, with the files
+        beside it. Its state.json is deleted first and copied last, so a copy cut short leaves
+        a checkpoint without state.json (not resumed; the run starts over), never new weights
+        under an old step."""
+        stamp = self._checkpoint_stamp()
+        if stamp is None or stamp == self._uploaded:
+            return
+        meta = f"{CHECKPOINT_DIR}/state.json"
+        storage.remove_tree(self.url / meta)
+        storage.upload_tree(self.folder, self.url, [f for f in self._files() if f != meta])
+        storage.upload_tree(self.folder, self.url, [meta])
+        self._uploaded = stamp
+
+    def push(self) -> None:
+        """Rank 0, at the end: the whole run up; then the URL's checkpoint goes, as a local run's
+        does (state.json first, so a removal cut short is not taken for a checkpoint)."""
+        storage.upload_tree(self.folder, self.url, self._files())
+        storage.remove_tree(self.url / CHECKPOINT_DIR, first="state.json")
+
+
+def _copying_up(checkpointer: Checkpointer, mirror: RunMirror):
+    """``checkpointer`` as ``on_step``, then each checkpoint it wrote copied up (rank 0)."""
+    def on_step(state) -> None:
+        try:
+            checkpointer(state)
+        finally:  # a stop request saves, then raises: that checkpoint is copied up too
+            mirror.after_step()
+    return on_step
+
+
+def train_and_save(source, cfg: SAETrainConfig, out, **kw) -> list[dict]:
+    """Train the grid into ``out``, a folder or an object-store URL (see RunMirror); the
+    arguments are ``_train_and_save``'s."""
+    if not storage.is_remote(out):
+        return _train_and_save(source, cfg, out, **kw)
+    check_run_folder(out)
+    mirror = RunMirror(out)
+    mirror.pull(force=kw.get("force", False))
+    rows = _train_and_save(source, cfg, mirror.folder, mirror=mirror, **kw)
+    # Everything is on the URL now; the next run downloads it again, so the copy can go.
+    distributed.barrier()
+    if distributed.is_main():
+        shutil.rmtree(mirror.folder, ignore_errors=True)
+    return rows
+
+
+def _train_and_save(source, cfg: SAETrainConfig, out: Path, *, size_labels: dict[int, str],
                    size_base: int, size_axis: str, ground_truth=None, callbacks: list[Callback] = (),
                    wandb_mode: str | None = None, progress: bool = True, run_name: str,
                    source_info: dict, checkpoint_every: int = 1000, force: bool = False,
                    export=None, more_scores=None, placement: distributed.Placement | None = None,
-                   parallel_mode: str = "grid") -> list[dict]:
+                   parallel_mode: str = "grid", mirror: RunMirror | None = None) -> list[dict]:
     """Train the grid (resuming a checkpoint if there is one), score it (with ground truth if
     given), save SAEs, summary and figures; ``export(state, out)`` may write more formats and
     ``more_scores(state)`` add columns per SAE ({(l1, n): {column: value}}, e.g. the spliced-in
@@ -197,7 +308,8 @@ def train_and_save(source, cfg: SAETrainConfig, out: Path, *, size_labels: dict[
         torch.backends.cudnn.allow_tf32 = cfg.tf32
     run_info = {**placement.describe(), **sharding.describe()}
     out.mkdir(parents=True, exist_ok=True)
-    state, done = _prepare(out, cfg, source, source_info, force, placement, sharding)
+    shown = out if mirror is None else mirror.url  # what messages call the run folder
+    state, done = _prepare(out, cfg, source, source_info, force, placement, sharding, shown=shown)
     if done is not None:
         return done
     _describe_split(sharding, cfg, placement)
@@ -214,11 +326,13 @@ def train_and_save(source, cfg: SAETrainConfig, out: Path, *, size_labels: dict[
             run_id_file.write_text(tracker.run_id)
         try:
             with Checkpointer(out / CHECKPOINT_DIR, checkpoint_every) as checkpointer:
-                train_steps(state, source, callbacks=callbacks, progress=progress, on_step=checkpointer,
+                on_step = checkpointer if mirror is None or not main else \
+                    _copying_up(checkpointer, mirror)
+                train_steps(state, source, callbacks=callbacks, progress=progress, on_step=on_step,
                             on_log=lambda row: tracker.log(row, step=row["step"]))
         except NonFiniteLoss as exc:
             kept = read_checkpoint_meta(out / CHECKPOINT_DIR)
-            where = f"the last good checkpoint (step {kept['step']:,}) is kept in {out / CHECKPOINT_DIR}" \
+            where = f"the last good checkpoint (step {kept['step']:,}) is kept in {shown / CHECKPOINT_DIR}" \
                 if kept else "no checkpoint had been written yet"
             raise UserError(f"{exc}; {where}") from None
         state = whole_state(state, source)
@@ -244,4 +358,6 @@ def train_and_save(source, cfg: SAETrainConfig, out: Path, *, size_labels: dict[
     # The dictionaries and summary are written; the checkpoint's weights and Adam state would only
     # take disk space (3x the dictionaries).
     shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
+    if mirror is not None:
+        mirror.push()
     return distributed.broadcast_object(rows)

@@ -6,11 +6,12 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from unsuperpose import distributed
+from unsuperpose import distributed, storage
 from unsuperpose.analyze import ground_truth_callback
 from unsuperpose.analyze.diagnostics import diagnose, diagnosis_record
-from unsuperpose.commands._grid import add_run_arguments, add_sae_arguments, sae_config, train_and_save
-from unsuperpose.config import add_arguments, from_args, write_json_atomic
+from unsuperpose.commands._grid import (add_run_arguments, add_sae_arguments, check_run_folder,
+                                        sae_config, train_and_save)
+from unsuperpose.config import add_arguments, from_args
 from unsuperpose.errors import UserError
 from unsuperpose.toy import ToyConfig, ToySource
 from unsuperpose.train import Callback, SAETrainConfig
@@ -37,7 +38,9 @@ TOY_DEAD_WINDOW = 100
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("toy", help="train SAE grids on toy data with known ground truth",
                        description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path("runs/toy"), help="output folder")
+    p.add_argument("--out", type=storage.location, default=Path("runs/toy"),
+                   help="output folder, or s3://bucket/prefix (the run works in a local mirror "
+                   "copied up after every checkpoint and at the end)")
     p.add_argument("--grid", choices=["default", "paper"], default="default",
                    help=f"'default': L1 {DEFAULT_L1} (sum convention) x {DEFAULT_DICT} for "
                    f"{DEFAULT_STEPS} steps; 'paper': the report's 17 L1 values (per-latent) x "
@@ -77,9 +80,9 @@ def toy_diagnosis(rows: list[dict], G: int) -> dict:
     return diagnosis_record(diag, G, "G (ground-truth features)")
 
 
-def write_diagnosis(rows: list[dict], G: int, path: Path) -> dict:
+def write_diagnosis(rows: list[dict], G: int, path: storage.Location) -> dict:
     record = toy_diagnosis(rows, G)
-    write_json_atomic(path, record)
+    storage.write_json(path, record)  # into the run folder, local or on object storage
     return record
 
 
@@ -95,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
                              default_dict=default_dict, bare="ratio")
     if args.eval_every < 1:
         raise UserError("--eval-every must be >= 1")
+    check_run_folder(args.out)
     placement = distributed.setup(args.device)
     source = ToySource(toy, device=placement.device,
                        rng_device="cpu" if args.data_rng == "cpu" else placement.device)

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from unsuperpose import storage
 from unsuperpose import distributed
-from unsuperpose.commands._grid import add_run_arguments, add_sae_arguments, sae_config, train_and_save
+from unsuperpose.commands._grid import (add_run_arguments, add_sae_arguments, check_run_folder,
+                                        sae_config, train_and_save)
 from unsuperpose.errors import UserError
 from unsuperpose.harvest import ActivationStore
 from unsuperpose.train import SAETrainConfig
@@ -31,8 +32,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--store", type=storage.location, required=True,
                    help="a store written by `unsuperpose harvest` (a folder or s3://bucket/prefix/layer1.zarr)")
-    p.add_argument("--out", type=Path, required=True,
-                   help="parent folder; the grid goes to <out>/<DICT> (commas in DICT become '+')")
+    p.add_argument("--out", type=storage.location, required=True,
+                   help="parent folder or s3://bucket/prefix; the grid goes to <out>/<DICT> (commas "
+                   "in DICT become '+'); on S3 the run works in a local mirror copied up after "
+                   "every checkpoint and at the end")
     p.add_argument("--tokens", type=int, default=None,
                    help="train on this many activations (sets --steps = tokens / batch size)")
     p.add_argument("--allow-incomplete", action="store_true",
@@ -60,6 +63,7 @@ def dict_folder(spec: str) -> str:
 def run(args: argparse.Namespace) -> int:
     if not storage.exists(args.store):
         raise UserError(f"no store at {args.store}: harvest one first, e.g. `make harvest LAYER=1`")
+    check_run_folder(args.out)
     placement = distributed.setup(args.device)
     store = ActivationStore(args.store, allow_incomplete=args.allow_incomplete)
     base = default_config()
