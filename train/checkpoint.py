@@ -28,7 +28,6 @@ from safetensors.torch import save_file
 
 from unsuperpose import distributed
 from unsuperpose.config import from_dict, to_dict, write_json_atomic
-from unsuperpose.train import parallel
 from unsuperpose.train.config import SAETrainConfig
 from unsuperpose.train.trainer import check_finite_parameters, new_state
 
@@ -78,7 +77,7 @@ def gather_whole(state) -> tuple[dict[str, torch.Tensor], list[dict]] | None:
     sh = state.sharding
     if sh is None or sh.single or sh.data_parallel:   # this rank holds the whole grid
         return (local_tensors(state), list(state.history)) if distributed.is_main() else None
-    parts = parallel.gather_to_main((local_tensors(state), state.history))
+    parts = distributed.gather_to_main((local_tensors(state), state.history))
     if parts is None:
         return None
     tensors = {k: v for t, _ in parts for k, v in t.items()}
@@ -120,7 +119,6 @@ def _write(state, whole: tuple[dict[str, torch.Tensor], list[dict]], directory: 
     # A kill here leaves only .old and a complete .tmp: recover_checkpoint takes the .tmp.
     tmp.rename(directory)
     shutil.rmtree(old, ignore_errors=True)
-    return directory
 
 
 def recover_checkpoint(directory: str | Path) -> None:
@@ -229,13 +227,15 @@ def whole_state(state, source):
     sh = state.sharding
     if sh is None or sh.single:
         return state
-    whole = gather_whole(state)
-    if whole is None:
-        return None
-    if sh.data_parallel:
+    if sh.data_parallel:   # every rank holds the whole grid already
+        if not distributed.is_main():
+            return None
         for g in state.groups:   # from here on rank 0 works alone: no more collectives
             g.data_parallel = False
         return state
+    whole = gather_whole(state)
+    if whole is None:
+        return None
     full = new_state(source, state.config, device=state.device)
     tensors, history = whole
     restore(full, tensors, state.step, history)
@@ -250,9 +250,11 @@ class Checkpointer:
     raised for the caller to report.
     """
 
-    def __init__(self, directory: str | Path, every: int):
+    def __init__(self, directory: str | Path, every: int, on_saved=None):
+        """``on_saved()`` runs after each checkpoint is written (e.g. copying it elsewhere)."""
         self.directory = Path(directory)
         self.every = every
+        self.on_saved = on_saved
         self.stop_requested = False
         self._previous: dict = {}
 
@@ -281,16 +283,13 @@ class Checkpointer:
             # torchrun sends SIGKILL 30 s after SIGTERM, so they agree every few steps, through
             # gloo on the host (no wait on the GPU).
             due = state.step % STOP_CHECK_EVERY == 0 or state.step == state.config.steps
-            stop = parallel.any_rank(stop) if due else False
+            stop = distributed.any_rank(stop) if due else False
         if stop or (self.every and state.step % self.every == 0):
             # The loss is checked only at log steps; a checkpoint must never keep a NaN as the
             # "last good" state, whatever the two intervals are.
-            error = None
-            try:
-                check_finite_parameters(state)
-            except Exception as exc:  # noqa: BLE001 (re-raised on every rank just below)
-                error = exc
-            parallel.agree_on_error(error)
+            distributed.everywhere(lambda: check_finite_parameters(state))
             save_checkpoint(state, self.directory)
+            if self.on_saved is not None:
+                self.on_saved()
         if stop:
             raise KeyboardInterrupt(f"stopped at step {state.step}; checkpoint saved in {self.directory}")

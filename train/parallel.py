@@ -103,38 +103,3 @@ def average_gradients(params: list[torch.Tensor], world_size: int) -> None:
     for g in grads:
         dist.all_reduce(g)
         g.div_(world_size)
-
-
-def gather_to_main(obj):
-    """Every rank's ``obj`` on rank 0 (a list in rank order); None elsewhere."""
-    if distributed.world_size() == 1:
-        return [obj]
-    out = [None] * distributed.world_size() if distributed.is_main() else None
-    dist.gather_object(obj, out, dst=0)
-    return out
-
-
-def agree_on_error(error: BaseException | None) -> None:
-    """Raise on every rank when any rank failed, so no rank waits forever at the next
-    collective for one that has stopped. The first failing rank's error is re-raised."""
-    if distributed.world_size() == 1:
-        if error is not None:
-            raise error
-        return
-    errors = distributed.all_gather_objects(None if error is None else (type(error), str(error)))
-    for r, e in enumerate(errors):
-        if e is not None:
-            if error is not None:
-                raise error
-            kind, message = e
-            try:
-                failure = kind(f"{message} (on rank {r})")
-            except Exception:  # noqa: BLE001 (a type that wants other arguments)
-                failure = RuntimeError(f"{kind.__name__}: {message} (on rank {r})")
-            raise failure
-
-
-def any_rank(flag: bool) -> bool:
-    if distributed.world_size() == 1:
-        return flag
-    return any(distributed.all_gather_objects(bool(flag)))

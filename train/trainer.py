@@ -216,12 +216,7 @@ def train_steps(state: GridState, source: ActivationSource, *, until: int | None
             bar.update(1)
             if state.step % cfg.log_every == 0 or state.step == until:
                 stats = [g.take_stats() for g in state.groups]
-                try:
-                    _check_finite(state, stats)
-                    error = None
-                except NonFiniteLoss as exc:
-                    error = exc
-                parallel.agree_on_error(error)
+                distributed.everywhere(lambda: _check_finite(state, stats))
                 now = time.perf_counter()
                 rate = (state.step - step_last) * cfg.batch_size / max(now - t_last, 1e-9)
                 t_last, step_last = now, state.step

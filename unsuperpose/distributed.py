@@ -1,9 +1,9 @@
 """Where this process runs: its device, and its place among torchrun's processes.
 
 Every stage calls ``setup(device)`` once. Under ``torchrun`` (RANK / WORLD_SIZE / LOCAL_RANK in
-the environment) it joins the one process group (NCCL when the processes use CUDA, gloo
-otherwise) and each rank takes the GPU of its local rank; alone it is a world of one and nothing
-is initialised. The rest of the code asks ``rank()``, ``world_size()``, ``is_main()`` and calls
+the environment) it joins the one process group (gloo, and NCCL beside it for tensors on GPUs)
+and each rank takes the GPU of its local rank; alone it is a world of one and nothing is
+initialised. The rest of the code asks ``rank()``, ``world_size()``, ``is_main()`` and calls
 ``barrier()`` / the collectives below without caring which case it is in.
 """
 
@@ -175,6 +175,46 @@ def all_gather_objects(obj) -> list:
     out = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def gather_to_main(obj):
+    """Every rank's ``obj`` on rank 0 (a list in rank order); None elsewhere."""
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size() if is_main() else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def any_rank(flag: bool) -> bool:
+    if world_size() == 1:
+        return flag
+    return any(all_gather_objects(bool(flag)))
+
+
+def everywhere(fn) -> None:
+    """``fn()`` on every rank; when it raises on any rank, it raises on all of them (the first
+    failing rank's error), so no rank waits forever at the next collective for one that has
+    stopped. Alone: ``fn()`` as it is."""
+    if world_size() == 1:
+        fn()
+        return
+    error = None
+    try:
+        fn()
+    except Exception as exc:  # noqa: BLE001 (raised on every rank just below)
+        error = exc
+    errors = all_gather_objects(None if error is None else (type(error), str(error)))
+    if error is not None:
+        raise error
+    for r, e in enumerate(errors):
+        if e is not None:
+            kind, message = e
+            try:
+                failure = kind(f"{message} (on rank {r})")
+            except Exception:  # noqa: BLE001 (a type that wants other arguments)
+                failure = RuntimeError(f"{kind.__name__}: {message} (on rank {r})")
+            raise failure
 
 
 def check_same_everywhere(what: str, value) -> None:

@@ -205,7 +205,6 @@ class RunMirror:
         self.url = url
         root = Path(os.environ.get("UNSUPERPOSE_CACHE", "runs/cache"))
         self.folder = root / "runs-mirror" / hashlib.sha256(str(url).encode()).hexdigest()[:16]
-        self._uploaded = None  # the checkpoint last copied up (its state.json's inode, mtime)
 
     def _holds_run(self) -> bool:
         return storage.exists(self.url / CHECKPOINT_DIR) or (
@@ -223,50 +222,28 @@ class RunMirror:
                 print(f"{self.url} holds a run: downloading it to compare with this one")
                 storage.download_tree(self.url, self.folder)
             self.folder.mkdir(parents=True, exist_ok=True)
-            self._uploaded = self._checkpoint_stamp()
         distributed.barrier()
-
-    def _checkpoint_stamp(self):
-        try:
-            st = (self.folder / CHECKPOINT_DIR / "state.json").stat()
-        except FileNotFoundError:
-            return None
-        return st.st_ino, st.st_mtime_ns
 
     def _files(self) -> list[str]:
         # checkpoint.tmp / checkpoint.old are a local save in progress, never copied up.
         return [f for f in storage.list_files(self.folder)
                 if not f.split("/", 1)[0].startswith(CHECKPOINT_DIR + ".")]
 
-    def after_step(self) -> None:
-        """Rank 0, after the Checkpointer's turn: copy a checkpoint just written up, with the files
+    def upload_checkpoint(self) -> None:
+        """Rank 0, each time the Checkpointer has written one: the checkpoint up, with the files
         beside it. Its state.json is deleted first and copied last, so a copy cut short leaves
         a checkpoint without state.json (not resumed; the run starts over), never new weights
         under an old step."""
-        stamp = self._checkpoint_stamp()
-        if stamp is None or stamp == self._uploaded:
-            return
         meta = f"{CHECKPOINT_DIR}/state.json"
         storage.remove_tree(self.url / meta)
         storage.upload_tree(self.folder, self.url, [f for f in self._files() if f != meta])
         storage.upload_tree(self.folder, self.url, [meta])
-        self._uploaded = stamp
 
     def push(self) -> None:
         """Rank 0, at the end: the whole run up; then the URL's checkpoint goes, as a local run's
         does (state.json first, so a removal cut short is not taken for a checkpoint)."""
         storage.upload_tree(self.folder, self.url, self._files())
         storage.remove_tree(self.url / CHECKPOINT_DIR, first="state.json")
-
-
-def _copying_up(checkpointer: Checkpointer, mirror: RunMirror):
-    """``checkpointer`` as ``on_step``, then each checkpoint it wrote copied up (rank 0)."""
-    def on_step(state) -> None:
-        try:
-            checkpointer(state)
-        finally:  # a stop request saves, then raises: that checkpoint is copied up too
-            mirror.after_step()
-    return on_step
 
 
 def train_and_save(source, cfg: SAETrainConfig, out, **kw) -> list[dict]:
@@ -325,10 +302,9 @@ def _train_and_save(source, cfg: SAETrainConfig, out: Path, *, size_labels: dict
         if tracker.run_id and main:
             run_id_file.write_text(tracker.run_id)
         try:
-            with Checkpointer(out / CHECKPOINT_DIR, checkpoint_every) as checkpointer:
-                on_step = checkpointer if mirror is None or not main else \
-                    _copying_up(checkpointer, mirror)
-                train_steps(state, source, callbacks=callbacks, progress=progress, on_step=on_step,
+            copy_up = mirror.upload_checkpoint if mirror is not None and main else None
+            with Checkpointer(out / CHECKPOINT_DIR, checkpoint_every, on_saved=copy_up) as checkpointer:
+                train_steps(state, source, callbacks=callbacks, progress=progress, on_step=checkpointer,
                             on_log=lambda row: tracker.log(row, step=row["step"]))
         except NonFiniteLoss as exc:
             kept = read_checkpoint_meta(out / CHECKPOINT_DIR)
