@@ -135,9 +135,14 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return path
 
 
+def json_text(data: Any) -> str:
+    """How every JSON file of ours is encoded (numpy and torch scalars, paths, dataclasses)."""
+    return json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n"
+
+
 def write_json_atomic(path: str | Path, data: Any) -> None:
     """Write JSON so that a reader never sees half a file."""
-    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
+    write_text_atomic(path, json_text(data))
 
 
 def _json_default(obj: Any) -> Any:

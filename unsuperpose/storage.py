@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
-from unsuperpose.config import _json_default, write_json_atomic, write_text_atomic
+from unsuperpose.config import json_text, write_text_atomic
 from unsuperpose.errors import UserError
 
 INSTALL_HINT = "pip install 'unsuperpose[s3]'"
@@ -246,11 +246,7 @@ def read_json(loc: Location) -> Any:
 
 def write_json(loc: Location, data: Any) -> None:
     """JSON written atomically; the same bytes locally and on object storage."""
-    if not is_remote(loc):
-        write_json_atomic(loc, data)
-        return
-    # write_json_atomic's own encoding (numpy scalars, paths), so the bytes match locally.
-    write_text(loc, json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
+    write_text(loc, json_text(data))
 
 
 def free_bytes(loc: Location) -> int | None:
