@@ -56,6 +56,13 @@ class Grid:
     d: int
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def dead_window(self) -> int | None:
+        """The training window (batches) behind the ``dead`` column; one per grid (merges of
+        different windows are refused)."""
+        windows = {c.identity.get("dead_window") for c in self.cells.values()}
+        return windows.pop() if len(windows) == 1 else None
+
     def rows(self) -> list[dict]:
         """One flat row per SAE: the saved metrics, with the coefficient and size as keys."""
         out = []
@@ -107,37 +114,55 @@ def read_set(set_dir: str | Path) -> dict[Key, Cell]:
     return cells
 
 
-# What must agree for two dictionary sets to be one grid: the meaning of the L1 axis, of "dead",
-# and the data (the store's fingerprint covers model weights, corpus, hook, layer and rows).
+# What must agree for two dictionary sets to be one grid. Every diagnostic is read relative to
+# the rest of the grid, so a cell trained longer, with another learning rate, batch, resampling,
+# encoder/decoder or L1 convention, or read with another dead window, is not comparable with its
+# neighbours; the data must be the same (the store's fingerprint covers model weights, corpus,
+# hook, layer and rows). The L1 values, sizes and seeds are what a grid varies.
+_TRAINING_IDENTITY = ("steps", "batch_size", "lr", "beta1", "beta2", "l1_norm", "tied",
+                      "decoder_init", "encoder_init", "resample_every", "dead_window")
+_RESAMPLING_IDENTITY = ("resample_pool", "resample_until")   # only matter when resampling
 _SOURCE_IDENTITY = ("fingerprint", "weights_sha256", "corpus_fingerprint", "hook", "layer", "rows")
 
 
 def merge_identity(cfg: dict) -> dict:
     training = cfg.get("training") or {}
     source = cfg.get("source") or {}
-    return {"l1_norm": cfg.get("l1_norm", training.get("l1_norm")),
-            "dead_window": training.get("dead_window"),
-            **{f"source.{k}": source.get(k) for k in _SOURCE_IDENTITY}}
+    ident = {k: training.get(k) for k in _TRAINING_IDENTITY}
+    ident["l1_norm"] = cfg.get("l1_norm", training.get("l1_norm"))
+    if training.get("resample_every"):
+        ident.update((k, training.get(k)) for k in _RESAMPLING_IDENTITY)
+    ident.update((f"source.{k}", source.get(k)) for k in _SOURCE_IDENTITY)
+    return ident
+
+
+def _shown(v) -> str:
+    return f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else f"{v}"
 
 
 def check_mergeable(sets: list[dict[Key, Cell]]) -> None:
-    """One UserError naming the sets and what differs, when they are not one experiment."""
+    """One UserError naming each set and each difference ("steps: 300 vs 1,500"), when the sets
+    are not one experiment. Nothing is pooled across a difference."""
     by_set = {}
     for cells in sets:
         for c in cells.values():
-            by_set.setdefault(c.set_dir, c.identity)
-    if len({tuple(sorted(i.items())) for i in by_set.values()}) <= 1:
+            if by_set.setdefault(c.set_dir, c.identity) != c.identity:
+                raise UserError(f"{c.set_dir} holds SAEs trained with different settings: it is "
+                                "not one grid; retrain it")
+    if len({tuple(sorted(i.items(), key=str)) for i in by_set.values()}) <= 1:
         return
     first_dir, first = next(iter(by_set.items()))
     lines = []
     for d, ident in by_set.items():
-        diff = [f"{k} {first.get(k)!r} vs {ident.get(k)!r}" for k in first if first.get(k) != ident.get(k)]
+        keys = sorted(set(first) | set(ident))
+        diff = [f"{k}: {_shown(first.get(k))} vs {_shown(ident.get(k))}" for k in keys
+                if first.get(k) != ident.get(k)]
         if diff:
-            lines.append(f"{d.name} differs from {first_dir.name}: {', '.join(diff)}")
-    raise UserError("these dictionary sets cannot be merged into one grid (the L1 axis, dead "
-                    "window or data differ): " + "; ".join(lines) + ". Move the stray set out of "
-                    "the folder, or retrain it on the same store with the same --l1-norm and "
-                    "--dead-window")
+            lines.append(f"{first_dir.name} vs {d.name}: {'; '.join(diff)}")
+    raise UserError("these dictionary sets are not one grid, and the diagnostics compare every "
+                    "cell with its neighbours: " + " | ".join(lines) + ". Read one experiment at a "
+                    "time: name its sets with --sets (e.g. --sets " + first_dir.name + "), move "
+                    "the others out of the folder, or retrain them with the same settings")
 
 
 def merge_sets(sets: list[dict[Key, Cell]]) -> tuple[dict[Key, Cell], list[str]]:
@@ -180,8 +205,9 @@ def lm_sets_dir(runs: str | Path, lm: str, layer: int | str) -> Path:
     return Path(runs) / "sae" / lm / f"layer{layer}"
 
 
-def collect_lm(runs: str | Path, lm: str, layer: int | str) -> Grid:
-    """Every dictionary set trained on ``<runs>/acts/<lm>/layer<L>.zarr``, merged into one grid.
+def collect_lm(runs: str | Path, lm: str, layer: int | str, sets: list[str] | None = None) -> Grid:
+    """Every dictionary set trained on ``<runs>/acts/<lm>/layer<L>.zarr`` (or only the ``sets``
+    named), merged into one grid.
 
     Sets are merged oldest first, so that the later of two equally long runs wins a tie.
     """
@@ -189,6 +215,13 @@ def collect_lm(runs: str | Path, lm: str, layer: int | str) -> Grid:
     found = [p for p in sorted(base.iterdir()) if p.is_dir() and is_set(p)] if base.is_dir() else []
     if is_set(base):
         found.append(base)
+    if sets:
+        names = {p.name: p for p in found}
+        missing = [s for s in sets if s not in names]
+        if missing:
+            raise UserError(f"no dictionary set named {', '.join(missing)} under {base}; the sets "
+                            f"there are: {', '.join(sorted(names)) or 'none'}")
+        found = [names[s] for s in sets]
     found.sort(key=lambda p: max(c.stat().st_mtime for c in (p / SAES).glob("*/config.json")))
     grid = _grid(found, f"LM {lm!r} layer {layer} (looked in {base}/*/saes/)",
                  f"train a grid first, e.g. `make train LM={lm} LAYER={layer} DICT=1x,2x,4x,8x`")

@@ -1,37 +1,53 @@
 """Where each of the report's three diagnostics points in an (L1 x dictionary size) grid.
 
 Pure functions of {(l1, size): value} dicts, so they can be tested on constructed grids. Each
-definition is read from the report (``shared/SCIENCE.md``) and serves toy data and the LM alike:
+reading is taken from the report (``shared/SCIENCE.md``), serves toy data and the LM alike, and
+is built so that widening the grid moves it only when the new cells carry new evidence:
 
 - dead neurons: "the largest dictionary, with the largest L1 coefficient, that still has no dead
-  neurons". Per L1, the boundary is the largest size with no dead latents (every smaller size
-  alive too); the pointer is the largest boundary over the L1 values, at the largest L1 that
-  reaches it. Past the number of features extra latents have nothing to learn and die, so where
-  even the largest dictionary keeps every latent alive (at any L1) the evidence is open-ended:
-  the pointer is then a lower bound, "more than N features", and the grid must grow.
-- loss stickiness: per dictionary size, the SSLL profile over L1. Where both losses sit in their
-  basins the summed standardised log losses are lowest; an equal-SSLL curve peaks where that
-  size's optimal L1 lies, and a dictionary too small for the data has no such basin (all
-  sparsity hurts it). So a size "has a basin" when its SSLL minimum over L1 is interior (strictly
-  below the values at both ends of the L1 range); the pointer is the smallest size with a basin,
-  at its minimising L1.
+  neurons". Per L1, the boundary is the largest size with at most ``tolerance`` x size dead
+  latents, every smaller size passing too. The pointer is the largest boundary over the L1
+  values, at the largest L1 that reaches it. A cell of another L1 cannot move an L1's boundary,
+  and a new L1 moves the pointer only if its own boundary is larger. Past the number of features
+  extra latents have nothing to learn and die, so an L1 whose largest dictionary keeps its
+  latents is open-ended there: when such an L1 reaches the pointer, the pointer is a lower bound,
+  "more than N features", where N is the largest size alive at that L1 (not the largest size
+  anywhere in a ragged grid). The report's literal rule is tolerance 0; the default tolerance
+  (``DEFAULT_TOLERANCE``) lets a dictionary lose 1% of its latents, so that one or two stragglers
+  of a thousand do not decide the count (README: "The count, whichever grid you draw").
+- loss stickiness: per dictionary size, its own profile over L1 of log reconstruction loss and log
+  L1 loss, each standardised over that profile and summed. Where both losses sit in their basins
+  the sum is lowest; a dictionary too small for the data has no such basin (all sparsity hurts
+  it). A size "has a basin" when its minimum over L1 is interior (strictly below both ends); the
+  pointer is the smallest size with a basin, at its minimising L1. Standardising per size (the
+  heatmap keeps the report's grid-wide SSLL) means another size's rows cannot make or unmake a
+  size's basin. Cells whose codes collapsed (held-out L0 below ``COLLAPSED_L0``, or an L1 loss
+  of 0) lie past the end of the useful L1 range and are left out, whether their L1 loss is 0 or
+  1e-9.
 - MMCS with larger dictionaries: the cell whose features keep reappearing in every larger
   dictionary at the same L1, i.e. where that MMCS peaks (undefined for the largest size).
 
 With ground truth (toy data) each pointer is scored against the truth (grid steps from the true
 number of features) and against the optimum (the cell with the best MMCS with the true features).
 Without it (an LM), the sizes the diagnostics point to are the estimate of the number of
-features, a range whose upper end is open when any pointer is a lower bound.
+features: a range, or "more than N" when a pointer is a lower bound.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass, field
+
+import numpy as np
 
 Key = tuple[float, int]
 
 DEAD, SSLL, LARGER = "dead neurons", "loss stickiness (SSLL)", "MMCS with larger dictionaries"
+
+DEFAULT_TOLERANCE = 0.01
+SENSITIVITY_TOLERANCES = (0.0, 0.005, 0.01)
+COLLAPSED_L0 = 0.01   # fewer than one active latent per hundred rows: the codes have collapsed
 
 
 def _finite(values: dict[Key, float]) -> dict[Key, float]:
@@ -47,9 +63,16 @@ def peak(values: dict[Key, float]) -> Key | None:
     return max(vals, key=lambda k: (vals[k], -k[1], -k[0]))
 
 
+# -- dead neurons ---------------------------------------------------------------------------------
+
+def passes(dead: float, n: int, tolerance: float) -> bool:
+    """A dictionary of ``n`` latents counts as alive with at most ``tolerance`` x n dead ones."""
+    return dead <= tolerance * n
+
+
 def largest_alive(dead: dict[Key, float], tolerance: float = 0.0) -> dict[float, int | None]:
-    """Per L1: the largest size whose dead latents are at most ``tolerance`` x its size, among
-    sizes all of whose smaller siblings are alive too (None: even the smallest has dead ones).
+    """Per L1: the largest size that passes, among sizes all of whose smaller siblings pass too
+    (None: even the smallest fails).
 
     Requiring every smaller size alive keeps one noisy small dictionary from moving the boundary
     past a size that has already lost latents.
@@ -58,10 +81,9 @@ def largest_alive(dead: dict[Key, float], tolerance: float = 0.0) -> dict[float,
     for a in sorted({k[0] for k in dead}):
         best = None
         for n in sorted(k[1] for k in dead if k[0] == a):
-            if dead[(a, n)] <= tolerance * n:
-                best = n
-            else:
+            if not passes(dead[(a, n)], n, tolerance):
                 break
+            best = n
         out[a] = best
     return out
 
@@ -71,47 +93,101 @@ class DeadBoundary:
     per_l1: dict[float, int | None]
     size: int | None           # the largest boundary over L1 (a lower bound if ``open``)
     l1: float | None           # the largest L1 whose boundary is ``size``
-    open: bool                 # some L1 keeps even the largest dictionary alive
-    inside: list[float]        # L1 values whose boundary is inside the grid
-    all_alive: list[float]     # L1 values where even the largest dictionary has no dead latent
-    none_alive: list[float]    # L1 values where even the smallest has dead latents
-    largest: int | None = None  # the largest dictionary trained (the bound when open)
+    open: bool                 # an L1 that keeps its largest dictionary alive reaches ``size``
+    inside: list[float]        # L1 values whose boundary is inside their sizes
+    all_alive: list[float]     # L1 values whose largest dictionary passes (open-ended there)
+    none_alive: list[float]    # L1 values where even the smallest fails
+    largest: dict[float, int] = field(default_factory=dict)   # the largest size trained per L1
+    tolerance: float = 0.0
 
 
 def dead_boundary(dead: dict[Key, float], tolerance: float = 0.0) -> DeadBoundary:
-    """``largest_alive`` per L1, and the grid's pointer: the largest boundary, at the largest L1."""
+    """``largest_alive`` per L1, and the grid's pointer: the largest boundary, at the largest L1.
+
+    The pointer is a lower bound only when an L1 that keeps even its largest dictionary alive
+    reaches it: an open L1 trained to smaller sizes only says "more than" a number the pointer
+    already passes, so it does not make the pointer open (it is listed in ``all_alive``).
+    """
     per = largest_alive(dead, tolerance)
     largest = {a: max(k[1] for k in dead if k[0] == a) for a in per}
-    inside = [a for a, n in per.items() if n is not None and n < largest[a]]
     all_alive = [a for a, n in per.items() if n is not None and n == largest[a]]
+    inside = [a for a, n in per.items() if n is not None and n < largest[a]]
     found = [(n, a) for a, n in per.items() if n is not None]
     size, l1 = max(found) if found else (None, None)
-    return DeadBoundary(per_l1=per, size=size, l1=l1, open=bool(all_alive), inside=inside,
+    is_open = size is not None and any(largest[a] >= size for a in all_alive)
+    return DeadBoundary(per_l1=per, size=size, l1=l1, open=is_open, inside=inside,
                         all_alive=all_alive, none_alive=[a for a, n in per.items() if n is None],
-                        largest=max(largest.values()) if largest else None)
+                        largest=largest, tolerance=tolerance)
 
 
-def ssll_basins(ssll: dict[Key, float]) -> dict[int, float | None]:
-    """Per size: the L1 of its SSLL minimum when that minimum is interior (below both ends of
-    its L1 profile), else None. Needs at least three finite L1 values for a size."""
-    vals = _finite(ssll)
+def dead_sensitivity(dead_by_window: dict[int, dict[Key, float]],
+                     tolerances=SENSITIVITY_TOLERANCES) -> list[dict]:
+    """Where the dead-neuron pointer lands for each (window, tolerance): how much the count rests
+    on a few latents and on the window."""
+    out = []
+    for window in sorted(dead_by_window):
+        for t in tolerances:
+            db = dead_boundary(dead_by_window[window], t)
+            out.append({"window": window, "tolerance": t, "size": db.size, "l1": db.l1,
+                        "lower_bound": db.open})
+    return out
+
+
+# -- loss stickiness ------------------------------------------------------------------------------
+
+def _positive_log(v) -> float:
+    return math.log(v) if isinstance(v, (int, float)) and v > 0 and math.isfinite(v) else math.nan
+
+
+def ssll_profiles(recon: dict[Key, float], l1_loss: dict[Key, float],
+                  l0: dict[Key, float] | None = None) -> dict[int, list[tuple[float, float]]]:
+    """Per size, [(l1, z(log recon) + z(log l1 loss))] over that size's own usable cells.
+
+    Usable: both logs defined and, when ``l0`` is given, codes not collapsed. The z-scores are
+    taken over the size's profile alone, so no other size's rows weigh in.
+    """
+    out: dict[int, list[tuple[float, float]]] = {}
+    for n in sorted({k[1] for k in recon}):
+        cells = []
+        for (a, m) in sorted(recon):
+            if m != n:
+                continue
+            lr, ll = _positive_log(recon.get((a, n))), _positive_log(l1_loss.get((a, n)))
+            collapsed = l0 is not None and (a, n) in l0 and not l0[(a, n)] >= COLLAPSED_L0
+            if math.isfinite(lr) and math.isfinite(ll) and not collapsed:
+                cells.append((a, lr, ll))
+        if not cells:
+            out[n] = []
+            continue
+        logs = np.array([[lr, ll] for _, lr, ll in cells])
+        sd = logs.std(axis=0)
+        z = np.where(sd > 0, (logs - logs.mean(axis=0)) / np.where(sd > 0, sd, 1), 0.0)
+        out[n] = [(a, float(v)) for (a, _, _), v in zip(cells, z.sum(axis=1))]
+    return out
+
+
+def ssll_basins(recon: dict[Key, float], l1_loss: dict[Key, float],
+                l0: dict[Key, float] | None = None) -> dict[int, float | None]:
+    """Per size: the L1 of its profile's minimum when that minimum is interior (strictly below
+    both ends), else None. Needs at least three usable L1 values for a size."""
     out: dict[int, float | None] = {}
-    for n in sorted({k[1] for k in vals}):
-        prof = sorted((a, v) for (a, m), v in vals.items() if m == n)
+    for n, prof in ssll_profiles(recon, l1_loss, l0).items():
         if len(prof) < 3:
             out[n] = None
             continue
         i = min(range(len(prof)), key=lambda j: (prof[j][1], j))
-        out[n] = prof[i][0] if 0 < i < len(prof) - 1 and prof[i][1] < min(prof[0][1], prof[-1][1]) else None
+        interior = 0 < i < len(prof) - 1 and prof[i][1] < min(prof[0][1], prof[-1][1])
+        out[n] = prof[i][0] if interior else None
     return out
 
+
+# -- pointers and the estimate --------------------------------------------------------------------
 
 @dataclass
 class Pointer:
     """What one diagnostic points to: a cell (or just a size) and a sentence saying why.
 
-    ``lower_bound``: the evidence is open-ended; ``size`` is then the largest size trained and
-    the number of features is MORE than it.
+    ``lower_bound``: the evidence is open-ended; the number of features is MORE than ``size``.
     """
 
     diagnostic: str
@@ -147,6 +223,10 @@ def compare(p: Pointer, optimum: Key | None, truth_size: int | None, l1s: list[f
     return out
 
 
+def _whole(v: float) -> int | float:
+    return int(v) if float(v).is_integer() else float(v)
+
+
 @dataclass
 class Diagnosis:
     pointers: list[Pointer]
@@ -157,60 +237,102 @@ class Diagnosis:
     optimum: Key | None = None       # toy: best MMCS with the ground truth
     optimum_mmcs: float | None = None
     truth_size: int | None = None    # toy: the number of true features
+    window: int | None = None        # the dead window of the default reading (batches)
+    sensitivity: list[dict] = field(default_factory=list)   # dead_sensitivity rows
 
     def estimate(self) -> dict | None:
-        """The number of features the diagnostics point to, as a range. ``high`` is None when
-        a pointer is a lower bound (nothing bounds the number from above); ``median`` only when
-        the range is closed."""
+        """The number of features the diagnostics point to.
+
+        Open (some pointer is a lower bound): ``{"more_than": N, "low": None, "high": None,
+        "median": None}``, N the largest bound; nothing bounds the number from above, and no
+        figure below N is offered as its low end. Closed: ``low <= median <= high`` over the
+        pointed sizes, with the true median (the mean of the middle two for an even count).
+        ``sizes`` lists the sizes the non-bound pointers gave either way.
+        """
         points = sorted(p.size for p in self.pointers if p.size is not None and not p.lower_bound)
-        bounds = [p.size for p in self.pointers if p.lower_bound]
-        if not points and not bounds:
+        bounds = [p.size for p in self.pointers if p.lower_bound and p.size is not None]
+        if bounds:
+            return {"more_than": max(bounds), "low": None, "high": None, "median": None,
+                    "sizes": points}
+        if not points:
             return None
-        lower = max(bounds) if bounds else None
-        return {"low": min(points + bounds), "high": None if bounds else points[-1],
-                "median": None if bounds else points[(len(points) - 1) // 2],
-                "sizes": points, "more_than": lower}
+        return {"more_than": None, "low": points[0], "high": points[-1],
+                "median": _whole(statistics.median(points)), "sizes": points}
+
+    def literal(self) -> dict | None:
+        """The report's literal dead-neuron rule (tolerance 0) at the default window."""
+        return next((r for r in self.sensitivity if r["tolerance"] == 0
+                     and r["window"] == self.window), None)
 
 
 def _dead_pointer(db: DeadBoundary) -> Pointer:
-    if db.open:
-        at = ", ".join(f"{a:g}" for a in db.all_alive)
-        return Pointer(DEAD, None, db.largest, lower_bound=True,
-                       why=f"at L1 {at} even the largest dictionary ({db.largest:,} latents) has no "
-                           f"dead latent: more than {db.largest:,} features; grow the grid until "
-                           "dead latents appear")
+    tol = f"at most {db.tolerance:.1%} of latents dead" if db.tolerance else "no dead latent"
     if db.size is None:
-        return Pointer(DEAD, None, None, "dead latents even in the smallest dictionary at every L1")
-    return Pointer(DEAD, db.l1, db.size,
-                   f"the largest dictionary without dead latents ({db.size:,} latents, at L1 "
-                   f"{db.l1:g}, the largest L1 that keeps it alive)")
+        return Pointer(DEAD, None, None, f"even the smallest dictionary fails ({tol}) at every L1")
+    if db.open:
+        at = ", ".join(f"{a:g}" for a in db.all_alive if db.largest[a] >= db.size)
+        return Pointer(DEAD, db.l1, db.size, lower_bound=True,
+                       why=f"at L1 {at} the largest dictionary trained ({db.size:,} latents) "
+                           f"still passes ({tol}): more than {db.size:,} features; train larger "
+                           "dictionaries at that L1 until latents die")
+    why = (f"the largest dictionary that passes ({tol}): {db.size:,} latents, at L1 {db.l1:g}, "
+           "the largest L1 that keeps it")
+    short = [a for a in db.all_alive if db.largest[a] < db.size]
+    if short:
+        why += (f"; L1 {', '.join(f'{a:g}' for a in short)} kept every size it was trained at, "
+                "all below this one")
+    return Pointer(DEAD, db.l1, db.size, why)
 
 
-def _ssll_pointer(basins: dict[int, float | None], ssll: dict[Key, float]) -> Pointer:
+def _ssll_pointer(basins: dict[int, float | None]) -> Pointer:
     with_basin = [n for n, a in basins.items() if a is not None]
     if not with_basin:
         return Pointer(SSLL, None, None, "no dictionary size has an SSLL basin inside the L1 range")
     n = min(with_basin)
-    return Pointer(SSLL, basins[n], n, f"the smallest dictionary whose SSLL has an interior minimum "
-                   f"over L1 (at {basins[n]:g}); smaller ones have none")
+    return Pointer(SSLL, basins[n], n, f"the smallest dictionary whose SSLL (standardised over its "
+                   f"own L1 profile) has an interior minimum over L1 (at {basins[n]:g}); smaller "
+                   "ones have none")
 
 
-def diagnose(dead: dict[Key, float], ssll: dict[Key, float], mmcs_larger: dict[Key, float],
-             mmcs_truth: dict[Key, float] | None = None, *, truth_size: int | None = None,
-             tolerance: float = 0.0) -> Diagnosis:
-    """Where the three diagnostics point, and with ground truth how far from it they are."""
-    keys = set(dead) | set(ssll) | set(mmcs_larger)
+def dead_columns(columns: dict[str, dict[Key, float]], window: int | None) -> dict[int, dict]:
+    """{window: dead counts} from a grid's columns: ``dead`` at the run's window, and each
+    ``dead_w<W>`` the trainer recorded in every cell (a window some cells lack is skipped)."""
+    keys = set(columns.get("dead", {}))
+    out = {}
+    for name, values in columns.items():
+        if name.startswith("dead_w") and name[6:].isdigit() and keys and keys <= set(values):
+            out[int(name[6:])] = values
+    if window is not None and columns.get("dead"):
+        out[window] = columns["dead"]
+    return out
+
+
+def diagnose(columns: dict[str, dict[Key, float]], *, truth_size: int | None = None,
+             tolerance: float = DEFAULT_TOLERANCE, window: int | None = None) -> Diagnosis:
+    """Where the three diagnostics point, and with ground truth how far from it they are.
+
+    ``columns``: {name: {(l1, size): value}} with ``dead``, ``heldout_mse``,
+    ``heldout_l1_loss``, ``mmcs_larger``, optionally ``heldout_l0``, ``dead_w<W>`` (dead at
+    other windows, for the sensitivity table) and with ground truth ``mmcs``. ``window``: the
+    training window behind ``dead``.
+    """
+    col = lambda name: columns.get(name) or {}
+    dead, recon, l1_loss = col("dead"), col("heldout_mse"), col("heldout_l1_loss")
+    keys = set(dead) | set(recon) | set(col("mmcs_larger"))
     l1s = sorted({k[0] for k in keys})
     sizes = sorted({k[1] for k in keys})
     db = dead_boundary(dead, tolerance)
-    basins = ssll_basins(ssll)
-    k = peak(mmcs_larger)
-    pointers = [_dead_pointer(db), _ssll_pointer(basins, ssll),
+    basins = ssll_basins(recon, l1_loss, columns.get("heldout_l0"))
+    k = peak(col("mmcs_larger"))
+    pointers = [_dead_pointer(db), _ssll_pointer(basins),
                 Pointer(LARGER, k[0] if k else None, k[1] if k else None,
                         "the peak of the MMCS with larger dictionaries" if k else
                         "no finite MMCS with larger dictionaries (a grid needs two sizes)")]
+    tolerances = sorted({*SENSITIVITY_TOLERANCES, tolerance})
     diag = Diagnosis(pointers=pointers, dead=db, l1s=l1s, sizes=sizes, basins=basins,
-                     truth_size=truth_size)
+                     truth_size=truth_size, window=window,
+                     sensitivity=dead_sensitivity(dead_columns(columns, window), tolerances))
+    mmcs_truth = columns.get("mmcs")
     if mmcs_truth:
         diag.optimum = peak(mmcs_truth)
         if diag.optimum is not None:
@@ -228,6 +350,9 @@ def diagnosis_record(d: Diagnosis, base: int, base_name: str) -> dict:
                          "ratio": (p.size / base) if p.size else None,
                          "lower_bound": p.lower_bound, "why": p.why, **p.match}
                         for p in d.pointers],
+           "dead_reading": {"tolerance": d.dead.tolerance, "window": d.window,
+                            "literal_rule": d.literal()},
+           "dead_sensitivity": d.sensitivity,
            "largest_alive_per_l1": {f"{a:g}": n for a, n in d.dead.per_l1.items()},
            "ssll_basin_per_size": {str(n): a for n, a in d.basins.items()}}
     if d.truth_size is not None:
@@ -237,6 +362,7 @@ def diagnosis_record(d: Diagnosis, base: int, base_name: str) -> dict:
                           "ratio": d.optimum[1] / base}
     est = d.estimate()
     if est is not None:
-        rec["estimate"] = {**est, "ratio_low": est["low"] / base,
-                           "ratio_high": est["high"] / base if est["high"] is not None else None}
+        ratio = lambda v: v / base if v is not None else None
+        rec["estimate"] = {**est, "ratio_more_than": ratio(est["more_than"]),
+                           "ratio_low": ratio(est["low"]), "ratio_high": ratio(est["high"])}
     return rec

@@ -20,7 +20,7 @@ from typing import Callable
 
 from unsuperpose.analyze.collect import Grid, collect_lm, collect_toy
 from unsuperpose.analyze.compare import COMPARISONS, ratio_label, side_by_side, size_labels
-from unsuperpose.analyze.diagnostics import Diagnosis, diagnose, diagnosis_record
+from unsuperpose.analyze.diagnostics import DEFAULT_TOLERANCE, Diagnosis, diagnose, diagnosis_record
 from unsuperpose.analyze.figures import frontier, heatmap
 from unsuperpose.analyze.grid import GRID_FIGURES
 from unsuperpose.analyze.metrics import mmcs_with_larger, ssll
@@ -73,11 +73,16 @@ def rescore(grid: Grid) -> None:
         cell.metrics["ssll"] = stick.get(key, math.nan)
 
 
+DIAGNOSIS_COLUMNS = ("dead", "heldout_mse", "heldout_l1_loss", "heldout_l0", "mmcs_larger")
+
+
 def diagnose_grid(grid: Grid, *, truth_size: int | None, tolerance: float) -> Diagnosis:
     """``truth_size``: the number of true features (toy data), else None (an LM)."""
-    return diagnose(grid.values("dead"), grid.values("ssll"), grid.values("mmcs_larger"),
-                    grid.values("mmcs") if truth_size else None, truth_size=truth_size,
-                    tolerance=tolerance)
+    names = {*DIAGNOSIS_COLUMNS, *(c for row in grid.rows() for c in row if c.startswith("dead_w"))}
+    if truth_size:
+        names.add("mmcs")
+    return diagnose({c: grid.values(c) for c in names}, truth_size=truth_size,
+                    tolerance=tolerance, window=grid.dead_window)
 
 
 def full(grid: Grid, column: str) -> dict:
@@ -146,7 +151,8 @@ def side_record(side: Side) -> dict:
 
 
 def build_report(runs: str | Path, lm: str, layer: int | str, *, out: str | Path | None = None,
-                 toy: str | Path | None = None, tolerance: float = 0.0, wandb_mode: str | None = None,
+                 toy: str | Path | None = None, tolerance: float = DEFAULT_TOLERANCE,
+                 sets: list[str] | None = None, wandb_mode: str | None = None,
                  browse: Callable[[Path, Path], dict[str, Path]] | None = None,
                  command: str | None = None) -> Report:
     """Collect, score, draw and write the report; ``browse(sae_dir, out_dir)`` (optional) builds
@@ -154,7 +160,7 @@ def build_report(runs: str | Path, lm: str, layer: int | str, *, out: str | Path
     runs = Path(runs)
     out = Path(out) if out else runs / "report" / f"{lm}-layer{layer}"
     toy_path = Path(toy) if toy else runs / "toy"
-    lm_grid = collect_lm(runs, lm, layer)
+    lm_grid = collect_lm(runs, lm, layer, sets=sets)
     rescore(lm_grid)
     notes = list(lm_grid.notes)
     lm_side = Side(f"{lm} layer {layer}", lm_grid, diagnose_grid(lm_grid, truth_size=None, tolerance=tolerance),
@@ -216,9 +222,10 @@ def _track(report: Report, record: dict, mode: str | None) -> None:
                               [[p.diagnostic, p.l1, p.size, ratio_label(p.size, side.base) if p.size else None,
                                 p.lower_bound, p.match.get("size_steps_off")] for p in side.diagnosis.pointers])
         tracker.log_images({f"figures/{k}": v for k, v in report.figures.items()})
-        est = record["lm"].get("estimate")
-        summary = {"lm/estimate_low": est["low"], "lm/estimate_high": est["high"],
-                   "lm/estimate_median": est["median"]} if est else {}
+        est = record["lm"].get("estimate") or {}
+        # the record's own fields, so an open estimate logs more_than and no low end
+        summary = {f"lm/estimate_{k}": v for k, v in est.items()
+                   if k in ("more_than", "low", "median", "high") and v is not None}
         if record["toy"]:
             summary.update({f"toy/{p['diagnostic']}/size_steps_off": p.get("size_steps_off")
                             for p in record["toy"]["pointers"]})

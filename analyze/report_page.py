@@ -20,8 +20,9 @@ FIGURE_TEXT = {
                     "have nothing to learn and die; boxes mark, per L1, the largest dictionary "
                     "without dead latents.",
     "compare_ssll": "Loss stickiness: held-out log reconstruction loss and log L1 loss, each "
-                    "standardised over its grid, summed; the box marks the smallest dictionary "
-                    "whose SSLL has an interior minimum over L1 (a basin), at that minimum.",
+                    "standardised over the whole grid, summed (the report's figure); the box marks "
+                    "the smallest dictionary whose own L1 profile, standardised over that profile "
+                    "alone, has an interior minimum (a basin), at that minimum.",
     "compare_mmcs_larger": "MMCS with larger dictionaries: how well each dictionary's atoms "
                            "reappear in the larger ones at the same L1 (no ground truth needed); "
                            "the box marks the peak.",
@@ -48,29 +49,54 @@ def _verdict(match: dict) -> Raw:
     return Raw(f'<span class="{"ok" if off <= 1 else "no"}">{off} size step(s) off</span>')
 
 
+def _n(v) -> str:
+    return f"{v:,}" if float(v).is_integer() else f"{v:,.1f}"
+
+
 def estimate_text(est: dict | None, base: int, name: str) -> str:
     """One sentence for the estimate; an open upper end is printed as a bound, never a number."""
     if not est:
         return f"{name}: no diagnostic points inside this grid; train larger dictionaries or more L1 values."
-    if est["high"] is None:
+    if est["more_than"] is not None:
         pointed = f" (the other diagnostics point to {', '.join(f'{s:,}' for s in est['sizes'])})" \
             if est["sizes"] else ""
         return (f"{name}: more than {est['more_than']:,} features ({ratio_label(est['more_than'], base)} "
-                f"of {base}): even the largest dictionary keeps every latent alive at some L1, so "
-                f"nothing bounds the number from above{pointed}; the grid must grow until dead "
-                "latents appear.")
+                f"of {base}): at some L1 even the largest dictionary trained there keeps its latents, "
+                f"so nothing bounds the number from above{pointed}; the grid must grow at that L1 "
+                "until latents die.")
     same = est["low"] == est["high"]
     rng = f"{est['low']:,}" if same else f"{est['low']:,}–{est['high']:,}"
     ratios = ratio_label(est["low"], base) if same else \
         f"{ratio_label(est['low'], base)}–{ratio_label(est['high'], base)}"
     return (f"{name}: the diagnostics point to dictionaries of {rng} latents ({ratios} of {base}); "
-            f"taken at face value about {est['median']:,} features (the median of "
+            f"taken at face value about {_n(est['median'])} features (the median of "
             f"{', '.join(f'{s:,}' for s in est['sizes'])}).")
+
+
+def _reading(row: dict | None) -> str:
+    if row is None or row["size"] is None:
+        return "none"
+    return f"more than {row['size']:,}" if row["lower_bound"] else f"{row['size']:,}"
+
+
+def sensitivity_text(diagnosis) -> str:
+    """How the dead-neuron pointer moves with the tolerance at the run's window, e.g. "512 at
+    tolerance 0 (the report's rule), 1,024 at 0.5%, 1,024 at 1% (the default)"."""
+    rows = [r for r in diagnosis.sensitivity if r["window"] == diagnosis.window]
+    if not rows:
+        return ""
+    parts = []
+    for r in rows:
+        tag = " (the report's literal rule)" if r["tolerance"] == 0 else \
+            " (the default reading)" if r["tolerance"] == diagnosis.dead.tolerance else ""
+        parts.append(f"{_reading(r)} at tolerance {r['tolerance']:.1%}{tag}")
+    return (f"Dead-neuron pointer, window {diagnosis.window:,} batches: " + ", ".join(parts) + ".")
 
 
 def summary_html(report) -> str:
     lm, toy = report.lm, report.toy
-    parts = [f"<p><b>Estimate.</b> {esc(estimate_text(lm.diagnosis.estimate(), lm.base, lm.name))}</p>"]
+    parts = [f"<p><b>Estimate.</b> {esc(estimate_text(lm.diagnosis.estimate(), lm.base, lm.name))} "
+             f"{esc(sensitivity_text(lm.diagnosis))}</p>"]
     if toy is not None and toy.diagnosis.truth_size is not None:
         offs = [p.match.get("size_steps_off") for p in toy.diagnosis.pointers]
         hits = sum(o == 0 for o in offs)
@@ -102,9 +128,23 @@ def dead_table(report) -> str:
     for side in (report.toy, report.lm):
         if side is None:
             continue
-        rows = [[f"{a:g}", ratio_label(n, side.base) + f" ({n:,})" if n else "none"]
-                for a, n in side.diagnosis.dead.per_l1.items()]
-        out.append(f"<h3>{esc(side.name)}</h3>" + table(["L1", "largest dictionary without dead latents"], rows, left=2))
+        d = side.diagnosis.dead
+        rows = [[f"{a:g}", ratio_label(n, side.base) + f" ({n:,})" if n else "none",
+                 f"{ratio_label(d.largest[a], side.base)} ({d.largest[a]:,})",
+                 "yes" if a in d.all_alive else "no"]
+                for a, n in d.per_l1.items()]
+        out.append(f"<h3>{esc(side.name)}</h3>" + table(
+            ["L1", f"largest dictionary with at most {d.tolerance:.1%} dead latents",
+             "largest trained", "open-ended (its largest passes)"], rows, left=4))
+        sens = side.diagnosis.sensitivity
+        if sens:
+            windows = sorted({r["window"] for r in sens})
+            tols = sorted({r["tolerance"] for r in sens})
+            cell = {(r["window"], r["tolerance"]): _reading(r) for r in sens}
+            out.append(f"<p>Where the pointer lands for other tolerances and dead windows (in "
+                       f"training batches; the run's window is {side.diagnosis.window})</p>" + table(
+                ["window"] + [f"tolerance {t:.1%}" for t in tols],
+                [[f"{w:,}"] + [cell.get((w, t), "-") for t in tols] for w in windows], left=1))
     return "".join(out)
 
 
@@ -163,7 +203,7 @@ def render_index(report, *, command: str | None = None) -> Path:
     lm = report.lm
     body = [f"<h1>unsuperpose report: {esc(lm.name)}</h1>", summary_html(report),
             "<h2>Where the diagnostics point</h2>", diagnostics_table(report),
-            "<h3>Largest dictionary without dead latents, per L1</h3>", dead_table(report),
+            "<h3>Dead neurons: largest dictionary that passes, per L1</h3>", dead_table(report),
             "<h2>Toy data and the LM side by side</h2>",
             "<p>Same axes in both panels: L1 upwards, dictionary size to the right as a ratio "
             "(of G for toy data, of d for the LM).</p>"]

@@ -12,7 +12,8 @@ from unsuperpose.train import SAE
 from unsuperpose.train.io import sae_dirname
 
 
-def make_set(folder, d, cells, *, steps, batch=64, l1_norm="sum", dead_window=1000, source=None):
+def make_set(folder, d, cells, *, steps, batch=64, l1_norm="sum", dead_window=1000, source=None,
+             **training):
     """A dictionary set on disk without training: random SAEs with made-up final metrics."""
     source = source or {"kind": "activation_store", "path": "/x/layer1.zarr", "fingerprint": "abc",
                         "hook": "blocks.1.mlp.hook_post", "weights_sha256": "w1", "rows": 1000}
@@ -26,25 +27,45 @@ def make_set(folder, d, cells, *, steps, batch=64, l1_norm="sum", dead_window=10
         sae.save(folder / "saes" / sae_dirname(l1, n),
                  {"l1": l1, "l1_norm": l1_norm, "metrics": metrics, "source": source,
                   "training": {"steps": steps, "batch_size": batch, "l1_norm": l1_norm,
-                               "dead_window": dead_window}})
+                               "dead_window": dead_window, "lr": 3e-3, "tied": False,
+                               "decoder_init": "orthogonal", "resample_every": 0, **training}})
     (folder / "summary.csv").write_text("l1\n")
     return folder
 
 
-def test_sets_merge_and_the_longer_trained_duplicate_wins(tmp_path):
+def test_sets_merge_into_one_grid_and_the_later_duplicate_wins(tmp_path):
     base = tmp_path / "sae" / "tiny" / "layer1"
     make_set(base / "1x+2x", 8, [(1e-3, 8), (1e-3, 16)], steps=100)
     time.sleep(0.01)
-    make_set(base / "2x+4x", 8, [(1e-3, 16), (1e-3, 32)], steps=500)
+    make_set(base / "2x+4x", 8, [(1e-3, 16), (1e-3, 32)], steps=100)
     grid = collect_lm(tmp_path, "tiny", 1)
     assert sorted(grid.cells) == [(1e-3, 8), (1e-3, 16), (1e-3, 32)]
-    assert grid.cells[(1e-3, 16)].set_dir.name == "2x+4x" and grid.cells[(1e-3, 16)].steps == 500
+    assert grid.cells[(1e-3, 16)].set_dir.name == "2x+4x"
     assert grid.cells[(1e-3, 8)].set_dir.name == "1x+2x"
     assert len(grid.notes) == 1 and "using 2x+4x" in grid.notes[0]
-    assert grid.d == 8 and grid.source["path"] == "/x/layer1.zarr"
+    assert grid.d == 8 and grid.source["path"] == "/x/layer1.zarr" and grid.dead_window == 1000
     rows = grid.rows()
     assert [r["dict_size"] for r in rows] == [8, 16, 32] and all(r["l1"] == 1e-3 for r in rows)
     assert grid.dictionaries()[(1e-3, 32)].shape == (32, 8)
+
+
+def test_sets_trained_for_different_numbers_of_steps_are_refused_never_pooled(tmp_path):
+    # Every diagnostic compares a cell with its neighbours: a 300-step cell beside 1,500-step ones
+    # reads as "more dead latents" or "a basin" that only training length made.
+    base = tmp_path / "sae" / "tiny" / "layer1"
+    make_set(base / "short", 8, [(1e-3, 8), (1e-3, 16)], steps=300)
+    make_set(base / "long", 8, [(1e-3, 32)], steps=1500, lr=1e-3)
+    with pytest.raises(UserError) as err:
+        collect_lm(tmp_path, "tiny", 1)
+    msg = str(err.value)
+    assert "long vs short" in msg or "short vs long" in msg
+    assert "steps: 1,500 vs 300" in msg or "steps: 300 vs 1,500" in msg
+    assert "lr: 0.001 vs 0.003" in msg or "lr: 0.003 vs 0.001" in msg
+    assert "--sets" in msg
+    # naming one experiment reads it alone
+    assert sorted(collect_lm(tmp_path, "tiny", 1, sets=["short"]).cells) == [(1e-3, 8), (1e-3, 16)]
+    with pytest.raises(UserError, match="no dictionary set named nope .*long, short"):
+        collect_lm(tmp_path, "tiny", 1, sets=["nope"])
 
 
 def test_of_two_equally_long_runs_the_later_one_wins(tmp_path):
@@ -97,6 +118,10 @@ def test_a_set_still_training_is_named_in_the_notes(tmp_path):
 
 @pytest.mark.parametrize("change, word", [
     (dict(l1_norm="per_latent"), "l1_norm"),
+    (dict(batch=256), "batch_size"),
+    (dict(resample_every=250), "resample_every"),
+    (dict(tied=True), "tied"),
+    (dict(decoder_init="data"), "decoder_init"),
     (dict(dead_window=100), "dead_window"),
     (dict(source={"kind": "activation_store", "path": "/y/layer1.zarr", "fingerprint": "def",
                   "hook": "blocks.1.mlp.hook_post", "weights_sha256": "w2", "rows": 1000}), "weights_sha256"),
@@ -109,5 +134,5 @@ def test_sets_made_otherwise_are_refused_not_merged(tmp_path, change, word):
     base = tmp_path / "sae" / "tiny" / "layer1"
     make_set(base / "1x", 8, [(1e-3, 8)], steps=100)
     make_set(base / "2x", 8, [(1e-3, 16)], steps=100, **change)
-    with pytest.raises(UserError, match=rf"cannot be merged.*{word}"):
+    with pytest.raises(UserError, match=rf"not one grid.*{word}"):
         collect_lm(tmp_path, "tiny", 1)

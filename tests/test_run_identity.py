@@ -78,7 +78,8 @@ def test_a_kill_between_the_two_renames_of_a_checkpoint_swap_is_recovered(tmp_pa
 def test_help_shows_the_commands_own_defaults(capsys):
     for argv, want in ((["train", "--help"], ["optimizer steps (default: 10000)"]),
                        (["toy", "--help"], ["optimizer steps (default: 5000)",
-                                            "minibatches (default: 100)"])):
+                                            "minibatches (default: derived from the data",
+                                            "183 for the default data and batch"])):
         with pytest.raises(SystemExit):
             main(argv)
         text = " ".join(capsys.readouterr().out.split())

@@ -48,6 +48,24 @@ def test_a_planted_never_firing_latent_counts_as_dead():
     assert evaluate(state, src)[(1e-3, 16)]["dead"] >= 1
 
 
+def test_dead_latents_are_also_counted_at_the_ladders_windows():
+    # The dead-neuron reading's sensitivity to the window is read from these columns afterwards.
+    src = ToySource(SMALL)
+    cfg = SAETrainConfig(l1=[1e-3], dict_sizes=[16], steps=60, batch_size=32, dead_window=10)
+    state = new_state(src, cfg)
+    g = state.groups[0]
+    g.b_enc[5] = -1e4            # never fires
+    train_steps(state, src, until=30, progress=False)
+    g.b_enc[7] = -1e4            # silent for the last 30 steps only
+    train_steps(state, src, progress=False)
+    row = evaluate(state, src)[(1e-3, 16)]
+    assert [c for c in row if c.startswith("dead_w")] == ["dead_w25", "dead_w50"]
+    for w in (25, 50):
+        assert row[f"dead_w{w}"] == int(g.dead_mask(w, state.step).sum())
+    assert row["dead_w25"] >= 2 and row["dead_w50"] >= 1
+    assert row["dead_w25"] - row["dead_w50"] >= 1   # latent 7 is dead at 25, not at 50
+
+
 def test_resampling_revives_only_dead_latents():
     src = ToySource(SMALL)
 

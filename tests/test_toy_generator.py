@@ -127,3 +127,49 @@ def test_batches_are_deterministic_and_resumable():
 def test_invalid_parameters_raise_clear_errors(kwargs, word):
     with pytest.raises(ValueError, match=word):
         ToyConfig(**kwargs)
+
+
+# -- the report's correlation recipe, a mode beside ours -------------------------------------------
+
+def test_the_reports_recipe_keeps_k_and_the_marginals_and_couples_weakly():
+    # The report: Bernoulli draws with probability (decay-scaled Phi(z)) rescaled to k. Same
+    # covariance as ours, far weaker coupling: ~1.1-1.2x where ours gives several times.
+    report = ToySource(ToyConfig(seed=13, correlation_recipe="report"))
+    codes = _codes(report, 100_000)
+    assert abs((codes > 0).sum(1).float().mean().item() - 5.0) < 0.1
+    freq = (codes > 0).float().mean(0)
+    common = report.probs > 0.01
+    assert torch.allclose(freq[common], report.probs[common].float(), rtol=0.1)
+    same, other = _lift(report)
+    assert 1.05 < same < 1.4 and abs(other - 1.0) < 0.05
+    ours = _lift(ToySource(ToyConfig(seed=13)))[0]
+    assert ours > 3 * same
+
+
+def test_the_recipe_is_part_of_the_datas_identity_and_the_default_keeps_old_fingerprints():
+    import hashlib
+    import json
+    default = ToySource(ToyConfig(seed=4)).describe()
+    info = {k: v for k, v in default.items() if k != "fingerprint"}
+    assert "correlation_recipe" not in info   # runs made before the mode existed still resume
+    assert default["fingerprint"] == hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()
+    report = ToySource(ToyConfig(seed=4, correlation_recipe="report")).describe()
+    assert report["correlation_recipe"] == "report" and report["fingerprint"] != default["fingerprint"]
+
+
+def test_the_reports_recipe_refuses_probabilities_it_cannot_rescale():
+    with pytest.raises(ValueError, match="at most 1/2.*--correlation-recipe threshold"):
+        ToySource(ToyConfig(G=16, h=8, k=4, decay=0.5, correlation_recipe="report"))
+    with pytest.raises(ValueError, match="correlation_recipe"):
+        ToyConfig(correlation_recipe="wishart")
+
+
+def test_the_dead_window_follows_the_rarest_features_rate():
+    # Default data: the rarest feature is on in 0.03% of samples; a latent firing on half of its
+    # occurrences goes 183 batches of 256 without firing with probability 1e-3.
+    src = ToySource(ToyConfig())
+    w = src.dead_window(256)
+    rate = float(src.probs.min()) * 0.5
+    assert w == 183 and (1 - rate) ** (256 * w) <= 1e-3 < (1 - rate) ** (256 * (w - 1))
+    assert src.dead_window(512) == math.ceil(w / 2) or src.dead_window(512) == w // 2 + 1
+    assert ToySource(ToyConfig(k=10)).dead_window(256) < w   # commoner features, shorter window

@@ -11,7 +11,8 @@ import torch
 
 from unsuperpose.distributed import with_index
 from unsuperpose.toy.config import ToyConfig
-from unsuperpose.toy.sampling import feature_probabilities, random_groups, sample_codes, unit_features
+from unsuperpose.toy.sampling import (dead_window_for, feature_probabilities, random_groups,
+                                      sample_codes, unit_features)
 
 # Separate random streams so that training batches, evaluation samples and the fixed
 # structure (features, covariance) never share draws.
@@ -46,6 +47,12 @@ class ToySource:
         gen = _generator(c.seed, _STREAM_STRUCTURE)
         self.features = unit_features(c.G, c.h, gen)
         self.probs = feature_probabilities(c.G, c.k, c.decay)
+        if c.correlation_recipe == "report" and c.correlation > 0 and float(self.probs.max()) > 0.5:
+            raise ValueError(
+                f"the report's correlation recipe keeps the mean number active at k only while "
+                f"every feature's probability is at most 1/2 (the commonest is "
+                f"{float(self.probs.max()):.2f} at k {c.k}, decay {c.decay}): lower k, raise the "
+                "decay towards 1, or use --correlation-recipe threshold")
         self.groups = random_groups(c.G, c.group_size, gen)
         self.device = with_index(device)
         self.rng_device = with_index(rng_device) if rng_device is not None else self.device
@@ -62,11 +69,16 @@ class ToySource:
         """On the generator's device: drawn on the CPU for a GPU run, the trainer copies them
         over asynchronously through pinned memory (a plain ``.to`` here would wait for it)."""
         codes = sample_codes(n, self._probs, self._groups, self.config.correlation, gen,
-                             self._n_groups)
+                             self._n_groups, self.config.correlation_recipe)
         x = codes @ self._features
         if self.config.noise > 0:
             x += self.config.noise * torch.randn(x.shape, generator=gen, device=gen.device)
         return x, codes
+
+    def dead_window(self, batch_size: int) -> int:
+        """The dead window these data call for (``dead_window_for``): long enough that a latent
+        which learnt the rarest feature is not counted dead by chance."""
+        return dead_window_for(self.probs, batch_size)
 
     def _gen(self, *key: int) -> torch.Generator:
         return _generator(self.config.seed, *key, device=self.rng_device)
@@ -104,6 +116,8 @@ class ToySource:
     def describe(self) -> dict:
         """What the data is; ``fingerprint`` identifies it for resuming and merging runs."""
         info = {"kind": "toy", **vars(self.config)}
+        if info["correlation_recipe"] == "threshold":   # the original recipe: fingerprints unchanged
+            del info["correlation_recipe"]
         if self.rng_device.type == "cuda":   # another generator, other batches (CPU runs: unchanged)
             # CUDA's random streams depend on the GPU's multiprocessor count, so name the model.
             props = torch.cuda.get_device_properties(self.rng_device)

@@ -306,6 +306,20 @@ def _run_callbacks(state: GridState, callbacks: list[Callback], force: bool = Fa
         state.history.append({"step": state.step, "l1": l1, "dict_size": n, **values})
 
 
+# Windows (in batches) at which the final metrics also count dead latents: dead_w<W> columns.
+DEAD_WINDOWS = (25, 50, 100, 200, 400, 1000, 2000, 5000, 10_000)
+
+
+def dead_windows(steps_done: int) -> list[int]:
+    """The ladder's windows a run of ``steps_done`` steps can tell apart (a window longer than
+    the run would only repeat the count at the run's length)."""
+    return [w for w in DEAD_WINDOWS if w <= steps_done]
+
+
+def dead_column(window: int) -> str:
+    return f"dead_w{window}"
+
+
 @torch.no_grad()
 def evaluate(state: GridState, source: ActivationSource) -> dict[tuple[float, int], dict[str, float]]:
     """Metrics of every SAE on the source's held-out rows (never in a training batch).
@@ -314,7 +328,8 @@ def evaluate(state: GridState, source: ActivationSource) -> dict[tuple[float, in
     error over the total variance around the held-out mean), heldout_mean_l1 (mean sum of codes
     per row), heldout_l1_loss (that in the run's L1 convention, without the coefficient),
     heldout_l0 (mean active latents per row), heldout_rows; dead comes from training (latents
-    silent in the last ``dead_window`` training batches).
+    silent in the last ``dead_window`` training batches), and dead_w<W> counts the same at each
+    window W of ``DEAD_WINDOWS`` the run is long enough for.
     """
     cfg = state.config
     if not hasattr(source, "heldout_batches"):
@@ -337,6 +352,10 @@ def evaluate(state: GridState, source: ActivationSource) -> dict[tuple[float, in
             l1 += codes.sum(dim=(0, 2), dtype=torch.float64)
             l0 += (codes > 0).sum(dim=(0, 2), dtype=torch.float64)
         dead = g.dead_mask(cfg.dead_window, state.step).sum(dim=1)
+        # The same counter read at other windows, so the dead-neuron reading's sensitivity to the
+        # window can be measured after the fact (analyze re-reads "dead" at any of these).
+        ladder = {w: g.dead_mask(w, state.step).sum(dim=1).tolist()
+                  for w in dead_windows(state.step)}
         divisor = l1_divisor(cfg.l1_norm, g.n)
         for s, a in enumerate(g.l1):
             results[(a, g.n)] = {
@@ -347,5 +366,6 @@ def evaluate(state: GridState, source: ActivationSource) -> dict[tuple[float, in
                 "heldout_l0": float(l0[s]) / rows,
                 "heldout_rows": rows,
                 "dead": int(dead[s]),
+                **{dead_column(w): int(v[s]) for w, v in ladder.items()},
             }
     return results

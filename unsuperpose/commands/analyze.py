@@ -15,6 +15,7 @@ import shlex
 from pathlib import Path
 
 from unsuperpose import distributed, storage
+from unsuperpose.analyze.diagnostics import DEFAULT_TOLERANCE
 from unsuperpose.errors import UserError
 
 
@@ -33,9 +34,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--layer", default="1", help="layer whose dictionaries to report on")
     r.add_argument("--toy", type=Path, default=None, help="toy run to compare with (default RUNS/toy)")
     r.add_argument("--out", type=Path, default=None, help="report folder (default RUNS/report/LM-layerL)")
-    r.add_argument("--dead-tolerance", type=float, default=0.0,
+    r.add_argument("--dead-tolerance", type=float, default=DEFAULT_TOLERANCE,
                    help="a dictionary counts as without dead latents if at most this fraction of its "
-                        "latents are dead (0: none at all)")
+                        "latents are dead (0: none at all, the report's literal rule, which is "
+                        "printed beside this reading in any case)")
+    r.add_argument("--sets", type=lambda t: [s for s in t.split(",") if s], default=None,
+                   help="read only these dictionary sets (folder names under RUNS/sae/LM/layerL/, "
+                        "comma-separated; default: every set there)")
     r.add_argument("--features", action=argparse.BooleanOptionalAction, default=True,
                    help="also build the feature browser for the dictionary the diagnostics point to")
     _browser_arguments(r)
@@ -157,6 +162,10 @@ def _report_command(args) -> str:
     for flag, value in (("--toy", args.toy), ("--out", args.out), ("--max-rows", args.max_rows)):
         if value is not None:
             cmd += f" {flag} {q(str(value))}"
+    if args.sets:
+        cmd += f" --sets {q(','.join(args.sets))}"
+    if args.dead_tolerance != DEFAULT_TOLERANCE:
+        cmd += f" --dead-tolerance {args.dead_tolerance:g}"
     return cmd + ("" if args.features else " --no-features")
 
 
@@ -174,12 +183,15 @@ def run(args: argparse.Namespace) -> int:
 
     browse = (lambda sae_dir, out: _browse([sae_dir], None, out, args)) if args.features else None
     report = build_report(args.runs, args.lm, args.layer, out=args.out, toy=args.toy,
-                          tolerance=args.dead_tolerance, wandb_mode=args.wandb, browse=browse,
+                          tolerance=args.dead_tolerance, sets=args.sets, wandb_mode=args.wandb,
+                          browse=browse,
                           command=_report_command(args))
     for note in report.notes:
         print(f"note: {note}")
-    from unsuperpose.analyze.report_page import estimate_text
+    from unsuperpose.analyze.report_page import estimate_text, sensitivity_text
 
     print("estimate: " + estimate_text(report.lm.diagnosis.estimate(), report.lm.base, report.lm.name))
+    if sensitivity_text(report.lm.diagnosis):
+        print(sensitivity_text(report.lm.diagnosis))
     print(f"report: {report.index}")
     return 0

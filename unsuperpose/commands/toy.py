@@ -8,7 +8,7 @@ from pathlib import Path
 
 from unsuperpose import distributed, storage
 from unsuperpose.analyze import ground_truth_callback
-from unsuperpose.analyze.diagnostics import diagnose, diagnosis_record
+from unsuperpose.analyze.diagnostics import DEFAULT_TOLERANCE, diagnose, diagnosis_record
 from unsuperpose.commands._grid import (add_run_arguments, add_sae_arguments, check_run_folder,
                                         sae_config, train_and_save)
 from unsuperpose.config import add_arguments, from_args
@@ -30,9 +30,11 @@ DEFAULT_STEPS = 5000
 PAPER_L1 = [10 ** (e / 4) for e in range(-8, 9)]
 PAPER_DICT = "1/8x,1/4x,1/2x,1x,2x,4x,8x,16x,32x"
 
-# Toy features are rare (the least frequent fires in ~0.03% of samples), but 100 batches of 256
-# still see each true feature ~7 times: a latent silent that long has found nothing.
-TOY_DEAD_WINDOW = 100
+# The dead window of the default data and batch (183 batches of 256): derived from the data's
+# firing rates (ToySource.dead_window), so that a latent which learnt the rarest feature (on in
+# ~0.03% of samples) is counted dead by chance with probability below 1e-3. A run on other data
+# (--k, --decay, --G, --batch-size) derives its own unless --dead-window is given.
+TOY_DEAD_WINDOW = ToySource(ToyConfig()).dead_window(256)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -56,6 +58,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                       dict_help=f"dictionary sizes as ratios of G (1/8x..32x; a bare number is a "
                       f"ratio too: 1 means 1x); default {DEFAULT_DICT}", defaults=default_config(),
                       skip=("seed", "data_seed"))
+    for action in p._actions:
+        if action.dest == "dead_window":
+            action.help = ("a latent is dead if it has not fired in this many minibatches (default: "
+                           "derived from the data, long enough that a latent which learnt the rarest "
+                           "feature is not counted dead by chance: "
+                           f"{TOY_DEAD_WINDOW} for the default data and batch)")
     add_run_arguments(p)
     p.set_defaults(func=run)
 
@@ -71,17 +79,19 @@ def default_config(grid: str = "default") -> SAETrainConfig:
 DIAGNOSIS_FILE = "diagnosis.json"
 
 
-def toy_diagnosis(rows: list[dict], G: int) -> dict:
-    """Where the report's three diagnostics point on a scored toy grid (rows with dead, ssll,
-    mmcs_larger, mmcs), against the truth (G features); the record the LM report writes under
-    "toy"."""
-    col = lambda c: {(r["l1"], r["dict_size"]): r[c] for r in rows if c in r}
-    diag = diagnose(col("dead"), col("ssll"), col("mmcs_larger"), col("mmcs"), truth_size=G)
+def toy_diagnosis(rows: list[dict], G: int, window: int | None,
+                  tolerance: float = DEFAULT_TOLERANCE) -> dict:
+    """Where the report's three diagnostics point on a scored toy grid (rows with dead, the
+    held-out losses, mmcs_larger, mmcs), against the truth (G features); the record the LM
+    report writes under "toy". ``window``: the dead window the grid was trained with."""
+    names = {c for r in rows for c in r}
+    columns = {c: {(r["l1"], r["dict_size"]): r[c] for r in rows if c in r} for c in names}
+    diag = diagnose(columns, truth_size=G, tolerance=tolerance, window=window)
     return diagnosis_record(diag, G, "G (ground-truth features)")
 
 
-def write_diagnosis(rows: list[dict], G: int, path: storage.Location) -> dict:
-    record = toy_diagnosis(rows, G)
+def write_diagnosis(rows: list[dict], G: int, window: int, path: storage.Location) -> dict:
+    record = toy_diagnosis(rows, G, window)
     storage.write_json(path, record)  # into the run folder, local or on object storage
     return record
 
@@ -94,6 +104,11 @@ def run(args: argparse.Namespace) -> int:
     base = default_config(args.grid)
     default_dict = PAPER_DICT if args.grid == "paper" else DEFAULT_DICT
     base = dataclasses.replace(base, seed=toy.seed, data_seed=toy.seed)
+    try:   # the data's own dead window, unless --dead-window says otherwise
+        window = ToySource(toy).dead_window(getattr(args, "batch_size", base.batch_size))
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    base = dataclasses.replace(base, dead_window=window)
     cfg, labels = sae_config(args, base=base, dict_base=toy.G, default_l1=base.l1,
                              default_dict=default_dict, bare="ratio")
     if args.eval_every < 1:
@@ -113,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
         placement=placement, parallel_mode=args.parallel)
     if not distributed.is_main():
         return 0
-    diagnosis = write_diagnosis(rows, toy.G, args.out / DIAGNOSIS_FILE)
+    diagnosis = write_diagnosis(rows, toy.G, cfg.dead_window, args.out / DIAGNOSIS_FILE)
     for p in diagnosis["pointers"]:
         where = "nowhere in the grid" if p["size"] is None else (
             f"more than {p['size']:,} latents" if p["lower_bound"] else
