@@ -70,7 +70,33 @@ def test_no_dictionaries_is_one_clear_error(tmp_path, capsys):
 
 def test_an_open_estimate_is_printed_as_a_bound_and_says_the_grid_must_grow():
     from unsuperpose.analyze.report_page import estimate_text
-    text = estimate_text({"low": 64, "high": None, "median": None, "sizes": [64], "more_than": 512}, 64, "lm")
+    text = estimate_text({"low": None, "high": None, "median": None, "sizes": [64], "more_than": 512}, 64, "lm")
     assert "more than 512 features" in text and "grid must grow" in text and "about" not in text
     closed = estimate_text({"low": 64, "high": 64, "median": 64, "sizes": [64, 64], "more_than": None}, 64, "lm")
     assert "64 latents (1x of 64)" in closed and "about 64 features" in closed
+
+
+def test_a_set_trained_for_other_steps_is_refused_by_the_report_and_sets_picks_one(
+        analyze_runs, tmp_path, capsys):
+    import shutil
+    runs = tmp_path / "runs"
+    shutil.copytree(analyze_runs, runs)
+    base = runs / "sae" / "tiny" / "layer1"
+    longer = base / "4x"
+    shutil.copytree(base / "1x+2x", longer)
+    for cfg_path in (longer / "saes").glob("*/config.json"):
+        cfg = json.loads(cfg_path.read_text())
+        cfg["training"]["steps"] = 600
+        cfg["metrics"]["steps"] = 600
+        cfg_path.write_text(json.dumps(cfg))
+    argv = ["analyze", "report", "--runs", str(runs), "--lm", "tiny", "--layer", "1",
+            "--out", str(tmp_path / "report"), "--no-features"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "not one grid" in err and "steps: 60 vs 600" in err and "--sets" in err
+    assert "Traceback" not in err and not (tmp_path / "report").exists()
+    assert main(argv + ["--sets", "1x+2x"]) == 0
+    rec = json.loads((tmp_path / "report" / "diagnosis.json").read_text())
+    assert rec["sets"] == [str(base / "1x+2x")]
+    assert "dead_sensitivity" in rec["lm"] and rec["lm"]["dead_reading"]["window"] == 20
+    assert rec["lm"]["dead_reading"]["literal_rule"]["tolerance"] == 0.0
