@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Iterator
 
 import torch
 
@@ -35,10 +36,10 @@ SEEDS = (101, 202)          # tests use seeds below 20
 READ_AT = (2000, 5000)
 EXTRA_L1 = 1e-5             # the acceptance's column below the default grid
 DATA = {
-    "independent": dict(correlation=0.0),
-    "report recipe, rho 0.5": dict(correlation=0.5, correlation_recipe="report"),
-    "threshold copula, rho 0.25": dict(correlation=0.25),
     "threshold copula, rho 0.5 (default)": dict(correlation=0.5),
+    "report recipe, rho 0.5": dict(correlation=0.5, correlation_recipe="report"),
+    "independent": dict(correlation=0.0),
+    "threshold copula, rho 0.25": dict(correlation=0.25),
 }
 DEFAULT_DATA = "threshold copula, rho 0.5 (default)"
 
@@ -72,7 +73,9 @@ def coupling(src: ToySource, n: int = 100_000) -> float:
     return float(lift[pairs].mean())
 
 
-def study(seed: int, name: str, settings: dict) -> list[dict]:
+def study(seed: int, name: str, settings: dict) -> Iterator[dict]:
+    """The grid on one kind of data, read at each of READ_AT; records as they come (an hour's
+    run prints as it goes)."""
     src = ToySource(ToyConfig(seed=seed, **settings))
     G = src.config.G
     sizes = [n for _, n in parse_dict_sizes(DEFAULT_DICT, G, bare="ratio")]
@@ -81,7 +84,7 @@ def study(seed: int, name: str, settings: dict) -> list[dict]:
     cfg = SAETrainConfig(l1=l1s, dict_sizes=sizes, steps=READ_AT[-1], dead_window=window,
                          seed=seed, data_seed=seed, log_every=1000)
     state = new_state(src, cfg)
-    out = [{"figure": "coupling", "seed": seed, "data": name, "lift_within_group": round(coupling(src), 3)}]
+    yield {"figure": "coupling", "seed": seed, "data": name, "lift_within_group": round(coupling(src), 3)}
     t0 = time.perf_counter()
     for step in READ_AT:
         train_steps(state, src, until=step, progress=False)
@@ -92,7 +95,7 @@ def study(seed: int, name: str, settings: dict) -> list[dict]:
         # the grid-wide SSLL of the default grid alone, as `make toy` would have it
         rec = toy_diagnosis(_rescored(default_rows), G, window)
         at_1x = max(r["mmcs"] for r in default_rows if r["dict_size"] == G)
-        out.append({"figure": "toy_diagnostics", "seed": seed, "data": name, "step": step,
+        yield ({"figure": "toy_diagnostics", "seed": seed, "data": name, "step": step,
                     "pointers": _pointers(rec),
                     "size_steps_off": [p.get("size_steps_off") for p in rec["pointers"]],
                     "literal_dead_rule": _where(_ratio(rec["dead_reading"]["literal_rule"], G)),
@@ -103,19 +106,18 @@ def study(seed: int, name: str, settings: dict) -> list[dict]:
         for r in rec["dead_sensitivity"]:
             if r["window"] not in (100, 200, 400, 1000, window):
                 continue
-            out.append({"figure": "dead_sensitivity", "seed": seed, "data": name, "step": step,
+            yield ({"figure": "dead_sensitivity", "seed": seed, "data": name, "step": step,
                         "window": r["window"], "tolerance": r["tolerance"],
                         "points_to": _where(_ratio(r, G)),
                         "size_steps_off": _steps_off(r["size"], r["lower_bound"], sizes, G)})
         if name == DEFAULT_DATA:
             wider = toy_diagnosis(_rescored(rows), G, window)
-            out.append({"figure": "grid_extension", "seed": seed, "step": step,
+            yield ({"figure": "grid_extension", "seed": seed, "step": step,
                         "without_1e-5": _pointers(rec), "with_1e-5": _pointers(wider),
                         "with_size_steps_off": [p.get("size_steps_off") for p in wider["pointers"]],
                         "all_within_one_step_no_bound": all(
                             p.get("size_steps_off") is not None and p["size_steps_off"] <= 1
                             for p in wider["pointers"])})
-    return out
 
 
 def _ratio(row: dict | None, G: int) -> dict | None:
@@ -130,10 +132,8 @@ def _rescored(rows: list[dict]) -> list[dict]:
     return [{**r, "ssll": stick[(r["l1"], r["dict_size"])]} for r in rows]
 
 
-def run() -> list[dict]:
+def run() -> Iterator[dict]:
     seeds = [int(s) for s in os.environ.get("STUDY_SEEDS", "").split(",") if s] or SEEDS
-    out = []
     for seed in seeds:
         for name, settings in DATA.items():
-            out += study(seed, name, settings)
-    return out
+            yield from study(seed, name, settings)
