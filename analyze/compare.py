@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
 from unsuperpose.analyze.diagnostics import Diagnosis  # noqa: E402
-from unsuperpose.analyze.figures import heatmap  # noqa: E402
+from unsuperpose.analyze.figures import heatmap, save_figure  # noqa: E402
 
 Key = tuple[float, int]
 
@@ -97,9 +97,4 @@ def side_by_side(toy: dict[Key, float], lm: dict[Key, float], path: str | Path, 
             mark(ax, diagnostic, values, diag)
     fig.text(0.5, 0.005, "boxes: where the diagnostic points; star: the toy ground-truth optimum "
              "(best MMCS with the true features)", ha="center", fontsize=8)
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, rect=(0, 0.03, 1, 1))

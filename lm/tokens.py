@@ -35,6 +35,7 @@ import numpy as np
 
 from unsuperpose.config import write_json_atomic
 from unsuperpose.errors import UserError
+from unsuperpose.hashing import json_sha256
 from unsuperpose.lm.corpus import CorpusConfig, corpus_identity, iter_documents
 from unsuperpose.lm.tokenizer import VOCAB_SIZE, ModelTokenizer, gpt2_tokenizer
 
@@ -69,10 +70,6 @@ class TokenBlocks:
         return len(self.blocks)
 
 
-def _digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
-
-
 def _tokenise_into(cfg: CorpusConfig, tmp: Path, tok: ModelTokenizer) -> None:
     chunks: list[np.ndarray] = []
     ends: list[int] = []
@@ -103,7 +100,7 @@ def _tokenise_into(cfg: CorpusConfig, tmp: Path, tok: ModelTokenizer) -> None:
 def _corpus_cache(cfg: CorpusConfig, cache_dir: Path, tok: ModelTokenizer) -> Path:
     """The cache folder holding the whole corpus's stream, built if missing (renamed into place whole)."""
     identity = {"corpus": corpus_identity(cfg), "tokenizer": tok.tag}
-    path = cache_dir / _digest(identity)[:24]
+    path = cache_dir / json_sha256(identity)[:24]
     if (path / "identity.json").is_file():
         return path
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -211,7 +208,7 @@ def token_blocks(corpus: CorpusConfig, n_ctx: int, split: Split = "all",
         raise UserError(f"the {split!r} split of --corpus {corpus.corpus!r} has {len(stream)} tokens, fewer than one "
                         f"block of n_ctx={n_ctx}; use more text, a smaller n_ctx or another --val-fraction")
     identity = json.loads((path / "identity.json").read_text())
-    fingerprint = _digest({"identity": identity, "split": split, "n_ctx": n_ctx, "tokens": meta["sha256"],
+    fingerprint = json_sha256({"identity": identity, "split": split, "n_ctx": n_ctx, "tokens": meta["sha256"],
                            **({} if split == "all" else {"seed": corpus.seed, "val_fraction": corpus.val_fraction})})
     mask = _val_mask(path, corpus) if split == "all" else None
     return TokenBlocks(blocks=stream[: n_blocks * n_ctx].reshape(n_blocks, n_ctx), fingerprint=fingerprint,

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Iterator
 
-import numpy as np
 import torch
 
 from unsuperpose.distributed import with_index
+from unsuperpose.hashing import json_sha256
+from unsuperpose.seeding import seeded_generator
 from unsuperpose.toy.config import ToyConfig
 from unsuperpose.toy.sampling import (dead_window_for, feature_probabilities, random_groups,
                                       sample_codes, unit_features)
@@ -17,11 +16,6 @@ from unsuperpose.toy.sampling import (dead_window_for, feature_probabilities, ra
 # Separate random streams so that training batches, evaluation samples and the fixed
 # structure (features, covariance) never share draws.
 _STREAM_STRUCTURE, _STREAM_BATCHES, _STREAM_SAMPLE, _STREAM_HELDOUT = 0, 1, 2, 3
-
-
-def _generator(*key: int, device: torch.device | str = "cpu") -> torch.Generator:
-    seed = int(np.random.SeedSequence(list(key)).generate_state(1, dtype=np.uint64)[0] >> 1)
-    return torch.Generator(device=device).manual_seed(seed)
 
 
 class ToySource:
@@ -44,7 +38,7 @@ class ToySource:
                  rng_device: torch.device | str | None = None):
         self.config = config or ToyConfig()
         c = self.config
-        gen = _generator(c.seed, _STREAM_STRUCTURE)
+        gen = seeded_generator(c.seed, _STREAM_STRUCTURE)
         self.features = unit_features(c.G, c.h, gen)
         self.probs = feature_probabilities(c.G, c.k, c.decay)
         if c.correlation_recipe == "report" and c.correlation > 0 and float(self.probs.max()) > 0.5:
@@ -81,7 +75,7 @@ class ToySource:
         return dead_window_for(self.probs, batch_size)
 
     def _gen(self, *key: int) -> torch.Generator:
-        return _generator(self.config.seed, *key, device=self.rng_device)
+        return seeded_generator(self.config.seed, *key, device=self.rng_device)
 
     def sample(self, n: int, *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """``n`` fresh samples (x: n x h, codes: n x G) from a stream apart from training's."""
@@ -122,5 +116,4 @@ class ToySource:
             # CUDA's random streams depend on the GPU's multiprocessor count, so name the model.
             props = torch.cuda.get_device_properties(self.rng_device)
             info["rng"] = f"cuda:{props.name}:{props.multi_processor_count}SM"
-        digest = hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()
-        return {**info, "fingerprint": digest}
+        return {**info, "fingerprint": json_sha256(info)}

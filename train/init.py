@@ -4,15 +4,9 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
-
-def seeded_generator(*key: int) -> torch.Generator:
-    """A torch generator determined by ``key`` alone: every random draw in training is a function
-    of such a key (never of global state), which is what makes runs resume exactly."""
-    s = int(np.random.SeedSequence(list(key)).generate_state(1, dtype=np.uint64)[0] >> 1)
-    return torch.Generator().manual_seed(s)
+from unsuperpose.seeding import seeded_generator
 
 
 def init_generator(seed: int, d_sae: int) -> torch.Generator:

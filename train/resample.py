@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from unsuperpose.train.grid import SAEGroup
-from unsuperpose.train.init import seeded_generator
+from unsuperpose.seeding import seeded_generator
 
 ENCODER_SCALE = 0.2
 

@@ -36,19 +36,6 @@ class ActivationSource(Protocol):
         ...
 
 
-@runtime_checkable
-class HeldOutSource(ActivationSource, Protocol):
-    """A source that can also serve rows training never sees (what ``evaluate`` scores on)."""
-
-    heldout_description: str
-
-    def heldout_rows(self, max_rows: int | None = None) -> int:
-        ...
-
-    def heldout_batches(self, batch_size: int, max_rows: int | None = None) -> Iterator[torch.Tensor]:
-        ...
-
-
 def check_source(source: object) -> ActivationSource:
     """Fail early, with a plain message, when something that is not a source is passed in."""
     if not isinstance(source, ActivationSource):
