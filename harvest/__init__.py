@@ -8,8 +8,8 @@ package registers the ``bfloat16`` zarr data type, so plain ``zarr.open`` works 
 """
 
 from .bf16 import BFloat16, bf16_to_torch, register as register_bfloat16
-from .loop import DEFAULT_HOOK, HarvestConfig, harvest, store_name
+from .loop import DEFAULT_HOOK, HarvestConfig, harvest, planned_stores, store_name
 from .reader import ActivationStore
 
 __all__ = ["ActivationStore", "BFloat16", "DEFAULT_HOOK", "HarvestConfig", "bf16_to_torch",
-           "harvest", "register_bfloat16", "store_name"]
+           "harvest", "planned_stores", "register_bfloat16", "store_name"]

@@ -95,14 +95,24 @@ def parse_layers(text: str, n_layer: int) -> list[int]:
     return layers
 
 
+def _hooks(cfg: HarvestConfig, n_layer: int) -> list[tuple[str, int | None]]:
+    """(hook name, layer) of every store ``cfg`` asks for."""
+    if "{layer}" in cfg.hook:
+        return [(cfg.hook.format(layer=L), L) for L in parse_layers(cfg.layer, n_layer)]
+    m = _BLOCK.match(cfg.hook)
+    return [(cfg.hook, int(m.group(1)) if m else None)]
+
+
+def planned_stores(cfg: HarvestConfig, n_layer: int, out_dir: storage.Location) -> list[storage.Location]:
+    """The stores a harvest of ``cfg`` writes, known before the model is loaded (what the
+    command locks first); its hooks are checked against the model later."""
+    return [storage.location(out_dir) / store_name(h, L) for h, L in _hooks(cfg, n_layer)]
+
+
 def resolve_targets(cfg: HarvestConfig, hook_names: Any, n_layer: int,
                     out_dir: storage.Location) -> list[_Target]:
     """Hook templates + layers -> concrete hook names, each checked against the model's hooks."""
-    if "{layer}" in cfg.hook:
-        pairs = [(cfg.hook.format(layer=L), L) for L in parse_layers(cfg.layer, n_layer)]
-    else:
-        m = _BLOCK.match(cfg.hook)
-        pairs = [(cfg.hook, int(m.group(1)) if m else None)]
+    pairs = _hooks(cfg, n_layer)
     for hook, _ in pairs:
         if hook not in hook_names:
             close = difflib.get_close_matches(hook, list(hook_names), n=3)

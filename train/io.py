@@ -86,9 +86,7 @@ def save_grid(state, metrics: dict, out: str | Path, *, extra: dict | None = Non
                   "source": source_info or {}, **(run_info or {})})
         rows.append(row)
     write_summary(rows, out / SUMMARY_FILE)
-    with open(out / HISTORY_FILE, "w") as fh:
-        for rec in state.history:
-            fh.write(json.dumps(rec) + "\n")
+    write_text_atomic(out / HISTORY_FILE, "".join(json.dumps(rec) + "\n" for rec in state.history))
     return rows
 
 

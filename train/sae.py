@@ -12,10 +12,10 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save as safetensors_bytes
 from torch import nn
 
-from unsuperpose.config import write_json_atomic
+from unsuperpose.config import write_bytes_atomic, write_json_atomic
 from unsuperpose.train.init import init_params
 from unsuperpose.train.losses import l1_penalty, reconstruction_mse
 
@@ -74,7 +74,7 @@ class SAE(nn.Module):
             tensors = {"W_enc": self.encoder_weight().detach().cpu().contiguous(),
                        "b_enc": self.b_enc.detach().cpu().contiguous(),
                        "W_dec": self.dictionary().detach().cpu().contiguous()}
-        save_file(tensors, str(directory / WEIGHTS_FILE))
+        write_bytes_atomic(directory / WEIGHTS_FILE, safetensors_bytes(tensors))  # a reader never sees half of it
         write_json_atomic(directory / CONFIG_FILE,
                           {"d_in": self.d_in, "d_sae": self.d_sae, "tied": self.tied, **(config or {})})
         return directory

@@ -12,9 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 
-from unsuperpose.config import write_json_atomic
+from unsuperpose.config import write_bytes_atomic, write_json_atomic
 from unsuperpose.train.sae import SAE
 
 WEIGHTS = "sae_weights.safetensors"
@@ -29,7 +29,7 @@ def export_saelens(sae: SAE, directory: str | Path, *, metadata: dict | None = N
                    "b_enc": sae.b_enc.detach().float().cpu().contiguous(),
                    "W_dec": sae.dictionary().detach().float().cpu().contiguous(),
                    "b_dec": torch.zeros(sae.d_in)}
-    save_file(tensors, str(directory / WEIGHTS))
+    write_bytes_atomic(directory / WEIGHTS, safetensors_bytes(tensors))
     write_json_atomic(directory / CONFIG, {
         "d_in": sae.d_in, "d_sae": sae.d_sae, "dtype": "float32", "device": "cpu",
         "apply_b_dec_to_input": True, "normalize_activations": "none",

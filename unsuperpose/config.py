@@ -117,6 +117,12 @@ def from_dict(cls: type[T], data: dict) -> T:
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
     """Write ``text`` so that a reader never sees half a file (temp file + rename)."""
+    # As UTF-8 bytes, as given: a CSV's \r\n rows stay as the csv module made them.
+    return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` so that a reader never sees half a file (temp file + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -125,9 +131,8 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
         umask = os.umask(0)
         os.umask(umask)
         os.fchmod(fd, 0o666 & ~umask)
-        # newline="": the text is written as given (a CSV's \r\n rows stay as the csv module made them).
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -156,10 +161,3 @@ def _json_default(obj: Any) -> Any:
         return obj.tolist()
     raise TypeError(f"cannot write {type(obj).__name__} as JSON")
 
-
-def save_config(obj: Any, path: str | Path) -> None:
-    write_json_atomic(path, to_dict(obj))
-
-
-def load_config(cls: type[T], path: str | Path) -> T:
-    return from_dict(cls, json.loads(Path(path).read_text()))

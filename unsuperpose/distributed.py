@@ -52,9 +52,11 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def barrier() -> None:
+def barrier(patient: bool = False) -> None:
+    """Every rank waits for all the others; ``patient``: on the long-timeout group (see setup),
+    for waits on rank 0's long work alone."""
     if world_size() > 1:
-        dist.barrier()
+        dist.barrier(group=_PATIENT[0] if patient and _PATIENT else None)
 
 
 def resolve_device(requested: str | None = "auto", local_rank: int = 0,

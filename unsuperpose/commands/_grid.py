@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from unsuperpose import distributed, storage
+from unsuperpose import distributed, locking, storage
 from unsuperpose.analyze import grid_figures, score_grid
 from unsuperpose.config import add_arguments, to_dict
 from unsuperpose.errors import UserError
@@ -191,6 +192,16 @@ def check_run_folder(out) -> None:
     storage.check_access(out)
 
 
+@contextlib.contextmanager
+def locked_run(out, device: str):
+    """This rank's placement (``distributed.setup``), with the run folder ``out`` locked until
+    the command is done (``unsuperpose.locking``): a second run into it is refused at once."""
+    check_run_folder(out)
+    placement = distributed.setup(device)
+    with locking.hold(out, what=f"the run folder {out}"):
+        yield placement
+
+
 class RunMirror:
     """A run folder on object storage, worked on in a local folder and copied up to its URL.
 
@@ -234,6 +245,7 @@ class RunMirror:
         beside it. Its state.json is deleted first and copied last, so a copy cut short leaves
         a checkpoint without state.json (not resumed; the run starts over), never new weights
         under an old step."""
+        locking.check_held(self.url)   # a run that lost its lease leaves the URL to the new holder
         meta = f"{CHECKPOINT_DIR}/state.json"
         storage.remove_tree(self.url / meta)
         storage.upload_tree(self.folder, self.url, [f for f in self._files() if f != meta])
@@ -242,6 +254,7 @@ class RunMirror:
     def push(self) -> None:
         """Rank 0, at the end: the whole run up; then the URL's checkpoint goes, as a local run's
         does (state.json first, so a removal cut short is not taken for a checkpoint)."""
+        locking.check_held(self.url)
         storage.upload_tree(self.folder, self.url, self._files())
         storage.remove_tree(self.url / CHECKPOINT_DIR, first="state.json")
 
@@ -300,7 +313,7 @@ def _train_and_save(source, cfg: SAETrainConfig, out: Path, *, size_labels: dict
     with Tracker(out, name=run_name, config={"train": to_dict(cfg), "source": source_info, **run_info},
                  mode=wandb_mode if main else "disabled", resume_id=run_id) as tracker:
         if tracker.run_id and main:
-            run_id_file.write_text(tracker.run_id)
+            storage.write_text(run_id_file, tracker.run_id)
         try:
             copy_up = mirror.upload_checkpoint if mirror is not None and main else None
             with Checkpointer(out / CHECKPOINT_DIR, checkpoint_every, on_saved=copy_up) as checkpointer:

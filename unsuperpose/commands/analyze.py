@@ -14,7 +14,7 @@ import argparse
 import shlex
 from pathlib import Path
 
-from unsuperpose import distributed, storage
+from unsuperpose import distributed, locking, storage
 from unsuperpose.analyze.diagnostics import DEFAULT_TOLERANCE
 from unsuperpose.errors import UserError
 
@@ -175,17 +175,21 @@ def run(args: argparse.Namespace) -> int:
 
         saes = find_saes(args.dict_path)
         out = args.out or args.dict_path / "features"
-        pages = _browse(saes, args.store, out, args)
+        # The browser's folder is locked as its writer's; the runs and stores read are not.
+        with locking.hold(out, what=f"the feature browser {out}"):
+            pages = _browse(saes, args.store, out, args)
         print(f"feature browser: {pages['index']} ({len(pages) - 1} pages)")
         return 0
 
     from unsuperpose.analyze.report import build_report
 
     browse = (lambda sae_dir, out: _browse([sae_dir], None, out, args)) if args.features else None
-    report = build_report(args.runs, args.lm, args.layer, out=args.out, toy=args.toy,
-                          tolerance=args.dead_tolerance, sets=args.sets, wandb_mode=args.wandb,
-                          browse=browse,
-                          command=_report_command(args))
+    # The report's folder (build_report's default) is locked as its writer's; the runs read are not.
+    out = args.out or args.runs / "report" / f"{args.lm}-layer{args.layer}"
+    with locking.hold(out, what=f"the report folder {out}"):
+        report = build_report(args.runs, args.lm, args.layer, out=out, toy=args.toy,
+                              tolerance=args.dead_tolerance, sets=args.sets, wandb_mode=args.wandb,
+                              browse=browse, command=_report_command(args))
     for note in report.notes:
         print(f"note: {note}")
     from unsuperpose.analyze.report_page import estimate_text, sensitivity_text

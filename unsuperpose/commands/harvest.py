@@ -8,12 +8,13 @@ validation documents, whose rows the stores mark as held out from SAE training.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 
-from unsuperpose import distributed, storage
+from unsuperpose import distributed, locking, storage
 from unsuperpose.config import add_arguments, from_args, to_dict
 from unsuperpose.errors import UserError
-from unsuperpose.harvest import HarvestConfig, harvest
+from unsuperpose.harvest import HarvestConfig, harvest, planned_stores
 from unsuperpose.lm import CorpusConfig, check_n_ctx, load_bridge, model_info, model_tokenizer, token_blocks
 
 
@@ -53,6 +54,14 @@ def run(args: argparse.Namespace) -> int:
     placement = distributed.setup(cfg.device)  # under torchrun: joins the other ranks
     storage.check_access(args.out)  # a bucket that cannot be used fails before the model loads
     info = model_info(args.lm)
+    with contextlib.ExitStack() as locks:   # one writer per store (unsuperpose.locking)
+        for path in planned_stores(cfg, info["n_layer"], args.out):
+            locks.enter_context(locking.hold(path, what=f"the store {path}"))
+        return _harvest(args, cfg, info, placement)
+
+
+def _harvest(args: argparse.Namespace, cfg: HarvestConfig, info: dict,
+             placement: distributed.Placement) -> int:
     n_ctx = args.n_ctx or info["n_ctx"]
     check_n_ctx(info, n_ctx)
     corpus = _corpus(args, info)

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 
 from unsuperpose.config import add_arguments, from_args
@@ -98,6 +99,7 @@ def add_parser(subparsers) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from unsuperpose import distributed, locking
     from unsuperpose.lm import LMConfig, TrainLMConfig, model_lm_config, preset, train_lm
 
     lm_base, train_base = preset(args.preset)
@@ -105,8 +107,13 @@ def _train(args: argparse.Namespace) -> int:
         lm_base = model_lm_config(args.init_from)
     lm = from_args(LMConfig, args, base=lm_base, preset=lm_base.preset)
     train = from_args(TrainLMConfig, args, base=train_base)
-    result = train_lm(lm, train, _corpus(args), args.out, init_from=args.init_from, overwrite=args.overwrite,
-                      progress=args.progress)
+    # One writer per model folder (unsuperpose.locking); under torchrun train_lm refuses at once
+    # (it runs in one process), which every rank locking would only muddle.
+    lock = contextlib.nullcontext() if distributed.launched_by_torchrun() else \
+        locking.hold(args.out, what=f"the model folder {args.out}")
+    with lock:
+        result = train_lm(lm, train, _corpus(args), args.out, init_from=args.init_from,
+                          overwrite=args.overwrite, progress=args.progress)
     if not result["finished"]:
         print(f"stopped at step {result['step']} of {result['steps']}; run the same command again to continue")
         return 0
@@ -119,12 +126,14 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from unsuperpose import locking
     from unsuperpose.lm import adopt_model, describe_tokens, model_info, model_tokenizer
 
     if args.lm_command == "train":
         return _train(args)
     if args.lm_command == "adopt":
-        out = adopt_model(args.init_from, args.out, corpus=_corpus(args))
+        with locking.hold(args.out, what=f"the model folder {args.out}"):
+            out = adopt_model(args.init_from, args.out, corpus=_corpus(args))
         print(f"adopted {args.init_from} as {out}")
     elif args.lm_command == "info":
         print(json.dumps(model_info(args.model_dir), indent=2))

@@ -10,7 +10,7 @@ from unsuperpose import distributed, storage
 from unsuperpose.analyze import ground_truth_callback
 from unsuperpose.analyze.diagnostics import DEFAULT_TOLERANCE, diagnose, diagnosis_record
 from unsuperpose.commands._grid import (add_run_arguments, add_sae_arguments, check_run_folder,
-                                        sae_config, train_and_save)
+                                        locked_run, sae_config, train_and_save)
 from unsuperpose.config import add_arguments, from_args
 from unsuperpose.errors import UserError
 from unsuperpose.toy import ToyConfig, ToySource
@@ -97,6 +97,11 @@ def write_diagnosis(rows: list[dict], G: int, window: int, path: storage.Locatio
 
 
 def run(args: argparse.Namespace) -> int:
+    with locked_run(args.out, args.device):   # one writer per run folder (unsuperpose.locking)
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         toy = from_args(ToyConfig, args)
     except ValueError as exc:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from unsuperpose import storage
 from unsuperpose import distributed
-from unsuperpose.commands._grid import (add_run_arguments, add_sae_arguments, check_run_folder,
+from unsuperpose.commands._grid import (add_run_arguments, add_sae_arguments, locked_run,
                                         sae_config, train_and_save)
 from unsuperpose.errors import UserError
 from unsuperpose.harvest import ActivationStore
@@ -63,8 +63,12 @@ def dict_folder(spec: str) -> str:
 def run(args: argparse.Namespace) -> int:
     if not storage.exists(args.store):
         raise UserError(f"no store at {args.store}: harvest one first, e.g. `make harvest LAYER=1`")
-    check_run_folder(args.out)
-    placement = distributed.setup(args.device)
+    out = args.out / dict_folder(getattr(args, "dict", None) or DEFAULT_DICT)
+    with locked_run(out, args.device) as placement:
+        return _train(args, out, placement)
+
+
+def _train(args: argparse.Namespace, out, placement: distributed.Placement) -> int:
     store = ActivationStore(args.store, allow_incomplete=args.allow_incomplete)
     base = default_config()
     cfg, labels = sae_config(args, base=base, dict_base=store.d, default_l1=base.l1,
@@ -73,7 +77,6 @@ def run(args: argparse.Namespace) -> int:
         if args.tokens < cfg.batch_size:
             raise UserError(f"--tokens {args.tokens} is less than one batch ({cfg.batch_size})")
         cfg.steps = math.ceil(args.tokens / cfg.batch_size)
-    out = args.out / dict_folder(getattr(args, "dict", None) or DEFAULT_DICT)
     info = store.describe()
     print(f"store {args.store}: {store.rows:,} rows of width {store.d}; {len(cfg.l1)} L1 x "
           f"{len(cfg.dict_sizes)} sizes = {len(cfg.l1) * len(cfg.dict_sizes)} SAEs, {cfg.steps:,} "
