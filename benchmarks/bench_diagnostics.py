@@ -7,7 +7,8 @@ is trained on four kinds of toy data:
 - our threshold copula at rho 0.25 and at rho 0.5 (the default data), the latter with one more L1
   column below the grid (1e-5): the diagnostics are read with and without it.
 
-Each grid is read at 2,000 and 5,000 steps (`make toy` stops at 5,000). Printed per read:
+Each grid is read at 5,000 steps (`make toy` stops there), the default data's also at 2,000.
+Printed per read:
 - ``toy_diagnostics``: where each diagnostic points (ratio of G; ">" marks a lower bound) under
   the default reading, and the best MMCS with the truth;
 - ``dead_sensitivity``: the dead-neuron pointer for each tolerance (0, 0.5%, 1%) and dead window
@@ -15,8 +16,12 @@ Each grid is read at 2,000 and 5,000 steps (`make toy` stops at 5,000). Printed 
 - ``grid_extension``: the default data's pointers with and without the 1e-5 column;
 - ``coupling``: how much more often a feature fires when a partner of its group fires (lift).
 
+- ``grid_rows``: every cell's held-out losses, L0, dead counts (at every window) and MMCS, so
+  that any reading can be recomputed from the printed record (``toy_diagnosis(rows, G, window)``).
+
 `STUDY_SEEDS=101 python -m benchmarks bench_diagnostics` runs one seed (two such processes with
-OMP_NUM_THREADS=1 share the 2 cores well). About 65 minutes for both seeds on the 2-core machine.
+OMP_NUM_THREADS=1 share the 2 cores well), `STUDY_DATA=independent,...` some of the data.
+About 65 minutes for both seeds on a quiet 2-core machine.
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ DATA = {
     "threshold copula, rho 0.25": dict(correlation=0.25),
 }
 DEFAULT_DATA = "threshold copula, rho 0.5 (default)"
+ROW_KEYS = ("l1", "dict_size", "heldout_mse", "heldout_l1_loss", "heldout_l0", "heldout_fvu", "dead",
+            "mmcs", "mcc", "mmcs_larger")
 
 
 def _where(p: dict | None) -> str:
@@ -86,11 +93,14 @@ def study(seed: int, name: str, settings: dict) -> Iterator[dict]:
     state = new_state(src, cfg)
     yield {"figure": "coupling", "seed": seed, "data": name, "lift_within_group": round(coupling(src), 3)}
     t0 = time.perf_counter()
-    for step in READ_AT:
+    for step in READ_AT if name == DEFAULT_DATA else READ_AT[-1:]:
         train_steps(state, src, until=step, progress=False)
         metrics = evaluate(state, src)
         scores = score_grid(state.dictionaries(), metrics, src.features)
         rows = [{"l1": a, "dict_size": n, **metrics[(a, n)], **scores[(a, n)]} for (a, n) in metrics]
+        yield {"figure": "grid_rows", "seed": seed, "data": name, "step": step, "window": window,
+               "rows": [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()
+                         if k in ROW_KEYS or k.startswith("dead_w")} for r in rows]}
         default_rows = [r for r in rows if r["l1"] in DEFAULT_L1]
         # the grid-wide SSLL of the default grid alone, as `make toy` would have it
         rec = toy_diagnosis(_rescored(default_rows), G, window)
@@ -134,6 +144,7 @@ def _rescored(rows: list[dict]) -> list[dict]:
 
 def run() -> Iterator[dict]:
     seeds = [int(s) for s in os.environ.get("STUDY_SEEDS", "").split(",") if s] or SEEDS
+    wanted = [d for d in os.environ.get("STUDY_DATA", "").split(";") if d] or list(DATA)
     for seed in seeds:
-        for name, settings in DATA.items():
-            yield from study(seed, name, settings)
+        for name in wanted:
+            yield from study(seed, name, DATA[name])
