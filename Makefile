@@ -13,7 +13,7 @@ LM ?= tiny
 LAYER ?= 1
 DICT ?= 8x
 
-.PHONY: install toy test bench demo clean lm harvest train analyze replicate-update
+.PHONY: install toy test test-fast bench demo clean lm harvest train analyze replicate-update
 
 install: $(STAMP)
 
@@ -65,6 +65,10 @@ replicate-update: $(STAMP)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(BIN)/python -m pytest tests $(ARGS)
+
+# Everything but the slow, torchrun and S3 tests (markers in pyproject.toml): for the edit-test loop.
+test-fast: $(STAMP)
+	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(BIN)/python -m pytest tests -m "not slow and not torchrun and not s3" $(ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks $(ARGS)

@@ -156,6 +156,7 @@ def test_rows_of_one_rank_alone_are_the_plain_sequence_of_batches():
 
 # -- torchrun, 2 processes ------------------------------------------------------------------------
 
+@pytest.mark.torchrun
 def test_two_ranks_write_the_bytes_one_process_writes_each_doing_half(tiny_lm_dir, reference, tmp_path):
     out = tmp_path / "two"
     res = torchrun(2, harvest_args(tiny_lm_dir, out, ALIGNED), tmp_path)
@@ -179,6 +180,7 @@ def test_two_ranks_write_the_bytes_one_process_writes_each_doing_half(tiny_lm_di
     assert saved["device"] == "cpu" and saved["precision"] == "fp32"
 
 
+@pytest.mark.torchrun
 def test_two_ranks_killed_midway_resume_with_one_process(tiny_lm_dir, reference, tmp_path):
     out = tmp_path / "cut"
     # Rank 1 dies (SIGKILL) in its 6th batch, i.e. in round 5; torchrun then stops rank 0.
@@ -204,6 +206,7 @@ def test_two_ranks_killed_midway_resume_with_one_process(tiny_lm_dir, reference,
         assert resumed["ranks"][0]["rows"] == 1312 - min(written.values())
 
 
+@pytest.mark.torchrun
 def test_one_process_interrupted_resumes_with_two_ranks_batches_straddling_units(
         tiny_lm_dir, reference, tmp_path, monkeypatch):
     out = tmp_path / "cut"
@@ -235,6 +238,7 @@ def test_one_process_interrupted_resumes_with_two_ranks_batches_straddling_units
     assert sum(s["forward_batches"] for s in shares) <= total_batches + len(range(0, 1312, 200))
 
 
+@pytest.mark.torchrun
 def test_ranks_started_with_different_flags_are_refused(tiny_lm_dir, tmp_path):
     out = tmp_path / "two"
     res = torchrun(2, harvest_args(tiny_lm_dir, out, ALIGNED), tmp_path, RANK1_EXTRA="--tokens 700")

@@ -326,6 +326,7 @@ harvest(bridge, blocks, sys.argv[2], HarvestConfig(layer="1", chunk_rows=96, bat
 """
 
 
+@pytest.mark.slow
 def test_kill_9_mid_harvest_then_resume_equals_uninterrupted(model_dir, bridge, blocks, tmp_path):
     [ref] = run(bridge, blocks, tmp_path / "ref", layer="1")
     out = tmp_path / "killed"

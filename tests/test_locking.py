@@ -98,6 +98,7 @@ def test_a_rank_writes_only_after_seeing_rank_0s_lock(tmp_path, monkeypatch):
             pytest.fail("a rank went on without seeing rank 0's lock")
 
 
+@pytest.mark.slow
 def test_two_trains_into_one_folder_one_is_refused_and_the_other_equals_a_lone_run(
         toy_store, tmp_path, capsys):
     shared = tmp_path / "shared"
@@ -126,6 +127,7 @@ def test_two_trains_into_one_folder_one_is_refused_and_the_other_equals_a_lone_r
     assert not list(tmp_path.glob("**/.*.lock"))
 
 
+@pytest.mark.slow
 def test_two_harvests_into_one_store_one_is_refused_and_the_other_equals_a_lone_one(
         tiny_lm_dir, tmp_path, capsys):
     acts = tmp_path / "acts"
@@ -151,6 +153,7 @@ def test_two_harvests_into_one_store_one_is_refused_and_the_other_equals_a_lone_
     assert not list(tmp_path.glob("**/.*.lock"))
 
 
+@pytest.mark.slow
 def test_a_lock_whose_holder_was_sigkilled_is_taken_over_with_a_warning(tmp_path, capsys):
     out = tmp_path / "toy"
     doomed = start(cli(*TOY, "--steps", "100000", "--checkpoint-every", "0", "--out", str(out)))
@@ -165,6 +168,7 @@ def test_a_lock_whose_holder_was_sigkilled_is_taken_over_with_a_warning(tmp_path
     assert not (tmp_path / ".toy.lock").exists()
 
 
+@pytest.mark.torchrun
 def test_under_torchrun_a_second_job_is_refused_on_every_rank_and_the_first_is_unharmed(
         tmp_path, solo):
     out = tmp_path / "duo"

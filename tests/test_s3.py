@@ -33,7 +33,7 @@ from unsuperpose.cli import main  # noqa: E402
 from unsuperpose.errors import UserError  # noqa: E402
 from unsuperpose.harvest import ActivationStore  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.s3, pytest.mark.usefixtures("one_torch_thread")]
 
 # The CPU even where a GPU is visible: "auto" would harvest there in bf16, other bytes.
 HARVEST = ["--layer", "1", "--tokens", "640", "--chunk-rows", "64", "--batch-size", "2", "--no-progress",
@@ -307,6 +307,7 @@ def test_a_larger_token_cap_appends_to_a_store_on_s3(tiny_lm_dir, s3, local_stor
             assert grown[key] == straight[key], key
 
 
+@pytest.mark.torchrun
 def test_two_torchrun_ranks_write_one_store_on_s3_equal_to_one_local_process(tiny_lm_dir, s3, local_store):
     """Rank 0 creates the store and records progress, both ranks write their own chunks: nothing
     in the storage layer may assume one process (no cached listings, no local-only paths)."""

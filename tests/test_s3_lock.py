@@ -25,7 +25,7 @@ from unsuperpose.cli import main  # noqa: E402
 from unsuperpose.commands._grid import RunMirror  # noqa: E402
 from unsuperpose.errors import UserError  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.s3, pytest.mark.usefixtures("one_torch_thread")]
 
 TOY = ["toy", "--h", "16", "--G", "32", "--dict-ratios", "1/2x,1x", "--l1", "1e-4,1e-3",
        "--batch-size", "64", "--steps", "50", "--no-progress", "--wandb", "disabled"]

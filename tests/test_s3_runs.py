@@ -30,7 +30,7 @@ from unsuperpose.cli import main  # noqa: E402
 from unsuperpose.commands._grid import check_run_folder  # noqa: E402
 from unsuperpose.errors import UserError  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.s3, pytest.mark.usefixtures("one_torch_thread")]
 
 TOY = ["toy", "--h", "16", "--G", "32", "--dict-ratios", "1/2x,1x", "--l1", "1e-4,1e-3",
        "--batch-size", "64", "--no-progress", "--wandb", "disabled"]
@@ -117,6 +117,7 @@ def test_a_run_on_s3_killed_after_a_checkpoint_resumes_from_the_bucket_alone(s3,
     assert same_run(tree(url), tree(straight))   # and the bucket's checkpoint is gone, as a local one
 
 
+@pytest.mark.torchrun
 def test_two_torchrun_ranks_on_one_node_write_one_process_bytes_to_s3(s3, cache, tmp_path):
     solo = tmp_path / "solo"
     assert _run(SHORT, str(solo), cache).returncode == 0

@@ -28,6 +28,7 @@ def test_grid_equals_each_sae_trained_alone(options):
             assert_matches(g.sae_params(s), train_alone(src, cfg, l1, g.n))
 
 
+@pytest.mark.slow
 def test_recovers_ground_truth_on_a_small_problem():
     src = ToySource(ToyConfig(h=32, G=64, k=3, decay=0.99, seed=1))
     cfg = SAETrainConfig(l1=[3e-3, 1e-2], dict_sizes=[64], steps=1500, batch_size=256, lr=3e-3,

@@ -93,6 +93,7 @@ def straight(tmp_path_factory) -> Path:
     return _baseline(tmp_path_factory, LONG)
 
 
+@pytest.mark.torchrun
 def test_grid_split_over_two_processes_gives_one_process_bytes(tmp_path, solo):
     duo = two_processes(SHORT, tmp_path / "duo")
     assert duo.returncode == 0, duo.stderr
@@ -106,6 +107,7 @@ def test_grid_split_over_two_processes_gives_one_process_bytes(tmp_path, solo):
     assert duo.stdout.count("wrote ") == 1   # rank 0 alone reports
 
 
+@pytest.mark.torchrun
 def test_data_parallel_equals_one_process_within_float_tolerance(tmp_path, solo):
     duo = two_processes(SHORT + ["--parallel", "data"], tmp_path / "duo")
     assert duo.returncode == 0, duo.stderr
@@ -122,6 +124,7 @@ def test_data_parallel_equals_one_process_within_float_tolerance(tmp_path, solo)
     assert [r.split(",")[dead] for r in solo_rows[1:]] == [r.split(",")[dead] for r in duo_rows[1:]]
 
 
+@pytest.mark.torchrun
 def test_data_parallel_needs_a_batch_divisible_by_the_processes(tmp_path):
     run = two_processes(TOY + ["--steps", "10", "--batch-size", "63", "--parallel", "data"],
                         tmp_path / "odd")
@@ -164,6 +167,7 @@ def _killed_after_first_checkpoint(cmd: list[str], out: Path) -> int:
     return meta["step"]
 
 
+@pytest.mark.torchrun
 @pytest.mark.parametrize("first,then", [(2, 1), (1, 2)])
 def test_a_run_killed_under_one_world_size_resumes_under_another_bit_identically(
         tmp_path, straight, first, then):

@@ -125,6 +125,7 @@ def test_interrupted_and_resumed_equals_uninterrupted_bitwise(toy_store, tmp_pat
         assert torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
 
 
+@pytest.mark.slow
 def test_sigterm_then_rerun_finishes_with_the_weights_of_an_uninterrupted_run(toy_store, tmp_path):
     args = ["--store", str(toy_store), "--dict", "2x", "--l1", "1e-3", "--steps", "1200",
             "--batch-size", "64", "--wandb", "disabled", "--no-progress", "--checkpoint-every", "0"]
