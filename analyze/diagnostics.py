@@ -15,15 +15,19 @@ is built so that widening the grid moves it only when the new cells carry new ev
   anywhere in a ragged grid). The report's literal rule is tolerance 0; the default tolerance
   (``DEFAULT_TOLERANCE``) lets a dictionary lose 1% of its latents, so that one or two stragglers
   of a thousand do not decide the count (README: "The count, whichever grid you draw").
-- loss stickiness: per dictionary size, its own profile over L1 of log reconstruction loss and log
-  L1 loss, each standardised over that profile and summed. Where both losses sit in their basins
-  the sum is lowest; a dictionary too small for the data has no such basin (all sparsity hurts
-  it). A size "has a basin" when its minimum over L1 is interior (strictly below both ends); the
-  pointer is the smallest size with a basin, at its minimising L1. Standardising per size (the
-  heatmap keeps the report's grid-wide SSLL) means another size's rows cannot make or unmake a
-  size's basin. Cells whose codes collapsed (held-out L0 below ``COLLAPSED_L0``, or an L1 loss
-  of 0) lie past the end of the useful L1 range and are left out, whether their L1 loss is 0 or
-  1e-9.
+- loss stickiness: per dictionary size, its profile over L1 of log reconstruction loss plus log
+  L1 loss. Where both losses sit in their basins the sum is lowest; a dictionary too small for
+  the data has no such basin (all sparsity hurts it). A size "has a basin" when its minimum over
+  L1 is interior (strictly below both ends); the pointer is the smallest size with a basin, at its
+  minimising L1. The report z-scores each log loss over the grid before summing; a z-score's
+  mean shifts every cell of a profile alike, so only its standard deviation matters to where a
+  profile's minimum lies, as the two losses' relative weight, and that weight depends on which
+  sizes and L1 values the grid holds: adding a size could make or unmake another size's basin.
+  We fix the weight at 1:1 in natural-log units (the log of the product of the two losses, a
+  quantity of each cell alone), so a size's pointer moves only when that size's own cells say so.
+  The heatmap keeps the report's grid-wide SSLL. Cells whose codes collapsed (held-out L0 below
+  ``COLLAPSED_L0``, or an L1 loss of 0) lie past the end of the useful L1 range and are left
+  out, whether their L1 loss is 0 or 1e-9.
 - MMCS with larger dictionaries: the cell whose features keep reappearing in every larger
   dictionary at the same L1, i.e. where that MMCS peaks (undefined for the largest size).
 
@@ -38,8 +42,6 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass, field
-
-import numpy as np
 
 Key = tuple[float, int]
 
@@ -141,28 +143,22 @@ def _positive_log(v) -> float:
 
 def ssll_profiles(recon: dict[Key, float], l1_loss: dict[Key, float],
                   l0: dict[Key, float] | None = None) -> dict[int, list[tuple[float, float]]]:
-    """Per size, [(l1, z(log recon) + z(log l1 loss))] over that size's own usable cells.
+    """Per size, [(l1, log recon + log l1 loss)] over that size's usable cells, by L1.
 
-    Usable: both logs defined and, when ``l0`` is given, codes not collapsed. The z-scores are
-    taken over the size's profile alone, so no other size's rows weigh in.
+    Usable: both logs defined and, when ``l0`` is given, codes not collapsed. Each value is the
+    cell's own (no weight fitted to the grid), so no other cell weighs in.
     """
     out: dict[int, list[tuple[float, float]]] = {}
     for n in sorted({k[1] for k in recon}):
-        cells = []
+        prof = []
         for (a, m) in sorted(recon):
             if m != n:
                 continue
             lr, ll = _positive_log(recon.get((a, n))), _positive_log(l1_loss.get((a, n)))
             collapsed = l0 is not None and (a, n) in l0 and not l0[(a, n)] >= COLLAPSED_L0
             if math.isfinite(lr) and math.isfinite(ll) and not collapsed:
-                cells.append((a, lr, ll))
-        if not cells:
-            out[n] = []
-            continue
-        logs = np.array([[lr, ll] for _, lr, ll in cells])
-        sd = logs.std(axis=0)
-        z = np.where(sd > 0, (logs - logs.mean(axis=0)) / np.where(sd > 0, sd, 1), 0.0)
-        out[n] = [(a, float(v)) for (a, _, _), v in zip(cells, z.sum(axis=1))]
+                prof.append((a, lr + ll))
+        out[n] = prof
     return out
 
 
@@ -289,9 +285,9 @@ def _ssll_pointer(basins: dict[int, float | None]) -> Pointer:
     if not with_basin:
         return Pointer(SSLL, None, None, "no dictionary size has an SSLL basin inside the L1 range")
     n = min(with_basin)
-    return Pointer(SSLL, basins[n], n, f"the smallest dictionary whose SSLL (standardised over its "
-                   f"own L1 profile) has an interior minimum over L1 (at {basins[n]:g}); smaller "
-                   "ones have none")
+    return Pointer(SSLL, basins[n], n, f"the smallest dictionary whose summed log losses (log "
+                   f"reconstruction + log L1 loss) have an interior minimum over L1 (at "
+                   f"{basins[n]:g}); smaller ones have none")
 
 
 def dead_columns(columns: dict[str, dict[Key, float]], window: int | None) -> dict[int, dict]:
