@@ -21,8 +21,8 @@ FIGURE_TEXT = {
                     "without dead latents.",
     "compare_ssll": "Loss stickiness: held-out log reconstruction loss and log L1 loss, each "
                     "standardised over the whole grid, summed (the report's figure); the box marks "
-                    "the smallest dictionary whose own L1 profile, standardised over that profile "
-                    "alone, has an interior minimum (a basin), at that minimum.",
+                    "the smallest dictionary whose log reconstruction loss plus log L1 loss, "
+                    "unweighted (each cell's own), has an interior minimum over L1 (a basin).",
     "compare_mmcs_larger": "MMCS with larger dictionaries: how well each dictionary's atoms "
                            "reappear in the larger ones at the same L1 (no ground truth needed); "
                            "the box marks the peak.",
