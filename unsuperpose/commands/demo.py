@@ -1,8 +1,8 @@
 """`unsuperpose demo`: the whole pipeline on the embedded defaults, as one command.
 
 tiny LM -> harvest layer 1 -> SAE grid on the store (grown, one larger dictionary at a time,
-until more than 1% of the largest dictionary's latents die at every L1, the default dead-neuron
-reading, or the demo's largest size is reached) -> toy replication
+until the largest dictionary loses latents at every L1 (the default dead-neuron reading) or the
+demo's largest size is reached) -> toy replication
 -> report (+ feature browser). Each step is the ordinary subcommand, so its output is exactly
 what that command writes. A step whose output is already complete is skipped, and the
 subcommands themselves resume from their checkpoints (and refuse outputs made with other
@@ -98,10 +98,20 @@ def trained_sizes(sae_out: Path) -> list[int]:
     return sorted({int(r["dict_size"]) for r in _finished_rows(sae_out)})
 
 
+def _passes() -> str:
+    return ("has no dead latent" if DEFAULT_TOLERANCE == 0 else
+            f"keeps at least {1 - DEFAULT_TOLERANCE:.1%} of its latents")
+
+
+def _fails() -> str:
+    return ("has dead latents" if DEFAULT_TOLERANCE == 0 else
+            f"loses more than {DEFAULT_TOLERANCE:.1%} of its latents")
+
+
 def alive_at_largest(sae_out: Path) -> list[float]:
     """L1 values at which the largest dictionary trained so far (over every set in ``sae_out``)
-    passes the report's default dead-neuron reading (the tolerance the report uses): there the
-    evidence is open-ended and the grid must grow."""
+    passes the default dead-neuron reading (``analyze.diagnostics.DEFAULT_TOLERANCE``): there
+    the evidence is open-ended and the grid must grow."""
     dead = {(float(r["l1"]), int(r["dict_size"])): float(r["dead"]) for r in _finished_rows(sae_out)}
     db = dead_boundary(dead, DEFAULT_TOLERANCE)
     return sorted(db.all_alive)
@@ -178,8 +188,8 @@ def run(args: argparse.Namespace) -> int:
         if step.grow:
             open_l1 = alive_at_largest(sae_out)
             if not open_l1:
-                print(f"\n=== {step.name}: not needed, more than {DEFAULT_TOLERANCE:.0%} of the "
-                      "largest dictionary's latents die at every L1", flush=True)
+                print(f"\n=== {step.name}: not needed, the largest dictionary {_fails()} at every "
+                      "L1", flush=True)
                 continue
             print(f"\n=== at L1 {', '.join(f'{a:g}' for a in open_l1)} the largest dictionary keeps "
                   f"its latents: growing the grid to {step.output.name}", flush=True)
@@ -198,11 +208,10 @@ def run(args: argparse.Namespace) -> int:
     if open_l1:
         at = ", ".join(f"{a:g}" for a in open_l1)
         print(f"\nSAE grid: the largest dictionary ({max(trained_sizes(sae_out)):,} latents) "
-              f"keeps at least {1 - DEFAULT_TOLERANCE:.0%} of its latents at L1 {at}: the budget "
-              "ended before more died, so the LM estimate is a lower bound")
+              f"{_passes()} at L1 {at}: the budget ended before its latents died, so the LM "
+              "estimate is a lower bound")
     else:
-        print(f"\nSAE grid: more than {DEFAULT_TOLERANCE:.0%} of the largest dictionary's latents "
-              "die at every L1")
+        print(f"\nSAE grid: the largest dictionary {_fails()} at every L1")
     timings.append(("total", time.perf_counter() - start, _cpu_seconds() - cpu0))
     print("\n=== demo finished\n\n  step                  wall      CPU")
     for name, secs, cpu in timings:
