@@ -164,6 +164,19 @@ def ssll_profiles(recon: dict[Key, float], l1_loss: dict[Key, float],
     return out
 
 
+def interior_minima(values: dict[Key, float]) -> dict[int, float | None]:
+    """Per size: the L1 of the minimum of ``values`` over L1 when it is interior, else None (the
+    report's own grid-wide SSLL read the same way; printed beside our reading)."""
+    vals = _finite(values)
+    out: dict[int, float | None] = {}
+    for n in sorted({k[1] for k in vals}):
+        prof = sorted((a, v) for (a, m), v in vals.items() if m == n)
+        i = min(range(len(prof)), key=lambda j: (prof[j][1], j)) if prof else 0
+        ok = len(prof) >= 3 and 0 < i < len(prof) - 1 and prof[i][1] < min(prof[0][1], prof[-1][1])
+        out[n] = prof[i][0] if ok else None
+    return out
+
+
 def ssll_basins(recon: dict[Key, float], l1_loss: dict[Key, float],
                 l0: dict[Key, float] | None = None) -> dict[int, float | None]:
     """Per size: the L1 of its profile's minimum when that minimum is interior (strictly below
@@ -232,6 +245,7 @@ class Diagnosis:
     l1s: list[float]
     sizes: list[int]
     basins: dict[int, float | None] = field(default_factory=dict)
+    report_basins: dict[int, float | None] = field(default_factory=dict)   # grid-wide SSLL
     optimum: Key | None = None       # toy: best MMCS with the ground truth
     optimum_mmcs: float | None = None
     truth_size: int | None = None    # toy: the number of true features
@@ -321,6 +335,7 @@ def diagnose(columns: dict[str, dict[Key, float]], *, truth_size: int | None = N
     sizes = sorted({k[1] for k in keys})
     db = dead_boundary(dead, tolerance)
     basins = ssll_basins(recon, l1_loss, columns.get("heldout_l0"))
+    report_basins = interior_minima(col("ssll"))
     k = peak(col("mmcs_larger"))
     pointers = [_dead_pointer(db), _ssll_pointer(basins),
                 Pointer(LARGER, k[0] if k else None, k[1] if k else None,
@@ -328,7 +343,7 @@ def diagnose(columns: dict[str, dict[Key, float]], *, truth_size: int | None = N
                         "no finite MMCS with larger dictionaries (a grid needs two sizes)")]
     tolerances = sorted({*SENSITIVITY_TOLERANCES, tolerance})
     diag = Diagnosis(pointers=pointers, dead=db, l1s=l1s, sizes=sizes, basins=basins,
-                     truth_size=truth_size, window=window,
+                     report_basins=report_basins, truth_size=truth_size, window=window,
                      sensitivity=dead_sensitivity(dead_columns(columns, window), tolerances))
     mmcs_truth = columns.get("mmcs")
     if mmcs_truth:
@@ -352,7 +367,11 @@ def diagnosis_record(d: Diagnosis, base: int, base_name: str) -> dict:
                             "literal_rule": d.literal()},
            "dead_sensitivity": d.sensitivity,
            "largest_alive_per_l1": {f"{a:g}": n for a, n in d.dead.per_l1.items()},
-           "ssll_basin_per_size": {str(n): a for n, a in d.basins.items()}}
+           "ssll_basin_per_size": {str(n): a for n, a in d.basins.items()},
+           # the report's grid-wide z-scores read the same way: grid-dependent, shown beside ours
+           "ssll_report_weights": {"basin_per_size": {str(n): a for n, a in d.report_basins.items()},
+                                   "size": min((n for n, a in d.report_basins.items()
+                                                if a is not None), default=None)}}
     if d.truth_size is not None:
         rec["truth"] = {"size": d.truth_size, "ratio": d.truth_size / base}
     if d.optimum is not None:

@@ -72,7 +72,7 @@ def rescore(grid: Grid) -> None:
         cell.metrics["ssll"] = stick.get(key, math.nan)
 
 
-DIAGNOSIS_COLUMNS = ("dead", "heldout_mse", "heldout_l1_loss", "heldout_l0", "mmcs_larger")
+DIAGNOSIS_COLUMNS = ("dead", "heldout_mse", "heldout_l1_loss", "heldout_l0", "mmcs_larger", "ssll")
 
 
 def diagnose_grid(grid: Grid, *, truth_size: int | None, tolerance: float) -> Diagnosis:

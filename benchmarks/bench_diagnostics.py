@@ -99,7 +99,7 @@ def study(seed: int, name: str, settings: dict) -> Iterator[dict]:
         scores = score_grid(state.dictionaries(), metrics, src.features)
         rows = [{"l1": a, "dict_size": n, **metrics[(a, n)], **scores[(a, n)]} for (a, n) in metrics]
         yield {"figure": "grid_rows", "seed": seed, "data": name, "step": step, "window": window,
-               "rows": [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()
+               "rows": [{k: (float(f"{v:.7g}") if isinstance(v, float) else v) for k, v in r.items()
                          if k in ROW_KEYS or k.startswith("dead_w")} for r in rows]}
         default_rows = [r for r in rows if r["l1"] in DEFAULT_L1]
         # the grid-wide SSLL of the default grid alone, as `make toy` would have it

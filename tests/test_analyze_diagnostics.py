@@ -273,3 +273,12 @@ def test_without_ground_truth_there_is_no_optimum_but_an_estimate():
     d = diagnose(c)
     assert d.optimum is None and all(p.match == {} for p in d.pointers)
     assert d.estimate()["median"] == 512
+
+
+def test_the_reports_grid_wide_ssll_is_read_beside_ours():
+    c = planted()
+    c["ssll"] = {k: (abs(L1S.index(k[0]) - 1) if k[1] >= 256 else L1S.index(k[0])) for k in c["dead"]}
+    rec = diagnosis_record(diagnose(c), 512, "G")
+    assert rec["ssll_report_weights"]["size"] == 256
+    assert rec["ssll_report_weights"]["basin_per_size"]["256"] == 3e-4
+    assert rec["ssll_report_weights"]["basin_per_size"]["128"] is None
