@@ -98,7 +98,7 @@ def summary_html(report) -> str:
     report_ssll = [n for n, a in lm.diagnosis.report_basins.items() if a is not None]
     ssll_note = (f" SSLL read with the report's grid-wide z-scores instead (grid-dependent): "
                  f"{min(report_ssll):,} latents." if report_ssll else
-                 " SSLL read with the report's grid-wide z-scores: no basin either.")
+                 " SSLL read with the report's grid-wide z-scores: no basin.")
     parts = [f"<p><b>Estimate.</b> {esc(estimate_text(lm.diagnosis.estimate(), lm.base, lm.name))} "
              f"{esc(sensitivity_text(lm.diagnosis))}{esc(ssll_note)}</p>"]
     if toy is not None and toy.diagnosis.truth_size is not None:
