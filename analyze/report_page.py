@@ -87,8 +87,9 @@ def sensitivity_text(diagnosis) -> str:
         return ""
     parts = []
     for r in rows:
-        tag = " (the report's literal rule)" if r["tolerance"] == 0 else \
-            " (the default reading)" if r["tolerance"] == diagnosis.dead.tolerance else ""
+        tags = (["the report's literal rule"] if r["tolerance"] == 0 else []) + \
+            (["the default reading"] if r["tolerance"] == diagnosis.dead.tolerance else [])
+        tag = f" ({', '.join(tags)})" if tags else ""
         parts.append(f"{_reading(r)} at tolerance {r['tolerance']:.1%}{tag}")
     return (f"Dead-neuron pointer, window {diagnosis.window:,} batches: " + ", ".join(parts) + ".")
 
