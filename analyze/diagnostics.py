@@ -164,32 +164,28 @@ def ssll_profiles(recon: dict[Key, float], l1_loss: dict[Key, float],
     return out
 
 
+def _interior_minimum(prof: list[tuple[float, float]]) -> float | None:
+    """The L1 of a profile's [(l1, value)] minimum when it is interior (strictly below both
+    ends), else None; needs at least three values."""
+    if len(prof) < 3:
+        return None
+    i = min(range(len(prof)), key=lambda j: (prof[j][1], j))
+    interior = 0 < i < len(prof) - 1 and prof[i][1] < min(prof[0][1], prof[-1][1])
+    return prof[i][0] if interior else None
+
+
 def interior_minima(values: dict[Key, float]) -> dict[int, float | None]:
     """Per size: the L1 of the minimum of ``values`` over L1 when it is interior, else None (the
     report's own grid-wide SSLL read the same way; printed beside our reading)."""
     vals = _finite(values)
-    out: dict[int, float | None] = {}
-    for n in sorted({k[1] for k in vals}):
-        prof = sorted((a, v) for (a, m), v in vals.items() if m == n)
-        i = min(range(len(prof)), key=lambda j: (prof[j][1], j)) if prof else 0
-        ok = len(prof) >= 3 and 0 < i < len(prof) - 1 and prof[i][1] < min(prof[0][1], prof[-1][1])
-        out[n] = prof[i][0] if ok else None
-    return out
+    return {n: _interior_minimum(sorted((a, v) for (a, m), v in vals.items() if m == n))
+            for n in sorted({k[1] for k in vals})}
 
 
 def ssll_basins(recon: dict[Key, float], l1_loss: dict[Key, float],
                 l0: dict[Key, float] | None = None) -> dict[int, float | None]:
-    """Per size: the L1 of its profile's minimum when that minimum is interior (strictly below
-    both ends), else None. Needs at least three usable L1 values for a size."""
-    out: dict[int, float | None] = {}
-    for n, prof in ssll_profiles(recon, l1_loss, l0).items():
-        if len(prof) < 3:
-            out[n] = None
-            continue
-        i = min(range(len(prof)), key=lambda j: (prof[j][1], j))
-        interior = 0 < i < len(prof) - 1 and prof[i][1] < min(prof[0][1], prof[-1][1])
-        out[n] = prof[i][0] if interior else None
-    return out
+    """Per size: the L1 of its summed-log-loss profile's interior minimum, else None."""
+    return {n: _interior_minimum(prof) for n, prof in ssll_profiles(recon, l1_loss, l0).items()}
 
 
 # -- pointers and the estimate --------------------------------------------------------------------
