@@ -6,10 +6,28 @@ from unsuperpose.analyze.diagnostics import Diagnosis, dead_boundary, diagnose, 
 from unsuperpose.analyze.grid import grid_figures, ground_truth_callback, score_grid
 from unsuperpose.analyze.metrics import cosine_matrix, mcc, mmcs, mmcs_with_larger, ssll
 
-__all__ = ["grid_figures", "ground_truth_callback", "score_grid", "cosine_matrix", "mcc", "mmcs",
-           "mmcs_with_larger", "ssll", "Grid", "collect_lm", "collect_toy", "merge_sets", "read_set",
-           "Diagnosis", "dead_boundary", "diagnose", "largest_alive", "peak", "build_report",
-           "build_browser"]
+__all__ = [
+    "grid_figures",
+    "ground_truth_callback",
+    "score_grid",
+    "cosine_matrix",
+    "mcc",
+    "mmcs",
+    "mmcs_with_larger",
+    "ssll",
+    "Grid",
+    "collect_lm",
+    "collect_toy",
+    "merge_sets",
+    "read_set",
+    "Diagnosis",
+    "dead_boundary",
+    "diagnose",
+    "largest_alive",
+    "peak",
+    "build_report",
+    "build_browser",
+]
 
 
 def __getattr__(name):
@@ -17,8 +35,10 @@ def __getattr__(name):
     # loaded on first use, so `from unsuperpose.analyze import mmcs` stays light for `train`.
     if name == "build_report":
         from unsuperpose.analyze.report import build_report
+
         return build_report
     if name == "build_browser":
         from unsuperpose.analyze.features import build_browser
+
         return build_browser
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -41,12 +41,12 @@ class UnitStats:
     """Per-unit summaries over ``rows`` rows of a store."""
 
     rows: int
-    count: np.ndarray      # (units,) rows with activation > 0
-    total: np.ndarray      # (units,) sum of positive activations
-    max: np.ndarray        # (units,) largest activation (0 if it never fired)
-    hist: np.ndarray       # (units, N_BINS) counts of positive activations on log2 bins
-    top_vals: np.ndarray   # (units, k) descending; 0 where fewer than k rows fired
-    top_rows: np.ndarray   # (units, k) store rows of top_vals
+    count: np.ndarray  # (units,) rows with activation > 0
+    total: np.ndarray  # (units,) sum of positive activations
+    max: np.ndarray  # (units,) largest activation (0 if it never fired)
+    hist: np.ndarray  # (units, N_BINS) counts of positive activations on log2 bins
+    top_vals: np.ndarray  # (units, k) descending; 0 where fewer than k rows fired
+    top_rows: np.ndarray  # (units, k) store rows of top_vals
 
     @property
     def units(self) -> int:
@@ -79,10 +79,18 @@ class _Accumulator:
         self.max = torch.maximum(self.max, pos.max(0).values)
         r, u = active.nonzero(as_tuple=True)
         if len(u):
-            b = (torch.log2(acts[r, u]) * BINS_PER_OCTAVE).floor().long() - LOG2_LO * BINS_PER_OCTAVE
-            self.hist += torch.bincount(u * N_BINS + b.clamp_(0, N_BINS - 1), minlength=len(self.hist))
+            b = (
+                torch.log2(acts[r, u]) * BINS_PER_OCTAVE
+            ).floor().long() - LOG2_LO * BINS_PER_OCTAVE
+            self.hist += torch.bincount(
+                u * N_BINS + b.clamp_(0, N_BINS - 1), minlength=len(self.hist)
+            )
         # Top-k across batches: the running top k and this batch compete together.
-        rows = torch.arange(lo, lo + len(acts), device=acts.device).unsqueeze(1).expand(-1, acts.shape[1])
+        rows = (
+            torch.arange(lo, lo + len(acts), device=acts.device)
+            .unsqueeze(1)
+            .expand(-1, acts.shape[1])
+        )
         vals = torch.cat([self.top_vals, pos])
         idx = torch.cat([self.top_rows, rows])
         self.top_vals, pick = vals.topk(self.k, dim=0)
@@ -90,15 +98,27 @@ class _Accumulator:
 
     def stats(self, rows: int) -> UnitStats:
         host = lambda t: t.cpu().numpy()  # noqa: E731
-        return UnitStats(rows=rows, count=host(self.count), total=host(self.total),
-                         max=host(self.max), hist=host(self.hist.view(-1, N_BINS)),
-                         top_vals=host(self.top_vals.T.contiguous()),
-                         top_rows=host(self.top_rows.T.contiguous()))
+        return UnitStats(
+            rows=rows,
+            count=host(self.count),
+            total=host(self.total),
+            max=host(self.max),
+            hist=host(self.hist.view(-1, N_BINS)),
+            top_vals=host(self.top_vals.T.contiguous()),
+            top_rows=host(self.top_rows.T.contiguous()),
+        )
 
 
-def scan(store, encoders: dict[str, Encoder], *, top: int = 20, batch_rows: int = 4096,
-         max_rows: int | None = None, progress: bool = True,
-         device: torch.device | str = "cpu") -> dict[str, UnitStats]:
+def scan(
+    store,
+    encoders: dict[str, Encoder],
+    *,
+    top: int = 20,
+    batch_rows: int = 4096,
+    max_rows: int | None = None,
+    progress: bool = True,
+    device: torch.device | str = "cpu",
+) -> dict[str, UnitStats]:
     """Stream ``store`` (``.rows``, ``.read_rows(lo, hi)``) once through every encoder (which
     take inputs on ``device``; the statistics are gathered there too)."""
     if top < 1 or batch_rows < 1:
@@ -122,6 +142,7 @@ def scan(store, encoders: dict[str, Encoder], *, top: int = 20, batch_rows: int 
 
 # -- contexts ----------------------------------------------------------------------------------
 
+
 @dataclass
 class Context:
     """The tokens around one top-activating row; ``at`` indexes the row's own token."""
@@ -137,9 +158,11 @@ def token_arrays(path) -> tuple[zarr.Array, zarr.Array]:
     group = storage.open_zarr_group(storage.location(path), mode="r")  # local or s3://
     missing = [n for n in ("tokens", "positions") if n not in group]
     if missing:
-        raise UserError(f"{path} kept no {' or '.join(missing)} (only activations), so there is "
-                        "no text to show; harvest the store again with `unsuperpose harvest`, "
-                        "which keeps the token of every row")
+        raise UserError(
+            f"{path} kept no {' or '.join(missing)} (only activations), so there is "
+            "no text to show; harvest the store again with `unsuperpose harvest`, "
+            "which keeps the token of every row"
+        )
     return group["tokens"], group["positions"]
 
 
@@ -149,12 +172,13 @@ def gather(array: zarr.Array, wanted: np.ndarray, step: int) -> np.ndarray:
     for lo in range(0, int(wanted[-1]) + 1 if len(wanted) else 0, step):
         a, b = np.searchsorted(wanted, [lo, lo + step])
         if a < b:
-            out[a:b] = array[lo:min(lo + step, array.shape[0])][wanted[a:b] - lo]
+            out[a:b] = array[lo : min(lo + step, array.shape[0])][wanted[a:b] - lo]
     return out
 
 
-def contexts(stats: dict[str, UnitStats], path, *, left: int = 10, right: int = 4,
-             step: int = 1 << 16) -> dict[str, list[list[Context]]]:
+def contexts(
+    stats: dict[str, UnitStats], path, *, left: int = 10, right: int = 4, step: int = 1 << 16
+) -> dict[str, list[list[Context]]]:
     """For every unit of every scan, its top rows with up to ``left``/``right`` tokens around each,
     cut at the edges of the context block the row came from: a store holds whole blocks of n_ctx
     tokens in order, so the row at position p of its block has its block start p rows earlier."""
@@ -194,6 +218,10 @@ def firing_summary(s: UnitStats) -> dict:
     """Headline numbers of one scan: dead units and the spread of firing frequencies."""
     alive = s.count > 0
     f = s.freq[alive]
-    return {"units": s.units, "rows": s.rows, "never_fired": int((~alive).sum()),
-            "median_freq": float(np.median(f)) if len(f) else math.nan,
-            "max_freq": float(f.max()) if len(f) else math.nan}
+    return {
+        "units": s.units,
+        "rows": s.rows,
+        "never_fired": int((~alive).sum()),
+        "median_freq": float(np.median(f)) if len(f) else math.nan,
+        "max_freq": float(f.max()) if len(f) else math.nan,
+    }

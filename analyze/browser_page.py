@@ -31,20 +31,30 @@ function sortUnits(key, desc) {
 """
 
 
-def bars_svg(counts: np.ndarray, lo_label: str, hi_label: str, width: int = 170, height: int = 42,
-             what: str = "histogram") -> str:
+def bars_svg(
+    counts: np.ndarray,
+    lo_label: str,
+    hi_label: str,
+    width: int = 170,
+    height: int = 42,
+    what: str = "histogram",
+) -> str:
     """A tiny bar chart of ``counts`` with its two ends labelled."""
     c = np.asarray(counts, dtype=float)
     if not c.any():
         return ""
     bw = width / len(c)
     # Empty bins draw nothing; a non-empty one at least one pixel, so rare values stay visible.
-    bars = "".join(f'<rect x="{i * bw:.1f}" y="{height - 12 - h:.1f}" width="{max(bw - 0.5, 0.5):.1f}" '
-                   f'height="{h:.1f}" fill="#3a6fb0"/>'
-                   for i, h in enumerate(np.where(c > 0, np.maximum(c / c.max() * (height - 14), 1), 0))
-                   if h > 0)
-    label = (f'<text x="0" y="{height - 1}" font-size="9">{esc(lo_label)}</text>'
-             f'<text x="{width}" y="{height - 1}" font-size="9" text-anchor="end">{esc(hi_label)}</text>')
+    bars = "".join(
+        f'<rect x="{i * bw:.1f}" y="{height - 12 - h:.1f}" width="{max(bw - 0.5, 0.5):.1f}" '
+        f'height="{h:.1f}" fill="#3a6fb0"/>'
+        for i, h in enumerate(np.where(c > 0, np.maximum(c / c.max() * (height - 14), 1), 0))
+        if h > 0
+    )
+    label = (
+        f'<text x="0" y="{height - 1}" font-size="9">{esc(lo_label)}</text>'
+        f'<text x="{width}" y="{height - 1}" font-size="9" text-anchor="end">{esc(hi_label)}</text>'
+    )
     return f'<svg width="{width}" height="{height}" role="img" aria-label="{esc(what)}">{bars}{label}</svg>'
 
 
@@ -55,8 +65,9 @@ def hist_svg(counts: np.ndarray, width: int = 170, height: int = 42) -> str:
         return ""
     lo, hi = nz[0], nz[-1] + 1
     edges = bin_edges()
-    return bars_svg(counts[lo:hi], f"{edges[lo]:.2g}", f"{edges[hi]:.2g}", width, height,
-                    "activation histogram")
+    return bars_svg(
+        counts[lo:hi], f"{edges[lo]:.2g}", f"{edges[hi]:.2g}", width, height, "activation histogram"
+    )
 
 
 def show_token(text: str) -> str:
@@ -72,46 +83,65 @@ def context_html(ctx: Context, decode: Callable[[list[int]], str], unit_max: flo
     """
     strength = ctx.act / unit_max if unit_max > 0 else 0.0
     alpha = 0.15 + 0.85 * min(max(strength, 0.0), 1.0)
-    left = show_token(decode(ctx.tokens[:ctx.at])) if ctx.at else ""
-    right = show_token(decode(ctx.tokens[ctx.at + 1:])) if ctx.at + 1 < len(ctx.tokens) else ""
-    tok = show_token(decode(ctx.tokens[ctx.at:ctx.at + 1])) if ctx.tokens else ""
-    return (f'<div class="ctx">{esc(left)}<mark style="background: rgba(255,140,0,{alpha:.2f})" '
-            f'title="activation {ctx.act:.4g} (row {ctx.row})">{esc(tok)}</mark>{esc(right)} '
-            f'<span class="note">{ctx.act:.3g}</span></div>')
+    left = show_token(decode(ctx.tokens[: ctx.at])) if ctx.at else ""
+    right = show_token(decode(ctx.tokens[ctx.at + 1 :])) if ctx.at + 1 < len(ctx.tokens) else ""
+    tok = show_token(decode(ctx.tokens[ctx.at : ctx.at + 1])) if ctx.tokens else ""
+    return (
+        f'<div class="ctx">{esc(left)}<mark style="background: rgba(255,140,0,{alpha:.2f})" '
+        f'title="activation {ctx.act:.4g} (row {ctx.row})">{esc(tok)}</mark>{esc(right)} '
+        f'<span class="note">{ctx.act:.3g}</span></div>'
+    )
 
 
-def render(title: str, what: str, stats: UnitStats, ctxs: list[list[Context]],
-           decode: Callable[[list[int]], str], meta: dict) -> str:
+def render(
+    title: str,
+    what: str,
+    stats: UnitStats,
+    ctxs: list[list[Context]],
+    decode: Callable[[list[int]], str],
+    meta: dict,
+) -> str:
     """One page: headline numbers, provenance, then one sortable row per unit that ever fired."""
     summary = firing_summary(stats)
-    head = (f"<h1>{esc(title)}</h1>"
-            f"<p>{summary['units']:,} {what}s over {summary['rows']:,} store rows; "
-            f"{summary['never_fired']:,} never fired (listed at the end); median firing frequency "
-            f"of the others {fmt(summary['median_freq'], 3)}. A {what} <i>fires</i> on a row when "
-            "its activation is above 0. Histograms: positive activations on log2-spaced bins "
-            "(the labels give the range). Contexts: the highest activations, the token itself "
-            "highlighted, darker when closer to this unit's maximum.</p>")
+    head = (
+        f"<h1>{esc(title)}</h1>"
+        f"<p>{summary['units']:,} {what}s over {summary['rows']:,} store rows; "
+        f"{summary['never_fired']:,} never fired (listed at the end); median firing frequency "
+        f"of the others {fmt(summary['median_freq'], 3)}. A {what} <i>fires</i> on a row when "
+        "its activation is above 0. Histograms: positive activations on log2-spaced bins "
+        "(the labels give the range). Contexts: the highest activations, the token itself "
+        "highlighted, darker when closer to this unit's maximum.</p>"
+    )
     head += table(["", ""], [[k, v] for k, v in meta.items()], left=2)
-    buttons = ('<p>sort: <button onclick="sortUnits(\'freq\', true)">frequency &darr;</button>'
-               '<button onclick="sortUnits(\'freq\', false)">frequency &uarr;</button>'
-               '<button onclick="sortUnits(\'max\', true)">max activation &darr;</button>'
-               f'<button onclick="sortUnits(\'i\', false)">{esc(what)} index</button></p>')
+    buttons = (
+        "<p>sort: <button onclick=\"sortUnits('freq', true)\">frequency &darr;</button>"
+        "<button onclick=\"sortUnits('freq', false)\">frequency &uarr;</button>"
+        "<button onclick=\"sortUnits('max', true)\">max activation &darr;</button>"
+        f"<button onclick=\"sortUnits('i', false)\">{esc(what)} index</button></p>"
+    )
     order = np.argsort(-stats.freq, kind="stable")
     rows = []
     for u in order:
         if stats.count[u] == 0:
             continue
         ctx = "".join(context_html(c, decode, float(stats.max[u])) for c in ctxs[u])
-        rows.append(f'<tr data-i="{u}" data-freq="{stats.freq[u]:.6g}" data-max="{stats.max[u]:.6g}">'
-                    f'<td>{u}</td><td>{fmt(float(stats.freq[u]), 3)}</td>'
-                    f'<td>{fmt(float(stats.max[u]), 3)}</td><td>{fmt(float(stats.mean_active[u]), 3)}</td>'
-                    f'<td>{hist_svg(stats.hist[u])}</td><td class="ctxcell"><div class="ctxs">{ctx}</div></td></tr>')
-    units = (f"<table><thead><tr><th>{esc(what)}</th><th>firing frequency</th><th>max</th>"
-             "<th>mean when firing</th><th>activation histogram</th><th class=\"l\">top-activating "
-             f"contexts</th></tr></thead><tbody id=\"units\">{''.join(rows)}</tbody></table>")
+        rows.append(
+            f'<tr data-i="{u}" data-freq="{stats.freq[u]:.6g}" data-max="{stats.max[u]:.6g}">'
+            f"<td>{u}</td><td>{fmt(float(stats.freq[u]), 3)}</td>"
+            f"<td>{fmt(float(stats.max[u]), 3)}</td><td>{fmt(float(stats.mean_active[u]), 3)}</td>"
+            f'<td>{hist_svg(stats.hist[u])}</td><td class="ctxcell"><div class="ctxs">{ctx}</div></td></tr>'
+        )
+    units = (
+        f"<table><thead><tr><th>{esc(what)}</th><th>firing frequency</th><th>max</th>"
+        '<th>mean when firing</th><th>activation histogram</th><th class="l">top-activating '
+        f'contexts</th></tr></thead><tbody id="units">{"".join(rows)}</tbody></table>'
+    )
     dead = np.flatnonzero(stats.count == 0)
-    tail = (f"<h3>Never fired ({len(dead):,})</h3><p class=\"note\">{esc(', '.join(map(str, dead)))}</p>"
-            if len(dead) else "")
+    tail = (
+        f'<h3>Never fired ({len(dead):,})</h3><p class="note">{esc(", ".join(map(str, dead)))}</p>'
+        if len(dead)
+        else ""
+    )
     return page(title, head + buttons + units + tail, style=STYLE + STYLE_EXTRA, script=SORT_JS)
 
 
@@ -125,20 +155,49 @@ def concentration_table(mono: dict[str, dict]) -> str:
     """Token and pair concentration of every page's units: median (quartiles) and a histogram."""
     rows = []
     for name, m in mono.items():
-        hist = bars_svg(m["token_hist"], "0", "1", what="token concentration") if m.get("token_scored") else "-"
-        rows.append([name, m.get("token_scored", 0), _quartiles(m, "token"), Raw(hist), _quartiles(m, "pair")])
+        hist = (
+            bars_svg(m["token_hist"], "0", "1", what="token concentration")
+            if m.get("token_scored")
+            else "-"
+        )
+        rows.append(
+            [
+                name,
+                m.get("token_scored", 0),
+                _quartiles(m, "token"),
+                Raw(hist),
+                _quartiles(m, "pair"),
+            ]
+        )
     k = next(iter(mono.values()))["k"] if mono else 0
-    note = (f"<p>Concentration of the top {k} activations (monosemanticity without an LLM): the "
-            f"share of a unit's {k} strongest rows that fall on its most common token (or pair of "
-            "previous token and token). 1 = a single token; higher than the neurons' = the "
-            "dictionary is more monosemantic than the neuron basis. Units firing on fewer than "
-            f"{k} rows are not scored. Histogram: token concentration, 0 to 1 in tenths.</p>")
-    return note + table(["page", "units scored", "token concentration, median (quartiles)",
-                         "distribution", "pair concentration"], rows, left=1)
+    note = (
+        f"<p>Concentration of the top {k} activations (monosemanticity without an LLM): the "
+        f"share of a unit's {k} strongest rows that fall on its most common token (or pair of "
+        "previous token and token). 1 = a single token; higher than the neurons' = the "
+        "dictionary is more monosemantic than the neuron basis. Units firing on fewer than "
+        f"{k} rows are not scored. Histogram: token concentration, 0 to 1 in tenths.</p>"
+    )
+    return note + table(
+        [
+            "page",
+            "units scored",
+            "token concentration, median (quartiles)",
+            "distribution",
+            "pair concentration",
+        ],
+        rows,
+        left=1,
+    )
 
 
-def write_index(out: Path, pages: dict[str, Path], meta: dict, mono: dict[str, dict] | None = None) -> Path:
-    links = "".join(f'<li><a href="{esc(p.name)}">{esc(name)}</a></li>' for name, p in pages.items())
-    body = (f"<h1>Feature browser</h1>{table(['', ''], [[k, v] for k, v in meta.items()], left=2)}"
-            f"<ul>{links}</ul>" + (concentration_table(mono) if mono else ""))
+def write_index(
+    out: Path, pages: dict[str, Path], meta: dict, mono: dict[str, dict] | None = None
+) -> Path:
+    links = "".join(
+        f'<li><a href="{esc(p.name)}">{esc(name)}</a></li>' for name, p in pages.items()
+    )
+    body = (
+        f"<h1>Feature browser</h1>{table(['', ''], [[k, v] for k, v in meta.items()], left=2)}"
+        f"<ul>{links}</ul>" + (concentration_table(mono) if mono else "")
+    )
     return write(out / "index.html", page("Feature browser", body))

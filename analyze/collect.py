@@ -88,7 +88,9 @@ class Grid:
 
     def dictionaries(self) -> dict[Key, torch.Tensor]:
         """The unit-norm atoms (n, d) of every SAE, read from its safetensors file."""
-        return {k: load_file(str(c.sae_dir / "sae.safetensors"))["W_dec"] for k, c in self.cells.items()}
+        return {
+            k: load_file(str(c.sae_dir / "sae.safetensors"))["W_dec"] for k, c in self.cells.items()
+        }
 
 
 def is_set(path: Path) -> bool:
@@ -107,9 +109,18 @@ def read_set(set_dir: str | Path) -> dict[Key, Cell]:
         training = cfg.get("training") or {}
         steps = int(metrics.get("steps", training.get("steps", 0)))
         samples = int(metrics.get("samples", steps * int(training.get("batch_size", 1))))
-        cell = Cell(l1=float(cfg["l1"]), n=int(cfg["d_sae"]), d_in=int(cfg["d_in"]), metrics=metrics,
-                    sae_dir=cfg_path.parent, set_dir=set_dir, steps=steps, samples=samples,
-                    mtime=cfg_path.stat().st_mtime, identity=merge_identity(cfg))
+        cell = Cell(
+            l1=float(cfg["l1"]),
+            n=int(cfg["d_sae"]),
+            d_in=int(cfg["d_in"]),
+            metrics=metrics,
+            sae_dir=cfg_path.parent,
+            set_dir=set_dir,
+            steps=steps,
+            samples=samples,
+            mtime=cfg_path.stat().st_mtime,
+            identity=merge_identity(cfg),
+        )
         cells[cell.key] = cell
     return cells
 
@@ -119,9 +130,20 @@ def read_set(set_dir: str | Path) -> dict[Key, Cell]:
 # encoder/decoder or L1 convention, or read with another dead window, is not comparable with its
 # neighbours; the data must be the same (the store's fingerprint covers model weights, corpus,
 # hook, layer and rows). The L1 values, sizes and seeds are what a grid varies.
-_TRAINING_IDENTITY = ("steps", "batch_size", "lr", "beta1", "beta2", "l1_norm", "tied",
-                      "decoder_init", "encoder_init", "resample_every", "dead_window")
-_RESAMPLING_IDENTITY = ("resample_pool", "resample_until")   # only matter when resampling
+_TRAINING_IDENTITY = (
+    "steps",
+    "batch_size",
+    "lr",
+    "beta1",
+    "beta2",
+    "l1_norm",
+    "tied",
+    "decoder_init",
+    "encoder_init",
+    "resample_every",
+    "dead_window",
+)
+_RESAMPLING_IDENTITY = ("resample_pool", "resample_until")  # only matter when resampling
 _SOURCE_IDENTITY = ("fingerprint", "weights_sha256", "corpus_fingerprint", "hook", "layer", "rows")
 
 
@@ -147,22 +169,29 @@ def check_mergeable(sets: list[dict[Key, Cell]]) -> None:
     for cells in sets:
         for c in cells.values():
             if by_set.setdefault(c.set_dir, c.identity) != c.identity:
-                raise UserError(f"{c.set_dir} holds SAEs trained with different settings: it is "
-                                "not one grid; retrain it")
+                raise UserError(
+                    f"{c.set_dir} holds SAEs trained with different settings: it is "
+                    "not one grid; retrain it"
+                )
     if len({tuple(sorted(i.items(), key=str)) for i in by_set.values()}) <= 1:
         return
     first_dir, first = next(iter(by_set.items()))
     lines = []
     for d, ident in by_set.items():
         keys = sorted(set(first) | set(ident))
-        diff = [f"{k}: {_shown(first.get(k))} vs {_shown(ident.get(k))}" for k in keys
-                if first.get(k) != ident.get(k)]
+        diff = [
+            f"{k}: {_shown(first.get(k))} vs {_shown(ident.get(k))}"
+            for k in keys
+            if first.get(k) != ident.get(k)
+        ]
         if diff:
             lines.append(f"{first_dir.name} vs {d.name}: {'; '.join(diff)}")
-    raise UserError("these dictionary sets are not one grid, and the diagnostics compare every "
-                    "cell with its neighbours: " + " | ".join(lines) + ". Read one experiment at a "
-                    "time: name its sets with --sets (e.g. --sets " + first_dir.name + "), move "
-                    "the others out of the folder, or retrain them with the same settings")
+    raise UserError(
+        "these dictionary sets are not one grid, and the diagnostics compare every "
+        "cell with its neighbours: " + " | ".join(lines) + ". Read one experiment at a "
+        "time: name its sets with --sets (e.g. --sets " + first_dir.name + "), move "
+        "the others out of the folder, or retrain them with the same settings"
+    )
 
 
 def merge_sets(sets: list[dict[Key, Cell]]) -> tuple[dict[Key, Cell], list[str]]:
@@ -179,9 +208,11 @@ def merge_sets(sets: list[dict[Key, Cell]]) -> tuple[dict[Key, Cell], list[str]]
             new_wins = (cell.samples, cell.mtime) > (old.samples, old.mtime)
             win, lose = (cell, old) if new_wins else (old, cell)
             merged[key] = win
-            notes.append(f"L1 {key[0]:g} x {key[1]} latents is in both {lose.set_dir.name} and "
-                         f"{win.set_dir.name}: using {win.set_dir.name} ({win.steps:,} steps, "
-                         f"{win.samples:,} samples; the other {lose.steps:,} steps, {lose.samples:,})")
+            notes.append(
+                f"L1 {key[0]:g} x {key[1]} latents is in both {lose.set_dir.name} and "
+                f"{win.set_dir.name}: using {win.set_dir.name} ({win.steps:,} steps, "
+                f"{win.samples:,} samples; the other {lose.steps:,} steps, {lose.samples:,})"
+            )
     return merged, notes
 
 
@@ -194,8 +225,10 @@ def _grid(set_dirs: list[Path], what: str, fix: str) -> Grid:
     widths = {c.d_in for c in cells.values()}
     if len(widths) != 1:
         by = {w: sorted({c.set_dir.name for c in cells.values() if c.d_in == w}) for w in widths}
-        raise UserError(f"the dictionaries for {what} have different input widths {by}: they were "
-                        "trained on different stores; move the stray set out of the folder")
+        raise UserError(
+            f"the dictionaries for {what} have different input widths {by}: they were "
+            "trained on different stores; move the stray set out of the folder"
+        )
     first = next(iter(cells.values()))
     source = json.loads((first.sae_dir / "config.json").read_text()).get("source") or {}
     return Grid(cells=cells, sets=list(set_dirs), source=source, d=widths.pop(), notes=notes)
@@ -219,23 +252,35 @@ def collect_lm(runs: str | Path, lm: str, layer: int | str, sets: list[str] | No
         names = {p.name: p for p in found}
         missing = [s for s in sets if s not in names]
         if missing:
-            raise UserError(f"no dictionary set named {', '.join(missing)} under {base}; the sets "
-                            f"there are: {', '.join(sorted(names)) or 'none'}")
+            raise UserError(
+                f"no dictionary set named {', '.join(missing)} under {base}; the sets "
+                f"there are: {', '.join(sorted(names)) or 'none'}"
+            )
         found = [names[s] for s in sets]
     found.sort(key=lambda p: max(c.stat().st_mtime for c in (p / SAES).glob("*/config.json")))
-    grid = _grid(found, f"LM {lm!r} layer {layer} (looked in {base}/*/saes/)",
-                 f"train a grid first, e.g. `make train LM={lm} LAYER={layer} DICT=1x,2x,4x,8x`")
+    grid = _grid(
+        found,
+        f"LM {lm!r} layer {layer} (looked in {base}/*/saes/)",
+        f"train a grid first, e.g. `make train LM={lm} LAYER={layer} DICT=1x,2x,4x,8x`",
+    )
     # A set still training has a checkpoint but no dictionaries yet: say so rather than skip it silently.
-    unfinished = [p.name for p in sorted(base.iterdir()) if (p / "checkpoint").is_dir() and not is_set(p)]
+    unfinished = [
+        p.name for p in sorted(base.iterdir()) if (p / "checkpoint").is_dir() and not is_set(p)
+    ]
     if unfinished:
-        grid.notes.append(f"not included, still training (rerun its `unsuperpose train` command to "
-                          f"finish it): {', '.join(unfinished)}")
+        grid.notes.append(
+            f"not included, still training (rerun its `unsuperpose train` command to "
+            f"finish it): {', '.join(unfinished)}"
+        )
     return grid
 
 
 def collect_toy(path: str | Path) -> Grid:
     """The toy run's grid (one set, with ground-truth columns mmcs/mcc)."""
     path = Path(path)
-    return _grid([path] if is_set(path) else [], f"the toy run (looked in {path}/saes/)",
-                 f"run the toy replication first (`make toy`, or `unsuperpose toy --out {path}`), "
-                 "or pass --toy PATH")
+    return _grid(
+        [path] if is_set(path) else [],
+        f"the toy run (looked in {path}/saes/)",
+        f"run the toy replication first (`make toy`, or `unsuperpose toy --out {path}`), "
+        "or pass --toy PATH",
+    )

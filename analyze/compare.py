@@ -60,8 +60,14 @@ def _star(ax, values: dict[Key, float], key: Key | None) -> None:
     l1s = sorted({a for a, _ in values})
     sizes = sorted({n for _, n in values})
     # In the cell's corner, so the value printed in the cell stays readable.
-    ax.plot(sizes.index(key[1]) + 0.32, l1s.index(key[0]) + 0.3, marker="*", markersize=13,
-            color="white", markeredgecolor="black")
+    ax.plot(
+        sizes.index(key[1]) + 0.32,
+        l1s.index(key[0]) + 0.3,
+        marker="*",
+        markersize=13,
+        color="white",
+        markeredgecolor="black",
+    )
 
 
 def mark(ax, diagnostic: str, values: dict[Key, float], diag: Diagnosis) -> None:
@@ -70,18 +76,33 @@ def mark(ax, diagnostic: str, values: dict[Key, float], diag: Diagnosis) -> None
         for a, n in diag.dead.per_l1.items():
             _box(ax, values, (a, n) if n is not None else None, "cyan", lw=1.8)
     else:
-        name = {"ssll": "loss stickiness (SSLL)", "mmcs_larger": "MMCS with larger dictionaries"}[diagnostic]
+        name = {"ssll": "loss stickiness (SSLL)", "mmcs_larger": "MMCS with larger dictionaries"}[
+            diagnostic
+        ]
         p = next(p for p in diag.pointers if p.diagnostic == name)
         _box(ax, values, (p.l1, p.size) if p.size is not None else None, "cyan")
     _star(ax, values, diag.optimum)
 
 
-def side_by_side(toy: dict[Key, float], lm: dict[Key, float], path: str | Path, *, diagnostic: str,
-                 title: str, toy_base: int, lm_base: int, toy_diag: Diagnosis | None,
-                 lm_diag: Diagnosis | None, opts: dict, lm_name: str = "LM") -> Path:
+def side_by_side(
+    toy: dict[Key, float],
+    lm: dict[Key, float],
+    path: str | Path,
+    *,
+    diagnostic: str,
+    title: str,
+    toy_base: int,
+    lm_base: int,
+    toy_diag: Diagnosis | None,
+    lm_diag: Diagnosis | None,
+    opts: dict,
+    lm_name: str = "LM",
+) -> Path:
     """One figure, toy on the left and the LM on the right (an empty panel says what is missing)."""
-    panels = [("toy data", toy, toy_base, f"ratio to G = {toy_base} ground-truth features", toy_diag),
-              (lm_name, lm, lm_base, f"ratio to d = {lm_base}, the activation width", lm_diag)]
+    panels = [
+        ("toy data", toy, toy_base, f"ratio to G = {toy_base} ground-truth features", toy_diag),
+        (lm_name, lm, lm_base, f"ratio to d = {lm_base}, the activation width", lm_diag),
+    ]
     width = sum(1.0 * len({n for _, n in v}) + 2.8 for _, v, *_ in panels if v) or 8
     height = 0.45 * max([len({a for a, _ in v}) for _, v, *_ in panels if v] or [4]) + 2.4
     fig, axes = plt.subplots(1, 2, figsize=(max(width, 9), height))
@@ -90,11 +111,23 @@ def side_by_side(toy: dict[Key, float], lm: dict[Key, float], path: str | Path, 
             ax.axis("off")
             ax.text(0.5, 0.5, f"no {name} grid", ha="center", va="center")
             continue
-        heatmap(values, None, title=f"{name}: {title}", ax=ax,
-                size_labels=size_labels({n for _, n in values}, base),
-                size_axis=f"dictionary size ({unit})", **opts)
+        heatmap(
+            values,
+            None,
+            title=f"{name}: {title}",
+            ax=ax,
+            size_labels=size_labels({n for _, n in values}, base),
+            size_axis=f"dictionary size ({unit})",
+            **opts,
+        )
         if diag is not None:
             mark(ax, diagnostic, values, diag)
-    fig.text(0.5, 0.005, "boxes: where the diagnostic points; star: the toy ground-truth optimum "
-             "(best MMCS with the true features)", ha="center", fontsize=8)
+    fig.text(
+        0.5,
+        0.005,
+        "boxes: where the diagnostic points; star: the toy ground-truth optimum "
+        "(best MMCS with the true features)",
+        ha="center",
+        fontsize=8,
+    )
     return save_figure(fig, path, rect=(0, 0.03, 1, 1))

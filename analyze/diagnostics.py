@@ -51,12 +51,15 @@ DEAD, SSLL, LARGER = "dead neurons", "loss stickiness (SSLL)", "MMCS with larger
 
 DEFAULT_TOLERANCE = 0.0
 SENSITIVITY_TOLERANCES = (0.0, 0.005, 0.01)
-COLLAPSED_L0 = 0.01   # fewer than one active latent per hundred rows: the codes have collapsed
+COLLAPSED_L0 = 0.01  # fewer than one active latent per hundred rows: the codes have collapsed
 
 
 def _finite(values: dict[Key, float]) -> dict[Key, float]:
-    return {k: float(v) for k, v in values.items()
-            if v is not None and isinstance(v, (int, float)) and math.isfinite(v)}
+    return {
+        k: float(v)
+        for k, v in values.items()
+        if v is not None and isinstance(v, (int, float)) and math.isfinite(v)
+    }
 
 
 def peak(values: dict[Key, float]) -> Key | None:
@@ -68,6 +71,7 @@ def peak(values: dict[Key, float]) -> Key | None:
 
 
 # -- dead neurons ---------------------------------------------------------------------------------
+
 
 def passes(dead: float, n: int, tolerance: float) -> bool:
     """A dictionary of ``n`` latents counts as alive with at most ``tolerance`` x n dead ones."""
@@ -95,13 +99,13 @@ def largest_alive(dead: dict[Key, float], tolerance: float = 0.0) -> dict[float,
 @dataclass
 class DeadBoundary:
     per_l1: dict[float, int | None]
-    size: int | None           # the largest boundary over L1 (a lower bound if ``open``)
-    l1: float | None           # the largest L1 whose boundary is ``size``
-    open: bool                 # an L1 that keeps its largest dictionary alive reaches ``size``
-    inside: list[float]        # L1 values whose boundary is inside their sizes
-    all_alive: list[float]     # L1 values whose largest dictionary passes (open-ended there)
-    none_alive: list[float]    # L1 values where even the smallest fails
-    largest: dict[float, int] = field(default_factory=dict)   # the largest size trained per L1
+    size: int | None  # the largest boundary over L1 (a lower bound if ``open``)
+    l1: float | None  # the largest L1 whose boundary is ``size``
+    open: bool  # an L1 that keeps its largest dictionary alive reaches ``size``
+    inside: list[float]  # L1 values whose boundary is inside their sizes
+    all_alive: list[float]  # L1 values whose largest dictionary passes (open-ended there)
+    none_alive: list[float]  # L1 values where even the smallest fails
+    largest: dict[float, int] = field(default_factory=dict)  # the largest size trained per L1
     tolerance: float = 0.0
 
 
@@ -119,32 +123,50 @@ def dead_boundary(dead: dict[Key, float], tolerance: float = 0.0) -> DeadBoundar
     found = [(n, a) for a, n in per.items() if n is not None]
     size, l1 = max(found) if found else (None, None)
     is_open = size is not None and any(largest[a] >= size for a in all_alive)
-    return DeadBoundary(per_l1=per, size=size, l1=l1, open=is_open, inside=inside,
-                        all_alive=all_alive, none_alive=[a for a, n in per.items() if n is None],
-                        largest=largest, tolerance=tolerance)
+    return DeadBoundary(
+        per_l1=per,
+        size=size,
+        l1=l1,
+        open=is_open,
+        inside=inside,
+        all_alive=all_alive,
+        none_alive=[a for a, n in per.items() if n is None],
+        largest=largest,
+        tolerance=tolerance,
+    )
 
 
-def dead_sensitivity(dead_by_window: dict[int, dict[Key, float]],
-                     tolerances=SENSITIVITY_TOLERANCES) -> list[dict]:
+def dead_sensitivity(
+    dead_by_window: dict[int, dict[Key, float]], tolerances=SENSITIVITY_TOLERANCES
+) -> list[dict]:
     """Where the dead-neuron pointer lands for each (window, tolerance): how much the count rests
     on a few latents and on the window."""
     out = []
     for window in sorted(dead_by_window):
         for t in tolerances:
             db = dead_boundary(dead_by_window[window], t)
-            out.append({"window": window, "tolerance": t, "size": db.size, "l1": db.l1,
-                        "lower_bound": db.open})
+            out.append(
+                {
+                    "window": window,
+                    "tolerance": t,
+                    "size": db.size,
+                    "l1": db.l1,
+                    "lower_bound": db.open,
+                }
+            )
     return out
 
 
 # -- loss stickiness ------------------------------------------------------------------------------
 
+
 def _positive_log(v) -> float:
     return math.log(v) if isinstance(v, (int, float)) and v > 0 and math.isfinite(v) else math.nan
 
 
-def ssll_profiles(recon: dict[Key, float], l1_loss: dict[Key, float],
-                  l0: dict[Key, float] | None = None) -> dict[int, list[tuple[float, float]]]:
+def ssll_profiles(
+    recon: dict[Key, float], l1_loss: dict[Key, float], l0: dict[Key, float] | None = None
+) -> dict[int, list[tuple[float, float]]]:
     """Per size, [(l1, log recon + log l1 loss)] over that size's usable cells, by L1.
 
     Usable: both logs defined and, when ``l0`` is given, codes not collapsed. Each value is the
@@ -153,7 +175,7 @@ def ssll_profiles(recon: dict[Key, float], l1_loss: dict[Key, float],
     out: dict[int, list[tuple[float, float]]] = {}
     for n in sorted({k[1] for k in recon}):
         prof = []
-        for (a, m) in sorted(recon):
+        for a, m in sorted(recon):
             if m != n:
                 continue
             lr, ll = _positive_log(recon.get((a, n))), _positive_log(l1_loss.get((a, n)))
@@ -178,17 +200,21 @@ def interior_minima(values: dict[Key, float]) -> dict[int, float | None]:
     """Per size: the L1 of the minimum of ``values`` over L1 when it is interior, else None (the
     report's own grid-wide SSLL read the same way; printed beside our reading)."""
     vals = _finite(values)
-    return {n: _interior_minimum(sorted((a, v) for (a, m), v in vals.items() if m == n))
-            for n in sorted({k[1] for k in vals})}
+    return {
+        n: _interior_minimum(sorted((a, v) for (a, m), v in vals.items() if m == n))
+        for n in sorted({k[1] for k in vals})
+    }
 
 
-def ssll_basins(recon: dict[Key, float], l1_loss: dict[Key, float],
-                l0: dict[Key, float] | None = None) -> dict[int, float | None]:
+def ssll_basins(
+    recon: dict[Key, float], l1_loss: dict[Key, float], l0: dict[Key, float] | None = None
+) -> dict[int, float | None]:
     """Per size: the L1 of its summed-log-loss profile's interior minimum, else None."""
     return {n: _interior_minimum(prof) for n, prof in ssll_profiles(recon, l1_loss, l0).items()}
 
 
 # -- pointers and the estimate --------------------------------------------------------------------
+
 
 @dataclass
 class Pointer:
@@ -202,7 +228,7 @@ class Pointer:
     size: int | None
     why: str
     lower_bound: bool = False
-    match: dict = field(default_factory=dict)   # against the truth and the optimum, toy only
+    match: dict = field(default_factory=dict)  # against the truth and the optimum, toy only
 
 
 def steps_between(a, b, axis: list) -> int | None:
@@ -212,8 +238,9 @@ def steps_between(a, b, axis: list) -> int | None:
     return abs(axis.index(a) - axis.index(b))
 
 
-def compare(p: Pointer, optimum: Key | None, truth_size: int | None, l1s: list[float],
-            sizes: list[int]) -> dict:
+def compare(
+    p: Pointer, optimum: Key | None, truth_size: int | None, l1s: list[float], sizes: list[int]
+) -> dict:
     """Grid steps from the true number of features (size) and from the MMCS optimum (cell).
 
     A lower bound at N matches only if the truth is beyond N (it never is inside a grid).
@@ -225,8 +252,11 @@ def compare(p: Pointer, optimum: Key | None, truth_size: int | None, l1s: list[f
     if optimum is not None:
         size_off = None if p.lower_bound else steps_between(p.size, optimum[1], sizes)
         l1_off = None if p.l1 is None else steps_between(p.l1, optimum[0], l1s)
-        out.update(optimum_size_steps_off=size_off, optimum_l1_steps_off=l1_off,
-                   matches_optimum=size_off == 0 and (l1_off is None or l1_off == 0))
+        out.update(
+            optimum_size_steps_off=size_off,
+            optimum_l1_steps_off=l1_off,
+            matches_optimum=size_off == 0 and (l1_off is None or l1_off == 0),
+        )
     return out
 
 
@@ -241,12 +271,12 @@ class Diagnosis:
     l1s: list[float]
     sizes: list[int]
     basins: dict[int, float | None] = field(default_factory=dict)
-    report_basins: dict[int, float | None] = field(default_factory=dict)   # grid-wide SSLL
-    optimum: Key | None = None       # toy: best MMCS with the ground truth
+    report_basins: dict[int, float | None] = field(default_factory=dict)  # grid-wide SSLL
+    optimum: Key | None = None  # toy: best MMCS with the ground truth
     optimum_mmcs: float | None = None
-    truth_size: int | None = None    # toy: the number of true features
-    window: int | None = None        # the dead window of the default reading (batches)
-    sensitivity: list[dict] = field(default_factory=list)   # dead_sensitivity rows
+    truth_size: int | None = None  # toy: the number of true features
+    window: int | None = None  # the dead window of the default reading (batches)
+    sensitivity: list[dict] = field(default_factory=list)  # dead_sensitivity rows
 
     def estimate(self) -> dict | None:
         """The number of features the diagnostics point to.
@@ -260,17 +290,29 @@ class Diagnosis:
         points = sorted(p.size for p in self.pointers if p.size is not None and not p.lower_bound)
         bounds = [p.size for p in self.pointers if p.lower_bound and p.size is not None]
         if bounds:
-            return {"more_than": max(bounds), "low": None, "high": None, "median": None,
-                    "sizes": points}
+            return {
+                "more_than": max(bounds),
+                "low": None,
+                "high": None,
+                "median": None,
+                "sizes": points,
+            }
         if not points:
             return None
-        return {"more_than": None, "low": points[0], "high": points[-1],
-                "median": _whole(statistics.median(points)), "sizes": points}
+        return {
+            "more_than": None,
+            "low": points[0],
+            "high": points[-1],
+            "median": _whole(statistics.median(points)),
+            "sizes": points,
+        }
 
     def literal(self) -> dict | None:
         """The report's literal dead-neuron rule (tolerance 0) at the default window."""
-        return next((r for r in self.sensitivity if r["tolerance"] == 0
-                     and r["window"] == self.window), None)
+        return next(
+            (r for r in self.sensitivity if r["tolerance"] == 0 and r["window"] == self.window),
+            None,
+        )
 
 
 def _dead_pointer(db: DeadBoundary) -> Pointer:
@@ -279,16 +321,25 @@ def _dead_pointer(db: DeadBoundary) -> Pointer:
         return Pointer(DEAD, None, None, f"even the smallest dictionary fails ({tol}) at every L1")
     if db.open:
         at = ", ".join(f"{a:g}" for a in db.all_alive if db.largest[a] >= db.size)
-        return Pointer(DEAD, db.l1, db.size, lower_bound=True,
-                       why=f"at L1 {at} the largest dictionary trained ({db.size:,} latents) "
-                           f"still passes ({tol}): more than {db.size:,} features; train larger "
-                           "dictionaries at that L1 until latents die")
-    why = (f"the largest dictionary that passes ({tol}): {db.size:,} latents, at L1 {db.l1:g}, "
-           "the largest L1 that keeps it")
+        return Pointer(
+            DEAD,
+            db.l1,
+            db.size,
+            lower_bound=True,
+            why=f"at L1 {at} the largest dictionary trained ({db.size:,} latents) "
+            f"still passes ({tol}): more than {db.size:,} features; train larger "
+            "dictionaries at that L1 until latents die",
+        )
+    why = (
+        f"the largest dictionary that passes ({tol}): {db.size:,} latents, at L1 {db.l1:g}, "
+        "the largest L1 that keeps it"
+    )
     short = [a for a in db.all_alive if db.largest[a] < db.size]
     if short:
-        why += (f"; L1 {', '.join(f'{a:g}' for a in short)} kept every size it was trained at, "
-                "all below this one")
+        why += (
+            f"; L1 {', '.join(f'{a:g}' for a in short)} kept every size it was trained at, "
+            "all below this one"
+        )
     return Pointer(DEAD, db.l1, db.size, why)
 
 
@@ -297,9 +348,14 @@ def _ssll_pointer(basins: dict[int, float | None]) -> Pointer:
     if not with_basin:
         return Pointer(SSLL, None, None, "no dictionary size has an SSLL basin inside the L1 range")
     n = min(with_basin)
-    return Pointer(SSLL, basins[n], n, f"the smallest dictionary whose summed log losses (log "
-                   f"reconstruction + log L1 loss) have an interior minimum over L1 (at "
-                   f"{basins[n]:g}); smaller ones have none")
+    return Pointer(
+        SSLL,
+        basins[n],
+        n,
+        f"the smallest dictionary whose summed log losses (log "
+        f"reconstruction + log L1 loss) have an interior minimum over L1 (at "
+        f"{basins[n]:g}); smaller ones have none",
+    )
 
 
 def dead_columns(columns: dict[str, dict[Key, float]], window: int | None) -> dict[int, dict]:
@@ -315,8 +371,13 @@ def dead_columns(columns: dict[str, dict[Key, float]], window: int | None) -> di
     return out
 
 
-def diagnose(columns: dict[str, dict[Key, float]], *, truth_size: int | None = None,
-             tolerance: float = DEFAULT_TOLERANCE, window: int | None = None) -> Diagnosis:
+def diagnose(
+    columns: dict[str, dict[Key, float]],
+    *,
+    truth_size: int | None = None,
+    tolerance: float = DEFAULT_TOLERANCE,
+    window: int | None = None,
+) -> Diagnosis:
     """Where the three diagnostics point, and with ground truth how far from it they are.
 
     ``columns``: {name: {(l1, size): value}} with ``dead``, ``heldout_mse``,
@@ -333,14 +394,30 @@ def diagnose(columns: dict[str, dict[Key, float]], *, truth_size: int | None = N
     basins = ssll_basins(recon, l1_loss, columns.get("heldout_l0"))
     report_basins = interior_minima(col("ssll"))
     k = peak(col("mmcs_larger"))
-    pointers = [_dead_pointer(db), _ssll_pointer(basins),
-                Pointer(LARGER, k[0] if k else None, k[1] if k else None,
-                        "the peak of the MMCS with larger dictionaries" if k else
-                        "no finite MMCS with larger dictionaries (a grid needs two sizes)")]
+    pointers = [
+        _dead_pointer(db),
+        _ssll_pointer(basins),
+        Pointer(
+            LARGER,
+            k[0] if k else None,
+            k[1] if k else None,
+            "the peak of the MMCS with larger dictionaries"
+            if k
+            else "no finite MMCS with larger dictionaries (a grid needs two sizes)",
+        ),
+    ]
     tolerances = sorted({*SENSITIVITY_TOLERANCES, tolerance})
-    diag = Diagnosis(pointers=pointers, dead=db, l1s=l1s, sizes=sizes, basins=basins,
-                     report_basins=report_basins, truth_size=truth_size, window=window,
-                     sensitivity=dead_sensitivity(dead_columns(columns, window), tolerances))
+    diag = Diagnosis(
+        pointers=pointers,
+        dead=db,
+        l1s=l1s,
+        sizes=sizes,
+        basins=basins,
+        report_basins=report_basins,
+        truth_size=truth_size,
+        window=window,
+        sensitivity=dead_sensitivity(dead_columns(columns, window), tolerances),
+    )
     mmcs_truth = columns.get("mmcs")
     if mmcs_truth:
         diag.optimum = peak(mmcs_truth)
@@ -354,28 +431,51 @@ def diagnose(columns: dict[str, dict[Key, float]], *, truth_size: int | None = N
 
 def diagnosis_record(d: Diagnosis, base: int, base_name: str) -> dict:
     """What a grid's diagnostics say, as JSON (``diagnosis.json``, the W&B summary)."""
-    rec = {"base": base, "base_name": base_name,
-           "pointers": [{"diagnostic": p.diagnostic, "l1": p.l1, "size": p.size,
-                         "ratio": (p.size / base) if p.size else None,
-                         "lower_bound": p.lower_bound, "why": p.why, **p.match}
-                        for p in d.pointers],
-           "dead_reading": {"tolerance": d.dead.tolerance, "window": d.window,
-                            "literal_rule": d.literal()},
-           "dead_sensitivity": d.sensitivity,
-           "largest_alive_per_l1": {f"{a:g}": n for a, n in d.dead.per_l1.items()},
-           "ssll_basin_per_size": {str(n): a for n, a in d.basins.items()},
-           # the report's grid-wide z-scores read the same way: grid-dependent, shown beside ours
-           "ssll_report_weights": {"basin_per_size": {str(n): a for n, a in d.report_basins.items()},
-                                   "size": min((n for n, a in d.report_basins.items()
-                                                if a is not None), default=None)}}
+    rec = {
+        "base": base,
+        "base_name": base_name,
+        "pointers": [
+            {
+                "diagnostic": p.diagnostic,
+                "l1": p.l1,
+                "size": p.size,
+                "ratio": (p.size / base) if p.size else None,
+                "lower_bound": p.lower_bound,
+                "why": p.why,
+                **p.match,
+            }
+            for p in d.pointers
+        ],
+        "dead_reading": {
+            "tolerance": d.dead.tolerance,
+            "window": d.window,
+            "literal_rule": d.literal(),
+        },
+        "dead_sensitivity": d.sensitivity,
+        "largest_alive_per_l1": {f"{a:g}": n for a, n in d.dead.per_l1.items()},
+        "ssll_basin_per_size": {str(n): a for n, a in d.basins.items()},
+        # the report's grid-wide z-scores read the same way: grid-dependent, shown beside ours
+        "ssll_report_weights": {
+            "basin_per_size": {str(n): a for n, a in d.report_basins.items()},
+            "size": min((n for n, a in d.report_basins.items() if a is not None), default=None),
+        },
+    }
     if d.truth_size is not None:
         rec["truth"] = {"size": d.truth_size, "ratio": d.truth_size / base}
     if d.optimum is not None:
-        rec["optimum"] = {"l1": d.optimum[0], "size": d.optimum[1], "mmcs": d.optimum_mmcs,
-                          "ratio": d.optimum[1] / base}
+        rec["optimum"] = {
+            "l1": d.optimum[0],
+            "size": d.optimum[1],
+            "mmcs": d.optimum_mmcs,
+            "ratio": d.optimum[1] / base,
+        }
     est = d.estimate()
     if est is not None:
         ratio = lambda v: v / base if v is not None else None
-        rec["estimate"] = {**est, "ratio_more_than": ratio(est["more_than"]),
-                           "ratio_low": ratio(est["low"]), "ratio_high": ratio(est["high"])}
+        rec["estimate"] = {
+            **est,
+            "ratio_more_than": ratio(est["more_than"]),
+            "ratio_low": ratio(est["low"]),
+            "ratio_high": ratio(est["high"]),
+        }
     return rec

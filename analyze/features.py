@@ -26,8 +26,10 @@ def find_saes(path: str | Path) -> list[Path]:
         return [path]
     found = sorted(p.parent for p in (path / "saes").glob("n*-l1_*/sae.safetensors"))
     if not found:
-        raise UserError(f"{path} holds no dictionary: pass one SAE folder (.../saes/n<size>-l1_<l1>, "
-                        "with sae.safetensors) or a dictionary set (a folder with saes/)")
+        raise UserError(
+            f"{path} holds no dictionary: pass one SAE folder (.../saes/n<size>-l1_<l1>, "
+            "with sae.safetensors) or a dictionary set (a folder with saes/)"
+        )
     return found
 
 
@@ -37,10 +39,20 @@ def store_of(sae: SAE) -> str | None:
     return src.get("path") if src.get("kind") == "activation_store" else None
 
 
-def build_browser(sae_dirs: list[Path], store, out: str | Path, decode: Callable[[list[int]], str], *,
-                  top: int = 20, max_rows: int | None = None, neurons: bool = True,
-                  left: int = 10, right: int = 4, progress: bool = True,
-                  device: torch.device | str = "cpu") -> dict[str, Path]:
+def build_browser(
+    sae_dirs: list[Path],
+    store,
+    out: str | Path,
+    decode: Callable[[list[int]], str],
+    *,
+    top: int = 20,
+    max_rows: int | None = None,
+    neurons: bool = True,
+    left: int = 10,
+    right: int = 4,
+    progress: bool = True,
+    device: torch.device | str = "cpu",
+) -> dict[str, Path]:
     """Write ``out/<sae folder>.html`` per dictionary, ``out/neurons.html`` and ``out/index.html``.
 
     ``store`` is an ``ActivationStore`` (``.path``, ``.d``, ``.rows``, ``.read_rows``,
@@ -52,9 +64,11 @@ def build_browser(sae_dirs: list[Path], store, out: str | Path, decode: Callable
     for d in sae_dirs:
         sae = SAE.load(d)
         if sae.d_in != store.d:
-            raise UserError(f"{d} reads activations of width {sae.d_in} but {store.path} has width "
-                            f"{store.d}: pass the store it was trained on with --store "
-                            f"(its config.json names {store_of(sae) or 'no store'})")
+            raise UserError(
+                f"{d} reads activations of width {sae.d_in} but {store.path} has width "
+                f"{store.d}: pass the store it was trained on with --store "
+                f"(its config.json names {store_of(sae) or 'no store'})"
+            )
         saes[d.name], dirs[d.name] = sae.eval().to(device), d
     encoders = {name: sae.encode for name, sae in saes.items()}
     if neurons:
@@ -62,22 +76,42 @@ def build_browser(sae_dirs: list[Path], store, out: str | Path, decode: Callable
     stats = scan(store, encoders, top=top, max_rows=max_rows, progress=progress, device=device)
     ctxs = contexts(stats, store.path, left=left, right=right)
     meta = store.metadata
-    common = {"store": str(store.path), "model": meta.get("model_dir", "?"),
-              "hook": meta.get("hook", "?"), "rows scanned": f"{stats[next(iter(stats))].rows:,} of {store.rows:,}"}
+    common = {
+        "store": str(store.path),
+        "model": meta.get("model_dir", "?"),
+        "hook": meta.get("hook", "?"),
+        "rows scanned": f"{stats[next(iter(stats))].rows:,} of {store.rows:,}",
+    }
     pages = {}
     for name, sae in saes.items():
-        info = {**common, "dictionary": str(dirs[name]),
-                "latents": sae.d_sae, "L1 coefficient": sae.config.get("l1", "?")}
-        pages[name] = write(out / f"{name}.html", render(f"Latents of {name}", "latent", stats[name],
-                                                           ctxs[name], decode, info))
+        info = {
+            **common,
+            "dictionary": str(dirs[name]),
+            "latents": sae.d_sae,
+            "L1 coefficient": sae.config.get("l1", "?"),
+        }
+        pages[name] = write(
+            out / f"{name}.html",
+            render(f"Latents of {name}", "latent", stats[name], ctxs[name], decode, info),
+        )
     if neurons:
-        pages[NEURONS] = write(out / f"{NEURONS}.html",
-                               render("MLP neurons (baseline)", "neuron", stats[NEURONS], ctxs[NEURONS],
-                                      decode, {**common, "neurons": store.d}))
+        pages[NEURONS] = write(
+            out / f"{NEURONS}.html",
+            render(
+                "MLP neurons (baseline)",
+                "neuron",
+                stats[NEURONS],
+                ctxs[NEURONS],
+                decode,
+                {**common, "neurons": store.d},
+            ),
+        )
     mono = {name: concentration_summary(c, top) for name, c in ctxs.items()}
     pages["index"] = write_index(out, dict(pages), common, mono)
     write_json_atomic(out / "monosemanticity.json", mono)
-    summaries = {name: {**firing_summary(s), "token_concentration_median": mono[name].get("token_median")}
-                 for name, s in stats.items()}
+    summaries = {
+        name: {**firing_summary(s), "token_concentration_median": mono[name].get("token_median")}
+        for name, s in stats.items()
+    }
     write(out / "summary.txt", "".join(f"{k}: {v}\n" for k, v in summaries.items()))
     return pages

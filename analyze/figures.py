@@ -27,7 +27,9 @@ def save_figure(fig, path: str | Path, rect: tuple | None = None) -> Path:
     return path
 
 
-def grid_matrix(values: dict[tuple[float, int], float], l1s: list[float], sizes: list[int]) -> np.ndarray:
+def grid_matrix(
+    values: dict[tuple[float, int], float], l1s: list[float], sizes: list[int]
+) -> np.ndarray:
     """(len(l1s), len(sizes)) array of ``values``; NaN where a cell is missing."""
     m = np.full((len(l1s), len(sizes)), np.nan)
     for i, a in enumerate(l1s):
@@ -37,9 +39,19 @@ def grid_matrix(values: dict[tuple[float, int], float], l1s: list[float], sizes:
     return m
 
 
-def heatmap(values: dict[tuple[float, int], float], path: str | Path, *, title: str,
-            size_labels: dict[int, str], size_axis: str, cap: float | None = None,
-            cmap: str = "viridis", fmt: str = ".2f", log_color: bool = False, ax=None) -> Path | None:
+def heatmap(
+    values: dict[tuple[float, int], float],
+    path: str | Path,
+    *,
+    title: str,
+    size_labels: dict[int, str],
+    size_axis: str,
+    cap: float | None = None,
+    cmap: str = "viridis",
+    fmt: str = ".2f",
+    log_color: bool = False,
+    ax=None,
+) -> Path | None:
     """Draw one heatmap; with ``ax`` draw into it (for side-by-side figures) and return None."""
     l1s = sorted({a for a, _ in values})
     sizes = sorted({n for _, n in values})
@@ -64,8 +76,15 @@ def heatmap(values: dict[tuple[float, int], float], path: str | Path, *, title: 
         for i in range(m.shape[0]):
             for j in range(m.shape[1]):
                 if math.isfinite(m[i, j]):
-                    ax.text(j, i, format(m[i, j], fmt), ha="center", va="center", fontsize=7,
-                            color="white" if shown[i, j] < (vmin + vmax) / 2 else "black")
+                    ax.text(
+                        j,
+                        i,
+                        format(m[i, j], fmt),
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if shown[i, j] < (vmin + vmax) / 2 else "black",
+                    )
     cbar = ax.figure.colorbar(im, ax=ax)
     if log_color:
         cbar.set_label("log10")
@@ -74,8 +93,9 @@ def heatmap(values: dict[tuple[float, int], float], path: str | Path, *, title: 
     return save_figure(fig, path)
 
 
-def curves(history: list[dict], metric: str, path: str | Path, *, title: str,
-           size_labels: dict[int, str]) -> Path | None:
+def curves(
+    history: list[dict], metric: str, path: str | Path, *, title: str, size_labels: dict[int, str]
+) -> Path | None:
     """One panel per dictionary size, one line per L1: ``metric`` against training steps."""
     rows = [h for h in history if metric in h]
     if not rows:
@@ -88,13 +108,15 @@ def curves(history: list[dict], metric: str, path: str | Path, *, title: str,
     fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3 * nrows), squeeze=False, sharey=True)
     for ax, n in zip(axes.flat, sizes):
         for color, a in zip(colors, l1s):
-            pts = sorted((h["step"], h[metric]) for h in rows if h["dict_size"] == n and h["l1"] == a)
+            pts = sorted(
+                (h["step"], h[metric]) for h in rows if h["dict_size"] == n and h["l1"] == a
+            )
             if pts:
                 ax.plot(*zip(*pts), color=color, label=f"{a:.3g}")
         ax.set_title(f"dictionary {size_labels.get(n, n)} ({n} latents)")
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(sizes):]:
+    for ax in list(axes.flat)[len(sizes) :]:
         ax.axis("off")
     axes[0, 0].set_ylabel(metric)
     axes[0, 0].legend(title="L1", fontsize=7)
@@ -102,14 +124,27 @@ def curves(history: list[dict], metric: str, path: str | Path, *, title: str,
     return save_figure(fig, path)
 
 
-def frontier(rows: list[dict], y: str, path: str | Path, *, title: str, ylabel: str,
-             size_labels: dict[int, str], references: dict[str, tuple[float, float]] | None = None,
-             log_y: bool = False) -> Path | None:
+def frontier(
+    rows: list[dict],
+    y: str,
+    path: str | Path,
+    *,
+    title: str,
+    ylabel: str,
+    size_labels: dict[int, str],
+    references: dict[str, tuple[float, float]] | None = None,
+    log_y: bool = False,
+) -> Path | None:
     """The sparsity-fidelity frontier: L0 (held-out) against ``y``, one line per dictionary size
     (its points are the L1 values), and labelled reference points (e.g. the neuron basis, the
     zero and mean ablations) as {label: (l0, y)}."""
-    pts = [(r["dict_size"], r["heldout_l0"], r[y]) for r in rows
-           if isinstance(r.get(y), (int, float)) and math.isfinite(r[y]) and r.get("heldout_l0") is not None]
+    pts = [
+        (r["dict_size"], r["heldout_l0"], r[y])
+        for r in rows
+        if isinstance(r.get(y), (int, float))
+        and math.isfinite(r[y])
+        and r.get("heldout_l0") is not None
+    ]
     if not pts:
         return None
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
@@ -117,14 +152,25 @@ def frontier(rows: list[dict], y: str, path: str | Path, *, title: str, ylabel: 
     sizes = sorted({p[0] for p in pts})
     for i, n in enumerate(sizes):
         line = sorted((l0, v) for m, l0, v in pts if m == n)
-        ax.plot([a for a, _ in line], [b for _, b in line], marker="o", ms=4,
-                color=cmap(i / max(len(sizes) - 1, 1)), label=size_labels.get(n, str(n)))
+        ax.plot(
+            [a for a, _ in line],
+            [b for _, b in line],
+            marker="o",
+            ms=4,
+            color=cmap(i / max(len(sizes) - 1, 1)),
+            label=size_labels.get(n, str(n)),
+        )
     for k, (label, (l0, v)) in enumerate((references or {}).items()):
         if math.isfinite(v):
             ax.scatter([max(l0, 0.5)], [v], marker="*s^"[k % 3], s=90, color="black", zorder=5)
             # Reference points often coincide (both ablations keep nothing): stagger their labels.
-            ax.annotate(label, (max(l0, 0.5), v), textcoords="offset points", xytext=(8, 6 - 11 * k),
-                        fontsize=8)
+            ax.annotate(
+                label,
+                (max(l0, 0.5), v),
+                textcoords="offset points",
+                xytext=(8, 6 - 11 * k),
+                fontsize=8,
+            )
     ax.set_xscale("log")
     if log_y:
         ax.set_yscale("symlog", linthresh=1e-3)

@@ -28,12 +28,17 @@ GRID_FIGURES = [
 ]
 
 
-def score_grid(dicts: dict[Key, torch.Tensor], metrics: dict[Key, dict],
-               ground_truth: torch.Tensor | None = None) -> dict[Key, dict[str, float]]:
+def score_grid(
+    dicts: dict[Key, torch.Tensor],
+    metrics: dict[Key, dict],
+    ground_truth: torch.Tensor | None = None,
+) -> dict[Key, dict[str, float]]:
     """Per SAE: MMCS with larger dictionaries, SSLL, and with ground truth also MMCS and MCC."""
     larger = mmcs_with_larger(dicts)
-    stick = ssll({k: m["heldout_mse"] for k, m in metrics.items()},
-                 {k: m["heldout_l1_loss"] for k, m in metrics.items()})
+    stick = ssll(
+        {k: m["heldout_mse"] for k, m in metrics.items()},
+        {k: m["heldout_l1_loss"] for k, m in metrics.items()},
+    )
     scores = {}
     for key, d in dicts.items():
         s = {"mmcs_larger": larger[key], "ssll": stick[key]}
@@ -47,7 +52,7 @@ def score_grid(dicts: dict[Key, torch.Tensor], metrics: dict[Key, dict],
 
 def ground_truth_callback(ground_truth: torch.Tensor):
     """A training callback recording MMCS with the ground truth for every SAE."""
-    on: dict[torch.device, torch.Tensor] = {}   # the truth copied once to each device it meets
+    on: dict[torch.device, torch.Tensor] = {}  # the truth copied once to each device it meets
 
     def fn(step: int, dicts: dict[Key, torch.Tensor]) -> dict[Key, dict[str, float]]:
         out = {}
@@ -57,22 +62,40 @@ def ground_truth_callback(ground_truth: torch.Tensor):
             truth = on[d.device]
             out[k] = {"mmcs": mmcs(truth, d)}
         return out
+
     return fn
 
 
-def grid_figures(rows: list[dict], history: list[dict], out: str | Path, *, size_axis: str,
-                 size_labels: dict[int, str]) -> dict[str, Path]:
+def grid_figures(
+    rows: list[dict],
+    history: list[dict],
+    out: str | Path,
+    *,
+    size_axis: str,
+    size_labels: dict[int, str],
+) -> dict[str, Path]:
     """Heatmaps of every column the rows have, and curves of the callback values over steps."""
     out = Path(out)
     paths = {}
     for col, title, opts in GRID_FIGURES:
         values = {(r["l1"], r["dict_size"]): r[col] for r in rows if col in r}
         if values:
-            paths[col] = heatmap(values, out / f"heatmap_{col}.png", title=title,
-                                 size_labels=size_labels, size_axis=size_axis, **opts)
+            paths[col] = heatmap(
+                values,
+                out / f"heatmap_{col}.png",
+                title=title,
+                size_labels=size_labels,
+                size_axis=size_axis,
+                **opts,
+            )
     for metric in ("mmcs",):
-        p = curves(history, metric, out / f"curve_{metric}.png", title=f"{metric.upper()} over training",
-                   size_labels=size_labels)
+        p = curves(
+            history,
+            metric,
+            out / f"curve_{metric}.png",
+            title=f"{metric.upper()} over training",
+            size_labels=size_labels,
+        )
         if p:
             paths[f"curve_{metric}"] = p
     return paths

@@ -47,11 +47,15 @@ def image(path: str | Path, alt: str = "") -> str:
 
 def table(columns: list[str], rows: list[list], *, left: int = 1) -> str:
     """An HTML table; the first ``left`` columns are left-aligned (labels), the rest numbers."""
+
     def cell(tag: str, i: int, v) -> str:
         cls = ' class="l"' if i < left else ""
         return f"<{tag}{cls}>{v if isinstance(v, Raw) else esc(fmt(v))}</{tag}>"
+
     head = "".join(cell("th", i, c) for i, c in enumerate(columns))
-    body = "".join("<tr>" + "".join(cell("td", i, v) for i, v in enumerate(r)) + "</tr>" for r in rows)
+    body = "".join(
+        "<tr>" + "".join(cell("td", i, v) for i, v in enumerate(r)) + "</tr>" for r in rows
+    )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -61,9 +65,11 @@ class Raw(str):
 
 def page(title: str, body: str, *, style: str = STYLE, script: str = "") -> str:
     js = f"<script>{script}</script>" if script else ""
-    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>{esc(title)}</title><style>{style}</style></head>"
-            f"<body>{body}{js}</body></html>\n")
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>{esc(title)}</title><style>{style}</style></head>"
+        f"<body>{body}{js}</body></html>\n"
+    )
 
 
 def write(path: str | Path, text: str) -> Path:

@@ -25,15 +25,18 @@ from scipy.optimize import linear_sum_assignment
 def _unit(d: torch.Tensor | np.ndarray) -> torch.Tensor:
     d = torch.as_tensor(d, dtype=torch.float32)
     if d.ndim != 2:
-        raise ValueError(f"a dictionary is a 2-D (atoms x width) matrix, got shape {tuple(d.shape)}")
+        raise ValueError(
+            f"a dictionary is a 2-D (atoms x width) matrix, got shape {tuple(d.shape)}"
+        )
     return d / d.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
 def cosine_matrix(a, b) -> torch.Tensor:
     a, b = _unit(a), _unit(b)
     if a.shape[1] != b.shape[1]:
-        raise ValueError(f"dictionaries of different widths ({a.shape[1]} vs {b.shape[1]}) "
-                         "cannot be compared")
+        raise ValueError(
+            f"dictionaries of different widths ({a.shape[1]} vs {b.shape[1]}) cannot be compared"
+        )
     return a @ b.T
 
 
@@ -50,7 +53,9 @@ def mcc(reference, other) -> float:
     return float(cos[rows, cols].sum() / cos.shape[0])
 
 
-def mmcs_with_larger(dicts: dict[tuple[float, int], torch.Tensor]) -> dict[tuple[float, int], float]:
+def mmcs_with_larger(
+    dicts: dict[tuple[float, int], torch.Tensor],
+) -> dict[tuple[float, int], float]:
     """{(l1, n): mean MMCS against the larger dictionaries at the same L1} (NaN for the largest)."""
     out = {}
     for (l1, n), d in dicts.items():
@@ -60,18 +65,23 @@ def mmcs_with_larger(dicts: dict[tuple[float, int], torch.Tensor]) -> dict[tuple
 
 
 def _standardised_log(values: dict) -> dict:
-    logs = {k: math.log(v) if v is not None and v > 0 and math.isfinite(v) else math.nan
-            for k, v in values.items()}
+    logs = {
+        k: math.log(v) if v is not None and v > 0 and math.isfinite(v) else math.nan
+        for k, v in values.items()
+    }
     finite = np.array([v for v in logs.values() if math.isfinite(v)])
     if len(finite) == 0:
         return {k: math.nan for k in logs}
     mean, std = finite.mean(), finite.std()
-    return {k: (v - mean) / std if std > 0 and math.isfinite(v) else (0.0 if math.isfinite(v) else math.nan)
-            for k, v in logs.items()}
+    return {
+        k: (v - mean) / std
+        if std > 0 and math.isfinite(v)
+        else (0.0 if math.isfinite(v) else math.nan)
+        for k, v in logs.items()
+    }
 
 
 def ssll(recon: dict, l1: dict) -> dict:
     """Summed standardised log losses over a grid: {key: z(log recon) + z(log l1)}."""
     zr, zl = _standardised_log(recon), _standardised_log(l1)
     return {k: zr[k] + zl[k] for k in recon}
-

@@ -41,11 +41,19 @@ def summary(per_unit: list[list], k: int) -> dict:
     """The distribution of C1 and C2 over the scored units of one dictionary (or the neurons)."""
     out = {"k": k}
     for name, pairs in (("token", False), ("pair", True)):
-        vals = np.array([v for v in (concentration(c, k, pairs) for c in per_unit) if v is not None])
+        vals = np.array(
+            [v for v in (concentration(c, k, pairs) for c in per_unit) if v is not None]
+        )
         out[f"{name}_scored"] = int(len(vals))
         if len(vals):
             q25, med, q75 = np.quantile(vals, [0.25, 0.5, 0.75])
-            out.update({f"{name}_median": float(med), f"{name}_q25": float(q25), f"{name}_q75": float(q75),
-                        f"{name}_mean": float(vals.mean()),
-                        f"{name}_hist": np.histogram(vals, bins=N_BINS, range=(0, 1))[0].tolist()})
+            out.update(
+                {
+                    f"{name}_median": float(med),
+                    f"{name}_q25": float(q25),
+                    f"{name}_q75": float(q75),
+                    f"{name}_mean": float(vals.mean()),
+                    f"{name}_hist": np.histogram(vals, bins=N_BINS, range=(0, 1))[0].tolist(),
+                }
+            )
     return out

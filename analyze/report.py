@@ -40,7 +40,7 @@ class Side:
     name: str
     grid: Grid
     diagnosis: Diagnosis
-    base: int            # G for toy data, d for the LM
+    base: int  # G for toy data, d for the LM
     base_name: str
 
 
@@ -80,8 +80,12 @@ def diagnose_grid(grid: Grid, *, truth_size: int | None, tolerance: float) -> Di
     names = {*DIAGNOSIS_COLUMNS, *(c for row in grid.rows() for c in row if c.startswith("dead_w"))}
     if truth_size:
         names.add("mmcs")
-    return diagnose({c: grid.values(c) for c in names}, truth_size=truth_size,
-                    tolerance=tolerance, window=grid.dead_window)
+    return diagnose(
+        {c: grid.values(c) for c in names},
+        truth_size=truth_size,
+        tolerance=tolerance,
+        window=grid.dead_window,
+    )
 
 
 def full(grid: Grid, column: str) -> dict:
@@ -98,8 +102,13 @@ def lm_figures(side: Side, out: Path) -> dict[str, Path]:
         values = full(side.grid, col)
         if values:
             paths[f"lm_heatmap_{col}"] = heatmap(
-                values, out / f"lm_heatmap_{col}.png", title=f"{side.name}: {title}",
-                size_labels=labels, size_axis=f"dictionary size (ratio to d = {side.base}, the activation width)", **opts)
+                values,
+                out / f"lm_heatmap_{col}.png",
+                title=f"{side.name}: {title}",
+                size_labels=labels,
+                size_axis=f"dictionary size (ratio to d = {side.base}, the activation width)",
+                **opts,
+            )
     paths.update(frontier_figures(side, out, labels))
     return paths
 
@@ -113,17 +122,33 @@ def frontier_figures(side: Side, out: Path, labels: dict[int, str]) -> dict[str,
     ref_ce = {}
     if spliced:
         r0 = spliced[0]
-        ref_ce = {"neurons (d active)": (side.base, 0.0), "zero ablation": (0.0, r0["ce_zero"] - r0["ce_clean"]),
-                  "mean ablation": (0.0, r0["ce_mean"] - r0["ce_clean"])}
-    p = frontier(rows, "delta_ce", out / "lm_frontier_delta_ce.png", references=ref_ce, size_labels=labels,
-                 title=f"{side.name}: sparsity vs the LM's loss (validation documents)",
-                 ylabel="delta CE, nats (SAE spliced in - clean)", log_y=True)
+        ref_ce = {
+            "neurons (d active)": (side.base, 0.0),
+            "zero ablation": (0.0, r0["ce_zero"] - r0["ce_clean"]),
+            "mean ablation": (0.0, r0["ce_mean"] - r0["ce_clean"]),
+        }
+    p = frontier(
+        rows,
+        "delta_ce",
+        out / "lm_frontier_delta_ce.png",
+        references=ref_ce,
+        size_labels=labels,
+        title=f"{side.name}: sparsity vs the LM's loss (validation documents)",
+        ylabel="delta CE, nats (SAE spliced in - clean)",
+        log_y=True,
+    )
     if p:
         paths["lm_frontier_delta_ce"] = p
-    p = frontier(rows, "heldout_fvu", out / "lm_frontier_fvu.png", size_labels=labels,
-                 references={"neurons (d active)": (side.base, 0.0), "mean ablation": (0.0, 1.0)},
-                 title=f"{side.name}: sparsity vs reconstruction (held-out rows)",
-                 ylabel="fraction of variance unexplained", log_y=True)
+    p = frontier(
+        rows,
+        "heldout_fvu",
+        out / "lm_frontier_fvu.png",
+        size_labels=labels,
+        references={"neurons (d active)": (side.base, 0.0), "mean ablation": (0.0, 1.0)},
+        title=f"{side.name}: sparsity vs reconstruction (held-out rows)",
+        ylabel="fraction of variance unexplained",
+        log_y=True,
+    )
     if p:
         paths["lm_frontier_fvu"] = p
     return paths
@@ -133,15 +158,28 @@ def comparison_figures(lm: Side, toy: Side | None, out: Path) -> dict[str, Path]
     paths = {}
     for diag, col, title, opts in COMPARISONS:
         paths[f"compare_{diag}"] = side_by_side(
-            full(toy.grid, col) if toy else {}, full(lm.grid, col), out / f"compare_{diag}.png",
-            diagnostic=diag, title=title, toy_base=toy.base if toy else 1, lm_base=lm.base,
-            toy_diag=toy.diagnosis if toy else None, lm_diag=lm.diagnosis, opts=opts, lm_name=lm.name)
+            full(toy.grid, col) if toy else {},
+            full(lm.grid, col),
+            out / f"compare_{diag}.png",
+            diagnostic=diag,
+            title=title,
+            toy_base=toy.base if toy else 1,
+            lm_base=lm.base,
+            toy_diag=toy.diagnosis if toy else None,
+            lm_diag=lm.diagnosis,
+            opts=opts,
+            lm_name=lm.name,
+        )
     if toy is not None and toy.grid.values("mmcs"):
         col, title, opts = next(f for f in GRID_FIGURES if f[0] == "mmcs")
         paths["toy_heatmap_mmcs"] = heatmap(
-            toy.grid.values("mmcs"), out / "toy_heatmap_mmcs.png", title=f"toy data: {title}",
+            toy.grid.values("mmcs"),
+            out / "toy_heatmap_mmcs.png",
+            title=f"toy data: {title}",
             size_labels=size_labels({c.n for c in toy.grid.cells.values()}, toy.base),
-            size_axis=f"dictionary size (ratio to G = {toy.base} ground-truth features)", **opts)
+            size_axis=f"dictionary size (ratio to G = {toy.base} ground-truth features)",
+            **opts,
+        )
     return paths
 
 
@@ -149,11 +187,19 @@ def side_record(side: Side) -> dict:
     return diagnosis_record(side.diagnosis, side.base, side.base_name)
 
 
-def build_report(runs: str | Path, lm: str, layer: int | str, *, out: str | Path | None = None,
-                 toy: str | Path | None = None, tolerance: float = DEFAULT_TOLERANCE,
-                 sets: list[str] | None = None, wandb_mode: str | None = None,
-                 browse: Callable[[Path, Path], dict[str, Path]] | None = None,
-                 command: str | None = None) -> Report:
+def build_report(
+    runs: str | Path,
+    lm: str,
+    layer: int | str,
+    *,
+    out: str | Path | None = None,
+    toy: str | Path | None = None,
+    tolerance: float = DEFAULT_TOLERANCE,
+    sets: list[str] | None = None,
+    wandb_mode: str | None = None,
+    browse: Callable[[Path, Path], dict[str, Path]] | None = None,
+    command: str | None = None,
+) -> Report:
     """Collect, score, draw and write the report; ``browse(sae_dir, out_dir)`` (optional) builds
     the feature browser for the dictionary the diagnostics point to, linked from the page."""
     runs = Path(runs)
@@ -162,8 +208,13 @@ def build_report(runs: str | Path, lm: str, layer: int | str, *, out: str | Path
     lm_grid = collect_lm(runs, lm, layer, sets=sets)
     rescore(lm_grid)
     notes = list(lm_grid.notes)
-    lm_side = Side(f"{lm} layer {layer}", lm_grid, diagnose_grid(lm_grid, truth_size=None, tolerance=tolerance),
-                   base=lm_grid.d, base_name="d (activation width)")
+    lm_side = Side(
+        f"{lm} layer {layer}",
+        lm_grid,
+        diagnose_grid(lm_grid, truth_size=None, tolerance=tolerance),
+        base=lm_grid.d,
+        base_name="d (activation width)",
+    )
     try:
         toy_grid = collect_toy(toy_path)
     except UserError as exc:
@@ -172,10 +223,17 @@ def build_report(runs: str | Path, lm: str, layer: int | str, *, out: str | Path
     else:
         g = int(toy_grid.source.get("G") or 0)
         if g < 1:
-            raise UserError(f"{toy_path} does not record its number of ground-truth features G "
-                            "(source.G in each SAE's config.json); rerun `unsuperpose toy`")
-        toy_side = Side("toy data", toy_grid, diagnose_grid(toy_grid, truth_size=g, tolerance=tolerance),
-                        base=g, base_name="G (ground-truth features)")
+            raise UserError(
+                f"{toy_path} does not record its number of ground-truth features G "
+                "(source.G in each SAE's config.json); rerun `unsuperpose toy`"
+            )
+        toy_side = Side(
+            "toy data",
+            toy_grid,
+            diagnose_grid(toy_grid, truth_size=g, tolerance=tolerance),
+            base=g,
+            base_name="G (ground-truth features)",
+        )
     figdir = out / "figures"
     figures = {**lm_figures(lm_side, figdir), **comparison_figures(lm_side, toy_side, figdir)}
     report = Report(out=out, lm=lm_side, toy=toy_side, figures=figures, notes=notes)
@@ -190,8 +248,12 @@ def build_report(runs: str | Path, lm: str, layer: int | str, *, out: str | Path
                 notes.append(f"no feature browser: {exc}")
 
     write_summary(lm_grid.rows(), out / "lm_grid.csv")
-    record = {"lm": side_record(lm_side), "toy": side_record(toy_side) if toy_side else None,
-              "notes": notes, "sets": [str(p) for p in lm_grid.sets]}
+    record = {
+        "lm": side_record(lm_side),
+        "toy": side_record(toy_side) if toy_side else None,
+        "notes": notes,
+        "sets": [str(p) for p in lm_grid.sets],
+    }
     write_json_atomic(out / "diagnosis.json", record)
     render_index(report, command=command)
     _track(report, record, wandb_mode)
@@ -208,25 +270,46 @@ def pick_dictionary(side: Side):
 
 def _track(report: Report, record: dict, mode: str | None) -> None:
     lm = report.lm
-    with Tracker(report.out, name=f"report-{report.out.name}", mode=mode,
-                 config={"sets": record["sets"], "source": lm.grid.source}) as tracker:
+    with Tracker(
+        report.out,
+        name=f"report-{report.out.name}",
+        mode=mode,
+        config={"sets": record["sets"], "source": lm.grid.source},
+    ) as tracker:
         rows = lm.grid.rows()
         cols = [c for c in rows[0] if all(c in r for r in rows)]
         tracker.log_table("lm_grid", cols, [[r[c] for c in cols] for r in rows])
         for side in (report.lm, report.toy):
             if side is None:
                 continue
-            tracker.log_table(f"diagnostics/{'toy' if side is report.toy else 'lm'}",
-                              ["diagnostic", "l1", "size", "ratio", "lower_bound", "size_steps_off"],
-                              [[p.diagnostic, p.l1, p.size, ratio_label(p.size, side.base) if p.size else None,
-                                p.lower_bound, p.match.get("size_steps_off")] for p in side.diagnosis.pointers])
+            tracker.log_table(
+                f"diagnostics/{'toy' if side is report.toy else 'lm'}",
+                ["diagnostic", "l1", "size", "ratio", "lower_bound", "size_steps_off"],
+                [
+                    [
+                        p.diagnostic,
+                        p.l1,
+                        p.size,
+                        ratio_label(p.size, side.base) if p.size else None,
+                        p.lower_bound,
+                        p.match.get("size_steps_off"),
+                    ]
+                    for p in side.diagnosis.pointers
+                ],
+            )
         tracker.log_images({f"figures/{k}": v for k, v in report.figures.items()})
         est = record["lm"].get("estimate") or {}
         # the record's own fields, so an open estimate logs more_than and no low end
-        summary = {f"lm/estimate_{k}": v for k, v in est.items()
-                   if k in ("more_than", "low", "median", "high") and v is not None}
+        summary = {
+            f"lm/estimate_{k}": v
+            for k, v in est.items()
+            if k in ("more_than", "low", "median", "high") and v is not None
+        }
         if record["toy"]:
-            summary.update({f"toy/{p['diagnostic']}/size_steps_off": p.get("size_steps_off")
-                            for p in record["toy"]["pointers"]})
+            summary.update(
+                {
+                    f"toy/{p['diagnostic']}/size_steps_off": p.get("size_steps_off")
+                    for p in record["toy"]["pointers"]
+                }
+            )
         tracker.summary({**summary, "report": str(report.index)})
-

@@ -10,22 +10,43 @@ from pathlib import Path
 from unsuperpose.analyze.compare import ratio_label
 from unsuperpose.analyze.html import Raw, esc, fmt, image, page, table, write
 
-GRID_COLUMNS = ["l1", "dict_size", "dict_ratio", "steps", "samples", "heldout_rows", "heldout_mse", "heldout_fvu",
-                "heldout_l1_loss", "heldout_l0", "delta_ce", "delta_ce_se", "ce_loss_recovered",
-                "ce_loss_recovered_mean", "kl", "norm_ratio", "relative_reconstruction_bias",
-                "dead", "ssll", "mmcs_larger", "mmcs", "mcc", "set"]
+GRID_COLUMNS = [
+    "l1",
+    "dict_size",
+    "dict_ratio",
+    "steps",
+    "samples",
+    "heldout_rows",
+    "heldout_mse",
+    "heldout_fvu",
+    "heldout_l1_loss",
+    "heldout_l0",
+    "delta_ce",
+    "delta_ce_se",
+    "ce_loss_recovered",
+    "ce_loss_recovered_mean",
+    "kl",
+    "norm_ratio",
+    "relative_reconstruction_bias",
+    "dead",
+    "ssll",
+    "mmcs_larger",
+    "mmcs",
+    "mcc",
+    "set",
+]
 
 FIGURE_TEXT = {
     "compare_dead": "Dead latents. Past the number of features there are to find, extra latents "
-                    "have nothing to learn and die; boxes mark, per L1, the largest dictionary "
-                    "without dead latents.",
+    "have nothing to learn and die; boxes mark, per L1, the largest dictionary "
+    "without dead latents.",
     "compare_ssll": "Loss stickiness: held-out log reconstruction loss and log L1 loss, each "
-                    "standardised over the whole grid, summed (the report's figure); the box marks "
-                    "the smallest dictionary whose log reconstruction loss plus log L1 loss, "
-                    "unweighted (each cell's own), has an interior minimum over L1 (a basin).",
+    "standardised over the whole grid, summed (the report's figure); the box marks "
+    "the smallest dictionary whose log reconstruction loss plus log L1 loss, "
+    "unweighted (each cell's own), has an interior minimum over L1 (a basin).",
     "compare_mmcs_larger": "MMCS with larger dictionaries: how well each dictionary's atoms "
-                           "reappear in the larger ones at the same L1 (no ground truth needed); "
-                           "the box marks the peak.",
+    "reappear in the larger ones at the same L1 (no ground truth needed); "
+    "the box marks the peak.",
 }
 
 
@@ -33,7 +54,9 @@ def _where(p, base: int) -> str:
     if p.size is None:
         return "nowhere in the grid"
     if p.lower_bound:
-        return f"more than {ratio_label(p.size, base)} (more than {p.size:,} latents): grow the grid"
+        return (
+            f"more than {ratio_label(p.size, base)} (more than {p.size:,} latents): grow the grid"
+        )
     at = f"L1 {p.l1:g}, " if p.l1 is not None else ""
     return f"{at}{ratio_label(p.size, base)} ({p.size:,} latents)"
 
@@ -58,19 +81,29 @@ def estimate_text(est: dict | None, base: int, name: str) -> str:
     if not est:
         return f"{name}: no diagnostic points inside this grid; train larger dictionaries or more L1 values."
     if est["more_than"] is not None:
-        pointed = f" (the other diagnostics point to {', '.join(f'{s:,}' for s in est['sizes'])})" \
-            if est["sizes"] else ""
-        return (f"{name}: more than {est['more_than']:,} features ({ratio_label(est['more_than'], base)} "
-                f"of {base}): at some L1 even the largest dictionary trained there keeps its latents, "
-                f"so nothing bounds the number from above{pointed}; the grid must grow at that L1 "
-                "until latents die.")
+        pointed = (
+            f" (the other diagnostics point to {', '.join(f'{s:,}' for s in est['sizes'])})"
+            if est["sizes"]
+            else ""
+        )
+        return (
+            f"{name}: more than {est['more_than']:,} features ({ratio_label(est['more_than'], base)} "
+            f"of {base}): at some L1 even the largest dictionary trained there keeps its latents, "
+            f"so nothing bounds the number from above{pointed}; the grid must grow at that L1 "
+            "until latents die."
+        )
     same = est["low"] == est["high"]
     rng = f"{est['low']:,}" if same else f"{est['low']:,}–{est['high']:,}"
-    ratios = ratio_label(est["low"], base) if same else \
-        f"{ratio_label(est['low'], base)}–{ratio_label(est['high'], base)}"
-    return (f"{name}: the diagnostics point to dictionaries of {rng} latents ({ratios} of {base}); "
-            f"taken at face value about {_n(est['median'])} features (the median of "
-            f"{', '.join(f'{s:,}' for s in est['sizes'])}).")
+    ratios = (
+        ratio_label(est["low"], base)
+        if same
+        else f"{ratio_label(est['low'], base)}–{ratio_label(est['high'], base)}"
+    )
+    return (
+        f"{name}: the diagnostics point to dictionaries of {rng} latents ({ratios} of {base}); "
+        f"taken at face value about {_n(est['median'])} features (the median of "
+        f"{', '.join(f'{s:,}' for s in est['sizes'])})."
+    )
 
 
 def _reading(row: dict | None) -> str:
@@ -87,21 +120,27 @@ def sensitivity_text(diagnosis) -> str:
         return ""
     parts = []
     for r in rows:
-        tags = (["the report's literal rule"] if r["tolerance"] == 0 else []) + \
-            (["the default reading"] if r["tolerance"] == diagnosis.dead.tolerance else [])
+        tags = (["the report's literal rule"] if r["tolerance"] == 0 else []) + (
+            ["the default reading"] if r["tolerance"] == diagnosis.dead.tolerance else []
+        )
         tag = f" ({', '.join(tags)})" if tags else ""
         parts.append(f"{_reading(r)} at tolerance {r['tolerance']:.1%}{tag}")
-    return (f"Dead-neuron pointer, window {diagnosis.window:,} batches: " + ", ".join(parts) + ".")
+    return f"Dead-neuron pointer, window {diagnosis.window:,} batches: " + ", ".join(parts) + "."
 
 
 def summary_html(report) -> str:
     lm, toy = report.lm, report.toy
     report_ssll = [n for n, a in lm.diagnosis.report_basins.items() if a is not None]
-    ssll_note = (f" SSLL read with the report's grid-wide z-scores instead (grid-dependent): "
-                 f"{min(report_ssll):,} latents." if report_ssll else
-                 " SSLL read with the report's grid-wide z-scores: no basin.")
-    parts = [f"<p><b>Estimate.</b> {esc(estimate_text(lm.diagnosis.estimate(), lm.base, lm.name))} "
-             f"{esc(sensitivity_text(lm.diagnosis))}{esc(ssll_note)}</p>"]
+    ssll_note = (
+        f" SSLL read with the report's grid-wide z-scores instead (grid-dependent): "
+        f"{min(report_ssll):,} latents."
+        if report_ssll
+        else " SSLL read with the report's grid-wide z-scores: no basin."
+    )
+    parts = [
+        f"<p><b>Estimate.</b> {esc(estimate_text(lm.diagnosis.estimate(), lm.base, lm.name))} "
+        f"{esc(sensitivity_text(lm.diagnosis))}{esc(ssll_note)}</p>"
+    ]
     if toy is not None and toy.diagnosis.truth_size is not None:
         offs = [p.match.get("size_steps_off") for p in toy.diagnosis.pointers]
         hits = sum(o == 0 for o in offs)
@@ -109,11 +148,15 @@ def summary_html(report) -> str:
         opt = ""
         if toy.diagnosis.optimum is not None:
             a, n = toy.diagnosis.optimum
-            opt = (f" The best recovery is at L1 {a:g}, {ratio_label(n, toy.base)} ({n:,} latents, "
-                   f"MMCS {toy.diagnosis.optimum_mmcs:.3f}).")
-        parts.append(f"<p><b>Toy data (G = {toy.base} true features):</b> {hits} of "
-                     f"{len(toy.diagnosis.pointers)} diagnostics point to 1x, {near} within one size "
-                     f"step.{esc(opt)}</p>")
+            opt = (
+                f" The best recovery is at L1 {a:g}, {ratio_label(n, toy.base)} ({n:,} latents, "
+                f"MMCS {toy.diagnosis.optimum_mmcs:.3f})."
+            )
+        parts.append(
+            f"<p><b>Toy data (G = {toy.base} true features):</b> {hits} of "
+            f"{len(toy.diagnosis.pointers)} diagnostics point to 1x, {near} within one size "
+            f"step.{esc(opt)}</p>"
+        )
     return "".join(parts)
 
 
@@ -122,10 +165,20 @@ def diagnostics_table(report) -> str:
     rows = []
     for i, p in enumerate(lm.diagnosis.pointers):
         tp = toy.diagnosis.pointers[i] if toy else None
-        rows.append([p.diagnostic, _where(tp, toy.base) if tp else "-",
-                     _verdict(tp.match) if tp else "-", _where(p, lm.base), p.why])
-    return table(["diagnostic", "toy: points to", "toy: at the truth (1x)?",
-                  f"{lm.name}: points to", "how"], rows, left=5)
+        rows.append(
+            [
+                p.diagnostic,
+                _where(tp, toy.base) if tp else "-",
+                _verdict(tp.match) if tp else "-",
+                _where(p, lm.base),
+                p.why,
+            ]
+        )
+    return table(
+        ["diagnostic", "toy: points to", "toy: at the truth (1x)?", f"{lm.name}: points to", "how"],
+        rows,
+        left=5,
+    )
 
 
 def dead_table(report) -> str:
@@ -134,22 +187,42 @@ def dead_table(report) -> str:
         if side is None:
             continue
         d = side.diagnosis.dead
-        rows = [[f"{a:g}", ratio_label(n, side.base) + f" ({n:,})" if n else "none",
-                 f"{ratio_label(d.largest[a], side.base)} ({d.largest[a]:,})",
-                 "yes" if a in d.all_alive else "no"]
-                for a, n in d.per_l1.items()]
-        out.append(f"<h3>{esc(side.name)}</h3>" + table(
-            ["L1", f"largest dictionary with at most {d.tolerance:.1%} dead latents",
-             "largest trained", "open-ended (its largest passes)"], rows, left=4))
+        rows = [
+            [
+                f"{a:g}",
+                ratio_label(n, side.base) + f" ({n:,})" if n else "none",
+                f"{ratio_label(d.largest[a], side.base)} ({d.largest[a]:,})",
+                "yes" if a in d.all_alive else "no",
+            ]
+            for a, n in d.per_l1.items()
+        ]
+        out.append(
+            f"<h3>{esc(side.name)}</h3>"
+            + table(
+                [
+                    "L1",
+                    f"largest dictionary with at most {d.tolerance:.1%} dead latents",
+                    "largest trained",
+                    "open-ended (its largest passes)",
+                ],
+                rows,
+                left=4,
+            )
+        )
         sens = side.diagnosis.sensitivity
         if sens:
             windows = sorted({r["window"] for r in sens})
             tols = sorted({r["tolerance"] for r in sens})
             cell = {(r["window"], r["tolerance"]): _reading(r) for r in sens}
-            out.append(f"<p>Where the pointer lands for other tolerances and dead windows (in "
-                       f"training batches; the run's window is {side.diagnosis.window})</p>" + table(
-                ["window"] + [f"tolerance {t:.1%}" for t in tols],
-                [[f"{w:,}"] + [cell.get((w, t), "-") for t in tols] for w in windows], left=1))
+            out.append(
+                f"<p>Where the pointer lands for other tolerances and dead windows (in "
+                f"training batches; the run's window is {side.diagnosis.window})</p>"
+                + table(
+                    ["window"] + [f"tolerance {t:.1%}" for t in tols],
+                    [[f"{w:,}"] + [cell.get((w, t), "-") for t in tols] for w in windows],
+                    left=1,
+                )
+            )
     return "".join(out)
 
 
@@ -168,23 +241,36 @@ def commands(report, command: str | None) -> list[str]:
     cmds = []
     if src.get("model_dir"):
         store = Path(src.get("path", ""))
-        cmds.append(f"unsuperpose harvest --lm {q(src['model_dir'])} --layer {src.get('layer')} "
-                    f"--out {q(str(store.parent))} --tokens {src.get('rows')}")
+        cmds.append(
+            f"unsuperpose harvest --lm {q(src['model_dir'])} --layer {src.get('layer')} "
+            f"--out {q(str(store.parent))} --tokens {src.get('rows')}"
+        )
     for s in report.lm.grid.sets:
         cfg_path = s / "train_config.json"
         cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
         l1 = ",".join(f"{a:g}" for a in cfg.get("l1", []))
-        cmds.append(f"unsuperpose train --store {q(src.get('path', '?'))} --dict {q(s.name.replace('+', ','))} "
-                    f"--out {q(str(s.parent))}" + (f" --l1 {l1} --steps {cfg.get('steps')} "
-                                                   f"--batch-size {cfg.get('batch_size')}" if cfg else ""))
+        cmds.append(
+            f"unsuperpose train --store {q(src.get('path', '?'))} --dict {q(s.name.replace('+', ','))} "
+            f"--out {q(str(s.parent))}"
+            + (
+                f" --l1 {l1} --steps {cfg.get('steps')} --batch-size {cfg.get('batch_size')}"
+                if cfg
+                else ""
+            )
+        )
     if report.toy is not None:
         t = report.toy.grid.source
         cfg_path = report.toy.grid.sets[0] / "train_config.json"
         cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
-        sizes = ",".join(ratio_label(n, report.toy.base) for n in sorted({c.n for c in report.toy.grid.cells.values()}))
-        cmds.append(f"unsuperpose toy --out {q(str(report.toy.grid.sets[0]))} --h {t.get('h')} --G {t.get('G')} "
-                    f"--k {t.get('k')} --steps {cfg.get('steps')} --l1 "
-                    f"{','.join(f'{a:g}' for a in cfg.get('l1', []))} --dict-ratios {sizes}")
+        sizes = ",".join(
+            ratio_label(n, report.toy.base)
+            for n in sorted({c.n for c in report.toy.grid.cells.values()})
+        )
+        cmds.append(
+            f"unsuperpose toy --out {q(str(report.toy.grid.sets[0]))} --h {t.get('h')} --G {t.get('G')} "
+            f"--k {t.get('k')} --steps {cfg.get('steps')} --l1 "
+            f"{','.join(f'{a:g}' for a in cfg.get('l1', []))} --dict-ratios {sizes}"
+        )
     cmds.append(command or "unsuperpose analyze report")
     return cmds
 
@@ -192,39 +278,57 @@ def commands(report, command: str | None) -> list[str]:
 def provenance(report) -> str:
     src = report.lm.grid.source
     corpus = src.get("corpus")
-    rows = [["model", src.get("model_dir", "?")], ["weights sha256", src.get("weights_sha256", "?")],
-            ["layer / hook", f"{src.get('layer')} / {src.get('hook')}"],
-            ["tokens (store rows)", fmt(src.get("rows"))], ["context length", src.get("n_ctx", "?")],
-            ["activation width d", report.lm.base], ["store", src.get("path", "?")],
-            ["corpus", json.dumps(corpus) if corpus else "?"],
-            ["dictionary sets", ", ".join(str(p) for p in report.lm.grid.sets)]]
+    rows = [
+        ["model", src.get("model_dir", "?")],
+        ["weights sha256", src.get("weights_sha256", "?")],
+        ["layer / hook", f"{src.get('layer')} / {src.get('hook')}"],
+        ["tokens (store rows)", fmt(src.get("rows"))],
+        ["context length", src.get("n_ctx", "?")],
+        ["activation width d", report.lm.base],
+        ["store", src.get("path", "?")],
+        ["corpus", json.dumps(corpus) if corpus else "?"],
+        ["dictionary sets", ", ".join(str(p) for p in report.lm.grid.sets)],
+    ]
     if report.toy is not None:
-        rows.append(["toy run", f"{report.toy.grid.sets[0]} ({json.dumps(report.toy.grid.source)})"])
+        rows.append(
+            ["toy run", f"{report.toy.grid.sets[0]} ({json.dumps(report.toy.grid.source)})"]
+        )
     return table(["", ""], rows, left=2)
 
 
 def render_index(report, *, command: str | None = None) -> Path:
     figs = report.figures
     lm = report.lm
-    body = [f"<h1>unsuperpose report: {esc(lm.name)}</h1>", summary_html(report),
-            "<h2>Where the diagnostics point</h2>", diagnostics_table(report),
-            "<h3>Dead neurons: largest dictionary that passes, per L1</h3>", dead_table(report),
-            "<h2>Toy data and the LM side by side</h2>",
-            "<p>Same axes in both panels: L1 upwards, dictionary size to the right as a ratio "
-            "(of G for toy data, of d for the LM).</p>"]
+    body = [
+        f"<h1>unsuperpose report: {esc(lm.name)}</h1>",
+        summary_html(report),
+        "<h2>Where the diagnostics point</h2>",
+        diagnostics_table(report),
+        "<h3>Dead neurons: largest dictionary that passes, per L1</h3>",
+        dead_table(report),
+        "<h2>Toy data and the LM side by side</h2>",
+        "<p>Same axes in both panels: L1 upwards, dictionary size to the right as a ratio "
+        "(of G for toy data, of d for the LM).</p>",
+    ]
     for key in ("compare_dead", "compare_ssll", "compare_mmcs_larger"):
         body += [f"<p>{esc(FIGURE_TEXT[key])}</p>", image(figs[key], key)]
     if report.features:
-        links = " · ".join(f'<a href="features/{esc(p.name)}">{esc(name)}</a>'
-                           for name, p in report.features.items())
-        body.append(f"<h2>Feature browser</h2><p>For {esc(str(report.feature_dict))} (where the diagnostics "
-                    f"point) and the MLP neurons as the baseline: {links}</p>")
+        links = " · ".join(
+            f'<a href="features/{esc(p.name)}">{esc(name)}</a>'
+            for name, p in report.features.items()
+        )
+        body.append(
+            f"<h2>Feature browser</h2><p>For {esc(str(report.feature_dict))} (where the diagnostics "
+            f"point) and the MLP neurons as the baseline: {links}</p>"
+        )
     if any(k.startswith("lm_frontier_") for k in figs):
-        body.append("<h2>The sparsity–fidelity frontier</h2><p>Each dictionary size is a line through "
-                    "its L1 values: further left is sparser, lower is more faithful. Delta CE is the "
-                    "LM's loss with the SAE spliced in minus its clean loss, on its validation "
-                    "documents; the stars are the neuron basis (all d neurons, nothing lost) and the "
-                    "ablations (nothing kept).</p>")
+        body.append(
+            "<h2>The sparsity–fidelity frontier</h2><p>Each dictionary size is a line through "
+            "its L1 values: further left is sparser, lower is more faithful. Delta CE is the "
+            "LM's loss with the SAE spliced in minus its clean loss, on its validation "
+            "documents; the stars are the neuron basis (all d neurons, nothing lost) and the "
+            "ablations (nothing kept).</p>"
+        )
         body += [image(p, k) for k, p in figs.items() if k.startswith("lm_frontier_")]
     body.append(f"<h2>{esc(lm.name)}: the grid</h2>")
     body += [image(p, k) for k, p in figs.items() if k.startswith("lm_heatmap_")]
@@ -235,8 +339,14 @@ def render_index(report, *, command: str | None = None) -> Path:
             body.append(image(figs["toy_heatmap_mmcs"], "toy MMCS"))
         body.append(grid_table(report.toy))
     if report.notes:
-        body.append("<h2>Notes</h2><ul>" + "".join(f"<li>{esc(n)}</li>" for n in report.notes) + "</ul>")
-    body += ["<h2>Provenance</h2>", provenance(report), "<h3>Commands</h3>",
-             "<pre>" + esc("\n".join(commands(report, command))) + "</pre>",
-             f"<p class=\"note\">written by unsuperpose in {esc(os.getcwd())}</p>"]
+        body.append(
+            "<h2>Notes</h2><ul>" + "".join(f"<li>{esc(n)}</li>" for n in report.notes) + "</ul>"
+        )
+    body += [
+        "<h2>Provenance</h2>",
+        provenance(report),
+        "<h3>Commands</h3>",
+        "<pre>" + esc("\n".join(commands(report, command))) + "</pre>",
+        f'<p class="note">written by unsuperpose in {esc(os.getcwd())}</p>',
+    ]
     return write(report.index, page(f"unsuperpose report: {lm.name}", "".join(body)))

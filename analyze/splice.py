@@ -70,13 +70,21 @@ def batches_of_blocks(blocks: list[np.ndarray], batch_size: int) -> Iterator[tor
         by_len.setdefault(len(b), []).append(b)
     for _, group in sorted(by_len.items(), reverse=True):
         for i in range(0, len(group), batch_size):
-            yield torch.from_numpy(np.stack(group[i:i + batch_size]).astype(np.int64))
+            yield torch.from_numpy(np.stack(group[i : i + batch_size]).astype(np.int64))
 
 
 @torch.no_grad()
-def splice_eval(bridge, hook: str, blocks: list[np.ndarray], saes: dict[str, Reconstruct], *,
-                mean: torch.Tensor, batch_size: int = 4, progress: bool = True,
-                device: torch.device | str = "cpu") -> dict:
+def splice_eval(
+    bridge,
+    hook: str,
+    blocks: list[np.ndarray],
+    saes: dict[str, Reconstruct],
+    *,
+    mean: torch.Tensor,
+    batch_size: int = 4,
+    progress: bool = True,
+    device: torch.device | str = "cpu",
+) -> dict:
     """Spliced-in figures of every SAE in ``saes`` ({name: x -> x_hat}) on ``blocks`` (token id
     arrays of length >= 2), with ``bridge`` and the SAEs on ``device``. Returns {"tokens",
     "ce_clean", "ce_zero", "ce_mean", "saes": {name: {...}}}."""
@@ -102,14 +110,20 @@ def splice_eval(bridge, hook: str, blocks: list[np.ndarray], saes: dict[str, Rec
         x = captured["x"]
         clean.ce += float(ce_c.sum(dtype=torch.float64))
         n_tokens += ce_c.numel()
-        for acc, replacement in ((zero, torch.zeros_like(x)), (mean_abl, mean.to(x.dtype).expand_as(x))):
-            ce, logp = _ce_per_token(_run(bridge, tokens, hook, lambda a, hook=None, r=replacement: r)[:, :-1],
-                                     targets)
+        for acc, replacement in (
+            (zero, torch.zeros_like(x)),
+            (mean_abl, mean.to(x.dtype).expand_as(x)),
+        ):
+            ce, logp = _ce_per_token(
+                _run(bridge, tokens, hook, lambda a, hook=None, r=replacement: r)[:, :-1], targets
+            )
             acc.ce += float(ce.sum(dtype=torch.float64))
             acc.kl += float(ref.kl(logp).sum(dtype=torch.float64))
         for name, reconstruct in saes.items():
             x_hat = reconstruct(x.reshape(-1, x.shape[-1])).reshape(x.shape).to(x.dtype)
-            ce, logp = _ce_per_token(_run(bridge, tokens, hook, lambda a, hook=None, r=x_hat: r)[:, :-1], targets)
+            ce, logp = _ce_per_token(
+                _run(bridge, tokens, hook, lambda a, hook=None, r=x_hat: r)[:, :-1], targets
+            )
             s = sums[name]
             dce = (ce - ce_c).double()
             s.ce += float(ce.sum(dtype=torch.float64))
@@ -135,8 +149,15 @@ def _ratio(num: float, den: float) -> float:
 def summarise(clean: _Sums, zero: _Sums, mean_abl: _Sums, sums: dict[str, _Sums], n: int) -> dict:
     ce_clean, ce_zero, ce_mean = clean.ce / n, zero.ce / n, mean_abl.ce / n
     kl_zero = zero.kl / n
-    out = {"tokens": n, "ce_clean": ce_clean, "ce_zero": ce_zero, "ce_mean": ce_mean,
-           "kl_zero": kl_zero, "kl_mean": mean_abl.kl / n, "saes": {}}
+    out = {
+        "tokens": n,
+        "ce_clean": ce_clean,
+        "ce_zero": ce_zero,
+        "ce_mean": ce_mean,
+        "kl_zero": kl_zero,
+        "kl_mean": mean_abl.kl / n,
+        "saes": {},
+    }
     for name, s in sums.items():
         ce_sae, kl = s.ce / n, s.kl / n
         dce = s.dce / n

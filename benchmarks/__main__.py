@@ -18,11 +18,16 @@ from pathlib import Path
 def main(argv: list[str]) -> int:
     names = argv or sorted(p.stem for p in Path(__file__).parent.glob("bench_*.py"))
     for name in names:
-        mod = importlib.import_module(f"benchmarks.{name if name.startswith('bench_') else 'bench_' + name}")
+        mod = importlib.import_module(
+            f"benchmarks.{name if name.startswith('bench_') else 'bench_' + name}"
+        )
         t0 = time.perf_counter()
         for record in mod.run():
-            record = {"bench": mod.__name__.split(".")[-1], **record,
-                      "load_avg_1m": round(os.getloadavg()[0], 2)}
+            record = {
+                "bench": mod.__name__.split(".")[-1],
+                **record,
+                "load_avg_1m": round(os.getloadavg()[0], 2),
+            }
             print(json.dumps(record), flush=True)
         print(json.dumps({"bench": name, "wall_s": round(time.perf_counter() - t0, 1)}), flush=True)
     return 0

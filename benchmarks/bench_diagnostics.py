@@ -37,9 +37,9 @@ from unsuperpose.commands.toy import DEFAULT_DICT, DEFAULT_L1, toy_diagnosis
 from unsuperpose.toy import ToyConfig, ToySource
 from unsuperpose.train import SAETrainConfig, evaluate, new_state, parse_dict_sizes, train_steps
 
-SEEDS = (101, 202)          # tests use seeds below 20
+SEEDS = (101, 202)  # tests use seeds below 20
 READ_AT = (2000, 5000)
-EXTRA_L1 = 1e-5             # the acceptance's column below the default grid
+EXTRA_L1 = 1e-5  # the acceptance's column below the default grid
 DATA = {
     "threshold copula, rho 0.5 (default)": dict(correlation=0.5),
     "report recipe, rho 0.5": dict(correlation=0.5, correlation_recipe="report"),
@@ -47,8 +47,18 @@ DATA = {
     "threshold copula, rho 0.25": dict(correlation=0.25),
 }
 DEFAULT_DATA = "threshold copula, rho 0.5 (default)"
-ROW_KEYS = ("l1", "dict_size", "heldout_mse", "heldout_l1_loss", "heldout_l0", "heldout_fvu", "dead",
-            "mmcs", "mcc", "mmcs_larger")
+ROW_KEYS = (
+    "l1",
+    "dict_size",
+    "heldout_mse",
+    "heldout_l1_loss",
+    "heldout_l0",
+    "heldout_fvu",
+    "dead",
+    "mmcs",
+    "mcc",
+    "mmcs_larger",
+)
 
 
 def _where(p: dict | None) -> str:
@@ -75,8 +85,12 @@ def coupling(src: ToySource, n: int = 100_000) -> float:
     joint = (on.T @ on) / on.shape[0]
     lift = joint / (p[:, None] * p[None, :]).clamp_min(1e-12)
     g = src.groups
-    pairs = (p > 0.01)[:, None] & (p > 0.01)[None, :] & (g[:, None] == g[None, :]) \
+    pairs = (
+        (p > 0.01)[:, None]
+        & (p > 0.01)[None, :]
+        & (g[:, None] == g[None, :])
         & ~torch.eye(len(p), dtype=torch.bool)
+    )
     return float(lift[pairs].mean())
 
 
@@ -88,46 +102,97 @@ def study(seed: int, name: str, settings: dict) -> Iterator[dict]:
     sizes = [n for _, n in parse_dict_sizes(DEFAULT_DICT, G, bare="ratio")]
     l1s = ([EXTRA_L1] if name == DEFAULT_DATA else []) + DEFAULT_L1
     window = src.dead_window(256)
-    cfg = SAETrainConfig(l1=l1s, dict_sizes=sizes, steps=READ_AT[-1], dead_window=window,
-                         seed=seed, data_seed=seed, log_every=1000)
+    cfg = SAETrainConfig(
+        l1=l1s,
+        dict_sizes=sizes,
+        steps=READ_AT[-1],
+        dead_window=window,
+        seed=seed,
+        data_seed=seed,
+        log_every=1000,
+    )
     state = new_state(src, cfg)
-    yield {"figure": "coupling", "seed": seed, "data": name, "lift_within_group": round(coupling(src), 3)}
+    yield {
+        "figure": "coupling",
+        "seed": seed,
+        "data": name,
+        "lift_within_group": round(coupling(src), 3),
+    }
     t0 = time.perf_counter()
     for step in READ_AT if name == DEFAULT_DATA else READ_AT[-1:]:
         train_steps(state, src, until=step, progress=False)
         metrics = evaluate(state, src)
         scores = score_grid(state.dictionaries(), metrics, src.features)
-        rows = [{"l1": a, "dict_size": n, **metrics[(a, n)], **scores[(a, n)]} for (a, n) in metrics]
-        yield {"figure": "grid_rows", "seed": seed, "data": name, "step": step, "window": window,
-               "rows": [{k: (float(f"{v:.7g}") if isinstance(v, float) else v) for k, v in r.items()
-                         if k in ROW_KEYS or k.startswith("dead_w")} for r in rows]}
+        rows = [
+            {"l1": a, "dict_size": n, **metrics[(a, n)], **scores[(a, n)]} for (a, n) in metrics
+        ]
+        yield {
+            "figure": "grid_rows",
+            "seed": seed,
+            "data": name,
+            "step": step,
+            "window": window,
+            "rows": [
+                {
+                    k: (float(f"{v:.7g}") if isinstance(v, float) else v)
+                    for k, v in r.items()
+                    if k in ROW_KEYS or k.startswith("dead_w")
+                }
+                for r in rows
+            ],
+        }
         default_rows = [r for r in rows if r["l1"] in DEFAULT_L1]
         # the grid-wide SSLL of the default grid alone, as `make toy` would have it
         rec = toy_diagnosis(_rescored(default_rows), G, window)
         at_1x = max(r["mmcs"] for r in default_rows if r["dict_size"] == G)
-        yield ({"figure": "toy_diagnostics", "seed": seed, "data": name, "step": step,
-                    "pointers": _pointers(rec),
-                    "size_steps_off": [p.get("size_steps_off") for p in rec["pointers"]],
-                    "literal_dead_rule": _where(_ratio(rec["dead_reading"]["literal_rule"], G)),
-                    "best_mmcs": round(rec["optimum"]["mmcs"], 4),
-                    "best_at": f"L1 {rec['optimum']['l1']:g}, {rec['optimum']['ratio']:g}x",
-                    "best_mmcs_1x": round(at_1x, 4), "heldout_rows": rows[0]["heldout_rows"],
-                    "window": window, "train_wall_s": round(time.perf_counter() - t0, 1)})
+        yield (
+            {
+                "figure": "toy_diagnostics",
+                "seed": seed,
+                "data": name,
+                "step": step,
+                "pointers": _pointers(rec),
+                "size_steps_off": [p.get("size_steps_off") for p in rec["pointers"]],
+                "literal_dead_rule": _where(_ratio(rec["dead_reading"]["literal_rule"], G)),
+                "best_mmcs": round(rec["optimum"]["mmcs"], 4),
+                "best_at": f"L1 {rec['optimum']['l1']:g}, {rec['optimum']['ratio']:g}x",
+                "best_mmcs_1x": round(at_1x, 4),
+                "heldout_rows": rows[0]["heldout_rows"],
+                "window": window,
+                "train_wall_s": round(time.perf_counter() - t0, 1),
+            }
+        )
         for r in rec["dead_sensitivity"]:
             if r["window"] not in (100, 200, 400, 1000, window):
                 continue
-            yield ({"figure": "dead_sensitivity", "seed": seed, "data": name, "step": step,
-                        "window": r["window"], "tolerance": r["tolerance"],
-                        "points_to": _where(_ratio(r, G)),
-                        "size_steps_off": _steps_off(r["size"], r["lower_bound"], sizes, G)})
+            yield (
+                {
+                    "figure": "dead_sensitivity",
+                    "seed": seed,
+                    "data": name,
+                    "step": step,
+                    "window": r["window"],
+                    "tolerance": r["tolerance"],
+                    "points_to": _where(_ratio(r, G)),
+                    "size_steps_off": _steps_off(r["size"], r["lower_bound"], sizes, G),
+                }
+            )
         if name == DEFAULT_DATA:
             wider = toy_diagnosis(_rescored(rows), G, window)
-            yield ({"figure": "grid_extension", "seed": seed, "step": step,
-                        "without_1e-5": _pointers(rec), "with_1e-5": _pointers(wider),
-                        "with_size_steps_off": [p.get("size_steps_off") for p in wider["pointers"]],
-                        "all_within_one_step_no_bound": all(
-                            p.get("size_steps_off") is not None and p["size_steps_off"] <= 1
-                            for p in wider["pointers"])})
+            yield (
+                {
+                    "figure": "grid_extension",
+                    "seed": seed,
+                    "step": step,
+                    "without_1e-5": _pointers(rec),
+                    "with_1e-5": _pointers(wider),
+                    "with_size_steps_off": [p.get("size_steps_off") for p in wider["pointers"]],
+                    "all_within_one_step_no_bound": all(
+                        p.get("size_steps_off") is not None and p["size_steps_off"] <= 1
+                        for p in wider["pointers"]
+                    ),
+                }
+            )
 
 
 def _ratio(row: dict | None, G: int) -> dict | None:
@@ -137,8 +202,11 @@ def _ratio(row: dict | None, G: int) -> dict | None:
 def _rescored(rows: list[dict]) -> list[dict]:
     """SSLL and MMCS with larger dictionaries are grid-relative: recompute them over ``rows``."""
     from unsuperpose.analyze.metrics import ssll
-    stick = ssll({(r["l1"], r["dict_size"]): r["heldout_mse"] for r in rows},
-                 {(r["l1"], r["dict_size"]): r["heldout_l1_loss"] for r in rows})
+
+    stick = ssll(
+        {(r["l1"], r["dict_size"]): r["heldout_mse"] for r in rows},
+        {(r["l1"], r["dict_size"]): r["heldout_l1_loss"] for r in rows},
+    )
     return [{**r, "ssll": stick[(r["l1"], r["dict_size"])]} for r in rows]
 
 

@@ -51,9 +51,16 @@ def random_blocks(n_tokens: int) -> np.ndarray:
 
 
 def harvest_into(bridge, blocks: np.ndarray, out: Path) -> Path:
-    [path] = harvest(bridge, blocks, out, HarvestConfig(layer=str(LAYER), batch_size=BATCH),
-                     model_dir="random-gpt2-small", weights_sha256="random", corpus_fingerprint="random",
-                     progress=False)
+    [path] = harvest(
+        bridge,
+        blocks,
+        out,
+        HarvestConfig(layer=str(LAYER), batch_size=BATCH),
+        model_dir="random-gpt2-small",
+        weights_sha256="random",
+        corpus_fingerprint="random",
+        progress=False,
+    )
     return path
 
 
@@ -81,7 +88,7 @@ def harvest_overhead(bridge, work: Path) -> tuple[list[dict], Path]:
     for rep in range(3):  # interleaved pairs, median: the machine is shared
         t = time.perf_counter()
         for b in range(0, len(blocks), BATCH):
-            loop._forward(bridge, blocks[b:b + BATCH], [hook], stop)
+            loop._forward(bridge, blocks[b : b + BATCH], [hook], stop)
         fwd.append(time.perf_counter() - t)
         spent[0], loop._forward = 0.0, timed
         try:
@@ -93,24 +100,41 @@ def harvest_overhead(bridge, work: Path) -> tuple[list[dict], Path]:
         inside.append(spent[0] / hv[-1])
     f, h = float(np.median(fwd)), float(np.median(hv))
     acts_bytes = sum(p.stat().st_size for p in (path / store.ACTS).rglob("*") if p.is_file())
-    side_bytes = sum(p.stat().st_size for name in (store.TOKENS, store.POSITIONS)
-                     for p in (path / name).rglob("*") if p.is_file())
+    side_bytes = sum(
+        p.stat().st_size
+        for name in (store.TOKENS, store.POSITIONS)
+        for p in (path / name).rglob("*")
+        if p.is_file()
+    )
     rows, d = blocks.size, ActivationStore(path).d
-    return [{"figure": "harvest_overhead", "model": "random GPT-2 small shape (d 256, MLP 1024)",
-             "hook": hook, "tokens": rows, "forward_only_tokens_per_s": round(rows / f),
-             "harvest_tokens_per_s": round(rows / h), "storage_overhead_pct": round(100 * (h / f - 1), 1),
-             "harvest_time_in_forward_pct": round(100 * float(np.median(inside)), 1), "goal_pct": 10},
-            {"figure": "store_size", "rows": rows, "d": d,
-             "bytes_per_activation": round(acts_bytes / (rows * d), 3),
-             "compression_ratio": round(2 * rows * d / acts_bytes, 3),
-             "tokens_positions_bytes_per_row": round(side_bytes / rows, 3)}], path
+    return [
+        {
+            "figure": "harvest_overhead",
+            "model": "random GPT-2 small shape (d 256, MLP 1024)",
+            "hook": hook,
+            "tokens": rows,
+            "forward_only_tokens_per_s": round(rows / f),
+            "harvest_tokens_per_s": round(rows / h),
+            "storage_overhead_pct": round(100 * (h / f - 1), 1),
+            "harvest_time_in_forward_pct": round(100 * float(np.median(inside)), 1),
+            "goal_pct": 10,
+        },
+        {
+            "figure": "store_size",
+            "rows": rows,
+            "d": d,
+            "bytes_per_activation": round(acts_bytes / (rows * d), 3),
+            "compression_ratio": round(2 * rows * d / acts_bytes, 3),
+            "tokens_positions_bytes_per_row": round(side_bytes / rows, 3),
+        },
+    ], path
 
 
 def sae_samples_per_s(d: int = 1024, n: int = 8192, batch: int = 1024, steps: int = 3) -> float:
     """A plain torch SAE step (encode, ReLU, decode, MSE + L1, backward, Adam)."""
-    w_enc = torch.nn.Parameter(torch.randn(d, n) / d ** 0.5)
+    w_enc = torch.nn.Parameter(torch.randn(d, n) / d**0.5)
     b_enc = torch.nn.Parameter(torch.zeros(n))
-    w_dec = torch.nn.Parameter(torch.randn(n, d) / n ** 0.5)
+    w_dec = torch.nn.Parameter(torch.randn(n, d) / n**0.5)
     opt = torch.optim.Adam([w_enc, b_enc, w_dec], lr=1e-3)
     x = torch.randn(batch, d)
 
@@ -134,7 +158,9 @@ def reader_throughput(harvested: Path, work: Path) -> list[dict]:
     rows_real = src.read_rows(0, src.rows)
     rows = 4 * src.rows
     prov = store.provenance(src._group)
-    group = store.create(work / "big.zarr", prov, rows, store.default_chunk_rows(src.d), batch_size=1)
+    group = store.create(
+        work / "big.zarr", prov, rows, store.default_chunk_rows(src.d), batch_size=1
+    )
     writer = ChunkWriter(group, 0, rows)
     for _ in range(4):
         writer.add(rows_real, np.zeros(src.rows, np.int32), np.zeros(src.rows, np.int32))
@@ -150,10 +176,19 @@ def reader_throughput(harvested: Path, work: Path) -> list[dict]:
     it.close()
     reader = n * batch / (time.perf_counter() - t)
     sae = sae_samples_per_s()
-    return [{"figure": "reader_throughput", "rows": rows, "d": big.d, "batch": batch,
-             "shuffled_samples_per_s": round(reader), "sae_1024x8192_samples_per_s": round(sae),
-             "reader_vs_sae_measured": round(reader / sae, 1),
-             "reader_vs_sae_reference_2500": round(reader / SAE_REFERENCE, 1), "goal_ratio": 5}]
+    return [
+        {
+            "figure": "reader_throughput",
+            "rows": rows,
+            "d": big.d,
+            "batch": batch,
+            "shuffled_samples_per_s": round(reader),
+            "sae_1024x8192_samples_per_s": round(sae),
+            "reader_vs_sae_measured": round(reader / sae, 1),
+            "reader_vs_sae_reference_2500": round(reader / SAE_REFERENCE, 1),
+            "goal_ratio": 5,
+        }
+    ]
 
 
 RSS_CHILD = """
@@ -169,13 +204,24 @@ def peak_rss(model: Path, work: Path) -> list[dict]:
     out = {}
     for mult in (1, 10):
         tokens = mult * BATCH * N_CTX  # 8k and 82k tokens
-        res = subprocess.run([sys.executable, "-c", RSS_CHILD, str(model), str(tokens),
-                              str(work / f"rss{mult}")], capture_output=True, text=True, check=True,
-                             cwd=Path(__file__).resolve().parent.parent)
+        res = subprocess.run(
+            [sys.executable, "-c", RSS_CHILD, str(model), str(tokens), str(work / f"rss{mult}")],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).resolve().parent.parent,
+        )
         out[mult] = (tokens, json.loads(res.stdout.strip().splitlines()[-1])["peak_rss_mib"])
-    return [{"figure": "harvest_peak_rss", "tokens_1x": out[1][0], "tokens_10x": out[10][0],
-             "peak_rss_mib_1x": round(out[1][1]), "peak_rss_mib_10x": round(out[10][1]),
-             "ratio_10x_vs_1x": round(out[10][1] / out[1][1], 3)}]
+    return [
+        {
+            "figure": "harvest_peak_rss",
+            "tokens_1x": out[1][0],
+            "tokens_10x": out[10][0],
+            "peak_rss_mib_1x": round(out[1][1]),
+            "peak_rss_mib_10x": round(out[10][1]),
+            "ratio_10x_vs_1x": round(out[10][1] / out[1][1], 3),
+        }
+    ]
 
 
 def run() -> list[dict]:

@@ -48,39 +48,85 @@ def child(model: str, out: str, tokens: int, device: str, precision: str) -> Non
     cfg = HarvestConfig(layer=str(LAYER), batch_size=BATCH, device=device, precision=precision)
     distributed.barrier()
     t = time.perf_counter()
-    harvest(bridge, blocks, out, cfg, model_dir=model, weights_sha256="random", corpus_fingerprint="random",
-            progress=False)
+    harvest(
+        bridge,
+        blocks,
+        out,
+        cfg,
+        model_dir=model,
+        weights_sha256="random",
+        corpus_fingerprint="random",
+        progress=False,
+    )
     if place.device.type == "cuda":
         torch.cuda.synchronize(place.device)
     distributed.barrier()
     seconds = time.perf_counter() - t
     if distributed.is_main():
-        print("RESULT " + json.dumps({"seconds": seconds, "tokens": int(blocks.size),
-                                      "threads": torch.get_num_threads(), **place.describe()}))
+        print(
+            "RESULT "
+            + json.dumps(
+                {
+                    "seconds": seconds,
+                    "tokens": int(blocks.size),
+                    "threads": torch.get_num_threads(),
+                    **place.describe(),
+                }
+            )
+        )
     distributed.teardown()
     distributed.leave(0)
 
 
-def timed(model: Path, out: Path, tokens: int, *, procs: int = 1, device: str = "cpu",
-          precision: str = "auto", threads: int | None = None) -> dict:
+def timed(
+    model: Path,
+    out: Path,
+    tokens: int,
+    *,
+    procs: int = 1,
+    device: str = "cpu",
+    precision: str = "auto",
+    threads: int | None = None,
+) -> dict:
     args = ["child", str(model), str(out), str(tokens), device, precision]
     if procs == 1:
         cmd = [sys.executable, "-m", "benchmarks.bench_harvest_ranks", *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={procs}", "-m", "benchmarks.bench_harvest_ranks", *args]
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, check=True,
-                         env={**os.environ, "HF_HUB_OFFLINE": "1",
-                              **({"OMP_NUM_THREADS": str(threads)} if threads else {})})
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={procs}",
+            "-m",
+            "benchmarks.bench_harvest_ranks",
+            *args,
+        ]
+    res = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=True,
+        env={
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            **({"OMP_NUM_THREADS": str(threads)} if threads else {}),
+        },
+    )
     [line] = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
-    got = json.loads(line[len("RESULT "):])
+    got = json.loads(line[len("RESULT ") :])
     got["tokens_per_s"] = round(got["tokens"] / got["seconds"])
     return got
 
 
 def chunk_files(store: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(store)): p.read_bytes() for name in ("acts", "tokens", "positions", "heldout")
-            for p in sorted((store / name).rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(store)): p.read_bytes()
+        for name in ("acts", "tokens", "positions", "heldout")
+        for p in sorted((store / name).rglob("*"))
+        if p.is_file()
+    }
 
 
 def bf16_difference(fp32_store: Path, bf16_store: Path) -> dict:
@@ -99,13 +145,17 @@ def bf16_difference(fp32_store: Path, bf16_store: Path) -> dict:
     ia, ib = (v.view(np.int16).astype(np.int32) for v in (a, b))
     oa, ob = (np.where(i < 0, -(i & 0x7FFF), i) for i in (ia, ib))
     ulps = np.abs(oa - ob)
-    return {"values": int(x.size), "max_abs_diff": float(diff.max()),
-            "max_abs_value": float(np.abs(x).max()),
-            "max_abs_diff_rel_to_max": round(float(diff.max() / np.abs(x).max()), 5),
-            "mean_abs_diff_rel_to_mean_abs": round(float(diff.mean() / np.abs(x).mean()), 5),
-            "frac_identical": round(float((ulps == 0).mean()), 4),
-            "frac_more_than_1_ulp": round(float((ulps > 1).mean()), 4),
-            "median_ulps": float(np.median(ulps)), "p99_ulps": float(np.percentile(ulps, 99))}
+    return {
+        "values": int(x.size),
+        "max_abs_diff": float(diff.max()),
+        "max_abs_value": float(np.abs(x).max()),
+        "max_abs_diff_rel_to_max": round(float(diff.max() / np.abs(x).max()), 5),
+        "mean_abs_diff_rel_to_mean_abs": round(float(diff.mean() / np.abs(x).mean()), 5),
+        "frac_identical": round(float((ulps == 0).mean()), 4),
+        "frac_more_than_1_ulp": round(float((ulps > 1).mean()), 4),
+        "median_ulps": float(np.median(ulps)),
+        "p99_ulps": float(np.percentile(ulps, 99)),
+    }
 
 
 def run() -> list[dict]:
@@ -120,31 +170,57 @@ def run() -> list[dict]:
         ref = chunk_files(work / "one" / f"layer{LAYER}.zarr")
         same = ref == chunk_files(work / "two" / f"layer{LAYER}.zarr")
         same_1t = ref == chunk_files(work / "single" / f"layer{LAYER}.zarr")
-        figures.append({"figure": "harvest_ranks", "model": "random `small` (d 256, MLP 1024)",
-                        "device": "cpu", "tokens": tokens,
-                        "one_process_tokens_per_s": one["tokens_per_s"], "one_process_threads": one["threads"],
-                        "one_process_1_thread_tokens_per_s": single["tokens_per_s"],
-                        "two_processes_tokens_per_s": two["tokens_per_s"], "threads_per_process": two["threads"],
-                        "speedup": round(two["tokens_per_s"] / one["tokens_per_s"], 2),
-                        "speedup_vs_1_thread": round(two["tokens_per_s"] / single["tokens_per_s"], 2),
-                        "stores_bit_identical": same, "one_thread_store_bit_identical": same_1t,
-                        "cpu_count": os.cpu_count()})
+        figures.append(
+            {
+                "figure": "harvest_ranks",
+                "model": "random `small` (d 256, MLP 1024)",
+                "device": "cpu",
+                "tokens": tokens,
+                "one_process_tokens_per_s": one["tokens_per_s"],
+                "one_process_threads": one["threads"],
+                "one_process_1_thread_tokens_per_s": single["tokens_per_s"],
+                "two_processes_tokens_per_s": two["tokens_per_s"],
+                "threads_per_process": two["threads"],
+                "speedup": round(two["tokens_per_s"] / one["tokens_per_s"], 2),
+                "speedup_vs_1_thread": round(two["tokens_per_s"] / single["tokens_per_s"], 2),
+                "stores_bit_identical": same,
+                "one_thread_store_bit_identical": same_1t,
+                "cpu_count": os.cpu_count(),
+            }
+        )
         if torch.cuda.is_available():
             gpu_tokens = 64 * BATCH * N_CTX  # 524,288 tokens
             fp = timed(model, work / "gpu_fp32", gpu_tokens, device="cuda", precision="fp32")
             bf = timed(model, work / "gpu_bf16", gpu_tokens, device="cuda", precision="bf16")
-            figures.append({"figure": "bf16_vs_fp32", "device": fp["device_name"], "tokens": gpu_tokens,
-                            "fp32_tokens_per_s": fp["tokens_per_s"], "bf16_tokens_per_s": bf["tokens_per_s"],
-                            **bf16_difference(work / "gpu_fp32" / f"layer{LAYER}.zarr",
-                                              work / "gpu_bf16" / f"layer{LAYER}.zarr")})
+            figures.append(
+                {
+                    "figure": "bf16_vs_fp32",
+                    "device": fp["device_name"],
+                    "tokens": gpu_tokens,
+                    "fp32_tokens_per_s": fp["tokens_per_s"],
+                    "bf16_tokens_per_s": bf["tokens_per_s"],
+                    **bf16_difference(
+                        work / "gpu_fp32" / f"layer{LAYER}.zarr",
+                        work / "gpu_bf16" / f"layer{LAYER}.zarr",
+                    ),
+                }
+            )
         cpu_tokens = 2 * BATCH * N_CTX  # 16,384 tokens: CPU bf16 autocast is slow
         fp = timed(model, work / "cpu_fp32", cpu_tokens, precision="fp32")
         bf = timed(model, work / "cpu_bf16", cpu_tokens, precision="bf16")
-        figures.append({"figure": "bf16_vs_fp32", "device": "cpu (autocast, a stand-in for CUDA's)",
-                        "tokens": cpu_tokens, "fp32_tokens_per_s": fp["tokens_per_s"],
-                        "bf16_tokens_per_s": bf["tokens_per_s"],
-                        **bf16_difference(work / "cpu_fp32" / f"layer{LAYER}.zarr",
-                                          work / "cpu_bf16" / f"layer{LAYER}.zarr")})
+        figures.append(
+            {
+                "figure": "bf16_vs_fp32",
+                "device": "cpu (autocast, a stand-in for CUDA's)",
+                "tokens": cpu_tokens,
+                "fp32_tokens_per_s": fp["tokens_per_s"],
+                "bf16_tokens_per_s": bf["tokens_per_s"],
+                **bf16_difference(
+                    work / "cpu_fp32" / f"layer{LAYER}.zarr",
+                    work / "cpu_bf16" / f"layer{LAYER}.zarr",
+                ),
+            }
+        )
     return figures
 
 

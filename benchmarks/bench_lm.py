@@ -64,12 +64,21 @@ def run() -> list[dict]:
             for name, steps, with_plain in (("tiny", 3, True), ("small", 1, False)):
                 ours, params = step_tokens_per_s(name, threads, plain=False, steps=steps)
                 floor = peak * 1e9 / (6 * params)
-                record = {"figure": f"train_tokens_per_s_{name}", "threads": threads, "tokens_per_s": round(ours),
-                          "floor_tokens_per_s": round(floor), "pct_of_floor": round(100 * ours / floor, 1),
-                          "gemm_peak_gflops": round(peak, 1), "params": params, "batch": f"{BATCH}x{N_CTX}"}
+                record = {
+                    "figure": f"train_tokens_per_s_{name}",
+                    "threads": threads,
+                    "tokens_per_s": round(ours),
+                    "floor_tokens_per_s": round(floor),
+                    "pct_of_floor": round(100 * ours / floor, 1),
+                    "gemm_peak_gflops": round(peak, 1),
+                    "params": params,
+                    "batch": f"{BATCH}x{N_CTX}",
+                }
                 if with_plain:
                     plain, _ = step_tokens_per_s(name, threads, plain=True, steps=1)
-                    record.update(plain_tokens_per_s=round(plain), speedup_vs_plain=round(ours / plain, 2))
+                    record.update(
+                        plain_tokens_per_s=round(plain), speedup_vs_plain=round(ours / plain, 2)
+                    )
                 if name == "tiny":
                     record["goal_tokens_per_s"] = 3000
                 records.append(record)

@@ -16,7 +16,7 @@ from unsuperpose.toy import ToyConfig, ToySource
 from unsuperpose.train import Callback, SAETrainConfig, apply_preset, new_state, train_steps
 from unsuperpose.train.grid import SAEGroup
 
-SEED = 101          # tests use seeds below 20
+SEED = 101  # tests use seeds below 20
 
 
 def recovery(name: str, l1: list[float], renormalise: bool = True, **overrides) -> list[dict]:
@@ -33,8 +33,18 @@ def recovery(name: str, l1: list[float], renormalise: bool = True, **overrides) 
     preset = overrides.pop("preset", None)
     # make toy's dead window: with the LM default (1,000 batches) almost nothing counts as dead
     # at 1x, and resampling would have nothing to act on.
-    cfg = apply_preset(SAETrainConfig(l1=l1, dict_sizes=[512], steps=5000, log_every=1000,
-                                      dead_window=TOY_DEAD_WINDOW, seed=SEED, data_seed=SEED), preset)
+    cfg = apply_preset(
+        SAETrainConfig(
+            l1=l1,
+            dict_sizes=[512],
+            steps=5000,
+            log_every=1000,
+            dead_window=TOY_DEAD_WINDOW,
+            seed=SEED,
+            data_seed=SEED,
+        ),
+        preset,
+    )
     cfg = dataclasses.replace(cfg, **overrides)
 
     def cb(step, dicts):
@@ -45,18 +55,34 @@ def recovery(name: str, l1: list[float], renormalise: bool = True, **overrides) 
     out = []
     for step in (1000, 2000, 5000):
         best = max((h for h in state.history if h["step"] == step), key=lambda h: h["mmcs"])
-        out.append({"figure": "toy_recovery_1x", "settings": name, "seed": SEED, "step": step,
-                    "best_mmcs": round(best["mmcs"], 4), "best_l1": best["l1"]})
+        out.append(
+            {
+                "figure": "toy_recovery_1x",
+                "settings": name,
+                "seed": SEED,
+                "step": step,
+                "best_mmcs": round(best["mmcs"], 4),
+                "best_l1": best["l1"],
+            }
+        )
     return out
 
 
 def run() -> list[dict]:
     out = []
-    goldilocks = [round(10 ** (e / 4), 8) for e in range(-17, -13)]   # 5.6e-5 .. 3.2e-4, sum convention
+    goldilocks = [
+        round(10 ** (e / 4), 8) for e in range(-17, -13)
+    ]  # 5.6e-5 .. 3.2e-4, sum convention
     out += recovery("default (no resampling)", goldilocks)
-    out += recovery("no renormalisation after the step (the old trainer)", goldilocks, renormalise=False)
+    out += recovery(
+        "no renormalisation after the step (the old trainer)", goldilocks, renormalise=False
+    )
     out += recovery("resampling every 250 steps", goldilocks, resample_every=250)
-    out += recovery("resampling every 250 steps, candidates from one batch (the old pool)", goldilocks,
-                    resample_every=250, resample_pool=1)
+    out += recovery(
+        "resampling every 250 steps, candidates from one batch (the old pool)",
+        goldilocks,
+        resample_every=250,
+        resample_pool=1,
+    )
     out += recovery("--preset report", [10 ** (e / 4) for e in range(-6, 1, 2)], preset="report")
     return out

@@ -27,9 +27,30 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-TOY = ["toy", "--h", "64", "--G", "128", "--dict-ratios", "1/2x,1x,2x,4x", "--l1", "1e-4,3e-4,1e-3",
-       "--steps", "600", "--batch-size", "256", "--log-every", "100", "--eval-every", "300",
-       "--no-progress", "--wandb", "disabled", "--device", "cpu"]   # CPU processes (gloo), also on a GPU machine
+TOY = [
+    "toy",
+    "--h",
+    "64",
+    "--G",
+    "128",
+    "--dict-ratios",
+    "1/2x,1x,2x,4x",
+    "--l1",
+    "1e-4,3e-4,1e-3",
+    "--steps",
+    "600",
+    "--batch-size",
+    "256",
+    "--log-every",
+    "100",
+    "--eval-every",
+    "300",
+    "--no-progress",
+    "--wandb",
+    "disabled",
+    "--device",
+    "cpu",
+]  # CPU processes (gloo), also on a GPU machine
 
 
 def _run(cmd: list[str], env: dict) -> tuple[float, subprocess.CompletedProcess]:
@@ -41,7 +62,9 @@ def _run(cmd: list[str], env: dict) -> tuple[float, subprocess.CompletedProcess]
 
 
 def _logged_rate(out: Path) -> float:
-    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
+    rows = [
+        json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()
+    ]
     rates = [r["samples_per_s"] for r in rows if "samples_per_s" in r][1:]  # the first has start-up
     return sum(rates) / max(len(rates), 1)
 
@@ -56,29 +79,52 @@ def _max_diff(a: dict, b: dict) -> float:
 
 def processes() -> list[dict]:
     py = [sys.executable, "-m", "unsuperpose"]
-    run2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            "-m", "unsuperpose"]
+    run2 = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "unsuperpose",
+    ]
     base = {**os.environ, "WANDB_MODE": "disabled"}
     one_thread = {**base, "OMP_NUM_THREADS": "1"}
     records = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        runs = {"1 process, all threads": (py, base, []),
-                "1 process, 1 thread": (py, one_thread, []),
-                "2 processes, --parallel grid": (run2, one_thread, ["--parallel", "grid"]),
-                "2 processes, --parallel data": (run2, one_thread, ["--parallel", "data"])}
+        runs = {
+            "1 process, all threads": (py, base, []),
+            "1 process, 1 thread": (py, one_thread, []),
+            "2 processes, --parallel grid": (run2, one_thread, ["--parallel", "grid"]),
+            "2 processes, --parallel data": (run2, one_thread, ["--parallel", "data"]),
+        }
         outs = {}
         for i, (what, (cmd, env, extra)) in enumerate(runs.items()):
             out = tmp / f"run{i}"
             wall, _ = _run(cmd + TOY + extra + ["--out", str(out)], env)
             outs[what] = out
-            records.append({"what": f"toy grid 4 sizes x 3 L1, h 64, 600 steps: {what}",
-                            "wall_s": round(wall, 1), "samples_per_s": round(_logged_rate(out))})
+            records.append(
+                {
+                    "what": f"toy grid 4 sizes x 3 L1, h 64, 600 steps: {what}",
+                    "wall_s": round(wall, 1),
+                    "samples_per_s": round(_logged_rate(out)),
+                }
+            )
         ref = _weights(outs["1 process, 1 thread"])
-        records.append({"what": "grid split vs 1 process (1 thread): weights byte-identical",
-                        "identical": _max_diff(ref, _weights(outs["2 processes, --parallel grid"])) == 0})
-        records.append({"what": "data parallel vs 1 process (1 thread): largest weight difference",
-                        "max_abs_diff": _max_diff(ref, _weights(outs["2 processes, --parallel data"]))})
+        records.append(
+            {
+                "what": "grid split vs 1 process (1 thread): weights byte-identical",
+                "identical": _max_diff(ref, _weights(outs["2 processes, --parallel grid"])) == 0,
+            }
+        )
+        records.append(
+            {
+                "what": "data parallel vs 1 process (1 thread): largest weight difference",
+                "max_abs_diff": _max_diff(ref, _weights(outs["2 processes, --parallel data"])),
+            }
+        )
     return records
 
 
@@ -91,7 +137,7 @@ def _cuda_peak(n: int = 8192, reps: int = 10) -> float:
     for _ in range(reps):
         a @ b
     torch.cuda.synchronize()
-    return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e9
+    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
 
 
 def gpu_step(b: int = 4096, d: int = 1024, n: int = 8192) -> list[dict]:
@@ -102,8 +148,14 @@ def gpu_step(b: int = 4096, d: int = 1024, n: int = 8192) -> list[dict]:
     src = RamSource([torch.randn(b, d, device="cuda") for _ in range(2)])
     records = []
     for n_l1 in (1, 4):
-        cfg = SAETrainConfig(l1=[10 ** -(3 + i / 2) for i in range(n_l1)], dict_sizes=[n],
-                             batch_size=b, steps=10_000, resample_every=0, log_every=10_000)
+        cfg = SAETrainConfig(
+            l1=[10 ** -(3 + i / 2) for i in range(n_l1)],
+            dict_sizes=[n],
+            batch_size=b,
+            steps=10_000,
+            resample_every=0,
+            log_every=10_000,
+        )
         state = new_state(src, cfg, device="cuda")
         peak_before = _cuda_peak()
         train_steps(state, src, until=5, progress=False)
@@ -114,41 +166,106 @@ def gpu_step(b: int = 4096, d: int = 1024, n: int = 8192) -> list[dict]:
         torch.cuda.synchronize()
         rate = steps * b / (time.perf_counter() - t)
         peak = max(peak_before, _cuda_peak())
-        records.append({"what": f"GPU: {n_l1} SAE(s) {d} -> {n}, batch {b}, fp32",
-                        "samples_per_s": round(rate),
-                        "pct_of_matmul_peak": round(100 * rate * 10 * d * n * n_l1 / 1e9 / peak, 1),
-                        "matmul_peak_gflops": round(peak), "device": torch.cuda.get_device_name()})
+        records.append(
+            {
+                "what": f"GPU: {n_l1} SAE(s) {d} -> {n}, batch {b}, fp32",
+                "samples_per_s": round(rate),
+                "pct_of_matmul_peak": round(100 * rate * 10 * d * n * n_l1 / 1e9 / peak, 1),
+                "matmul_peak_gflops": round(peak),
+                "device": torch.cuda.get_device_name(),
+            }
+        )
     return records
 
 
 def gpu_paper_toy() -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
-        wall, done = _run([sys.executable, "-m", "unsuperpose", "toy", "--grid", "paper", "--device",
-                           "cuda", "--no-progress", "--wandb", "disabled", "--out", f"{tmp}/paper"],
-                          {**os.environ, "WANDB_MODE": "disabled"})
-        best = [line for line in done.stdout.splitlines() if line.startswith(("best MMCS", "dead", "loss", "MMCS"))]
-    return [{"what": "GPU: unsuperpose toy --grid paper (17 L1 x 9 sizes, 20,000 steps)",
-             "wall_s": round(wall, 1), "wall_min": round(wall / 60, 2), "printed": best,
-             "device": torch.cuda.get_device_name()}]
+        wall, done = _run(
+            [
+                sys.executable,
+                "-m",
+                "unsuperpose",
+                "toy",
+                "--grid",
+                "paper",
+                "--device",
+                "cuda",
+                "--no-progress",
+                "--wandb",
+                "disabled",
+                "--out",
+                f"{tmp}/paper",
+            ],
+            {**os.environ, "WANDB_MODE": "disabled"},
+        )
+        best = [
+            line
+            for line in done.stdout.splitlines()
+            if line.startswith(("best MMCS", "dead", "loss", "MMCS"))
+        ]
+    return [
+        {
+            "what": "GPU: unsuperpose toy --grid paper (17 L1 x 9 sizes, 20,000 steps)",
+            "wall_s": round(wall, 1),
+            "wall_min": round(wall / 60, 2),
+            "printed": best,
+            "device": torch.cuda.get_device_name(),
+        }
+    ]
 
 
 def cpu_vs_gpu() -> list[dict]:
-    args = ["toy", "--h", "64", "--G", "128", "--dict-ratios", "1/2x,1x,2x", "--l1", "1e-4,1e-3",
-            "--steps", "1000", "--no-progress", "--wandb", "disabled", "--data-rng", "cpu"]
+    args = [
+        "toy",
+        "--h",
+        "64",
+        "--G",
+        "128",
+        "--dict-ratios",
+        "1/2x,1x,2x",
+        "--l1",
+        "1e-4,1e-3",
+        "--steps",
+        "1000",
+        "--no-progress",
+        "--wandb",
+        "disabled",
+        "--data-rng",
+        "cpu",
+    ]
     env = {**os.environ, "WANDB_MODE": "disabled"}
     with tempfile.TemporaryDirectory() as tmp:
         walls, rows = {}, {}
         for dev in ("cpu", "cuda"):
-            walls[dev], _ = _run([sys.executable, "-m", "unsuperpose", *args, "--device", dev,
-                                  "--out", f"{tmp}/{dev}"], env)
+            walls[dev], _ = _run(
+                [
+                    sys.executable,
+                    "-m",
+                    "unsuperpose",
+                    *args,
+                    "--device",
+                    dev,
+                    "--out",
+                    f"{tmp}/{dev}",
+                ],
+                env,
+            )
             rows[dev] = (Path(tmp) / dev / "summary.csv").read_text().splitlines()
         diff = _max_diff(_weights(Path(tmp) / "cpu"), _weights(Path(tmp) / "cuda"))
     col = rows["cpu"][0].split(",").index("mmcs")
-    side = [(r.split(",")[0], r.split(",")[1], r.split(",")[col], g.split(",")[col])
-            for r, g in zip(rows["cpu"][1:], rows["cuda"][1:])]
-    return [{"what": "same seed, CPU vs GPU (toy batches drawn on the CPU for both), 1,000 steps",
-             "max_abs_weight_diff": diff, "wall_s_cpu": round(walls["cpu"], 1),
-             "wall_s_gpu": round(walls["cuda"], 1), "l1_size_mmcs_cpu_mmcs_gpu": side}]
+    side = [
+        (r.split(",")[0], r.split(",")[1], r.split(",")[col], g.split(",")[col])
+        for r, g in zip(rows["cpu"][1:], rows["cuda"][1:])
+    ]
+    return [
+        {
+            "what": "same seed, CPU vs GPU (toy batches drawn on the CPU for both), 1,000 steps",
+            "max_abs_weight_diff": diff,
+            "wall_s_cpu": round(walls["cpu"], 1),
+            "wall_s_gpu": round(walls["cuda"], 1),
+            "l1_size_mmcs_cpu_mmcs_gpu": side,
+        }
+    ]
 
 
 def run() -> list[dict]:

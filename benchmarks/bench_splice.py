@@ -31,18 +31,28 @@ def run() -> list[dict]:
     tokens = sum(len(b) - 1 for b in blocks)
     x = torch.from_numpy(np.stack(blocks[:4]))
     with torch.no_grad():
-        bridge(x)                               # warm-up
+        bridge(x)  # warm-up
         t = time.perf_counter()
         for i in range(0, len(blocks), 4):
-            bridge(torch.from_numpy(np.stack(blocks[i:i + 4])))
+            bridge(torch.from_numpy(np.stack(blocks[i : i + 4])))
         plain = tokens / (time.perf_counter() - t)
-    out = {"figure": "splice_cost", "model": "tiny preset (random weights)", "tokens": tokens,
-           "plain_forward_tokens_per_s": round(plain)}
+    out = {
+        "figure": "splice_cost",
+        "model": "tiny preset (random weights)",
+        "tokens": tokens,
+        "plain_forward_tokens_per_s": round(plain),
+    }
     for n in (1, 8):
         saes = {f"s{i}": SAE(cfg.d_mlp, 8 * cfg.d_mlp) for i in range(n)}
         t = time.perf_counter()
-        splice_eval(bridge, HOOK, blocks, {k: (lambda v, s=s: s(v)[0]) for k, s in saes.items()},
-                    mean=torch.zeros(cfg.d_mlp), progress=False)
+        splice_eval(
+            bridge,
+            HOOK,
+            blocks,
+            {k: (lambda v, s=s: s(v)[0]) for k, s in saes.items()},
+            mean=torch.zeros(cfg.d_mlp),
+            progress=False,
+        )
         out[f"splice_{n}_sae_s"] = round(time.perf_counter() - t, 2)
     per_sae = (out["splice_8_sae_s"] - out["splice_1_sae_s"]) / 7
     out["per_sae_tokens_per_s"] = round(tokens / per_sae) if per_sae > 0 else None

@@ -17,13 +17,20 @@ from unsuperpose.train import SAE, SAETrainConfig, new_state, train_steps
 from unsuperpose.train.init import init_params
 
 
-def grid_throughput(n_l1: int = 8, d: int = 256, n: int = 512, batch: int = 256, steps: int = 60) -> list[dict]:
+def grid_throughput(
+    n_l1: int = 8, d: int = 256, n: int = 512, batch: int = 256, steps: int = 60
+) -> list[dict]:
     src = ToySource(ToyConfig(h=d))
     xs = [x for _, x in zip(range(steps), src.batches(batch))]
     flops_per_sae_step = 10 * batch * d * n
     # grid: n_l1 SAEs of one size in one pass (the batches are ready in RAM: this measures the trainer)
-    cfg = SAETrainConfig(l1=[10 ** (-4 + i / 4) for i in range(n_l1)], dict_sizes=[n], steps=steps,
-                         batch_size=batch, log_every=steps)
+    cfg = SAETrainConfig(
+        l1=[10 ** (-4 + i / 4) for i in range(n_l1)],
+        dict_sizes=[n],
+        steps=steps,
+        batch_size=batch,
+        log_every=steps,
+    )
 
     state = new_state(RamSource(xs), cfg)
     train_steps(state, RamSource(xs), until=5, progress=False)
@@ -42,15 +49,20 @@ def grid_throughput(n_l1: int = 8, d: int = 256, n: int = 512, batch: int = 256,
             opt.step()
     loop_rate = n_l1 * (steps - 5) / (time.perf_counter() - t)
     peak = gemm_peak()
-    return [{"figure": "toy_grid_throughput", "shape": f"{n_l1} x {d}->{n}, batch {batch}",
-             "grid_sae_steps_per_s": round(grid_rate, 1),
-             "grid_gflops": round(grid_rate * flops_per_sae_step / 1e9, 1),
-             "loop_sae_steps_per_s": round(loop_rate, 1),
-             "loop_gflops": round(loop_rate * flops_per_sae_step / 1e9, 1),
-             "gemm_peak_gflops": round(peak, 1),
-             "grid_pct_of_peak": round(100 * grid_rate * flops_per_sae_step / 1e9 / peak, 1),
-             "loop_pct_of_peak": round(100 * loop_rate * flops_per_sae_step / 1e9 / peak, 1),
-             "grid_vs_loop": round(grid_rate / loop_rate, 2)}]
+    return [
+        {
+            "figure": "toy_grid_throughput",
+            "shape": f"{n_l1} x {d}->{n}, batch {batch}",
+            "grid_sae_steps_per_s": round(grid_rate, 1),
+            "grid_gflops": round(grid_rate * flops_per_sae_step / 1e9, 1),
+            "loop_sae_steps_per_s": round(loop_rate, 1),
+            "loop_gflops": round(loop_rate * flops_per_sae_step / 1e9, 1),
+            "gemm_peak_gflops": round(peak, 1),
+            "grid_pct_of_peak": round(100 * grid_rate * flops_per_sae_step / 1e9 / peak, 1),
+            "loop_pct_of_peak": round(100 * loop_rate * flops_per_sae_step / 1e9 / peak, 1),
+            "grid_vs_loop": round(grid_rate / loop_rate, 2),
+        }
+    ]
 
 
 def run() -> list[dict]:

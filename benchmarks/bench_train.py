@@ -28,7 +28,9 @@ from unsuperpose.train.init import init_params
 SAELENS_VS_PLAIN = 1650 / 2520  # FACTS.md, same machine, same shape
 
 
-def _trainer_rate(src, cfg: SAETrainConfig, warmup: int, steps: int, setup=None) -> tuple[float, object]:
+def _trainer_rate(
+    src, cfg: SAETrainConfig, warmup: int, steps: int, setup=None
+) -> tuple[float, object]:
     state = new_state(src, cfg)
     if setup:
         setup(state)
@@ -43,8 +45,15 @@ def dense_and_sparse(b: int = 4096, d: int = 1024, n: int = 8192, steps: int = 3
     src = RamSource([torch.randn(b, d) for _ in range(2)])
     flops = 10 * d * n  # per sample
     peak = gemm_peak(b, d, n)
-    cfg = SAETrainConfig(l1=[1e-3], dict_sizes=[n], batch_size=b, steps=10_000, sparse_below=0.0,
-                         resample_every=0, log_every=10_000)
+    cfg = SAETrainConfig(
+        l1=[1e-3],
+        dict_sizes=[n],
+        batch_size=b,
+        steps=10_000,
+        sparse_below=0.0,
+        resample_every=0,
+        log_every=10_000,
+    )
     ours, _ = _trainer_rate(src, cfg, 1, steps)
     sae = SAE(d, n, params=init_params(d, n, seed=0))
     opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
@@ -62,7 +71,9 @@ def dense_and_sparse(b: int = 4096, d: int = 1024, n: int = 8192, steps: int = 3
     plain = steps * b / (time.perf_counter() - t)
     peak = max(peak, gemm_peak(b, d, n))  # the machine is shared: take the better of two reads
 
-    def make_sparse(state):  # ~24 active latents per sample at first: the regime of a trained L1 SAE
+    def make_sparse(
+        state,
+    ):  # ~24 active latents per sample at first: the regime of a trained L1 SAE
         g = state.groups[0]
         pre = src.xs[0] @ g.W_enc
         g.b_enc.copy_(-torch.quantile(pre[:1024], 1 - 24 / n, dim=0))
@@ -72,32 +83,50 @@ def dense_and_sparse(b: int = 4096, d: int = 1024, n: int = 8192, steps: int = 3
     g = state.groups[0]
     l0 = float((torch.addmm(g.b_enc, src.xs[0], g.W_enc) > 0).sum(1).float().mean())
     dense_same, _ = _trainer_rate(src, cfg, 1, steps, setup=make_sparse)
-    return [{"figure": "sae_dense_1024x8192_b4096", "gemm_peak_gflops": round(peak, 1),
-             "ours_samples_per_s": round(ours), "ours_pct_of_peak": round(100 * ours * flops / 1e9 / peak, 1),
-             "plain_torch_samples_per_s": round(plain),
-             "plain_pct_of_peak": round(100 * plain * flops / 1e9 / peak, 1),
-             "ours_vs_plain": round(ours / plain, 2),
-             "ours_vs_saelens_est": round(ours / (plain * SAELENS_VS_PLAIN), 2)},
-            {"figure": "sae_sparse_1024x8192_b4096", "l0": round(l0, 1),
-             "sparse_samples_per_s": round(sparse), "dense_samples_per_s": round(dense_same),
-             "sparse_vs_dense": round(sparse / dense_same, 2),
-             "sparse_vs_saelens_est": round(sparse / (plain * SAELENS_VS_PLAIN), 2)}]
+    return [
+        {
+            "figure": "sae_dense_1024x8192_b4096",
+            "gemm_peak_gflops": round(peak, 1),
+            "ours_samples_per_s": round(ours),
+            "ours_pct_of_peak": round(100 * ours * flops / 1e9 / peak, 1),
+            "plain_torch_samples_per_s": round(plain),
+            "plain_pct_of_peak": round(100 * plain * flops / 1e9 / peak, 1),
+            "ours_vs_plain": round(ours / plain, 2),
+            "ours_vs_saelens_est": round(ours / (plain * SAELENS_VS_PLAIN), 2),
+        },
+        {
+            "figure": "sae_sparse_1024x8192_b4096",
+            "l0": round(l0, 1),
+            "sparse_samples_per_s": round(sparse),
+            "dense_samples_per_s": round(dense_same),
+            "sparse_vs_dense": round(sparse / dense_same, 2),
+            "sparse_vs_saelens_est": round(sparse / (plain * SAELENS_VS_PLAIN), 2),
+        },
+    ]
 
 
-def grid_vs_sequential(n_l1: int = 8, d: int = 256, n: int = 512, b: int = 256, steps: int = 40,
-                       source: str = "ram") -> dict:
+def grid_vs_sequential(
+    n_l1: int = 8, d: int = 256, n: int = 512, b: int = 256, steps: int = 40, source: str = "ram"
+) -> dict:
     """``source='ram'``: pre-made batches (the trainer alone); ``'toy'``: the toy generator, as
     a user training these SAEs one after another would pay for the data once per SAE."""
     torch.manual_seed(0)
     if source == "toy":
         from unsuperpose.toy import ToyConfig, ToySource
+
         src = ToySource(ToyConfig(h=d, G=2 * d))
     else:
         src = RamSource([torch.relu(torch.randn(b, d)) for _ in range(8)])
     l1s = [10 ** (-4 + i / 4) for i in range(n_l1)]
     # Dense path pinned: this compares batching SAEs, not the sparse kernels.
-    base = dict(dict_sizes=[n], batch_size=b, steps=10_000, resample_every=0, log_every=10_000,
-                sparse_below=0.0)
+    base = dict(
+        dict_sizes=[n],
+        batch_size=b,
+        steps=10_000,
+        resample_every=0,
+        log_every=10_000,
+        sparse_below=0.0,
+    )
     grids, seqs = [], []
     for _ in range(2):  # interleaved repeats, best of each: the machine is shared
         grids.append(_trainer_rate(src, SAETrainConfig(l1=l1s, **base), 3, steps)[0])
@@ -107,9 +136,14 @@ def grid_vs_sequential(n_l1: int = 8, d: int = 256, n: int = 512, b: int = 256, 
             seq_time += steps * b / rate
         seqs.append(steps * b / seq_time)
     grid, seq = max(grids), max(seqs)
-    return {"figure": "grid_vs_sequential", "data": source, "shape": f"{n_l1} x {d}->{n}, batch {b}",
-            "grid_sae_samples_per_s": round(grid * n_l1), "sequential_sae_samples_per_s": round(seq * n_l1),
-            "grid_vs_sequential": round(grid / seq, 2)}
+    return {
+        "figure": "grid_vs_sequential",
+        "data": source,
+        "shape": f"{n_l1} x {d}->{n}, batch {b}",
+        "grid_sae_samples_per_s": round(grid * n_l1),
+        "sequential_sae_samples_per_s": round(seq * n_l1),
+        "grid_vs_sequential": round(grid / seq, 2),
+    }
 
 
 def store_vs_ram(d: int = 256, n: int = 2048, b: int = 1024, steps: int = 30) -> dict:
@@ -120,15 +154,31 @@ def store_vs_ram(d: int = 256, n: int = 2048, b: int = 1024, steps: int = 30) ->
     rows = 65_536
     x = np.maximum(np.random.default_rng(0).normal(size=(rows, d)), 0).astype(np.float32)
     with tempfile.TemporaryDirectory() as tmp:
-        prov = store.Provenance(model_dir="bench", weights_sha256="-", hook="bench", layer=0,
-                                width=d, n_ctx=128, corpus_fingerprint="bench")
-        group = store.create(Path(tmp) / "s.zarr", prov, rows, store.default_chunk_rows(d), batch_size=1)
+        prov = store.Provenance(
+            model_dir="bench",
+            weights_sha256="-",
+            hook="bench",
+            layer=0,
+            width=d,
+            n_ctx=128,
+            corpus_fingerprint="bench",
+        )
+        group = store.create(
+            Path(tmp) / "s.zarr", prov, rows, store.default_chunk_rows(d), batch_size=1
+        )
         writer = ChunkWriter(group, 0, rows)
         writer.add(x.astype(BF16), np.zeros(rows, np.int64), np.zeros(rows, np.int64))
         writer.close()
         zsrc = ActivationStore(Path(tmp) / "s.zarr")
-        cfg = SAETrainConfig(l1=[1e-4, 3e-4, 1e-3, 3e-3], dict_sizes=[n], batch_size=b, steps=10_000,
-                             resample_every=0, log_every=10_000, sparse_below=0.0)
+        cfg = SAETrainConfig(
+            l1=[1e-4, 3e-4, 1e-3, 3e-3],
+            dict_sizes=[n],
+            batch_size=b,
+            steps=10_000,
+            resample_every=0,
+            log_every=10_000,
+            sparse_below=0.0,
+        )
         it = zsrc.batches(b)
         ram = RamSource([next(it) for _ in range(64)])
         it.close()
@@ -138,11 +188,19 @@ def store_vs_ram(d: int = 256, n: int = 2048, b: int = 1024, steps: int = 30) ->
             ram_rates.append(_trainer_rate(ram, cfg, 2, steps)[0])
             store_rates.append(_trainer_rate(zsrc, cfg, 2, steps)[0])
         ram_rate, store_rate = max(ram_rates), max(store_rates)
-    return {"figure": "store_vs_ram", "shape": f"4 x {d}->{n}, batch {b}",
-            "ram_samples_per_s": round(ram_rate), "store_samples_per_s": round(store_rate),
-            "store_vs_ram": round(store_rate / ram_rate, 3)}
+    return {
+        "figure": "store_vs_ram",
+        "shape": f"4 x {d}->{n}, batch {b}",
+        "ram_samples_per_s": round(ram_rate),
+        "store_samples_per_s": round(store_rate),
+        "store_vs_ram": round(store_rate / ram_rate, 3),
+    }
 
 
 def run() -> list[dict]:
-    return [grid_vs_sequential(source="ram"), grid_vs_sequential(source="toy"), store_vs_ram(),
-            *dense_and_sparse()]
+    return [
+        grid_vs_sequential(source="ram"),
+        grid_vs_sequential(source="toy"),
+        store_vs_ram(),
+        *dense_and_sparse(),
+    ]

@@ -11,5 +11,14 @@ from .bf16 import BFloat16, bf16_to_torch, register as register_bfloat16
 from .loop import DEFAULT_HOOK, HarvestConfig, harvest, planned_stores, store_name
 from .reader import ActivationStore
 
-__all__ = ["ActivationStore", "BFloat16", "DEFAULT_HOOK", "HarvestConfig", "bf16_to_torch",
-           "harvest", "planned_stores", "register_bfloat16", "store_name"]
+__all__ = [
+    "ActivationStore",
+    "BFloat16",
+    "DEFAULT_HOOK",
+    "HarvestConfig",
+    "bf16_to_torch",
+    "harvest",
+    "planned_stores",
+    "register_bfloat16",
+    "store_name",
+]

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 MIN_ROWS = 65_536  # enough rows for held-out losses and dead-latent counts to be stable
-MAX_FRACTION = 4   # never more than 1/MAX_FRACTION of a store's chunks
+MAX_FRACTION = 4  # never more than 1/MAX_FRACTION of a store's chunks
 
 DOCUMENTS, CHUNKS = "documents", "chunks"
 
@@ -31,9 +31,9 @@ DOCUMENTS, CHUNKS = "documents", "chunks"
 class HeldOut:
     """The held-out rows of one store and the rule that chose them."""
 
-    rule: str          # DOCUMENTS or CHUNKS
-    mask: np.ndarray   # bool per row: True = held out
-    description: str   # a short phrase for people: what is held out and why
+    rule: str  # DOCUMENTS or CHUNKS
+    mask: np.ndarray  # bool per row: True = held out
+    description: str  # a short phrase for people: what is held out and why
 
     @property
     def rows(self) -> int:
@@ -65,8 +65,11 @@ def decide(marks: np.ndarray | None, rows: int, chunk_rows: int) -> HeldOut:
     if marks is not None and np.any(marks):
         mask = np.asarray(marks[:rows]) != 0
         n = int(np.count_nonzero(mask))
-        return HeldOut(DOCUMENTS, mask, f"the {n:,} rows of the LM's validation documents "
-                                        f"({n / rows:.1%} of the store)")
+        return HeldOut(
+            DOCUMENTS,
+            mask,
+            f"the {n:,} rows of the LM's validation documents ({n / rows:.1%} of the store)",
+        )
     k = last_chunks(rows, chunk_rows)
     mask = np.zeros(rows, dtype=bool)
     first = rows if k == 0 else (-(-rows // chunk_rows) - k) * chunk_rows
@@ -76,8 +79,10 @@ def decide(marks: np.ndarray | None, rows: int, chunk_rows: int) -> HeldOut:
     else:
         what = f"the last {k} chunk{'s' if k > 1 else ''} ({rows - first:,} rows), held out whole"
     if marks is None:
-        what += (" (the store predates held-out rows; re-harvest it with `unsuperpose harvest "
-                 "... --force` to hold out the LM's validation documents instead)")
+        what += (
+            " (the store predates held-out rows; re-harvest it with `unsuperpose harvest "
+            "... --force` to hold out the LM's validation documents instead)"
+        )
     elif k:
         what += " (the store holds none of the LM's validation documents)"
     return HeldOut(CHUNKS, mask, what)

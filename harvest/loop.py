@@ -47,22 +47,38 @@ class HarvestConfig:
     """What to harvest: which layers and hook, how many tokens, how the store is chunked."""
 
     layer: str = field("1", help="layer index, comma-separated indices (1,3) or 'all'")
-    hook: str = field(DEFAULT_HOOK, help="TransformerLens hook name; {layer} is replaced by each "
-                      "layer (e.g. blocks.{layer}.hook_resid_post); a name without {layer} is "
-                      "harvested as is")
-    tokens: int | None = field(None, help="harvest at most this many tokens (default: the whole corpus)")
+    hook: str = field(
+        DEFAULT_HOOK,
+        help="TransformerLens hook name; {layer} is replaced by each "
+        "layer (e.g. blocks.{layer}.hook_resid_post); a name without {layer} is "
+        "harvested as is",
+    )
+    tokens: int | None = field(
+        None, help="harvest at most this many tokens (default: the whole corpus)"
+    )
     batch_size: int = field(32, help="token blocks per forward pass")
-    chunk_rows: int | None = field(None, help="rows per stored chunk (default: ~8 MiB of "
-                                   "bfloat16, e.g. 4096 rows at width 1024)")
-    split: str = field("all", help="which blocks of the corpus to harvest: all (its validation "
-                       "documents' rows are marked held out from SAE training), train or val "
-                       "(then the store's last chunks are held out instead)")
-    force: bool = field(False, help="replace existing stores made from another model, corpus, "
-                        "hook or token count instead of refusing")
+    chunk_rows: int | None = field(
+        None,
+        help="rows per stored chunk (default: ~8 MiB of bfloat16, e.g. 4096 rows at width 1024)",
+    )
+    split: str = field(
+        "all",
+        help="which blocks of the corpus to harvest: all (its validation "
+        "documents' rows are marked held out from SAE training), train or val "
+        "(then the store's last chunks are held out instead)",
+    )
+    force: bool = field(
+        False,
+        help="replace existing stores made from another model, corpus, "
+        "hook or token count instead of refusing",
+    )
     device: str = field("auto", help=distributed.DEVICE_HELP)
-    precision: Literal["auto", "fp32", "bf16"] = field("auto", help="forward precision: auto (bf16 autocast on CUDA, fp32 on "
-                           "the CPU), fp32, or bf16 (autocast; on a CPU it is slow and only for "
-                           "comparing); a store keeps the precision it was started with")
+    precision: Literal["auto", "fp32", "bf16"] = field(
+        "auto",
+        help="forward precision: auto (bf16 autocast on CUDA, fp32 on "
+        "the CPU), fp32, or bf16 (autocast; on a CPU it is slow and only for "
+        "comparing); a store keeps the precision it was started with",
+    )
 
 
 @dataclass(frozen=True)
@@ -88,7 +104,9 @@ def parse_layers(text: str, n_layer: int) -> list[int]:
     try:
         layers = sorted({int(p) for p in text.split(",") if p.strip()})
     except ValueError:
-        raise UserError(f"--layer {text!r}: give a layer index, indices like 1,3, or 'all'") from None
+        raise UserError(
+            f"--layer {text!r}: give a layer index, indices like 1,3, or 'all'"
+        ) from None
     bad = [L for L in layers if not 0 <= L < n_layer]
     if not layers or bad:
         raise UserError(f"--layer {text!r}: this model has layers 0..{n_layer - 1}")
@@ -103,22 +121,27 @@ def _hooks(cfg: HarvestConfig, n_layer: int) -> list[tuple[str, int | None]]:
     return [(cfg.hook, int(m.group(1)) if m else None)]
 
 
-def planned_stores(cfg: HarvestConfig, n_layer: int, out_dir: storage.Location) -> list[storage.Location]:
+def planned_stores(
+    cfg: HarvestConfig, n_layer: int, out_dir: storage.Location
+) -> list[storage.Location]:
     """The stores a harvest of ``cfg`` writes, known before the model is loaded (what the
     command locks first); its hooks are checked against the model later."""
     return [storage.location(out_dir) / store_name(h, L) for h, L in _hooks(cfg, n_layer)]
 
 
-def resolve_targets(cfg: HarvestConfig, hook_names: Any, n_layer: int,
-                    out_dir: storage.Location) -> list[_Target]:
+def resolve_targets(
+    cfg: HarvestConfig, hook_names: Any, n_layer: int, out_dir: storage.Location
+) -> list[_Target]:
     """Hook templates + layers -> concrete hook names, each checked against the model's hooks."""
     pairs = _hooks(cfg, n_layer)
     for hook, _ in pairs:
         if hook not in hook_names:
             close = difflib.get_close_matches(hook, list(hook_names), n=3)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise UserError(f"--hook: the model has no hook point {hook!r}{hint}; its layers are "
-                            f"0..{n_layer - 1} and its bridge offers: {', '.join(hook_templates(hook_names))}")
+            raise UserError(
+                f"--hook: the model has no hook point {hook!r}{hint}; its layers are "
+                f"0..{n_layer - 1} and its bridge offers: {', '.join(hook_templates(hook_names))}"
+            )
     return [_Target(h, L, storage.location(out_dir) / store_name(h, L)) for h, L in pairs]
 
 
@@ -126,8 +149,16 @@ def hook_templates(hook_names: Any) -> list[str]:
     """The bridge's hook names with the layer written ``{layer}`` (one entry per kind of hook),
     the usual SAE targets first."""
     names = sorted({_BLOCK.sub("blocks.{layer}.", h) for h in hook_names})
-    usual = [h for h in (DEFAULT_HOOK, "blocks.{layer}.hook_resid_post", "blocks.{layer}.hook_attn_out",
-                         "blocks.{layer}.hook_mlp_out") if h in names]
+    usual = [
+        h
+        for h in (
+            DEFAULT_HOOK,
+            "blocks.{layer}.hook_resid_post",
+            "blocks.{layer}.hook_attn_out",
+            "blocks.{layer}.hook_mlp_out",
+        )
+        if h in names
+    ]
     return usual + [h for h in names if h not in usual]
 
 
@@ -169,14 +200,22 @@ def model_device(bridge: Any) -> torch.device:
         return torch.device("cpu")
 
 
-def _forward(bridge: Any, tokens: np.ndarray, hooks: list[str], stop: str | None, *,
-             device: torch.device | None = None, precision: str = "fp32") -> dict[str, torch.Tensor]:
+def _forward(
+    bridge: Any,
+    tokens: np.ndarray,
+    hooks: list[str],
+    stop: str | None,
+    *,
+    device: torch.device | None = None,
+    precision: str = "fp32",
+) -> dict[str, torch.Tensor]:
     got: dict[str, torch.Tensor] = {}
 
     def capture(name: str):
         def fn(x: torch.Tensor, hook: Any) -> torch.Tensor:
             got[name] = x.detach()
             return x
+
         return fn
 
     def halt(x: torch.Tensor, hook: Any) -> None:
@@ -188,8 +227,11 @@ def _forward(bridge: Any, tokens: np.ndarray, hooks: list[str], stop: str | None
     if device is not None and device.type != "cpu":
         ids = ids.to(device, non_blocking=True)
     # fp32 enters no autocast context at all, so the CPU path is exactly what it always was.
-    cast = (torch.autocast(ids.device.type, dtype=torch.bfloat16) if precision == "bf16"
-            else contextlib.nullcontext())
+    cast = (
+        torch.autocast(ids.device.type, dtype=torch.bfloat16)
+        if precision == "bf16"
+        else contextlib.nullcontext()
+    )
     with torch.inference_mode(), cast:
         try:
             bridge.run_with_hooks(ids, fwd_hooks=fwd_hooks)
@@ -198,8 +240,16 @@ def _forward(bridge: Any, tokens: np.ndarray, hooks: list[str], stop: str | None
     return got
 
 
-def _host_batches(bridge: Any, blocks: np.ndarray, batch_ids: list[int], batch_size: int,
-                  hooks: list[str], stop: str | None, device: torch.device, precision: str):
+def _host_batches(
+    bridge: Any,
+    blocks: np.ndarray,
+    batch_ids: list[int],
+    batch_size: int,
+    hooks: list[str],
+    stop: str | None,
+    device: torch.device,
+    precision: str,
+):
     """(b, {hook: bfloat16 NumPy (rows, d)}) for each forward batch b of ``batch_ids``, in order.
 
     On CUDA the device-to-host copy of batch b goes into pinned memory on a side stream and is
@@ -207,9 +257,16 @@ def _host_batches(bridge: Any, blocks: np.ndarray, batch_ids: list[int], batch_s
     and the CPU packs chunks meanwhile. The arrays handed out are views of two reused pinned
     buffers: valid until the next item is taken.
     """
+
     def run(b: int) -> dict[str, torch.Tensor]:
-        acts = _forward(bridge, blocks[b * batch_size:(b + 1) * batch_size], hooks, stop,
-                        device=device, precision=precision)
+        acts = _forward(
+            bridge,
+            blocks[b * batch_size : (b + 1) * batch_size],
+            hooks,
+            stop,
+            device=device,
+            precision=precision,
+        )
         return {h: a.reshape(-1, a.shape[-1]).to(torch.bfloat16) for h, a in acts.items()}
 
     if device.type != "cuda":
@@ -227,9 +284,9 @@ def _host_batches(bridge: Any, blocks: np.ndarray, batch_ids: list[int], batch_s
             for h, a in acts.items():
                 if h not in bufs or bufs[h].shape[0] < a.shape[0]:
                     bufs[h] = torch.empty(a.shape, dtype=torch.bfloat16, pin_memory=True)
-                bufs[h][:a.shape[0]].copy_(a, non_blocking=True)
+                bufs[h][: a.shape[0]].copy_(a, non_blocking=True)
                 a.record_stream(copier)  # its memory must outlive the copy, not just the forward
-                host[h] = bufs[h][:a.shape[0]]
+                host[h] = bufs[h][: a.shape[0]]
         done = torch.cuda.Event()
         done.record(copier)
         if pending is not None:
@@ -250,12 +307,19 @@ def mask_fingerprint(heldout: np.ndarray | None) -> str | None:
         return None
     flat, h = heldout.reshape(-1), hashlib.sha256()
     for i in range(0, len(flat), 1 << 26):
-        h.update((flat[i:i + (1 << 26)] != 0).view(np.uint8))
+        h.update((flat[i : i + (1 << 26)] != 0).view(np.uint8))
     return h.hexdigest()
 
 
-def _open_or_create(t: _Target, prov: store.Provenance, rows: int, chunk_rows: int,
-                    batch_size: int, force: bool, keep: Any = None) -> tuple[Any, int, int]:
+def _open_or_create(
+    t: _Target,
+    prov: store.Provenance,
+    rows: int,
+    chunk_rows: int,
+    batch_size: int,
+    force: bool,
+    keep: Any = None,
+) -> tuple[Any, int, int]:
     """Returns (group, first row to write, forward batch size that keeps batches aligned).
 
     ``keep(group)`` checks an existing store of this source before it is touched (it may refuse).
@@ -271,9 +335,11 @@ def _open_or_create(t: _Target, prov: store.Provenance, rows: int, chunk_rows: i
     prog = store.progress(group)
     if prog.rows_planned > rows:
         what = "holds" if prog.complete else "is an unfinished harvest of"
-        raise UserError(f"{t.path} {what} {prog.rows_planned:,} rows, more than the {rows:,} "
-                        f"asked for; run with --tokens {prog.rows_planned} to keep it, or "
-                        "--force to rewrite it")
+        raise UserError(
+            f"{t.path} {what} {prog.rows_planned:,} rows, more than the {rows:,} "
+            f"asked for; run with --tokens {prog.rows_planned} to keep it, or "
+            "--force to rewrite it"
+        )
     if prog.complete and prog.rows_planned == rows:
         return group, rows, prog.batch_size
     if prog.rows_planned < rows:
@@ -287,17 +353,22 @@ def _old_store(t: _Target, group: Any, prov: store.Provenance, rows: int) -> tup
     Its rows cannot be continued, since the earlier ones have no held-out marks to match.
     """
     # Its attributes lack the mask's fingerprint; everything else must still be the same.
-    store.check_same_source(t.path, store.provenance(group),
-                            replace(prov, heldout_fingerprint=None))
+    store.check_same_source(
+        t.path, store.provenance(group), replace(prov, heldout_fingerprint=None)
+    )
     prog = store.progress(group)
     if prog.complete and prog.rows_planned == rows:
-        print(f"harvest: {t.path} predates held-out rows (no {store.HELDOUT!r} array): training "
-              "will hold out its last chunks instead of the LM's validation documents; pass "
-              "--force to harvest it again with them")
+        print(
+            f"harvest: {t.path} predates held-out rows (no {store.HELDOUT!r} array): training "
+            "will hold out its last chunks instead of the LM's validation documents; pass "
+            "--force to harvest it again with them"
+        )
         return group, rows, prog.batch_size
-    raise UserError(f"{t.path} was harvested before stores recorded held-out rows (it has no "
-                    f"{store.HELDOUT!r} array), so it cannot be resumed or extended; run the same "
-                    "command with --force to harvest it again")
+    raise UserError(
+        f"{t.path} was harvested before stores recorded held-out rows (it has no "
+        f"{store.HELDOUT!r} array), so it cannot be resumed or extended; run the same "
+        "command with --force to harvest it again"
+    )
 
 
 def _print_plan(work: list[tuple[_Target, Any, int]], rows: int, out_dir: Path) -> None:
@@ -308,40 +379,74 @@ def _print_plan(work: list[tuple[_Target, Any, int]], rows: int, out_dir: Path) 
         print(f"harvest: {t.hook} -> {t.path} (width {d}, rows {start:,}..{rows:,})")
     free = storage.free_bytes(out_dir)
     if free is None:
-        print(f"harvest: about {need / 2**30:.2f} GiB will be written to {out_dir} (object storage: "
-              "free space is not checked)")
+        print(
+            f"harvest: about {need / 2**30:.2f} GiB will be written to {out_dir} (object storage: "
+            "free space is not checked)"
+        )
         return
     print(f"harvest: about {need / 2**30:.2f} GiB of disk needed, {free / 2**30:.1f} GiB free")
     if need > free:
-        raise UserError(f"not enough disk under {out_dir}: about {need / 2**30:.2f} GiB needed, "
-                        f"{free / 2**30:.1f} GiB free; use --tokens to harvest fewer")
+        raise UserError(
+            f"not enough disk under {out_dir}: about {need / 2**30:.2f} GiB needed, "
+            f"{free / 2**30:.1f} GiB free; use --tokens to harvest fewer"
+        )
 
 
-def _plan_stores(targets: list[_Target], cfg: HarvestConfig, rows: int, widths: dict, n_ctx: int,
-                 precision: str, made: dict, out_dir: Any, *, model_dir: str, weights_sha256: str,
-                 corpus_fingerprint: str, corpus: dict | None, heldout_fp: str | None) -> dict:
+def _plan_stores(
+    targets: list[_Target],
+    cfg: HarvestConfig,
+    rows: int,
+    widths: dict,
+    n_ctx: int,
+    precision: str,
+    made: dict,
+    out_dir: Any,
+    *,
+    model_dir: str,
+    weights_sha256: str,
+    corpus_fingerprint: str,
+    corpus: dict | None,
+    heldout_fp: str | None,
+) -> dict:
     """Rank 0's part: open, create or grow each store and say which rows each pass writes."""
     asked = cfg.precision
     work: dict[tuple[int, str], list] = {}  # (batch size, precision) -> the stores computed so
     for t in targets:
-        prov = store.Provenance(model_dir=str(model_dir), weights_sha256=weights_sha256, hook=t.hook,
-                                layer=t.layer, width=widths[t.hook], n_ctx=int(n_ctx),
-                                corpus_fingerprint=corpus_fingerprint, corpus=corpus,
-                                heldout_fingerprint=heldout_fp)
+        prov = store.Provenance(
+            model_dir=str(model_dir),
+            weights_sha256=weights_sha256,
+            hook=t.hook,
+            layer=t.layer,
+            width=widths[t.hook],
+            n_ctx=int(n_ctx),
+            corpus_fingerprint=corpus_fingerprint,
+            corpus=corpus,
+            heldout_fingerprint=heldout_fp,
+        )
         chunk_rows = cfg.chunk_rows or store.default_chunk_rows(prov.width)
         kept: dict[str, str] = {}  # the precision an existing store was started with
         group, start, stored_batch = _open_or_create(
-            t, prov, rows, chunk_rows, cfg.batch_size, cfg.force,
-            keep=lambda g: kept.setdefault("precision", _kept_precision(t, g, asked, precision)))
+            t,
+            prov,
+            rows,
+            chunk_rows,
+            cfg.batch_size,
+            cfg.force,
+            keep=lambda g: kept.setdefault("precision", _kept_precision(t, g, asked, precision)),
+        )
         if start == rows:
             print(f"harvest: {t.path} is complete ({rows:,} rows); nothing to do")
             continue
         if stored_batch != cfg.batch_size:
-            print(f"harvest: resuming {t.path} with its batch size {stored_batch} "
-                  f"(not {cfg.batch_size}) so its rows match an uninterrupted run")
+            print(
+                f"harvest: resuming {t.path} with its batch size {stored_batch} "
+                f"(not {cfg.batch_size}) so its rows match an uninterrupted run"
+            )
         prec = kept.get("precision", precision)
         cfg = replace(cfg, device=made["device"], precision=prec)  # the config says how it ran
-        storage.write_json(t.path / CONFIG_FILE, to_dict(cfg))  # zarr ignores files it does not know
+        storage.write_json(
+            t.path / CONFIG_FILE, to_dict(cfg)
+        )  # zarr ignores files it does not know
         ranks.record_run(group, made, prec, start, rows)
         work.setdefault((stored_batch, prec), []).append((t, group, start))
     if not work:
@@ -350,18 +455,32 @@ def _plan_stores(targets: list[_Target], cfg: HarvestConfig, rows: int, widths: 
     if len(work) > 1:
         # Float sums depend on the batch shape, so one shared pass would change some stores' rows.
         precisions = {p for _, p in work}
-        sizes = "; ".join(f"batch size {b}{f', {p}' if len(precisions) > 1 else ''}: "
-                          f"{', '.join(t.path.name for t, _, _ in ws)}" for (b, p), ws in work.items())
+        sizes = "; ".join(
+            f"batch size {b}{f', {p}' if len(precisions) > 1 else ''}: "
+            f"{', '.join(t.path.name for t, _, _ in ws)}"
+            for (b, p), ws in work.items()
+        )
         what = "batch sizes" if len(precisions) == 1 else "batch sizes or precisions"
-        print(f"harvest: the stores were started with different {what} ({sizes}); "
-              f"each gets its own pass over the corpus ({len(work)} passes)")
+        print(
+            f"harvest: the stores were started with different {what} ({sizes}); "
+            f"each gets its own pass over the corpus ({len(work)} passes)"
+        )
     return work
 
 
-def harvest(bridge: Any, blocks: np.ndarray, out_dir: str | Path, cfg: HarvestConfig, *,
-            model_dir: str, weights_sha256: str, corpus_fingerprint: str,
-            corpus: dict | None = None, heldout: np.ndarray | None = None,
-            progress: bool = True) -> list[Path]:
+def harvest(
+    bridge: Any,
+    blocks: np.ndarray,
+    out_dir: str | Path,
+    cfg: HarvestConfig,
+    *,
+    model_dir: str,
+    weights_sha256: str,
+    corpus_fingerprint: str,
+    corpus: dict | None = None,
+    heldout: np.ndarray | None = None,
+    progress: bool = True,
+) -> list[Path]:
     """Harvest ``cfg``'s hooks of ``bridge`` over ``blocks`` (N, n_ctx) into stores in ``out_dir``.
 
     ``heldout`` (the shape of ``blocks``, 0/1; ``TokenBlocks.val_mask``) marks the tokens of the
@@ -370,7 +489,9 @@ def harvest(bridge: Any, blocks: np.ndarray, out_dir: str | Path, cfg: HarvestCo
     """
     blocks = np.asarray(blocks)
     if blocks.ndim != 2 or blocks.size == 0:
-        raise UserError(f"token blocks must be a non-empty (N, n_ctx) array, got shape {blocks.shape}")
+        raise UserError(
+            f"token blocks must be a non-empty (N, n_ctx) array, got shape {blocks.shape}"
+        )
     heldout = None if heldout is None else np.asarray(heldout)
     if heldout is not None and heldout.shape != blocks.shape:
         raise ValueError(f"the held-out mask has shape {heldout.shape}, the blocks {blocks.shape}")
@@ -381,8 +502,10 @@ def harvest(bridge: Any, blocks: np.ndarray, out_dir: str | Path, cfg: HarvestCo
         raise UserError(f"--batch-size {cfg.batch_size}: give a positive number of blocks")
     rows = min(blocks.size, cfg.tokens or blocks.size)
     if cfg.tokens and cfg.tokens > blocks.size and distributed.is_main():
-        print(f"harvest: the corpus has {blocks.size:,} tokens, fewer than --tokens {cfg.tokens:,}; "
-              "harvesting all of them")
+        print(
+            f"harvest: the corpus has {blocks.size:,} tokens, fewer than --tokens {cfg.tokens:,}; "
+            "harvesting all of them"
+        )
     n_layer = int(bridge.cfg.n_layers)
     out_dir = storage.location(out_dir)  # a local folder or s3://bucket/prefix
     storage.make_dirs(out_dir)
@@ -391,25 +514,65 @@ def harvest(bridge: Any, blocks: np.ndarray, out_dir: str | Path, cfg: HarvestCo
     stop = stop_hook(targets)
     device = model_device(bridge)
     precision = resolve_precision(cfg.precision, device)
-    widths = {h: int(a.shape[-1]) for h, a in
-              _forward(bridge, blocks[:1], hooks, stop, device=device, precision=precision).items()}
+    widths = {
+        h: int(a.shape[-1])
+        for h, a in _forward(
+            bridge, blocks[:1], hooks, stop, device=device, precision=precision
+        ).items()
+    }
 
     heldout_fp = mask_fingerprint(heldout)
-    distributed.check_same_everywhere("the harvest settings", {
-        "config": to_dict(cfg), "out": str(out_dir), "rows": rows, "n_ctx": int(n_ctx),
-        "precision": precision, "weights_sha256": weights_sha256,
-        "corpus_fingerprint": corpus_fingerprint, "heldout_fingerprint": heldout_fp})
-    made = {"world_size": distributed.world_size(), "device": str(device),
-            "device_name": distributed.device_name(device)}  # rank 0's; each rank's is in the runs
-    work = ranks.shared_plan(targets, lambda: _plan_stores(
-        targets, cfg, rows, widths, n_ctx, precision, made, out_dir, model_dir=model_dir,
-        weights_sha256=weights_sha256, corpus_fingerprint=corpus_fingerprint, corpus=corpus,
-        heldout_fp=heldout_fp))
+    distributed.check_same_everywhere(
+        "the harvest settings",
+        {
+            "config": to_dict(cfg),
+            "out": str(out_dir),
+            "rows": rows,
+            "n_ctx": int(n_ctx),
+            "precision": precision,
+            "weights_sha256": weights_sha256,
+            "corpus_fingerprint": corpus_fingerprint,
+            "heldout_fingerprint": heldout_fp,
+        },
+    )
+    made = {
+        "world_size": distributed.world_size(),
+        "device": str(device),
+        "device_name": distributed.device_name(device),
+    }  # rank 0's; each rank's is in the runs
+    work = ranks.shared_plan(
+        targets,
+        lambda: _plan_stores(
+            targets,
+            cfg,
+            rows,
+            widths,
+            n_ctx,
+            precision,
+            made,
+            out_dir,
+            model_dir=model_dir,
+            weights_sha256=weights_sha256,
+            corpus_fingerprint=corpus_fingerprint,
+            corpus=corpus,
+            heldout_fp=heldout_fp,
+        ),
+    )
     if not work:
         return [t.path for t in targets]
     for (batch_size, prec), ws in work.items():
-        shares = _stream(bridge, blocks, heldout, rows, ws, batch_size, prec,
-                         stop_hook([t for t, _, _ in ws]), progress, device)
+        shares = _stream(
+            bridge,
+            blocks,
+            heldout,
+            rows,
+            ws,
+            batch_size,
+            prec,
+            stop_hook([t for t, _, _ in ws]),
+            progress,
+            device,
+        )
         shares = distributed.all_gather_objects(shares)
         if distributed.is_main():
             ranks.record_shares([group for _, group, _ in ws], shares)
@@ -426,17 +589,30 @@ def _kept_precision(t: _Target, group: Any, asked: str, precision: str) -> str:
     if had is None or had == precision:
         return precision
     if asked != "auto":
-        raise UserError(f"{t.path} was started with a {had} forward; run with --precision {had} "
-                        "(or auto) to continue it, or --force to harvest it again in "
-                        f"{precision}")
-    print(f"harvest: continuing {t.path} in {had}, the precision it was started with "
-          f"(not {precision}), so its rows match an uninterrupted run")
+        raise UserError(
+            f"{t.path} was started with a {had} forward; run with --precision {had} "
+            "(or auto) to continue it, or --force to harvest it again in "
+            f"{precision}"
+        )
+    print(
+        f"harvest: continuing {t.path} in {had}, the precision it was started with "
+        f"(not {precision}), so its rows match an uninterrupted run"
+    )
     return had
 
 
-def _stream(bridge: Any, blocks: np.ndarray, heldout: np.ndarray | None, rows: int, work: list,
-            batch_size: int, precision: str, stop: str | None, show: bool,
-            device: torch.device) -> dict:
+def _stream(
+    bridge: Any,
+    blocks: np.ndarray,
+    heldout: np.ndarray | None,
+    rows: int,
+    work: list,
+    batch_size: int,
+    precision: str,
+    stop: str | None,
+    show: bool,
+    device: torch.device,
+) -> dict:
     """Compute and write this rank's share of ``work``; returns what it did (for the record)."""
     n_ctx = blocks.shape[1]
     world, me = distributed.world_size(), distributed.rank()
@@ -449,11 +625,19 @@ def _stream(bridge: Any, blocks: np.ndarray, heldout: np.ndarray | None, rows: i
     valid = [store.progress(group).rows_written for _, group, _ in work]  # rank 0's record
     # Alone, the writer records each chunk as it lands (as it always did); under torchrun only
     # rank 0 records, and only rows every rank has finished.
-    writers = [(t.hook, start, ChunkWriter(group, start, rows, record_progress=alone))
-               for t, group, start in work]
-    bar = tqdm(total=rows, initial=first, unit="tok", unit_scale=True, dynamic_ncols=True,
-               desc="harvest" if alone else f"harvest, {world} ranks",
-               disable=not (show and distributed.is_main()))
+    writers = [
+        (t.hook, start, ChunkWriter(group, start, rows, record_progress=alone))
+        for t, group, start in work
+    ]
+    bar = tqdm(
+        total=rows,
+        initial=first,
+        unit="tok",
+        unit_scale=True,
+        dynamic_ncols=True,
+        desc="harvest" if alone else f"harvest, {world} ranks",
+        disable=not (show and distributed.is_main()),
+    )
     queued = [0] * len(writers)  # each writer's chunks queued by the end of the previous round
     done = {"rank": me, "device": str(device), "forward_batches": 0, "rows": 0}
 
@@ -473,8 +657,16 @@ def _stream(bridge: Any, blocks: np.ndarray, heldout: np.ndarray | None, rows: i
             lo, hi = ranks.round_rows(j, first, rows, unit, world)
             bar.update(hi - lo)
 
-    computed = _host_batches(bridge, blocks, sorted({b for _, b, _, _ in pieces}), batch_size,
-                             [h for h, _, _ in writers], stop, device, precision)
+    computed = _host_batches(
+        bridge,
+        blocks,
+        sorted({b for _, b, _, _ in pieces}),
+        batch_size,
+        [h for h, _, _ in writers],
+        stop,
+        device,
+        precision,
+    )
     ended, have, acts = 0, None, {}
     try:
         for rnd, b, lo, hi in pieces:
@@ -485,20 +677,31 @@ def _stream(bridge: Any, blocks: np.ndarray, heldout: np.ndarray | None, rows: i
                 have, acts = next(computed)
                 done["forward_batches"] += 1
             base = b * batch_rows
-            blk = blocks[b * batch_size:(b + 1) * batch_size]
-            flat_tokens = blk.reshape(-1)[lo - base:hi - base].astype(np.int32)
+            blk = blocks[b * batch_size : (b + 1) * batch_size]
+            flat_tokens = blk.reshape(-1)[lo - base : hi - base].astype(np.int32)
             positions = (np.arange(lo, hi) % n_ctx).astype(np.int32)
-            marks = (np.zeros(hi - lo, np.uint8) if heldout is None else
-                     (heldout[b * batch_size:(b + 1) * batch_size].reshape(-1)[lo - base:hi - base]
-                      != 0).astype(np.uint8))
+            marks = (
+                np.zeros(hi - lo, np.uint8)
+                if heldout is None
+                else (
+                    heldout[b * batch_size : (b + 1) * batch_size].reshape(-1)[
+                        lo - base : hi - base
+                    ]
+                    != 0
+                ).astype(np.uint8)
+            )
             for hook, start, writer in writers:
                 skip = max(0, start - lo)  # rows this store already holds
                 if skip >= hi - lo:
                     continue
                 if writer.row != lo + skip:
                     writer.seek(lo + skip)  # the rows in between are another rank's
-                writer.add(acts[hook][lo + skip - base:hi - base], flat_tokens[skip:],
-                           positions[skip:], marks[skip:])
+                writer.add(
+                    acts[hook][lo + skip - base : hi - base],
+                    flat_tokens[skip:],
+                    positions[skip:],
+                    marks[skip:],
+                )
             done["rows"] += hi - lo
             if alone:
                 bar.update(hi - lo)

@@ -42,8 +42,9 @@ def round_rows(j: int, first: int, rows: int, unit: int, world: int) -> tuple[in
     return max(first, (u0 + j * world) * unit), min(rows, (u0 + (j + 1) * world) * unit)
 
 
-def rank_pieces(first: int, rows: int, unit: int, batch_rows: int, rank: int,
-                world: int) -> list[tuple[int, int, int, int]]:
+def rank_pieces(
+    first: int, rows: int, unit: int, batch_rows: int, rank: int, world: int
+) -> list[tuple[int, int, int, int]]:
     """(round, forward batch, lo, hi) for the rows [lo, hi) this rank writes, in row order.
 
     Units are counted from the one holding row ``first`` (a resume's first row); in round j,
@@ -72,14 +73,16 @@ def shared_plan(targets: list, plan) -> dict:
     got = distributed.from_main(on_main)
     if distributed.is_main():
         return mine
-    return {key: [(targets[i], store.open_group(targets[i].path, mode="r+"), start)
-                  for i, start in ws] for key, ws in got.items()}
+    return {
+        key: [(targets[i], store.open_group(targets[i].path, mode="r+"), start) for i, start in ws]
+        for key, ws in got.items()
+    }
 
 
 def record_run(group: Any, made: dict, precision: str, start: int, rows: int) -> None:
     """Top-level world_size/device/precision of the latest run, and a short list of the runs
     (a resume with another world size or device shows there)."""
-    runs = list(group.attrs.get("harvest_runs") or [])[-(MAX_RUNS - 1):]
+    runs = list(group.attrs.get("harvest_runs") or [])[-(MAX_RUNS - 1) :]
     runs.append({**made, "precision": precision, "rows_from": int(start), "rows_to": int(rows)})
     group.attrs.update({**made, "precision": precision, "harvest_runs": runs})
 
@@ -93,5 +96,7 @@ def record_shares(groups: list, shares: list[dict]) -> None:
             group.attrs.update({"harvest_runs": runs})
     if len(shares) > 1:
         for s in shares:
-            print(f"harvest: rank {s['rank']} ({s['device']}) ran {s['forward_batches']:,} "
-                  f"forward batches and wrote {s['rows']:,} rows")
+            print(
+                f"harvest: rank {s['rank']} ({s['device']}) ran {s['forward_batches']:,} "
+                f"forward batches and wrote {s['rows']:,} rows"
+            )

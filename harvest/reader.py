@@ -48,10 +48,12 @@ class ActivationStore:
         self._group = store.open_group(self.path, mode="r")
         prog = store.progress(self._group)
         if not prog.complete and not allow_incomplete:
-            raise UserError(f"{self.path} is incomplete ({prog.rows_written:,} of "
-                            f"{prog.rows_planned:,} rows): run the same harvest command again to "
-                            "finish it, or open it with allow_incomplete=True to read the "
-                            "complete chunks only")
+            raise UserError(
+                f"{self.path} is incomplete ({prog.rows_written:,} of "
+                f"{prog.rows_planned:,} rows): run the same harvest command again to "
+                "finish it, or open it with allow_incomplete=True to read the "
+                "complete chunks only"
+            )
         self._acts = self._group[store.ACTS]
         self.chunk_rows = prog.chunk_rows
         self.rows = prog.rows_written if not prog.complete else prog.rows_planned
@@ -61,8 +63,10 @@ class ActivationStore:
         self.provenance = store.provenance(self._group)
         self.metadata = dict(self._group.attrs)
         if not store.has_heldout(self._group):
-            print(f"note: {self.path} was harvested before stores recorded held-out rows; SAE "
-                  f"training holds out {self.heldout_description}")
+            print(
+                f"note: {self.path} was harvested before stores recorded held-out rows; SAE "
+                f"training holds out {self.heldout_description}"
+            )
 
     @property
     def d(self) -> int:
@@ -105,7 +109,9 @@ class ActivationStore:
         n = self._heldout.rows
         return n if max_rows is None else min(n, max(0, int(max_rows)))
 
-    def heldout_batches(self, batch_size: int, max_rows: int | None = None) -> Iterator[torch.Tensor]:
+    def heldout_batches(
+        self, batch_size: int, max_rows: int | None = None
+    ) -> Iterator[torch.Tensor]:
         """Float32 (<= batch_size, d) batches of the held-out rows in store order, then stop.
 
         At most ``max_rows`` rows in all (None: every one), the first ones in store order; only
@@ -120,7 +126,7 @@ class ActivationStore:
             if left == 0:
                 break
             lo = c * self.chunk_rows
-            idx = np.flatnonzero(mask[lo:lo + self._chunk_len(c)])[:left]
+            idx = np.flatnonzero(mask[lo : lo + self._chunk_len(c)])[:left]
             if not len(idx):
                 continue
             # Read only the span of the chunk's held-out rows (zarr decodes the whole chunk anyway).
@@ -130,7 +136,10 @@ class ActivationStore:
             while have >= batch_size:
                 rows = np.concatenate(pending) if len(pending) > 1 else pending[0]
                 yield torch.from_numpy(bf16_to_float32(rows[:batch_size]))
-                pending, have = ([rows[batch_size:]] if have > batch_size else []), have - batch_size
+                pending, have = (
+                    ([rows[batch_size:]] if have > batch_size else []),
+                    have - batch_size,
+                )
         if have:
             yield torch.from_numpy(bf16_to_float32(np.concatenate(pending)))
 
@@ -144,20 +153,38 @@ class ActivationStore:
         width, context, row count, chunking (the shuffle's unit) or held-out rows differ.
         """
         p = self.provenance
-        identity = {"weights_sha256": p.weights_sha256, "corpus_fingerprint": p.corpus_fingerprint,
-                    "hook": p.hook, "layer": p.layer, "width": p.width, "n_ctx": p.n_ctx,
-                    "dtype": p.dtype, "rows": self.rows, "chunk_rows": self.chunk_rows,
-                    "heldout": {"rule": self._heldout.rule, "rows": self._heldout.rows,
-                                "mask_sha256": self._heldout.digest()}}
+        identity = {
+            "weights_sha256": p.weights_sha256,
+            "corpus_fingerprint": p.corpus_fingerprint,
+            "hook": p.hook,
+            "layer": p.layer,
+            "width": p.width,
+            "n_ctx": p.n_ctx,
+            "dtype": p.dtype,
+            "rows": self.rows,
+            "chunk_rows": self.chunk_rows,
+            "heldout": {
+                "rule": self._heldout.rule,
+                "rows": self._heldout.rows,
+                "mask_sha256": self._heldout.digest(),
+            },
+        }
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
     def describe(self) -> dict:
         """Provenance for whatever is trained on this store (saved beside it as JSON)."""
-        return {"kind": "activation_store", "path": storage.resolved(self.path), "rows": self.rows,
-                "d": self.d, **{k: v for k, v in self.metadata.items() if k != "rows_written"},
-                "train_rows": self.train_rows, "heldout_rows": self.heldout_rows(),
-                "heldout_rule": self._heldout.rule, "heldout": self.heldout_description,
-                "fingerprint": self.fingerprint}
+        return {
+            "kind": "activation_store",
+            "path": storage.resolved(self.path),
+            "rows": self.rows,
+            "d": self.d,
+            **{k: v for k, v in self.metadata.items() if k != "rows_written"},
+            "train_rows": self.train_rows,
+            "heldout_rows": self.heldout_rows(),
+            "heldout_rule": self._heldout.rule,
+            "heldout": self.heldout_description,
+            "fingerprint": self.fingerprint,
+        }
 
     def tokens(self) -> np.ndarray:
         """Token id of every row (int32, small: 4 bytes per row), for analysis."""
@@ -174,8 +201,15 @@ class ActivationStore:
         self._read_into(lo, hi, out)
         return out
 
-    def batches(self, batch_size: int, *, seed: int = 0, start: int = 0, shuffle: bool = True,
-                buffer_chunks: int = 8) -> Iterator[torch.Tensor]:
+    def batches(
+        self,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        start: int = 0,
+        shuffle: bool = True,
+        buffer_chunks: int = 8,
+    ) -> Iterator[torch.Tensor]:
         """Endless float32 (batch_size, d) batches; ``start=k`` continues after batch k-1.
 
         With ``shuffle=False`` the rows come in store order, epoch after epoch.
@@ -184,14 +218,19 @@ class ActivationStore:
         if batch_size < 1 or start < 0 or buffer_chunks < 1:
             raise ValueError("batch_size and buffer_chunks must be >= 1 and start >= 0")
         if self.train_rows == 0:  # also computes the held-out split here, not on the worker
-            raise UserError(f"{self.path}: all of its {self.rows:,} rows are held out "
-                            f"({self.heldout_description}), none is left to train on; harvest "
-                            "more tokens (a larger --tokens) so it holds training documents too")
+            raise UserError(
+                f"{self.path}: all of its {self.rows:,} rows are held out "
+                f"({self.heldout_description}), none is left to train on; harvest "
+                "more tokens (a larger --tokens) so it holds training documents too"
+            )
         out: queue.Queue = queue.Queue(maxsize=PREFETCH_BATCHES)
         stop = threading.Event()
         worker = threading.Thread(
-            target=self._produce, name="store-prefetch", daemon=True,
-            args=(out, stop, batch_size, seed, start, shuffle, buffer_chunks))
+            target=self._produce,
+            name="store-prefetch",
+            daemon=True,
+            args=(out, stop, batch_size, seed, start, shuffle, buffer_chunks),
+        )
         worker.start()
         try:
             while True:
@@ -209,7 +248,9 @@ class ActivationStore:
 
     # -- the stream ----------------------------------------------------------------------------
 
-    def epoch_groups(self, seed: int, epoch: int, shuffle: bool, buffer_chunks: int) -> list[np.ndarray]:
+    def epoch_groups(
+        self, seed: int, epoch: int, shuffle: bool, buffer_chunks: int
+    ) -> list[np.ndarray]:
         """The chunk indices of each group of one epoch, in the order they are served.
 
         Only chunks with training rows take part: a wholly held-out chunk is never read.
@@ -217,13 +258,21 @@ class ActivationStore:
         order = np.flatnonzero(self._train_per_chunk)
         if shuffle:
             order = order[np.random.default_rng([seed, epoch]).permutation(len(order))]
-        return [order[i:i + buffer_chunks] for i in range(0, len(order), buffer_chunks)]
+        return [order[i : i + buffer_chunks] for i in range(0, len(order), buffer_chunks)]
 
     def _chunk_len(self, c: int) -> int:
         return min(self.chunk_rows, self.rows - c * self.chunk_rows)
 
-    def _produce(self, out: queue.Queue, stop: threading.Event, batch_size: int, seed: int,
-                 start: int, shuffle: bool, buffer_chunks: int) -> None:
+    def _produce(
+        self,
+        out: queue.Queue,
+        stop: threading.Event,
+        batch_size: int,
+        seed: int,
+        start: int,
+        shuffle: bool,
+        buffer_chunks: int,
+    ) -> None:
         def put(item: object) -> bool:
             while not stop.is_set():
                 try:
@@ -245,14 +294,17 @@ class ActivationStore:
                         skip -= n
                         continue
                     keep = self._load_group(chunks, buf)
-                    perm = (np.random.default_rng([seed, epoch, g]).permutation(n)
-                            if shuffle else np.arange(n))
+                    perm = (
+                        np.random.default_rng([seed, epoch, g]).permutation(n)
+                        if shuffle
+                        else np.arange(n)
+                    )
                     if keep is not None:  # positions in buf of the group's training rows
                         perm = keep[perm]
                     i, skip = skip, 0
                     while i < n:
                         take = min(n - i, batch_size - have)
-                        pending.append(buf[perm[i:i + take]])  # a copy: buf is reused
+                        pending.append(buf[perm[i : i + take]])  # a copy: buf is reused
                         have, i = have + take, i + take
                         if have == batch_size:
                             rows = pending[0] if len(pending) == 1 else np.concatenate(pending)
@@ -269,8 +321,8 @@ class ActivationStore:
         for c in chunks:
             lo = int(c) * self.chunk_rows
             n = self._chunk_len(int(c))
-            self._read_into(lo, lo + n, buf[at:at + n])
-            keep.append(at + np.flatnonzero(~mask[lo:lo + n]))
+            self._read_into(lo, lo + n, buf[at : at + n])
+            keep.append(at + np.flatnonzero(~mask[lo : lo + n]))
             at += n
         keep_all = np.concatenate(keep)
         return None if len(keep_all) == at else keep_all
@@ -278,13 +330,16 @@ class ActivationStore:
     def _read_into(self, lo: int, hi: int, out: np.ndarray) -> None:
         # Decoding straight into reused memory avoids fresh pages per chunk (see FACTS.md).
         try:
-            self._acts.get_basic_selection((slice(lo, hi), slice(None)),
-                                           out=NDBuffer.from_numpy_array(out))
+            self._acts.get_basic_selection(
+                (slice(lo, hi), slice(None)), out=NDBuffer.from_numpy_array(out)
+            )
         except ValueError as exc:
             if "checksum" not in str(exc):
                 raise
-            raise UserError(f"{self.path}: a chunk of rows {lo}..{hi} is corrupt (crc32c checksum "
-                            "mismatch); delete the store and harvest it again") from exc
+            raise UserError(
+                f"{self.path}: a chunk of rows {lo}..{hi} is corrupt (crc32c checksum "
+                "mismatch); delete the store and harvest it again"
+            ) from exc
 
     def _check_chunks_present(self) -> None:
         # A missing chunk file would silently read back as zeros: for acts, zero activations; for
@@ -294,14 +349,21 @@ class ActivationStore:
             if name == store.HELDOUT and not store.has_heldout(self._group):
                 continue
             keys = storage.list_files(self.path / name / "c")
-            present = {int(k[:len(k) - len(last)]) for k in keys
-                       if k.endswith(last) and k[:len(k) - len(last)].isdigit()}
+            present = {
+                int(k[: len(k) - len(last)])
+                for k in keys
+                if k.endswith(last) and k[: len(k) - len(last)].isdigit()
+            }
             missing = [c for c in range(self.n_chunks) if c not in present]
             if missing:
-                raise UserError(f"{self.path} is corrupt: {len(missing)} chunk(s) of {name} are "
-                                f"missing (first: rows from {missing[0] * self.chunk_rows:,}); "
-                                "delete the store and harvest it again")
+                raise UserError(
+                    f"{self.path} is corrupt: {len(missing)} chunk(s) of {name} are "
+                    f"missing (first: rows from {missing[0] * self.chunk_rows:,}); "
+                    "delete the store and harvest it again"
+                )
 
     def __repr__(self) -> str:
-        return (f"ActivationStore({str(self.path)!r}, rows={self.rows:,}, d={self.d}, "
-                f"hook={self.provenance.hook!r})")
+        return (
+            f"ActivationStore({str(self.path)!r}, rows={self.rows:,}, d={self.d}, "
+            f"hook={self.provenance.hook!r})"
+        )

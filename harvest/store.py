@@ -108,8 +108,15 @@ class Provenance:
     heldout_fingerprint: str | None = None
 
     # model_dir and the corpus settings are kept for people; the hashes decide sameness.
-    IDENTITY = ("weights_sha256", "hook", "width", "n_ctx", "corpus_fingerprint", "dtype",
-                "heldout_fingerprint")
+    IDENTITY = (
+        "weights_sha256",
+        "hook",
+        "width",
+        "n_ctx",
+        "corpus_fingerprint",
+        "dtype",
+        "heldout_fingerprint",
+    )
 
     def identity(self) -> dict:
         return {k: getattr(self, k) for k in self.IDENTITY}
@@ -124,8 +131,9 @@ class Progress:
     batch_size: int
 
 
-def create(path: storage.Location, prov: Provenance, rows: int, chunk_rows: int,
-           batch_size: int) -> zarr.Group:
+def create(
+    path: storage.Location, prov: Provenance, rows: int, chunk_rows: int, batch_size: int
+) -> zarr.Group:
     """A new, empty store at ``path`` (whatever was there is removed first).
 
     Locally built beside ``path`` and renamed into place, so an interruption never leaves a store
@@ -144,18 +152,39 @@ def create(path: storage.Location, prov: Provenance, rows: int, chunk_rows: int,
     return zarr.open_group(path, mode="r+", zarr_format=3)
 
 
-def _build(path: storage.Location, prov: Provenance, rows: int, chunk_rows: int,
-           batch_size: int) -> None:
+def _build(
+    path: storage.Location, prov: Provenance, rows: int, chunk_rows: int, batch_size: int
+) -> None:
     """The arrays' metadata, then the group's attributes in one write (what marks it a store)."""
     group = storage.open_zarr_group(path, mode="w", zarr_format=3)
-    group.create_array(ACTS, shape=(rows, prov.width), chunks=(chunk_rows, prov.width),
-                       dtype="bfloat16", fill_value=0, config=ARRAY_CONFIG, **_codecs())
+    group.create_array(
+        ACTS,
+        shape=(rows, prov.width),
+        chunks=(chunk_rows, prov.width),
+        dtype="bfloat16",
+        fill_value=0,
+        config=ARRAY_CONFIG,
+        **_codecs(),
+    )
     for name, dtype in ((TOKENS, "int32"), (POSITIONS, "int32"), (HELDOUT, "uint8")):
-        group.create_array(name, shape=(rows,), chunks=(chunk_rows,), dtype=dtype,
-                           fill_value=0, config=ARRAY_CONFIG, **_codecs())
+        group.create_array(
+            name,
+            shape=(rows,),
+            chunks=(chunk_rows,),
+            dtype=dtype,
+            fill_value=0,
+            config=ARRAY_CONFIG,
+            **_codecs(),
+        )
     progress = Progress(rows, 0, False, chunk_rows, batch_size)
-    group.attrs.update({"format": FORMAT, "unsuperpose_version": __version__,
-                        **dataclasses.asdict(prov), **dataclasses.asdict(progress)})
+    group.attrs.update(
+        {
+            "format": FORMAT,
+            "unsuperpose_version": __version__,
+            **dataclasses.asdict(prov),
+            **dataclasses.asdict(progress),
+        }
+    )
 
 
 def exists(path: storage.Location) -> bool:
@@ -173,11 +202,15 @@ def exists(path: storage.Location) -> bool:
     if storage.exists(meta) and storage.read_json(meta).get("attributes"):
         return True
     files = storage.list_files(path)
-    ours = all(f.split("/", 1)[0] in (ACTS, *ROW_ARRAYS) or ("/" not in f and f.endswith(".json"))
-               for f in files)
+    ours = all(
+        f.split("/", 1)[0] in (ACTS, *ROW_ARRAYS) or ("/" not in f and f.endswith(".json"))
+        for f in files
+    )
     if files and ours:
-        print(f"harvest: {path} was left half-created or half-removed (no attributes in its "
-              "zarr.json); creating it anew")
+        print(
+            f"harvest: {path} was left half-created or half-removed (no attributes in its "
+            "zarr.json); creating it anew"
+        )
     return not ours
 
 
@@ -185,26 +218,36 @@ def open_group(path: storage.Location, mode: str = "r") -> zarr.Group:
     """Open an existing store, or fail saying what the path is instead."""
     path = storage.location(path)
     if not storage.exists(path / "zarr.json"):
-        raise UserError(f"{path} is not an activation store (no zarr.json); harvest one with "
-                        "`unsuperpose harvest --lm DIR --layer L --out DIR`")
+        raise UserError(
+            f"{path} is not an activation store (no zarr.json); harvest one with "
+            "`unsuperpose harvest --lm DIR --layer L --out DIR`"
+        )
     try:
         group = storage.open_zarr_group(path, mode=mode, zarr_format=3)
     except UserError:
         raise
     except Exception as exc:  # zarr raises several types for unreadable metadata
-        raise UserError(f"{path} cannot be opened as a zarr v3 group ({exc}); "
-                        "delete it and harvest again") from exc
+        raise UserError(
+            f"{path} cannot be opened as a zarr v3 group ({exc}); delete it and harvest again"
+        ) from exc
     if group.attrs.get("format") != FORMAT:
-        raise UserError(f"{path} is a zarr group but not an unsuperpose activation store "
-                        f"(format {group.attrs.get('format')!r}, expected {FORMAT!r})")
+        raise UserError(
+            f"{path} is a zarr group but not an unsuperpose activation store "
+            f"(format {group.attrs.get('format')!r}, expected {FORMAT!r})"
+        )
     return group
 
 
 def provenance(group: zarr.Group) -> Provenance:
     attrs = dict(group.attrs)
     # Fields added later have defaults; stores written before them read back with the default.
-    return Provenance(**{f.name: attrs[f.name] for f in dataclasses.fields(Provenance)
-                         if f.name in attrs or f.default is dataclasses.MISSING})
+    return Provenance(
+        **{
+            f.name: attrs[f.name]
+            for f in dataclasses.fields(Provenance)
+            if f.name in attrs or f.default is dataclasses.MISSING
+        }
+    )
 
 
 def has_heldout(group: zarr.Group) -> bool:
@@ -228,15 +271,20 @@ def record_progress(group: zarr.Group, rows_written: int, complete: bool) -> Non
 def check_same_source(path: storage.Location, have: Provenance, want: Provenance) -> None:
     """Refuse to append to or replace a store made from something else."""
     if have.width != want.width:
-        raise UserError(f"{path} holds {have.hook} activations of width {have.width}, but "
-                        f"{want.hook} of this model has width {want.width}; write to another "
-                        "--out directory, or pass --force to replace the store")
+        raise UserError(
+            f"{path} holds {have.hook} activations of width {have.width}, but "
+            f"{want.hook} of this model has width {want.width}; write to another "
+            "--out directory, or pass --force to replace the store"
+        )
     diff = [k for k in Provenance.IDENTITY if getattr(have, k) != getattr(want, k)]
     if diff:
-        shown = "; ".join(f"{k}: store has {getattr(have, k)!r}, this run {getattr(want, k)!r}"
-                          for k in diff)
-        raise UserError(f"{path} was harvested from another source ({shown}); write to another "
-                        "--out directory, or pass --force to replace it")
+        shown = "; ".join(
+            f"{k}: store has {getattr(have, k)!r}, this run {getattr(want, k)!r}" for k in diff
+        )
+        raise UserError(
+            f"{path} was harvested from another source ({shown}); write to another "
+            "--out directory, or pass --force to replace it"
+        )
 
 
 def grow(group: zarr.Group, rows: int) -> None:

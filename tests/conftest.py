@@ -28,8 +28,10 @@ def tiny_documents(n: int = 40) -> list[str]:
     for i in range(n):
         a, b = _ANIMALS[i % len(_ANIMALS)], _ANIMALS[(3 * i + 1) % len(_ANIMALS)]
         p = _PLACES[i % len(_PLACES)]
-        docs.append(f"Document {i}. The {a} walked to the {p}. The {b} followed the {a} to the {p} "
-                    f"and they rested there for {i % 7 + 2} hours. The {p} was quiet.")
+        docs.append(
+            f"Document {i}. The {a} walked to the {p}. The {b} followed the {a} to the {p} "
+            f"and they rested there for {i % 7 + 2} hours. The {p} was quiet."
+        )
     return docs
 
 
@@ -39,7 +41,9 @@ def tiny_corpus(tmp_path_factory):
     from unsuperpose.lm import CorpusConfig
 
     path = tmp_path_factory.mktemp("corpus") / "tiny.jsonl"
-    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in tiny_documents()), encoding="utf-8")
+    path.write_text(
+        "".join(json.dumps({"text": d}) + "\n" for d in tiny_documents()), encoding="utf-8"
+    )
     return CorpusConfig(corpus=str(path), val_fraction=0.2, seed=0)
 
 
@@ -75,25 +79,58 @@ def analyze_runs(tmp_path_factory, tiny_lm_dir, tiny_corpus):
     runs = tmp_path_factory.mktemp("runs")
     info = model_info(tiny_lm_dir)
     blocks = token_blocks(tiny_corpus, 32)
-    [path] = harvest(load_bridge(tiny_lm_dir), blocks.blocks, runs / "acts" / "tiny",
-                     HarvestConfig(layer="1", chunk_rows=256, batch_size=8), model_dir=info["path"],
-                     weights_sha256=info["weights_sha256"], corpus_fingerprint=blocks.fingerprint,
-                     heldout=blocks.val_mask, progress=False)
+    [path] = harvest(
+        load_bridge(tiny_lm_dir),
+        blocks.blocks,
+        runs / "acts" / "tiny",
+        HarvestConfig(layer="1", chunk_rows=256, batch_size=8),
+        model_dir=info["path"],
+        weights_sha256=info["weights_sha256"],
+        corpus_fingerprint=blocks.fingerprint,
+        heldout=blocks.val_mask,
+        progress=False,
+    )
     store = ActivationStore(path)
     assert store.describe()["heldout_rule"] == "documents"
-    cfg = SAETrainConfig(l1=[1e-3, 1e-2], dict_sizes=[64, 128], steps=60, batch_size=64,
-                         log_every=20, dead_window=20, resample_every=0)
+    cfg = SAETrainConfig(
+        l1=[1e-3, 1e-2],
+        dict_sizes=[64, 128],
+        steps=60,
+        batch_size=64,
+        log_every=20,
+        dead_window=20,
+        resample_every=0,
+    )
     from unsuperpose.commands._splice import splice_columns
-    train_and_save(store, cfg, runs / "sae" / "tiny" / "layer1" / "1x+2x",
-                   size_labels={64: "1x", 128: "2x"}, size_base=64, size_axis="x d", progress=False,
-                   run_name="test", source_info=store.describe(),
-                   more_scores=lambda state: splice_columns(state.saes(), store, 64, progress=False))
+
+    train_and_save(
+        store,
+        cfg,
+        runs / "sae" / "tiny" / "layer1" / "1x+2x",
+        size_labels={64: "1x", 128: "2x"},
+        size_base=64,
+        size_axis="x d",
+        progress=False,
+        run_name="test",
+        source_info=store.describe(),
+        more_scores=lambda state: splice_columns(state.saes(), store, 64, progress=False),
+    )
     toy = ToySource(ToyConfig(h=16, G=32, k=2, decay=0.95, seed=0))
-    cfg = SAETrainConfig(l1=[1e-3, 1e-2], dict_sizes=[32, 64], steps=100, batch_size=64,
-                         log_every=50, dead_window=20)
-    train_and_save(toy, cfg, runs / "toy", size_labels={32: "1x", 64: "2x"}, size_base=32,
-                   size_axis="x G", ground_truth=toy.features, progress=False, run_name="toy",
-                   source_info=toy.describe())
+    cfg = SAETrainConfig(
+        l1=[1e-3, 1e-2], dict_sizes=[32, 64], steps=100, batch_size=64, log_every=50, dead_window=20
+    )
+    train_and_save(
+        toy,
+        cfg,
+        runs / "toy",
+        size_labels={32: "1x", 64: "2x"},
+        size_base=32,
+        size_axis="x G",
+        ground_truth=toy.features,
+        progress=False,
+        run_name="toy",
+        source_info=toy.describe(),
+    )
     torch.set_num_threads(threads)
     return runs
 

@@ -12,23 +12,61 @@ from unsuperpose.train import SAE
 from unsuperpose.train.io import sae_dirname
 
 
-def make_set(folder, d, cells, *, steps, batch=64, l1_norm="sum", dead_window=1000, source=None,
-             **training):
+def make_set(
+    folder, d, cells, *, steps, batch=64, l1_norm="sum", dead_window=1000, source=None, **training
+):
     """A dictionary set on disk without training: random SAEs with made-up final metrics."""
-    source = source or {"kind": "activation_store", "path": "/x/layer1.zarr", "fingerprint": "abc",
-                        "hook": "blocks.1.mlp.hook_post", "weights_sha256": "w1", "rows": 1000}
+    source = source or {
+        "kind": "activation_store",
+        "path": "/x/layer1.zarr",
+        "fingerprint": "abc",
+        "hook": "blocks.1.mlp.hook_post",
+        "weights_sha256": "w1",
+        "rows": 1000,
+    }
     for i, (l1, n) in enumerate(cells):
         g = torch.Generator().manual_seed(i)
-        sae = SAE(d, n, params={"W_enc": torch.randn(d, n, generator=g), "b_enc": torch.zeros(n),
-                                "W_dec": torch.randn(n, d, generator=g)})
-        metrics = {"l1": l1, "dict_size": n, "steps": steps, "samples": steps * batch, "heldout_mse": 0.1 + i,
-                   "heldout_l1_loss": 1.0 + i, "heldout_mean_l1": 3.0, "dead": i, "heldout_fvu": 0.5,
-                   "heldout_l0": 4.0}
-        sae.save(folder / "saes" / sae_dirname(l1, n),
-                 {"l1": l1, "l1_norm": l1_norm, "metrics": metrics, "source": source,
-                  "training": {"steps": steps, "batch_size": batch, "l1_norm": l1_norm,
-                               "dead_window": dead_window, "lr": 3e-3, "tied": False,
-                               "decoder_init": "orthogonal", "resample_every": 0, **training}})
+        sae = SAE(
+            d,
+            n,
+            params={
+                "W_enc": torch.randn(d, n, generator=g),
+                "b_enc": torch.zeros(n),
+                "W_dec": torch.randn(n, d, generator=g),
+            },
+        )
+        metrics = {
+            "l1": l1,
+            "dict_size": n,
+            "steps": steps,
+            "samples": steps * batch,
+            "heldout_mse": 0.1 + i,
+            "heldout_l1_loss": 1.0 + i,
+            "heldout_mean_l1": 3.0,
+            "dead": i,
+            "heldout_fvu": 0.5,
+            "heldout_l0": 4.0,
+        }
+        sae.save(
+            folder / "saes" / sae_dirname(l1, n),
+            {
+                "l1": l1,
+                "l1_norm": l1_norm,
+                "metrics": metrics,
+                "source": source,
+                "training": {
+                    "steps": steps,
+                    "batch_size": batch,
+                    "l1_norm": l1_norm,
+                    "dead_window": dead_window,
+                    "lr": 3e-3,
+                    "tied": False,
+                    "decoder_init": "orthogonal",
+                    "resample_every": 0,
+                    **training,
+                },
+            },
+        )
     (folder / "summary.csv").write_text("l1\n")
     return folder
 
@@ -103,7 +141,9 @@ def test_grid_wide_measures_are_recomputed_over_the_merged_sets(tmp_path):
     rescore(grid)
     d = grid.dictionaries()
     # Alone, the 1x set has nothing larger to compare with; merged, it has the 4x one.
-    assert grid.cells[(1e-3, 8)].metrics["mmcs_larger"] == pytest.approx(mmcs(d[(1e-3, 8)], d[(1e-3, 32)]))
+    assert grid.cells[(1e-3, 8)].metrics["mmcs_larger"] == pytest.approx(
+        mmcs(d[(1e-3, 8)], d[(1e-3, 32)])
+    )
     ssll = grid.values("ssll")
     assert set(ssll) == {(1e-3, 8), (1e-3, 32)} and sum(ssll.values()) == pytest.approx(0, abs=1e-9)
 
@@ -113,21 +153,50 @@ def test_a_set_still_training_is_named_in_the_notes(tmp_path):
     make_set(base / "1x", 8, [(1e-3, 8)], steps=10)
     (base / "8x" / "checkpoint").mkdir(parents=True)
     grid = collect_lm(tmp_path, "tiny", 1)
-    assert list(grid.cells) == [(1e-3, 8)] and "still training" in grid.notes[0] and "8x" in grid.notes[0]
+    assert (
+        list(grid.cells) == [(1e-3, 8)]
+        and "still training" in grid.notes[0]
+        and "8x" in grid.notes[0]
+    )
 
 
-@pytest.mark.parametrize("change, word", [
-    (dict(l1_norm="per_latent"), "l1_norm"),
-    (dict(batch=256), "batch_size"),
-    (dict(resample_every=250), "resample_every"),
-    (dict(tied=True), "tied"),
-    (dict(decoder_init="data"), "decoder_init"),
-    (dict(dead_window=100), "dead_window"),
-    (dict(source={"kind": "activation_store", "path": "/y/layer1.zarr", "fingerprint": "def",
-                  "hook": "blocks.1.mlp.hook_post", "weights_sha256": "w2", "rows": 1000}), "weights_sha256"),
-    (dict(source={"kind": "activation_store", "path": "/x/layer1.zarr", "fingerprint": "ghi",
-                  "hook": "blocks.1.hook_resid_post", "weights_sha256": "w1", "rows": 1000}), "hook"),
-])
+@pytest.mark.parametrize(
+    "change, word",
+    [
+        (dict(l1_norm="per_latent"), "l1_norm"),
+        (dict(batch=256), "batch_size"),
+        (dict(resample_every=250), "resample_every"),
+        (dict(tied=True), "tied"),
+        (dict(decoder_init="data"), "decoder_init"),
+        (dict(dead_window=100), "dead_window"),
+        (
+            dict(
+                source={
+                    "kind": "activation_store",
+                    "path": "/y/layer1.zarr",
+                    "fingerprint": "def",
+                    "hook": "blocks.1.mlp.hook_post",
+                    "weights_sha256": "w2",
+                    "rows": 1000,
+                }
+            ),
+            "weights_sha256",
+        ),
+        (
+            dict(
+                source={
+                    "kind": "activation_store",
+                    "path": "/x/layer1.zarr",
+                    "fingerprint": "ghi",
+                    "hook": "blocks.1.hook_resid_post",
+                    "weights_sha256": "w1",
+                    "rows": 1000,
+                }
+            ),
+            "hook",
+        ),
+    ],
+)
 def test_sets_made_otherwise_are_refused_not_merged(tmp_path, change, word):
     # Another L1 convention changes what the L1 axis means by a factor of n; another store, hook
     # or dead window makes the cells different experiments: SSLL must not z-score across them.

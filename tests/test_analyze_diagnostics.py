@@ -6,8 +6,15 @@ import math
 
 import pytest
 
-from unsuperpose.analyze.diagnostics import (dead_boundary, dead_sensitivity, diagnose,
-                                             diagnosis_record, largest_alive, peak, ssll_basins)
+from unsuperpose.analyze.diagnostics import (
+    dead_boundary,
+    dead_sensitivity,
+    diagnose,
+    diagnosis_record,
+    largest_alive,
+    peak,
+    ssll_basins,
+)
 
 L1S = [1e-4, 3e-4, 1e-3]
 SIZES = [128, 256, 512, 1024, 2048]
@@ -55,6 +62,7 @@ def cells(d):
 
 # -- dead neurons ---------------------------------------------------------------------------------
 
+
 def test_largest_alive_is_the_last_size_before_latents_die():
     assert largest_alive(planted()["dead"]) == {1e-4: 512, 3e-4: 512, 1e-3: 256}
 
@@ -86,7 +94,11 @@ def test_an_l1_whose_largest_dictionary_is_alive_makes_the_pointer_a_lower_bound
     # The demo's LM: at the two lowest L1 even 8x has no dead latent; a median over the other
     # L1 values would say "64 features" and drop that evidence.
     d_sizes = [64, 128, 256, 512]
-    dead = {(a, n): 0 if (a < 2e-3 or n <= 64) else 50 for a in [3e-4, 1e-3, 3e-3, 1e-2] for n in d_sizes}
+    dead = {
+        (a, n): 0 if (a < 2e-3 or n <= 64) else 50
+        for a in [3e-4, 1e-3, 3e-3, 1e-2]
+        for n in d_sizes
+    }
     d = diagnose({"dead": dead})
     p = by_name(d)["dead"]
     assert p.lower_bound and p.size == 512 and "more than 512" in p.why
@@ -100,8 +112,10 @@ def test_an_l1_whose_largest_dictionary_is_alive_makes_the_pointer_a_lower_bound
 def test_a_ragged_grid_bounds_at_the_largest_size_alive_at_the_open_l1():
     # L1 a: 64..512, all alive; L1 b: 64..1024, latents die from 256 on. The evidence says "more
     # than 512" (a was never trained larger), not "more than 1,024", the largest size anywhere.
-    dead = {**{(1e-4, n): 0 for n in (64, 128, 256, 512)},
-            **{(1e-2, n): (0 if n <= 128 else n // 10) for n in (64, 128, 256, 512, 1024)}}
+    dead = {
+        **{(1e-4, n): 0 for n in (64, 128, 256, 512)},
+        **{(1e-2, n): (0 if n <= 128 else n // 10) for n in (64, 128, 256, 512, 1024)},
+    }
     p = by_name(diagnose({"dead": dead}))["dead"]
     assert (p.size, p.lower_bound, p.l1) == (512, True, 1e-4)
     assert "more than 512" in p.why and "1,024" not in p.why
@@ -110,8 +124,11 @@ def test_a_ragged_grid_bounds_at_the_largest_size_alive_at_the_open_l1():
 def test_the_demo_stores_ragged_merge_prints_the_bound_its_evidence_gives():
     # Measured on the demo's store: L1 1e-5 at 1x and 2x (all alive) merged with L1 3e-2 at 1x..8x
     # (dead from 2x) printed "more than 512"; the evidence says "more than 128".
-    dead = {(1e-5, 64): 0, (1e-5, 128): 0,
-            **{(3e-2, n): (0 if n == 64 else 9) for n in (64, 128, 256, 512)}}
+    dead = {
+        (1e-5, 64): 0,
+        (1e-5, 128): 0,
+        **{(3e-2, n): (0 if n == 64 else 9) for n in (64, 128, 256, 512)},
+    }
     d = diagnose({"dead": dead}, tolerance=0.0)
     assert (by_name(d)["dead"].size, by_name(d)["dead"].lower_bound) == (128, True)
     assert d.estimate()["more_than"] == 128
@@ -131,31 +148,54 @@ def test_an_open_l1_trained_only_below_the_pointer_does_not_make_it_a_bound():
 def test_one_straggling_dead_latent_does_not_decide_the_default_reading():
     # The demo's LM stopped growing because of 1 and 3 dead latents of 1,024.
     dead = {(1e-3, n): {512: 0, 1024: 1, 2048: 300}[n] for n in (512, 1024, 2048)}
-    assert dead_boundary(dead, 0.0).size == 512          # the report's literal rule
-    assert dead_boundary(dead, 0.01).size == 1024        # the default reading
+    assert dead_boundary(dead, 0.0).size == 512  # the report's literal rule
+    assert dead_boundary(dead, 0.01).size == 1024  # the default reading
     d = diagnose({"dead": dead, "dead_w100": {k: v + 4 for k, v in dead.items()}}, window=1000)
-    assert d.literal() == {"window": 1000, "tolerance": 0.0, "size": 512, "l1": 1e-3,
-                           "lower_bound": False}
+    assert d.literal() == {
+        "window": 1000,
+        "tolerance": 0.0,
+        "size": 512,
+        "l1": 1e-3,
+        "lower_bound": False,
+    }
     table = {(r["window"], r["tolerance"]): r["size"] for r in d.sensitivity}
-    assert table == {(1000, 0.0): 512, (1000, 0.005): 1024, (1000, 0.01): 1024,
-                     (100, 0.0): None, (100, 0.005): None, (100, 0.01): 1024}   # 4 of 512 dead
+    assert table == {
+        (1000, 0.0): 512,
+        (1000, 0.005): 1024,
+        (1000, 0.01): 1024,
+        (100, 0.0): None,
+        (100, 0.005): None,
+        (100, 0.01): 1024,
+    }  # 4 of 512 dead
     rec = diagnosis_record(d, 64, "d")
-    assert rec["dead_reading"]["literal_rule"]["size"] == 512 and rec["dead_reading"]["window"] == 1000
+    assert (
+        rec["dead_reading"]["literal_rule"]["size"] == 512 and rec["dead_reading"]["window"] == 1000
+    )
 
 
 def test_dead_sensitivity_reads_every_window_and_tolerance():
     dead = {(1e-3, 64): 0, (1e-3, 128): 1}
     rows = dead_sensitivity({10: dead, 20: {k: 0 for k in dead}}, (0.0, 0.01))
     assert [(r["window"], r["tolerance"], r["size"], r["lower_bound"]) for r in rows] == [
-        (10, 0.0, 64, False), (10, 0.01, 128, True), (20, 0.0, 128, True), (20, 0.01, 128, True)]
+        (10, 0.0, 64, False),
+        (10, 0.01, 128, True),
+        (20, 0.0, 128, True),
+        (20, 0.01, 128, True),
+    ]
 
 
 # -- loss stickiness ------------------------------------------------------------------------------
 
+
 def test_ssll_basin_needs_an_interior_minimum():
     c = planted()
     assert ssll_basins(c["heldout_mse"], c["heldout_l1_loss"]) == {
-        128: None, 256: None, 512: 3e-4, 1024: 3e-4, 2048: 3e-4}
+        128: None,
+        256: None,
+        512: 3e-4,
+        1024: 3e-4,
+        2048: 3e-4,
+    }
     flat_end = {(a, 64): math.exp(v) for a, v in zip(L1S, [0.0, 1.0, 2.0])}
     assert ssll_basins(flat_end, {(a, 64): 1.0 for a in L1S}) == {64: None}
 
@@ -166,7 +206,9 @@ def test_a_size_without_a_basin_cannot_unmake_another_sizes_basin():
     c = planted()
     only_512 = {k: {key: v for key, v in col.items() if key[1] == 512} for k, col in c.items()}
     alone = by_name(diagnose(only_512))["loss"]
-    with_256 = {k: {key: v for key, v in col.items() if key[1] in (256, 512)} for k, col in c.items()}
+    with_256 = {
+        k: {key: v for key, v in col.items() if key[1] in (256, 512)} for k, col in c.items()
+    }
     # a 256 row with wild losses (orders of magnitude apart)
     for a in L1S:
         with_256["heldout_mse"][(a, 256)] = 10.0 ** (6 * L1S.index(a))
@@ -179,7 +221,7 @@ def test_a_size_without_a_basin_cannot_unmake_another_sizes_basin():
 def test_a_collapsed_cell_reads_the_same_whether_its_l1_loss_is_0_or_1e_9(collapsed_l1_loss):
     c = planted()
     base = cells(diagnose(c))
-    for n in SIZES:   # a fourth L1 past the grid where the codes collapsed
+    for n in SIZES:  # a fourth L1 past the grid where the codes collapsed
         c["heldout_mse"][(1e-2, n)] = 50.0
         c["heldout_l1_loss"][(1e-2, n)] = collapsed_l1_loss
         c["heldout_l0"][(1e-2, n)] = 1e-5 if collapsed_l1_loss else 0.0
@@ -188,6 +230,7 @@ def test_a_collapsed_cell_reads_the_same_whether_its_l1_loss_is_0_or_1e_9(collap
 
 
 # -- invariance of the whole diagnosis to a wider grid ---------------------------------------------
+
 
 def test_an_l1_column_below_the_grid_leaves_the_pointers_where_the_evidence_is():
     # The issue's regression case: at L1 1e-5 overcomplete dictionaries still shed latents (the
@@ -223,12 +266,18 @@ def test_an_l1_column_above_the_grid_where_everything_collapsed_moves_nothing():
 
 # -- the estimate ---------------------------------------------------------------------------------
 
+
 def test_a_closed_estimate_has_the_true_median():
     dead = {(1e-3, n): (0 if n <= 128 else 50) for n in (64, 128, 256, 512)}
     larger = {(1e-3, 64): 0.5, (1e-3, 128): 0.6, (1e-3, 256): 0.9}
     d = diagnose({"dead": dead, "mmcs_larger": larger})
-    assert d.estimate() == {"more_than": None, "low": 128, "high": 256, "median": 192,
-                            "sizes": [128, 256]}
+    assert d.estimate() == {
+        "more_than": None,
+        "low": 128,
+        "high": 256,
+        "median": 192,
+        "sizes": [128, 256],
+    }
 
 
 def test_peak_ignores_nan_and_breaks_ties_towards_the_smaller_dictionary():
@@ -244,8 +293,13 @@ def test_on_the_planted_grid_every_diagnostic_points_to_the_truth():
     assert (p["loss"].l1, p["loss"].size) == TRUE
     assert (p["MMCS"].l1, p["MMCS"].size) == TRUE
     assert all(q.match["size_steps_off"] == 0 and q.match["matches_optimum"] for q in d.pointers)
-    assert d.estimate() == {"low": 512, "high": 512, "median": 512, "sizes": [512, 512, 512],
-                            "more_than": None}
+    assert d.estimate() == {
+        "low": 512,
+        "high": 512,
+        "median": 512,
+        "sizes": [512, 512, 512],
+        "more_than": None,
+    }
     rec = diagnosis_record(d, 512, "G")
     assert [q["size_steps_off"] for q in rec["pointers"]] == [0, 0, 0]
     assert [q["ratio"] for q in rec["pointers"]] == [1.0, 1.0, 1.0]
@@ -253,11 +307,16 @@ def test_on_the_planted_grid_every_diagnostic_points_to_the_truth():
 
 def test_a_diagnostic_that_misses_says_by_how_many_grid_steps():
     c = planted()
-    c["mmcs_larger"][(1e-3, 1024)] = 10.0   # now peaks one size larger and one L1 step higher
+    c["mmcs_larger"][(1e-3, 1024)] = 10.0  # now peaks one size larger and one L1 step higher
     d = diagnose(c, truth_size=512)
     miss = by_name(d)["MMCS"]
-    assert miss.match == {"size_steps_off": 1, "size_matches_truth": False, "optimum_size_steps_off": 1,
-                          "optimum_l1_steps_off": 1, "matches_optimum": False}
+    assert miss.match == {
+        "size_steps_off": 1,
+        "size_matches_truth": False,
+        "optimum_size_steps_off": 1,
+        "optimum_l1_steps_off": 1,
+        "matches_optimum": False,
+    }
     assert d.estimate()["sizes"] == [512, 512, 1024] and d.estimate()["median"] == 512
 
 
@@ -277,7 +336,9 @@ def test_without_ground_truth_there_is_no_optimum_but_an_estimate():
 
 def test_the_reports_grid_wide_ssll_is_read_beside_ours():
     c = planted()
-    c["ssll"] = {k: (abs(L1S.index(k[0]) - 1) if k[1] >= 256 else L1S.index(k[0])) for k in c["dead"]}
+    c["ssll"] = {
+        k: (abs(L1S.index(k[0]) - 1) if k[1] >= 256 else L1S.index(k[0])) for k in c["dead"]
+    }
     rec = diagnosis_record(diagnose(c), 512, "G")
     assert rec["ssll_report_weights"]["size"] == 256
     assert rec["ssll_report_weights"]["basin_per_size"]["256"] == 3e-4

@@ -7,26 +7,54 @@ import pytest
 
 from unsuperpose.cli import main
 
-LM_HEATMAPS = ["dead", "ssll", "heldout_mse", "heldout_l1_loss", "heldout_l0", "heldout_fvu", "mmcs_larger",
-               "ce_loss_recovered", "delta_ce", "kl"]
+LM_HEATMAPS = [
+    "dead",
+    "ssll",
+    "heldout_mse",
+    "heldout_l1_loss",
+    "heldout_l0",
+    "heldout_fvu",
+    "mmcs_larger",
+    "ce_loss_recovered",
+    "delta_ce",
+    "kl",
+]
 COMPARISONS = ["dead", "ssll", "mmcs_larger"]
 
 
 @pytest.fixture(scope="module")
 def report(analyze_runs, tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
-    code = main(["analyze", "report", "--runs", str(analyze_runs), "--lm", "tiny", "--layer", "1",
-                 "--out", str(out), "--no-progress", "--top", "5"])
+    code = main(
+        [
+            "analyze",
+            "report",
+            "--runs",
+            str(analyze_runs),
+            "--lm",
+            "tiny",
+            "--layer",
+            "1",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--top",
+            "5",
+        ]
+    )
     assert code == 0
     return out
 
 
 def test_every_promised_figure_is_drawn_and_embedded(report):
     figs = {p.stem: p for p in (report / "figures").glob("*.png")}
-    want = ({f"lm_heatmap_{c}" for c in LM_HEATMAPS} | {f"compare_{c}" for c in COMPARISONS}
-            | {"lm_frontier_delta_ce", "lm_frontier_fvu"})
+    want = (
+        {f"lm_heatmap_{c}" for c in LM_HEATMAPS}
+        | {f"compare_{c}" for c in COMPARISONS}
+        | {"lm_frontier_delta_ce", "lm_frontier_fvu"}
+    )
     assert want <= set(figs)
-    for name in COMPARISONS:   # toy and LM side by side: a wide figure
+    for name in COMPARISONS:  # toy and LM side by side: a wide figure
         h, w = mpimg.imread(figs[f"compare_{name}"]).shape[:2]
         assert w > 1.5 * h
     html = (report / "index.html").read_text()
@@ -35,17 +63,32 @@ def test_every_promised_figure_is_drawn_and_embedded(report):
     assert "http://" not in html and "https://" not in html and "<link" not in html
 
 
-def test_the_page_says_where_each_diagnostic_points_and_where_the_data_came_from(report, analyze_runs):
+def test_the_page_says_where_each_diagnostic_points_and_where_the_data_came_from(
+    report, analyze_runs
+):
     html = (report / "index.html").read_text()
-    for text in ("dead neurons", "loss stickiness (SSLL)", "MMCS with larger dictionaries",
-                 "The best recovery is at", "Estimate.</b> tiny layer 1:", "toy: at the truth (1x)?", "largest dictionary without dead latents",
-                 "blocks.1.mlp.hook_post", str(analyze_runs / "acts" / "tiny" / "layer1.zarr"),
-                 "unsuperpose train --store", "unsuperpose toy --out", "unsuperpose analyze report --runs",
-                 "unsuperpose harvest --lm"):
+    for text in (
+        "dead neurons",
+        "loss stickiness (SSLL)",
+        "MMCS with larger dictionaries",
+        "The best recovery is at",
+        "Estimate.</b> tiny layer 1:",
+        "toy: at the truth (1x)?",
+        "largest dictionary without dead latents",
+        "blocks.1.mlp.hook_post",
+        str(analyze_runs / "acts" / "tiny" / "layer1.zarr"),
+        "unsuperpose train --store",
+        "unsuperpose toy --out",
+        "unsuperpose analyze report --runs",
+        "unsuperpose harvest --lm",
+    ):
         assert text in html, text
     rec = json.loads((report / "diagnosis.json").read_text())
-    assert [p["diagnostic"] for p in rec["lm"]["pointers"]] == ["dead neurons", "loss stickiness (SSLL)",
-                                                                "MMCS with larger dictionaries"]
+    assert [p["diagnostic"] for p in rec["lm"]["pointers"]] == [
+        "dead neurons",
+        "loss stickiness (SSLL)",
+        "MMCS with larger dictionaries",
+    ]
     assert rec["toy"]["optimum"]["size"] in (32, 64) and rec["toy"]["base"] == 32
     assert all("size_steps_off" in p and "matches_optimum" in p for p in rec["toy"]["pointers"])
     assert rec["toy"]["truth"] == {"size": 32, "ratio": 1.0}
@@ -70,15 +113,22 @@ def test_no_dictionaries_is_one_clear_error(tmp_path, capsys):
 
 def test_an_open_estimate_is_printed_as_a_bound_and_says_the_grid_must_grow():
     from unsuperpose.analyze.report_page import estimate_text
-    text = estimate_text({"low": None, "high": None, "median": None, "sizes": [64], "more_than": 512}, 64, "lm")
+
+    text = estimate_text(
+        {"low": None, "high": None, "median": None, "sizes": [64], "more_than": 512}, 64, "lm"
+    )
     assert "more than 512 features" in text and "grid must grow" in text and "about" not in text
-    closed = estimate_text({"low": 64, "high": 64, "median": 64, "sizes": [64, 64], "more_than": None}, 64, "lm")
+    closed = estimate_text(
+        {"low": 64, "high": 64, "median": 64, "sizes": [64, 64], "more_than": None}, 64, "lm"
+    )
     assert "64 latents (1x of 64)" in closed and "about 64 features" in closed
 
 
 def test_a_set_trained_for_other_steps_is_refused_by_the_report_and_sets_picks_one(
-        analyze_runs, tmp_path, capsys):
+    analyze_runs, tmp_path, capsys
+):
     import shutil
+
     runs = tmp_path / "runs"
     shutil.copytree(analyze_runs, runs)
     base = runs / "sae" / "tiny" / "layer1"
@@ -89,8 +139,19 @@ def test_a_set_trained_for_other_steps_is_refused_by_the_report_and_sets_picks_o
         cfg["training"]["steps"] = 600
         cfg["metrics"]["steps"] = 600
         cfg_path.write_text(json.dumps(cfg))
-    argv = ["analyze", "report", "--runs", str(runs), "--lm", "tiny", "--layer", "1",
-            "--out", str(tmp_path / "report"), "--no-features"]
+    argv = [
+        "analyze",
+        "report",
+        "--runs",
+        str(runs),
+        "--lm",
+        "tiny",
+        "--layer",
+        "1",
+        "--out",
+        str(tmp_path / "report"),
+        "--no-features",
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "not one grid" in err and "steps: 60 vs 600" in err and "--sets" in err

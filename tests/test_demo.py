@@ -25,8 +25,11 @@ def fake_outputs(runs, step, dead_at=None, stragglers=False):
         step.output.mkdir(parents=True, exist_ok=True)
         spec = step.argv[step.argv.index("--dict") + 1]
         sizes = [int(float(r.rstrip("x")) * 64) for r in spec.split(",")]
-        rows = [f"{a},{n},{n // 20 if dead_at is not None and n >= dead_at else stragglers * (n // 1000)}"
-                for a in (1e-3, 1e-2) for n in sizes]
+        rows = [
+            f"{a},{n},{n // 20 if dead_at is not None and n >= dead_at else stragglers * (n // 1000)}"
+            for a in (1e-3, 1e-2)
+            for n in sizes
+        ]
         (step.output / "summary.csv").write_text("l1,dict_size,dead\n" + "\n".join(rows) + "\n")
     elif step.name == "toy replication":
         step.output.mkdir(parents=True, exist_ok=True)
@@ -48,10 +51,17 @@ def run_demo(runs, monkeypatch, *extra, dead_at=128, stragglers=False):
     return ran
 
 
-def test_the_demo_runs_the_pipeline_in_order_and_ends_with_the_report(tmp_path, monkeypatch, capsys):
+def test_the_demo_runs_the_pipeline_in_order_and_ends_with_the_report(
+    tmp_path, monkeypatch, capsys
+):
     ran = run_demo(tmp_path, monkeypatch)
-    assert ran == [["lm", "train"], ["harvest", "--lm"], ["train", "--store", "1x,2x,4x,8x"],
-                   ["toy", "--out"], ["analyze", "report"]]
+    assert ran == [
+        ["lm", "train"],
+        ["harvest", "--lm"],
+        ["train", "--store", "1x,2x,4x,8x"],
+        ["toy", "--out"],
+        ["analyze", "report"],
+    ]
     out = capsys.readouterr().out
     assert "report:" in out and out.strip().endswith("index.html")
     assert "total" in out
@@ -67,14 +77,18 @@ def test_an_unfinished_grid_is_run_again_so_it_resumes(tmp_path, monkeypatch):
     run_demo(tmp_path, monkeypatch, "--quick")
     grid = demo.plan(tmp_path, True)[2].output
     (grid / demo.CHECKPOINT_DIR).mkdir()
-    assert run_demo(tmp_path, monkeypatch, "--quick") == [["train", "--store", "1x,2x,4x"],
-                                                         ["analyze", "report"]]
+    assert run_demo(tmp_path, monkeypatch, "--quick") == [
+        ["train", "--store", "1x,2x,4x"],
+        ["analyze", "report"],
+    ]
 
 
 def test_the_steps_feed_each_other(tmp_path):
     lm, harvest, train, *grow, toy, report = demo.plan(tmp_path)
     assert [g.output.name for g in grow] == ["16x", "32x"] and all(g.grow for g in grow)
-    assert all(g.argv[g.argv.index("--l1") + 1] == train.argv[train.argv.index("--l1") + 1] for g in grow)
+    assert all(
+        g.argv[g.argv.index("--l1") + 1] == train.argv[train.argv.index("--l1") + 1] for g in grow
+    )
     assert harvest.argv[harvest.argv.index("--lm") + 1] == str(lm.output)
     assert train.argv[train.argv.index("--store") + 1] == str(harvest.output)
     assert train.output.name == train.argv[train.argv.index("--dict") + 1].replace(",", "+")
@@ -97,7 +111,10 @@ def test_the_lm_grid_grows_until_dead_latents_appear_and_says_so(tmp_path, monke
     trained = [r[2] for r in ran if r[0] == "train"]
     assert trained == ["1x,2x,4x,8x", "16x"]
     out = capsys.readouterr().out
-    assert "growing the grid to 16x" in out and "the largest dictionary has dead latents at every L1" in out
+    assert (
+        "growing the grid to 16x" in out
+        and "the largest dictionary has dead latents at every L1" in out
+    )
 
 
 def test_the_growth_follows_the_default_dead_neuron_reading(tmp_path, monkeypatch, capsys):
@@ -112,16 +129,20 @@ def test_the_growth_follows_the_default_dead_neuron_reading(tmp_path, monkeypatc
     assert "keeps at least 99.0% of its latents" in capsys.readouterr().out
 
 
-def test_when_no_latent_ever_dies_the_demo_says_the_estimate_is_a_lower_bound(tmp_path, monkeypatch, capsys):
+def test_when_no_latent_ever_dies_the_demo_says_the_estimate_is_a_lower_bound(
+    tmp_path, monkeypatch, capsys
+):
     ran = run_demo(tmp_path, monkeypatch, dead_at=None)
     assert [r[2] for r in ran if r[0] == "train"] == ["1x,2x,4x,8x", "16x", "32x"]
     assert "the LM estimate is a lower bound" in capsys.readouterr().out
 
 
-def test_quick_writes_to_its_own_folder_and_a_quick_lm_is_never_taken_for_the_full_one(tmp_path, monkeypatch):
+def test_quick_writes_to_its_own_folder_and_a_quick_lm_is_never_taken_for_the_full_one(
+    tmp_path, monkeypatch
+):
     monkeypatch.chdir(tmp_path)
     args = build_parser().parse_args(["demo", "--quick"])
-    assert args.runs is None   # resolved to runs/quick by the command
+    assert args.runs is None  # resolved to runs/quick by the command
     lm = demo.plan(tmp_path, quick=False)[0]
     lm.output.mkdir(parents=True)
     (lm.output / "model.safetensors").write_bytes(b"")
@@ -135,7 +156,7 @@ def test_the_update_replication_is_layer_3_with_1x_to_32x_beside_the_full_toy_gr
     assert harvest.argv[harvest.argv.index("--layer") + 1] == "3" and "--tokens" not in harvest.argv
     assert train.argv[train.argv.index("--dict") + 1] == "1x,2x,4x,8x,16x,32x"
     assert train.argv[train.argv.index("--steps") + 1] == "10000"
-    assert toy.output == tmp_path / "toy" and "--l1" not in toy.argv      # `make toy`'s own grid
+    assert toy.output == tmp_path / "toy" and "--l1" not in toy.argv  # `make toy`'s own grid
     assert report.argv[report.argv.index("--layer") + 1] == "3"
     for step in (lm, harvest, train, toy, report):
         build_parser().parse_args(step.argv)
@@ -147,13 +168,18 @@ def test_make_demo_quick_leaves_the_folder_to_the_demo():
     import shutil
     import subprocess
     from pathlib import Path
+
     if shutil.which("make") is None:
         pytest.skip("no make")
     repo = Path(__file__).parents[1]
 
     def dry(*args):
-        out = subprocess.run(["make", "-n", "-C", str(repo), "demo", *args], capture_output=True, text=True,
-                             env={k: v for k, v in __import__("os").environ.items() if k != "RUNS"})
+        out = subprocess.run(
+            ["make", "-n", "-C", str(repo), "demo", *args],
+            capture_output=True,
+            text=True,
+            env={k: v for k, v in __import__("os").environ.items() if k != "RUNS"},
+        )
         return next(line for line in out.stdout.splitlines() if "unsuperpose demo" in line)
 
     assert "--runs" not in dry("ARGS=--quick") and "--quick" in dry("ARGS=--quick")

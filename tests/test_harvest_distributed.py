@@ -54,24 +54,49 @@ LAUNCHER = textwrap.dedent("""
 
 
 def harvest_args(lm: Path, out: Path, flags: list[str]) -> list[str]:
-    return ["harvest", "--lm", str(lm), "--layer", ",".join(map(str, LAYERS)), "--out", str(out),
-            "--no-progress", *flags]
+    return [
+        "harvest",
+        "--lm",
+        str(lm),
+        "--layer",
+        ",".join(map(str, LAYERS)),
+        "--out",
+        str(out),
+        "--no-progress",
+        *flags,
+    ]
 
 
 def torchrun(nproc: int, args: list[str], tmp: Path, **env: str) -> subprocess.CompletedProcess:
     launcher = tmp / "launch.py"
     launcher.write_text(LAUNCHER)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={nproc}", str(launcher), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "KILL_AFTER": "1000000",
-                               **env})
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        str(launcher),
+        *args,
+    ]
+    return subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "KILL_AFTER": "1000000", **env},
+    )
 
 
 def files(path: Path) -> dict[str, bytes]:
     """Every file of the store's arrays (chunks and array metadata), by relative path."""
-    return {str(p.relative_to(path)): p.read_bytes() for name in ARRAYS
-            for p in sorted((path / name).rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(path)): p.read_bytes()
+        for name in ARRAYS
+        for p in sorted((path / name).rglob("*"))
+        if p.is_file()
+    }
 
 
 def assert_same_bytes(a: Path, b: Path) -> None:
@@ -102,12 +127,16 @@ def reference(tiny_lm_dir, tmp_path_factory):
                 torch.set_num_threads(before)
             made[tuple(flags)] = out
         return made[tuple(flags)]
+
     return get
 
 
 # -- who does what ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("chunks,batch_rows", [([64], 64), ([64, 128], 96), ([100], 96), ([256], 64)])
+
+@pytest.mark.parametrize(
+    "chunks,batch_rows", [([64], 64), ([64, 128], 96), ([100], 96), ([256], 64)]
+)
 @pytest.mark.parametrize("world", [1, 2, 3])
 @pytest.mark.parametrize("first,rows", [(0, 1312), (448, 1312), (0, 100), (1200, 1312)])
 def test_units_give_every_row_to_one_rank_in_whole_chunks(chunks, batch_rows, world, first, rows):
@@ -156,8 +185,11 @@ def test_rows_of_one_rank_alone_are_the_plain_sequence_of_batches():
 
 # -- torchrun, 2 processes ------------------------------------------------------------------------
 
+
 @pytest.mark.torchrun
-def test_two_ranks_write_the_bytes_one_process_writes_each_doing_half(tiny_lm_dir, reference, tmp_path):
+def test_two_ranks_write_the_bytes_one_process_writes_each_doing_half(
+    tiny_lm_dir, reference, tmp_path
+):
     out = tmp_path / "two"
     res = torchrun(2, harvest_args(tiny_lm_dir, out, ALIGNED), tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -184,7 +216,9 @@ def test_two_ranks_write_the_bytes_one_process_writes_each_doing_half(tiny_lm_di
 def test_two_ranks_killed_midway_resume_with_one_process(tiny_lm_dir, reference, tmp_path):
     out = tmp_path / "cut"
     # Rank 1 dies (SIGKILL) in its 6th batch, i.e. in round 5; torchrun then stops rank 0.
-    res = torchrun(2, harvest_args(tiny_lm_dir, out, ALIGNED), tmp_path, KILL_RANK="1", KILL_AFTER="6")
+    res = torchrun(
+        2, harvest_args(tiny_lm_dir, out, ALIGNED), tmp_path, KILL_RANK="1", KILL_AFTER="6"
+    )
     assert res.returncode != 0
     # Rank 0 records progress store by store, so the kill can land between two layers' records
     # (seen: layer 1 at 512 rows, layer 2 at 384): each store's progress is its own.
@@ -208,7 +242,8 @@ def test_two_ranks_killed_midway_resume_with_one_process(tiny_lm_dir, reference,
 
 @pytest.mark.torchrun
 def test_one_process_interrupted_resumes_with_two_ranks_batches_straddling_units(
-        tiny_lm_dir, reference, tmp_path, monkeypatch):
+    tiny_lm_dir, reference, tmp_path, monkeypatch
+):
     out = tmp_path / "cut"
     real, calls = loop._forward, [0]
 
@@ -250,13 +285,19 @@ def test_ranks_started_with_different_flags_are_refused(tiny_lm_dir, tmp_path):
 
 # -- devices and precision (device-agnostic code, run on this CPU) --------------------------------
 
-def test_explicit_cpu_device_and_bf16_autocast_are_recorded(tiny_lm_dir, reference, tmp_path, capsys):
+
+def test_explicit_cpu_device_and_bf16_autocast_are_recorded(
+    tiny_lm_dir, reference, tmp_path, capsys
+):
     out = tmp_path / "cpu"
     assert main(harvest_args(tiny_lm_dir, out, [*ALIGNED, "--device", "cpu"])) == 0
     assert_same_bytes(reference(ALIGNED), out)
     assert attrs(out)["device"] == "cpu" and attrs(out)["precision"] == "fp32"
     bf = tmp_path / "bf16"
-    assert main(harvest_args(tiny_lm_dir, bf, [*ALIGNED, "--device", "cpu", "--precision", "bf16"])) == 0
+    assert (
+        main(harvest_args(tiny_lm_dir, bf, [*ALIGNED, "--device", "cpu", "--precision", "bf16"]))
+        == 0
+    )
     assert attrs(bf)["precision"] == "bf16"
     x = zarr.open_group(out / "layer1.zarr")["acts"][:].astype("float32")
     y = zarr.open_group(bf / "layer1.zarr")["acts"][:].astype("float32")
@@ -266,7 +307,10 @@ def test_explicit_cpu_device_and_bf16_autocast_are_recorded(tiny_lm_dir, referen
     # a store keeps its precision: an explicit other one is refused (before the store grows),
     # auto continues in it
     part = tmp_path / "part"
-    assert main(harvest_args(tiny_lm_dir, part, [*ALIGNED, "--tokens", "500", "--precision", "bf16"])) == 0
+    assert (
+        main(harvest_args(tiny_lm_dir, part, [*ALIGNED, "--tokens", "500", "--precision", "bf16"]))
+        == 0
+    )
     assert main(harvest_args(tiny_lm_dir, part, [*ALIGNED, "--precision", "fp32"])) == 2
     assert "started with a bf16 forward; run with --precision bf16" in capsys.readouterr().err
     assert attrs(part)["rows_planned"] == 500

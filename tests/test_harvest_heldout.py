@@ -51,11 +51,22 @@ def row_ids(batch: torch.Tensor) -> np.ndarray:
 
 
 def write_store(path: Path, marks: np.ndarray | None, rows: int = ROWS, corpus: str = "c") -> Path:
-    prov = store.Provenance(model_dir="m", weights_sha256="w", hook="blocks.0.mlp.hook_post",
-                            layer=0, width=D, n_ctx=8, corpus_fingerprint=corpus)
+    prov = store.Provenance(
+        model_dir="m",
+        weights_sha256="w",
+        hook="blocks.0.mlp.hook_post",
+        layer=0,
+        width=D,
+        n_ctx=8,
+        corpus_fingerprint=corpus,
+    )
     writer = ChunkWriter(store.create(path, prov, rows, CHUNK, batch_size=1), 0, rows)
-    writer.add(labelled_rows(0, rows), np.arange(rows), np.arange(rows) % 8,
-               None if marks is None else marks[:rows])
+    writer.add(
+        labelled_rows(0, rows),
+        np.arange(rows),
+        np.arange(rows) % 8,
+        None if marks is None else marks[:rows],
+    )
     writer.close()
     return path
 
@@ -78,14 +89,21 @@ def take(it, n: int) -> list[torch.Tensor]:
 
 
 def stream_ids(s: ActivationStore, batch: int, rows: int, **kw) -> np.ndarray:
-    return np.concatenate([row_ids(b) for b in take(s.batches(batch, **kw), -(-rows // batch))])[:rows]
+    return np.concatenate([row_ids(b) for b in take(s.batches(batch, **kw), -(-rows // batch))])[
+        :rows
+    ]
 
 
 # -- the training stream -----------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("shuffle", [True, False])
 def test_the_training_stream_never_yields_a_held_out_row(marked, shuffle):
-    assert marked.rows == ROWS and marked.train_rows == len(TRAIN) and marked.heldout_rows() == len(HELD)
+    assert (
+        marked.rows == ROWS
+        and marked.train_rows == len(TRAIN)
+        and marked.heldout_rows() == len(HELD)
+    )
     ids = stream_ids(marked, 50, 3 * len(TRAIN), seed=2, shuffle=shuffle)
     assert not np.isin(ids, HELD).any()
     epochs = ids.reshape(3, len(TRAIN))
@@ -127,8 +145,15 @@ def test_a_store_whose_rows_are_all_held_out_is_refused_for_training(tmp_path):
 
 def test_all_zero_chunks_are_written_and_a_missing_chunk_of_marks_is_detected(tmp_path):
     """Marks are mostly zeros; a missing chunk of them would let validation rows into training."""
-    prov = store.Provenance(model_dir="m", weights_sha256="w", hook="h", layer=0, width=D, n_ctx=8,
-                            corpus_fingerprint="c")
+    prov = store.Provenance(
+        model_dir="m",
+        weights_sha256="w",
+        hook="h",
+        layer=0,
+        width=D,
+        n_ctx=8,
+        corpus_fingerprint="c",
+    )
     path = tmp_path / "zeros.zarr"
     writer = ChunkWriter(store.create(path, prov, 200, CHUNK, batch_size=1), 0, 200)
     writer.add(np.zeros((200, D), BF16), np.zeros(200), np.zeros(200))
@@ -140,6 +165,7 @@ def test_all_zero_chunks_are_written_and_a_missing_chunk_of_marks_is_detected(tm
 
 
 # -- the held-out rows -------------------------------------------------------------------------
+
 
 def test_heldout_batches_yield_exactly_the_marked_rows_in_store_order(marked):
     batches = list(marked.heldout_batches(50))
@@ -159,22 +185,33 @@ def test_heldout_batches_yield_exactly_the_marked_rows_in_store_order(marked):
 def test_describe_names_the_rule_and_the_counts(marked):
     desc = marked.describe()
     json.dumps(desc)  # saved beside every SAE trained on the store
-    assert desc["rows"] == ROWS and desc["train_rows"] == len(TRAIN) and desc["heldout_rows"] == len(HELD)
+    assert (
+        desc["rows"] == ROWS
+        and desc["train_rows"] == len(TRAIN)
+        and desc["heldout_rows"] == len(HELD)
+    )
     assert desc["heldout_rule"] == "documents"
-    assert desc["heldout"] == marked.heldout_description == \
-        "the 162 rows of the LM's validation documents (16.2% of the store)"
+    assert (
+        desc["heldout"]
+        == marked.heldout_description
+        == "the 162 rows of the LM's validation documents (16.2% of the store)"
+    )
     assert len(desc["fingerprint"]) == 64 and desc["fingerprint"] == marked.fingerprint
 
 
-@pytest.mark.parametrize("rows, chunk, held", [
-    (64, 64, 0),                      # one chunk: nothing to spare
-    (128, 64, 1), (3 * 64, 64, 1),    # two or three chunks: still one
-    (1000, 64, 4),                    # 65,536 rows would be all of it: a quarter of the chunks
-    (20 * 16384, 16384, 4),           # 4 chunks hold 65,536 rows, under the quarter (5)
-    (20 * 16384 - 100, 16384, 5),     # a partial last chunk: one more chunk to reach 65,536
-    (100 * 4096, 4096, 16),
-    (8 * 65536, 65536, 1),
-])
+@pytest.mark.parametrize(
+    "rows, chunk, held",
+    [
+        (64, 64, 0),  # one chunk: nothing to spare
+        (128, 64, 1),
+        (3 * 64, 64, 1),  # two or three chunks: still one
+        (1000, 64, 4),  # 65,536 rows would be all of it: a quarter of the chunks
+        (20 * 16384, 16384, 4),  # 4 chunks hold 65,536 rows, under the quarter (5)
+        (20 * 16384 - 100, 16384, 5),  # a partial last chunk: one more chunk to reach 65,536
+        (100 * 4096, 4096, 16),
+        (8 * 65536, 65536, 1),
+    ],
+)
 def test_the_chunks_rule_holds_out_enough_rows_but_at_most_a_quarter(rows, chunk, held):
     assert last_chunks(rows, chunk) == held
 
@@ -184,24 +221,35 @@ def test_a_store_without_validation_rows_holds_out_its_last_chunks(tmp_path):
     first = 12 * CHUNK  # the last 4 of 16 chunks
     np.testing.assert_array_equal(s.heldout_mask(), np.arange(ROWS) >= first)
     assert s.describe()["heldout_rule"] == "chunks"
-    assert s.heldout_description == ("the last 4 chunks (232 rows), held out whole (the store "
-                                     "holds none of the LM's validation documents)")
-    np.testing.assert_array_equal(np.concatenate([row_ids(b) for b in s.heldout_batches(100)]),
-                                  np.arange(first, ROWS))
+    assert s.heldout_description == (
+        "the last 4 chunks (232 rows), held out whole (the store "
+        "holds none of the LM's validation documents)"
+    )
+    np.testing.assert_array_equal(
+        np.concatenate([row_ids(b) for b in s.heldout_batches(100)]), np.arange(first, ROWS)
+    )
     ids = stream_ids(s, 64, 3 * first, seed=0)
     assert ids.max() < first
     np.testing.assert_array_equal(np.sort(ids[:first]), np.arange(first))
 
 
-def test_a_store_from_before_held_out_rows_falls_back_to_its_last_chunks_and_says_so(tmp_path, capsys):
+def test_a_store_from_before_held_out_rows_falls_back_to_its_last_chunks_and_says_so(
+    tmp_path, capsys
+):
     new = ActivationStore(write_store(tmp_path / "new.zarr", None))
     capsys.readouterr()
     old = ActivationStore(predate_heldout(write_store(tmp_path / "old.zarr", MARKS)))
     printed = capsys.readouterr().out
-    assert "was harvested before stores recorded held-out rows" in printed and "last 4 chunks" in printed
+    assert (
+        "was harvested before stores recorded held-out rows" in printed
+        and "last 4 chunks" in printed
+    )
     desc = old.describe()
     assert desc["heldout_rule"] == "chunks" and desc["heldout_rows"] == ROWS - 12 * CHUNK
-    assert "predates held-out rows" in desc["heldout"] and "unsuperpose harvest ... --force" in desc["heldout"]
+    assert (
+        "predates held-out rows" in desc["heldout"]
+        and "unsuperpose harvest ... --force" in desc["heldout"]
+    )
     np.testing.assert_array_equal(old.heldout_mask(), new.heldout_mask())
     assert stream_ids(old, 64, 12 * CHUNK, seed=0).max() < 12 * CHUNK
     # The same rows held out of the same data: the same training data, the same run identity.
@@ -212,16 +260,19 @@ def test_the_fingerprint_is_stable_and_differs_for_other_data_of_the_same_width(
     path = write_store(tmp_path / "a.zarr", MARKS)
     a = ActivationStore(path).fingerprint
     assert ActivationStore(path).fingerprint == a
-    others = [write_store(tmp_path / "corpus.zarr", MARKS, corpus="c2"),
-              write_store(tmp_path / "rows.zarr", MARKS, rows=900),
-              write_store(tmp_path / "marks.zarr", np.roll(MARKS, 64)),
-              write_store(tmp_path / "chunks.zarr", None)]
+    others = [
+        write_store(tmp_path / "corpus.zarr", MARKS, corpus="c2"),
+        write_store(tmp_path / "rows.zarr", MARKS, rows=900),
+        write_store(tmp_path / "marks.zarr", np.roll(MARKS, 64)),
+        write_store(tmp_path / "chunks.zarr", None),
+    ]
     prints = [ActivationStore(p).fingerprint for p in others]
     assert ActivationStore(others[0]).d == ActivationStore(path).d
     assert len({a, *prints}) == 5
 
 
 # -- the corpus's validation documents ---------------------------------------------------------
+
 
 def test_the_val_mask_marks_the_tokens_of_the_validation_documents(tiny_corpus, tmp_path):
     docs = list(iter_documents(tiny_corpus))
@@ -232,11 +283,11 @@ def test_the_val_mask_marks_the_tokens_of_the_validation_documents(tiny_corpus, 
     blocks = token_blocks(tiny_corpus, 16, "all", cache_dir=tmp_path)
     mask = blocks.val_mask
     assert mask.shape == blocks.blocks.shape and isinstance(mask, np.memmap)
-    np.testing.assert_array_equal(mask.ravel(), want[:blocks.blocks.size])
+    np.testing.assert_array_equal(mask.ravel(), want[: blocks.blocks.size])
     # The marked tokens are the "val" split's stream, in order, EOT separators included.
     val_stream = np.concatenate([ids[i] for i in sorted(val)])
     marked = blocks.blocks.ravel()[mask.ravel() == 1]
-    np.testing.assert_array_equal(marked, val_stream[:len(marked)])
+    np.testing.assert_array_equal(marked, val_stream[: len(marked)])
     assert (marked == EOT_ID).sum() >= len(val) - 1
     again = token_blocks(tiny_corpus, 16, "all", cache_dir=tmp_path)  # cached, memory-mapped
     np.testing.assert_array_equal(again.val_mask, mask)
@@ -246,20 +297,57 @@ def test_the_val_mask_marks_the_tokens_of_the_validation_documents(tiny_corpus, 
     assert token_blocks(none, 16, "all", cache_dir=tmp_path).val_mask is None
 
 
-def test_harvest_command_marks_the_lms_validation_rows(tiny_lm_dir, tiny_corpus, tmp_path, one_torch_thread):
+def test_harvest_command_marks_the_lms_validation_rows(
+    tiny_lm_dir, tiny_corpus, tmp_path, one_torch_thread
+):
     out = tmp_path / "acts"
-    assert main(["harvest", "--lm", str(tiny_lm_dir), "--layer", "1", "--out", str(out),
-                 "--chunk-rows", "64", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "harvest",
+                "--lm",
+                str(tiny_lm_dir),
+                "--layer",
+                "1",
+                "--out",
+                str(out),
+                "--chunk-rows",
+                "64",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     s = ActivationStore(out / "layer1.zarr")
-    mask = token_blocks(tiny_corpus, 32, "all").val_mask.ravel()[:s.rows] == 1
+    mask = token_blocks(tiny_corpus, 32, "all").val_mask.ravel()[: s.rows] == 1
     assert 0 < mask.sum() < s.rows
     np.testing.assert_array_equal(s.heldout_mask(), mask)
     assert s.describe()["heldout_rule"] == "documents" and s.heldout_rows() == mask.sum()
     got = torch.cat(list(s.heldout_batches(100)))
-    torch.testing.assert_close(got, torch.from_numpy(s.read_rows(0, s.rows).astype(np.float32)[mask]),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        got, torch.from_numpy(s.read_rows(0, s.rows).astype(np.float32)[mask]), rtol=0, atol=0
+    )
     # Harvested from the training documents only: no validation rows, so whole chunks instead.
-    assert main(["harvest", "--lm", str(tiny_lm_dir), "--layer", "1", "--out", str(tmp_path / "train"),
-                 "--split", "train", "--tokens", "300", "--chunk-rows", "64", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "harvest",
+                "--lm",
+                str(tiny_lm_dir),
+                "--layer",
+                "1",
+                "--out",
+                str(tmp_path / "train"),
+                "--split",
+                "train",
+                "--tokens",
+                "300",
+                "--chunk-rows",
+                "64",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     t = ActivationStore(tmp_path / "train" / "layer1.zarr")
     assert t.describe()["heldout_rule"] == "chunks" and t.heldout_rows() == 300 - 4 * 64

@@ -37,8 +37,15 @@ def row_ids(batch: torch.Tensor) -> np.ndarray:
 
 def write_store(path: Path, rows: int = ROWS, upto: int | None = None) -> Path:
     """A store of labelled rows, written through the harvest writer; ``upto`` stops early."""
-    prov = store.Provenance(model_dir="m", weights_sha256="w", hook="blocks.0.mlp.hook_post",
-                            layer=0, width=D, n_ctx=8, corpus_fingerprint="c")
+    prov = store.Provenance(
+        model_dir="m",
+        weights_sha256="w",
+        hook="blocks.0.mlp.hook_post",
+        layer=0,
+        width=D,
+        n_ctx=8,
+        corpus_fingerprint="c",
+    )
     group = store.create(path, prov, rows, CHUNK, batch_size=1)
     end = rows if upto is None else upto
     writer = ChunkWriter(group, 0, rows)
@@ -66,13 +73,18 @@ def test_store_is_an_activation_source(labelled):
     desc = labelled.describe()
     assert desc["hook"] == "blocks.0.mlp.hook_post" and desc["rows"] == ROWS and desc["complete"]
     assert desc["train_rows"] == TRAIN and desc["heldout_rows"] == ROWS - TRAIN
-    assert desc["heldout"] == "the last 4 chunks (232 rows), held out whole (the store holds none of the LM's validation documents)"
+    assert (
+        desc["heldout"]
+        == "the last 4 chunks (232 rows), held out whole (the store holds none of the LM's validation documents)"
+    )
 
 
 def test_shuffled_batches_are_a_permutation_of_the_training_rows_over_each_epoch(labelled):
     batches = take(labelled.batches(48, seed=3), 3 * TRAIN // 48)
     assert all(b.dtype == torch.float32 and b.shape == (48, D) for b in batches)
-    epochs = [np.concatenate([row_ids(b) for b in batches[e * 16:(e + 1) * 16]]) for e in range(3)]
+    epochs = [
+        np.concatenate([row_ids(b) for b in batches[e * 16 : (e + 1) * 16]]) for e in range(3)
+    ]
     for ids in epochs:
         np.testing.assert_array_equal(np.sort(ids), np.arange(TRAIN))
     assert not np.array_equal(epochs[0], np.arange(TRAIN))
@@ -113,7 +125,9 @@ def test_unshuffled_batches_read_the_training_rows_in_order_and_wrap_around(labe
 def test_closing_the_stream_stops_the_prefetch_thread(labelled):
     before = {t.ident for t in threading.enumerate()}
     take(labelled.batches(16, seed=0), 2)
-    assert not [t for t in threading.enumerate() if t.name == "store-prefetch" and t.ident not in before]
+    assert not [
+        t for t in threading.enumerate() if t.name == "store-prefetch" and t.ident not in before
+    ]
 
 
 def test_incomplete_store_is_refused_or_read_up_to_its_last_whole_chunk(tmp_path):

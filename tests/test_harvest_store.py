@@ -37,8 +37,16 @@ def save_tiny_gpt2(path: Path, d_mlp: int = 64, seed: int = 0) -> Path:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    cfg = GPT2Config(n_layer=3, n_embd=16, n_inner=d_mlp, n_head=2, n_positions=N_CTX,
-                     vocab_size=VOCAB, bos_token_id=0, eos_token_id=0)
+    cfg = GPT2Config(
+        n_layer=3,
+        n_embd=16,
+        n_inner=d_mlp,
+        n_head=2,
+        n_positions=N_CTX,
+        vocab_size=VOCAB,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     GPT2LMHeadModel(cfg).eval().save_pretrained(path)
     return path
 
@@ -79,14 +87,18 @@ def cfg(**kw) -> HarvestConfig:
 
 
 def run(bridge, blocks, out, source=SOURCE, heldout="planted", **kw) -> list[Path]:
-    marks = MARKS[:len(blocks)] if isinstance(heldout, str) else heldout
+    marks = MARKS[: len(blocks)] if isinstance(heldout, str) else heldout
     return harvest(bridge, blocks, out, cfg(**kw), progress=False, heldout=marks, **source)
 
 
 def arrays(path: Path) -> dict[str, np.ndarray]:
     g = zarr.open_group(path, mode="r")
-    return {"acts": g["acts"][:].view(np.int16), "tokens": g["tokens"][:], "positions": g["positions"][:],
-            "heldout": g["heldout"][:]}
+    return {
+        "acts": g["acts"][:].view(np.int16),
+        "tokens": g["tokens"][:],
+        "positions": g["positions"][:],
+        "heldout": g["heldout"][:],
+    }
 
 
 def assert_same_store(a: Path, b: Path) -> None:
@@ -94,13 +106,17 @@ def assert_same_store(a: Path, b: Path) -> None:
         np.testing.assert_array_equal(x, arrays(b)[name], err_msg=name)
     ga, gb = dict(zarr.open_group(a).attrs), dict(zarr.open_group(b).attrs)
     # The runs that made a store are its history: a resumed store lists one more.
-    assert {k: v for k, v in ga.items() if k != "harvest_runs"} == \
-        {k: v for k, v in gb.items() if k != "harvest_runs"}
+    assert {k: v for k, v in ga.items() if k != "harvest_runs"} == {
+        k: v for k, v in gb.items() if k != "harvest_runs"
+    }
 
 
 # -- what is stored ----------------------------------------------------------------------------
 
-def test_rows_equal_an_independent_hf_hook_within_bf16_rounding(model_dir, bridge, blocks, tmp_path):
+
+def test_rows_equal_an_independent_hf_hook_within_bf16_rounding(
+    model_dir, bridge, blocks, tmp_path
+):
     from transformers import GPT2LMHeadModel
 
     [path] = run(bridge, blocks, tmp_path, layer="1")
@@ -139,41 +155,58 @@ def test_store_layout_and_provenance_attributes(bridge, blocks, tmp_path):
     assert meta["rows_written"] == blocks.size and meta["complete"] is True
     assert meta["unsuperpose_version"]
     acts = json.loads((path / "acts" / "zarr.json").read_text())
-    assert acts["data_type"] == "bfloat16" and acts["chunk_grid"]["configuration"]["chunk_shape"] == [96, 64]
+    assert acts["data_type"] == "bfloat16" and acts["chunk_grid"]["configuration"][
+        "chunk_shape"
+    ] == [96, 64]
     assert [c["name"] for c in acts["codecs"]] == ["bytes", "zstd", "crc32c"]
     marks = json.loads((path / "heldout" / "zarr.json").read_text())
-    assert marks["data_type"] == "uint8" and marks["chunk_grid"]["configuration"]["chunk_shape"] == [96]
+    assert marks["data_type"] == "uint8" and marks["chunk_grid"]["configuration"][
+        "chunk_shape"
+    ] == [96]
 
 
 def test_store_opens_with_plain_zarr_once_the_dtype_is_registered(bridge, blocks, tmp_path):
     [path] = run(bridge, blocks, tmp_path, layer="0")
-    code = ("import sys, zarr, numpy as np\n"
-            "try:\n    zarr.open_array(sys.argv[1] + '/acts')\nexcept Exception:\n    print('unregistered: refused')\n"
-            "import unsuperpose.harvest\n"
-            "a = zarr.open_group(sys.argv[1])['acts']\n"
-            "print(a.dtype, a.shape, float(np.abs(a[:5].astype(np.float32)).sum()) > 0)\n")
-    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
-                         check=True).stdout.split("\n")
+    code = (
+        "import sys, zarr, numpy as np\n"
+        "try:\n    zarr.open_array(sys.argv[1] + '/acts')\nexcept Exception:\n    print('unregistered: refused')\n"
+        "import unsuperpose.harvest\n"
+        "a = zarr.open_group(sys.argv[1])['acts']\n"
+        "print(a.dtype, a.shape, float(np.abs(a[:5].astype(np.float32)).sum()) > 0)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True
+    ).stdout.split("\n")
     assert out[0] == "unregistered: refused"
     assert out[1] == f"bfloat16 ({blocks.size}, 64) True"
 
 
 def test_several_layers_in_one_pass_equal_single_layer_passes(bridge, blocks, tmp_path):
     both = run(bridge, blocks, tmp_path / "both", layer="0,2")
-    one = run(bridge, blocks, tmp_path / "one", layer="0") + run(bridge, blocks, tmp_path / "one", layer="2")
+    one = run(bridge, blocks, tmp_path / "one", layer="0") + run(
+        bridge, blocks, tmp_path / "one", layer="2"
+    )
     assert [p.name for p in both] == ["layer0.zarr", "layer2.zarr"]
     for a, b in zip(both, one):
         assert_same_store(a, b)
 
 
 def test_other_hook_points_and_all_layers(bridge, blocks, tmp_path):
-    paths = run(bridge, blocks, tmp_path, layer="all", hook="blocks.{layer}.hook_resid_post", tokens=200)
+    paths = run(
+        bridge, blocks, tmp_path, layer="all", hook="blocks.{layer}.hook_resid_post", tokens=200
+    )
     assert [p.name for p in paths] == [f"blocks.{L}.hook_resid_post.zarr" for L in range(3)]
     assert ActivationStore(paths[2]).d == 16
     [embed] = run(bridge, blocks, tmp_path, hook="hook_embed", tokens=200)
-    emb = bridge.original_model.transformer.wte.weight.detach()[blocks.reshape(-1)[:200].astype(np.int64)]
-    torch.testing.assert_close(torch.from_numpy(ActivationStore(embed).read_rows(0, 200).astype(np.float32)),
-                               emb, rtol=2**-8, atol=1e-6)
+    emb = bridge.original_model.transformer.wte.weight.detach()[
+        blocks.reshape(-1)[:200].astype(np.int64)
+    ]
+    torch.testing.assert_close(
+        torch.from_numpy(ActivationStore(embed).read_rows(0, 200).astype(np.float32)),
+        emb,
+        rtol=2**-8,
+        atol=1e-6,
+    )
 
 
 def test_the_forward_pass_stops_after_the_last_needed_block(bridge, blocks, tmp_path):
@@ -193,10 +226,13 @@ def test_the_forward_pass_stops_after_the_last_needed_block(bridge, blocks, tmp_
         run(bridge, blocks[:3], tmp_path / "last", layer="2")
     finally:
         bridge.reset_hooks()
-    assert "blocks.2.hook_in" in ran and "unembed.hook_in" not in ran  # no logits for the last block
+    assert (
+        "blocks.2.hook_in" in ran and "unembed.hook_in" not in ran
+    )  # no logits for the last block
 
 
 # -- resuming ----------------------------------------------------------------------------------
+
 
 def _interrupt_after(monkeypatch, calls: int) -> None:
     """Make the forward pass raise KeyboardInterrupt on its ``calls``-th call (a Ctrl-C)."""
@@ -257,7 +293,8 @@ def test_a_finished_store_is_left_alone(bridge, blocks, tmp_path, capsys):
 
 
 def test_stores_started_with_different_batch_sizes_each_resume_with_their_own(
-        bridge, blocks, tmp_path, monkeypatch, capsys):
+    bridge, blocks, tmp_path, monkeypatch, capsys
+):
     """One pass shared by all stores would batch some of them differently from their first part."""
     ref0 = run(bridge, blocks, tmp_path / "ref", layer="0", batch_size=3)[0]
     ref1 = run(bridge, blocks, tmp_path / "ref", layer="1", batch_size=5)[0]
@@ -275,8 +312,10 @@ def test_stores_started_with_different_batch_sizes_each_resume_with_their_own(
 
     monkeypatch.setattr(loop, "_forward", forward)
     run(bridge, blocks, out, layer="0,1", batch_size=4)
-    sizes = {h: {n for n, hooks in seen[1:] if h in hooks} for h in ("blocks.0.mlp.hook_post",
-                                                                        "blocks.1.mlp.hook_post")}
+    sizes = {
+        h: {n for n, hooks in seen[1:] if h in hooks}
+        for h in ("blocks.0.mlp.hook_post", "blocks.1.mlp.hook_post")
+    }
     assert sizes == {"blocks.0.mlp.hook_post": {3, len(blocks) % 3}, "blocks.1.mlp.hook_post": {5}}
     printed = capsys.readouterr().out
     assert "different batch sizes (batch size 3: layer0.zarr; batch size 5: layer1.zarr)" in printed
@@ -294,7 +333,9 @@ def _strip_heldout(path: Path) -> None:
     (path / "zarr.json").write_text(json.dumps(attrs))
 
 
-def test_a_store_from_before_held_out_rows_is_kept_when_finished_else_refused(bridge, blocks, tmp_path, capsys):
+def test_a_store_from_before_held_out_rows_is_kept_when_finished_else_refused(
+    bridge, blocks, tmp_path, capsys
+):
     [done] = run(bridge, blocks, tmp_path / "done", layer="1", tokens=500)
     _strip_heldout(done)
     run(bridge, blocks, tmp_path / "done", layer="1", tokens=500)
@@ -302,7 +343,14 @@ def test_a_store_from_before_held_out_rows_is_kept_when_finished_else_refused(br
     with pytest.raises(UserError, match=r"before stores recorded held-out rows.*--force"):
         run(bridge, blocks, tmp_path / "done", layer="1")  # extending it
     with pytest.raises(UserError, match="corpus_fingerprint"):  # other sources still refused first
-        run(bridge, blocks, tmp_path / "done", source={**SOURCE, "corpus_fingerprint": "c1"}, layer="1", tokens=500)
+        run(
+            bridge,
+            blocks,
+            tmp_path / "done",
+            source={**SOURCE, "corpus_fingerprint": "c1"},
+            layer="1",
+            tokens=500,
+        )
     [forced] = run(bridge, blocks, tmp_path / "done", layer="1", force=True)
     assert_same_store(run(bridge, blocks, tmp_path / "ref", layer="1")[0], forced)
 
@@ -330,10 +378,19 @@ harvest(bridge, blocks, sys.argv[2], HarvestConfig(layer="1", chunk_rows=96, bat
 def test_kill_9_mid_harvest_then_resume_equals_uninterrupted(model_dir, bridge, blocks, tmp_path):
     [ref] = run(bridge, blocks, tmp_path / "ref", layer="1")
     out = tmp_path / "killed"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(model_dir), str(out)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": os.pathsep.join(
+            [str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]
+        ),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILL_SCRIPT, str(model_dir), str(out)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     meta = out / "layer1.zarr" / "zarr.json"
     deadline = time.time() + 60
     while time.time() < deadline and proc.poll() is None:
@@ -350,6 +407,7 @@ def test_kill_9_mid_harvest_then_resume_equals_uninterrupted(model_dir, bridge, 
 
 # -- refusing bad input ------------------------------------------------------------------------
 
+
 def test_layer_out_of_range_is_a_user_error(bridge, blocks, tmp_path):
     with pytest.raises(UserError, match=r"layers 0\.\.2"):
         run(bridge, blocks, tmp_path, layer="3")
@@ -359,7 +417,9 @@ def test_layer_out_of_range_is_a_user_error(bridge, blocks, tmp_path):
 
 
 def test_unknown_hook_is_a_user_error_with_suggestions(bridge, blocks, tmp_path):
-    with pytest.raises(UserError, match=r"no hook point 'blocks.1.mlp.hook_pst'.*blocks.1.mlp.hook_post"):
+    with pytest.raises(
+        UserError, match=r"no hook point 'blocks.1.mlp.hook_pst'.*blocks.1.mlp.hook_post"
+    ):
         run(bridge, blocks, tmp_path, hook="blocks.{layer}.mlp.hook_pst")
 
 

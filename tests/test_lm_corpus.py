@@ -31,11 +31,14 @@ def test_txt_documents_are_blank_line_separated(tmp_path):
     assert docs == ["first doc\nstill first", "second doc", "third"]
 
 
-@pytest.mark.parametrize("setup, match", [
-    (lambda p: None, "not 'wiki', 'gensim', an existing file"),
-    (lambda p: p.write_text("\n \n"), "holds no text"),
-    (lambda p: p.write_text(json.dumps({"title": "x"}) + "\n"), "no field 'text'"),
-])
+@pytest.mark.parametrize(
+    "setup, match",
+    [
+        (lambda p: None, "not 'wiki', 'gensim', an existing file"),
+        (lambda p: p.write_text("\n \n"), "holds no text"),
+        (lambda p: p.write_text(json.dumps({"title": "x"}) + "\n"), "no field 'text'"),
+    ],
+)
 def test_bad_corpus_is_one_clear_error(tmp_path, setup, match):
     from unsuperpose.lm import token_blocks
 
@@ -58,7 +61,9 @@ def test_wikitext_markup_is_stripped():
 def test_saved_datasets_dataset_with_text_field(tmp_path):
     import datasets
 
-    datasets.Dataset.from_dict({"content": ["alpha beta", "", "gamma"], "id": [1, 2, 3]}).save_to_disk(tmp_path / "ds")
+    datasets.Dataset.from_dict(
+        {"content": ["alpha beta", "", "gamma"], "id": [1, 2, 3]}
+    ).save_to_disk(tmp_path / "ds")
     cfg = CorpusConfig(corpus=str(tmp_path / "ds"), text_field="content")
     assert list(iter_documents(cfg)) == ["alpha beta", "gamma"]
     with pytest.raises(UserError, match="no column 'text'"):

@@ -25,7 +25,9 @@ def test_confidently_wrong_rows_stay_finite_and_exact():
     weight = torch.tensor([[2.0, 0.0], [-2.0, 0.0], [0.0, 1.0]])
     targets = torch.tensor([1, 2])  # row 0: the target's probability is ~e^-240, below fp32
     ours = chunked_lm_loss(hidden, weight, targets)
-    assert torch.isfinite(ours) and torch.allclose(ours, F.cross_entropy(hidden @ weight.T, targets))
+    assert torch.isfinite(ours) and torch.allclose(
+        ours, F.cross_entropy(hidden @ weight.T, targets)
+    )
 
 
 def test_no_grad_path_gives_the_same_value():

@@ -5,8 +5,17 @@ import pytest
 import torch
 
 from unsuperpose.errors import UserError
-from unsuperpose.lm import (LMConfig, adopt_model, build_model, check_n_ctx, load_bridge, load_model, model_info,
-                            save_model, token_blocks)
+from unsuperpose.lm import (
+    LMConfig,
+    adopt_model,
+    build_model,
+    check_n_ctx,
+    load_bridge,
+    load_model,
+    model_info,
+    save_model,
+    token_blocks,
+)
 from unsuperpose.lm.model import WEIGHTS
 
 
@@ -21,7 +30,9 @@ def test_transformers_and_transformerlens_agree(tiny_lm_dir, tokens):
     bridge = load_bridge(tiny_lm_dir)
     with torch.no_grad():
         hf_logits = hf(tokens).logits
-        tl_logits, cache = bridge.run_with_cache(tokens, names_filter=lambda n: n.endswith("mlp.hook_post"))
+        tl_logits, cache = bridge.run_with_cache(
+            tokens, names_filter=lambda n: n.endswith("mlp.hook_post")
+        )
     assert torch.allclose(hf_logits, tl_logits, atol=1e-5, rtol=0)
 
     captured = {}
@@ -32,7 +43,9 @@ def test_transformers_and_transformerlens_agree(tiny_lm_dir, tokens):
         hf(tokens)
     handle.remove()
     assert captured["act"].shape[-1] == 64
-    assert torch.allclose(cache[f"blocks.{layer}.mlp.hook_post"], captured["act"], atol=1e-6, rtol=0)
+    assert torch.allclose(
+        cache[f"blocks.{layer}.mlp.hook_post"], captured["act"], atol=1e-6, rtol=0
+    )
 
 
 def test_same_seed_same_weights_and_info(tiny_lm_dir, tiny_corpus):
@@ -40,7 +53,13 @@ def test_same_seed_same_weights_and_info(tiny_lm_dir, tiny_corpus):
     b = build_model(LMConfig(n_layer=1, d_model=8, n_head=2, d_mlp=16, n_ctx=8), seed=1)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
     info = model_info(tiny_lm_dir)
-    assert (info["n_layer"], info["d_model"], info["d_mlp"], info["n_ctx"], info["vocab_size"]) == (3, 16, 64, 32, 50257)
+    assert (info["n_layer"], info["d_model"], info["d_mlp"], info["n_ctx"], info["vocab_size"]) == (
+        3,
+        16,
+        64,
+        32,
+        50257,
+    )
     assert len(info["weights_sha256"]) == 64
     assert info["corpus"] == {**tiny_corpus.__dict__}
     assert (tiny_lm_dir / "tokenizer.json").is_file()
@@ -65,8 +84,11 @@ def test_interrupted_save_never_looks_complete(tmp_path, tiny_lm_dir, monkeypatc
 
     # Failing while they are moved into place: no weights file, so the directory reads as unfinished.
     real_replace = os.replace
-    monkeypatch.setattr(model_module.os, "replace",
-                        lambda src, dst: broken() if str(dst).endswith(WEIGHTS) else real_replace(src, dst))
+    monkeypatch.setattr(
+        model_module.os,
+        "replace",
+        lambda src, dst: broken() if str(dst).endswith(WEIGHTS) else real_replace(src, dst),
+    )
     with pytest.raises(OSError):
         save_model(model, out)
     monkeypatch.undo()
@@ -81,7 +103,9 @@ def test_adopting_a_plain_hf_model(tmp_path, tiny_lm_dir):
     out = adopt_model(plain, tmp_path / "adopted")
     info = model_info(out)
     assert info["corpus"] is None and info["extra"]["adopted_from"] == str(plain.resolve())
-    assert torch.equal(load_model(out).transformer.wte.weight, load_model(tiny_lm_dir).transformer.wte.weight)
+    assert torch.equal(
+        load_model(out).transformer.wte.weight, load_model(tiny_lm_dir).transformer.wte.weight
+    )
 
 
 def test_not_a_bridged_causal_lm_dir_is_one_clear_error(tmp_path):
@@ -91,9 +115,13 @@ def test_not_a_bridged_causal_lm_dir_is_one_clear_error(tmp_path):
     with pytest.raises(UserError, match="no config.json"):
         load_model(tmp_path / "empty")
     (tmp_path / "bert").mkdir()
-    (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "bert", "vocab_size": 30522}))
-    with pytest.raises(UserError, match="'bert' .* not a causal LM that TransformerLens 4 can bridge; "
-                                        "supported: .*GPTNeoX"):
+    (tmp_path / "bert" / "config.json").write_text(
+        json.dumps({"model_type": "bert", "vocab_size": 30522})
+    )
+    with pytest.raises(
+        UserError,
+        match="'bert' .* not a causal LM that TransformerLens 4 can bridge; supported: .*GPTNeoX",
+    ):
         adopt_model(tmp_path / "bert", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 

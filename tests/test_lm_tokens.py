@@ -30,8 +30,12 @@ def test_packing_loses_and_duplicates_nothing(tiny_corpus, tmp_path, split):
 
 def test_literal_eot_text_does_not_split_documents(tmp_path):
     path = tmp_path / "c.jsonl"
-    path.write_text(json.dumps({"text": "a <|endoftext|> b"}) + "\n" + json.dumps({"text": "c d e f"}) + "\n")
-    blocks = token_blocks(CorpusConfig(corpus=str(path), val_fraction=0), 4, "all", cache_dir=tmp_path / "cache")
+    path.write_text(
+        json.dumps({"text": "a <|endoftext|> b"}) + "\n" + json.dumps({"text": "c d e f"}) + "\n"
+    )
+    blocks = token_blocks(
+        CorpusConfig(corpus=str(path), val_fraction=0), 4, "all", cache_dir=tmp_path / "cache"
+    )
     assert blocks.n_documents == 2 and (blocks.blocks == EOT_ID).sum() == 1
 
 
@@ -40,8 +44,11 @@ def test_cache_is_reused_and_fingerprints_say_what_differs(tiny_corpus, tmp_path
     monkeypatch.setattr(corpus_module, "iter_documents", lambda cfg: pytest.fail("re-tokenised"))
     again = token_blocks(tiny_corpus, 16, "train", cache_dir=tmp_path)
     assert again.fingerprint == first.fingerprint and np.array_equal(again.blocks, first.blocks)
-    prints = {token_blocks(tiny_corpus, n, s, cache_dir=tmp_path).fingerprint
-              for n in (8, 16) for s in ("train", "val", "all")}
+    prints = {
+        token_blocks(tiny_corpus, n, s, cache_dir=tmp_path).fingerprint
+        for n in (8, 16)
+        for s in ("train", "val", "all")
+    }
     assert len(prints) == 6
 
 

@@ -63,7 +63,7 @@ def test_mismatched_widths_raise():
 
 def test_mmcs_with_larger_averages_over_larger_dicts_at_same_l1():
     small = _random_dict(8, 16, 0)
-    big_same = torch.cat([small, _random_dict(8, 16, 1)])      # contains small: MMCS 1
+    big_same = torch.cat([small, _random_dict(8, 16, 1)])  # contains small: MMCS 1
     big_other = _random_dict(32, 16, 2)
     dicts = {(0.1, 8): small, (0.1, 16): big_same, (0.1, 32): big_other, (0.2, 8): big_other[:8]}
     out = mmcs_with_larger(dicts)
@@ -74,8 +74,8 @@ def test_mmcs_with_larger_averages_over_larger_dicts_at_same_l1():
 
 def test_ssll_is_sum_of_z_scored_logs_and_skips_undefined_logs():
     keys = [(0.1, 8), (0.1, 16), (0.2, 8), (0.2, 16)]
-    recon = dict(zip(keys, [1.0, math.e, math.e ** 2, 0.0]))   # last log undefined
-    l1 = dict(zip(keys, [1.0, 1.0, 1.0, 1.0]))                 # constant: z = 0
+    recon = dict(zip(keys, [1.0, math.e, math.e**2, 0.0]))  # last log undefined
+    l1 = dict(zip(keys, [1.0, 1.0, 1.0, 1.0]))  # constant: z = 0
     out = ssll(recon, l1)
     logs = torch.tensor([0.0, 1.0, 2.0])
     z = (logs - logs.mean()) / logs.std(unbiased=False)

@@ -36,10 +36,36 @@ from unsuperpose.harvest import ActivationStore  # noqa: E402
 pytestmark = [pytest.mark.s3, pytest.mark.usefixtures("one_torch_thread")]
 
 # The CPU even where a GPU is visible: "auto" would harvest there in bf16, other bytes.
-HARVEST = ["--layer", "1", "--tokens", "640", "--chunk-rows", "64", "--batch-size", "2", "--no-progress",
-           "--device", "cpu"]
-TRAIN = ["--dict", "1x", "--l1", "1e-3,1e-2", "--steps", "30", "--batch-size", "64", "--log-every", "10",
-         "--splice-tokens", "0", "--wandb", "disabled", "--no-progress"]
+HARVEST = [
+    "--layer",
+    "1",
+    "--tokens",
+    "640",
+    "--chunk-rows",
+    "64",
+    "--batch-size",
+    "2",
+    "--no-progress",
+    "--device",
+    "cpu",
+]
+TRAIN = [
+    "--dict",
+    "1x",
+    "--l1",
+    "1e-3,1e-2",
+    "--steps",
+    "30",
+    "--batch-size",
+    "64",
+    "--log-every",
+    "10",
+    "--splice-tokens",
+    "0",
+    "--wandb",
+    "disabled",
+    "--no-progress",
+]
 
 
 def _free_port() -> int:
@@ -52,8 +78,11 @@ def _free_port() -> int:
 def moto_server():
     """``python -m moto.server`` on a free port of 127.0.0.1, for this module's tests."""
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while True:
@@ -117,12 +146,16 @@ def local_store(tiny_lm_dir, tmp_path) -> Path:
 
 
 def test_harvest_train_analyze_on_s3_equal_the_same_run_on_local_files(
-        tiny_lm_dir, s3, local_store, tmp_path, capsys):
+    tiny_lm_dir, s3, local_store, tmp_path, capsys
+):
     url = f"{s3}/acts/tiny"
     capsys.readouterr()
     assert harvest(tiny_lm_dir, url) == 0
     printed = capsys.readouterr().out
-    assert "object storage: free space is not checked" in printed and f"wrote {url}/layer1.zarr" in printed
+    assert (
+        "object storage: free space is not checked" in printed
+        and f"wrote {url}/layer1.zarr" in printed
+    )
 
     # Byte for byte: compressed chunks with their crc32c, every zarr.json, harvest_config.json.
     local, remote = tree(local_store), tree(f"{url}/layer1.zarr")
@@ -139,8 +172,32 @@ def test_harvest_train_analyze_on_s3_equal_the_same_run_on_local_files(
         assert torch.equal(xa, xb)
 
     runs_local, runs_s3 = tmp_path / "runs_local", tmp_path / "runs_s3"
-    assert main(["train", "--store", str(local_store), "--out", str(runs_local / "sae/tiny/layer1"), *TRAIN]) == 0
-    assert main(["train", "--store", f"{url}/layer1.zarr", "--out", str(runs_s3 / "sae/tiny/layer1"), *TRAIN]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--store",
+                str(local_store),
+                "--out",
+                str(runs_local / "sae/tiny/layer1"),
+                *TRAIN,
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "train",
+                "--store",
+                f"{url}/layer1.zarr",
+                "--out",
+                str(runs_s3 / "sae/tiny/layer1"),
+                *TRAIN,
+            ]
+        )
+        == 0
+    )
     saes = sorted((runs_local / "sae/tiny/layer1/1x/saes").glob("*/sae.safetensors"))
     assert len(saes) == 2
     for path in saes:
@@ -151,19 +208,38 @@ def test_harvest_train_analyze_on_s3_equal_the_same_run_on_local_files(
 
     # The report over the S3-trained grid, and the feature browser, which reads the tokens
     # around each top activation from the store the dictionaries recorded: the S3 one.
-    assert main(["analyze", "report", "--runs", str(runs_s3), "--lm", "tiny", "--layer", "1",
-                 "--wandb", "disabled", "--no-features"]) == 0
+    assert (
+        main(
+            [
+                "analyze",
+                "report",
+                "--runs",
+                str(runs_s3),
+                "--lm",
+                "tiny",
+                "--layer",
+                "1",
+                "--wandb",
+                "disabled",
+                "--no-features",
+            ]
+        )
+        == 0
+    )
     assert f"{url}/layer1.zarr" in (runs_s3 / "report/tiny-layer1/index.html").read_text()
     sets = {"local": runs_local / "sae/tiny/layer1/1x", "s3": runs_s3 / "sae/tiny/layer1/1x"}
     for folder in sets.values():
-        assert main(["analyze", "features", "--dict", str(folder), "--top", "3", "--no-progress"]) == 0
+        assert (
+            main(["analyze", "features", "--dict", str(folder), "--top", "3", "--no-progress"]) == 0
+        )
     pages = {k: sorted((f / "features").glob("*.html")) for k, f in sets.items()}
     assert [p.name for p in pages["s3"]] == [p.name for p in pages["local"]] and pages["s3"]
     # Top-activating contexts, their tokens read from S3, exactly as from the local store.
     assert any("<mark" in p.read_text() for p in pages["s3"])
     for pa, pb in zip(pages["local"], pages["s3"]):
-        assert pb.read_text().replace(f"{url}/layer1.zarr", str(local_store)) == \
-            pa.read_text().replace(str(runs_local), str(runs_s3)), pb.name
+        assert pb.read_text().replace(
+            f"{url}/layer1.zarr", str(local_store)
+        ) == pa.read_text().replace(str(runs_local), str(runs_s3)), pb.name
 
 
 KILLABLE = """
@@ -182,9 +258,23 @@ sys.exit(main(sys.argv[1:]))
 def test_kill_9_mid_harvest_on_s3_then_resume_equals_uninterrupted(tiny_lm_dir, s3, local_store):
     url = f"{s3}/acts/tiny"
     meta = storage.location(url) / "layer1.zarr" / "zarr.json"
-    cmd = [sys.executable, "-c", KILLABLE, "harvest", "--lm", str(tiny_lm_dir), "--out", url, *HARVEST]
-    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    cmd = [
+        sys.executable,
+        "-c",
+        KILLABLE,
+        "harvest",
+        "--lm",
+        str(tiny_lm_dir),
+        "--out",
+        url,
+        *HARVEST,
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         try:
@@ -201,7 +291,9 @@ def test_kill_9_mid_harvest_on_s3_then_resume_equals_uninterrupted(tiny_lm_dir, 
     assert 2 * 64 <= attrs["rows_written"] < 640 and not attrs["complete"]
     with pytest.raises(UserError, match="incomplete"):
         ActivationStore(f"{url}/layer1.zarr")
-    assert ActivationStore(f"{url}/layer1.zarr", allow_incomplete=True).rows == attrs["rows_written"]
+    assert (
+        ActivationStore(f"{url}/layer1.zarr", allow_incomplete=True).rows == attrs["rows_written"]
+    )
 
     assert harvest(tiny_lm_dir, url) == 0
     resumed, straight = tree(f"{url}/layer1.zarr"), tree(local_store)
@@ -210,21 +302,27 @@ def test_kill_9_mid_harvest_on_s3_then_resume_equals_uninterrupted(tiny_lm_dir, 
         if key != "zarr.json":  # every chunk and array's metadata: byte for byte
             assert resumed[key] == straight[key], key
     # The group's attributes too, but for the list of runs that made it (two here, one there).
-    attrs = {k: json.loads(t["zarr.json"])["attributes"] for k, t in (("resumed", resumed), ("straight", straight))}
+    attrs = {
+        k: json.loads(t["zarr.json"])["attributes"]
+        for k, t in (("resumed", resumed), ("straight", straight))
+    }
     assert len(attrs["resumed"].pop("harvest_runs", [None, None])) == 2
     attrs["straight"].pop("harvest_runs", None)
     assert attrs["resumed"] == attrs["straight"]
 
 
 def test_a_store_left_half_created_on_s3_is_created_anew_and_a_foreign_prefix_refused(
-        tiny_lm_dir, s3, local_store, capsys):
+    tiny_lm_dir, s3, local_store, capsys
+):
     url = f"{s3}/acts/tiny"
     assert harvest(tiny_lm_dir, url) == 0
     store_url = storage.location(url) / "layer1.zarr"
     fs = storage._filesystem(store_url)
     # What a creation cut short before its last PUT leaves: a group without attributes, the
     # arrays' metadata, and (from the store that was there before) some stray chunks.
-    fs.pipe_file((store_url / "zarr.json").key, b'{"zarr_format": 3, "node_type": "group", "attributes": {}}')
+    fs.pipe_file(
+        (store_url / "zarr.json").key, b'{"zarr_format": 3, "node_type": "group", "attributes": {}}'
+    )
     fs.rm((store_url / "acts/c/3/0").key)
     capsys.readouterr()
     assert harvest(tiny_lm_dir, url) == 0
@@ -249,12 +347,15 @@ def test_a_corrupt_or_missing_chunk_on_s3_is_named(tiny_lm_dir, s3):
     with pytest.raises(UserError, match=r"rows 128\.\.192 is corrupt \(crc32c"):
         ActivationStore(store_url).read_rows(128, 192)
     fs.rm((store_url / "heldout/c/4").key)
-    with pytest.raises(UserError, match=r"1 chunk\(s\) of heldout are missing \(first: rows from 256\)"):
+    with pytest.raises(
+        UserError, match=r"1 chunk\(s\) of heldout are missing \(first: rows from 256\)"
+    ):
         ActivationStore(store_url)
 
 
 def test_no_credentials_no_bucket_no_endpoint_no_s3fs_each_one_clear_error(
-        tiny_lm_dir, s3, monkeypatch, capsys, tmp_path):
+    tiny_lm_dir, s3, monkeypatch, capsys, tmp_path
+):
     url = f"{s3}/acts/tiny"
     assert harvest(tiny_lm_dir, url) == 0
     before = tree(f"{url}/layer1.zarr")
@@ -270,12 +371,24 @@ def test_no_credentials_no_bucket_no_endpoint_no_s3fs_each_one_clear_error(
     with monkeypatch.context() as m:
         m.delenv("AWS_ACCESS_KEY_ID")
         m.delenv("AWS_SECRET_ACCESS_KEY")
-        for argv in (["harvest", "--lm", str(tiny_lm_dir), "--out", url, *HARVEST, "--force"], train):
+        for argv in (
+            ["harvest", "--lm", str(tiny_lm_dir), "--out", url, *HARVEST, "--force"],
+            train,
+        ):
             err = refused(*argv)
             assert "no AWS credentials" in err and "AWS_ACCESS_KEY_ID" in err
-    err = refused("harvest", "--lm", str(tiny_lm_dir), "--out", "s3://no-such-bucket-here/acts", *HARVEST)
+    err = refused(
+        "harvest", "--lm", str(tiny_lm_dir), "--out", "s3://no-such-bucket-here/acts", *HARVEST
+    )
     assert "bucket 'no-such-bucket-here'" in err and "does not exist" in err
-    err = refused("train", "--store", "s3://no-such-bucket-here/acts/layer1.zarr", "--out", str(tmp_path), *TRAIN)
+    err = refused(
+        "train",
+        "--store",
+        "s3://no-such-bucket-here/acts/layer1.zarr",
+        "--out",
+        str(tmp_path),
+        *TRAIN,
+    )
     assert "does not exist" in err
     with monkeypatch.context() as m:
         m.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")
@@ -308,14 +421,30 @@ def test_a_larger_token_cap_appends_to_a_store_on_s3(tiny_lm_dir, s3, local_stor
 
 
 @pytest.mark.torchrun
-def test_two_torchrun_ranks_write_one_store_on_s3_equal_to_one_local_process(tiny_lm_dir, s3, local_store):
+def test_two_torchrun_ranks_write_one_store_on_s3_equal_to_one_local_process(
+    tiny_lm_dir, s3, local_store
+):
     """Rank 0 creates the store and records progress, both ranks write their own chunks: nothing
     in the storage layer may assume one process (no cached listings, no local-only paths)."""
     url = f"{s3}/acts/tiny"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "unsuperpose", "harvest", "--lm", str(tiny_lm_dir), "--out", url, *HARVEST]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "unsuperpose",
+        "harvest",
+        "--lm",
+        str(tiny_lm_dir),
+        "--out",
+        url,
+        *HARVEST,
+    ]
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "rank 1 (cpu) ran" in done.stdout
     two, one = tree(f"{url}/layer1.zarr"), tree(local_store)

@@ -27,17 +27,35 @@ from unsuperpose.errors import UserError  # noqa: E402
 
 pytestmark = [pytest.mark.s3, pytest.mark.usefixtures("one_torch_thread")]
 
-TOY = ["toy", "--h", "16", "--G", "32", "--dict-ratios", "1/2x,1x", "--l1", "1e-4,1e-3",
-       "--batch-size", "64", "--steps", "50", "--no-progress", "--wandb", "disabled"]
+TOY = [
+    "toy",
+    "--h",
+    "16",
+    "--G",
+    "32",
+    "--dict-ratios",
+    "1/2x,1x",
+    "--l1",
+    "1e-4,1e-3",
+    "--batch-size",
+    "64",
+    "--steps",
+    "50",
+    "--no-progress",
+    "--wandb",
+    "disabled",
+]
 # A holder in a process of its own, with a short lease; it says when it holds it, then waits.
-HOLDER = ("import sys; from unsuperpose import locking; "
-          "locking.acquire(sys.argv[1], lease_s=3, renew_s=0.25); print('held', flush=True); "
-          "sys.stdin.read()")
+HOLDER = (
+    "import sys; from unsuperpose import locking; "
+    "locking.acquire(sys.argv[1], lease_s=3, renew_s=0.25); print('held', flush=True); "
+    "sys.stdin.read()"
+)
 
 
 def test_a_lease_is_created_once_refused_to_a_second_writer_and_deleted_on_release(s3):
     out = storage.location(f"{s3}/runs/toy")
-    lease = storage.location(f"{s3}/runs/.toy.lock")   # beside the run, never inside it
+    lease = storage.location(f"{s3}/runs/.toy.lock")  # beside the run, never inside it
     first = locking.acquire(out, what="the run folder")
     record = storage.read_json(lease)
     assert record["pid"] == os.getpid() and record["token"] == first.holder.token
@@ -54,16 +72,20 @@ def test_a_lease_is_created_once_refused_to_a_second_writer_and_deleted_on_relea
     assert not storage.exists(lease)
 
 
-def test_a_renewed_lease_outlives_its_lease_time_and_a_sigkilled_holders_is_taken_over(
-        s3, capsys):
+def test_a_renewed_lease_outlives_its_lease_time_and_a_sigkilled_holders_is_taken_over(s3, capsys):
     out = f"{s3}/runs/toy"
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, out], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, out],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     try:
         assert holder.stdout.readline() == "held\n", holder.stderr.read()
         assert locking.current_holder(out).pid == holder.pid
-        time.sleep(4)   # longer than its 3 s lease: only its renewals keep it
+        time.sleep(4)  # longer than its 3 s lease: only its renewals keep it
         with pytest.raises(locking.Locked, match=f"pid {holder.pid} "):
             locking.acquire(out)
     finally:
@@ -80,13 +102,19 @@ def test_a_renewed_lease_outlives_its_lease_time_and_a_sigkilled_holders_is_take
 
 def test_a_lease_from_another_machine_is_refused_until_it_expires_then_taken_over(s3, capsys):
     out = storage.location(f"{s3}/runs/toy")
-    elsewhere = {"pid": 1, "host": "elsewhere", "command": "unsuperpose toy", "token": "theirs",
-                 "started": "2026-01-01T00:00:00+00:00", "pid_space": "another-machine/1",
-                 "lease_seconds": 3}
-    storage.write_json(locking.lock_path(out), elsewhere)   # as a holder there leaves it, killed
+    elsewhere = {
+        "pid": 1,
+        "host": "elsewhere",
+        "command": "unsuperpose toy",
+        "token": "theirs",
+        "started": "2026-01-01T00:00:00+00:00",
+        "pid_space": "another-machine/1",
+        "lease_seconds": 3,
+    }
+    storage.write_json(locking.lock_path(out), elsewhere)  # as a holder there leaves it, killed
     refusals = 0
     deadline = time.monotonic() + 60
-    while True:   # refused until its lease expires by the server's clock, then taken over
+    while True:  # refused until its lease expires by the server's clock, then taken over
         try:
             mine = locking.acquire(out)
             break
@@ -105,10 +133,11 @@ def test_a_holder_whose_lease_was_taken_over_stops_and_leaves_the_new_lease(s3):
     lost = threading.Event()
     lease = locking.acquire(out, renew_s=0.2, on_lost=lost.set)
     # Another writer's lease where ours was (as after our process stalled past its lease time).
-    storage.write_json(locking.lock_path(out), {**lease.holder.__dict__, "token": "theirs",
-                                                "lease_seconds": 60})
+    storage.write_json(
+        locking.lock_path(out), {**lease.holder.__dict__, "token": "theirs", "lease_seconds": 60}
+    )
     assert lost.wait(timeout=60) and lease.lost
-    with pytest.raises(UserError, match="lost the lease"):   # a run's copies up stop here
+    with pytest.raises(UserError, match="lost the lease"):  # a run's copies up stop here
         RunMirror(out).upload_checkpoint()
     lease.release()
     assert locking.current_holder(out).token == "theirs"

@@ -32,8 +32,22 @@ from unsuperpose.errors import UserError  # noqa: E402
 
 pytestmark = [pytest.mark.s3, pytest.mark.usefixtures("one_torch_thread")]
 
-TOY = ["toy", "--h", "16", "--G", "32", "--dict-ratios", "1/2x,1x", "--l1", "1e-4,1e-3",
-       "--batch-size", "64", "--no-progress", "--wandb", "disabled"]
+TOY = [
+    "toy",
+    "--h",
+    "16",
+    "--G",
+    "32",
+    "--dict-ratios",
+    "1/2x,1x",
+    "--l1",
+    "1e-4,1e-3",
+    "--batch-size",
+    "64",
+    "--no-progress",
+    "--wandb",
+    "disabled",
+]
 SHORT = TOY + ["--steps", "150"]
 LONG = TOY + ["--steps", "600", "--checkpoint-every", "100"]
 
@@ -51,7 +65,8 @@ def cache(tmp_path, monkeypatch) -> Path:
 
 
 def test_toy_on_s3_equals_the_same_run_on_a_local_folder_and_is_found_finished(
-        s3, cache, tmp_path, capsys):
+    s3, cache, tmp_path, capsys
+):
     local = tmp_path / "local"
     assert main(SHORT + ["--out", str(local)]) == 0
     url = f"{s3}/runs/toy"
@@ -60,8 +75,13 @@ def test_toy_on_s3_equals_the_same_run_on_a_local_folder_and_is_found_finished(
     out = capsys.readouterr().out
     assert f"wrote {url}/summary.csv" in out and str(cache) not in out
     remote, mine = tree(url), tree(local)
-    assert {"summary.csv", "diagnosis.json", "train_config.json", "source.json",
-            "history.jsonl"} <= remote.keys()
+    assert {
+        "summary.csv",
+        "diagnosis.json",
+        "train_config.json",
+        "source.json",
+        "history.jsonl",
+    } <= remote.keys()
     assert any(k.startswith("saes/") and k.endswith("/sae.safetensors") for k in remote)
     assert not any(k.startswith("checkpoint") for k in remote)
     assert same_run(remote, mine)
@@ -74,18 +94,28 @@ def test_toy_on_s3_equals_the_same_run_on_a_local_folder_and_is_found_finished(
     assert main(TOY + ["--steps", "160", "--out", url]) == 2
     assert f"{url} holds a finished grid made otherwise" in capsys.readouterr().err
     assert same_run(tree(url), mine)
-    assert main(SHORT + ["--out", url, "--force"]) == 0   # trained again, to the same bytes
+    assert main(SHORT + ["--out", url, "--force"]) == 0  # trained again, to the same bytes
     assert same_run(tree(url), mine)
 
 
 def _env(cache: Path) -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",
-            "HF_HUB_OFFLINE": "1", "UNSUPERPOSE_CACHE": str(cache)}
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "WANDB_MODE": "disabled",
+        "HF_HUB_OFFLINE": "1",
+        "UNSUPERPOSE_CACHE": str(cache),
+    }
 
 
 def _run(args: list[str], out: str, cache: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "unsuperpose", *args, "--out", out], env=_env(cache),
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "unsuperpose", *args, "--out", out],
+        env=_env(cache),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_a_run_on_s3_killed_after_a_checkpoint_resumes_from_the_bucket_alone(s3, cache, tmp_path):
@@ -94,11 +124,20 @@ def test_a_run_on_s3_killed_after_a_checkpoint_resumes_from_the_bucket_alone(s3,
     assert done.returncode == 0, done.stderr
 
     url = storage.location(f"{s3}/runs/long")
-    proc = subprocess.Popen([sys.executable, "-m", "unsuperpose", *LONG, "--out", str(url)],
-                            env=_env(cache), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "unsuperpose", *LONG, "--out", str(url)],
+        env=_env(cache),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     # state.json is copied up last, so once it is on the bucket the checkpoint there is whole.
     deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and not storage.exists(url / "checkpoint/state.json"):
+    while (
+        time.time() < deadline
+        and proc.poll() is None
+        and not storage.exists(url / "checkpoint/state.json")
+    ):
         time.sleep(0.05)
     for pid in [proc.pid, *_descendants(proc.pid)]:
         try:
@@ -110,11 +149,13 @@ def test_a_run_on_s3_killed_after_a_checkpoint_resumes_from_the_bucket_alone(s3,
     assert 0 < step < 600, proc.stderr.read()
     assert not storage.exists(url / "summary.csv")
 
-    shutil.rmtree(cache / "runs-mirror")   # another machine: only the bucket has the run
+    shutil.rmtree(cache / "runs-mirror")  # another machine: only the bucket has the run
     resumed = _run(LONG, str(url), cache)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming from the checkpoint at step {step:,}" in resumed.stdout
-    assert same_run(tree(url), tree(straight))   # and the bucket's checkpoint is gone, as a local one
+    assert same_run(
+        tree(url), tree(straight)
+    )  # and the bucket's checkpoint is gone, as a local one
 
 
 @pytest.mark.torchrun
@@ -122,16 +163,35 @@ def test_two_torchrun_ranks_on_one_node_write_one_process_bytes_to_s3(s3, cache,
     solo = tmp_path / "solo"
     assert _run(SHORT, str(solo), cache).returncode == 0
     url = f"{s3}/runs/duo"
-    duo = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                          "--nproc_per_node", "2", "-m", "unsuperpose", *SHORT, "--out", url],
-                         env=_env(cache), capture_output=True, text=True, timeout=300)
+    duo = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "unsuperpose",
+            *SHORT,
+            "--out",
+            url,
+        ],
+        env=_env(cache),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert duo.returncode == 0, duo.stderr
     assert duo.stdout.count("wrote ") == 1
     remote, mine = tree(url), tree(solo)
     # The configs record the two processes; the weights and scores are one process's bytes.
     assert remote.keys() == mine.keys()
-    same = [k for k in mine if k.endswith(".safetensors") or k in ("summary.csv", "history.jsonl",
-                                                                    "diagnosis.json")]
+    same = [
+        k
+        for k in mine
+        if k.endswith(".safetensors") or k in ("summary.csv", "history.jsonl", "diagnosis.json")
+    ]
     assert len(same) == 4 + 3
     for k in same:
         assert remote[k] == mine[k], k
@@ -146,14 +206,15 @@ def test_train_on_a_local_store_into_s3_equals_a_local_out(s3, cache, toy_store,
 
 
 def test_s3_out_over_several_nodes_or_without_its_bucket_is_refused_before_training(
-        s3, cache, monkeypatch, capsys):
+    s3, cache, monkeypatch, capsys
+):
     with monkeypatch.context() as env:
         env.setenv("RANK", "0")
         env.setenv("WORLD_SIZE", "4")
         env.setenv("LOCAL_WORLD_SIZE", "2")
         with pytest.raises(UserError, match="several nodes"):
             check_run_folder(storage.location(f"{s3}/runs/x"))
-    check_run_folder(storage.location(f"{s3}/runs/x"))   # one node (or no torchrun): fine
+    check_run_folder(storage.location(f"{s3}/runs/x"))  # one node (or no torchrun): fine
     assert main(SHORT + ["--out", "s3://no-such-bucket-here/runs/toy"]) == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and "Traceback" not in err

@@ -13,15 +13,26 @@ from sae_reference import assert_matches, train_alone
 SMALL = ToyConfig(h=16, G=32, k=2, decay=0.95, seed=0)
 
 
-@pytest.mark.parametrize("options", [
-    dict(),
-    dict(tied=True, l1_norm="per_latent"),
-    dict(decoder_init="data", encoder_init="kaiming"),
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(),
+        dict(tied=True, l1_norm="per_latent"),
+        dict(decoder_init="data", encoder_init="kaiming"),
+    ],
+)
 def test_grid_equals_each_sae_trained_alone(options):
     src = ToySource(SMALL)
-    cfg = SAETrainConfig(l1=[1e-3, 1e-2], dict_sizes=[16, 48], steps=40, batch_size=32, lr=3e-3,
-                         log_every=10, resample_every=0, **options)
+    cfg = SAETrainConfig(
+        l1=[1e-3, 1e-2],
+        dict_sizes=[16, 48],
+        steps=40,
+        batch_size=32,
+        lr=3e-3,
+        log_every=10,
+        resample_every=0,
+        **options,
+    )
     state = train_steps(new_state(src, cfg), src, progress=False)
     for g in state.groups:
         for s, l1 in enumerate(g.l1):
@@ -31,8 +42,9 @@ def test_grid_equals_each_sae_trained_alone(options):
 @pytest.mark.slow
 def test_recovers_ground_truth_on_a_small_problem():
     src = ToySource(ToyConfig(h=32, G=64, k=3, decay=0.99, seed=1))
-    cfg = SAETrainConfig(l1=[3e-3, 1e-2], dict_sizes=[64], steps=1500, batch_size=256, lr=3e-3,
-                         log_every=500)
+    cfg = SAETrainConfig(
+        l1=[3e-3, 1e-2], dict_sizes=[64], steps=1500, batch_size=256, lr=3e-3, log_every=500
+    )
     state = train_steps(new_state(src, cfg), src, progress=False)
     best = max(mmcs(src.features, d) for d in state.dictionaries().values())
     assert best > 0.95
@@ -43,7 +55,7 @@ def test_a_planted_never_firing_latent_counts_as_dead():
     cfg = SAETrainConfig(l1=[1e-3], dict_sizes=[16], steps=30, batch_size=32, dead_window=10)
     state = new_state(src, cfg)
     g = state.groups[0]
-    g.b_enc[5] = -1e4   # pre-activation always negative: gets no gradient, never fires
+    g.b_enc[5] = -1e4  # pre-activation always negative: gets no gradient, never fires
     train_steps(state, src, progress=False)
     assert bool(g.dead_mask(cfg.dead_window, state.step)[0, 5])
     assert evaluate(state, src)[(1e-3, 16)]["dead"] >= 1
@@ -55,29 +67,36 @@ def test_dead_latents_are_also_counted_at_the_ladders_windows():
     cfg = SAETrainConfig(l1=[1e-3], dict_sizes=[16], steps=60, batch_size=32, dead_window=10)
     state = new_state(src, cfg)
     g = state.groups[0]
-    g.b_enc[5] = -1e4            # never fires
+    g.b_enc[5] = -1e4  # never fires
     train_steps(state, src, until=30, progress=False)
-    g.b_enc[7] = -1e4            # silent for the last 30 steps only
+    g.b_enc[7] = -1e4  # silent for the last 30 steps only
     train_steps(state, src, progress=False)
     row = evaluate(state, src)[(1e-3, 16)]
     assert [c for c in row if c.startswith("dead_w")] == ["dead_w25", "dead_w50"]
     for w in (25, 50):
         assert row[f"dead_w{w}"] == int(g.dead_mask(w, state.step).sum())
     assert row["dead_w25"] >= 2 and row["dead_w50"] >= 1
-    assert row["dead_w25"] - row["dead_w50"] >= 1   # latent 7 is dead at 25, not at 50
+    assert row["dead_w25"] - row["dead_w50"] >= 1  # latent 7 is dead at 25, not at 50
 
 
 def test_resampling_revives_only_dead_latents():
     src = ToySource(SMALL)
 
     def run(resample_every):
-        cfg = SAETrainConfig(l1=[1e-3, 1e-2], dict_sizes=[16], steps=20, batch_size=32, dead_window=5,
-                             resample_every=resample_every, resample_until=1.0)
+        cfg = SAETrainConfig(
+            l1=[1e-3, 1e-2],
+            dict_sizes=[16],
+            steps=20,
+            batch_size=32,
+            dead_window=5,
+            resample_every=resample_every,
+            resample_until=1.0,
+        )
         state = new_state(src, cfg)
-        state.groups[0].b_enc[3] = -1e4      # SAE 0, latent 3: never fires
+        state.groups[0].b_enc[3] = -1e4  # SAE 0, latent 3: never fires
         train_steps(state, src, until=19, progress=False)
         dead = state.groups[0].dead_mask(5, 19).clone()
-        train_steps(state, src, progress=False)   # step 20: an optimizer step, then the resample
+        train_steps(state, src, progress=False)  # step 20: an optimizer step, then the resample
         return state.groups[0], dead
 
     g, dead = run(20)
@@ -87,8 +106,10 @@ def test_resampling_revives_only_dead_latents():
     assert g.W_dec[0, 3].norm().item() == pytest.approx(1.0, abs=1e-5)
     alive = ~dead
     assert torch.equal(g.W_dec[alive], plain.W_dec[alive])
-    assert torch.equal(g.W_enc.view(SMALL.h, 2, 16).permute(1, 2, 0)[alive],
-                       plain.W_enc.view(SMALL.h, 2, 16).permute(1, 2, 0)[alive])
+    assert torch.equal(
+        g.W_enc.view(SMALL.h, 2, 16).permute(1, 2, 0)[alive],
+        plain.W_enc.view(SMALL.h, 2, 16).permute(1, 2, 0)[alive],
+    )
     assert not torch.equal(g.W_dec[dead], plain.W_dec[dead])
     # the revived latent fires on data again
     x = next(src.batches(256, seed=99))
@@ -97,8 +118,9 @@ def test_resampling_revives_only_dead_latents():
 
 def test_stopping_and_continuing_equals_one_run():
     src = ToySource(SMALL)
-    cfg = SAETrainConfig(l1=[1e-3], dict_sizes=[16], steps=30, batch_size=32, dead_window=5,
-                         resample_every=10)
+    cfg = SAETrainConfig(
+        l1=[1e-3], dict_sizes=[16], steps=30, batch_size=32, dead_window=5, resample_every=10
+    )
     one = train_steps(new_state(src, cfg), src, progress=False)
     two = new_state(src, cfg)
     train_steps(two, src, until=13, progress=False)
@@ -112,7 +134,7 @@ def test_evaluate_reports_sane_reconstruction_metrics():
     cfg = SAETrainConfig(l1=[0.0, 1.0], dict_sizes=[32], steps=200, batch_size=64)
     state = train_steps(new_state(src, cfg), src, progress=False)
     m = evaluate(state, src)
-    assert m[(0.0, 32)]["heldout_fvu"] < 0.1            # no sparsity pressure: near-perfect reconstruction
+    assert m[(0.0, 32)]["heldout_fvu"] < 0.1  # no sparsity pressure: near-perfect reconstruction
     assert m[(1.0, 32)]["heldout_l0"] < m[(0.0, 32)]["heldout_l0"]
     assert m[(1.0, 32)]["heldout_fvu"] > m[(0.0, 32)]["heldout_fvu"]
 
@@ -155,12 +177,19 @@ def test_saved_sae_round_trips(tmp_path):
 @pytest.mark.parametrize("tied", [False, True])
 def test_sparse_steps_give_the_dense_results(tied):
     src = ToySource(ToyConfig(h=32, G=64, k=2, seed=3))
-    base = dict(l1=[1e-3, 3e-2], dict_sizes=[64, 128], steps=25, batch_size=64, tied=tied,
-                dead_window=5, resample_every=10)
+    base = dict(
+        l1=[1e-3, 3e-2],
+        dict_sizes=[64, 128],
+        steps=25,
+        batch_size=64,
+        tied=tied,
+        dead_window=5,
+        resample_every=10,
+    )
     dense = new_state(src, SAETrainConfig(**base, sparse_below=0.0))
-    sparse = new_state(src, SAETrainConfig(**base, sparse_below=1.0))   # every step sparse
+    sparse = new_state(src, SAETrainConfig(**base, sparse_below=1.0))  # every step sparse
     for state in (dense, sparse):
-        state.groups[0].b_enc[64:].fill_(-1e3)   # the second SAE of size 64 never fires
+        state.groups[0].b_enc[64:].fill_(-1e3)  # the second SAE of size 64 never fires
         train_steps(state, src, progress=False)
     assert all(g.sparse_steps == 25 for g in sparse.groups)
     assert all(g.sparse_steps == 0 for g in dense.groups)
@@ -184,8 +213,16 @@ def test_resampling_many_dead_latents_gives_distinct_atoms():
     # 200 dead latents but batches of 32: candidates come from a pool of many batches, so the
     # new atoms do not repeat.
     src = ToySource(ToyConfig(h=16, G=64, k=3, seed=2))
-    cfg = SAETrainConfig(l1=[1e-3], dict_sizes=[256], steps=10, batch_size=32, dead_window=5,
-                         resample_every=10, resample_until=1.0, resample_pool=16)
+    cfg = SAETrainConfig(
+        l1=[1e-3],
+        dict_sizes=[256],
+        steps=10,
+        batch_size=32,
+        dead_window=5,
+        resample_every=10,
+        resample_until=1.0,
+        resample_pool=16,
+    )
     state = new_state(src, cfg)
     g = state.groups[0]
     g.b_enc[:200] = -1e4
@@ -197,7 +234,7 @@ def test_resampling_many_dead_latents_gives_distinct_atoms():
 
 
 def test_a_fresh_sae_without_params_starts_from_the_default_init():
-    sae = SAE(8, 12)                     # was a KeyError ('W_enc')
+    sae = SAE(8, 12)  # was a KeyError ('W_enc')
     torch.testing.assert_close(sae.W_dec.detach(), init_params(8, 12, seed=0)["W_dec"])
     assert sae(torch.randn(3, 8))[0].shape == (3, 8)
     assert SAE(8, 12, tied=True).W_enc is None

@@ -10,14 +10,53 @@ from unsuperpose.train import parse_dict_sizes, parse_l1_list
 
 def test_toy_cli_writes_summary_dictionaries_and_figures(tmp_path):
     out = tmp_path / "toy"
-    code = main(["toy", "--out", str(out), "--h", "16", "--G", "32", "--k", "2", "--steps", "60",
-                 "--batch-size", "64", "--l1", "1e-3,1e-2", "--dict-ratios", "1/2x,1x,2x",
-                 "--eval-every", "20", "--wandb", "disabled", "--no-progress"])
+    code = main(
+        [
+            "toy",
+            "--out",
+            str(out),
+            "--h",
+            "16",
+            "--G",
+            "32",
+            "--k",
+            "2",
+            "--steps",
+            "60",
+            "--batch-size",
+            "64",
+            "--l1",
+            "1e-3,1e-2",
+            "--dict-ratios",
+            "1/2x,1x,2x",
+            "--eval-every",
+            "20",
+            "--wandb",
+            "disabled",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     rows = list(csv.DictReader(open(out / "summary.csv")))
     assert len(rows) == 6
-    for col in ["l1", "dict_ratio", "dict_label", "dict_size", "steps", "samples", "heldout_mse",
-                "heldout_l1_loss", "heldout_l0", "heldout_fvu", "heldout_rows", "dead", "mmcs", "mcc", "ssll", "mmcs_larger"]:
+    for col in [
+        "l1",
+        "dict_ratio",
+        "dict_label",
+        "dict_size",
+        "steps",
+        "samples",
+        "heldout_mse",
+        "heldout_l1_loss",
+        "heldout_l0",
+        "heldout_fvu",
+        "heldout_rows",
+        "dead",
+        "mmcs",
+        "mcc",
+        "ssll",
+        "mmcs_larger",
+    ]:
         assert col in rows[0], col
     assert {r["dict_size"] for r in rows} == {"16", "32", "64"}
     assert {float(r["l1"]) for r in rows} == {1e-3, 1e-2}
@@ -31,7 +70,7 @@ def test_toy_cli_writes_summary_dictionaries_and_figures(tmp_path):
     assert (out / "figures" / "curve_mmcs.png").exists()
     assert (out / "train_config.json").exists() and (out / "log.jsonl").exists()
     history = (out / "history.jsonl").read_text().splitlines()
-    assert len(history) == 6 * 4   # steps 0, 20, 40, 60 for each SAE
+    assert len(history) == 6 * 4  # steps 0, 20, 40, 60 for each SAE
 
 
 @pytest.mark.parametrize("text", ["8y", "0x", "-1", "1/0x", ""])
@@ -41,8 +80,12 @@ def test_malformed_dictionary_sizes_raise(text):
 
 
 def test_dictionary_sizes_parse_ratios_and_absolutes():
-    assert parse_dict_sizes("1/8x,0.5x,2x,4096", 512) == [("1/8x", 64), ("0.5x", 256), ("2x", 1024),
-                                                           ("4096", 4096)]
+    assert parse_dict_sizes("1/8x,0.5x,2x,4096", 512) == [
+        ("1/8x", 64),
+        ("0.5x", 256),
+        ("2x", 1024),
+        ("4096", 4096),
+    ]
 
 
 def test_l1_list_that_does_not_parse_raises():
@@ -65,6 +108,7 @@ def test_package_metadata_matches_what_the_code_needs():
     import re
     import tomllib
     from pathlib import Path
+
     meta = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
     assert meta["requires-python"] == ">=3.11"
     torch_req = next(d for d in meta["dependencies"] if d.startswith("torch"))

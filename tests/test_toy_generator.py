@@ -50,7 +50,9 @@ def test_coefficients_are_single_uniforms():
     assert vals.var().item() == pytest.approx(1 / 12, abs=0.005)
 
 
-def _lift(src: ToySource, n: int = 200_000, codes: torch.Tensor | None = None) -> tuple[float, float]:
+def _lift(
+    src: ToySource, n: int = 200_000, codes: torch.Tensor | None = None
+) -> tuple[float, float]:
     """Mean P(i and j) / (P(i) P(j)) over pairs of frequent features (p > 1%), for pairs in the
     same correlated group and in different groups, on the binary activities (of ``codes`` when
     given, else of ``n`` fresh samples)."""
@@ -70,7 +72,7 @@ def test_default_correlation_makes_coactivation_plain_at_report_size():
     src = ToySource(ToyConfig(seed=11))
     assert src.config.G == 512 and src.config.correlation > 0
     same, other = _lift(src)
-    assert same > 4.0           # partners fire together several times more often than chance
+    assert same > 4.0  # partners fire together several times more often than chance
     assert abs(other - 1.0) < 0.05
 
 
@@ -91,7 +93,7 @@ def test_heldout_stream_is_fixed_and_apart_from_training():
     assert held.shape == (250, 16)
     assert torch.equal(held, torch.cat(list(src.heldout_batches(100, 250))))
     train = torch.cat([b for b, _ in zip(src.batches(50, seed=0), range(20))])
-    held = held[held.norm(dim=1) > 0]   # a sample with no active feature is 0 in any stream
+    held = held[held.norm(dim=1) > 0]  # a sample with no active feature is 0 in any stream
     assert not (torch.cdist(held, train) < 1e-6).any()
 
 
@@ -121,17 +123,26 @@ def test_batches_are_deterministic_and_resumable():
     assert first[0].dtype == torch.float32 and first[0].shape == (64, 16)
 
 
-@pytest.mark.parametrize("kwargs, word", [
-    (dict(k=600), "k must be"), (dict(decay=0.0), "decay"), (dict(decay=1.5), "decay"),
-    (dict(h=0), "h must be"), (dict(G=0), "G must be"), (dict(noise=-1), "noise"),
-    (dict(correlation=1.0), "correlation"), (dict(group_size=0), "group_size"),
-])
+@pytest.mark.parametrize(
+    "kwargs, word",
+    [
+        (dict(k=600), "k must be"),
+        (dict(decay=0.0), "decay"),
+        (dict(decay=1.5), "decay"),
+        (dict(h=0), "h must be"),
+        (dict(G=0), "G must be"),
+        (dict(noise=-1), "noise"),
+        (dict(correlation=1.0), "correlation"),
+        (dict(group_size=0), "group_size"),
+    ],
+)
 def test_invalid_parameters_raise_clear_errors(kwargs, word):
     with pytest.raises(ValueError, match=word):
         ToyConfig(**kwargs)
 
 
 # -- the report's correlation recipe, a mode beside ours -------------------------------------------
+
 
 def test_the_reports_recipe_keeps_k_and_the_marginals_and_couples_weakly():
     # The report: Bernoulli draws with probability (decay-scaled Phi(z)) rescaled to k. Same
@@ -151,12 +162,18 @@ def test_the_reports_recipe_keeps_k_and_the_marginals_and_couples_weakly():
 def test_the_recipe_is_part_of_the_datas_identity_and_the_default_keeps_old_fingerprints():
     import hashlib
     import json
+
     default = ToySource(ToyConfig(seed=4)).describe()
     info = {k: v for k, v in default.items() if k != "fingerprint"}
-    assert "correlation_recipe" not in info   # runs made before the mode existed still resume
-    assert default["fingerprint"] == hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()
+    assert "correlation_recipe" not in info  # runs made before the mode existed still resume
+    assert (
+        default["fingerprint"]
+        == hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()
+    )
     report = ToySource(ToyConfig(seed=4, correlation_recipe="report")).describe()
-    assert report["correlation_recipe"] == "report" and report["fingerprint"] != default["fingerprint"]
+    assert (
+        report["correlation_recipe"] == "report" and report["fingerprint"] != default["fingerprint"]
+    )
 
 
 def test_the_reports_recipe_refuses_probabilities_it_cannot_rescale():
@@ -174,4 +191,4 @@ def test_the_dead_window_follows_the_rarest_features_rate():
     rate = float(src.probs.min()) * 0.5
     assert w == 183 and (1 - rate) ** (256 * w) <= 1e-3 < (1 - rate) ** (256 * (w - 1))
     assert src.dead_window(512) == math.ceil(w / 2) or src.dead_window(512) == w // 2 + 1
-    assert ToySource(ToyConfig(k=10)).dead_window(256) < w   # commoner features, shorter window
+    assert ToySource(ToyConfig(k=10)).dead_window(256) < w  # commoner features, shorter window

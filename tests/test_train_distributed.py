@@ -27,24 +27,58 @@ from unsuperpose.train.checkpoint import load_checkpoint, read_checkpoint_meta, 
 from unsuperpose.train.parallel import assign_sizes, plan
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
-TOY = ["toy", "--h", "16", "--G", "32", "--dict-ratios", "1/2x,1x,2x", "--l1", "1e-4,1e-3",
-       "--batch-size", "64", "--log-every", "25", "--eval-every", "50", "--no-progress",
-       "--wandb", "disabled"]
+TOY = [
+    "toy",
+    "--h",
+    "16",
+    "--G",
+    "32",
+    "--dict-ratios",
+    "1/2x,1x,2x",
+    "--l1",
+    "1e-4,1e-3",
+    "--batch-size",
+    "64",
+    "--log-every",
+    "25",
+    "--eval-every",
+    "50",
+    "--no-progress",
+    "--wandb",
+    "disabled",
+]
 
 
 def one_process(args: list[str], out: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "unsuperpose", *args, "--out", str(out)],
-                          env=ENV, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "unsuperpose", *args, "--out", str(out)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def torchrun_cmd(args: list[str], out: Path, n: int = 2) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
-            "-m", "unsuperpose", *args, "--out", str(out)]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(n),
+        "-m",
+        "unsuperpose",
+        *args,
+        "--out",
+        str(out),
+    ]
 
 
 def two_processes(args: list[str], out: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(torchrun_cmd(args, out), env=ENV, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        torchrun_cmd(args, out), env=ENV, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def weights(out: Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -104,7 +138,7 @@ def test_grid_split_over_two_processes_gives_one_process_bytes(tmp_path, solo):
     assert cfg["sizes_by_rank"] == [[64], [16, 32]]
     assert json.loads((solo / "train_config.json").read_text())["world_size"] == 1
     assert "rank 1: dictionary sizes [16, 32]" in duo.stdout
-    assert duo.stdout.count("wrote ") == 1   # rank 0 alone reports
+    assert duo.stdout.count("wrote ") == 1  # rank 0 alone reports
 
 
 @pytest.mark.torchrun
@@ -126,8 +160,9 @@ def test_data_parallel_equals_one_process_within_float_tolerance(tmp_path, solo)
 
 @pytest.mark.torchrun
 def test_data_parallel_needs_a_batch_divisible_by_the_processes(tmp_path):
-    run = two_processes(TOY + ["--steps", "10", "--batch-size", "63", "--parallel", "data"],
-                        tmp_path / "odd")
+    run = two_processes(
+        TOY + ["--steps", "10", "--batch-size", "63", "--parallel", "data"], tmp_path / "odd"
+    )
     assert run.returncode != 0 and "divisible" in run.stderr
 
 
@@ -138,8 +173,11 @@ def _descendants(pid: int) -> list[int]:
     while todo:
         p = todo.pop()
         try:
-            kids = [int(c) for t in os.listdir(f"/proc/{p}/task")
-                    for c in open(f"/proc/{p}/task/{t}/children").read().split()]
+            kids = [
+                int(c)
+                for t in os.listdir(f"/proc/{p}/task")
+                for c in open(f"/proc/{p}/task/{t}/children").read().split()
+            ]
         except OSError:
             kids = []
         found += kids
@@ -150,8 +188,9 @@ def _descendants(pid: int) -> list[int]:
 def _killed_after_first_checkpoint(cmd: list[str], out: Path) -> int:
     """Start ``cmd``, SIGKILL it and every process below it once a checkpoint is on disk (as a
     crash of the machine would); the checkpoint's step."""
-    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     state = out / "checkpoint" / "state.json"
     deadline = time.time() + 120
     while time.time() < deadline and not state.exists() and proc.poll() is None:
@@ -162,7 +201,7 @@ def _killed_after_first_checkpoint(cmd: list[str], out: Path) -> int:
         except ProcessLookupError:
             pass
     proc.wait(timeout=30)
-    meta = read_checkpoint_meta(out / "checkpoint")   # finishes a swap the kill interrupted
+    meta = read_checkpoint_meta(out / "checkpoint")  # finishes a swap the kill interrupted
     assert meta is not None, proc.stderr.read()
     return meta["step"]
 
@@ -170,10 +209,14 @@ def _killed_after_first_checkpoint(cmd: list[str], out: Path) -> int:
 @pytest.mark.torchrun
 @pytest.mark.parametrize("first,then", [(2, 1), (1, 2)])
 def test_a_run_killed_under_one_world_size_resumes_under_another_bit_identically(
-        tmp_path, straight, first, then):
+    tmp_path, straight, first, then
+):
     out = tmp_path / "resumed"
-    start = torchrun_cmd(LONG, out) if first == 2 else \
-        [sys.executable, "-m", "unsuperpose", *LONG, "--out", str(out)]
+    start = (
+        torchrun_cmd(LONG, out)
+        if first == 2
+        else [sys.executable, "-m", "unsuperpose", *LONG, "--out", str(out)]
+    )
     step = _killed_after_first_checkpoint(start, out)
     assert 0 < step < 800
     finish = two_processes(LONG, out) if then == 2 else one_process(LONG, out)
@@ -184,9 +227,12 @@ def test_a_run_killed_under_one_world_size_resumes_under_another_bit_identically
 
 # -- devices: the device-agnostic code, run on the CPU here (and on a GPU when one is there) ------
 
+
 def test_device_flags_resolve_and_refuse_clearly():
     assert distributed.resolve_device("cpu") == torch.device("cpu")
-    assert distributed.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert distributed.resolve_device("auto").type == (
+        "cuda" if torch.cuda.is_available() else "cpu"
+    )
     with pytest.raises(UserError, match="cpu, cuda"):
         distributed.resolve_device("tpu:0")
     if not torch.cuda.is_available():
@@ -198,13 +244,23 @@ def test_cuda_on_a_machine_without_one_is_one_clear_error(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     run = one_process(TOY + ["--steps", "10", "--device", "cuda"], tmp_path / "x")
-    assert run.returncode == 2 and "no usable CUDA GPU" in run.stderr and "Traceback" not in run.stderr
+    assert (
+        run.returncode == 2 and "no usable CUDA GPU" in run.stderr and "Traceback" not in run.stderr
+    )
 
 
 def _toy_state(device: str, data_rng: str | None = None):
     source = ToySource(ToyConfig(h=16, G=32, seed=3), device=device, rng_device=data_rng)
-    cfg = SAETrainConfig(l1=[1e-4, 1e-3], dict_sizes=[16, 32], steps=60, batch_size=64,
-                         log_every=20, dead_window=20, resample_every=20, resample_until=1.0)
+    cfg = SAETrainConfig(
+        l1=[1e-4, 1e-3],
+        dict_sizes=[16, 32],
+        steps=60,
+        batch_size=64,
+        log_every=20,
+        dead_window=20,
+        resample_every=20,
+        resample_until=1.0,
+    )
     return source, new_state(source, cfg, device=device)
 
 

@@ -16,16 +16,24 @@ class ToyConfig:
     G: int = field(512, help="number of ground-truth features (the report: 512)")
     k: float = field(5.0, help="expected number of active features per sample (the report: 5)")
     decay: float = field(0.99, help="feature i is active with probability proportional to decay**i")
-    correlation: float = field(0.5, help="correlation of the copula's normals within a group of "
-                               "features (0: independent features). 0.5 makes a feature ~8x more "
-                               "likely to fire when another of its group fires (G 512, k 5)")
+    correlation: float = field(
+        0.5,
+        help="correlation of the copula's normals within a group of "
+        "features (0: independent features). 0.5 makes a feature ~8x more "
+        "likely to fire when another of its group fires (G 512, k 5)",
+    )
     correlation_recipe: Literal["threshold", "report"] = field(
-        "threshold", help="how the correlated normals turn features on: 'report' = the report's "
+        "threshold",
+        help="how the correlated normals turn features on: 'report' = the report's "
         "recipe (Bernoulli with probability 2 p_i Phi(z_i): weak coupling, ~1.2x at 0.5); "
         "'threshold' = on when Phi(z_i) < p_i (a Gaussian copula on the indicators: ~5-30x at "
-        "0.5). See the README for why the default deviates")
-    group_size: int = field(8, help="features per correlated group; groups are a random partition "
-                            "of the features, fixed by the seed")
+        "0.5). See the README for why the default deviates",
+    )
+    group_size: int = field(
+        8,
+        help="features per correlated group; groups are a random partition "
+        "of the features, fixed by the seed",
+    )
     noise: float = field(0.0, help="std of isotropic Gaussian noise added to each sample")
     seed: int = field(0, help="seed of the features, probabilities and covariance")
 
@@ -44,8 +52,10 @@ class ToyConfig:
         if not 1 <= self.group_size <= self.G:
             problems.append(f"group_size must be in [1, G={self.G}] (got {self.group_size})")
         if self.correlation_recipe not in ("threshold", "report"):
-            problems.append(f"correlation_recipe must be 'threshold' or 'report' (got "
-                            f"{self.correlation_recipe!r})")
+            problems.append(
+                f"correlation_recipe must be 'threshold' or 'report' (got "
+                f"{self.correlation_recipe!r})"
+            )
         if self.noise < 0:
             problems.append(f"noise must be >= 0 (got {self.noise})")
         if problems:

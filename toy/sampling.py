@@ -65,8 +65,13 @@ def random_groups(G: int, group_size: int, gen: torch.Generator) -> torch.Tensor
     return torch.randperm(G, generator=gen) % n_groups
 
 
-def copula_normals(n: int, groups: torch.Tensor, correlation: float,
-                   gen: torch.Generator, n_groups: int | None = None) -> torch.Tensor:
+def copula_normals(
+    n: int,
+    groups: torch.Tensor,
+    correlation: float,
+    gen: torch.Generator,
+    n_groups: int | None = None,
+) -> torch.Tensor:
     """n x G standard normals, correlated ``correlation`` within a group and 0 across groups.
 
     A random positive correlation matrix of block form: one shared normal per group plus a
@@ -80,12 +85,18 @@ def copula_normals(n: int, groups: torch.Tensor, correlation: float,
     n_groups = int(groups.max()) + 1 if n_groups is None else n_groups
     shared = torch.randn(n, n_groups, generator=gen, device=gen.device)[:, groups]
     private = torch.randn(n, groups.shape[0], generator=gen, device=gen.device)
-    return shared.mul_(correlation ** 0.5).add_(private, alpha=(1 - correlation) ** 0.5)
+    return shared.mul_(correlation**0.5).add_(private, alpha=(1 - correlation) ** 0.5)
 
 
-def sample_codes(n: int, probs: torch.Tensor, groups: torch.Tensor | None, correlation: float,
-                 gen: torch.Generator, n_groups: int | None = None,
-                 recipe: str = "threshold") -> torch.Tensor:
+def sample_codes(
+    n: int,
+    probs: torch.Tensor,
+    groups: torch.Tensor | None,
+    correlation: float,
+    gen: torch.Generator,
+    n_groups: int | None = None,
+    recipe: str = "threshold",
+) -> torch.Tensor:
     """n x G sparse codes: feature i is active with probability probs[i], coefficient U(0, 1).
 
     With ``correlation`` > 0 the activations are correlated through ``recipe`` (module
@@ -110,8 +121,9 @@ def sample_codes(n: int, probs: torch.Tensor, groups: torch.Tensor | None, corre
     return coef * active
 
 
-def dead_window_for(probs: torch.Tensor, batch_size: int, *, fire_fraction: float = 0.5,
-                    miss: float = 1e-3) -> int:
+def dead_window_for(
+    probs: torch.Tensor, batch_size: int, *, fire_fraction: float = 0.5, miss: float = 1e-3
+) -> int:
     """Batches a latent that has learnt the rarest feature can go without firing by chance with
     probability at most ``miss``: the toy data's dead window, derived from its firing rates.
 

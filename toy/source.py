@@ -10,8 +10,13 @@ from unsuperpose.distributed import with_index
 from unsuperpose.hashing import json_sha256
 from unsuperpose.seeding import seeded_generator
 from unsuperpose.toy.config import ToyConfig
-from unsuperpose.toy.sampling import (dead_window_for, feature_probabilities, random_groups,
-                                      sample_codes, unit_features)
+from unsuperpose.toy.sampling import (
+    dead_window_for,
+    feature_probabilities,
+    random_groups,
+    sample_codes,
+    unit_features,
+)
 
 # Separate random streams so that training batches, evaluation samples and the fixed
 # structure (features, covariance) never share draws.
@@ -34,8 +39,13 @@ class ToySource:
     compare it with a CPU run of the same seed.
     """
 
-    def __init__(self, config: ToyConfig | None = None, *, device: torch.device | str = "cpu",
-                 rng_device: torch.device | str | None = None):
+    def __init__(
+        self,
+        config: ToyConfig | None = None,
+        *,
+        device: torch.device | str = "cpu",
+        rng_device: torch.device | str | None = None,
+    ):
         self.config = config or ToyConfig()
         c = self.config
         gen = seeded_generator(c.seed, _STREAM_STRUCTURE)
@@ -46,14 +56,16 @@ class ToySource:
                 f"the report's correlation recipe keeps the mean number active at k only while "
                 f"every feature's probability is at most 1/2 (the commonest is "
                 f"{float(self.probs.max()):.2f} at k {c.k}, decay {c.decay}): lower k, raise the "
-                "decay towards 1, or use --correlation-recipe threshold")
+                "decay towards 1, or use --correlation-recipe threshold"
+            )
         self.groups = random_groups(c.G, c.group_size, gen)
         self.device = with_index(device)
         self.rng_device = with_index(rng_device) if rng_device is not None else self.device
         self._n_groups = int(self.groups.max()) + 1
         on = self.rng_device
-        self._features, self._probs, self._groups = (t.to(on) for t in
-                                                     (self.features, self.probs, self.groups))
+        self._features, self._probs, self._groups = (
+            t.to(on) for t in (self.features, self.probs, self.groups)
+        )
 
     @property
     def d(self) -> int:
@@ -62,8 +74,15 @@ class ToySource:
     def _make(self, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """On the generator's device: drawn on the CPU for a GPU run, the trainer copies them
         over asynchronously through pinned memory (a plain ``.to`` here would wait for it)."""
-        codes = sample_codes(n, self._probs, self._groups, self.config.correlation, gen,
-                             self._n_groups, self.config.correlation_recipe)
+        codes = sample_codes(
+            n,
+            self._probs,
+            self._groups,
+            self.config.correlation,
+            gen,
+            self._n_groups,
+            self.config.correlation_recipe,
+        )
         x = codes @ self._features
         if self.config.noise > 0:
             x += self.config.noise * torch.randn(x.shape, generator=gen, device=gen.device)
@@ -97,7 +116,9 @@ class ToySource:
             raise ValueError("toy data has endless held-out samples: give max_rows")
         return max_rows
 
-    def heldout_batches(self, batch_size: int, max_rows: int | None = None) -> Iterator[torch.Tensor]:
+    def heldout_batches(
+        self, batch_size: int, max_rows: int | None = None
+    ) -> Iterator[torch.Tensor]:
         """``max_rows`` samples in batches of ``batch_size`` (the last may be shorter), the same
         every call, from their own stream (never a training batch, whatever its seed)."""
         total = self.heldout_rows(max_rows)
@@ -110,9 +131,9 @@ class ToySource:
     def describe(self) -> dict:
         """What the data is; ``fingerprint`` identifies it for resuming and merging runs."""
         info = {"kind": "toy", **vars(self.config)}
-        if info["correlation_recipe"] == "threshold":   # the original recipe: fingerprints unchanged
+        if info["correlation_recipe"] == "threshold":  # the original recipe: fingerprints unchanged
             del info["correlation_recipe"]
-        if self.rng_device.type == "cuda":   # another generator, other batches (CPU runs: unchanged)
+        if self.rng_device.type == "cuda":  # another generator, other batches (CPU runs: unchanged)
             # CUDA's random streams depend on the GPU's multiprocessor count, so name the model.
             props = torch.cuda.get_device_properties(self.rng_device)
             info["rng"] = f"cuda:{props.name}:{props.multi_processor_count}SM"

@@ -36,7 +36,7 @@ CHECKPOINT_DIR = "checkpoint"
 # Not the budget (steps): the resampling schedule follows it, and a run asked for 5,000 steps
 # is not the run that was planned for 10,000.
 MAY_CHANGE = {"log_every", "eval_rows"}
-STOP_CHECK_EVERY = 10   # steps between the ranks' agreement on a stop request (torchrun only)
+STOP_CHECK_EVERY = 10  # steps between the ranks' agreement on a stop request (torchrun only)
 
 
 class CheckpointMismatch(ValueError):
@@ -44,7 +44,7 @@ class CheckpointMismatch(ValueError):
 
 
 def _params_per_group(config: SAETrainConfig) -> int:
-    return 2 if config.tied else 3   # (b_enc, W_dec) or (W_enc, b_enc, W_dec)
+    return 2 if config.tied else 3  # (b_enc, W_dec) or (W_enc, b_enc, W_dec)
 
 
 def _global_param_ids(state) -> list[int]:
@@ -62,20 +62,27 @@ def local_tensors(state) -> dict[str, torch.Tensor]:
     ids = _global_param_ids(state)
     for pid, st in state.optimizer.state_dict()["state"].items():
         for name, v in st.items():
-            tensors[f"adam.{ids[pid]}.{name}"] = torch.as_tensor(v).reshape(1).cpu().clone() \
-                if name == "step" else v.contiguous().cpu()
+            tensors[f"adam.{ids[pid]}.{name}"] = (
+                torch.as_tensor(v).reshape(1).cpu().clone()
+                if name == "step"
+                else v.contiguous().cpu()
+            )
     return tensors
 
 
 def _history_order(state):
     sizes = sorted(state.config.dict_sizes)
-    return lambda rec: (rec["step"], sizes.index(rec["dict_size"]), state.config.l1.index(rec["l1"]))
+    return lambda rec: (
+        rec["step"],
+        sizes.index(rec["dict_size"]),
+        state.config.l1.index(rec["l1"]),
+    )
 
 
 def gather_whole(state) -> tuple[dict[str, torch.Tensor], list[dict]] | None:
     """(tensors, history) of the whole grid on rank 0, in one process's order; None elsewhere."""
     sh = state.sharding
-    if sh is None or sh.single or sh.data_parallel:   # this rank holds the whole grid
+    if sh is None or sh.single or sh.data_parallel:  # this rank holds the whole grid
         return (local_tensors(state), list(state.history)) if distributed.is_main() else None
     parts = distributed.gather_to_main((local_tensors(state), state.history))
     if parts is None:
@@ -108,10 +115,18 @@ def _write(state, whole: tuple[dict[str, torch.Tensor], list[dict]], directory: 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(tensors, str(tmp / "state.safetensors"))
-    write_json_atomic(tmp / "state.json", {
-        "step": state.step, "d": state.d, "sizes": sorted(state.config.dict_sizes),
-        "config": to_dict(state.config), "param_groups": _param_groups(state),
-        "source_fingerprint": state.source_fingerprint, "history": history})
+    write_json_atomic(
+        tmp / "state.json",
+        {
+            "step": state.step,
+            "d": state.d,
+            "sizes": sorted(state.config.dict_sizes),
+            "config": to_dict(state.config),
+            "param_groups": _param_groups(state),
+            "source_fingerprint": state.source_fingerprint,
+            "history": history,
+        },
+    )
     old = directory.with_name(directory.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if directory.exists():
@@ -143,15 +158,20 @@ def read_checkpoint_meta(directory: str | Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def config_differences(saved: SAETrainConfig, config: SAETrainConfig,
-                       may_change: set[str] | tuple = ()) -> list[str]:
+def config_differences(
+    saved: SAETrainConfig, config: SAETrainConfig, may_change: set[str] | tuple = ()
+) -> list[str]:
     """One phrase per setting that differs, e.g. 'steps: 5000 then, 10000 now'."""
-    return [f"{f.name}: {getattr(saved, f.name)} then, {getattr(config, f.name)} now"
-            for f in dataclasses.fields(SAETrainConfig)
-            if f.name not in may_change and getattr(saved, f.name) != getattr(config, f.name)]
+    return [
+        f"{f.name}: {getattr(saved, f.name)} then, {getattr(config, f.name)} now"
+        for f in dataclasses.fields(SAETrainConfig)
+        if f.name not in may_change and getattr(saved, f.name) != getattr(config, f.name)
+    ]
 
 
-def check_compatible(meta: dict, config: SAETrainConfig, d: int, source_info: dict | None = None) -> None:
+def check_compatible(
+    meta: dict, config: SAETrainConfig, d: int, source_info: dict | None = None
+) -> None:
     """Raise CheckpointMismatch naming every difference that would make resuming wrong: the
     settings (the budget included), the activation width and the data's fingerprint."""
     problems = []
@@ -159,15 +179,18 @@ def check_compatible(meta: dict, config: SAETrainConfig, d: int, source_info: di
         problems.append(f"activation width {meta['d']} in the checkpoint, {d} in the data now")
     try:
         saved = from_dict(SAETrainConfig, meta["config"])
-    except (ValueError, TypeError) as exc:   # written by another version of unsuperpose
-        raise CheckpointMismatch(f"the checkpoint's settings cannot be read ({exc}); it was written "
-                                 "by another version") from None
+    except (ValueError, TypeError) as exc:  # written by another version of unsuperpose
+        raise CheckpointMismatch(
+            f"the checkpoint's settings cannot be read ({exc}); it was written by another version"
+        ) from None
     problems += config_differences(saved, config, MAY_CHANGE)
     want = (source_info or {}).get("fingerprint")
     have = meta.get("source_fingerprint")
     if want is not None and have != want:
-        problems.append(f"data: the checkpoint was trained on data with fingerprint "
-                        f"{str(have)[:12]}…, the source now has {want[:12]}…")
+        problems.append(
+            f"data: the checkpoint was trained on data with fingerprint "
+            f"{str(have)[:12]}…, the source now has {want[:12]}…"
+        )
     if problems:
         raise CheckpointMismatch("; ".join(problems))
 
@@ -179,11 +202,11 @@ def load_checkpoint(state, directory: str | Path, source_info: dict | None = Non
         raise FileNotFoundError(f"no checkpoint in {directory}")
     check_compatible(meta, state.config, state.d, source_info)
     # Each rank reads only its share (eight ranks on a node would otherwise hold eight copies).
-    wanted = {f"group{gid}." for gid in state.group_ids} | \
-        {f"adam.{pid}." for pid in _global_param_ids(state)}
+    wanted = {f"group{gid}." for gid in state.group_ids} | {
+        f"adam.{pid}." for pid in _global_param_ids(state)
+    }
     with safe_open(str(Path(directory) / "state.safetensors"), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()
-                   if k.startswith(tuple(wanted))}
+        tensors = {k: f.get_tensor(k) for k in f.keys() if k.startswith(tuple(wanted))}
     restore(state, tensors, int(meta["step"]), meta["history"], meta["param_groups"])
 
 
@@ -198,12 +221,17 @@ def _keeps_history_of(state, dict_size: int) -> bool:
     return dict_size in {g.n for g in state.groups}
 
 
-def restore(state, tensors: dict[str, torch.Tensor], step: int, history: list[dict],
-            param_groups: list[dict] | None = None) -> None:
+def restore(
+    state,
+    tensors: dict[str, torch.Tensor],
+    step: int,
+    history: list[dict],
+    param_groups: list[dict] | None = None,
+) -> None:
     """Put this state's share of a whole-grid checkpoint (``tensors``) into it."""
     for gid, g in zip(state.group_ids, state.groups):
         prefix = f"group{gid}."
-        g.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        g.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
     if param_groups is not None:
         local = {gp: lp for lp, gp in enumerate(_global_param_ids(state))}
         opt_state: dict[int, dict] = {}
@@ -211,8 +239,9 @@ def restore(state, tensors: dict[str, torch.Tensor], step: int, history: list[di
             if key.startswith("adam."):
                 _, pid, name = key.split(".", 2)
                 if int(pid) in local:
-                    opt_state.setdefault(local[int(pid)], {})[name] = \
+                    opt_state.setdefault(local[int(pid)], {})[name] = (
                         v.reshape(()) if name == "step" else v
+                    )
         hyper = {k: v for k, v in param_groups[0].items() if k != "params"}
         hyper["betas"] = tuple(hyper["betas"])
         groups = [{**hyper, "params": list(range(len(local)))}]
@@ -227,10 +256,10 @@ def whole_state(state, source):
     sh = state.sharding
     if sh is None or sh.single:
         return state
-    if sh.data_parallel:   # every rank holds the whole grid already
+    if sh.data_parallel:  # every rank holds the whole grid already
         if not distributed.is_main():
             return None
-        for g in state.groups:   # from here on rank 0 works alone: no more collectives
+        for g in state.groups:  # from here on rank 0 works alone: no more collectives
             g.data_parallel = False
         return state
     whole = gather_whole(state)
@@ -292,4 +321,6 @@ class Checkpointer:
             if self.on_saved is not None:
                 self.on_saved()
         if stop:
-            raise KeyboardInterrupt(f"stopped at step {state.step}; checkpoint saved in {self.directory}")
+            raise KeyboardInterrupt(
+                f"stopped at step {state.step}; checkpoint saved in {self.directory}"
+            )

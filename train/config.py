@@ -18,53 +18,96 @@ class SAETrainConfig:
 
     l1: list[float] = field(default_factory=lambda: [1e-3], help="L1 coefficients, comma-separated")
     dict_sizes: list[int] = field(default_factory=lambda: [512], help="dictionary sizes (latents)")
-    l1_norm: L1Norm = field("sum", help="L1 convention: 'sum' = alpha * mean_batch(sum_i |c_i|) "
-                            "(the standard); 'per_latent' = the same divided by the dictionary size "
-                            "(the 2022 report's convention)")
-    tied: bool = field(False, help="tie the encoder to the decoder's transpose (Cunningham et al. 2023)")
+    l1_norm: L1Norm = field(
+        "sum",
+        help="L1 convention: 'sum' = alpha * mean_batch(sum_i |c_i|) "
+        "(the standard); 'per_latent' = the same divided by the dictionary size "
+        "(the 2022 report's convention)",
+    )
+    tied: bool = field(
+        False, help="tie the encoder to the decoder's transpose (Cunningham et al. 2023)"
+    )
     decoder_init: Literal["orthogonal", "data"] = field(
-        "orthogonal", help="decoder init: orthogonal (the report) or normalised data samples (the update)")
+        "orthogonal",
+        help="decoder init: orthogonal (the report) or normalised data samples (the update)",
+    )
     encoder_init: Literal["transpose", "kaiming"] = field(
-        "transpose", help="encoder init: the decoder's transpose, or uniform +-1/sqrt(d) like nn.Linear "
-        "(the report); ignored when tied")
-    lr: float = field(3e-3, help="Adam learning rate (the report: 1e-3; 3e-3 recovers toy features faster, see README)")
+        "transpose",
+        help="encoder init: the decoder's transpose, or uniform +-1/sqrt(d) like nn.Linear "
+        "(the report); ignored when tied",
+    )
+    lr: float = field(
+        3e-3,
+        help="Adam learning rate (the report: 1e-3; 3e-3 recovers toy features faster, see README)",
+    )
     beta1: float = field(0.9, help="Adam beta1")
     beta2: float = field(0.999, help="Adam beta2")
     batch_size: int = field(256, help="activations per step")
     steps: int = field(5000, help="optimizer steps")
-    dead_window: int = field(1000, help="a latent is dead if it has not fired in this many minibatches")
-    resample_every: int = field(0, help="steps between resampling dead latents onto poorly "
-                                "reconstructed inputs (0: never, the default: resampling revives "
-                                "the very latents whose death the dead-neuron diagnostic reads; "
-                                "not in the report)")
-    resample_pool: int = field(16, help="batches drawn (from a stream of their own) to pick "
-                               "resampling targets from, so many dead latents get distinct inputs")
-    resample_until: float = field(0.7, help="fraction of training after which no more resampling "
-                                  "happens, so the final dictionary can settle")
-    sparse_below: float = field(0.02, help="use the sparse backward in a step where fewer than this "
-                                "fraction of codes are active (0: always dense); same results")
-    seed: int = field(0, help="seed of the initialisation (one per dictionary size; shared across L1)")
+    dead_window: int = field(
+        1000, help="a latent is dead if it has not fired in this many minibatches"
+    )
+    resample_every: int = field(
+        0,
+        help="steps between resampling dead latents onto poorly "
+        "reconstructed inputs (0: never, the default: resampling revives "
+        "the very latents whose death the dead-neuron diagnostic reads; "
+        "not in the report)",
+    )
+    resample_pool: int = field(
+        16,
+        help="batches drawn (from a stream of their own) to pick "
+        "resampling targets from, so many dead latents get distinct inputs",
+    )
+    resample_until: float = field(
+        0.7,
+        help="fraction of training after which no more resampling "
+        "happens, so the final dictionary can settle",
+    )
+    sparse_below: float = field(
+        0.02,
+        help="use the sparse backward in a step where fewer than this "
+        "fraction of codes are active (0: always dense); same results",
+    )
+    seed: int = field(
+        0, help="seed of the initialisation (one per dictionary size; shared across L1)"
+    )
     data_seed: int = field(0, help="seed of the batch stream drawn from the source")
     log_every: int = field(100, help="steps between logged training scalars")
-    tf32: bool = field(False, help="let float32 matmuls on an NVIDIA GPU use TF32 (faster; "
-                       "products keep ~10 mantissa bits); off by default so a GPU run matches the "
-                       "CPU run of the same seed to float32 tolerance; no effect on the CPU")
-    eval_rows: int = field(65_536, help="held-out rows for the final metrics (at most the "
-                           "source's held-out rows: all of them for a store holding fewer)")
+    tf32: bool = field(
+        False,
+        help="let float32 matmuls on an NVIDIA GPU use TF32 (faster; "
+        "products keep ~10 mantissa bits); off by default so a GPU run matches the "
+        "CPU run of the same seed to float32 tolerance; no effect on the CPU",
+    )
+    eval_rows: int = field(
+        65_536,
+        help="held-out rows for the final metrics (at most the "
+        "source's held-out rows: all of them for a store holding fewer)",
+    )
 
     def __post_init__(self) -> None:
         self.l1 = [float(v) for v in self.l1]
         self.dict_sizes = [int(v) for v in self.dict_sizes]
         problems = []
         if not self.l1 or any(not v >= 0 for v in self.l1):
-            problems.append(f"L1 coefficients must be a non-empty list of numbers >= 0 (got {self.l1})")
+            problems.append(
+                f"L1 coefficients must be a non-empty list of numbers >= 0 (got {self.l1})"
+            )
         if len(set(self.l1)) != len(self.l1):
             problems.append(f"L1 coefficients repeat: {self.l1}")
         if not self.dict_sizes or any(n < 1 for n in self.dict_sizes):
             problems.append(f"dictionary sizes must be positive integers (got {self.dict_sizes})")
         if len(set(self.dict_sizes)) != len(self.dict_sizes):
             problems.append(f"dictionary sizes repeat: {self.dict_sizes}")
-        for name in ("batch_size", "steps", "dead_window", "log_every", "eval_rows", "resample_pool"):
+        for name in (
+            "batch_size",
+            "steps",
+            "dead_window",
+            "log_every",
+            "eval_rows",
+            "resample_pool",
+        ):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1 (got {getattr(self, name)})")
         if not 0 <= self.sparse_below <= 1:
@@ -80,8 +123,15 @@ class SAETrainConfig:
 PRESETS: dict[str, dict] = {
     # Sharkey et al. 2022 as described: Adam 1e-3, batch 256, L1 divided by the dictionary size,
     # orthogonal decoder, nn.Linear-style encoder.
-    "report": dict(lr=1e-3, batch_size=256, l1_norm="per_latent", decoder_init="orthogonal",
-                   encoder_init="kaiming", tied=False, resample_every=0),
+    "report": dict(
+        lr=1e-3,
+        batch_size=256,
+        l1_norm="per_latent",
+        decoder_init="orthogonal",
+        encoder_init="kaiming",
+        tied=False,
+        resample_every=0,
+    ),
 }
 
 
@@ -98,8 +148,10 @@ def parse_l1_list(text: str) -> list[float]:
     try:
         values = [float(p) for p in text.split(",") if p.strip()]
     except ValueError:
-        raise ValueError(f"cannot parse L1 list {text!r}: expected numbers separated by commas, "
-                         "e.g. 1e-4,3e-4,1e-3") from None
+        raise ValueError(
+            f"cannot parse L1 list {text!r}: expected numbers separated by commas, "
+            "e.g. 1e-4,3e-4,1e-3"
+        ) from None
     if not values or any(not v >= 0 for v in values):
         raise ValueError(f"L1 list {text!r} must hold numbers >= 0, e.g. 1e-4,3e-4,1e-3")
     return values
@@ -121,12 +173,16 @@ def parse_dict_sizes(text: str, base: int, *, bare: str = "absolute") -> list[tu
     for part in (p.strip() for p in text.split(",")):
         m = _SIZE.match(part)
         if not m:
-            raise ValueError(f"cannot parse dictionary size {part!r} in {text!r}: use a ratio like "
-                             "8x, 0.5x or 1/8x, or an absolute number of latents like 4096")
+            raise ValueError(
+                f"cannot parse dictionary size {part!r} in {text!r}: use a ratio like "
+                "8x, 0.5x or 1/8x, or an absolute number of latents like 4096"
+            )
         if m.group(2) and bare == "absolute":
             if not m.group(2).isdigit():
-                raise ValueError(f"dictionary size {part!r}: an absolute size is a whole number of "
-                                 f"latents; for a ratio write {part}x")
+                raise ValueError(
+                    f"dictionary size {part!r}: an absolute size is a whole number of "
+                    f"latents; for a ratio write {part}x"
+                )
             size = int(m.group(2))
         else:
             ratio_text = m.group(1) or m.group(2)
@@ -136,8 +192,10 @@ def parse_dict_sizes(text: str, base: int, *, bare: str = "absolute") -> list[tu
             ratio = float(num) / float(den) if den else float(num)
             size = round(ratio * base)
         if size < 1:
-            raise ValueError(f"dictionary size {part!r} gives {size} latents (base {base}); it must "
-                             "give at least 1")
+            raise ValueError(
+                f"dictionary size {part!r} gives {size} latents (base {base}); it must "
+                "give at least 1"
+            )
         out.append((part, size))
     sizes = [s for _, s in out]
     if len(set(sizes)) != len(sizes):

@@ -44,24 +44,45 @@ from unsuperpose.train.losses import l1_divisor
 class SAEGroup:
     """All L1 values of one dictionary size; exposes parameters for a shared optimizer."""
 
-    def __init__(self, d: int, n: int, l1: list[float], *, l1_norm: str = "sum", tied: bool = False,
-                 seed: int = 0, decoder_init: str = "orthogonal", encoder_init: str = "transpose",
-                 data: torch.Tensor | None = None, sparse_below: float = 0.0,
-                 device: torch.device | str = "cpu", data_parallel: bool = False):
+    def __init__(
+        self,
+        d: int,
+        n: int,
+        l1: list[float],
+        *,
+        l1_norm: str = "sum",
+        tied: bool = False,
+        seed: int = 0,
+        decoder_init: str = "orthogonal",
+        encoder_init: str = "transpose",
+        data: torch.Tensor | None = None,
+        sparse_below: float = 0.0,
+        device: torch.device | str = "cpu",
+        data_parallel: bool = False,
+    ):
         self.d, self.n, self.S, self.tied = d, n, len(l1), tied
         self.device = torch.device(device)
         self.data_parallel = data_parallel
         self.sparse_below = sparse_below if self.device.type == "cpu" else 0.0
         self.sparse_steps = 0
         self.l1 = list(l1)
-        p = init_params(d, n, seed=seed, decoder_init=decoder_init, encoder_init=encoder_init,
-                        tied=tied, data=None if data is None else data.cpu())
+        p = init_params(
+            d,
+            n,
+            seed=seed,
+            decoder_init=decoder_init,
+            encoder_init=encoder_init,
+            tied=tied,
+            data=None if data is None else data.cpu(),
+        )
         p = {k: v.to(self.device) for k, v in p.items()}
         S = self.S
         self.W_dec = p["W_dec"].unsqueeze(0).repeat(S, 1, 1).contiguous()
         self.b_enc = p["b_enc"].repeat(S).contiguous()
         self.W_enc = None if tied else p["W_enc"].repeat(1, S).contiguous()
-        self.l1_coef = (torch.tensor(l1, dtype=torch.float32) / l1_divisor(l1_norm, n)).to(self.device)
+        self.l1_coef = (torch.tensor(l1, dtype=torch.float32) / l1_divisor(l1_norm, n)).to(
+            self.device
+        )
         for t in self.parameters():
             t.grad = torch.zeros_like(t)
         # Steps since each latent last fired; int64 so it cannot overflow on long runs.
@@ -95,14 +116,23 @@ class SAEGroup:
         """Effective weights of SAE ``s`` in the layout of ``unsuperpose.train.SAE``."""
         dn = self.dictionaries()
         w_enc = self.encoder_weight(dn).view(self.d, self.S, self.n)[:, s]
-        return {"W_enc": w_enc.contiguous(), "b_enc": self.b_enc.view(self.S, self.n)[s].clone(),
-                "W_dec": dn[s].contiguous()}
+        return {
+            "W_enc": w_enc.contiguous(),
+            "b_enc": self.b_enc.view(self.S, self.n)[s].clone(),
+            "W_dec": dn[s].contiguous(),
+        }
 
     @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor, dn: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def reconstruct(
+        self, x: torch.Tensor, dn: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Codes (B, S, n) and reconstructions (S, B, d) of every SAE; no training buffers used."""
         dn = self.dictionaries() if dn is None else dn
-        codes = torch.addmm(self.b_enc, x, self.encoder_weight(dn)).clamp_(min=0).view(len(x), self.S, self.n)
+        codes = (
+            torch.addmm(self.b_enc, x, self.encoder_weight(dn))
+            .clamp_(min=0)
+            .view(len(x), self.S, self.n)
+        )
         return codes, torch.bmm(codes.transpose(0, 1), dn)
 
     # -- training ---------------------------------------------------------------------------------
@@ -129,8 +159,14 @@ class SAEGroup:
         """Work tensors reused across steps: fresh allocations of this size page-fault every step."""
         if self._buf is None or self._buf["pre"].shape[0] != B:
             S, n, d = self.S, self.n, self.d
-            shapes = {"pre": (B, S * n), "dpre": (B, S * n), "err": (S, B, d), "dc": (S, B, n),
-                      "d_dn": (S, n, d), "d_w_enc": (d, S * n)}
+            shapes = {
+                "pre": (B, S * n),
+                "dpre": (B, S * n),
+                "err": (S, B, d),
+                "dc": (S, B, n),
+                "d_dn": (S, n, d),
+                "d_w_enc": (d, S * n),
+            }
             self._buf = {k: torch.empty(v, device=self.device) for k, v in shapes.items()}
         return self._buf
 
@@ -144,11 +180,11 @@ class SAEGroup:
         dn = self.W_dec / norms
         w_enc = self.encoder_weight(dn)
 
-        codes = torch.addmm(self.b_enc, x, w_enc, out=buf["pre"]).clamp_(min=0)   # (B, S*n)
+        codes = torch.addmm(self.b_enc, x, w_enc, out=buf["pre"]).clamp_(min=0)  # (B, S*n)
         codes3 = codes.view(B, S, n)
-        codes_s = codes3.transpose(0, 1)                                            # (S, B, n) view
-        fired = torch.count_nonzero(codes3, dim=0)                                  # (S, n)
-        self.stat_l0 += fired.sum(dim=1)   # this slice's; take_stats sums the ranks
+        codes_s = codes3.transpose(0, 1)  # (S, B, n) view
+        fired = torch.count_nonzero(codes3, dim=0)  # (S, n)
+        self.stat_l0 += fired.sum(dim=1)  # this slice's; take_stats sums the ranks
         # Decided per step from this step's own codes: the sparse kernels pay off only when few
         # codes are active, which is true late in training and false at the start. The count is
         # read on the host only when the sparse path is possible at all (CPU).
@@ -163,7 +199,7 @@ class SAEGroup:
                 err[s] = sparse.decode(pairs[s], dn[s])
             err.sub_(x)
         else:
-            err = torch.bmm(codes_s, dn, out=buf["err"]).sub_(x)                     # (S, B, d)
+            err = torch.bmm(codes_s, dn, out=buf["err"]).sub_(x)  # (S, B, d)
 
         self.stat_l1 += codes3.sum(dim=(0, 2))
         self.stat_sq += torch.linalg.vector_norm(err, dim=(1, 2)).square_()
@@ -178,14 +214,15 @@ class SAEGroup:
             for s in range(S):
                 cols = slice(s * n, (s + 1) * n)
                 d_dn[s], d_w_enc[:, cols], self.b_enc.grad[cols] = sparse.backward(
-                    pairs[s], g[s], dn[s], x, l1_grad[s])
+                    pairs[s], g[s], dn[s], x, l1_grad[s]
+                )
         else:
-            torch.bmm(codes_s.transpose(1, 2), g, out=d_dn)                         # (S, n, d)
-            dc = torch.bmm(g, dn.transpose(1, 2), out=buf["dc"])                    # (S, B, n)
+            torch.bmm(codes_s.transpose(1, 2), g, out=d_dn)  # (S, n, d)
+            dc = torch.bmm(g, dn.transpose(1, 2), out=buf["dc"])  # (S, B, n)
             dc.add_((self.l1_coef / B).view(S, 1, 1))
             dpre = buf["dpre"]
             torch.where(codes3 > 0, dc.transpose(0, 1), self._zero, out=dpre.view(B, S, n))
-            torch.mm(x.T, dpre, out=d_w_enc)                                        # (d, S*n)
+            torch.mm(x.T, dpre, out=d_w_enc)  # (d, S*n)
             torch.sum(dpre, dim=0, out=self.b_enc.grad)
         if self.tied:
             d_dn += d_w_enc.view(d, S, n).permute(1, 2, 0)
@@ -203,7 +240,11 @@ class SAEGroup:
             self.stat_sq, self.stat_l1, self.stat_l0 = stats
             rows *= dist.get_world_size()
         rows = max(rows, 1)
-        out = {"mse": self.stat_sq / (rows * self.d), "l1": self.stat_l1 / rows, "l0": self.stat_l0 / rows}
+        out = {
+            "mse": self.stat_sq / (rows * self.d),
+            "l1": self.stat_l1 / rows,
+            "l0": self.stat_l0 / rows,
+        }
         self.reset_stats()
         return out
 
@@ -213,14 +254,18 @@ class SAEGroup:
 
     # -- checkpoints ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {**{k: v.clone() for k, v in self.named_parameters().items()},
-                "since_fired": self.since_fired.clone()}
+        return {
+            **{k: v.clone() for k, v in self.named_parameters().items()},
+            "since_fired": self.since_fired.clone(),
+        }
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Copies into this group's tensors, so a checkpoint from any device loads on this one."""
         for name, t in self.named_parameters().items():
             if state[name].shape != t.shape:
-                raise ValueError(f"checkpoint {name} has shape {tuple(state[name].shape)}, "
-                                 f"expected {tuple(t.shape)}")
+                raise ValueError(
+                    f"checkpoint {name} has shape {tuple(state[name].shape)}, "
+                    f"expected {tuple(t.shape)}"
+                )
             t.copy_(state[name])
         self.since_fired.copy_(state["since_fired"])

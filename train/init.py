@@ -15,9 +15,16 @@ def init_generator(seed: int, d_sae: int) -> torch.Generator:
     return seeded_generator(seed, d_sae)
 
 
-def init_params(d_in: int, d_sae: int, *, seed: int, decoder_init: str = "orthogonal",
-                encoder_init: str = "transpose", tied: bool = False,
-                data: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def init_params(
+    d_in: int,
+    d_sae: int,
+    *,
+    seed: int,
+    decoder_init: str = "orthogonal",
+    encoder_init: str = "transpose",
+    tied: bool = False,
+    data: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
     """{'W_enc': (d_in, d_sae) or absent when tied, 'b_enc': (d_sae,), 'W_dec': (d_sae, d_in)}.
 
     ``decoder_init='data'`` uses ``data`` (at least d_sae rows) as the dictionary: the update to

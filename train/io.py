@@ -23,7 +23,9 @@ from unsuperpose.train.sae import SAE
 SUMMARY_FILE = "summary.csv"
 HISTORY_FILE = "history.jsonl"
 CONFIG_FILE = "train_config.json"
-SOURCE_FILE = "source.json"   # what the grid was trained on: the source's describe(), fingerprint included
+SOURCE_FILE = (
+    "source.json"  # what the grid was trained on: the source's describe(), fingerprint included
+)
 # Provenance that may differ between two reads of the same data (where it lies, how it is read).
 _NOT_IDENTITY = {"path"}
 # How a run was made, beside its settings in train_config.json: not part of what it computes
@@ -56,7 +58,11 @@ def source_differences(have: dict, want: dict) -> list[str]:
     if have.get("fingerprint") is not None and have.get("fingerprint") == want.get("fingerprint"):
         return []
     keys = sorted((set(have) | set(want)) - _NOT_IDENTITY - {"fingerprint"})
-    diff = [f"{k}: {have.get(k)!r} then, {want.get(k)!r} now" for k in keys if have.get(k) != want.get(k)]
+    diff = [
+        f"{k}: {have.get(k)!r} then, {want.get(k)!r} now"
+        for k in keys
+        if have.get(k) != want.get(k)
+    ]
     return ["data: " + ("; ".join(diff) if diff else "another fingerprint")]
 
 
@@ -64,9 +70,16 @@ def sae_dirname(l1: float, n: int) -> str:
     return f"n{n}-l1_{l1:g}"
 
 
-def save_grid(state, metrics: dict, out: str | Path, *, extra: dict | None = None,
-              labels: dict[int, str] | None = None, source_info: dict | None = None,
-              run_info: dict | None = None) -> list[dict]:
+def save_grid(
+    state,
+    metrics: dict,
+    out: str | Path,
+    *,
+    extra: dict | None = None,
+    labels: dict[int, str] | None = None,
+    source_info: dict | None = None,
+    run_info: dict | None = None,
+) -> list[dict]:
     """Write every SAE of ``state`` and the summary; returns the summary rows.
 
     ``extra`` adds columns per SAE ({(l1, n): {col: value}}), e.g. ground-truth scores;
@@ -78,12 +91,26 @@ def save_grid(state, metrics: dict, out: str | Path, *, extra: dict | None = Non
     rows = []
     for (l1, n), sae in state.saes().items():
         key = (l1, n)
-        row = {"l1": l1, "dict_size": n, "dict_label": (labels or {}).get(n, str(n)),
-               "steps": state.step, "samples": state.step * cfg.batch_size,
-               **metrics[key], **(extra or {}).get(key, {})}
-        sae.save(out / "saes" / sae_dirname(l1, n),
-                 {"l1": l1, "l1_norm": cfg.l1_norm, "training": to_dict(cfg), "metrics": row,
-                  "source": source_info or {}, **(run_info or {})})
+        row = {
+            "l1": l1,
+            "dict_size": n,
+            "dict_label": (labels or {}).get(n, str(n)),
+            "steps": state.step,
+            "samples": state.step * cfg.batch_size,
+            **metrics[key],
+            **(extra or {}).get(key, {}),
+        }
+        sae.save(
+            out / "saes" / sae_dirname(l1, n),
+            {
+                "l1": l1,
+                "l1_norm": cfg.l1_norm,
+                "training": to_dict(cfg),
+                "metrics": row,
+                "source": source_info or {},
+                **(run_info or {}),
+            },
+        )
         rows.append(row)
     write_summary(rows, out / SUMMARY_FILE)
     write_text_atomic(out / HISTORY_FILE, "".join(json.dumps(rec) + "\n" for rec in state.history))
@@ -104,6 +131,7 @@ def write_summary(rows: list[dict], path: str | Path) -> None:
 
 def read_summary(path: str | Path) -> list[dict]:
     """Rows of a summary.csv with numbers parsed back."""
+
     def parse(v: str):
         for cast in (int, float):
             try:
@@ -111,6 +139,7 @@ def read_summary(path: str | Path) -> list[dict]:
             except ValueError:
                 pass
         return v
+
     with open(path, newline="") as fh:
         return [{k: parse(v) for k, v in row.items()} for row in csv.DictReader(fh)]
 

@@ -35,10 +35,10 @@ MODES = ("grid", "data")
 
 @dataclass(frozen=True)
 class Sharding:
-    mode: str                 # "grid" or "data"
+    mode: str  # "grid" or "data"
     rank: int
     world_size: int
-    owned: tuple[int, ...]    # indices (in sorted-size order) of the sizes this rank trains
+    owned: tuple[int, ...]  # indices (in sorted-size order) of the sizes this rank trains
 
     @property
     def single(self) -> bool:
@@ -49,7 +49,10 @@ class Sharding:
         return self.mode == "data" and self.world_size > 1
 
     def describe(self) -> dict:
-        return {"world_size": self.world_size, "parallel": self.mode if self.world_size > 1 else None}
+        return {
+            "world_size": self.world_size,
+            "parallel": self.mode if self.world_size > 1 else None,
+        }
 
 
 def assign_sizes(sizes: list[int], world_size: int) -> list[int]:
@@ -64,8 +67,9 @@ def assign_sizes(sizes: list[int], world_size: int) -> list[int]:
     return owner
 
 
-def plan(sizes: list[int], mode: str = "grid", rank: int | None = None,
-         world_size: int | None = None) -> Sharding:
+def plan(
+    sizes: list[int], mode: str = "grid", rank: int | None = None, world_size: int | None = None
+) -> Sharding:
     """This rank's share of a grid whose sizes (sorted, as trained) are ``sizes``."""
     rank = distributed.rank() if rank is None else rank
     world_size = distributed.world_size() if world_size is None else world_size
@@ -75,17 +79,21 @@ def plan(sizes: list[int], mode: str = "grid", rank: int | None = None,
     if world_size == 1 or mode == "data":
         return Sharding(mode, rank, world_size, everything)
     if world_size > len(sizes):
-        raise UserError(f"--parallel grid deals whole dictionary sizes to the {world_size} "
-                        f"processes, but the grid has only {len(sizes)} size(s); start at most "
-                        f"{len(sizes)} processes, or use --parallel data")
+        raise UserError(
+            f"--parallel grid deals whole dictionary sizes to the {world_size} "
+            f"processes, but the grid has only {len(sizes)} size(s); start at most "
+            f"{len(sizes)} processes, or use --parallel data"
+        )
     owner = assign_sizes(sizes, world_size)
     return Sharding(mode, rank, world_size, tuple(i for i in everything if owner[i] == rank))
 
 
 def check_batch(sharding: Sharding, batch_size: int) -> None:
     if sharding.data_parallel and batch_size % sharding.world_size:
-        raise UserError(f"--parallel data splits each batch of {batch_size} over "
-                        f"{sharding.world_size} processes; choose a batch size divisible by it")
+        raise UserError(
+            f"--parallel data splits each batch of {batch_size} over "
+            f"{sharding.world_size} processes; choose a batch size divisible by it"
+        )
 
 
 def local_rows(x: torch.Tensor, sharding: Sharding) -> torch.Tensor:
@@ -93,7 +101,7 @@ def local_rows(x: torch.Tensor, sharding: Sharding) -> torch.Tensor:
     if not sharding.data_parallel:
         return x
     per = len(x) // sharding.world_size
-    return x[sharding.rank * per:(sharding.rank + 1) * per]
+    return x[sharding.rank * per : (sharding.rank + 1) * per]
 
 
 def average_gradients(params: list[torch.Tensor], world_size: int) -> None:

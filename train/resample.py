@@ -33,15 +33,20 @@ def _zero_adam(optimizer: torch.optim.Optimizer, param: torch.Tensor, index) -> 
 
 
 @torch.no_grad()
-def resample_dead(group: SAEGroup, pool: torch.Tensor, optimizer: torch.optim.Optimizer, dead: torch.Tensor,
-                  gen: torch.Generator) -> int:
+def resample_dead(
+    group: SAEGroup,
+    pool: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    dead: torch.Tensor,
+    gen: torch.Generator,
+) -> int:
     """Re-initialise the latents marked in ``dead`` (S, n); returns how many were resampled."""
     if not dead.any():
         return 0
     S, n = group.S, group.n
     _, x_hat = group.reconstruct(pool)
-    residual = pool - x_hat                                            # (S, B, d)
-    weights = residual.pow(2).sum(-1)                                # (S, B)
+    residual = pool - x_hat  # (S, B, d)
+    weights = residual.pow(2).sum(-1)  # (S, B)
     total = 0
     for s in range(S):
         idx = dead[s].nonzero().squeeze(1)
@@ -56,8 +61,9 @@ def resample_dead(group: SAEGroup, pool: torch.Tensor, optimizer: torch.optim.Op
         candidates = int((w > 0).sum())
         if candidates == 0:
             continue
-        rows = torch.multinomial(w, len(idx), replacement=len(idx) > candidates,
-                                 generator=gen).to(pool.device)
+        rows = torch.multinomial(w, len(idx), replacement=len(idx) > candidates, generator=gen).to(
+            pool.device
+        )
         direction = residual[s, rows]
         direction = direction / direction.norm(dim=1, keepdim=True)
         group.W_dec[s, idx] = direction
@@ -65,7 +71,7 @@ def resample_dead(group: SAEGroup, pool: torch.Tensor, optimizer: torch.optim.Op
         cols = s * n + idx
         if group.W_enc is not None:
             alive = ~dead[s]
-            norms = group.W_enc[:, s * n:(s + 1) * n].norm(dim=0)
+            norms = group.W_enc[:, s * n : (s + 1) * n].norm(dim=0)
             scale = ENCODER_SCALE * (norms[alive].mean() if alive.any() else 1.0)
             group.W_enc[:, cols] = direction.T * scale
             _zero_adam(optimizer, group.W_enc, (slice(None), cols))

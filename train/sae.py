@@ -24,8 +24,14 @@ CONFIG_FILE = "config.json"
 
 
 class SAE(nn.Module):
-    def __init__(self, d_in: int, d_sae: int, *, tied: bool = False,
-                 params: dict[str, torch.Tensor] | None = None):
+    def __init__(
+        self,
+        d_in: int,
+        d_sae: int,
+        *,
+        tied: bool = False,
+        params: dict[str, torch.Tensor] | None = None,
+    ):
         super().__init__()
         self.d_in, self.d_sae, self.tied = d_in, d_sae, tied
         if params is None:  # a fresh SAE starts as a grid's would with seed 0
@@ -71,20 +77,28 @@ class SAE(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         with torch.no_grad():
-            tensors = {"W_enc": self.encoder_weight().detach().cpu().contiguous(),
-                       "b_enc": self.b_enc.detach().cpu().contiguous(),
-                       "W_dec": self.dictionary().detach().cpu().contiguous()}
-        write_bytes_atomic(directory / WEIGHTS_FILE, safetensors_bytes(tensors))  # a reader never sees half of it
-        write_json_atomic(directory / CONFIG_FILE,
-                          {"d_in": self.d_in, "d_sae": self.d_sae, "tied": self.tied, **(config or {})})
+            tensors = {
+                "W_enc": self.encoder_weight().detach().cpu().contiguous(),
+                "b_enc": self.b_enc.detach().cpu().contiguous(),
+                "W_dec": self.dictionary().detach().cpu().contiguous(),
+            }
+        write_bytes_atomic(
+            directory / WEIGHTS_FILE, safetensors_bytes(tensors)
+        )  # a reader never sees half of it
+        write_json_atomic(
+            directory / CONFIG_FILE,
+            {"d_in": self.d_in, "d_sae": self.d_sae, "tied": self.tied, **(config or {})},
+        )
         return directory
 
     @classmethod
     def load(cls, directory: str | Path) -> "SAE":
         directory = Path(directory)
         if not (directory / WEIGHTS_FILE).exists() or not (directory / CONFIG_FILE).exists():
-            raise FileNotFoundError(f"{directory} is not a saved SAE: it needs {WEIGHTS_FILE} and "
-                                    f"{CONFIG_FILE} (written by `unsuperpose toy` / `unsuperpose train`)")
+            raise FileNotFoundError(
+                f"{directory} is not a saved SAE: it needs {WEIGHTS_FILE} and "
+                f"{CONFIG_FILE} (written by `unsuperpose toy` / `unsuperpose train`)"
+            )
         config = json.loads((directory / CONFIG_FILE).read_text())
         tensors = load_file(str(directory / WEIGHTS_FILE))
         sae = cls(config["d_in"], config["d_sae"], tied=bool(config.get("tied")), params=tensors)

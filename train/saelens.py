@@ -25,14 +25,25 @@ def export_saelens(sae: SAE, directory: str | Path, *, metadata: dict | None = N
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
-        tensors = {"W_enc": sae.encoder_weight().detach().float().cpu().contiguous(),
-                   "b_enc": sae.b_enc.detach().float().cpu().contiguous(),
-                   "W_dec": sae.dictionary().detach().float().cpu().contiguous(),
-                   "b_dec": torch.zeros(sae.d_in)}
+        tensors = {
+            "W_enc": sae.encoder_weight().detach().float().cpu().contiguous(),
+            "b_enc": sae.b_enc.detach().float().cpu().contiguous(),
+            "W_dec": sae.dictionary().detach().float().cpu().contiguous(),
+            "b_dec": torch.zeros(sae.d_in),
+        }
     write_bytes_atomic(directory / WEIGHTS, safetensors_bytes(tensors))
-    write_json_atomic(directory / CONFIG, {
-        "d_in": sae.d_in, "d_sae": sae.d_sae, "dtype": "float32", "device": "cpu",
-        "apply_b_dec_to_input": True, "normalize_activations": "none",
-        "reshape_activations": "none", "architecture": "standard",
-        "metadata": {"exported_by": "unsuperpose", **(metadata or {})}})
+    write_json_atomic(
+        directory / CONFIG,
+        {
+            "d_in": sae.d_in,
+            "d_sae": sae.d_sae,
+            "dtype": "float32",
+            "device": "cpu",
+            "apply_b_dec_to_input": True,
+            "normalize_activations": "none",
+            "reshape_activations": "none",
+            "architecture": "standard",
+            "metadata": {"exported_by": "unsuperpose", **(metadata or {})},
+        },
+    )
     return directory

@@ -39,8 +39,10 @@ class ActivationSource(Protocol):
 def check_source(source: object) -> ActivationSource:
     """Fail early, with a plain message, when something that is not a source is passed in."""
     if not isinstance(source, ActivationSource):
-        raise TypeError(f"{type(source).__name__} is not an activation source: it needs a `d` "
-                        "property and a `batches(batch_size, *, seed, start)` method")
+        raise TypeError(
+            f"{type(source).__name__} is not an activation source: it needs a `d` "
+            "property and a `batches(batch_size, *, seed, start)` method"
+        )
     if int(source.d) < 1:
         raise ValueError(f"activation source has width d={source.d}; it must be at least 1")
     return source

@@ -24,10 +24,10 @@ warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta 
 
 @dataclass
 class CSRPair:
-    csr: torch.Tensor        # (B, n)
-    csr_t: torch.Tensor      # (n, B), the same entries
-    order: torch.Tensor      # csr.values()[order] are csr_t's values
-    cols: torch.Tensor       # column (latent) of each of csr's entries
+    csr: torch.Tensor  # (B, n)
+    csr_t: torch.Tensor  # (n, B), the same entries
+    order: torch.Tensor  # csr.values()[order] are csr_t's values
+    cols: torch.Tensor  # column (latent) of each of csr's entries
 
 
 def to_csr_pair(codes: torch.Tensor) -> CSRPair:
@@ -38,8 +38,9 @@ def to_csr_pair(codes: torch.Tensor) -> CSRPair:
     order = torch.argsort(cols, stable=True)
     crow_t = torch.zeros(n + 1, dtype=crow.dtype)
     torch.cumsum(torch.bincount(cols, minlength=n), 0, out=crow_t[1:])
-    csr_t = torch.sparse_csr_tensor(crow_t, rows[order], csr.values()[order], (n, B),
-                                    check_invariants=False)
+    csr_t = torch.sparse_csr_tensor(
+        crow_t, rows[order], csr.values()[order], (n, B), check_invariants=False
+    )
     return CSRPair(csr, csr_t, order, cols)
 
 
@@ -47,15 +48,21 @@ def decode(pair: CSRPair, dn: torch.Tensor) -> torch.Tensor:
     return torch.sparse.mm(pair.csr, dn)
 
 
-def backward(pair: CSRPair, g: torch.Tensor, dn: torch.Tensor, x: torch.Tensor,
-             l1_grad: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def backward(
+    pair: CSRPair, g: torch.Tensor, dn: torch.Tensor, x: torch.Tensor, l1_grad: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dDn (n, d), dW_enc (d, n), db_enc (n,)) for one SAE from its active entries."""
     n = dn.shape[0]
     d_dn = torch.sparse.mm(pair.csr_t, g)
     dc = torch.sparse.sampled_addmm(pair.csr, g, dn.T, beta=0.0)
     dpre_vals = dc.values().add_(l1_grad)
-    dpre_t = torch.sparse_csr_tensor(pair.csr_t.crow_indices(), pair.csr_t.col_indices(),
-                                     dpre_vals[pair.order], pair.csr_t.shape, check_invariants=False)
+    dpre_t = torch.sparse_csr_tensor(
+        pair.csr_t.crow_indices(),
+        pair.csr_t.col_indices(),
+        dpre_vals[pair.order],
+        pair.csr_t.shape,
+        check_invariants=False,
+    )
     d_w_enc = torch.sparse.mm(dpre_t, x).T
     db = torch.zeros(n).index_add_(0, pair.cols, dpre_vals)
     return d_dn, d_w_enc, db

@@ -61,9 +61,9 @@ class GridState:
     optimizer: torch.optim.Optimizer
     step: int = 0
     history: list[dict] = field(default_factory=list)
-    source_fingerprint: str | None = None   # the data's identity, kept with every checkpoint
+    source_fingerprint: str | None = None  # the data's identity, kept with every checkpoint
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    sharding: parallel.Sharding | None = None   # None: one process, the whole grid
+    sharding: parallel.Sharding | None = None  # None: one process, the whole grid
 
     @property
     def group_ids(self) -> list[int]:
@@ -75,8 +75,11 @@ class GridState:
 
     def saes(self) -> dict[tuple[float, int], SAE]:
         """Every SAE of the grid as a plain ``SAE`` module (its effective weights, copied)."""
-        return {(l1, g.n): SAE(self.d, g.n, tied=self.config.tied, params=g.sae_params(s))
-                for g in self.groups for s, l1 in enumerate(g.l1)}
+        return {
+            (l1, g.n): SAE(self.d, g.n, tied=self.config.tied, params=g.sae_params(s))
+            for g in self.groups
+            for s, l1 in enumerate(g.l1)
+        }
 
     def dictionaries(self) -> Dictionaries:
         out = {}
@@ -92,8 +95,13 @@ def data_sample(source: ActivationSource, rows: int, seed: int) -> torch.Tensor:
     return next(source.batches(rows, seed=seed + _INIT_STREAM))
 
 
-def new_state(source: ActivationSource, config: SAETrainConfig, *,
-              device: torch.device | str = "cpu", sharding: parallel.Sharding | None = None) -> GridState:
+def new_state(
+    source: ActivationSource,
+    config: SAETrainConfig,
+    *,
+    device: torch.device | str = "cpu",
+    sharding: parallel.Sharding | None = None,
+) -> GridState:
     """A fresh grid on ``device``; with ``sharding``, only this rank's share of it."""
     source = check_source(source)
     d = int(source.d)
@@ -101,19 +109,43 @@ def new_state(source: ActivationSource, config: SAETrainConfig, *,
     sizes = sorted(config.dict_sizes)
     owned = sharding.owned if sharding else range(len(sizes))
     data_parallel = bool(sharding and sharding.data_parallel)
-    init_data = data_sample(source, max(config.dict_sizes), config.seed) \
-        if config.decoder_init == "data" else None
-    groups = [SAEGroup(d, sizes[i], config.l1, l1_norm=config.l1_norm, tied=config.tied,
-                       seed=config.seed, decoder_init=config.decoder_init,
-                       encoder_init=config.encoder_init, data=init_data,
-                       sparse_below=config.sparse_below, device=device, data_parallel=data_parallel)
-              for i in owned]
+    init_data = (
+        data_sample(source, max(config.dict_sizes), config.seed)
+        if config.decoder_init == "data"
+        else None
+    )
+    groups = [
+        SAEGroup(
+            d,
+            sizes[i],
+            config.l1,
+            l1_norm=config.l1_norm,
+            tied=config.tied,
+            seed=config.seed,
+            decoder_init=config.decoder_init,
+            encoder_init=config.encoder_init,
+            data=init_data,
+            sparse_below=config.sparse_below,
+            device=device,
+            data_parallel=data_parallel,
+        )
+        for i in owned
+    ]
     params = [t for g in groups for t in g.parameters()]
-    optimizer = torch.optim.Adam(params, lr=config.lr, betas=(config.beta1, config.beta2), fused=True)
+    optimizer = torch.optim.Adam(
+        params, lr=config.lr, betas=(config.beta1, config.beta2), fused=True
+    )
     describe = getattr(source, "describe", None)
     fingerprint = describe().get("fingerprint") if callable(describe) else None
-    return GridState(config=config, d=d, groups=groups, optimizer=optimizer,
-                     source_fingerprint=fingerprint, device=device, sharding=sharding)
+    return GridState(
+        config=config,
+        d=d,
+        groups=groups,
+        optimizer=optimizer,
+        source_fingerprint=fingerprint,
+        device=device,
+        sharding=sharding,
+    )
 
 
 def to_device(batches: Iterator[torch.Tensor], device: torch.device) -> Iterator[torch.Tensor]:
@@ -128,14 +160,14 @@ def to_device(batches: Iterator[torch.Tensor], device: torch.device) -> Iterator
             return
         copy_stream = torch.cuda.Stream(device)
         for x in batches:
-            if x.is_cuda:   # generated on a GPU (the toy source there): nothing to pin
+            if x.is_cuda:  # generated on a GPU (the toy source there): nothing to pin
                 yield x.to(device)
                 continue
             with torch.cuda.stream(copy_stream):
                 y = x.pin_memory().to(device, non_blocking=True)
             compute = torch.cuda.current_stream(device)
             compute.wait_stream(copy_stream)
-            y.record_stream(compute)   # its memory is not reused before the compute stream is done
+            y.record_stream(compute)  # its memory is not reused before the compute stream is done
             yield y
     finally:
         if hasattr(batches, "close"):
@@ -146,8 +178,10 @@ def _raise_if_bad(g: SAEGroup, bad: torch.Tensor, what: str) -> None:
     """``bad``: (S,) flags of group ``g``; the error names the first flagged SAE."""
     if bad.any():
         l1 = g.l1[int(bad.nonzero()[0, 0])]
-        raise NonFiniteLoss(f"SAE with L1 {l1:g} and {g.n} latents {what}; try a lower learning "
-                            "rate or check the data for NaN/Inf")
+        raise NonFiniteLoss(
+            f"SAE with L1 {l1:g} and {g.n} latents {what}; try a lower learning "
+            "rate or check the data for NaN/Inf"
+        )
 
 
 def check_finite_parameters(state: GridState) -> None:
@@ -162,13 +196,23 @@ def check_finite_parameters(state: GridState) -> None:
 
 def _check_finite(state: GridState, stats: list[dict[str, torch.Tensor]]) -> None:
     for g, st in zip(state.groups, stats):
-        _raise_if_bad(g, ~torch.isfinite(st["mse"] + st["l1"]),
-                      f"got a non-finite loss before step {state.step}")
+        _raise_if_bad(
+            g,
+            ~torch.isfinite(st["mse"] + st["l1"]),
+            f"got a non-finite loss before step {state.step}",
+        )
 
 
-def train_steps(state: GridState, source: ActivationSource, *, until: int | None = None,
-                callbacks: Iterable[Callback] = (), on_log: Callable[[dict], None] | None = None,
-                on_step: Callable[[GridState], None] | None = None, progress: bool = True) -> GridState:
+def train_steps(
+    state: GridState,
+    source: ActivationSource,
+    *,
+    until: int | None = None,
+    callbacks: Iterable[Callback] = (),
+    on_log: Callable[[dict], None] | None = None,
+    on_step: Callable[[GridState], None] | None = None,
+    progress: bool = True,
+) -> GridState:
     """Advance ``state`` to step ``until`` (default: config.steps) on the source's batch stream.
 
     The stream restarts at ``state.step``, so a state restored from a checkpoint continues
@@ -178,7 +222,9 @@ def train_steps(state: GridState, source: ActivationSource, *, until: int | None
     sharding = state.sharding
     until = cfg.steps if until is None else until
     # Data parallel: every rank holds the same SAEs, so rank 0 alone measures them.
-    callbacks = list(callbacks) if not (sharding and sharding.data_parallel and sharding.rank) else []
+    callbacks = (
+        list(callbacks) if not (sharding and sharding.data_parallel and sharding.rank) else []
+    )
     params = [t for g in state.groups for t in g.parameters()]
     if state.step == 0:
         _run_callbacks(state, callbacks, force=True)
@@ -186,16 +232,31 @@ def train_steps(state: GridState, source: ActivationSource, *, until: int | None
     # would start torch's worker threads beside the training GEMMs, which on 2 cores measured
     # 30% slower than generating inline. The Zarr reader prefetches on its own, in NumPy.
     # Data parallel: each rank keeps its slice before the copy, so only that slice is moved.
-    batches = to_device(_checked(source.batches(cfg.batch_size, seed=cfg.data_seed, start=state.step),
-                                 (cfg.batch_size, state.d), sharding), state.device)
+    batches = to_device(
+        _checked(
+            source.batches(cfg.batch_size, seed=cfg.data_seed, start=state.step),
+            (cfg.batch_size, state.d),
+            sharding,
+        ),
+        state.device,
+    )
     # In a log file (no terminal) a bar redrawn ten times a second buries everything else. Under
     # torchrun only rank 0 draws one; it says how many SAEs this rank trains of the whole grid.
     total = len(cfg.l1) * len(cfg.dict_sizes)
-    desc = f"{len(state.keys())} SAEs" if len(state.keys()) == total else \
-        f"rank 0: {len(state.keys())} of {total} SAEs"
-    bar = tqdm(total=until, initial=state.step, disable=not progress or not distributed.is_main(),
-               unit="step", desc=desc, dynamic_ncols=True,
-               mininterval=0.1 if sys.stderr.isatty() else 30.0)
+    desc = (
+        f"{len(state.keys())} SAEs"
+        if len(state.keys()) == total
+        else f"rank 0: {len(state.keys())} of {total} SAEs"
+    )
+    bar = tqdm(
+        total=until,
+        initial=state.step,
+        disable=not progress or not distributed.is_main(),
+        unit="step",
+        desc=desc,
+        dynamic_ncols=True,
+        mininterval=0.1 if sys.stderr.isatty() else 30.0,
+    )
     t_last, step_last = time.perf_counter(), state.step
     try:
         while state.step < until:
@@ -211,8 +272,13 @@ def train_steps(state: GridState, source: ActivationSource, *, until: int | None
             if _resample_due(cfg, state.step):
                 pool = resample_pool(source, cfg, state.step).to(state.device)
                 for g in state.groups:
-                    resample_dead(g, pool, state.optimizer, g.dead_mask(cfg.dead_window, state.step),
-                                  resample_generator(cfg.seed, state.step, g.n))
+                    resample_dead(
+                        g,
+                        pool,
+                        state.optimizer,
+                        g.dead_mask(cfg.dead_window, state.step),
+                        resample_generator(cfg.seed, state.step, g.n),
+                    )
             bar.update(1)
             if state.step % cfg.log_every == 0 or state.step == until:
                 stats = [g.take_stats() for g in state.groups]
@@ -234,13 +300,16 @@ def train_steps(state: GridState, source: ActivationSource, *, until: int | None
     return state
 
 
-def _checked(batches: Iterator[torch.Tensor], shape: tuple[int, int],
-             sharding: parallel.Sharding | None) -> Iterator[torch.Tensor]:
+def _checked(
+    batches: Iterator[torch.Tensor], shape: tuple[int, int], sharding: parallel.Sharding | None
+) -> Iterator[torch.Tensor]:
     """The source's batches, each checked for its shape, then cut to this rank's rows."""
     try:
         for x in batches:
             if tuple(x.shape) != shape:
-                raise ValueError(f"source yielded a batch of shape {tuple(x.shape)}, expected {shape}")
+                raise ValueError(
+                    f"source yielded a batch of shape {tuple(x.shape)}, expected {shape}"
+                )
             yield x if sharding is None else parallel.local_rows(x, sharding)
     finally:
         if hasattr(batches, "close"):
@@ -255,8 +324,9 @@ def resample_pool(source: ActivationSource, cfg: SAETrainConfig, step: int) -> t
     """``resample_pool`` batches of candidate inputs for the resampling at ``step``: a stream of
     their own (not the training batches), a fixed function of the step so resuming is exact."""
     event = step // cfg.resample_every
-    it = source.batches(cfg.batch_size, seed=cfg.data_seed + _RESAMPLE_STREAM,
-                        start=event * cfg.resample_pool)
+    it = source.batches(
+        cfg.batch_size, seed=cfg.data_seed + _RESAMPLE_STREAM, start=event * cfg.resample_pool
+    )
     try:
         return torch.cat([next(it) for _ in range(cfg.resample_pool)])
     finally:
@@ -265,8 +335,11 @@ def resample_pool(source: ActivationSource, cfg: SAETrainConfig, step: int) -> t
 
 
 def _resample_due(cfg: SAETrainConfig, step: int) -> bool:
-    return (cfg.resample_every > 0 and step % cfg.resample_every == 0
-            and step <= cfg.resample_until * cfg.steps)
+    return (
+        cfg.resample_every > 0
+        and step % cfg.resample_every == 0
+        and step <= cfg.resample_until * cfg.steps
+    )
 
 
 def _log_row(state: GridState, stats: list[dict[str, torch.Tensor]], rate: float) -> dict:
@@ -279,8 +352,14 @@ def _log_row(state: GridState, stats: list[dict[str, torch.Tensor]], rate: float
         items = {}
         for s, l1 in enumerate(g.l1):
             tag = f"l1={l1:g}/n={g.n}"
-            items.update({f"{tag}/mse": values["mse"][s], f"{tag}/l1": values["l1"][s],
-                          f"{tag}/l0": values["l0"][s], f"{tag}/dead": int(dead[s])})
+            items.update(
+                {
+                    f"{tag}/mse": values["mse"][s],
+                    f"{tag}/l1": values["l1"][s],
+                    f"{tag}/l0": values["l0"][s],
+                    f"{tag}/dead": int(dead[s]),
+                }
+            )
         per_group.append((gid, items))
     if state.sharding is not None and not state.sharding.single and state.sharding.mode == "grid":
         gathered = distributed.all_gather_objects((rate, per_group))
@@ -293,8 +372,11 @@ def _log_row(state: GridState, stats: list[dict[str, torch.Tensor]], rate: float
 
 
 def _run_callbacks(state: GridState, callbacks: list[Callback], force: bool = False) -> None:
-    due = [cb for cb in callbacks if force or state.step % cb.every == 0
-           or state.step == state.config.steps]
+    due = [
+        cb
+        for cb in callbacks
+        if force or state.step % cb.every == 0 or state.step == state.config.steps
+    ]
     if not due:
         return
     dicts = state.dictionaries()
@@ -321,7 +403,9 @@ def dead_column(window: int) -> str:
 
 
 @torch.no_grad()
-def evaluate(state: GridState, source: ActivationSource) -> dict[tuple[float, int], dict[str, float]]:
+def evaluate(
+    state: GridState, source: ActivationSource
+) -> dict[tuple[float, int], dict[str, float]]:
     """Metrics of every SAE on the source's held-out rows (never in a training batch).
 
     Columns say so: heldout_mse (mean squared error per coordinate), heldout_fvu (squared
@@ -333,8 +417,10 @@ def evaluate(state: GridState, source: ActivationSource) -> dict[tuple[float, in
     """
     cfg = state.config
     if not hasattr(source, "heldout_batches"):
-        raise TypeError(f"{type(source).__name__} has no held-out rows (heldout_batches): the "
-                        "final metrics are only ever computed on data training never saw")
+        raise TypeError(
+            f"{type(source).__name__} has no held-out rows (heldout_batches): the "
+            "final metrics are only ever computed on data training never saw"
+        )
     xs = [x.to(state.device) for x in source.heldout_batches(cfg.batch_size, cfg.eval_rows)]
     if not xs:
         raise ValueError("the source has no held-out rows to evaluate on")
@@ -354,8 +440,9 @@ def evaluate(state: GridState, source: ActivationSource) -> dict[tuple[float, in
         dead = g.dead_mask(cfg.dead_window, state.step).sum(dim=1)
         # The same counter read at other windows, so the dead-neuron reading's sensitivity to the
         # window can be measured after the fact (analyze re-reads "dead" at any of these).
-        ladder = {w: g.dead_mask(w, state.step).sum(dim=1).tolist()
-                  for w in dead_windows(state.step)}
+        ladder = {
+            w: g.dead_mask(w, state.step).sum(dim=1).tolist() for w in dead_windows(state.step)
+        }
         divisor = l1_divisor(cfg.l1_norm, g.n)
         for s, a in enumerate(g.l1):
             results[(a, g.n)] = {

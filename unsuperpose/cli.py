@@ -21,7 +21,8 @@ COMMANDS = ["toy", "lm", "harvest", "train", "analyze", "demo"]
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="unsuperpose",
-        description="Take features out of superposition: LM, harvest, SAE grids, analysis.")
+        description="Take features out of superposition: LM, harvest, SAE grids, analysis.",
+    )
     parser.add_argument("--version", action="version", version=f"unsuperpose {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
@@ -35,14 +36,17 @@ def main(argv: list[str] | None = None) -> int:
     if distributed.launched_by_torchrun() and os.environ.get("RANK", "0") != "0":
         # Under torchrun rank 0 speaks for the job; the others print only their errors.
         sys.stdout = open(os.devnull, "w")
-    code = 1   # an exception that escapes below
+    code = 1  # an exception that escapes below
     try:
         code = int(args.func(args) or 0)
     except UserError as exc:
         print(f"unsuperpose {args.command}: error: {exc}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:
-        print(f"\nunsuperpose {args.command}: interrupted; run the same command again to resume.", file=sys.stderr)
+        print(
+            f"\nunsuperpose {args.command}: interrupted; run the same command again to resume.",
+            file=sys.stderr,
+        )
         code = 130
     finally:
         distributed.teardown(ok=code == 0)

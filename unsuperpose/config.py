@@ -32,7 +32,10 @@ def _flag(name: str) -> str:
 def _base_type(tp: Any) -> Any:
     """``Optional[X]`` -> X; leaves other types alone."""
     args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", ())) and len(args) == 1:
+    if (
+        typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", ()))
+        and len(args) == 1
+    ):
         return args[0]
     return tp
 
@@ -45,12 +48,16 @@ def _parse_list(item_type: Any):
         try:
             return [item_type(p) for p in parts]
         except ValueError as exc:
-            raise argparse.ArgumentTypeError(f"cannot parse {text!r} as a list of {item_type.__name__}: {exc}")
+            raise argparse.ArgumentTypeError(
+                f"cannot parse {text!r} as a list of {item_type.__name__}: {exc}"
+            )
+
     return parse
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = (),
-                  defaults: Any = None) -> None:
+def add_arguments(
+    parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = (), defaults: Any = None
+) -> None:
     """Add one ``--flag`` per field of dataclass ``cls`` (bools become --x/--no-x).
 
     ``defaults``: an instance of ``cls`` holding the command's own defaults (they may differ from
@@ -67,12 +74,19 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str
         if defaults is not None:
             default = getattr(defaults, f.name)
         else:
-            default = f.default if f.default is not dataclasses.MISSING else (
-                f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+            default = (
+                f.default
+                if f.default is not dataclasses.MISSING
+                else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+            )
         kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS}
         if tp is bool:
-            group.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction,
-                               help=f"{help_text} (default: {default})", **kw)
+            group.add_argument(
+                _flag(f.name),
+                action=argparse.BooleanOptionalAction,
+                help=f"{help_text} (default: {default})",
+                **kw,
+            )
             continue
         origin = typing.get_origin(tp)
         if origin in (list, tuple):
@@ -90,7 +104,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str
 
 def from_args(cls: type[T], args: argparse.Namespace, base: T | None = None, **overrides: Any) -> T:
     """Build ``cls`` from parsed flags: fields the user gave override ``base`` (or the defaults)."""
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    given = {
+        f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)
+    }
     given.update(overrides)
     if base is not None:
         return dataclasses.replace(base, **given)
@@ -160,4 +176,3 @@ def _json_default(obj: Any) -> Any:
     if hasattr(obj, "tolist"):
         return obj.tolist()
     raise TypeError(f"cannot write {type(obj).__name__} as JSON")
-

@@ -19,8 +19,10 @@ import torch.distributed as dist
 
 from unsuperpose.errors import UserError
 
-DEVICE_HELP = ("cuda, cuda:N, cpu or auto (default: the GPU when one is visible, else the CPU; "
-               "under torchrun each process takes the GPU of its local rank)")
+DEVICE_HELP = (
+    "cuda, cuda:N, cpu or auto (default: the GPU when one is visible, else the CPU; "
+    "under torchrun each process takes the GPU of its local rank)"
+)
 
 
 @dataclass(frozen=True)
@@ -32,8 +34,11 @@ class Placement:
 
     def describe(self) -> dict:
         """What every output records about how it was made."""
-        return {"device": str(self.device), "device_name": device_name(self.device),
-                "world_size": self.world_size}
+        return {
+            "device": str(self.device),
+            "device_name": device_name(self.device),
+            "world_size": self.world_size,
+        }
 
 
 def launched_by_torchrun() -> bool:
@@ -59,8 +64,9 @@ def barrier(patient: bool = False) -> None:
         dist.barrier(group=_PATIENT[0] if patient and _PATIENT else None)
 
 
-def resolve_device(requested: str | None = "auto", local_rank: int = 0,
-                   local_world_size: int = 1) -> torch.device:
+def resolve_device(
+    requested: str | None = "auto", local_rank: int = 0, local_world_size: int = 1
+) -> torch.device:
     """``auto`` -> this rank's GPU when CUDA is usable, else the CPU; anything else is checked.
 
     Under torchrun a process takes the GPU of its local rank; where a scheduler shows each
@@ -76,18 +82,24 @@ def resolve_device(requested: str | None = "auto", local_rank: int = 0,
         raise UserError(f"--device {requested!r}: give cpu, cuda, cuda:N or auto") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise UserError(f"--device {requested}: this machine has no usable CUDA GPU "
-                            "(torch.cuda.is_available() is False); use --device cpu")
+            raise UserError(
+                f"--device {requested}: this machine has no usable CUDA GPU "
+                "(torch.cuda.is_available() is False); use --device cpu"
+            )
         count = torch.cuda.device_count()
         if dev.index is not None and local_world_size > 1:
-            raise UserError(f"--device {requested} under torchrun would put all {local_world_size} "
-                            "processes of this node on one GPU; give --device cuda (each takes the "
-                            "GPU of its local rank)")
+            raise UserError(
+                f"--device {requested} under torchrun would put all {local_world_size} "
+                "processes of this node on one GPU; give --device cuda (each takes the "
+                "GPU of its local rank)"
+            )
         index = dev.index if dev.index is not None else (0 if count == 1 else local_rank)
         if index >= count:
-            raise UserError(f"--device {requested}: this process (local rank {local_rank}) needs GPU "
-                            f"{index}, but only {count} GPU(s) are visible; start at most {count} "
-                            "processes per node (--nproc_per_node), or use --device cpu")
+            raise UserError(
+                f"--device {requested}: this process (local rank {local_rank}) needs GPU "
+                f"{index}, but only {count} GPU(s) are visible; start at most {count} "
+                "processes per node (--nproc_per_node), or use --device cpu"
+            )
         return torch.device("cuda", index)
     if dev.type != "cpu":
         raise UserError(f"--device {requested}: only cpu and cuda are supported")
@@ -108,7 +120,7 @@ def device_name(device: torch.device) -> str:
     return "cpu"
 
 
-_PATIENT: list = []   # the gloo group for waiting on rank 0 (see setup)
+_PATIENT: list = []  # the gloo group for waiting on rank 0 (see setup)
 
 
 def setup(device: str | None = "auto") -> Placement:
@@ -127,8 +139,10 @@ def setup(device: str | None = "auto") -> Placement:
     if not dist.is_initialized():
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-        dist.init_process_group("cpu:gloo,cuda:nccl" if dev.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(hours=2))
+        dist.init_process_group(
+            "cpu:gloo,cuda:nccl" if dev.type == "cuda" else "gloo",
+            timeout=datetime.timedelta(hours=2),
+        )
         _PATIENT[:] = [dist.new_group(backend="gloo", timeout=datetime.timedelta(days=2))]
     return Placement(dev, dist.get_rank(), dist.get_world_size(), local_rank)
 
@@ -140,7 +154,7 @@ def teardown(ok: bool = True) -> None:
     rank exits."""
     if not (dist.is_available() and dist.is_initialized()):
         return
-    if not ok:   # the process leaves at once; destroying NCCL with a collective pending can block
+    if not ok:  # the process leaves at once; destroying NCCL with a collective pending can block
         return
     try:
         dist.barrier(group=_PATIENT[0] if _PATIENT else None)
@@ -225,8 +239,10 @@ def check_same_everywhere(what: str, value) -> None:
     values = all_gather_objects(value)
     if any(v != values[0] for v in values):
         shown = "; ".join(f"rank {r}: {v!r}" for r, v in enumerate(values))
-        raise UserError(f"the torchrun processes disagree on {what} ({shown}); start every "
-                        "process with the same command")
+        raise UserError(
+            f"the torchrun processes disagree on {what} ({shown}); start every "
+            "process with the same command"
+        )
 
 
 @dataclass(frozen=True)

@@ -80,14 +80,20 @@ class Holder:
     host: str
     command: str
     started: str  # ISO 8601, UTC
-    token: str    # random, one per acquisition: tells this holding from an earlier one
+    token: str  # random, one per acquisition: tells this holding from an earlier one
     pid_space: str = ""  # which machine's pids ``pid`` counts in (see _pid_space)
 
     @classmethod
     def me(cls) -> Holder:
         now = datetime.datetime.now(datetime.timezone.utc)
-        return cls(os.getpid(), socket.gethostname(), _command_line(),
-                   now.isoformat(timespec="seconds"), secrets.token_hex(8), _pid_space())
+        return cls(
+            os.getpid(),
+            socket.gethostname(),
+            _command_line(),
+            now.isoformat(timespec="seconds"),
+            secrets.token_hex(8),
+            _pid_space(),
+        )
 
     def dead_here(self) -> bool:
         """Whether this holder ran where this process runs (the same boot of the same kernel,
@@ -130,9 +136,11 @@ class Locked(UserError):
         self.holder = holder
         who = holder.describe() if holder else "a run that has not written its name into it yet"
         stop = f"stop it (kill {holder.pid} on {holder.host})" if holder else "stop it"
-        super().__init__(f"{what} is being written by another run ({who}; lock {lock}); wait for "
-                         f"it to end, or {stop} and run this command again to resume what it "
-                         f"left, or write elsewhere{after}")
+        super().__init__(
+            f"{what} is being written by another run ({who}; lock {lock}); wait for "
+            f"it to end, or {stop} and run this command again to resume what it "
+            f"left, or write elsewhere{after}"
+        )
 
 
 def lock_path(output: storage.Location) -> storage.Location:
@@ -146,10 +154,12 @@ def lock_path(output: storage.Location) -> storage.Location:
 
 
 def _warn(what: str, lock: str, previous: Holder, how: str) -> None:
-    print(f"unsuperpose: warning: {what}: took over the lock {lock} from a run that ended without "
-          f"releasing it ({previous.describe()}; {how}); what it left is checked as usual (a "
-          "checkpoint or an unfinished store resumes, anything made otherwise is refused)",
-          file=sys.stderr)
+    print(
+        f"unsuperpose: warning: {what}: took over the lock {lock} from a run that ended without "
+        f"releasing it ({previous.describe()}; {how}); what it left is checked as usual (a "
+        "checkpoint or an unfinished store resumes, anything made otherwise is refused)",
+        file=sys.stderr,
+    )
 
 
 def _pid_runs(pid: int) -> bool:
@@ -163,6 +173,7 @@ def _pid_runs(pid: int) -> bool:
 
 
 # -- a local file ----------------------------------------------------------------------------
+
 
 class _FileLock:
     def __init__(self, path: Path, fd: int, holder: Holder):
@@ -191,8 +202,10 @@ class _FileLock:
         os.pwrite(fd, data, 0)
         if previous is not None:
             if previous.pid_space != me.pid_space or not me.pid_space:
-                how = (f"it ran on {previous.host}, another machine or container, and its lock "
-                       "was free, so it runs no more")
+                how = (
+                    f"it ran on {previous.host}, another machine or container, and its lock "
+                    "was free, so it runs no more"
+                )
             elif _pid_runs(previous.pid):
                 how = f"pid {previous.pid} runs, but without the lock: the pid was reused"
             else:
@@ -235,6 +248,7 @@ def _record_of(fd: int, patience: float = 2.0) -> Holder | None:
 
 # -- a lease on object storage ---------------------------------------------------------------
 
+
 def _precondition_failed(exc: BaseException) -> bool:
     """An S3 conditional write refused: 412 (the condition) or 409 (a concurrent one)."""
     while exc is not None:
@@ -244,19 +258,30 @@ def _precondition_failed(exc: BaseException) -> bool:
         if isinstance(response, dict):
             error = response.get("Error", {})
             status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            if error.get("Code") in ("PreconditionFailed", "ConditionalRequestConflict") or \
-                    status in (409, 412):
+            if error.get("Code") in (
+                "PreconditionFailed",
+                "ConditionalRequestConflict",
+            ) or status in (409, 412):
                 return True
         exc = exc.__cause__
     return False
 
 
 class _Lease:
-    def __init__(self, loc: storage.ObjectPath, me: Holder, what: str, lease_s: float,
-                 renew_s: float, on_lost: Callable[[], None] | None):
+    def __init__(
+        self,
+        loc: storage.ObjectPath,
+        me: Holder,
+        what: str,
+        lease_s: float,
+        renew_s: float,
+        on_lost: Callable[[], None] | None,
+    ):
         if loc.protocol not in ("s3", "s3a"):
-            raise UserError(f"{loc}: writing to {loc.protocol}:// is not supported (no lease to "
-                            "keep two writers apart); use s3:// or a local folder")
+            raise UserError(
+                f"{loc}: writing to {loc.protocol}:// is not supported (no lease to "
+                "keep two writers apart); use s3:// or a local folder"
+            )
         self.loc, self.holder, self.what = loc, me, what
         self.lease_s, self.renew_s = float(lease_s), float(renew_s)
         self.on_lost = on_lost or _thread.interrupt_main
@@ -269,16 +294,30 @@ class _Lease:
         self._thread: threading.Thread | None = None
 
     def _body(self) -> bytes:
-        expires = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=self.lease_s)
-        return json.dumps({**asdict(self.holder), "lease_seconds": self.lease_s,
-                           "expires": expires.isoformat(timespec="seconds")}).encode()
+        expires = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(
+            seconds=self.lease_s
+        )
+        return json.dumps(
+            {
+                **asdict(self.holder),
+                "lease_seconds": self.lease_s,
+                "expires": expires.isoformat(timespec="seconds"),
+            }
+        ).encode()
 
     def _put(self, **condition: str) -> str:
-        return self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=self._body(),
-                               ContentType="application/json", **condition)["ETag"]
+        return self.fs.call_s3(
+            "put_object",
+            Bucket=self.bucket,
+            Key=self.key,
+            Body=self._body(),
+            ContentType="application/json",
+            **condition,
+        )["ETag"]
 
     def read(self) -> tuple[Holder | None, str, float] | None:
         """(holder, ETag, seconds left by the server's clock), or None when there is no lease."""
+
         async def get():
             resp = await self.fs._call_s3("get_object", Bucket=self.bucket, Key=self.key)
             try:
@@ -327,9 +366,14 @@ class _Lease:
                     continue  # another writer took it over first, or it was released
                 raise
             if holder is not None:
-                _warn(self.what, str(self.loc), holder,
-                      f"pid {holder.pid} no longer runs on this machine" if dead else
-                      f"its lease expired {-left:.0f} s ago without being renewed")
+                _warn(
+                    self.what,
+                    str(self.loc),
+                    holder,
+                    f"pid {holder.pid} no longer runs on this machine"
+                    if dead
+                    else f"its lease expired {-left:.0f} s ago without being renewed",
+                )
             break
         else:
             raise UserError(f"{self.loc}: the lease changed hands at every try; run again")
@@ -352,9 +396,14 @@ class _Lease:
                 if taken or time.monotonic() - renewed > self.lease_s:
                     self.lost = True
                     _LOST.add(str(self.loc))
-                    why = "another run took it over" if taken else f"it could not be renewed ({exc})"
-                    print(f"unsuperpose: error: lost the lease {self.loc} on {self.what} ({why}); "
-                          "stopping", file=sys.stderr)
+                    why = (
+                        "another run took it over" if taken else f"it could not be renewed ({exc})"
+                    )
+                    print(
+                        f"unsuperpose: error: lost the lease {self.loc} on {self.what} ({why}); "
+                        "stopping",
+                        file=sys.stderr,
+                    )
                     self.on_lost()
                     return
 
@@ -376,19 +425,28 @@ class _Lease:
         if self.lost or self.etag is None:
             return
         try:
-            if self._still_mine():   # never another run's lease
+            if self._still_mine():  # never another run's lease
                 self.fs.call_s3("delete_object", Bucket=self.bucket, Key=self.key)
         except Exception as exc:  # noqa: BLE001 (the run itself is done; say so, do not fail it)
-            print(f"unsuperpose: warning: could not delete the lease {self.loc} ({exc}); it "
-                  f"expires {self.lease_s:.0f} s after its last renewal", file=sys.stderr)
+            print(
+                f"unsuperpose: warning: could not delete the lease {self.loc} ({exc}); it "
+                f"expires {self.lease_s:.0f} s after its last renewal",
+                file=sys.stderr,
+            )
         self.etag = None
 
 
 # -- what the commands use -------------------------------------------------------------------
 
-def acquire(output: storage.Location, *, what: str | None = None,
-            lease_s: float = LEASE_SECONDS, renew_s: float = RENEW_SECONDS,
-            on_lost: Callable[[], None] | None = None) -> _FileLock | _Lease:
+
+def acquire(
+    output: storage.Location,
+    *,
+    what: str | None = None,
+    lease_s: float = LEASE_SECONDS,
+    renew_s: float = RENEW_SECONDS,
+    on_lost: Callable[[], None] | None = None,
+) -> _FileLock | _Lease:
     """Take ``output``'s lock in this process (no torchrun logic: see ``hold``); ``.release()``."""
     output = storage.location(output)
     what = what or str(output)
@@ -403,8 +461,10 @@ def check_held(output: storage.Location) -> None:
     happen then, such as copying a run up after the interruption that losing it caused."""
     where = lock_path(storage.location(output))
     if str(where) in _LOST:
-        raise UserError(f"lost the lease {where} on {output}: another run may be writing it now, "
-                        "so nothing more is written there; run this command again when it is done")
+        raise UserError(
+            f"lost the lease {where} on {output}: another run may be writing it now, "
+            "so nothing more is written there; run this command again when it is done"
+        )
 
 
 def current_holder(output: storage.Location) -> Holder | None:
@@ -437,9 +497,11 @@ def hold(output: storage.Location, *, what: str | None = None, **kw) -> Iterator
     def sees(holder: Holder) -> None:
         seen = current_holder(output)
         if seen is None or seen.token != holder.token:
-            raise UserError(f"rank {distributed.rank()} does not see rank 0's lock on {what} "
-                            f"({lock_path(output)}); every process must see the same output "
-                            "(on several nodes: a folder they all mount, or s3://)")
+            raise UserError(
+                f"rank {distributed.rank()} does not see rank 0's lock on {what} "
+                f"({lock_path(output)}); every process must see the same output "
+                "(on several nodes: a folder they all mount, or s3://)"
+            )
 
     holder = distributed.from_main(take)
     finished = False

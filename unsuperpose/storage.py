@@ -103,6 +103,7 @@ def resolved(loc: Location) -> str:
 
 # -- the filesystem behind a URL -------------------------------------------------------------
 
+
 def storage_options(protocol: str) -> dict[str, Any]:
     """fsspec options for ``protocol``: no listing cache; for S3 the endpoint from the environment."""
     opts: dict[str, Any] = {}
@@ -133,16 +134,26 @@ def _explain(loc: ObjectPath, exc: BaseException) -> UserError | None:
     endpoint = storage_options(loc.protocol).get("endpoint_url")
     where = f"the endpoint {endpoint} (AWS_ENDPOINT_URL)" if endpoint else "AWS's default endpoint"
     if names & {"NoCredentialsError", "PartialCredentialsError"}:
-        return UserError(f"no AWS credentials for {loc}: set AWS_ACCESS_KEY_ID and "
-                         "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE with ~/.aws/credentials), and "
-                         "AWS_ENDPOINT_URL for an S3-compatible service other than AWS")
-    if names & {"EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError",
-                "ConnectionError", "ConnectionRefusedError"}:
-        return UserError(f"cannot reach {where} for {loc} ({exc}); check AWS_ENDPOINT_URL and "
-                         "the network")
+        return UserError(
+            f"no AWS credentials for {loc}: set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE with ~/.aws/credentials), and "
+            "AWS_ENDPOINT_URL for an S3-compatible service other than AWS"
+        )
+    if names & {
+        "EndpointConnectionError",
+        "ConnectTimeoutError",
+        "ClientConnectorError",
+        "ConnectionError",
+        "ConnectionRefusedError",
+    }:
+        return UserError(
+            f"cannot reach {where} for {loc} ({exc}); check AWS_ENDPOINT_URL and the network"
+        )
     if isinstance(exc, PermissionError):
-        return UserError(f"access to {loc} was denied at {where} ({exc}); check the credentials "
-                         "(AWS_ACCESS_KEY_ID / AWS_PROFILE) and the bucket's policy")
+        return UserError(
+            f"access to {loc} was denied at {where} ({exc}); check the credentials "
+            "(AWS_ACCESS_KEY_ID / AWS_PROFILE) and the bucket's policy"
+        )
     return None
 
 
@@ -170,11 +181,14 @@ def check_access(loc: Location) -> None:
     try:
         _call(loc, fs.info, loc.bucket)
     except FileNotFoundError:
-        raise UserError(f"the bucket {loc.bucket!r} of {loc} does not exist; create it (e.g. "
-                        f"`aws s3 mb s3://{loc.bucket}`) or name another one") from None
+        raise UserError(
+            f"the bucket {loc.bucket!r} of {loc} does not exist; create it (e.g. "
+            f"`aws s3 mb s3://{loc.bucket}`) or name another one"
+        ) from None
 
 
 # -- operations on either kind of location ---------------------------------------------------
+
 
 def exists(loc: Location) -> bool:
     """Whether a file or a folder (a non-empty prefix, on object storage) is at ``loc``."""
@@ -221,7 +235,7 @@ def list_files(loc: Location) -> list[str]:
         return [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]
     fs = _filesystem(loc)
     prefix = loc.key + "/"
-    return [k[len(prefix):] for k in _call(loc, fs.find, loc.key) if k.startswith(prefix)]
+    return [k[len(prefix) :] for k in _call(loc, fs.find, loc.key) if k.startswith(prefix)]
 
 
 def read_text(loc: Location) -> str:
@@ -256,6 +270,7 @@ def free_bytes(loc: Location) -> int | None:
 
 # -- zarr ------------------------------------------------------------------------------------
 
+
 def zarr_store(loc: Location, *, read_only: bool = False) -> Any:
     """What to hand ``zarr.open_group`` for ``loc``: the local path as is, else an FsspecStore."""
     if not is_remote(loc):
@@ -263,8 +278,9 @@ def zarr_store(loc: Location, *, read_only: bool = False) -> Any:
     from zarr.storage import FsspecStore
 
     _filesystem(loc)  # the clear error for a missing s3fs, before zarr's own
-    return FsspecStore.from_url(str(loc), storage_options=storage_options(loc.protocol),
-                                read_only=read_only)
+    return FsspecStore.from_url(
+        str(loc), storage_options=storage_options(loc.protocol), read_only=read_only
+    )
 
 
 def open_zarr_group(loc: Location, mode: str = "r", **kw: Any) -> Any:
@@ -278,6 +294,7 @@ def open_zarr_group(loc: Location, mode: str = "r", **kw: Any) -> Any:
 
 
 # -- whole folders, for run folders worked on in a local mirror ------------------------------
+
 
 def upload_tree(local: Path, remote: ObjectPath, files: list[str] | None = None) -> None:
     """Copy ``files`` (paths relative to ``local``; default: every file there) to the same

@@ -24,9 +24,17 @@ def default_wandb_mode() -> str:
 class Tracker:
     """Log scalars, tables and images for one run to ``<dir>/log.jsonl`` and to W&B."""
 
-    def __init__(self, dir: str | Path, *, project: str = "unsuperpose", name: str | None = None,
-                 config: dict | None = None, mode: str | None = None, resume_id: str | None = None,
-                 group: str | None = None):
+    def __init__(
+        self,
+        dir: str | Path,
+        *,
+        project: str = "unsuperpose",
+        name: str | None = None,
+        config: dict | None = None,
+        mode: str | None = None,
+        resume_id: str | None = None,
+        group: str | None = None,
+    ):
         self.dir = Path(dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self._log = open(self.dir / "log.jsonl", "a", buffering=1)
@@ -37,16 +45,28 @@ class Tracker:
         if self.mode != "disabled":
             import wandb
 
-            self.run = wandb.init(project=project, name=name, config=config or {}, mode=self.mode,
-                                  dir=str(self.dir), id=resume_id, resume="allow" if resume_id else None,
-                                  group=group, reinit="finish_previous")
+            self.run = wandb.init(
+                project=project,
+                name=name,
+                config=config or {},
+                mode=self.mode,
+                dir=str(self.dir),
+                id=resume_id,
+                resume="allow" if resume_id else None,
+                group=group,
+                reinit="finish_previous",
+            )
 
     @property
     def run_id(self) -> str | None:
         return self.run.id if self.run is not None else None
 
     def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
-        record = {"time": round(time.time(), 3), **({"step": step} if step is not None else {}), **metrics}
+        record = {
+            "time": round(time.time(), 3),
+            **({"step": step} if step is not None else {}),
+            **metrics,
+        }
         self._log.write(json.dumps(record, default=float) + "\n")
         if self.run is not None:
             self.run.log(metrics, step=step)

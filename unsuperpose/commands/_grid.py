@@ -17,32 +17,74 @@ from unsuperpose.analyze import grid_figures, score_grid
 from unsuperpose.config import add_arguments, to_dict
 from unsuperpose.errors import UserError
 from unsuperpose.tracking import Tracker
-from unsuperpose.train import (PRESETS, Callback, NonFiniteLoss, SAETrainConfig, apply_preset,
-                               evaluate, new_state, parse_dict_sizes, parse_l1_list, read_summary,
-                               save_grid, train_steps)
+from unsuperpose.train import (
+    PRESETS,
+    Callback,
+    NonFiniteLoss,
+    SAETrainConfig,
+    apply_preset,
+    evaluate,
+    new_state,
+    parse_dict_sizes,
+    parse_l1_list,
+    read_summary,
+    save_grid,
+    train_steps,
+)
 from unsuperpose.train import parallel
-from unsuperpose.train.checkpoint import (CHECKPOINT_DIR, CheckpointMismatch, Checkpointer,
-                                          check_compatible, config_differences, load_checkpoint,
-                                          read_checkpoint_meta, recover_checkpoint, whole_state)
-from unsuperpose.train.io import (SOURCE_FILE, read_source_file, read_train_config,
-                                  source_differences, write_source_file)
+from unsuperpose.train.checkpoint import (
+    CHECKPOINT_DIR,
+    CheckpointMismatch,
+    Checkpointer,
+    check_compatible,
+    config_differences,
+    load_checkpoint,
+    read_checkpoint_meta,
+    recover_checkpoint,
+    whole_state,
+)
+from unsuperpose.train.io import (
+    SOURCE_FILE,
+    read_source_file,
+    read_train_config,
+    source_differences,
+    write_source_file,
+)
 
 SKIP = ("l1", "dict_sizes")  # parsed from --l1 / --dict so that ratios and lists get clear errors
 
 
-def add_sae_arguments(parser: argparse.ArgumentParser, *, dict_flag: str, dict_help: str,
-                      defaults: SAETrainConfig, skip: tuple[str, ...] = ()) -> None:
+def add_sae_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    dict_flag: str,
+    dict_help: str,
+    defaults: SAETrainConfig,
+    skip: tuple[str, ...] = (),
+) -> None:
     """The SAE flags; ``--help`` shows ``defaults``, the command's own (not the dataclass's)."""
     shown = ",".join(f"{a:.3g}" for a in defaults.l1)
-    parser.add_argument("--l1", type=str, default=argparse.SUPPRESS,
-                        help=f"L1 coefficients, comma-separated, in the --l1-norm convention "
-                        f"(default: {shown}, {defaults.l1_norm} convention)")
+    parser.add_argument(
+        "--l1",
+        type=str,
+        default=argparse.SUPPRESS,
+        help=f"L1 coefficients, comma-separated, in the --l1-norm convention "
+        f"(default: {shown}, {defaults.l1_norm} convention)",
+    )
     parser.add_argument(dict_flag, dest="dict", type=str, default=argparse.SUPPRESS, help=dict_help)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                        help="'report': the 2022 report's settings (Adam 1e-3, batch 256, per-latent "
-                        "L1, nn.Linear-style encoder init); flags given explicitly still win")
-    parser.add_argument("--wandb", choices=["offline", "online", "disabled"], default=None,
-                        help="W&B mode (default: $WANDB_MODE, else offline; online needs `wandb login`)")
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="'report': the 2022 report's settings (Adam 1e-3, batch 256, per-latent "
+        "L1, nn.Linear-style encoder init); flags given explicitly still win",
+    )
+    parser.add_argument(
+        "--wandb",
+        choices=["offline", "online", "disabled"],
+        default=None,
+        help="W&B mode (default: $WANDB_MODE, else offline; online needs `wandb login`)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_arguments(parser, SAETrainConfig, skip=SKIP + skip, defaults=defaults)
 
@@ -60,9 +102,15 @@ def convert_l1(values: list[float], *, have: str, want: str, base: int) -> list[
     return [float(f"{a * factor:.6g}") for a in values]
 
 
-def sae_config(args: argparse.Namespace, *, base: SAETrainConfig, dict_base: int,
-               default_l1: list[float], default_dict: str, bare: str = "absolute"
-               ) -> tuple[SAETrainConfig, dict[int, str]]:
+def sae_config(
+    args: argparse.Namespace,
+    *,
+    base: SAETrainConfig,
+    dict_base: int,
+    default_l1: list[float],
+    default_dict: str,
+    bare: str = "absolute",
+) -> tuple[SAETrainConfig, dict[int, str]]:
     """Defaults < preset < explicit flags; returns the config and each size's label.
 
     ``default_l1`` is in ``base.l1_norm``'s convention; when a preset or flag switches the
@@ -72,16 +120,21 @@ def sae_config(args: argparse.Namespace, *, base: SAETrainConfig, dict_base: int
     try:
         sizes = parse_dict_sizes(getattr(args, "dict", None) or default_dict, dict_base, bare=bare)
         cfg = apply_preset(base, args.preset)
-        given = {f.name: getattr(args, f.name) for f in dataclasses.fields(SAETrainConfig)
-                 if f.name not in SKIP and hasattr(args, f.name)}
+        given = {
+            f.name: getattr(args, f.name)
+            for f in dataclasses.fields(SAETrainConfig)
+            if f.name not in SKIP and hasattr(args, f.name)
+        }
         cfg = dataclasses.replace(cfg, **given)
         if getattr(args, "l1", None):
             l1 = parse_l1_list(args.l1)
         else:
             l1 = convert_l1(default_l1, have=base.l1_norm, want=cfg.l1_norm, base=dict_base)
             if cfg.l1_norm != base.l1_norm:
-                print(f"L1 convention {cfg.l1_norm}: default L1 values converted from the "
-                      f"{base.l1_norm} convention at {dict_base} latents: {l1}")
+                print(
+                    f"L1 convention {cfg.l1_norm}: default L1 values converted from the "
+                    f"{base.l1_norm} convention at {dict_base} latents: {l1}"
+                )
         cfg = dataclasses.replace(cfg, l1=l1, dict_sizes=[n for _, n in sizes])
     except ValueError as exc:
         raise UserError(str(exc)) from None
@@ -90,14 +143,25 @@ def sae_config(args: argparse.Namespace, *, base: SAETrainConfig, dict_base: int
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help=distributed.DEVICE_HELP)
-    parser.add_argument("--parallel", choices=parallel.MODES, default="grid",
-                        help="under torchrun: 'grid' deals the dictionary sizes out to the processes "
-                        "(bit-identical to one process), 'data' gives every process a slice of each "
-                        "batch and averages gradients (one grid too big for one device)")
-    parser.add_argument("--checkpoint-every", type=int, default=1000,
-                        help="steps between checkpoints (also saved on Ctrl-C/SIGTERM); 0: only then")
-    parser.add_argument("--force", action="store_true",
-                        help="start over even if the output folder holds a run with other settings")
+    parser.add_argument(
+        "--parallel",
+        choices=parallel.MODES,
+        default="grid",
+        help="under torchrun: 'grid' deals the dictionary sizes out to the processes "
+        "(bit-identical to one process), 'data' gives every process a slice of each "
+        "batch and averages gradients (one grid too big for one device)",
+    )
+    parser.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=1000,
+        help="steps between checkpoints (also saved on Ctrl-C/SIGTERM); 0: only then",
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="start over even if the output folder holds a run with other settings",
+    )
 
 
 def _finished_differences(out: Path, cfg: SAETrainConfig, source_info: dict) -> list[str]:
@@ -115,8 +179,16 @@ def _finished_differences(out: Path, cfg: SAETrainConfig, source_info: dict) -> 
     return problems
 
 
-def _prepare(out: Path, cfg: SAETrainConfig, source, source_info: dict, force: bool,
-             placement: distributed.Placement, sharding: parallel.Sharding, shown=None):
+def _prepare(
+    out: Path,
+    cfg: SAETrainConfig,
+    source,
+    source_info: dict,
+    force: bool,
+    placement: distributed.Placement,
+    sharding: parallel.Sharding,
+    shown=None,
+):
     """A fresh or resumed state, or the rows of a finished identical run (then nothing to do).
 
     A run is identified by its settings, its data (the source's fingerprint) and its budget:
@@ -136,24 +208,31 @@ def _prepare(out: Path, cfg: SAETrainConfig, source, source_info: dict, force: b
     # Across nodes every rank must see rank 0's --out (it resumes from the checkpoint there).
     distributed.check_same_everywhere(
         f"what {shown} holds (every node must see the same --out folder)",
-        (None if meta is None else meta["step"], finished))
+        (None if meta is None else meta["step"], finished),
+    )
     if force:
         meta = None
     elif meta is not None:
         try:
             check_compatible(meta, cfg, int(source.d), source_info)
         except CheckpointMismatch as exc:
-            raise UserError(f"{shown} holds an unfinished run made otherwise ({exc}); rerun with "
-                            "its settings and data to resume it, choose another --out, or add "
-                            "--force to start over") from None
+            raise UserError(
+                f"{shown} holds an unfinished run made otherwise ({exc}); rerun with "
+                "its settings and data to resume it, choose another --out, or add "
+                "--force to start over"
+            ) from None
     elif finished:
         problems = _finished_differences(out, cfg, source_info)
         if not problems:
-            print(f"{shown} already holds this grid (same settings, data and budget), finished; "
-                  "add --force to train it again")
+            print(
+                f"{shown} already holds this grid (same settings, data and budget), finished; "
+                "add --force to train it again"
+            )
             return None, read_summary(out / "summary.csv")
-        raise UserError(f"{shown} holds a finished grid made otherwise: {'; '.join(problems)}. "
-                        "Choose another --out, or add --force to replace it")
+        raise UserError(
+            f"{shown} holds a finished grid made otherwise: {'; '.join(problems)}. "
+            "Choose another --out, or add --force to replace it"
+        )
     state = new_state(source, cfg, device=placement.device, sharding=sharding)
     if meta is not None:
         load_checkpoint(state, ckpt, source_info)
@@ -163,14 +242,17 @@ def _prepare(out: Path, cfg: SAETrainConfig, source, source_info: dict, force: b
     return state, None
 
 
-def _describe_split(sharding: parallel.Sharding, cfg: SAETrainConfig,
-                    placement: distributed.Placement) -> None:
+def _describe_split(
+    sharding: parallel.Sharding, cfg: SAETrainConfig, placement: distributed.Placement
+) -> None:
     if sharding.single:
         print(f"training on {placement.device} ({distributed.device_name(placement.device)})")
         return
     if sharding.data_parallel:
-        print(f"{sharding.world_size} processes, data parallel: each takes "
-              f"{cfg.batch_size // sharding.world_size} of every batch of {cfg.batch_size}")
+        print(
+            f"{sharding.world_size} processes, data parallel: each takes "
+            f"{cfg.batch_size // sharding.world_size} of every batch of {cfg.batch_size}"
+        )
         return
     sizes = sorted(cfg.dict_sizes)
     owner = parallel.assign_sizes(sizes, sharding.world_size)
@@ -186,9 +268,11 @@ def check_run_folder(out) -> None:
     world = os.environ.get("WORLD_SIZE", "1")
     if distributed.launched_by_torchrun() and os.environ.get("LOCAL_WORLD_SIZE", world) != world:
         # Rank 0 downloads the run into its node's mirror; ranks on other nodes would not see it.
-        raise UserError(f"--out {out} is on object storage, which a run over several nodes "
-                        "cannot share (only rank 0's node would see the downloaded run); give a "
-                        "folder on a filesystem every node mounts")
+        raise UserError(
+            f"--out {out} is on object storage, which a run over several nodes "
+            "cannot share (only rank 0's node would see the downloaded run); give a "
+            "folder on a filesystem every node mounts"
+        )
     storage.check_access(out)
 
 
@@ -219,7 +303,9 @@ class RunMirror:
 
     def _holds_run(self) -> bool:
         return storage.exists(self.url / CHECKPOINT_DIR) or (
-            storage.exists(self.url / "summary.csv") and storage.exists(self.url / "train_config.json"))
+            storage.exists(self.url / "summary.csv")
+            and storage.exists(self.url / "train_config.json")
+        )
 
     def pull(self, force: bool = False) -> None:
         """The mirror becomes what the URL holds: its run, or nothing (a stale mirror is replaced,
@@ -237,15 +323,18 @@ class RunMirror:
 
     def _files(self) -> list[str]:
         # checkpoint.tmp / checkpoint.old are a local save in progress, never copied up.
-        return [f for f in storage.list_files(self.folder)
-                if not f.split("/", 1)[0].startswith(CHECKPOINT_DIR + ".")]
+        return [
+            f
+            for f in storage.list_files(self.folder)
+            if not f.split("/", 1)[0].startswith(CHECKPOINT_DIR + ".")
+        ]
 
     def upload_checkpoint(self) -> None:
         """Rank 0, each time the Checkpointer has written one: the checkpoint up, with the files
         beside it. Its state.json is deleted first and copied last, so a copy cut short leaves
         a checkpoint without state.json (not resumed; the run starts over), never new weights
         under an old step."""
-        locking.check_held(self.url)   # a run that lost its lease leaves the URL to the new holder
+        locking.check_held(self.url)  # a run that lost its lease leaves the URL to the new holder
         meta = f"{CHECKPOINT_DIR}/state.json"
         storage.remove_tree(self.url / meta)
         storage.upload_tree(self.folder, self.url, [f for f in self._files() if f != meta])
@@ -275,12 +364,28 @@ def train_and_save(source, cfg: SAETrainConfig, out, **kw) -> list[dict]:
     return rows
 
 
-def _train_and_save(source, cfg: SAETrainConfig, out: Path, *, size_labels: dict[int, str],
-                   size_base: int, size_axis: str, ground_truth=None, callbacks: list[Callback] = (),
-                   wandb_mode: str | None = None, progress: bool = True, run_name: str,
-                   source_info: dict, checkpoint_every: int = 1000, force: bool = False,
-                   export=None, more_scores=None, placement: distributed.Placement | None = None,
-                   parallel_mode: str = "grid", mirror: RunMirror | None = None) -> list[dict]:
+def _train_and_save(
+    source,
+    cfg: SAETrainConfig,
+    out: Path,
+    *,
+    size_labels: dict[int, str],
+    size_base: int,
+    size_axis: str,
+    ground_truth=None,
+    callbacks: list[Callback] = (),
+    wandb_mode: str | None = None,
+    progress: bool = True,
+    run_name: str,
+    source_info: dict,
+    checkpoint_every: int = 1000,
+    force: bool = False,
+    export=None,
+    more_scores=None,
+    placement: distributed.Placement | None = None,
+    parallel_mode: str = "grid",
+    mirror: RunMirror | None = None,
+) -> list[dict]:
     """Train the grid (resuming a checkpoint if there is one), score it (with ground truth if
     given), save SAEs, summary and figures; ``export(state, out)`` may write more formats and
     ``more_scores(state)`` add columns per SAE ({(l1, n): {column: value}}, e.g. the spliced-in
@@ -310,22 +415,38 @@ def _train_and_save(source, cfg: SAETrainConfig, out: Path, *, size_labels: dict
     main = distributed.is_main()
     run_id_file = out / "wandb_run_id"
     run_id = run_id_file.read_text().strip() if run_id_file.exists() and state.step > 0 else None
-    with Tracker(out, name=run_name, config={"train": to_dict(cfg), "source": source_info, **run_info},
-                 mode=wandb_mode if main else "disabled", resume_id=run_id) as tracker:
+    with Tracker(
+        out,
+        name=run_name,
+        config={"train": to_dict(cfg), "source": source_info, **run_info},
+        mode=wandb_mode if main else "disabled",
+        resume_id=run_id,
+    ) as tracker:
         if tracker.run_id and main:
             storage.write_text(run_id_file, tracker.run_id)
         try:
             copy_up = mirror.upload_checkpoint if mirror is not None and main else None
-            with Checkpointer(out / CHECKPOINT_DIR, checkpoint_every, on_saved=copy_up) as checkpointer:
-                train_steps(state, source, callbacks=callbacks, progress=progress, on_step=checkpointer,
-                            on_log=lambda row: tracker.log(row, step=row["step"]))
+            with Checkpointer(
+                out / CHECKPOINT_DIR, checkpoint_every, on_saved=copy_up
+            ) as checkpointer:
+                train_steps(
+                    state,
+                    source,
+                    callbacks=callbacks,
+                    progress=progress,
+                    on_step=checkpointer,
+                    on_log=lambda row: tracker.log(row, step=row["step"]),
+                )
         except NonFiniteLoss as exc:
             kept = read_checkpoint_meta(out / CHECKPOINT_DIR)
-            where = f"the last good checkpoint (step {kept['step']:,}) is kept in {shown / CHECKPOINT_DIR}" \
-                if kept else "no checkpoint had been written yet"
+            where = (
+                f"the last good checkpoint (step {kept['step']:,}) is kept in {shown / CHECKPOINT_DIR}"
+                if kept
+                else "no checkpoint had been written yet"
+            )
             raise UserError(f"{exc}; {where}") from None
         state = whole_state(state, source)
-        if state is None:   # another rank's share, now with rank 0
+        if state is None:  # another rank's share, now with rank 0
             return distributed.broadcast_object(None)
         metrics = evaluate(state, source)
         scores = score_grid(state.dictionaries(), metrics, ground_truth)
@@ -334,12 +455,20 @@ def _train_and_save(source, cfg: SAETrainConfig, out: Path, *, size_labels: dict
         if more_scores is not None:
             for key, extra in more_scores(state).items():
                 scores[key].update(extra)
-        rows = save_grid(state, metrics, out, extra=scores, labels=size_labels, source_info=source_info,
-                         run_info=run_info)
+        rows = save_grid(
+            state,
+            metrics,
+            out,
+            extra=scores,
+            labels=size_labels,
+            source_info=source_info,
+            run_info=run_info,
+        )
         if export is not None:
             export(state, out)
-        figures = grid_figures(rows, state.history, out / "figures", size_axis=size_axis,
-                               size_labels=size_labels)
+        figures = grid_figures(
+            rows, state.history, out / "figures", size_axis=size_axis, size_labels=size_labels
+        )
         columns = list(rows[0])
         tracker.log_table("summary", columns, [[r.get(c) for c in columns] for r in rows])
         tracker.log_images({f"figures/{k}": v for k, v in figures.items()})

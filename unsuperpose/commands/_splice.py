@@ -19,7 +19,7 @@ from unsuperpose import distributed
 from unsuperpose.config import write_json_atomic
 from unsuperpose.errors import UserError
 
-DEFAULT_TOKENS = 16_384   # predicted tokens: delta CE's standard error is then ~1e-3 nats (README)
+DEFAULT_TOKENS = 16_384  # predicted tokens: delta CE's standard error is then ~1e-3 nats (README)
 
 
 def read_text_blocks(path: Path, n_ctx: int, tokenizer=None) -> list[np.ndarray]:
@@ -29,20 +29,25 @@ def read_text_blocks(path: Path, n_ctx: int, tokenizer=None) -> list[np.ndarray]
     from unsuperpose.lm import gpt2_tokenizer
 
     if not path.is_file():
-        raise UserError(f"--corpus {path}: no such file (a text file, documents separated by blank lines)")
+        raise UserError(
+            f"--corpus {path}: no such file (a text file, documents separated by blank lines)"
+        )
     docs = [d.strip() for d in path.read_text(encoding="utf-8").split("\n\n") if d.strip()]
     if not docs:
         raise UserError(f"--corpus {path} holds no text")
     stream = [i for ids in (tokenizer or gpt2_tokenizer()).encode_documents(docs) for i in ids]
-    blocks = [np.asarray(stream[i:i + n_ctx], dtype=np.int64) for i in range(0, len(stream), n_ctx)]
-    blocks = [b for b in blocks if len(b) >= 2]   # a block of one token predicts nothing
+    blocks = [
+        np.asarray(stream[i : i + n_ctx], dtype=np.int64) for i in range(0, len(stream), n_ctx)
+    ]
+    blocks = [b for b in blocks if len(b) >= 2]  # a block of one token predicts nothing
     if not blocks:
         raise UserError(f"--corpus {path} has fewer than two tokens")
     return blocks
 
 
-def validation_blocks(model_dir: Path, n_ctx: int, tokens: int,
-                      store_corpus: dict | None = None) -> tuple[list[np.ndarray], dict]:
+def validation_blocks(
+    model_dir: Path, n_ctx: int, tokens: int, store_corpus: dict | None = None
+) -> tuple[list[np.ndarray], dict]:
     """Enough of the LM's validation-document blocks for ``tokens`` predicted tokens, in the
     LM's own tokens. A model that records no corpus of its own (a downloaded one, harvested with
     --corpus) uses the corpus its store was harvested from: its validation documents are the
@@ -53,16 +58,23 @@ def validation_blocks(model_dir: Path, n_ctx: int, tokens: int,
     if not corpus and store_corpus:
         corpus = {k: v for k, v in store_corpus.items() if k != "tokenizer"}
     if not corpus:
-        raise UserError(f"{model_dir} does not record the corpus it was trained on, so its validation "
-                        "documents are unknown; pass a text file with --corpus")
+        raise UserError(
+            f"{model_dir} does not record the corpus it was trained on, so its validation "
+            "documents are unknown; pass a text file with --corpus"
+        )
     cfg = CorpusConfig(**corpus)
     if cfg.val_fraction == 0:
-        raise UserError(f"{model_dir} was trained with --val-fraction 0 (no held-out documents); pass "
-                        "a text file with --corpus")
+        raise UserError(
+            f"{model_dir} was trained with --val-fraction 0 (no held-out documents); pass "
+            "a text file with --corpus"
+        )
     val = token_blocks(cfg, n_ctx, "val", tokenizer=model_tokenizer(model_dir))
     n = min(len(val), math.ceil(tokens / (n_ctx - 1)))
-    return [np.asarray(b, dtype=np.int64) for b in val.blocks[:n]], {"split": "val", "corpus": corpus,
-                                                                      "fingerprint": val.fingerprint}
+    return [np.asarray(b, dtype=np.int64) for b in val.blocks[:n]], {
+        "split": "val",
+        "corpus": corpus,
+        "fingerprint": val.fingerprint,
+    }
 
 
 def store_mean(store) -> torch.Tensor:
@@ -75,12 +87,21 @@ def store_mean(store) -> torch.Tensor:
 
 
 # What `unsuperpose train` adds to summary.csv per SAE (the baselines repeat on every row).
-SUMMARY_COLUMNS = ("ce_loss_recovered", "ce_loss_recovered_mean", "delta_ce", "delta_ce_se", "kl",
-                   "kl_div_score", "norm_ratio", "relative_reconstruction_bias")
+SUMMARY_COLUMNS = (
+    "ce_loss_recovered",
+    "ce_loss_recovered_mean",
+    "delta_ce",
+    "delta_ce_se",
+    "kl",
+    "kl_div_score",
+    "norm_ratio",
+    "relative_reconstruction_bias",
+)
 
 
-def splice_columns(saes: dict, store, tokens: int, *, progress: bool = True,
-                   device: torch.device | str = "cpu") -> dict:
+def splice_columns(
+    saes: dict, store, tokens: int, *, progress: bool = True, device: torch.device | str = "cpu"
+) -> dict:
     """{key: summary columns} for SAEs trained on ``store``, on ``tokens`` predicted tokens of
     the LM's validation documents; {} (with a note) when the LM or its corpus cannot be found,
     so a trained grid is never lost to its evaluation."""
@@ -89,18 +110,32 @@ def splice_columns(saes: dict, store, tokens: int, *, progress: bool = True,
 
     model_dir = Path(store.provenance.model_dir)
     try:
-        blocks, _ = validation_blocks(model_dir, int(store.provenance.n_ctx), tokens, store.provenance.corpus)
+        blocks, _ = validation_blocks(
+            model_dir, int(store.provenance.n_ctx), tokens, store.provenance.corpus
+        )
         bridge = load_bridge(model_dir, device=device)
     except (UserError, FileNotFoundError, OSError) as exc:
-        print(f"note: no spliced-in evaluation ({exc}); run `unsuperpose analyze splice` once the "
-              "LM is back")
+        print(
+            f"note: no spliced-in evaluation ({exc}); run `unsuperpose analyze splice` once the "
+            "LM is back"
+        )
         return {}
     names = {key: f"n{key[1]}-l1_{key[0]:g}" for key in saes}
-    res = splice_eval(bridge, store.provenance.hook, blocks,
-                      {names[k]: (lambda x, s=s.to(device): s(x)[0]) for k, s in saes.items()},
-                      mean=store_mean(store), progress=progress, device=device)
-    base = {"splice_tokens": res["tokens"], "ce_clean": res["ce_clean"], "ce_zero": res["ce_zero"],
-            "ce_mean": res["ce_mean"]}
+    res = splice_eval(
+        bridge,
+        store.provenance.hook,
+        blocks,
+        {names[k]: (lambda x, s=s.to(device): s(x)[0]) for k, s in saes.items()},
+        mean=store_mean(store),
+        progress=progress,
+        device=device,
+    )
+    base = {
+        "splice_tokens": res["tokens"],
+        "ce_clean": res["ce_clean"],
+        "ce_zero": res["ce_zero"],
+        "ce_mean": res["ce_mean"],
+    }
     return {k: {**{c: res["saes"][names[k]][c] for c in SUMMARY_COLUMNS}, **base} for k in saes}
 
 
@@ -116,8 +151,10 @@ def run_splice(args) -> int:
     sources = {(s.config.get("source") or {}).get("path") for s in saes.values()}
     first = next(iter(saes.values())).config.get("source") or {}
     if first.get("kind") != "activation_store" or len(sources) != 1:
-        raise UserError(f"{args.dict_path}: the spliced-in evaluation needs dictionaries trained on one "
-                        "LM activation store (toy dictionaries have no LM)")
+        raise UserError(
+            f"{args.dict_path}: the spliced-in evaluation needs dictionaries trained on one "
+            "LM activation store (toy dictionaries have no LM)"
+        )
     if args.tokens is not None and args.tokens < 1:
         raise UserError("--tokens must be at least 1")
     model_dir = Path(first["model_dir"])
@@ -129,23 +166,42 @@ def run_splice(args) -> int:
         blocks = read_text_blocks(args.corpus, n_ctx, model_tokenizer(model_dir))
         text = {"file": str(args.corpus.resolve())}
     else:
-        blocks, text = validation_blocks(model_dir, n_ctx, args.tokens or DEFAULT_TOKENS, store.provenance.corpus)
+        blocks, text = validation_blocks(
+            model_dir, n_ctx, args.tokens or DEFAULT_TOKENS, store.provenance.corpus
+        )
     device = distributed.resolve_device(getattr(args, "device", "cpu"))
     bridge = load_bridge(model_dir, device=device)
-    result = splice_eval(bridge, hook, blocks, {k: (lambda x, s=s.to(device): s(x)[0]) for k, s in saes.items()},
-                         mean=store_mean(store), batch_size=args.batch_size, progress=not args.no_progress,
-                         device=device)
-    result.update(model_dir=str(model_dir), hook=hook, store=str(store.path), text=text, device=str(device),
-                  dictionaries={k: str(p) for k, p in zip(saes, sae_dirs)})
+    result = splice_eval(
+        bridge,
+        hook,
+        blocks,
+        {k: (lambda x, s=s.to(device): s(x)[0]) for k, s in saes.items()},
+        mean=store_mean(store),
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+        device=device,
+    )
+    result.update(
+        model_dir=str(model_dir),
+        hook=hook,
+        store=str(store.path),
+        text=text,
+        device=str(device),
+        dictionaries={k: str(p) for k, p in zip(saes, sae_dirs)},
+    )
     out = args.out or (Path(args.dict_path) / "splice.json")
     write_json_atomic(out, result)
-    print(f"spliced into {model_dir} at {hook}, {result['tokens']:,} predicted tokens "
-          f"({'file ' + text['file'] if 'file' in text else 'the LM validation documents'}): "
-          f"CE clean {result['ce_clean']:.4f}, zero-ablated {result['ce_zero']:.4f}, "
-          f"mean-ablated {result['ce_mean']:.4f} nats")
+    print(
+        f"spliced into {model_dir} at {hook}, {result['tokens']:,} predicted tokens "
+        f"({'file ' + text['file'] if 'file' in text else 'the LM validation documents'}): "
+        f"CE clean {result['ce_clean']:.4f}, zero-ablated {result['ce_zero']:.4f}, "
+        f"mean-ablated {result['ce_mean']:.4f} nats"
+    )
     for name, r in result["saes"].items():
-        print(f"  {name}: CE {r['ce_sae']:.4f}, delta {r['delta_ce']:+.4f} ± {r['delta_ce_se']:.4f} nats, "
-              f"recovered {r['ce_loss_recovered']:.3f} (vs mean ablation {r['ce_loss_recovered_mean']:.3f}), "
-              f"KL {r['kl']:.4f}, |x_hat|/|x| {r['norm_ratio']:.3f}")
+        print(
+            f"  {name}: CE {r['ce_sae']:.4f}, delta {r['delta_ce']:+.4f} ± {r['delta_ce_se']:.4f} nats, "
+            f"recovered {r['ce_loss_recovered']:.3f} (vs mean ablation {r['ce_loss_recovered_mean']:.3f}), "
+            f"KL {r['kl']:.4f}, |x_hat|/|x| {r['norm_ratio']:.3f}"
+        )
     print(f"wrote {out}")
     return 0

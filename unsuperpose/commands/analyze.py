@@ -20,59 +20,106 @@ from unsuperpose.errors import UserError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("analyze", help="the analysis report and the feature browser",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "analyze",
+        help="the analysis report and the feature browser",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     acts = p.add_subparsers(dest="analyze_command", required=True, metavar="ACTION")
 
-    r = acts.add_parser("report", help="report over every dictionary set of one store, beside the toy run",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                        description="Read every dictionary set under RUNS/sae/LM/layerL/*/ (and the toy run), "
-                                    "draw the heatmaps and the toy-vs-LM comparison, say where the three "
-                                    "diagnostics point, and write RUNS/report/LM-layerL/index.html.")
-    r.add_argument("--runs", type=Path, default=Path("runs"), help="the runs folder every stage writes to")
+    r = acts.add_parser(
+        "report",
+        help="report over every dictionary set of one store, beside the toy run",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Read every dictionary set under RUNS/sae/LM/layerL/*/ (and the toy run), "
+        "draw the heatmaps and the toy-vs-LM comparison, say where the three "
+        "diagnostics point, and write RUNS/report/LM-layerL/index.html.",
+    )
+    r.add_argument(
+        "--runs", type=Path, default=Path("runs"), help="the runs folder every stage writes to"
+    )
     r.add_argument("--lm", default="tiny", help="LM name (the folder under RUNS/sae/)")
     r.add_argument("--layer", default="1", help="layer whose dictionaries to report on")
-    r.add_argument("--toy", type=Path, default=None, help="toy run to compare with (default RUNS/toy)")
-    r.add_argument("--out", type=Path, default=None, help="report folder (default RUNS/report/LM-layerL)")
-    r.add_argument("--dead-tolerance", type=float, default=DEFAULT_TOLERANCE,
-                   help="a dictionary counts as without dead latents if at most this fraction of its "
-                        "latents are dead (0: none at all, the report's literal rule, which is "
-                        "printed beside this reading in any case)")
-    r.add_argument("--sets", type=lambda t: [s for s in t.split(",") if s], default=None,
-                   help="read only these dictionary sets (folder names under RUNS/sae/LM/layerL/, "
-                        "comma-separated; default: every set there)")
-    r.add_argument("--features", action=argparse.BooleanOptionalAction, default=True,
-                   help="also build the feature browser for the dictionary the diagnostics point to")
+    r.add_argument(
+        "--toy", type=Path, default=None, help="toy run to compare with (default RUNS/toy)"
+    )
+    r.add_argument(
+        "--out", type=Path, default=None, help="report folder (default RUNS/report/LM-layerL)"
+    )
+    r.add_argument(
+        "--dead-tolerance",
+        type=float,
+        default=DEFAULT_TOLERANCE,
+        help="a dictionary counts as without dead latents if at most this fraction of its "
+        "latents are dead (0: none at all, the report's literal rule, which is "
+        "printed beside this reading in any case)",
+    )
+    r.add_argument(
+        "--sets",
+        type=lambda t: [s for s in t.split(",") if s],
+        default=None,
+        help="read only these dictionary sets (folder names under RUNS/sae/LM/layerL/, "
+        "comma-separated; default: every set there)",
+    )
+    r.add_argument(
+        "--features",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also build the feature browser for the dictionary the diagnostics point to",
+    )
     _browser_arguments(r)
-    r.add_argument("--wandb", choices=["offline", "online", "disabled"], default=None,
-                   help="W&B mode (default: $WANDB_MODE, else offline)")
+    r.add_argument(
+        "--wandb",
+        choices=["offline", "online", "disabled"],
+        default=None,
+        help="W&B mode (default: $WANDB_MODE, else offline)",
+    )
     r.set_defaults(func=run)
 
-    f = acts.add_parser("features", help="feature browser: an HTML page per dictionary, plus the MLP neurons",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                        description="Per latent: firing frequency, activation histogram and the "
-                                    "top-activating contexts from the store's tokens; the same for the "
-                                    "store's neurons as the baseline. One pass over the store, in chunks.")
+    f = acts.add_parser(
+        "features",
+        help="feature browser: an HTML page per dictionary, plus the MLP neurons",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Per latent: firing frequency, activation histogram and the "
+        "top-activating contexts from the store's tokens; the same for the "
+        "store's neurons as the baseline. One pass over the store, in chunks.",
+    )
     _dict_argument(f)
-    f.add_argument("--store", type=storage.location, default=None,
-                   help="activation store to read, a folder or s3://... (default: the one the "
-                   "dictionary was trained on)")
+    f.add_argument(
+        "--store",
+        type=storage.location,
+        default=None,
+        help="activation store to read, a folder or s3://... (default: the one the "
+        "dictionary was trained on)",
+    )
     f.add_argument("--out", type=Path, default=None, help="output folder (default DICT/features)")
     _browser_arguments(f)
     f.set_defaults(func=run)
 
-    sp = acts.add_parser("splice", help="the SAE spliced into its LM: CE loss recovered, delta CE, KL, shrinkage",
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                         description="Replace the hook's activation with each SAE's reconstruction "
-                                     "and measure the LM's next-token loss against the clean, zero- and "
-                                     "mean-ablated model, on the LM's validation documents or a text file.")
+    sp = acts.add_parser(
+        "splice",
+        help="the SAE spliced into its LM: CE loss recovered, delta CE, KL, shrinkage",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Replace the hook's activation with each SAE's reconstruction "
+        "and measure the LM's next-token loss against the clean, zero- and "
+        "mean-ablated model, on the LM's validation documents or a text file.",
+    )
     _dict_argument(sp)
-    sp.add_argument("--corpus", type=Path, default=None,
-                    help="a local text file, documents separated by blank lines, used whole "
-                    "(default: the LM's held-out validation documents)")
-    sp.add_argument("--tokens", type=int, default=None,
-                    help="predicted tokens of the validation documents to use (default 16,384); "
-                    "ignored with --corpus")
+    sp.add_argument(
+        "--corpus",
+        type=Path,
+        default=None,
+        help="a local text file, documents separated by blank lines, used whole "
+        "(default: the LM's held-out validation documents)",
+    )
+    sp.add_argument(
+        "--tokens",
+        type=int,
+        default=None,
+        help="predicted tokens of the validation documents to use (default 16,384); "
+        "ignored with --corpus",
+    )
     sp.add_argument("--batch-size", type=int, default=4, help="token blocks per forward pass")
     sp.add_argument("--device", default="auto", help=distributed.DEVICE_HELP)
     sp.add_argument("--out", type=Path, default=None, help="JSON file (default DICT/splice.json)")
@@ -87,14 +134,23 @@ def _run_splice(args: argparse.Namespace) -> int:
 
 
 def _dict_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dict", dest="dict_path", type=Path, required=True,
-                   help="one SAE folder (saes/n<size>-l1_<l1>) or a dictionary set (a folder with saes/)")
+    p.add_argument(
+        "--dict",
+        dest="dict_path",
+        type=Path,
+        required=True,
+        help="one SAE folder (saes/n<size>-l1_<l1>) or a dictionary set (a folder with saes/)",
+    )
 
 
 def _browser_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top", type=int, default=20, help="top-activating contexts per unit")
-    p.add_argument("--max-rows", type=int, default=None,
-                   help="scan at most this many store rows (default: all)")
+    p.add_argument(
+        "--max-rows",
+        type=int,
+        default=None,
+        help="scan at most this many store rows (default: all)",
+    )
     p.add_argument("--no-neurons", action="store_true", help="skip the MLP-neuron baseline page")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--device", default="auto", help=distributed.DEVICE_HELP)
@@ -115,14 +171,18 @@ def _decoder(store):
         tok = model_tokenizer(model_dir) if model_dir else None
     except UserError as exc:
         if tag != gpt2_tokenizer().tag:
-            raise UserError(f"{store.path}: its tokens are for the tokenizer of {model_dir}, which cannot be "
-                            f"read now ({exc}); put the model back there to see the text") from None
+            raise UserError(
+                f"{store.path}: its tokens are for the tokenizer of {model_dir}, which cannot be "
+                f"read now ({exc}); put the model back there to see the text"
+            ) from None
         tok = None
     if tok is None:
         tok = gpt2_tokenizer()
     if tok.tag != tag:
-        raise UserError(f"{store.path}: its tokens were made by tokenizer {tag}, but {model_dir} now holds "
-                        f"{tok.tag}; harvest the store again, or restore that model's tokenizer")
+        raise UserError(
+            f"{store.path}: its tokens were made by tokenizer {tag}, but {model_dir} now holds "
+            f"{tok.tag}; harvest the store again, or restore that model's tokenizer"
+        )
     return tok.decode
 
 
@@ -131,8 +191,10 @@ def _open_store(path: Path):
 
     path = storage.location(path)
     if not storage.exists(path):
-        raise UserError(f"activation store {path} does not exist; pass the store the dictionary was "
-                        "trained on with --store, or harvest it (`make harvest`)")
+        raise UserError(
+            f"activation store {path} does not exist; pass the store the dictionary was "
+            "trained on with --store, or harvest it (`make harvest`)"
+        )
     return ActivationStore(path)
 
 
@@ -143,16 +205,25 @@ def _browse(sae_dirs: list[Path], store_path: Path | None, out: Path, args) -> d
     if store_path is None:
         recorded = store_of(SAE.load(sae_dirs[0]))
         if recorded is None:
-            raise UserError(f"{sae_dirs[0]} was not trained on an activation store (toy data has no "
-                            "tokens to show); pass one with --store")
+            raise UserError(
+                f"{sae_dirs[0]} was not trained on an activation store (toy data has no "
+                "tokens to show); pass one with --store"
+            )
         store_path = storage.location(recorded)
     if args.top < 1:
         raise UserError("--top must be at least 1")
     store = _open_store(store_path)
-    return build_browser(sae_dirs, store, out, _decoder(store), top=args.top,
-                         max_rows=args.max_rows, neurons=not args.no_neurons,
-                         progress=not args.no_progress,
-                         device=distributed.resolve_device(getattr(args, "device", "cpu")))
+    return build_browser(
+        sae_dirs,
+        store,
+        out,
+        _decoder(store),
+        top=args.top,
+        max_rows=args.max_rows,
+        neurons=not args.no_neurons,
+        progress=not args.no_progress,
+        device=distributed.resolve_device(getattr(args, "device", "cpu")),
+    )
 
 
 def _report_command(args) -> str:
@@ -187,14 +258,25 @@ def run(args: argparse.Namespace) -> int:
     # The report's folder (build_report's default) is locked as its writer's; the runs read are not.
     out = args.out or args.runs / "report" / f"{args.lm}-layer{args.layer}"
     with locking.hold(out, what=f"the report folder {out}"):
-        report = build_report(args.runs, args.lm, args.layer, out=out, toy=args.toy,
-                              tolerance=args.dead_tolerance, sets=args.sets, wandb_mode=args.wandb,
-                              browse=browse, command=_report_command(args))
+        report = build_report(
+            args.runs,
+            args.lm,
+            args.layer,
+            out=out,
+            toy=args.toy,
+            tolerance=args.dead_tolerance,
+            sets=args.sets,
+            wandb_mode=args.wandb,
+            browse=browse,
+            command=_report_command(args),
+        )
     for note in report.notes:
         print(f"note: {note}")
     from unsuperpose.analyze.report_page import estimate_text, sensitivity_text
 
-    print("estimate: " + estimate_text(report.lm.diagnosis.estimate(), report.lm.base, report.lm.name))
+    print(
+        "estimate: " + estimate_text(report.lm.diagnosis.estimate(), report.lm.base, report.lm.name)
+    )
     if sensitivity_text(report.lm.diagnosis):
         print(sensitivity_text(report.lm.diagnosis))
     print(f"report: {report.index}")

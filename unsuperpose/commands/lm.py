@@ -6,7 +6,8 @@
     unsuperpose lm adopt --from EleutherAI/pythia-70m --out runs/lm/pythia-70m --corpus wiki  # online
     unsuperpose lm info runs/lm/tiny
     unsuperpose lm tokens --corpus wiki+gensim [--tokenizer runs/lm/pythia-70m]
-"""
+"""  # noqa: E501  # fmt: skip
+# (kept verbatim: `unsuperpose lm --help` prints this docstring, usage lines indented)
 
 from __future__ import annotations
 
@@ -22,8 +23,12 @@ def _add_corpus_arguments(parser: argparse.ArgumentParser) -> None:
 
     # The split seed gets its own flag so that --seed stays the training seed.
     add_arguments(parser, CorpusConfig, skip=("seed",))
-    parser.add_argument("--split-seed", type=int, default=argparse.SUPPRESS,
-                        help="seed of the document-level train/validation split (default: 0)")
+    parser.add_argument(
+        "--split-seed",
+        type=int,
+        default=argparse.SUPPRESS,
+        help="seed of the document-level train/validation split (default: 0)",
+    )
 
 
 def _corpus(args: argparse.Namespace, base=None):
@@ -51,36 +56,59 @@ def _preset_differences() -> str:
 def add_parser(subparsers) -> None:
     from unsuperpose.lm import PRESETS, LMConfig, TrainLMConfig
 
-    parser = subparsers.add_parser("lm", help="train a GPT-2-style LM, or adopt any causal LM TransformerLens "
-                                   "bridges (stage 1)",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = subparsers.add_parser(
+        "lm",
+        help="train a GPT-2-style LM, or adopt any causal LM TransformerLens bridges (stage 1)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="lm_command", required=True, metavar="ACTION")
 
-    train = sub.add_parser("train", help="train an LM (resumes from its checkpoint if interrupted)",
-                           description="Train an LM. Every flag below overrides the chosen preset's value. "
-                                       "The defaults shown are the configs' own; the presets change: "
-                                       + _preset_differences())
-    train.add_argument("--preset", default="tiny",
-                       help=f"one of {', '.join(PRESETS)} (default: tiny). tiny = 6 layers x d_model 16 with the "
-                            "CPU batch of 8 sequences, 1M tokens, 1 thread (the `make lm` default, ~10 min on 2 cores); small = the "
-                            "report's 6 x 256 model with the same CPU batch, all cores; report = that model with the report's "
-                            "batch of 256 sequences (gradient accumulation over micro-batches of 16)")
+    train = sub.add_parser(
+        "train",
+        help="train an LM (resumes from its checkpoint if interrupted)",
+        description="Train an LM. Every flag below overrides the chosen preset's value. "
+        "The defaults shown are the configs' own; the presets change: " + _preset_differences(),
+    )
+    train.add_argument(
+        "--preset",
+        default="tiny",
+        help=f"one of {', '.join(PRESETS)} (default: tiny). tiny = 6 layers x d_model 16 with the "
+        "CPU batch of 8 sequences, 1M tokens, 1 thread (the `make lm` default, ~10 min on 2 cores); small = the "
+        "report's 6 x 256 model with the same CPU batch, all cores; report = that model with the report's "
+        "batch of 256 sequences (gradient accumulation over micro-batches of 16)",
+    )
     train.add_argument("--out", required=True, help="model directory to write, e.g. runs/lm/tiny")
-    train.add_argument("--from", dest="init_from", default=None,
-                       help="start from the weights (and architecture) of this local HF GPT-2-style model instead of a "
-                            "random init; --preset then only chooses the training recipe")
-    train.add_argument("--overwrite", action="store_true", help="discard a finished model or checkpoint in --out")
-    train.add_argument("--no-progress", dest="progress", action="store_false", help="do not show the progress bar")
+    train.add_argument(
+        "--from",
+        dest="init_from",
+        default=None,
+        help="start from the weights (and architecture) of this local HF GPT-2-style model instead of a "
+        "random init; --preset then only chooses the training recipe",
+    )
+    train.add_argument(
+        "--overwrite", action="store_true", help="discard a finished model or checkpoint in --out"
+    )
+    train.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="do not show the progress bar"
+    )
     add_arguments(train, LMConfig, skip=("preset",))
     add_arguments(train, TrainLMConfig)
     _add_corpus_arguments(train)
     train.set_defaults(func=run)
 
-    adopt = sub.add_parser("adopt", help="make an existing HF causal LM (GPT-2, GPT-NeoX/Pythia, Llama, ...) and its "
-                                         "tokenizer usable by the next stages")
-    adopt.add_argument("--from", dest="init_from", required=True,
-                       help="local directory saved with save_pretrained (model and tokenizer), or a hub name such as "
-                            "EleutherAI/pythia-70m when online")
+    adopt = sub.add_parser(
+        "adopt",
+        help="make an existing HF causal LM (GPT-2, GPT-NeoX/Pythia, Llama, ...) and its "
+        "tokenizer usable by the next stages",
+    )
+    adopt.add_argument(
+        "--from",
+        dest="init_from",
+        required=True,
+        help="local directory saved with save_pretrained (model and tokenizer), or a hub name such as "
+        "EleutherAI/pythia-70m when online",
+    )
     adopt.add_argument("--out", required=True, help="model directory to write, e.g. runs/lm/mine")
     _add_corpus_arguments(adopt)
     adopt.set_defaults(func=run)
@@ -89,11 +117,19 @@ def add_parser(subparsers) -> None:
     info.add_argument("model_dir")
     info.set_defaults(func=run)
 
-    tokens = sub.add_parser("tokens", help="tokenise a corpus into the cache and print its statistics")
+    tokens = sub.add_parser(
+        "tokens", help="tokenise a corpus into the cache and print its statistics"
+    )
     tokens.add_argument("--n-ctx", type=int, default=256, help="block length")
-    tokens.add_argument("--cache-dir", default=None, help="token cache folder (default runs/cache/tokens)")
-    tokens.add_argument("--tokenizer", default=None, metavar="MODEL_DIR",
-                        help="tokenise with this model's own tokenizer (default: GPT-2's BPE)")
+    tokens.add_argument(
+        "--cache-dir", default=None, help="token cache folder (default runs/cache/tokens)"
+    )
+    tokens.add_argument(
+        "--tokenizer",
+        default=None,
+        metavar="MODEL_DIR",
+        help="tokenise with this model's own tokenizer (default: GPT-2's BPE)",
+    )
     _add_corpus_arguments(tokens)
     tokens.set_defaults(func=run)
 
@@ -109,18 +145,32 @@ def _train(args: argparse.Namespace) -> int:
     train = from_args(TrainLMConfig, args, base=train_base)
     # One writer per model folder (unsuperpose.locking); under torchrun train_lm refuses at once
     # (it runs in one process), which every rank locking would only muddle.
-    lock = contextlib.nullcontext() if distributed.launched_by_torchrun() else \
-        locking.hold(args.out, what=f"the model folder {args.out}")
+    lock = (
+        contextlib.nullcontext()
+        if distributed.launched_by_torchrun()
+        else locking.hold(args.out, what=f"the model folder {args.out}")
+    )
     with lock:
-        result = train_lm(lm, train, _corpus(args), args.out, init_from=args.init_from,
-                          overwrite=args.overwrite, progress=args.progress)
+        result = train_lm(
+            lm,
+            train,
+            _corpus(args),
+            args.out,
+            init_from=args.init_from,
+            overwrite=args.overwrite,
+            progress=args.progress,
+        )
     if not result["finished"]:
-        print(f"stopped at step {result['step']} of {result['steps']}; run the same command again to continue")
+        print(
+            f"stopped at step {result['step']} of {result['steps']}; run the same command again to continue"
+        )
         return 0
     line = f"saved {args.out}: {result['train_tokens']:,} tokens in {result['train_seconds']:.0f} s"
     if "val_loss" in result:
-        line += (f"; validation loss {result['val_loss']:.3f} nats/token vs unigram entropy "
-                 f"{result['unigram_entropy']:.3f}")
+        line += (
+            f"; validation loss {result['val_loss']:.3f} nats/token vs unigram entropy "
+            f"{result['unigram_entropy']:.3f}"
+        )
     print(line)
     return 0
 
@@ -139,5 +189,10 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(model_info(args.model_dir), indent=2))
     elif args.lm_command == "tokens":
         tok = model_tokenizer(args.tokenizer) if args.tokenizer else None
-        print(json.dumps(describe_tokens(_corpus(args), args.n_ctx, cache_dir=args.cache_dir, tokenizer=tok), indent=2))
+        print(
+            json.dumps(
+                describe_tokens(_corpus(args), args.n_ctx, cache_dir=args.cache_dir, tokenizer=tok),
+                indent=2,
+            )
+        )
     return 0

@@ -9,8 +9,14 @@ from pathlib import Path
 from unsuperpose import distributed, storage
 from unsuperpose.analyze import ground_truth_callback
 from unsuperpose.analyze.diagnostics import DEFAULT_TOLERANCE, diagnose, diagnosis_record
-from unsuperpose.commands._grid import (add_run_arguments, add_sae_arguments, check_run_folder,
-                                        locked_run, sae_config, train_and_save)
+from unsuperpose.commands._grid import (
+    add_run_arguments,
+    add_sae_arguments,
+    check_run_folder,
+    locked_run,
+    sae_config,
+    train_and_save,
+)
 from unsuperpose.config import add_arguments, from_args
 from unsuperpose.errors import UserError
 from unsuperpose.toy import ToyConfig, ToySource
@@ -38,32 +44,54 @@ TOY_DEAD_WINDOW = ToySource(ToyConfig()).dead_window(256)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("toy", help="train SAE grids on toy data with known ground truth",
-                       description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", type=storage.location, default=Path("runs/toy"),
-                   help="output folder, or s3://bucket/prefix (the run works in a local mirror "
-                   "copied up after every checkpoint and at the end)")
-    p.add_argument("--grid", choices=["default", "paper"], default="default",
-                   help=f"'default': L1 {DEFAULT_L1} (sum convention) x {DEFAULT_DICT} for "
-                   f"{DEFAULT_STEPS} steps; 'paper': the report's 17 L1 values (per-latent) x "
-                   f"{PAPER_DICT} for 20,000 steps (a GPU job)")
+    p = sub.add_parser(
+        "toy",
+        help="train SAE grids on toy data with known ground truth",
+        description=__doc__,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--out",
+        type=storage.location,
+        default=Path("runs/toy"),
+        help="output folder, or s3://bucket/prefix (the run works in a local mirror "
+        "copied up after every checkpoint and at the end)",
+    )
+    p.add_argument(
+        "--grid",
+        choices=["default", "paper"],
+        default="default",
+        help=f"'default': L1 {DEFAULT_L1} (sum convention) x {DEFAULT_DICT} for "
+        f"{DEFAULT_STEPS} steps; 'paper': the report's 17 L1 values (per-latent) x "
+        f"{PAPER_DICT} for 20,000 steps (a GPU job)",
+    )
     p.add_argument("--eval-every", type=int, default=250, help="steps between MMCS evaluations")
-    p.add_argument("--data-rng", choices=["device", "cpu"], default="device",
-                   help="where toy batches are drawn: on the training device (a GPU's generator "
-                   "gives other batches than the CPU's, and the run records it), or on the CPU and "
-                   "copied over (a GPU run on exactly the CPU run's data, slower)")
+    p.add_argument(
+        "--data-rng",
+        choices=["device", "cpu"],
+        default="device",
+        help="where toy batches are drawn: on the training device (a GPU's generator "
+        "gives other batches than the CPU's, and the run records it), or on the CPU and "
+        "copied over (a GPU run on exactly the CPU run's data, slower)",
+    )
     add_arguments(p, ToyConfig)
     # One --seed (the toy data's) also seeds the SAE inits and the batch stream.
-    add_sae_arguments(p, dict_flag="--dict-ratios",
-                      dict_help=f"dictionary sizes as ratios of G (1/8x..32x; a bare number is a "
-                      f"ratio too: 1 means 1x); default {DEFAULT_DICT}", defaults=default_config(),
-                      skip=("seed", "data_seed"))
+    add_sae_arguments(
+        p,
+        dict_flag="--dict-ratios",
+        dict_help=f"dictionary sizes as ratios of G (1/8x..32x; a bare number is a "
+        f"ratio too: 1 means 1x); default {DEFAULT_DICT}",
+        defaults=default_config(),
+        skip=("seed", "data_seed"),
+    )
     for action in p._actions:
         if action.dest == "dead_window":
-            action.help = ("a latent is dead if it has not fired in this many minibatches (default: "
-                           "derived from the data, long enough that a latent which learnt the rarest "
-                           "feature is not counted dead by chance: "
-                           f"{TOY_DEAD_WINDOW} for the default data and batch)")
+            action.help = (
+                "a latent is dead if it has not fired in this many minibatches (default: "
+                "derived from the data, long enough that a latent which learnt the rarest "
+                "feature is not counted dead by chance: "
+                f"{TOY_DEAD_WINDOW} for the default data and batch)"
+            )
     add_run_arguments(p)
     p.set_defaults(func=run)
 
@@ -71,16 +99,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def default_config(grid: str = "default") -> SAETrainConfig:
     """The SAE settings of a toy grid before any flag (what --help shows for the default grid)."""
     if grid == "paper":
-        return SAETrainConfig(steps=20_000, l1_norm="per_latent", dead_window=TOY_DEAD_WINDOW,
-                              l1=PAPER_L1)
+        return SAETrainConfig(
+            steps=20_000, l1_norm="per_latent", dead_window=TOY_DEAD_WINDOW, l1=PAPER_L1
+        )
     return SAETrainConfig(steps=DEFAULT_STEPS, dead_window=TOY_DEAD_WINDOW, l1=DEFAULT_L1)
 
 
 DIAGNOSIS_FILE = "diagnosis.json"
 
 
-def toy_diagnosis(rows: list[dict], G: int, window: int | None,
-                  tolerance: float = DEFAULT_TOLERANCE) -> dict:
+def toy_diagnosis(
+    rows: list[dict], G: int, window: int | None, tolerance: float = DEFAULT_TOLERANCE
+) -> dict:
     """Where the report's three diagnostics point on a scored toy grid (rows with dead, the
     held-out losses, mmcs_larger, mmcs), against the truth (G features); the record the LM
     report writes under "toy". ``window``: the dead window the grid was trained with."""
@@ -97,7 +127,7 @@ def write_diagnosis(rows: list[dict], G: int, window: int, path: storage.Locatio
 
 
 def run(args: argparse.Namespace) -> int:
-    with locked_run(args.out, args.device):   # one writer per run folder (unsuperpose.locking)
+    with locked_run(args.out, args.device):  # one writer per run folder (unsuperpose.locking)
         return _run(args)
 
 
@@ -109,39 +139,72 @@ def _run(args: argparse.Namespace) -> int:
     base = default_config(args.grid)
     default_dict = PAPER_DICT if args.grid == "paper" else DEFAULT_DICT
     base = dataclasses.replace(base, seed=toy.seed, data_seed=toy.seed)
-    try:   # the data's own dead window, unless --dead-window says otherwise
+    try:  # the data's own dead window, unless --dead-window says otherwise
         window = ToySource(toy).dead_window(getattr(args, "batch_size", base.batch_size))
     except ValueError as exc:
         raise UserError(str(exc)) from None
     base = dataclasses.replace(base, dead_window=window)
-    cfg, labels = sae_config(args, base=base, dict_base=toy.G, default_l1=base.l1,
-                             default_dict=default_dict, bare="ratio")
+    cfg, labels = sae_config(
+        args,
+        base=base,
+        dict_base=toy.G,
+        default_l1=base.l1,
+        default_dict=default_dict,
+        bare="ratio",
+    )
     if args.eval_every < 1:
         raise UserError("--eval-every must be >= 1")
     check_run_folder(args.out)
     placement = distributed.setup(args.device)
-    source = ToySource(toy, device=placement.device,
-                       rng_device="cpu" if args.data_rng == "cpu" else placement.device)
-    print(f"toy data: h={toy.h}, G={toy.G}, k={toy.k}; {len(cfg.l1)} L1 x {len(cfg.dict_sizes)} "
-          f"sizes = {len(cfg.l1) * len(cfg.dict_sizes)} SAEs, {cfg.steps} steps of {cfg.batch_size}")
+    source = ToySource(
+        toy,
+        device=placement.device,
+        rng_device="cpu" if args.data_rng == "cpu" else placement.device,
+    )
+    print(
+        f"toy data: h={toy.h}, G={toy.G}, k={toy.k}; {len(cfg.l1)} L1 x {len(cfg.dict_sizes)} "
+        f"sizes = {len(cfg.l1) * len(cfg.dict_sizes)} SAEs, {cfg.steps} steps of {cfg.batch_size}"
+    )
     rows = train_and_save(
-        source, cfg, args.out, size_labels=labels, size_base=toy.G, size_axis="dictionary size (x G ground-truth features)",
+        source,
+        cfg,
+        args.out,
+        size_labels=labels,
+        size_base=toy.G,
+        size_axis="dictionary size (x G ground-truth features)",
         ground_truth=source.features,
         callbacks=[Callback(args.eval_every, ground_truth_callback(source.features))],
-        wandb_mode=args.wandb, progress=not args.no_progress, run_name=f"toy-{args.out.name}",
-        source_info=source.describe(), checkpoint_every=args.checkpoint_every, force=args.force,
-        placement=placement, parallel_mode=args.parallel)
+        wandb_mode=args.wandb,
+        progress=not args.no_progress,
+        run_name=f"toy-{args.out.name}",
+        source_info=source.describe(),
+        checkpoint_every=args.checkpoint_every,
+        force=args.force,
+        placement=placement,
+        parallel_mode=args.parallel,
+    )
     if not distributed.is_main():
         return 0
     diagnosis = write_diagnosis(rows, toy.G, cfg.dead_window, args.out / DIAGNOSIS_FILE)
     for p in diagnosis["pointers"]:
-        where = "nowhere in the grid" if p["size"] is None else (
-            f"more than {p['size']:,} latents" if p["lower_bound"] else
-            f"{p['size']:,} latents ({p['ratio']:g}x of G)")
+        where = (
+            "nowhere in the grid"
+            if p["size"] is None
+            else (
+                f"more than {p['size']:,} latents"
+                if p["lower_bound"]
+                else f"{p['size']:,} latents ({p['ratio']:g}x of G)"
+            )
+        )
         off = p.get("size_steps_off")
-        print(f"{p['diagnostic']}: {where}" + ("" if off is None else f", {off} size step(s) from the truth"))
+        print(
+            f"{p['diagnostic']}: {where}"
+            + ("" if off is None else f", {off} size step(s) from the truth")
+        )
     best = max(rows, key=lambda r: r["mmcs"])
-    print(f"best MMCS with the ground truth: {best['mmcs']:.4f} (L1 {best['l1']:g}, dictionary "
-          f"{best['dict_label']}); MCC {best['mcc']:.4f}")
+    print(
+        f"best MMCS with the ground truth: {best['mmcs']:.4f} (L1 {best['l1']:g}, dictionary "
+        f"{best['dict_label']}); MCC {best['mcc']:.4f}"
+    )
     print(f"wrote {args.out}/summary.csv, {DIAGNOSIS_FILE}, figures/, saes/")
     return 0

@@ -13,8 +13,13 @@ from pathlib import Path
 
 from unsuperpose import storage
 from unsuperpose import distributed
-from unsuperpose.commands._grid import (add_run_arguments, add_sae_arguments, locked_run,
-                                        sae_config, train_and_save)
+from unsuperpose.commands._grid import (
+    add_run_arguments,
+    add_sae_arguments,
+    locked_run,
+    sae_config,
+    train_and_save,
+)
 from unsuperpose.errors import UserError
 from unsuperpose.harvest import ActivationStore
 from unsuperpose.train import SAETrainConfig
@@ -28,25 +33,51 @@ DEFAULT_STEPS = 10_000
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train SAE grids on a harvested activation store",
-                       description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--store", type=storage.location, required=True,
-                   help="a store written by `unsuperpose harvest` (a folder or s3://bucket/prefix/layer1.zarr)")
-    p.add_argument("--out", type=storage.location, required=True,
-                   help="parent folder or s3://bucket/prefix; the grid goes to <out>/<DICT> (commas "
-                   "in DICT become '+'); on S3 the run works in a local mirror copied up after "
-                   "every checkpoint and at the end")
-    p.add_argument("--tokens", type=int, default=None,
-                   help="train on this many activations (sets --steps = tokens / batch size)")
-    p.add_argument("--allow-incomplete", action="store_true",
-                   help="train on the complete chunks of a store whose harvest has not finished")
-    p.add_argument("--splice-tokens", type=int, default=16_384,
-                   help="predicted tokens of the LM's validation documents for the spliced-in "
-                   "evaluation of every SAE (CE loss recovered, delta CE, KL) in summary.csv; 0: skip")
-    add_sae_arguments(p, dict_flag="--dict",
-                      dict_help=f"dictionary sizes: ratios of the store width d (e.g. 8x or "
-                      f"1x,2x,4x,8x) or absolute latents (4096); default {DEFAULT_DICT}",
-                      defaults=default_config())
+    p = sub.add_parser(
+        "train",
+        help="train SAE grids on a harvested activation store",
+        description=__doc__,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--store",
+        type=storage.location,
+        required=True,
+        help="a store written by `unsuperpose harvest` (a folder or s3://bucket/prefix/layer1.zarr)",
+    )
+    p.add_argument(
+        "--out",
+        type=storage.location,
+        required=True,
+        help="parent folder or s3://bucket/prefix; the grid goes to <out>/<DICT> (commas "
+        "in DICT become '+'); on S3 the run works in a local mirror copied up after "
+        "every checkpoint and at the end",
+    )
+    p.add_argument(
+        "--tokens",
+        type=int,
+        default=None,
+        help="train on this many activations (sets --steps = tokens / batch size)",
+    )
+    p.add_argument(
+        "--allow-incomplete",
+        action="store_true",
+        help="train on the complete chunks of a store whose harvest has not finished",
+    )
+    p.add_argument(
+        "--splice-tokens",
+        type=int,
+        default=16_384,
+        help="predicted tokens of the LM's validation documents for the spliced-in "
+        "evaluation of every SAE (CE loss recovered, delta CE, KL) in summary.csv; 0: skip",
+    )
+    add_sae_arguments(
+        p,
+        dict_flag="--dict",
+        dict_help=f"dictionary sizes: ratios of the store width d (e.g. 8x or "
+        f"1x,2x,4x,8x) or absolute latents (4096); default {DEFAULT_DICT}",
+        defaults=default_config(),
+    )
     add_run_arguments(p)
     p.set_defaults(func=run)
 
@@ -71,22 +102,30 @@ def run(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace, out, placement: distributed.Placement) -> int:
     store = ActivationStore(args.store, allow_incomplete=args.allow_incomplete)
     base = default_config()
-    cfg, labels = sae_config(args, base=base, dict_base=store.d, default_l1=base.l1,
-                             default_dict=DEFAULT_DICT)
+    cfg, labels = sae_config(
+        args, base=base, dict_base=store.d, default_l1=base.l1, default_dict=DEFAULT_DICT
+    )
     if args.tokens is not None:
         if args.tokens < cfg.batch_size:
             raise UserError(f"--tokens {args.tokens} is less than one batch ({cfg.batch_size})")
         cfg.steps = math.ceil(args.tokens / cfg.batch_size)
     info = store.describe()
-    print(f"store {args.store}: {store.rows:,} rows of width {store.d}; {len(cfg.l1)} L1 x "
-          f"{len(cfg.dict_sizes)} sizes = {len(cfg.l1) * len(cfg.dict_sizes)} SAEs, {cfg.steps:,} "
-          f"steps of {cfg.batch_size} ({cfg.steps * cfg.batch_size / store.train_rows:.2f} epochs of its {store.train_rows:,} training rows; {store.heldout_rows():,} held out: {store.heldout_description})")
+    print(
+        f"store {args.store}: {store.rows:,} rows of width {store.d}; {len(cfg.l1)} L1 x "
+        f"{len(cfg.dict_sizes)} sizes = {len(cfg.l1) * len(cfg.dict_sizes)} SAEs, {cfg.steps:,} "
+        f"steps of {cfg.batch_size} ({cfg.steps * cfg.batch_size / store.train_rows:.2f} epochs of its {store.train_rows:,} training rows; {store.heldout_rows():,} held out: {store.heldout_description})"
+    )
 
     def export(state, folder: Path) -> None:
-        meta = {k: info.get(k) for k in ("hook", "layer", "model_dir", "weights_sha256") if k in info}
+        meta = {
+            k: info.get(k) for k in ("hook", "layer", "model_dir", "weights_sha256") if k in info
+        }
         for (l1, n), sae in state.saes().items():
-            export_saelens(sae, folder / "saelens" / sae_dirname(l1, n),
-                           metadata={**meta, "hook_name": info.get("hook"), "l1": l1, "l1_norm": cfg.l1_norm})
+            export_saelens(
+                sae,
+                folder / "saelens" / sae_dirname(l1, n),
+                metadata={**meta, "hook_name": info.get("hook"), "l1": l1, "l1_norm": cfg.l1_norm},
+            )
 
     def spliced(state) -> dict:
         from unsuperpose.commands._splice import splice_columns
@@ -94,18 +133,35 @@ def _train(args: argparse.Namespace, out, placement: distributed.Placement) -> i
         if args.splice_tokens <= 0:
             return {}
         saes = state.saes()
-        print(f"spliced-in evaluation of {len(saes)} SAEs on {args.splice_tokens:,} tokens of the LM's "
-              "validation documents")
-        return splice_columns(saes, store, args.splice_tokens, progress=not args.no_progress,
-                              device=state.device)
+        print(
+            f"spliced-in evaluation of {len(saes)} SAEs on {args.splice_tokens:,} tokens of the LM's "
+            "validation documents"
+        )
+        return splice_columns(
+            saes, store, args.splice_tokens, progress=not args.no_progress, device=state.device
+        )
 
     rows = train_and_save(
-        store, cfg, out, size_labels=labels, size_base=store.d, more_scores=spliced,
-        size_axis="dictionary size (x d, the activation width)", wandb_mode=args.wandb,
-        progress=not args.no_progress, run_name=f"sae-{out.parent.name}-{out.name}",
-        source_info=info, checkpoint_every=args.checkpoint_every, force=args.force, export=export,
-        placement=placement, parallel_mode=args.parallel)
+        store,
+        cfg,
+        out,
+        size_labels=labels,
+        size_base=store.d,
+        more_scores=spliced,
+        size_axis="dictionary size (x d, the activation width)",
+        wandb_mode=args.wandb,
+        progress=not args.no_progress,
+        run_name=f"sae-{out.parent.name}-{out.name}",
+        source_info=info,
+        checkpoint_every=args.checkpoint_every,
+        force=args.force,
+        export=export,
+        placement=placement,
+        parallel_mode=args.parallel,
+    )
     best = min(rows, key=lambda r: r["heldout_fvu"])
-    print(f"lowest held-out FVU {best['heldout_fvu']:.4f} on {best['heldout_rows']:,} rows (L1 {best['l1']:g}, {best['dict_label']}, L0 {best['heldout_l0']:.1f}, "
-          f"{best['dead']} dead); wrote {out}/summary.csv, figures/, saes/, saelens/")
+    print(
+        f"lowest held-out FVU {best['heldout_fvu']:.4f} on {best['heldout_rows']:,} rows (L1 {best['l1']:g}, {best['dict_label']}, L0 {best['heldout_l0']:.1f}, "
+        f"{best['dead']} dead); wrote {out}/summary.csv, figures/, saes/, saelens/"
+    )
     return 0
