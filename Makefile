@@ -13,7 +13,7 @@ LM ?= tiny
 LAYER ?= 1
 DICT ?= 8x
 
-.PHONY: install toy test test-fast bench demo clean lm harvest train analyze replicate-update
+.PHONY: install toy test test-fast lint bench demo clean lm harvest train analyze replicate-update
 
 install: $(STAMP)
 
@@ -69,6 +69,11 @@ test: $(STAMP)
 # Everything but the slow, torchrun and S3 tests (markers in pyproject.toml): for the edit-test loop.
 test-fast: $(STAMP)
 	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(BIN)/python -m pytest tests -m "not slow and not torchrun and not s3" $(ARGS)
+
+# ruff (pinned in the dev extra): lint rules and formatting, both configured in pyproject.toml.
+# `$(BIN)/ruff format .` and `$(BIN)/ruff check --fix .` apply what they can.
+lint: $(STAMP)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks $(ARGS)

@@ -12,8 +12,8 @@ so that one pass suffices: linear bins would need every unit's maximum before th
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch

@@ -3,8 +3,8 @@ neurons as the baseline), rows sortable by firing frequency with a few lines of 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -55,7 +55,10 @@ def bars_svg(
         f'<text x="0" y="{height - 1}" font-size="9">{esc(lo_label)}</text>'
         f'<text x="{width}" y="{height - 1}" font-size="9" text-anchor="end">{esc(hi_label)}</text>'
     )
-    return f'<svg width="{width}" height="{height}" role="img" aria-label="{esc(what)}">{bars}{label}</svg>'
+    return (
+        f'<svg width="{width}" height="{height}" role="img" aria-label="{esc(what)}">'
+        f"{bars}{label}</svg>"
+    )
 
 
 def hist_svg(counts: np.ndarray, width: int = 170, height: int = 42) -> str:
@@ -129,7 +132,8 @@ def render(
             f'<tr data-i="{u}" data-freq="{stats.freq[u]:.6g}" data-max="{stats.max[u]:.6g}">'
             f"<td>{u}</td><td>{fmt(float(stats.freq[u]), 3)}</td>"
             f"<td>{fmt(float(stats.max[u]), 3)}</td><td>{fmt(float(stats.mean_active[u]), 3)}</td>"
-            f'<td>{hist_svg(stats.hist[u])}</td><td class="ctxcell"><div class="ctxs">{ctx}</div></td></tr>'
+            f"<td>{hist_svg(stats.hist[u])}</td>"
+            f'<td class="ctxcell"><div class="ctxs">{ctx}</div></td></tr>'
         )
     units = (
         f"<table><thead><tr><th>{esc(what)}</th><th>firing frequency</th><th>max</th>"

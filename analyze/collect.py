@@ -263,7 +263,8 @@ def collect_lm(runs: str | Path, lm: str, layer: int | str, sets: list[str] | No
         f"LM {lm!r} layer {layer} (looked in {base}/*/saes/)",
         f"train a grid first, e.g. `make train LM={lm} LAYER={layer} DICT=1x,2x,4x,8x`",
     )
-    # A set still training has a checkpoint but no dictionaries yet: say so rather than skip it silently.
+    # A set still training has a checkpoint but no dictionaries yet: say so rather than skip it
+    # silently.
     unfinished = [
         p.name for p in sorted(base.iterdir()) if (p / "checkpoint").is_dir() and not is_set(p)
     ]

@@ -385,7 +385,10 @@ def diagnose(
     other windows, for the sensitivity table) and with ground truth ``mmcs``. ``window``: the
     training window behind ``dead``.
     """
-    col = lambda name: columns.get(name) or {}
+
+    def col(name):
+        return columns.get(name) or {}
+
     dead, recon, l1_loss = col("dead"), col("heldout_mse"), col("heldout_l1_loss")
     keys = set(dead) | set(recon) | set(col("mmcs_larger"))
     l1s = sorted({k[0] for k in keys})
@@ -471,7 +474,10 @@ def diagnosis_record(d: Diagnosis, base: int, base_name: str) -> dict:
         }
     est = d.estimate()
     if est is not None:
-        ratio = lambda v: v / base if v is not None else None
+
+        def ratio(v):
+            return v / base if v is not None else None
+
         rec["estimate"] = {
             **est,
             "ratio_more_than": ratio(est["more_than"]),

@@ -3,8 +3,8 @@ plus the MLP neurons as the baseline, from one pass over the store."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 

@@ -13,9 +13,9 @@ and logs the same to one W&B run (offline unless asked otherwise) through ``Trac
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from unsuperpose.analyze.collect import Grid, collect_lm, collect_toy
 from unsuperpose.analyze.compare import COMPARISONS, ratio_label, side_by_side, size_labels

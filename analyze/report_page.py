@@ -79,7 +79,10 @@ def _n(v) -> str:
 def estimate_text(est: dict | None, base: int, name: str) -> str:
     """One sentence for the estimate; an open upper end is printed as a bound, never a number."""
     if not est:
-        return f"{name}: no diagnostic points inside this grid; train larger dictionaries or more L1 values."
+        return (
+            f"{name}: no diagnostic points inside this grid; "
+            "train larger dictionaries or more L1 values."
+        )
     if est["more_than"] is not None:
         pointed = (
             f" (the other diagnostics point to {', '.join(f'{s:,}' for s in est['sizes'])})"
@@ -87,8 +90,9 @@ def estimate_text(est: dict | None, base: int, name: str) -> str:
             else ""
         )
         return (
-            f"{name}: more than {est['more_than']:,} features ({ratio_label(est['more_than'], base)} "
-            f"of {base}): at some L1 even the largest dictionary trained there keeps its latents, "
+            f"{name}: more than {est['more_than']:,} features "
+            f"({ratio_label(est['more_than'], base)} of {base}): at some L1 even the largest "
+            "dictionary trained there keeps its latents, "
             f"so nothing bounds the number from above{pointed}; the grid must grow at that L1 "
             "until latents die."
         )
@@ -250,8 +254,8 @@ def commands(report, command: str | None) -> list[str]:
         cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
         l1 = ",".join(f"{a:g}" for a in cfg.get("l1", []))
         cmds.append(
-            f"unsuperpose train --store {q(src.get('path', '?'))} --dict {q(s.name.replace('+', ','))} "
-            f"--out {q(str(s.parent))}"
+            f"unsuperpose train --store {q(src.get('path', '?'))} "
+            f"--dict {q(s.name.replace('+', ','))} --out {q(str(s.parent))}"
             + (
                 f" --l1 {l1} --steps {cfg.get('steps')} --batch-size {cfg.get('batch_size')}"
                 if cfg
@@ -267,8 +271,8 @@ def commands(report, command: str | None) -> list[str]:
             for n in sorted({c.n for c in report.toy.grid.cells.values()})
         )
         cmds.append(
-            f"unsuperpose toy --out {q(str(report.toy.grid.sets[0]))} --h {t.get('h')} --G {t.get('G')} "
-            f"--k {t.get('k')} --steps {cfg.get('steps')} --l1 "
+            f"unsuperpose toy --out {q(str(report.toy.grid.sets[0]))} "
+            f"--h {t.get('h')} --G {t.get('G')} --k {t.get('k')} --steps {cfg.get('steps')} --l1 "
             f"{','.join(f'{a:g}' for a in cfg.get('l1', []))} --dict-ratios {sizes}"
         )
     cmds.append(command or "unsuperpose analyze report")
@@ -318,8 +322,9 @@ def render_index(report, *, command: str | None = None) -> Path:
             for name, p in report.features.items()
         )
         body.append(
-            f"<h2>Feature browser</h2><p>For {esc(str(report.feature_dict))} (where the diagnostics "
-            f"point) and the MLP neurons as the baseline: {links}</p>"
+            "<h2>Feature browser</h2>"
+            f"<p>For {esc(str(report.feature_dict))} (where the diagnostics point) "
+            f"and the MLP neurons as the baseline: {links}</p>"
         )
     if any(k.startswith("lm_frontier_") for k in figs):
         body.append(

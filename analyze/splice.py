@@ -20,7 +20,7 @@ token, and KL(clean || spliced) of the next-token distributions. Figures are mea
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -98,8 +98,9 @@ def splice_eval(
         tokens = tokens.to(device)
         captured = {}
 
+        # _run below calls the hook within this iteration, so it sees this iteration's dict
         def capture(x, hook=None):
-            captured["x"] = x.detach().clone()
+            captured["x"] = x.detach().clone()  # noqa: B023
             return x
 
         targets = tokens[:, 1:]

@@ -3,8 +3,9 @@
 All on a random-initialised LM of the `small` preset (6 layers, d_model 256, MLP 1024, n_ctx 256;
 nothing downloaded), layer 1's MLP into a store, random token blocks:
 - harvest_ranks: harvest tokens/s of one process (its default threads, and 1 thread) and of
-  `torchrun --nproc_per_node 2` (1 thread each) into the same kind of store, timed inside the processes (torchrun's start-up
-  excluded), and whether the two stores' chunk files are byte-for-byte the same.
+  `torchrun --nproc_per_node 2` (1 thread each) into the same kind of store, timed inside the
+  processes (torchrun's start-up excluded), and whether the two stores' chunk files are
+  byte-for-byte the same.
 - bf16_vs_fp32: how far the stored activations of a bf16-autocast forward are from those of an
   fp32 forward (relative to the values' scale, and in bf16 ulps), with both harvests' tokens/s.
   On this CPU, autocast stands in for the GPU's (it is slower here: no bf16 units). On a GPU

@@ -23,7 +23,8 @@ def grid_throughput(
     src = ToySource(ToyConfig(h=d))
     xs = [x for _, x in zip(range(steps), src.batches(batch))]
     flops_per_sae_step = 10 * batch * d * n
-    # grid: n_l1 SAEs of one size in one pass (the batches are ready in RAM: this measures the trainer)
+    # grid: n_l1 SAEs of one size in one pass (the batches are ready in RAM: this measures the
+    # trainer)
     cfg = SAETrainConfig(
         l1=[10 ** (-4 + i / 4) for i in range(n_l1)],
         dict_sizes=[n],

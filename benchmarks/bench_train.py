@@ -3,8 +3,8 @@
 An SAE step is counted as 10*b*d*n FLOPs (five dense GEMMs). Figures:
 - dense: one 1024 -> 8192 SAE at batch 4,096 from RAM, our trainer vs a plain autograd SAE + Adam,
   both as % of the GEMM peak of the same shapes measured here;
-- sparse: the same SAE in the L0 <= 64 regime (encoder bias set so ~24 of 8,192 latents fire at first),
-  the automatic sparse backward vs forced dense;
+- sparse: the same SAE in the L0 <= 64 regime (encoder bias set so ~24 of 8,192 latents fire at
+  first), the automatic sparse backward vs forced dense;
 - grid vs sequential: 8 L1 values x 256 -> 512 (batch 256) in one pass vs one SAE at a time, fed
   from memory (the trainer alone) and from the toy generator (what a user pays);
 - store vs RAM: the same grid fed from a bfloat16 Zarr store vs from tensors in memory.

@@ -27,8 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from unsuperpose import distributed
-from unsuperpose import storage
+from unsuperpose import distributed, storage
 from unsuperpose.config import field, to_dict
 from unsuperpose.errors import UserError
 
@@ -91,7 +90,7 @@ class _Target:
 
 
 def store_name(hook: str, layer: int | None) -> str:
-    """``layer<L>.zarr`` for the default MLP hook (what the Makefile expects), else the hook name."""
+    """``layer<L>.zarr`` for the default MLP hook (the Makefile expects it), else the hook name."""
     if layer is not None and hook == DEFAULT_HOOK.format(layer=layer):
         return f"layer{layer}.zarr"
     return f"{hook}.zarr"
@@ -302,7 +301,7 @@ def _landed(b: int, host: dict[str, torch.Tensor], done: Any) -> tuple[int, dict
 
 
 def mask_fingerprint(heldout: np.ndarray | None) -> str | None:
-    """sha256 of a 0/1 held-out mask, read in pieces (it may be a memory map of the whole corpus)."""
+    """sha256 of a 0/1 held-out mask, read in pieces (it may memory-map the whole corpus)."""
     if heldout is None:
         return None
     flat, h = heldout.reshape(-1), hashlib.sha256()
@@ -432,7 +431,8 @@ def _plan_stores(
             chunk_rows,
             cfg.batch_size,
             cfg.force,
-            keep=lambda g: kept.setdefault("precision", _kept_precision(t, g, asked, precision)),
+            # called inside _open_or_create, within this iteration
+            keep=lambda g: kept.setdefault("precision", _kept_precision(t, g, asked, precision)),  # noqa: B023
         )
         if start == rows:
             print(f"harvest: {t.path} is complete ({rows:,} rows); nothing to do")

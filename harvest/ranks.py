@@ -32,7 +32,7 @@ def work_unit(chunk_rows: list[int], batch_rows: int) -> int:
 
 
 def n_rounds(first: int, rows: int, unit: int, world: int) -> int:
-    """Rounds needed for the units from the one holding row ``first`` to the one holding the last."""
+    """Rounds needed for the units from the one holding row ``first`` to the last one's."""
     return -(-(-(-rows // unit) - first // unit) // world)
 
 

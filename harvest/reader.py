@@ -18,9 +18,9 @@ import hashlib
 import json
 import queue
 import threading
+from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch

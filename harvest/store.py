@@ -188,7 +188,7 @@ def _build(
 
 
 def exists(path: storage.Location) -> bool:
-    """Whether a store, finished or not, is at ``path``: a harvest resumes it instead of creating one.
+    """Whether a store, finished or not, is at ``path``: a harvest resumes it, not creates one.
 
     Locally any folder counts (stores appear by a rename, so a folder without ``zarr.json`` is
     something else, which ``open_group`` refuses). On object storage a store interrupted while it

@@ -1,5 +1,5 @@
-"""Stage 1: corpus -> tokens -> a small GPT-2-style LM trained here, or any causal LM TransformerLens
-4 bridges (Pythia, Llama, ...) brought along with its own tokenizer.
+"""Stage 1: corpus -> tokens -> a small GPT-2-style LM trained here, or any causal LM
+TransformerLens 4 bridges (Pythia, Llama, ...) brought along with its own tokenizer.
 
 Everything the later stages need from the LM goes through these names: the tokenizer, the token
 blocks (the very blocks harvesting streams), and a model directory that plain transformers and

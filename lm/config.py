@@ -19,7 +19,7 @@ from unsuperpose.errors import UserError
 
 @dataclass
 class LMConfig:
-    """Architecture of the GPT-2-style decoder (GELU, learned positions, LayerNorm, 50,257 tokens)."""
+    """Architecture of the GPT-2-style decoder (GELU, learned positions, LayerNorm, 50,257 tokens)."""  # noqa: E501 (--help prints this line)
 
     preset: str = field(
         "tiny", help="architecture preset it was built from: tiny | small (report uses small)"
@@ -50,7 +50,7 @@ class LMConfig:
 
 @dataclass
 class TrainLMConfig:
-    """How to train: budget, batch, AdamW with 1% linear warm-up then cosine decay, logging, checkpoints."""
+    """How to train: budget, batch, AdamW with 1% linear warm-up then cosine decay, logging, checkpoints."""  # noqa: E501 (--help prints this line)
 
     tokens: int = field(
         1_000_000, help="training budget in tokens (sets the number of optimizer steps)"
@@ -70,7 +70,8 @@ class TrainLMConfig:
     warmup_fraction: float = field(0.01, help="fraction of steps of linear warm-up")
     weight_decay: float = field(
         0.1,
-        help="AdamW weight decay, on weight matrices and embeddings (not biases or LayerNorm gains)",
+        help="AdamW weight decay, on weight matrices and embeddings "
+        "(not biases or LayerNorm gains)",
     )
     beta1: float = field(0.9, help="AdamW beta1")
     beta2: float = field(0.95, help="AdamW beta2")

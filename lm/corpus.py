@@ -19,9 +19,9 @@ import importlib.util
 import json
 import re
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from unsuperpose.config import field
 from unsuperpose.errors import UserError
@@ -79,7 +79,8 @@ def _package_file(module: str, dist: str, rel: str) -> Path:
     path = Path(list(spec.submodule_search_locations)[0]) / rel
     if not path.is_file():
         raise UserError(
-            f"{dist} is installed but lacks {rel}; install the version pinned in pyproject.toml/Makefile"
+            f"{dist} is installed but lacks {rel}; "
+            "install the version pinned in pyproject.toml/Makefile"
         )
     return path
 
@@ -104,7 +105,7 @@ def _text_files(path: Path) -> list[Path]:
 
 
 def sources(cfg: CorpusConfig) -> list[str]:
-    """The parts of ``cfg.corpus``: itself if it names an existing path, else its '+'-joined parts."""
+    """The parts of ``cfg.corpus``: itself if it names an existing path, else its '+'-parts."""
     if Path(cfg.corpus).expanduser().exists():
         return [cfg.corpus]
     parts = [p.strip() for p in cfg.corpus.split("+")]
@@ -158,8 +159,7 @@ def _strip_wikitext(mwp, text: str) -> str:
 
 def _txt_documents(path: Path) -> Iterator[str]:
     """A .txt file holds documents separated by blank lines."""
-    for block in re.split(r"\n\s*\n", path.read_text(encoding="utf-8")):
-        yield block
+    yield from re.split(r"\n\s*\n", path.read_text(encoding="utf-8"))
 
 
 def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
@@ -244,7 +244,7 @@ def iter_documents(cfg: CorpusConfig) -> Iterator[str]:
                 return
 
 
-# ---------------------------------------------------------------- identity (for caches and provenance)
+# -------------------------------------------------- identity (for caches and provenance)
 
 
 def _source_identity(cfg: CorpusConfig, source: str) -> dict:

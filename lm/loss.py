@@ -62,7 +62,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 nll = nll.index_put((rows,), exact)
             total += nll.sum(dtype=torch.float64)
             if need_grad:
-                # d(sum CE)/d(logits) = softmax - onehot; the 1/n is applied to the small GEMM outputs.
+                # d(sum CE)/d(logits) = softmax - onehot; the 1/n is applied to the small GEMM
+                # outputs.
                 probs.scatter_add_(
                     1, y, torch.full((c, 1), -1.0, dtype=probs.dtype, device=probs.device)
                 )
@@ -93,12 +94,16 @@ def chunked_lm_loss(
     y = targets.reshape(-1).long()
     if h.shape[0] != y.shape[0]:
         raise ValueError(f"{h.shape[0]} hidden states but {y.shape[0]} targets")
-    # Decided here, not from ctx.needs_input_grad: under no_grad (validation) skip the gradient work.
+    # Decided here, not from ctx.needs_input_grad: under no_grad (validation) skip the gradient
+    # work.
     need_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
     return _FusedLinearCrossEntropy.apply(h.contiguous(), weight, y, chunk, need_grad)
 
 
 def model_loss(model, input_ids: torch.Tensor, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
-    """Mean next-token loss of a ``GPT2LMHeadModel`` on blocks ``input_ids`` (B, T): T-1 targets each."""
+    """Mean next-token loss of a ``GPT2LMHeadModel`` on blocks ``input_ids`` (B, T).
+
+    Each block gives T-1 targets.
+    """
     hidden = model.transformer(input_ids=input_ids).last_hidden_state
     return chunked_lm_loss(hidden[:, :-1], model.lm_head.weight, input_ids[:, 1:], chunk)

@@ -46,7 +46,8 @@ WEIGHT_FILES = (
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
-# Hub files worth fetching: configs, tokenizers, safetensors weights (never code: no remote code runs).
+# Hub files worth fetching: configs, tokenizers, safetensors weights (never code: no remote code
+# runs).
 _HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt"]
 
 
@@ -97,7 +98,7 @@ def _lm_config_from_hf(c: dict, preset: str) -> LMConfig:
 
 
 def _shape(config) -> dict:
-    """Depth and widths of any HF causal-LM config (its attribute maps give GPT-2 the same names)."""
+    """Depth and widths of any HF causal-LM config (attribute maps give GPT-2 the same names)."""
     d = int(config.hidden_size)
     d_mlp = (
         getattr(config, "intermediate_size", None)
@@ -182,9 +183,10 @@ def _looks_like_hub_name(spec: str) -> bool:
 
 
 def resolve_model(spec: str | Path) -> Path:
-    """A model's local directory: ``spec`` itself, or for a hub name such as ``EleutherAI/pythia-70m``
-    its snapshot in the Hugging Face cache (downloaded when online; configs, tokenizer and
-    safetensors weights only, and .bin weights only where a model has no safetensors)."""
+    """A model's local directory: ``spec`` itself, or for a hub name such as
+    ``EleutherAI/pythia-70m`` its snapshot in the Hugging Face cache (downloaded when online;
+    configs, tokenizer and safetensors weights only, and .bin weights only where a model has no
+    safetensors)."""
     path = Path(spec).expanduser()
     if path.exists() or not _looks_like_hub_name(str(spec)):
         return path
@@ -197,7 +199,8 @@ def resolve_model(spec: str | Path) -> Path:
     except Exception as exc:  # the hub client raises many types; all mean "cannot get it here"
         raise UserError(
             f"{spec}: no such local directory, and no Hugging Face hub model of that name could be "
-            f"fetched ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); pass a "
+            f"fetched ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); pass a "
             "local directory saved with save_pretrained, or go online once and run "
             f"`unsuperpose lm adopt --from {spec} --out runs/lm/NAME`"
         ) from None
@@ -211,7 +214,10 @@ def _saved_config(path: Path):
 
 
 def bridged_architecture(config: dict, path: Path) -> str:
-    """The HF architecture name of a model dir's config, if TransformerLens 4 bridges it as a causal LM."""
+    """The HF architecture name of a model dir's config.
+
+    Only if TransformerLens 4 bridges it as a causal LM.
+    """
     from transformer_lens.factories.architecture_adapter_factory import SUPPORTED_ARCHITECTURES
     from transformer_lens.model_bridge.sources._hf_format import (
         determine_architecture_from_hf_config,
@@ -228,7 +234,8 @@ def bridged_architecture(config: dict, path: Path) -> str:
         architecture = (config.get("architectures") or [None])[0]
     if architecture not in causal:
         raise UserError(
-            f"{path}: model_type {config.get('model_type')!r} (architecture {architecture!r}) is not a "
+            f"{path}: model_type {config.get('model_type')!r} "
+            f"(architecture {architecture!r}) is not a "
             "causal LM that TransformerLens 4 can bridge; supported: "
             + ", ".join(a.removesuffix("ForCausalLM") for a in causal)
         )

@@ -19,7 +19,10 @@ def total_steps(cfg: TrainLMConfig, n_ctx: int) -> int:
 
 
 def lr_at(step: int, steps: int, cfg: TrainLMConfig) -> float:
-    """Linear warm-up over the first ``warmup_fraction`` of steps, then cosine to ``min_lr_fraction``."""
+    """Linear warm-up over the first ``warmup_fraction`` of steps, then cosine.
+
+    The cosine decays to ``min_lr_fraction``.
+    """
     warmup = round(cfg.warmup_fraction * steps)
     if step < warmup:
         return cfg.lr * (step + 1) / warmup

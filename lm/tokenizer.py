@@ -14,8 +14,7 @@ import functools
 import hashlib
 import importlib.util
 import json
-from dataclasses import dataclass
-from dataclasses import field as dc_field
+from dataclasses import dataclass, field as dc_field
 from pathlib import Path
 from typing import Any
 
@@ -107,7 +106,8 @@ class ModelTokenizer:
     def encode_documents(self, texts: list[str]) -> list[list[int]]:
         """Each text as ``bos + ids + eos``; a special token's spelling inside a text stays text,
         so no document can forge a boundary."""
-        # verbose=False: documents longer than the model's context are expected (blocks are cut later).
+        # verbose=False: documents longer than the model's context are expected (blocks are cut
+        # later).
         ids = self.hf(
             list(texts), add_special_tokens=False, split_special_tokens=True, verbose=False
         )["input_ids"]
@@ -162,9 +162,9 @@ def _packing(tok, where: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
     bos, eos = (tuple(full[:at]), tuple(full[at + len(plain) :])) if at is not None else ((), ())
     if not eos and tok.eos_token_id is not None:
         eos = (int(tok.eos_token_id),)
-    if (
-        bos == eos
-    ):  # one token that both opens and closes (GPT-2's, Pythia's <|endoftext|>): once between documents
+    # One token that both opens and closes (GPT-2's, Pythia's <|endoftext|>): once between
+    # documents.
+    if bos == eos:
         bos = ()
     if not bos and not eos:
         raise UserError(

@@ -98,7 +98,10 @@ def _tokenise_into(cfg: CorpusConfig, tmp: Path, tok: ModelTokenizer) -> None:
 
 
 def _corpus_cache(cfg: CorpusConfig, cache_dir: Path, tok: ModelTokenizer) -> Path:
-    """The cache folder holding the whole corpus's stream, built if missing (renamed into place whole)."""
+    """The cache folder holding the whole corpus's stream.
+
+    Built if missing, and renamed into place whole.
+    """
     identity = {"corpus": corpus_identity(cfg), "tokenizer": tok.tag}
     path = cache_dir / json_sha256(identity)[:24]
     if (path / "identity.json").is_file():
@@ -119,7 +122,7 @@ def _corpus_cache(cfg: CorpusConfig, cache_dir: Path, tok: ModelTokenizer) -> Pa
 
 
 def split_documents(n_docs: int, cfg: CorpusConfig) -> dict[str, np.ndarray]:
-    """Document indices of each split, each in corpus order; a seeded choice of held-out documents."""
+    """Document indices of each split, in corpus order; a seeded choice of held-out documents."""
     n_val = 0 if cfg.val_fraction == 0 else max(1, round(cfg.val_fraction * n_docs))
     if n_val >= n_docs:
         raise UserError(
@@ -224,8 +227,9 @@ def token_blocks(
     n_blocks = len(stream) // n_ctx
     if n_blocks == 0:
         raise UserError(
-            f"the {split!r} split of --corpus {corpus.corpus!r} has {len(stream)} tokens, fewer than one "
-            f"block of n_ctx={n_ctx}; use more text, a smaller n_ctx or another --val-fraction"
+            f"the {split!r} split of --corpus {corpus.corpus!r} has {len(stream)} tokens, "
+            f"fewer than one block of n_ctx={n_ctx}; "
+            "use more text, a smaller n_ctx or another --val-fraction"
         )
     identity = json.loads((path / "identity.json").read_text())
     fingerprint = json_sha256(
@@ -254,7 +258,9 @@ def token_blocks(
 
 
 def unigram_entropy(tokens: np.ndarray) -> float:
-    """Entropy (nats/token) of the empirical token distribution: the loss of the best context-free model.
+    """Entropy (nats/token) of the empirical token distribution.
+
+    It is the loss of the best context-free model.
 
     An LM whose validation loss is not clearly below this has learnt nothing about context.
     """

@@ -173,6 +173,7 @@ def test_token_concentration_is_the_share_of_the_commonest_token_among_the_top_r
 
 def test_the_index_compares_concentration_of_latents_and_neurons(tmp_path, analyze_runs):
     import json
+
     from unsuperpose.cli import main
 
     grid = analyze_runs / "sae" / "tiny" / "layer1" / "1x+2x"

@@ -185,7 +185,8 @@ def test_adopt_and_info_take_the_model_and_its_own_tokenizer(pipeline, capsys):
     )
     tok = info["tokenizer"]
     assert not tok["tag"].startswith("gpt2") and tok["vocab_size"] < info["vocab_size"]
-    # Pythia appends <|endoftext|> and prepends nothing; a Llama tokenizer adds <s> itself, ends with </s>.
+    # Pythia appends <|endoftext|> and prepends nothing; a Llama tokenizer adds <s> itself, ends
+    # with </s>.
     assert (tok["bos"], tok["eos"]) == {
         "neox": ([], ["<|endoftext|>"]),
         "llama": (["<s>"], ["</s>"]),
@@ -605,7 +606,7 @@ def test_lm_train_from_a_non_gpt2_model_and_an_unreachable_hub_name_are_refused(
 def test_a_downloaded_model_is_harvested_as_it_is_and_spliced_on_its_stores_corpus(
     pipeline, tiny_corpus
 ):
-    """No adopt: the directory as saved (no lm_config.json, so no corpus of its own) with --corpus."""
+    """No adopt: the directory as saved (no lm_config.json, no corpus of its own), with --corpus."""
     from unsuperpose.commands._splice import validation_blocks
     from unsuperpose.harvest import ActivationStore
 

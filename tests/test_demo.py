@@ -25,11 +25,11 @@ def fake_outputs(runs, step, dead_at=None, stragglers=False):
         step.output.mkdir(parents=True, exist_ok=True)
         spec = step.argv[step.argv.index("--dict") + 1]
         sizes = [int(float(r.rstrip("x")) * 64) for r in spec.split(",")]
-        rows = [
-            f"{a},{n},{n // 20 if dead_at is not None and n >= dead_at else stragglers * (n // 1000)}"
-            for a in (1e-3, 1e-2)
-            for n in sizes
-        ]
+
+        def dead(n):
+            return n // 20 if dead_at is not None and n >= dead_at else stragglers * (n // 1000)
+
+        rows = [f"{a},{n},{dead(n)}" for a in (1e-3, 1e-2) for n in sizes]
         (step.output / "summary.csv").write_text("l1,dict_size,dead\n" + "\n".join(rows) + "\n")
     elif step.name == "toy replication":
         step.output.mkdir(parents=True, exist_ok=True)

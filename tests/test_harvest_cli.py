@@ -11,7 +11,6 @@ from unsuperpose.cli import main
 from unsuperpose.harvest import ActivationStore
 from unsuperpose.lm import model_info, token_blocks
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

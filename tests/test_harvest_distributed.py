@@ -41,7 +41,8 @@ LAUNCHER = textwrap.dedent("""
     real, calls = loop._forward, [0]
     def forward(*args, **kw):
         calls[0] += 1
-        if os.environ.get("RANK") == os.environ.get("KILL_RANK") and calls[0] > int(os.environ["KILL_AFTER"]):
+        if (os.environ.get("RANK") == os.environ.get("KILL_RANK")
+                and calls[0] > int(os.environ["KILL_AFTER"])):
             os.kill(os.getpid(), signal.SIGKILL)
         return real(*args, **kw)
     loop._forward = forward

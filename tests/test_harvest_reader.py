@@ -74,8 +74,8 @@ def test_store_is_an_activation_source(labelled):
     assert desc["hook"] == "blocks.0.mlp.hook_post" and desc["rows"] == ROWS and desc["complete"]
     assert desc["train_rows"] == TRAIN and desc["heldout_rows"] == ROWS - TRAIN
     assert (
-        desc["heldout"]
-        == "the last 4 chunks (232 rows), held out whole (the store holds none of the LM's validation documents)"
+        desc["heldout"] == "the last 4 chunks (232 rows), held out whole "
+        "(the store holds none of the LM's validation documents)"
     )
 
 

@@ -169,7 +169,8 @@ def test_store_opens_with_plain_zarr_once_the_dtype_is_registered(bridge, blocks
     [path] = run(bridge, blocks, tmp_path, layer="0")
     code = (
         "import sys, zarr, numpy as np\n"
-        "try:\n    zarr.open_array(sys.argv[1] + '/acts')\nexcept Exception:\n    print('unregistered: refused')\n"
+        "try:\n    zarr.open_array(sys.argv[1] + '/acts')\n"
+        "except Exception:\n    print('unregistered: refused')\n"
         "import unsuperpose.harvest\n"
         "a = zarr.open_group(sys.argv[1])['acts']\n"
         "print(a.dtype, a.shape, float(np.abs(a[:5].astype(np.float32)).sum()) > 0)\n"
@@ -370,7 +371,8 @@ loop._forward = slow
 bridge = TransformerBridge.boot_transformers(sys.argv[1], device="cpu", dtype=torch.float32)
 blocks = np.random.default_rng(0).integers(0, 100, (40, 32)).astype(np.uint16)
 harvest(bridge, blocks, sys.argv[2], HarvestConfig(layer="1", chunk_rows=96, batch_size=3),
-        model_dir="tiny", weights_sha256="w0", corpus_fingerprint="c0", heldout=MARKS, progress=False)
+        model_dir="tiny", weights_sha256="w0", corpus_fingerprint="c0", heldout=MARKS,
+        progress=False)
 """
 
 

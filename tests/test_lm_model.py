@@ -82,7 +82,8 @@ def test_interrupted_save_never_looks_complete(tmp_path, tiny_lm_dir, monkeypatc
     assert model_info(out)["weights_sha256"] == before and not list(out.glob(".saving-*"))
     monkeypatch.undo()
 
-    # Failing while they are moved into place: no weights file, so the directory reads as unfinished.
+    # Failing while they are moved into place: no weights file, so the directory reads as
+    # unfinished.
     real_replace = os.replace
     monkeypatch.setattr(
         model_module.os,

@@ -4,8 +4,14 @@ import numpy as np
 import pytest
 
 from unsuperpose.errors import UserError
-from unsuperpose.lm import EOT_ID, CorpusConfig, get_tokenizer, iter_documents, token_blocks
-from unsuperpose.lm import corpus as corpus_module
+from unsuperpose.lm import (
+    EOT_ID,
+    CorpusConfig,
+    corpus as corpus_module,
+    get_tokenizer,
+    iter_documents,
+    token_blocks,
+)
 from unsuperpose.lm.tokens import split_documents
 
 

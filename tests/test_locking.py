@@ -20,7 +20,6 @@ import pytest
 
 from test_train_distributed import ENV, SHORT, assert_same_bytes, solo, torchrun_cmd  # noqa: F401
 from test_train_store import toy_store, train_cli  # noqa: F401 (the fixture, shared)
-
 from unsuperpose import distributed, locking
 from unsuperpose.cli import main
 from unsuperpose.errors import UserError

@@ -19,7 +19,6 @@ pytest.importorskip("s3fs")
 pytest.importorskip("moto")
 
 from test_s3 import moto_server, s3  # noqa: E402,F401 (the fixtures, shared)
-
 from unsuperpose import locking, storage  # noqa: E402
 from unsuperpose.cli import main  # noqa: E402
 from unsuperpose.commands._grid import RunMirror  # noqa: E402

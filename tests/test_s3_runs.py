@@ -24,7 +24,6 @@ pytest.importorskip("moto")
 from test_s3 import moto_server, s3, tree  # noqa: E402,F401 (the fixtures, shared)
 from test_train_distributed import _descendants  # noqa: E402
 from test_train_store import toy_store, train_cli  # noqa: E402,F401
-
 from unsuperpose import storage  # noqa: E402
 from unsuperpose.cli import main  # noqa: E402
 from unsuperpose.commands._grid import check_run_folder  # noqa: E402

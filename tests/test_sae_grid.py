@@ -3,12 +3,12 @@
 import pytest
 import torch
 
+from sae_reference import assert_matches, train_alone
 from unsuperpose.analyze import mmcs
 from unsuperpose.toy import ToyConfig, ToySource
 from unsuperpose.train import SAE, NonFiniteLoss, SAETrainConfig, evaluate, new_state, train_steps
 from unsuperpose.train.grid import SAEGroup
 from unsuperpose.train.init import init_params
-from sae_reference import assert_matches, train_alone
 
 SMALL = ToyConfig(h=16, G=32, k=2, decay=0.95, seed=0)
 

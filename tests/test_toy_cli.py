@@ -1,4 +1,4 @@
-"""`unsuperpose toy` end to end, small: it writes every promised file, and bad flags fail clearly."""
+"""`unsuperpose toy` end to end, small: it writes every promised file; bad flags fail clearly."""
 
 import csv
 

@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from sae_reference import assert_matches, train_alone
 from unsuperpose.cli import main
 from unsuperpose.harvest import ActivationStore, store
 from unsuperpose.harvest.bf16 import BF16
@@ -24,7 +25,6 @@ from unsuperpose.harvest.writer import ChunkWriter
 from unsuperpose.toy import ToyConfig, ToySource
 from unsuperpose.train import SAE, SAETrainConfig, new_state, train_steps
 from unsuperpose.train.checkpoint import Checkpointer, load_checkpoint
-from sae_reference import assert_matches, train_alone
 
 TOY = ToyConfig(h=16, G=32, k=2, decay=0.95, seed=0)
 
@@ -168,7 +168,7 @@ def test_interrupted_and_resumed_equals_uninterrupted_bitwise(toy_store, tmp_pat
         for name, t in a.named_parameters().items():
             assert torch.equal(t, b.named_parameters()[name]), name
         assert torch.equal(a.since_fired, b.since_fired)
-    for (pa, sa), (pb, sb) in zip(whole.optimizer.state.items(), resumed.optimizer.state.items()):
+    for (_pa, sa), (_pb, sb) in zip(whole.optimizer.state.items(), resumed.optimizer.state.items()):
         assert torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
 
 

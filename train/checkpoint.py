@@ -292,7 +292,7 @@ class Checkpointer:
             raise KeyboardInterrupt
         self.stop_requested = True
 
-    def __enter__(self) -> "Checkpointer":
+    def __enter__(self) -> Checkpointer:
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
                 self._previous[sig] = signal.signal(sig, self._request_stop)

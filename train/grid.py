@@ -33,7 +33,6 @@ dead counters and logged means are those of the whole batch.
 from __future__ import annotations
 
 import torch
-
 import torch.distributed as dist
 
 from unsuperpose.train import sparse
@@ -156,7 +155,7 @@ class SAEGroup:
         self.stat_rows = 0
 
     def _buffers(self, B: int) -> dict[str, torch.Tensor]:
-        """Work tensors reused across steps: fresh allocations of this size page-fault every step."""
+        """Work tensors reused across steps: fresh allocations this size page-fault every step."""
         if self._buf is None or self._buf["pre"].shape[0] != B:
             S, n, d = self.S, self.n, self.d
             shapes = {

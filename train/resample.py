@@ -3,20 +3,21 @@
 Not in the 2022 report, and off by default: the report's first diagnostic reads which latents
 die. With a dictionary no larger than the number of true features, every latent that dies is a
 feature that can never be recovered. On today's toy data it changes nothing at the best L1 of a
-1x dictionary, because none die there (``make bench``, bench_diagnostics). Recipe, per SAE: from a pool of many batches (``resample_pool``, a stream apart
-from training's, so that hundreds of dead latents get distinct inputs), draw inputs without
-replacement with probability proportional to their squared reconstruction error, set each
-dead latent's atom to the direction of that input's residual,
-its encoder column to the same direction scaled to 0.2 x the mean live encoder norm, its bias to
-0, and zero its Adam moments so stale statistics do not throw it straight back.
+1x dictionary, because none die there (``make bench``, bench_diagnostics). Recipe, per SAE:
+from a pool of many batches (``resample_pool``, a stream apart from training's, so that
+hundreds of dead latents get distinct inputs), draw inputs without replacement with probability
+proportional to their squared reconstruction error, set each dead latent's atom to the
+direction of that input's residual, its encoder column to the same direction scaled to 0.2 x
+the mean live encoder norm, its bias to 0, and zero its Adam moments so stale statistics do not
+throw it straight back.
 """
 
 from __future__ import annotations
 
 import torch
 
-from unsuperpose.train.grid import SAEGroup
 from unsuperpose.seeding import seeded_generator
+from unsuperpose.train.grid import SAEGroup
 
 ENCODER_SCALE = 0.2
 

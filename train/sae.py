@@ -92,7 +92,7 @@ class SAE(nn.Module):
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path) -> "SAE":
+    def load(cls, directory: str | Path) -> SAE:
         directory = Path(directory)
         if not (directory / WEIGHTS_FILE).exists() or not (directory / CONFIG_FILE).exists():
             raise FileNotFoundError(

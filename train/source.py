@@ -19,7 +19,8 @@ a ``fingerprint`` that identifies the data for resuming and merging runs.
 
 from __future__ import annotations
 
-from typing import Iterator, Protocol, runtime_checkable
+from collections.abc import Iterator
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -32,7 +33,7 @@ class ActivationSource(Protocol):
         ...
 
     def batches(self, batch_size: int, *, seed: int = 0, start: int = 0) -> Iterator[torch.Tensor]:
-        """An endless, deterministic stream of float32 (batch_size, d) tensors, skipping ``start``."""
+        """An endless, deterministic stream of float32 (batch_size, d) tensors from ``start``."""
         ...
 
 

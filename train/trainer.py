@@ -20,8 +20,8 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -31,8 +31,8 @@ from unsuperpose.train import parallel
 from unsuperpose.train.config import SAETrainConfig
 from unsuperpose.train.grid import SAEGroup
 from unsuperpose.train.losses import l1_divisor
-from unsuperpose.train.sae import SAE
 from unsuperpose.train.resample import resample_dead, resample_generator
+from unsuperpose.train.sae import SAE
 from unsuperpose.train.source import ActivationSource, check_source
 
 # A callback gets the step and {(l1, dict_size): unit-norm dictionary (n, d)} and returns
@@ -282,7 +282,8 @@ def train_steps(
             bar.update(1)
             if state.step % cfg.log_every == 0 or state.step == until:
                 stats = [g.take_stats() for g in state.groups]
-                distributed.everywhere(lambda: _check_finite(state, stats))
+                # everywhere() calls it at once, with this step's stats
+                distributed.everywhere(lambda: _check_finite(state, stats))  # noqa: B023
                 now = time.perf_counter()
                 rate = (state.step - step_last) * cfg.batch_size / max(now - t_last, 1e-9)
                 t_last, step_last = now, state.step

@@ -50,7 +50,7 @@ def _parse_list(item_type: Any):
         except ValueError as exc:
             raise argparse.ArgumentTypeError(
                 f"cannot parse {text!r} as a list of {item_type.__name__}: {exc}"
-            )
+            ) from exc
 
     return parse
 

@@ -59,10 +59,10 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Callable, Iterator
 
 from unsuperpose import distributed, storage
 from unsuperpose.errors import UserError
@@ -85,7 +85,7 @@ class Holder:
 
     @classmethod
     def me(cls) -> Holder:
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         return cls(
             os.getpid(),
             socket.gethostname(),
@@ -294,9 +294,7 @@ class _Lease:
         self._thread: threading.Thread | None = None
 
     def _body(self) -> bytes:
-        expires = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(
-            seconds=self.lease_s
-        )
+        expires = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=self.lease_s)
         return json.dumps(
             {
                 **asdict(self.holder),
@@ -336,7 +334,7 @@ class _Lease:
         except (ValueError, AttributeError):
             lease_s = LEASE_SECONDS
         date = resp.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
-        now = parsedate_to_datetime(date) if date else datetime.datetime.now(datetime.timezone.utc)
+        now = parsedate_to_datetime(date) if date else datetime.datetime.now(datetime.UTC)
         left = lease_s - (now - resp["LastModified"]).total_seconds()
         return _parse(data), resp["ETag"], left
 
@@ -357,7 +355,10 @@ class _Lease:
                 break
             dead = holder is not None and holder.dead_here()
             if left >= 0 and not dead:
-                until = f"; if it has died, its lease expires in {left:.0f} s and can then be taken over"
+                until = (
+                    f"; if it has died, its lease expires in {left:.0f} s "
+                    "and can then be taken over"
+                )
                 raise Locked(self.what, holder, str(self.loc), until)
             try:
                 self.etag = self._put(IfMatch=etag)

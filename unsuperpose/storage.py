@@ -32,7 +32,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 from unsuperpose.config import json_text, write_text_atomic
 from unsuperpose.errors import UserError
@@ -73,7 +73,7 @@ class ObjectPath:
         return exists(self)
 
 
-Location = Union[Path, ObjectPath]
+Location = Path | ObjectPath
 
 
 def location(text: str | os.PathLike | ObjectPath) -> Location:
@@ -105,7 +105,7 @@ def resolved(loc: Location) -> str:
 
 
 def storage_options(protocol: str) -> dict[str, Any]:
-    """fsspec options for ``protocol``: no listing cache; for S3 the endpoint from the environment."""
+    """fsspec options for ``protocol``: no listing cache; for S3 the environment's endpoint."""
     opts: dict[str, Any] = {}
     if protocol in ("s3", "s3a"):
         opts["use_listings_cache"] = False
@@ -202,7 +202,7 @@ def exists(loc: Location) -> bool:
 
 
 def make_dirs(loc: Location) -> None:
-    """A local folder is created; object storage has no folders, so its bucket is checked instead."""
+    """A local folder is created; object storage has no folders, so its bucket is checked."""
     if is_remote(loc):
         check_access(loc)
     else:

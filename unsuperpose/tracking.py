@@ -95,7 +95,7 @@ class Tracker:
         if not self._log.closed:
             self._log.close()
 
-    def __enter__(self) -> "Tracker":
+    def __enter__(self) -> Tracker:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -25,17 +25,17 @@ from unsuperpose.train import (
     apply_preset,
     evaluate,
     new_state,
+    parallel,
     parse_dict_sizes,
     parse_l1_list,
     read_summary,
     save_grid,
     train_steps,
 )
-from unsuperpose.train import parallel
 from unsuperpose.train.checkpoint import (
     CHECKPOINT_DIR,
-    CheckpointMismatch,
     Checkpointer,
+    CheckpointMismatch,
     check_compatible,
     config_differences,
     load_checkpoint,
@@ -440,7 +440,8 @@ def _train_and_save(
         except NonFiniteLoss as exc:
             kept = read_checkpoint_meta(out / CHECKPOINT_DIR)
             where = (
-                f"the last good checkpoint (step {kept['step']:,}) is kept in {shown / CHECKPOINT_DIR}"
+                f"the last good checkpoint (step {kept['step']:,}) "
+                f"is kept in {shown / CHECKPOINT_DIR}"
                 if kept
                 else "no checkpoint had been written yet"
             )
@@ -450,7 +451,7 @@ def _train_and_save(
             return distributed.broadcast_object(None)
         metrics = evaluate(state, source)
         scores = score_grid(state.dictionaries(), metrics, ground_truth)
-        for (l1, n), s in scores.items():
+        for (_l1, n), s in scores.items():
             s["dict_ratio"] = n / size_base
         if more_scores is not None:
             for key, extra in more_scores(state).items():

@@ -1,6 +1,7 @@
 """`unsuperpose analyze splice`: the glue between a dictionary, its LM, its store and a text.
 
-    unsuperpose analyze splice --dict runs/sae/tiny/layer1/1x+2x+4x+8x [--corpus FILE] [--tokens N] [--out FILE.json]
+    unsuperpose analyze splice --dict runs/sae/tiny/layer1/1x+2x+4x+8x [--corpus FILE] \
+        [--tokens N] [--out FILE.json]
 
 The LM, the hook and the store (for the mean ablation) are the ones the dictionary's config.json
 recorded at training. The text is the LM's held-out validation documents unless ``--corpus``
@@ -125,7 +126,7 @@ def splice_columns(
         bridge,
         store.provenance.hook,
         blocks,
-        {names[k]: (lambda x, s=s.to(device): s(x)[0]) for k, s in saes.items()},
+        {names[k]: (lambda x, s=s.to(device): s(x)[0]) for k, s in saes.items()},  # noqa: B008 (binds each SAE)
         mean=store_mean(store),
         progress=progress,
         device=device,
@@ -175,7 +176,7 @@ def run_splice(args) -> int:
         bridge,
         hook,
         blocks,
-        {k: (lambda x, s=s.to(device): s(x)[0]) for k, s in saes.items()},
+        {k: (lambda x, s=s.to(device): s(x)[0]) for k, s in saes.items()},  # noqa: B008 (binds each SAE)
         mean=store_mean(store),
         batch_size=args.batch_size,
         progress=not args.no_progress,
@@ -199,8 +200,10 @@ def run_splice(args) -> int:
     )
     for name, r in result["saes"].items():
         print(
-            f"  {name}: CE {r['ce_sae']:.4f}, delta {r['delta_ce']:+.4f} ± {r['delta_ce_se']:.4f} nats, "
-            f"recovered {r['ce_loss_recovered']:.3f} (vs mean ablation {r['ce_loss_recovered_mean']:.3f}), "
+            f"  {name}: CE {r['ce_sae']:.4f}, "
+            f"delta {r['delta_ce']:+.4f} ± {r['delta_ce_se']:.4f} nats, "
+            f"recovered {r['ce_loss_recovered']:.3f} "
+            f"(vs mean ablation {r['ce_loss_recovered_mean']:.3f}), "
             f"KL {r['kl']:.4f}, |x_hat|/|x| {r['norm_ratio']:.3f}"
         )
     print(f"wrote {out}")

@@ -229,7 +229,10 @@ def _browse(sae_dirs: list[Path], store_path: Path | None, out: Path, args) -> d
 def _report_command(args) -> str:
     """This report's command line, rebuilt from the parsed flags (also when the demo calls it)."""
     q = shlex.quote
-    cmd = f"unsuperpose analyze report --runs {q(str(args.runs))} --lm {q(args.lm)} --layer {q(str(args.layer))}"
+    cmd = (
+        f"unsuperpose analyze report --runs {q(str(args.runs))} --lm {q(args.lm)} "
+        f"--layer {q(str(args.layer))}"
+    )
     for flag, value in (("--toy", args.toy), ("--out", args.out), ("--max-rows", args.max_rows)):
         if value is not None:
             cmd += f" {flag} {q(str(value))}"

@@ -16,9 +16,9 @@ import argparse
 import json
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from unsuperpose.analyze.diagnostics import DEFAULT_TOLERANCE, dead_boundary
 from unsuperpose.cli import main as cli_main

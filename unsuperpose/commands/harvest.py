@@ -91,7 +91,8 @@ def _harvest(
     n_ctx = args.n_ctx or info["n_ctx"]
     check_n_ctx(info, n_ctx)
     corpus = _corpus(args, info)
-    # The model's own tokenizer: its tag is in the corpus fingerprint and in the store's corpus record.
+    # The model's own tokenizer: its tag is in the corpus fingerprint and in the store's corpus
+    # record.
     tokenizer = model_tokenizer(args.lm)
     # Rank 0 tokenises into the cache first; the other ranks then only read it.
     blocks = distributed.main_first(

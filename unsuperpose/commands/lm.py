@@ -39,7 +39,7 @@ def _corpus(args: argparse.Namespace, base=None):
 
 
 def _preset_differences() -> str:
-    """'tiny: threads=1; small: d_model=256, ...' computed from the presets, so help cannot go stale."""
+    """'tiny: threads=1; small: d_model=256, ...' from the presets, so help cannot go stale."""
     import dataclasses
 
     from unsuperpose.lm import PRESETS, LMConfig, TrainLMConfig
@@ -74,8 +74,10 @@ def add_parser(subparsers) -> None:
         "--preset",
         default="tiny",
         help=f"one of {', '.join(PRESETS)} (default: tiny). tiny = 6 layers x d_model 16 with the "
-        "CPU batch of 8 sequences, 1M tokens, 1 thread (the `make lm` default, ~10 min on 2 cores); small = the "
-        "report's 6 x 256 model with the same CPU batch, all cores; report = that model with the report's "
+        "CPU batch of 8 sequences, 1M tokens, 1 thread "
+        "(the `make lm` default, ~10 min on 2 cores); "
+        "small = the report's 6 x 256 model with the same CPU batch, all cores; "
+        "report = that model with the report's "
         "batch of 256 sequences (gradient accumulation over micro-batches of 16)",
     )
     train.add_argument("--out", required=True, help="model directory to write, e.g. runs/lm/tiny")
@@ -83,8 +85,8 @@ def add_parser(subparsers) -> None:
         "--from",
         dest="init_from",
         default=None,
-        help="start from the weights (and architecture) of this local HF GPT-2-style model instead of a "
-        "random init; --preset then only chooses the training recipe",
+        help="start from the weights (and architecture) of this local HF GPT-2-style model "
+        "instead of a random init; --preset then only chooses the training recipe",
     )
     train.add_argument(
         "--overwrite", action="store_true", help="discard a finished model or checkpoint in --out"
@@ -106,8 +108,8 @@ def add_parser(subparsers) -> None:
         "--from",
         dest="init_from",
         required=True,
-        help="local directory saved with save_pretrained (model and tokenizer), or a hub name such as "
-        "EleutherAI/pythia-70m when online",
+        help="local directory saved with save_pretrained (model and tokenizer), "
+        "or a hub name such as EleutherAI/pythia-70m when online",
     )
     adopt.add_argument("--out", required=True, help="model directory to write, e.g. runs/lm/mine")
     _add_corpus_arguments(adopt)
@@ -162,7 +164,8 @@ def _train(args: argparse.Namespace) -> int:
         )
     if not result["finished"]:
         print(
-            f"stopped at step {result['step']} of {result['steps']}; run the same command again to continue"
+            f"stopped at step {result['step']} of {result['steps']}; "
+            "run the same command again to continue"
         )
         return 0
     line = f"saved {args.out}: {result['train_tokens']:,} tokens in {result['train_seconds']:.0f} s"

@@ -11,8 +11,7 @@ import argparse
 import math
 from pathlib import Path
 
-from unsuperpose import storage
-from unsuperpose import distributed
+from unsuperpose import distributed, storage
 from unsuperpose.commands._grid import (
     add_run_arguments,
     add_sae_arguments,
@@ -113,7 +112,9 @@ def _train(args: argparse.Namespace, out, placement: distributed.Placement) -> i
     print(
         f"store {args.store}: {store.rows:,} rows of width {store.d}; {len(cfg.l1)} L1 x "
         f"{len(cfg.dict_sizes)} sizes = {len(cfg.l1) * len(cfg.dict_sizes)} SAEs, {cfg.steps:,} "
-        f"steps of {cfg.batch_size} ({cfg.steps * cfg.batch_size / store.train_rows:.2f} epochs of its {store.train_rows:,} training rows; {store.heldout_rows():,} held out: {store.heldout_description})"
+        f"steps of {cfg.batch_size} ({cfg.steps * cfg.batch_size / store.train_rows:.2f} epochs "
+        f"of its {store.train_rows:,} training rows; "
+        f"{store.heldout_rows():,} held out: {store.heldout_description})"
     )
 
     def export(state, folder: Path) -> None:
@@ -134,8 +135,8 @@ def _train(args: argparse.Namespace, out, placement: distributed.Placement) -> i
             return {}
         saes = state.saes()
         print(
-            f"spliced-in evaluation of {len(saes)} SAEs on {args.splice_tokens:,} tokens of the LM's "
-            "validation documents"
+            f"spliced-in evaluation of {len(saes)} SAEs on {args.splice_tokens:,} tokens "
+            "of the LM's validation documents"
         )
         return splice_columns(
             saes, store, args.splice_tokens, progress=not args.no_progress, device=state.device
@@ -161,7 +162,8 @@ def _train(args: argparse.Namespace, out, placement: distributed.Placement) -> i
     )
     best = min(rows, key=lambda r: r["heldout_fvu"])
     print(
-        f"lowest held-out FVU {best['heldout_fvu']:.4f} on {best['heldout_rows']:,} rows (L1 {best['l1']:g}, {best['dict_label']}, L0 {best['heldout_l0']:.1f}, "
+        f"lowest held-out FVU {best['heldout_fvu']:.4f} on {best['heldout_rows']:,} rows "
+        f"(L1 {best['l1']:g}, {best['dict_label']}, L0 {best['heldout_l0']:.1f}, "
         f"{best['dead']} dead); wrote {out}/summary.csv, figures/, saes/, saelens/"
     )
     return 0
