@@ -21,6 +21,9 @@ import torch
 from safetensors.torch import load_file
 
 from unsuperpose.errors import UserError
+from unsuperpose.train.config import OPTION_GROUPS
+from unsuperpose.train.io import sparsity_of
+from unsuperpose.train.layout import DICT_CONFIG_FILE, dictionary_dirs, holds_dictionaries
 
 Key = tuple[float, int]
 SAES = "saes"
@@ -41,6 +44,8 @@ class Cell:
     mtime: float
     identity: dict = field(default_factory=dict)
 
+    arch: str = "relu"
+
     @property
     def key(self) -> Key:
         return (self.l1, self.n)
@@ -57,6 +62,19 @@ class Grid:
     notes: list[str] = field(default_factory=list)
 
     @property
+    def arch(self) -> str:
+        """The one architecture of the grid (sets of two are never merged)."""
+        return next(iter(self.cells.values())).arch if self.cells else "relu"
+
+    @property
+    def knob_label(self) -> str:
+        """How the grid's sparsity knob is written ("L1", "k", "L0 coefficient"); the cells'
+        ``l1`` field holds the knob's value whatever the architecture."""
+        from unsuperpose.train.families import get_family
+
+        return get_family(self.arch).knob_label
+
+    @property
     def dead_window(self) -> int | None:
         """The training window (batches) behind the ``dead`` column; one per grid (merges of
         different windows are refused)."""
@@ -69,7 +87,7 @@ class Grid:
         for key in sorted(self.cells):
             c = self.cells[key]
             # The saved metrics' "l1" is the codes' L1 norm; keep it under a name that says so.
-            row = {"l1": c.l1, "dict_size": c.n}
+            row = {"l1": c.l1, "dict_size": c.n, "arch": c.arch, "sparsity": c.l1}
             row.update((k, v) for k, v in c.metrics.items() if k not in row)
             if "l1" in c.metrics and c.metrics["l1"] != c.l1:
                 row["l1_codes"] = c.metrics["l1"]
@@ -94,23 +112,29 @@ class Grid:
 
 
 def is_set(path: Path) -> bool:
-    return (path / SAES).is_dir() and any((path / SAES).glob("n*-l1_*/config.json"))
+    return holds_dictionaries(path)
+
+
+def set_arch(path: Path) -> str:
+    """The architecture of a dictionary set (its first dictionary's tag; untagged: relu)."""
+    first = dictionary_dirs(path)[0]
+    return json.loads((first / DICT_CONFIG_FILE).read_text()).get("arch", "relu")
 
 
 def read_set(set_dir: str | Path) -> dict[Key, Cell]:
-    """Every SAE of one dictionary set, from the config.json beside each one's weights."""
+    """Every SAE of one dictionary set, from the config.json beside each one's weights (an SAE
+    still being written, without its weights file, is not read)."""
     set_dir = Path(set_dir)
     cells = {}
-    for cfg_path in sorted((set_dir / SAES).glob("n*-l1_*/config.json")):
+    for sae_dir in dictionary_dirs(set_dir):
+        cfg_path = sae_dir / DICT_CONFIG_FILE
         cfg = json.loads(cfg_path.read_text())
-        if not (cfg_path.parent / "sae.safetensors").exists():
-            continue  # an SAE still being written: its config is not enough to analyse it
         metrics = dict(cfg.get("metrics") or {})
         training = cfg.get("training") or {}
         steps = int(metrics.get("steps", training.get("steps", 0)))
         samples = int(metrics.get("samples", steps * int(training.get("batch_size", 1))))
         cell = Cell(
-            l1=float(cfg["l1"]),
+            l1=float(sparsity_of(cfg)),
             n=int(cfg["d_sae"]),
             d_in=int(cfg["d_in"]),
             metrics=metrics,
@@ -120,6 +144,7 @@ def read_set(set_dir: str | Path) -> dict[Key, Cell]:
             samples=samples,
             mtime=cfg_path.stat().st_mtime,
             identity=merge_identity(cfg),
+            arch=cfg.get("arch", "relu"),
         )
         cells[cell.key] = cell
     return cells
@@ -150,7 +175,11 @@ _SOURCE_IDENTITY = ("fingerprint", "weights_sha256", "corpus_fingerprint", "hook
 def merge_identity(cfg: dict) -> dict:
     training = cfg.get("training") or {}
     source = cfg.get("source") or {}
-    ident = {k: training.get(k) for k in _TRAINING_IDENTITY}
+    arch = cfg.get("arch", "relu")
+    ident = {"arch": arch}
+    ident.update((k, training.get(k)) for k in _TRAINING_IDENTITY)
+    for group in OPTION_GROUPS.get(arch, ()):  # the architecture's own options (AuxK, ...)
+        ident[group] = training.get(group)
     ident["l1_norm"] = cfg.get("l1_norm", training.get("l1_norm"))
     if training.get("resample_every"):
         ident.update((k, training.get(k)) for k in _RESAMPLING_IDENTITY)
@@ -238,7 +267,13 @@ def lm_sets_dir(runs: str | Path, lm: str, layer: int | str) -> Path:
     return Path(runs) / "sae" / lm / f"layer{layer}"
 
 
-def collect_lm(runs: str | Path, lm: str, layer: int | str, sets: list[str] | None = None) -> Grid:
+def collect_lm(
+    runs: str | Path,
+    lm: str,
+    layer: int | str,
+    sets: list[str] | None = None,
+    arch: str = "relu",
+) -> Grid:
     """Every dictionary set trained on ``<runs>/acts/<lm>/layer<L>.zarr`` (or only the ``sets``
     named), merged into one grid.
 
@@ -257,6 +292,17 @@ def collect_lm(runs: str | Path, lm: str, layer: int | str, sets: list[str] | No
                 f"there are: {', '.join(sorted(names)) or 'none'}"
             )
         found = [names[s] for s in sets]
+    if not sets and found:
+        # Without --sets, the grid is the sets of one architecture: a folder holding relu and
+        # topk grids side by side is not one grid, and neither is refused for the other.
+        archs = {p: set_arch(p) for p in found}
+        if arch not in archs.values():
+            raise UserError(
+                f"no {arch} dictionary set under {base}; the sets there are: "
+                + ", ".join(f"{p.name} ({a})" for p, a in archs.items())
+                + ". Choose one architecture with --arch"
+            )
+        found = [p for p in found if archs[p] == arch]
     found.sort(key=lambda p: max(c.stat().st_mtime for c in (p / SAES).glob("*/config.json")))
     grid = _grid(
         found,

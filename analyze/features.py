@@ -14,7 +14,8 @@ from unsuperpose.analyze.html import write
 from unsuperpose.analyze.monosemantic import summary as concentration_summary
 from unsuperpose.config import write_json_atomic
 from unsuperpose.errors import UserError
-from unsuperpose.train import SAE
+from unsuperpose.train import SAE, load_dictionary
+from unsuperpose.train.layout import DICT_WEIGHTS_FILE, dictionary_dirs
 
 NEURONS = "neurons"
 
@@ -22,13 +23,14 @@ NEURONS = "neurons"
 def find_saes(path: str | Path) -> list[Path]:
     """One SAE folder, or every SAE of a dictionary set (a folder with saes/)."""
     path = Path(path)
-    if (path / "sae.safetensors").exists():
+    if (path / DICT_WEIGHTS_FILE).exists():
         return [path]
-    found = sorted(p.parent for p in (path / "saes").glob("n*-l1_*/sae.safetensors"))
+    found = dictionary_dirs(path)
     if not found:
         raise UserError(
-            f"{path} holds no dictionary: pass one SAE folder (.../saes/n<size>-l1_<l1>, "
-            "with sae.safetensors) or a dictionary set (a folder with saes/)"
+            f"{path} holds no dictionary: pass one dictionary folder "
+            f"(.../saes/<arch>-n<size>-<knob>_<value>, with {DICT_WEIGHTS_FILE}) or a "
+            "dictionary set (a folder with saes/)"
         )
     return found
 
@@ -62,7 +64,7 @@ def build_browser(
     token_arrays(store.path)  # fail before the long pass if there is no text to show
     saes, dirs = {}, {}
     for d in sae_dirs:
-        sae = SAE.load(d)
+        sae = load_dictionary(d)
         if sae.d_in != store.d:
             raise UserError(
                 f"{d} reads activations of width {sae.d_in} but {store.path} has width "
@@ -88,7 +90,9 @@ def build_browser(
             **common,
             "dictionary": str(dirs[name]),
             "latents": sae.d_sae,
-            "L1 coefficient": sae.config.get("l1", "?"),
+            "architecture": sae.config.get("arch", "relu"),
+            "sparsity knob": f"{sae.config.get('sparsity_name', 'l1')} "
+            f"{sae.config.get('sparsity', sae.config.get('l1', '?'))}",
         }
         pages[name] = write(
             out / f"{name}.html",

@@ -15,6 +15,8 @@ matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from unsuperpose.train.io import sparsity_of  # noqa: E402
+
 
 def save_figure(fig, path: str | Path, rect: tuple | None = None) -> Path:
     """Write ``fig`` as PNG (creating folders) and free it: figures are many, memory is not.
@@ -101,7 +103,7 @@ def curves(
     if not rows:
         return None
     sizes = sorted({h["dict_size"] for h in rows})
-    l1s = sorted({h["l1"] for h in rows})
+    l1s = sorted({sparsity_of(h) for h in rows})
     colors = plt.cm.plasma(np.linspace(0, 0.9, len(l1s)))
     cols = min(len(sizes), 4)
     nrows = math.ceil(len(sizes) / cols)
@@ -109,7 +111,7 @@ def curves(
     for ax, n in zip(axes.flat, sizes):
         for color, a in zip(colors, l1s):
             pts = sorted(
-                (h["step"], h[metric]) for h in rows if h["dict_size"] == n and h["l1"] == a
+                (h["step"], h[metric]) for h in rows if h["dict_size"] == n and sparsity_of(h) == a
             )
             if pts:
                 ax.plot(*zip(*pts), color=color, label=f"{a:.3g}")

@@ -8,6 +8,7 @@ import torch
 
 from unsuperpose.analyze.figures import curves, heatmap
 from unsuperpose.analyze.metrics import mcc, mmcs, mmcs_with_larger, ssll
+from unsuperpose.train.io import sparsity_of
 
 Key = tuple[float, int]
 
@@ -78,7 +79,7 @@ def grid_figures(
     out = Path(out)
     paths = {}
     for col, title, opts in GRID_FIGURES:
-        values = {(r["l1"], r["dict_size"]): r[col] for r in rows if col in r}
+        values = {(sparsity_of(r), r["dict_size"]): r[col] for r in rows if col in r}
         if values:
             paths[col] = heatmap(
                 values,

@@ -196,6 +196,7 @@ def build_report(
     toy: str | Path | None = None,
     tolerance: float = DEFAULT_TOLERANCE,
     sets: list[str] | None = None,
+    arch: str = "relu",
     wandb_mode: str | None = None,
     browse: Callable[[Path, Path], dict[str, Path]] | None = None,
     command: str | None = None,
@@ -203,9 +204,10 @@ def build_report(
     """Collect, score, draw and write the report; ``browse(sae_dir, out_dir)`` (optional) builds
     the feature browser for the dictionary the diagnostics point to, linked from the page."""
     runs = Path(runs)
-    out = Path(out) if out else runs / "report" / f"{lm}-layer{layer}"
+    suffix = "" if arch == "relu" else f"-{arch}"
+    out = Path(out) if out else runs / "report" / f"{lm}-layer{layer}{suffix}"
     toy_path = Path(toy) if toy else runs / "toy"
-    lm_grid = collect_lm(runs, lm, layer, sets=sets)
+    lm_grid = collect_lm(runs, lm, layer, sets=sets, arch=arch)
     rescore(lm_grid)
     notes = list(lm_grid.notes)
     lm_side = Side(

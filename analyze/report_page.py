@@ -9,6 +9,7 @@ from pathlib import Path
 
 from unsuperpose.analyze.compare import ratio_label
 from unsuperpose.analyze.html import Raw, esc, fmt, image, page, table, write
+from unsuperpose.train.config import KNOB_FIELD
 
 GRID_COLUMNS = [
     "l1",
@@ -252,12 +253,13 @@ def commands(report, command: str | None) -> list[str]:
     for s in report.lm.grid.sets:
         cfg_path = s / "train_config.json"
         cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
-        l1 = ",".join(f"{a:g}" for a in cfg.get("l1", []))
+        arch = cfg.get("arch", "relu")
+        dict_spec = s.name.removeprefix(f"{arch}-") if arch != "relu" else s.name
         cmds.append(
             f"unsuperpose train --store {q(src.get('path', '?'))} "
-            f"--dict {q(s.name.replace('+', ','))} --out {q(str(s.parent))}"
+            f"--dict {q(dict_spec.replace('+', ','))} --out {q(str(s.parent))}"
             + (
-                f" --l1 {l1} --steps {cfg.get('steps')} --batch-size {cfg.get('batch_size')}"
+                f"{knob_flags(cfg)} --steps {cfg.get('steps')} --batch-size {cfg.get('batch_size')}"
                 if cfg
                 else ""
             )
@@ -272,11 +274,20 @@ def commands(report, command: str | None) -> list[str]:
         )
         cmds.append(
             f"unsuperpose toy --out {q(str(report.toy.grid.sets[0]))} "
-            f"--h {t.get('h')} --G {t.get('G')} --k {t.get('k')} --steps {cfg.get('steps')} --l1 "
-            f"{','.join(f'{a:g}' for a in cfg.get('l1', []))} --dict-ratios {sizes}"
+            f"--h {t.get('h')} --G {t.get('G')} --k {t.get('k')} --steps {cfg.get('steps')}"
+            f"{knob_flags(cfg)} --dict-ratios {sizes}"
         )
     cmds.append(command or "unsuperpose analyze report")
     return cmds
+
+
+def knob_flags(cfg: dict) -> str:
+    """' --l1 1e-3,3e-3' for a relu run's train_config, ' --arch topk --topk 8,16' for others."""
+    arch = cfg.get("arch", "relu")
+    field = KNOB_FIELD.get(arch, "l1")
+    values = ",".join(f"{a:g}" for a in cfg.get(field, []))
+    flag = {"l1": "--l1", "top_k": "--topk", "l0_coef": "--l0-coef"}[field]
+    return (f" --arch {arch}" if arch != "relu" else "") + f" {flag} {values}"
 
 
 def provenance(report) -> str:

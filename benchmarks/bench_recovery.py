@@ -14,7 +14,7 @@ from unsuperpose.analyze import mmcs
 from unsuperpose.commands.toy import TOY_DEAD_WINDOW
 from unsuperpose.toy import ToyConfig, ToySource
 from unsuperpose.train import Callback, SAETrainConfig, apply_preset, new_state, train_steps
-from unsuperpose.train.grid import SAEGroup
+from unsuperpose.train.families.stacked import StackedGroup
 
 SEED = 101  # tests use seeds below 20
 
@@ -23,12 +23,12 @@ def recovery(name: str, l1: list[float], renormalise: bool = True, **overrides) 
     """Best MMCS at 1x; ``renormalise=False`` reproduces the old trainer (decoder rows normalised
     in the forward pass only) to measure what renormalising after each step changes."""
     if not renormalise:
-        original = SAEGroup.renormalise_
-        SAEGroup.renormalise_ = lambda self: None
+        original = StackedGroup.post_step
+        StackedGroup.post_step = lambda self: None
         try:
             return recovery(name, l1, **overrides)
         finally:
-            SAEGroup.renormalise_ = original
+            StackedGroup.post_step = original
     src = ToySource(ToyConfig(seed=SEED))
     preset = overrides.pop("preset", None)
     # make toy's dead window: with the LM default (1,000 batches) almost nothing counts as dead

@@ -9,7 +9,10 @@ import torch
 from unsuperpose.analyze.collect import collect_lm, collect_toy
 from unsuperpose.errors import UserError
 from unsuperpose.train import SAE
-from unsuperpose.train.io import sae_dirname
+
+
+def sae_dirname(l1: float, n: int) -> str:
+    return f"n{n}-l1_{l1:g}"  # how runs before architectures named them: still read
 
 
 def make_set(

@@ -161,7 +161,7 @@ def test_splice_command_on_validation_documents_and_on_a_text_file(analyze_runs,
                 "analyze",
                 "splice",
                 "--dict",
-                str(grid / "saes" / "n64-l1_0.001"),
+                str(grid / "saes" / "relu-n64-l1_0.001"),
                 "--corpus",
                 str(text),
                 "--out",
@@ -178,7 +178,7 @@ def test_splice_command_on_validation_documents_and_on_a_text_file(analyze_runs,
         len(get_tokenizer()(d.strip())["input_ids"]) + 1 for d in text.read_text().split("\n\n")
     )
     assert rec2["tokens"] == n - 1  # one block of n tokens (< n_ctx): n - 1 predictions
-    assert list(rec2["saes"]) == ["n64-l1_0.001"]
+    assert list(rec2["saes"]) == ["relu-n64-l1_0.001"]
 
 
 def test_splice_refuses_toy_dictionaries(analyze_runs, capsys):

@@ -7,7 +7,8 @@ from sae_reference import assert_matches, train_alone
 from unsuperpose.analyze import mmcs
 from unsuperpose.toy import ToyConfig, ToySource
 from unsuperpose.train import SAE, NonFiniteLoss, SAETrainConfig, evaluate, new_state, train_steps
-from unsuperpose.train.grid import SAEGroup
+from unsuperpose.train.families.relu import ReluGroup
+from unsuperpose.train.families.relu_fast import ReluFastGroup
 from unsuperpose.train.init import init_params
 
 SMALL = ToyConfig(h=16, G=32, k=2, decay=0.95, seed=0)
@@ -155,9 +156,38 @@ def test_non_finite_loss_names_the_sae_and_step():
         train_steps(new_state(_NaNSource(), cfg), _NaNSource(), progress=False)
 
 
+def _steps(group, src, cfg, steps):
+    opt = torch.optim.Adam(group.parameters(), lr=cfg.lr, fused=True)
+    it = src.batches(cfg.batch_size, seed=0)
+    for step in range(1, steps + 1):
+        group.finish_step(group.forward_backward(next(it)), step)
+        opt.step()
+        group.post_step()
+    return group
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(), dict(tied=True, l1_norm="per_latent"), dict(sparse_below=1.0), dict(sparse_below=0)],
+)
+def test_the_relu_fast_path_equals_the_autograd_group(options):
+    """The hand-written step (dense, and the sparse CSR path with sparse_below=1) is a fast path
+    of the relu family's autograd group: same parameters, dead counters and statistics."""
+    src = ToySource(SMALL)
+    cfg = SAETrainConfig(l1=[1e-3, 3e-2], dict_sizes=[24], batch_size=32, lr=3e-3, **options)
+    fast = _steps(ReluFastGroup(src.d, 24, cfg.l1, cfg, seed=0), src, cfg, 30)
+    slow = _steps(ReluGroup(src.d, 24, cfg.l1, cfg, seed=0), src, cfg, 30)
+    if options.get("sparse_below") == 1.0:
+        assert fast.sparse_steps == 30
+    for name, t in slow.named_parameters().items():
+        torch.testing.assert_close(fast.named_parameters()[name], t, atol=2e-5, rtol=1e-4)
+    assert torch.equal(fast.since_fired, slow.since_fired)
+    torch.testing.assert_close(fast.stats, slow.stats, rtol=1e-4, atol=1e-6)
+
+
 def test_group_rejects_a_checkpoint_of_other_shape():
-    a = SAEGroup(8, 16, [1e-3], seed=0)
-    b = SAEGroup(8, 32, [1e-3], seed=0)
+    a = ReluFastGroup(8, 16, [1e-3], SAETrainConfig(), seed=0)
+    b = ReluFastGroup(8, 32, [1e-3], SAETrainConfig(), seed=0)
     with pytest.raises(ValueError, match="shape"):
         a.load_state_dict(b.state_dict())
 
@@ -170,7 +200,7 @@ def test_saved_sae_round_trips(tmp_path):
     x = torch.randn(5, 8)
     torch.testing.assert_close(back(x)[0], sae(x)[0])
     assert back.config["l1"] == 0.1
-    with pytest.raises(FileNotFoundError, match="not a saved SAE"):
+    with pytest.raises(FileNotFoundError, match="not a saved dictionary"):
         SAE.load(tmp_path / "missing")
 
 

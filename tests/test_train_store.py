@@ -119,19 +119,19 @@ def test_train_cli_writes_grid_saelens_exports_and_figures(toy_store, tmp_path):
     assert "mmcs" not in rows[0]  # no ground truth on a store
     assert (out / "figures" / "heatmap_dead.png").exists()
     assert not (out / "checkpoint").exists()  # a finished run keeps dictionaries, not Adam state
-    config = json.loads((out / "saes" / "n16-l1_0.001" / "config.json").read_text())
+    config = json.loads((out / "saes" / "relu-n16-l1_0.001" / "config.json").read_text())
     assert config["source"]["path"] == str(toy_store.resolve())
 
 
 def test_saelens_export_encodes_and_decodes_like_ours(toy_store, tmp_path):
     assert train_cli(toy_store, tmp_path) == 0
-    folder = tmp_path / "1x+2x" / "saelens" / "n32-l1_0.01"
+    folder = tmp_path / "1x+2x" / "saelens" / "relu-n32-l1_0.01"
     cfg = json.loads((folder / "cfg.json").read_text())
     w = load_file(str(folder / "sae_weights.safetensors"))
     assert cfg["d_in"] == 16 and cfg["d_sae"] == 32 and cfg["architecture"] == "standard"
     assert w["W_enc"].shape == (16, 32) and w["b_enc"].shape == (32,)
     assert w["W_dec"].shape == (32, 16) and w["b_dec"].shape == (16,)
-    ours = SAE.load(tmp_path / "1x+2x" / "saes" / "n32-l1_0.01")
+    ours = SAE.load(tmp_path / "1x+2x" / "saes" / "relu-n32-l1_0.01")
     x = torch.from_numpy(ToySource(TOY).sample(50, seed=5)[0].numpy())
     # SAELens "standard": encode ReLU((x - b_dec) @ W_enc + b_enc), decode f @ W_dec + b_dec
     f = torch.relu((x - w["b_dec"] if cfg["apply_b_dec_to_input"] else x) @ w["W_enc"] + w["b_enc"])
@@ -225,8 +225,8 @@ def test_sigterm_then_rerun_finishes_with_the_weights_of_an_uninterrupted_run(to
         timeout=300,
     )
     assert straight.returncode == 0, straight.stderr
-    a = load_file(str(tmp_path / "a" / "2x" / "saes" / "n32-l1_0.001" / "sae.safetensors"))
-    b = load_file(str(tmp_path / "b" / "2x" / "saes" / "n32-l1_0.001" / "sae.safetensors"))
+    a = load_file(str(tmp_path / "a" / "2x" / "saes" / "relu-n32-l1_0.001" / "sae.safetensors"))
+    b = load_file(str(tmp_path / "b" / "2x" / "saes" / "relu-n32-l1_0.001" / "sae.safetensors"))
     for k in a:
         assert torch.equal(a[k], b[k]), k
 

@@ -7,6 +7,8 @@ from unsuperpose.train.config import (
     parse_dict_sizes,
     parse_l1_list,
 )
+from unsuperpose.train.dictionary import load_dictionary
+from unsuperpose.train.families import FAMILIES, get_family
 from unsuperpose.train.io import load_saes, read_history, read_summary, save_grid
 from unsuperpose.train.sae import SAE
 from unsuperpose.train.source import ActivationSource
@@ -20,6 +22,9 @@ from unsuperpose.train.trainer import (
 )
 
 __all__ = [
+    "FAMILIES",
+    "get_family",
+    "load_dictionary",
     "PRESETS",
     "SAETrainConfig",
     "apply_preset",

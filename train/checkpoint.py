@@ -7,8 +7,10 @@ function of (seed, step) — the source's batch stream and the resampling draws 
 files are the whole state. A new checkpoint is written beside the old one and swapped in by
 renames, so a crash while saving leaves the previous one intact.
 
-Tensors are named by their place in the whole grid (``group<i>`` is the i-th size in sorted order,
-``adam.<k>`` the k-th parameter of the whole grid), never by a rank's share of it: under torchrun
+Tensors are named by their place in the whole grid and their own name, never counted:
+``group<i>.<name>`` is tensor <name> (``W_dec``, ``since_fired``, a JumpReLU's ``log_threshold``)
+of the i-th size in sorted order, ``adam.group<i>.<name>.<moment>`` Adam's state for it; never
+by a rank's share of the grid: under torchrun
 rank 0 gathers every rank's sizes and writes exactly the files one process would, so a checkpoint
 resumes under any number of processes and on any device (tensors are loaded onto the CPU and
 copied into the state's own).
@@ -28,7 +30,7 @@ from safetensors.torch import save_file
 
 from unsuperpose import distributed
 from unsuperpose.config import from_dict, to_dict, write_json_atomic
-from unsuperpose.train.config import SAETrainConfig
+from unsuperpose.train.config import SAETrainConfig, irrelevant_fields
 from unsuperpose.train.trainer import check_finite_parameters, new_state
 
 CHECKPOINT_DIR = "checkpoint"
@@ -43,14 +45,13 @@ class CheckpointMismatch(ValueError):
     """The checkpoint on disk was made by a different run than the one asked for."""
 
 
-def _params_per_group(config: SAETrainConfig) -> int:
-    return 2 if config.tied else 3  # (b_enc, W_dec) or (W_enc, b_enc, W_dec)
-
-
-def _global_param_ids(state) -> list[int]:
-    """The whole-grid index of each parameter of this state's optimizer, in its order."""
-    k = _params_per_group(state.config)
-    return [gid * k + j for gid in state.group_ids for j in range(k)]
+def _param_names(state) -> list[str]:
+    """The whole-grid name of each parameter of this state's optimizer, in its order."""
+    return [
+        f"group{gid}.{name}"
+        for gid, g in zip(state.group_ids, state.groups)
+        for name in g.named_parameters()
+    ]
 
 
 def local_tensors(state) -> dict[str, torch.Tensor]:
@@ -59,10 +60,10 @@ def local_tensors(state) -> dict[str, torch.Tensor]:
     for gid, g in zip(state.group_ids, state.groups):
         for name, t in g.state_dict().items():
             tensors[f"group{gid}.{name}"] = t.contiguous().cpu()
-    ids = _global_param_ids(state)
+    names = _param_names(state)
     for pid, st in state.optimizer.state_dict()["state"].items():
         for name, v in st.items():
-            tensors[f"adam.{ids[pid]}.{name}"] = (
+            tensors[f"adam.{names[pid]}.{name}"] = (
                 torch.as_tensor(v).reshape(1).cpu().clone()
                 if name == "step"
                 else v.contiguous().cpu()
@@ -72,10 +73,11 @@ def local_tensors(state) -> dict[str, torch.Tensor]:
 
 def _history_order(state):
     sizes = sorted(state.config.dict_sizes)
+    values = state.config.sparsity
     return lambda rec: (
         rec["step"],
         sizes.index(rec["dict_size"]),
-        state.config.l1.index(rec["l1"]),
+        values.index(rec["sparsity"]),
     )
 
 
@@ -95,7 +97,7 @@ def gather_whole(state) -> tuple[dict[str, torch.Tensor], list[dict]] | None:
 def _param_groups(state) -> list[dict]:
     """Adam's settings with the whole grid's parameter ids (what one process's state_dict has)."""
     groups = state.optimizer.state_dict()["param_groups"]
-    total = len(state.config.dict_sizes) * _params_per_group(state.config)
+    total = len(state.config.dict_sizes) * len(state.groups[0].named_parameters())
     return [{**groups[0], "params": list(range(total))}]
 
 
@@ -161,11 +163,13 @@ def read_checkpoint_meta(directory: str | Path) -> dict | None:
 def config_differences(
     saved: SAETrainConfig, config: SAETrainConfig, may_change: set[str] | tuple = ()
 ) -> list[str]:
-    """One phrase per setting that differs, e.g. 'steps: 5000 then, 10000 now'."""
+    """One phrase per setting that differs, e.g. 'steps: 5000 then, 10000 now'; settings that
+    neither run's architecture reads (another one's knob or options) are not compared."""
+    ignored = set(may_change) | (irrelevant_fields(saved) & irrelevant_fields(config))
     return [
         f"{f.name}: {getattr(saved, f.name)} then, {getattr(config, f.name)} now"
         for f in dataclasses.fields(SAETrainConfig)
-        if f.name not in may_change and getattr(saved, f.name) != getattr(config, f.name)
+        if f.name not in ignored and getattr(saved, f.name) != getattr(config, f.name)
     ]
 
 
@@ -203,7 +207,7 @@ def load_checkpoint(state, directory: str | Path, source_info: dict | None = Non
     check_compatible(meta, state.config, state.d, source_info)
     # Each rank reads only its share (eight ranks on a node would otherwise hold eight copies).
     wanted = {f"group{gid}." for gid in state.group_ids} | {
-        f"adam.{pid}." for pid in _global_param_ids(state)
+        f"adam.group{gid}." for gid in state.group_ids
     }
     with safe_open(str(Path(directory) / "state.safetensors"), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys() if k.startswith(tuple(wanted))}
@@ -233,15 +237,16 @@ def restore(
         prefix = f"group{gid}."
         g.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
     if param_groups is not None:
-        local = {gp: lp for lp, gp in enumerate(_global_param_ids(state))}
+        local = {name: lp for lp, name in enumerate(_param_names(state))}
         opt_state: dict[int, dict] = {}
         for key, v in tensors.items():
             if key.startswith("adam."):
-                _, pid, name = key.split(".", 2)
-                if int(pid) in local:
-                    opt_state.setdefault(local[int(pid)], {})[name] = (
-                        v.reshape(()) if name == "step" else v
+                param, _, moment = key[len("adam.") :].rpartition(".")
+                if param in local:
+                    opt_state.setdefault(local[param], {})[moment] = (
+                        v.reshape(()) if moment == "step" else v
                     )
+        opt_state = {k: opt_state[k] for k in sorted(opt_state)}  # in the parameters' order
         hyper = {k: v for k, v in param_groups[0].items() if k != "params"}
         hyper["betas"] = tuple(hyper["betas"])
         groups = [{**hyper, "params": list(range(len(local)))}]

@@ -10,13 +10,99 @@ from typing import Literal
 from unsuperpose.config import field
 
 L1Norm = Literal["sum", "per_latent"]
+Arch = Literal["relu", "topk", "batchtopk", "jumprelu", "matryoshka"]
+# Which knob field each architecture's grid sweeps (the families registry says the same; kept
+# here so a config can be checked without importing the families).
+KNOB_FIELD = {
+    "relu": "l1",
+    "topk": "top_k",
+    "batchtopk": "top_k",
+    "matryoshka": "top_k",
+    "jumprelu": "l0_coef",
+}
+# Option groups each architecture reads; the others' do not change what a run computes.
+OPTION_GROUPS = {
+    "relu": (),
+    "topk": ("auxk",),
+    "batchtopk": ("auxk", "batchtopk"),
+    "matryoshka": ("auxk", "batchtopk", "matryoshka"),
+    "jumprelu": ("jumprelu",),
+}
+
+
+@dataclass
+class AuxKOptions:
+    """AuxK (Gao et al. 2024): latents dead for a while learn to reconstruct what the live
+    ones miss (topk, batchtopk, matryoshka)."""
+
+    coef: float = field(
+        1 / 32, help="weight of the AuxK loss (Gao et al. 2024: 1/32); 0 turns AuxK off"
+    )
+    k_aux: int = field(0, help="dead latents each row may use (0: d_in // 2, as sparsify)")
+    dead_tokens: int = field(
+        0,
+        help="rows without firing after which a latent counts as dead for AuxK "
+        "(0: the run's dead_window x batch_size, the diagnostic's own window)",
+    )
+
+
+@dataclass
+class BatchTopKOptions:
+    """BatchTopK's inference threshold (Bussmann et al. 2024)."""
+
+    threshold_momentum: float = field(
+        0.999,
+        help="the inference threshold is an exponential moving average, with this momentum, "
+        "of the smallest code each training batch keeps (dictionary_learning's 0.999)",
+    )
+    threshold_from: float = field(
+        0.2,
+        help="fraction of training after which the threshold is averaged (the early "
+        "codes say little about the final ones)",
+    )
+
+
+@dataclass
+class JumpReLUOptions:
+    """JumpReLU (Rajamanoharan et al. 2024): per-latent thresholds learnt through
+    straight-through estimators."""
+
+    bandwidth: float = field(
+        1e-3, help="width of the rectangle kernel of the threshold's pseudo-derivative (paper)"
+    )
+    init_threshold: float = field(1e-3, help="every threshold's starting value (paper: 0.001)")
+
+
+@dataclass
+class MatryoshkaOptions:
+    """Matryoshka SAEs (Bussmann et al. 2025; Nabeshima 2024): nested prefixes of the
+    dictionary each reconstruct the input on their own."""
+
+    prefixes: list[float] = field(
+        default_factory=lambda: [0.0625, 0.125, 0.25, 0.5, 1.0],
+        help="the nested prefixes, as fractions of the dictionary size (the last must be 1)",
+    )
 
 
 @dataclass
 class SAETrainConfig:
-    """Training settings shared by every SAE of a grid (L1 values x dictionary sizes)."""
+    """Training settings shared by every SAE of a grid (sparsity values x dictionary sizes)."""
 
-    l1: list[float] = field(default_factory=lambda: [1e-3], help="L1 coefficients, comma-separated")
+    arch: Arch = field(
+        "relu",
+        help="the dictionary architecture: relu (the report's ReLU + L1), topk, batchtopk, "
+        "jumprelu or matryoshka",
+    )
+    l1: list[float] = field(
+        default_factory=lambda: [1e-3], help="L1 coefficients (relu's knob), comma-separated"
+    )
+    top_k: list[int] = field(
+        default_factory=lambda: [32],
+        help="active latents per row (the knob of topk, batchtopk and matryoshka)",
+    )
+    l0_coef: list[float] = field(
+        default_factory=lambda: [1e-3], help="L0 penalty coefficients (jumprelu's knob)"
+    )
     dict_sizes: list[int] = field(default_factory=lambda: [512], help="dictionary sizes (latents)")
     l1_norm: L1Norm = field(
         "sum",
@@ -86,16 +172,51 @@ class SAETrainConfig:
         "source's held-out rows: all of them for a store holding fewer)",
     )
 
+    auxk: AuxKOptions = field(default_factory=AuxKOptions, help="AuxK")
+    batchtopk: BatchTopKOptions = field(default_factory=BatchTopKOptions, help="BatchTopK")
+    jumprelu: JumpReLUOptions = field(default_factory=JumpReLUOptions, help="JumpReLU")
+    matryoshka: MatryoshkaOptions = field(default_factory=MatryoshkaOptions, help="Matryoshka")
+
+    @property
+    def knob_field(self) -> str:
+        return KNOB_FIELD[self.arch]
+
+    @property
+    def sparsity(self) -> list:
+        """The values of this architecture's sparsity knob: one dictionary per value and size."""
+        return list(getattr(self, self.knob_field))
+
     def __post_init__(self) -> None:
         self.l1 = [float(v) for v in self.l1]
+        self.top_k = [int(v) for v in self.top_k]
+        self.l0_coef = [float(v) for v in self.l0_coef]
         self.dict_sizes = [int(v) for v in self.dict_sizes]
         problems = []
-        if not self.l1 or any(not v >= 0 for v in self.l1):
+        if self.arch not in KNOB_FIELD:
+            problems.append(f"unknown architecture {self.arch!r}; choose one of {list(KNOB_FIELD)}")
+            raise ValueError("; ".join(problems))
+        for name in ("l1", "top_k", "l0_coef"):
+            values = getattr(self, name)
+            if not values or any(not v >= 0 for v in values):
+                problems.append(f"{name} must be a non-empty list of numbers >= 0 (got {values})")
+            if len(set(values)) != len(values):
+                problems.append(f"{name} values repeat: {values}")
+        if any(k < 1 for k in self.top_k):
+            problems.append(f"top_k values must be >= 1 (got {self.top_k})")
+        if self.arch != "relu" and (self.tied or self.l1_norm != "sum"):
             problems.append(
-                f"L1 coefficients must be a non-empty list of numbers >= 0 (got {self.l1})"
+                f"tied and l1_norm are options of the relu architecture, not {self.arch}"
             )
-        if len(set(self.l1)) != len(self.l1):
-            problems.append(f"L1 coefficients repeat: {self.l1}")
+        prefixes = self.matryoshka.prefixes
+        if (
+            not prefixes
+            or sorted(prefixes) != list(prefixes)
+            or prefixes[-1] != 1
+            or prefixes[0] <= 0
+        ):
+            problems.append(
+                f"matryoshka prefixes must increase, be > 0 and end at 1 (got {prefixes})"
+            )
         if not self.dict_sizes or any(n < 1 for n in self.dict_sizes):
             problems.append(f"dictionary sizes must be positive integers (got {self.dict_sizes})")
         if len(set(self.dict_sizes)) != len(self.dict_sizes):
@@ -118,6 +239,16 @@ class SAETrainConfig:
             problems.append(f"lr must be > 0 (got {self.lr})")
         if problems:
             raise ValueError("; ".join(problems))
+
+
+def irrelevant_fields(config: SAETrainConfig) -> set[str]:
+    """Fields that cannot change what a run of ``config.arch`` computes: the other
+    architectures' knobs and option groups (and relu's own settings for the others, which
+    ``__post_init__`` keeps at their defaults anyway)."""
+    knobs = set(KNOB_FIELD.values()) - {config.knob_field}
+    groups = {g for gs in OPTION_GROUPS.values() for g in gs} - set(OPTION_GROUPS[config.arch])
+    relu_only = set() if config.arch == "relu" else {"sparse_below"}
+    return knobs | groups | relu_only
 
 
 PRESETS: dict[str, dict] = {

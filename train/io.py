@@ -1,12 +1,7 @@
-"""What a trained grid leaves on disk, and reading it back.
+"""What a trained grid leaves on disk, and reading it back (names: ``train.layout``).
 
-<out>/
-  train_config.json        the SAETrainConfig, and how the run was made (RUN_KEYS: device,
-                           world_size, parallel)
-  summary.csv              one row per SAE: l1, dict_size, steps, samples, final metrics (+ extras)
-  history.jsonl            training scalars and callback values over steps
-  saes/n<size>-l1_<l1>/    sae.safetensors (W_enc, b_enc, W_dec: effective weights) + config.json
-                           (the SAE's settings and its final metrics)
+summary.csv has one row per dictionary: arch, sparsity_name, sparsity, dict_size, steps, samples,
+the final metrics and extras; relu rows also keep the ``l1`` column runs have always had.
 """
 
 from __future__ import annotations
@@ -18,14 +13,18 @@ from pathlib import Path
 
 from unsuperpose.config import from_dict, to_dict, write_json_atomic, write_text_atomic
 from unsuperpose.train.config import SAETrainConfig
-from unsuperpose.train.sae import SAE
-
-SUMMARY_FILE = "summary.csv"
-HISTORY_FILE = "history.jsonl"
-CONFIG_FILE = "train_config.json"
-SOURCE_FILE = (
-    "source.json"  # what the grid was trained on: the source's describe(), fingerprint included
+from unsuperpose.train.dictionary import load_dictionary
+from unsuperpose.train.families import get_family
+from unsuperpose.train.layout import (
+    CONFIG_FILE,
+    HISTORY_FILE,
+    SAES_DIR,
+    SOURCE_FILE,
+    SUMMARY_FILE,
+    dict_dirname,
+    dictionary_dirs,
 )
+
 # Provenance that may differ between two reads of the same data (where it lies, how it is read).
 _NOT_IDENTITY = {"path"}
 # How a run was made, beside its settings in train_config.json: not part of what it computes
@@ -66,10 +65,6 @@ def source_differences(have: dict, want: dict) -> list[str]:
     return ["data: " + ("; ".join(diff) if diff else "another fingerprint")]
 
 
-def sae_dirname(l1: float, n: int) -> str:
-    return f"n{n}-l1_{l1:g}"
-
-
 def save_grid(
     state,
     metrics: dict,
@@ -82,17 +77,21 @@ def save_grid(
 ) -> list[dict]:
     """Write every SAE of ``state`` and the summary; returns the summary rows.
 
-    ``extra`` adds columns per SAE ({(l1, n): {col: value}}), e.g. ground-truth scores;
+    ``extra`` adds columns per SAE ({(sparsity, n): {col: value}}), e.g. ground-truth scores;
     ``labels`` names sizes as the user gave them (e.g. '8x').
     """
     out = Path(out)
     cfg = state.config
+    knob = get_family(cfg.arch).sparsity_name
     write_train_config(out, cfg, run_info)
     rows = []
-    for (l1, n), sae in state.saes().items():
-        key = (l1, n)
+    for (value, n), sae in state.saes().items():
+        key = (value, n)
         row = {
-            "l1": l1,
+            "arch": cfg.arch,
+            "sparsity_name": knob,
+            "sparsity": value,
+            **({"l1": value} if cfg.arch == "relu" else {}),
             "dict_size": n,
             "dict_label": (labels or {}).get(n, str(n)),
             "steps": state.step,
@@ -101,10 +100,12 @@ def save_grid(
             **(extra or {}).get(key, {}),
         }
         sae.save(
-            out / "saes" / sae_dirname(l1, n),
+            out / SAES_DIR / dict_dirname(cfg.arch, knob, value, n),
             {
-                "l1": l1,
-                "l1_norm": cfg.l1_norm,
+                "arch": cfg.arch,
+                "sparsity_name": knob,
+                "sparsity": value,
+                **({"l1": value, "l1_norm": cfg.l1_norm} if cfg.arch == "relu" else {}),
                 "training": to_dict(cfg),
                 "metrics": row,
                 "source": source_info or {},
@@ -151,12 +152,17 @@ def read_history(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def load_saes(out: str | Path) -> dict[tuple[float, int], SAE]:
-    """Every SAE a grid run wrote, keyed by (l1, dict_size)."""
+def sparsity_of(config: dict) -> float:
+    """The knob value a saved dictionary was trained at (old ReLU folders only say ``l1``)."""
+    return config["sparsity"] if "sparsity" in config else config["l1"]
+
+
+def load_saes(out: str | Path) -> dict[tuple[float, int], object]:
+    """Every dictionary a grid run wrote, keyed by (sparsity value, dict_size)."""
     saes = {}
-    for d in sorted((Path(out) / "saes").glob("n*-l1_*")):
-        sae = SAE.load(d)
-        saes[(float(sae.config["l1"]), sae.d_sae)] = sae
+    for d in dictionary_dirs(out):
+        sae = load_dictionary(d)
+        saes[(sparsity_of(sae.config), sae.d_sae)] = sae
     if not saes:
-        raise FileNotFoundError(f"no SAEs under {out}/saes: was the training run finished?")
+        raise FileNotFoundError(f"no SAEs under {out}/{SAES_DIR}: was the training run finished?")
     return saes

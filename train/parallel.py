@@ -111,3 +111,19 @@ def average_gradients(params: list[torch.Tensor], world_size: int) -> None:
     for g in grads:
         dist.all_reduce(g)
         g.div_(world_size)
+
+
+_OPS = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN}
+
+
+def reduce_step(reductions: dict[str, tuple[torch.Tensor, str]]) -> None:
+    """Combine a step's per-rank tensors (firing counts, a batch minimum) in place, so every
+    rank's group updates its counters and buffers from the whole batch."""
+    for tensor, op in reductions.values():
+        dist.all_reduce(tensor, op=_OPS[op])
+
+
+def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    out = t.clone()
+    dist.all_reduce(out)
+    return out

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from unsuperpose.seeding import seeded_generator
-from unsuperpose.train.grid import SAEGroup
+from unsuperpose.train.families.stacked import StackedGroup
 
 ENCODER_SCALE = 0.2
 
@@ -35,7 +35,7 @@ def _zero_adam(optimizer: torch.optim.Optimizer, param: torch.Tensor, index) -> 
 
 @torch.no_grad()
 def resample_dead(
-    group: SAEGroup,
+    group: StackedGroup,
     pool: torch.Tensor,
     optimizer: torch.optim.Optimizer,
     dead: torch.Tensor,

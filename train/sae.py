@@ -8,22 +8,22 @@ shrinking codes and growing atoms.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save as safetensors_bytes
+from safetensors.torch import load_file
 from torch import nn
 
-from unsuperpose.config import write_bytes_atomic, write_json_atomic
+from unsuperpose.train.dictionary import WEIGHTS_FILE, read_config, write_dictionary
 from unsuperpose.train.init import init_params
 from unsuperpose.train.losses import l1_penalty, reconstruction_mse
 
-WEIGHTS_FILE = "sae.safetensors"
-CONFIG_FILE = "config.json"
-
 
 class SAE(nn.Module):
+    """The ``relu`` architecture's dictionary (``train.dictionary.Dictionary``)."""
+
+    arch = "relu"
+
     def __init__(
         self,
         d_in: int,
@@ -39,6 +39,7 @@ class SAE(nn.Module):
         self.W_dec = nn.Parameter(params["W_dec"].clone())
         self.b_enc = nn.Parameter(params["b_enc"].clone())
         self.W_enc = None if tied else nn.Parameter(params["W_enc"].clone())
+        self.config: dict = {}
 
     def dictionary(self) -> torch.Tensor:
         """The unit-norm atoms, (d_sae, d_in)."""
@@ -53,6 +54,9 @@ class SAE(nn.Module):
         sphere: without this, atoms learn at different speeds (see ``SAEGroup.renormalise_``).
         """
         self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True))
+
+    def atoms(self) -> torch.Tensor:
+        return self.dictionary()
 
     def encoder_weight(self) -> torch.Tensor:
         return self.dictionary().T if self.tied else self.W_enc
@@ -74,33 +78,20 @@ class SAE(nn.Module):
     # -- storage: safetensors + JSON, never pickles -------------------------------------------
     def save(self, directory: str | Path, config: dict | None = None) -> Path:
         """Write the effective weights (normalised decoder, explicit encoder even when tied)."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         with torch.no_grad():
             tensors = {
-                "W_enc": self.encoder_weight().detach().cpu().contiguous(),
-                "b_enc": self.b_enc.detach().cpu().contiguous(),
-                "W_dec": self.dictionary().detach().cpu().contiguous(),
+                "W_enc": self.encoder_weight(),
+                "b_enc": self.b_enc,
+                "W_dec": self.dictionary(),
             }
-        write_bytes_atomic(
-            directory / WEIGHTS_FILE, safetensors_bytes(tensors)
-        )  # a reader never sees half of it
-        write_json_atomic(
-            directory / CONFIG_FILE,
-            {"d_in": self.d_in, "d_sae": self.d_sae, "tied": self.tied, **(config or {})},
-        )
-        return directory
+        meta = {**self.config, **(config or {})}
+        meta.update(arch=self.arch, d_in=self.d_in, d_sae=self.d_sae, tied=self.tied)
+        return write_dictionary(directory, tensors, meta)
 
     @classmethod
     def load(cls, directory: str | Path) -> SAE:
-        directory = Path(directory)
-        if not (directory / WEIGHTS_FILE).exists() or not (directory / CONFIG_FILE).exists():
-            raise FileNotFoundError(
-                f"{directory} is not a saved SAE: it needs {WEIGHTS_FILE} and "
-                f"{CONFIG_FILE} (written by `unsuperpose toy` / `unsuperpose train`)"
-            )
-        config = json.loads((directory / CONFIG_FILE).read_text())
-        tensors = load_file(str(directory / WEIGHTS_FILE))
+        config = read_config(directory)
+        tensors = load_file(str(Path(directory) / WEIGHTS_FILE))
         sae = cls(config["d_in"], config["d_sae"], tied=bool(config.get("tied")), params=tensors)
         sae.config = config
         return sae

@@ -1,9 +1,11 @@
 """Train a grid of SAEs (L1 values x dictionary sizes) on one activation source, in one pass.
 
-Every SAE sees the same batches in the same order. All SAEs of a size are one ``SAEGroup``
-(stacked parameters, one encoder GEMM); one Adam updates every group's tensors. Adam is
-elementwise, so stacking changes nothing: each SAE ends as it would trained alone with the
-same init seed and batches (tested against ``SAE`` + ``torch.optim.Adam``).
+Every SAE sees the same batches in the same order. All SAEs of a size are one stacked group of
+the run's architecture (``train.families``: stacked parameters, one encoder GEMM); one Adam
+updates every group's tensors. Adam is elementwise, so stacking changes nothing: each SAE ends
+as it would trained alone with the same init seed and batches (tested against ``SAE`` +
+``torch.optim.Adam``). Within a grid, which is one architecture, an SAE's key is
+(sparsity value, dictionary size); what is written names the architecture too.
 
 ``train`` knows nothing of toy data or LMs. Whatever the caller wants measured during training
 (e.g. MMCS with the toy ground truth) comes in as a callback.
@@ -11,8 +13,8 @@ same init seed and batches (tested against ``SAE`` + ``torch.optim.Adam``).
 Devices and processes: a state lives on one device (``new_state(..., device=)``) and the batches
 are moved there as they come (``to_device``). Under torchrun each rank holds its share of the
 grid (``train.parallel``); the loop below is the same for every rank, and the only places ranks
-talk are the log steps (one gathered record), the data-parallel gradient average, checkpoints
-and the end.
+talk are the log steps (one gathered record), the data-parallel gradient average and per-step
+reductions (``parallel.reduce_step``), checkpoints and the end. No group talks to other ranks.
 """
 
 from __future__ import annotations
@@ -29,14 +31,14 @@ from tqdm.auto import tqdm
 from unsuperpose import distributed
 from unsuperpose.train import parallel
 from unsuperpose.train.config import SAETrainConfig
-from unsuperpose.train.grid import SAEGroup
+from unsuperpose.train.families import Family, get_family
+from unsuperpose.train.families.stacked import StackedGroup
 from unsuperpose.train.losses import l1_divisor
 from unsuperpose.train.resample import resample_dead, resample_generator
-from unsuperpose.train.sae import SAE
 from unsuperpose.train.source import ActivationSource, check_source
 
-# A callback gets the step and {(l1, dict_size): unit-norm dictionary (n, d)} and returns
-# {(l1, dict_size): {metric: value}}; the trainer adds the values to its history.
+# A callback gets the step and {(sparsity, dict_size): unit-norm dictionary (n, d)} and returns
+# {(sparsity, dict_size): {metric: value}}; the trainer adds the values to its history.
 Dictionaries = dict[tuple[float, int], torch.Tensor]
 CallbackFn = Callable[[int, Dictionaries], dict[tuple[float, int], dict[str, float]]]
 
@@ -57,7 +59,7 @@ class GridState:
 
     config: SAETrainConfig
     d: int
-    groups: list[SAEGroup]
+    groups: list[StackedGroup]
     optimizer: torch.optim.Optimizer
     step: int = 0
     history: list[dict] = field(default_factory=list)
@@ -70,23 +72,23 @@ class GridState:
         """Each local group's index in the whole grid (sizes sorted): checkpoints use these."""
         return list(self.sharding.owned) if self.sharding else list(range(len(self.groups)))
 
-    def keys(self) -> list[tuple[float, int]]:
-        return [(l1, g.n) for g in self.groups for l1 in g.l1]
+    @property
+    def family(self) -> Family:
+        return get_family(self.config.arch)
 
-    def saes(self) -> dict[tuple[float, int], SAE]:
-        """Every SAE of the grid as a plain ``SAE`` module (its effective weights, copied)."""
-        return {
-            (l1, g.n): SAE(self.d, g.n, tied=self.config.tied, params=g.sae_params(s))
-            for g in self.groups
-            for s, l1 in enumerate(g.l1)
-        }
+    def keys(self) -> list[tuple[float, int]]:
+        return [(v, g.n) for g in self.groups for v in g.values]
+
+    def saes(self) -> dict[tuple[float, int], object]:
+        """Every dictionary of the grid as the class it is saved as (effective weights, copied)."""
+        return {(v, g.n): g.dictionary(s) for g in self.groups for s, v in enumerate(g.values)}
 
     def dictionaries(self) -> Dictionaries:
         out = {}
         for g in self.groups:
             dn = g.dictionaries()
-            for s, l1 in enumerate(g.l1):
-                out[(l1, g.n)] = dn[s]
+            for s, v in enumerate(g.values):
+                out[(v, g.n)] = dn[s]
         return out
 
 
@@ -108,26 +110,15 @@ def new_state(
     device = distributed.with_index(device)
     sizes = sorted(config.dict_sizes)
     owned = sharding.owned if sharding else range(len(sizes))
-    data_parallel = bool(sharding and sharding.data_parallel)
     init_data = (
         data_sample(source, max(config.dict_sizes), config.seed)
         if config.decoder_init == "data"
         else None
     )
+    family = get_family(config.arch)
     groups = [
-        SAEGroup(
-            d,
-            sizes[i],
-            config.l1,
-            l1_norm=config.l1_norm,
-            tied=config.tied,
-            seed=config.seed,
-            decoder_init=config.decoder_init,
-            encoder_init=config.encoder_init,
-            data=init_data,
-            sparse_below=config.sparse_below,
-            device=device,
-            data_parallel=data_parallel,
+        family.group(
+            d, sizes[i], config.sparsity, config, seed=config.seed, data=init_data, device=device
         )
         for i in owned
     ]
@@ -174,12 +165,13 @@ def to_device(batches: Iterator[torch.Tensor], device: torch.device) -> Iterator
             batches.close()
 
 
-def _raise_if_bad(g: SAEGroup, bad: torch.Tensor, what: str) -> None:
+def _raise_if_bad(g: StackedGroup, bad: torch.Tensor, what: str) -> None:
     """``bad``: (S,) flags of group ``g``; the error names the first flagged SAE."""
     if bad.any():
-        l1 = g.l1[int(bad.nonzero()[0, 0])]
+        value = g.values[int(bad.nonzero()[0, 0])]
+        knob = get_family(g.arch).knob_label
         raise NonFiniteLoss(
-            f"SAE with L1 {l1:g} and {g.n} latents {what}; try a lower learning "
+            f"{g.arch} SAE with {knob} {value:g} and {g.n} latents {what}; try a lower learning "
             "rate or check the data for NaN/Inf"
         )
 
@@ -187,11 +179,7 @@ def _raise_if_bad(g: SAEGroup, bad: torch.Tensor, what: str) -> None:
 def check_finite_parameters(state: GridState) -> None:
     """Raise NonFiniteLoss naming the first SAE whose weights hold a NaN or Inf."""
     for g in state.groups:
-        bad = ~torch.isfinite(g.W_dec).flatten(1).all(dim=1)
-        bad |= ~torch.isfinite(g.b_enc).view(g.S, g.n).all(dim=1)
-        if g.W_enc is not None:
-            bad |= ~torch.isfinite(g.W_enc).view(g.d, g.S, g.n).all(dim=2).all(dim=0)
-        _raise_if_bad(g, bad, f"has non-finite weights at step {state.step}")
+        _raise_if_bad(g, g.nonfinite(), f"has non-finite weights at step {state.step}")
 
 
 def _check_finite(state: GridState, stats: list[dict[str, torch.Tensor]]) -> None:
@@ -242,7 +230,7 @@ def train_steps(
     )
     # In a log file (no terminal) a bar redrawn ten times a second buries everything else. Under
     # torchrun only rank 0 draws one; it says how many SAEs this rank trains of the whole grid.
-    total = len(cfg.l1) * len(cfg.dict_sizes)
+    total = len(cfg.sparsity) * len(cfg.dict_sizes)
     desc = (
         f"{len(state.keys())} SAEs"
         if len(state.keys()) == total
@@ -261,13 +249,17 @@ def train_steps(
     try:
         while state.step < until:
             x = next(batches)
+            data_parallel = sharding is not None and sharding.data_parallel
             for g in state.groups:
-                g.forward_backward(x)
-            if sharding is not None and sharding.data_parallel:
+                reductions = g.forward_backward(x)
+                if data_parallel:  # a latent is alive if it fired on any rank's slice
+                    parallel.reduce_step(reductions)
+                g.finish_step(reductions, state.step + 1)
+            if data_parallel:
                 parallel.average_gradients(params, sharding.world_size)
             state.optimizer.step()
             for g in state.groups:
-                g.renormalise_()
+                g.post_step()
             state.step += 1
             if _resample_due(cfg, state.step):
                 pool = resample_pool(source, cfg, state.step).to(state.device)
@@ -281,7 +273,7 @@ def train_steps(
                     )
             bar.update(1)
             if state.step % cfg.log_every == 0 or state.step == until:
-                stats = [g.take_stats() for g in state.groups]
+                stats = [_take_stats(g, sharding) for g in state.groups]
                 # everywhere() calls it at once, with this step's stats
                 distributed.everywhere(lambda: _check_finite(state, stats))  # noqa: B023
                 now = time.perf_counter()
@@ -343,6 +335,19 @@ def _resample_due(cfg: SAETrainConfig, step: int) -> bool:
     )
 
 
+def _take_stats(g: StackedGroup, sharding: parallel.Sharding | None) -> dict[str, torch.Tensor]:
+    """Means since the last call, per SAE of ``g``: mse (per coordinate), l1 (sum of codes per
+    row), l0; over the whole batch when it is split over ranks."""
+    stats, rows = g.stats, g.stat_rows
+    if sharding is not None and sharding.data_parallel:
+        stats = parallel.sum_over_ranks(stats)
+        rows *= sharding.world_size
+    rows = max(rows, 1)
+    out = {"mse": stats[0] / (rows * g.d), "l1": stats[1] / rows, "l0": stats[2] / rows}
+    g.reset_stats()
+    return out
+
+
 def _log_row(state: GridState, stats: list[dict[str, torch.Tensor]], rate: float) -> dict:
     """The scalars of every SAE of the whole grid (gathered from the ranks in grid order); the
     rate is the slowest rank's, i.e. the whole job's."""
@@ -351,8 +356,9 @@ def _log_row(state: GridState, stats: list[dict[str, torch.Tensor]], rate: float
         dead = g.dead_mask(state.config.dead_window, state.step).sum(dim=1).tolist()
         values = {k: v.tolist() for k, v in st.items()}
         items = {}
-        for s, l1 in enumerate(g.l1):
-            tag = f"l1={l1:g}/n={g.n}"
+        knob = get_family(g.arch).sparsity_name
+        for s, v in enumerate(g.values):
+            tag = f"{knob}={v:g}/n={g.n}"
             items.update(
                 {
                     f"{tag}/mse": values["mse"][s],
@@ -385,8 +391,9 @@ def _run_callbacks(state: GridState, callbacks: list[Callback], force: bool = Fa
     for cb in due:
         for key, values in cb.fn(state.step, dicts).items():
             merged.setdefault(key, {}).update(values)
-    for (l1, n), values in merged.items():
-        state.history.append({"step": state.step, "l1": l1, "dict_size": n, **values})
+    knob = state.family.sparsity_name
+    for (v, n), values in merged.items():
+        state.history.append({"step": state.step, knob: v, "sparsity": v, "dict_size": n, **values})
 
 
 # Windows (in batches) at which the final metrics also count dead latents: dead_w<W> columns.
@@ -445,7 +452,7 @@ def evaluate(
             w: g.dead_mask(w, state.step).sum(dim=1).tolist() for w in dead_windows(state.step)
         }
         divisor = l1_divisor(cfg.l1_norm, g.n)
-        for s, a in enumerate(g.l1):
+        for s, a in enumerate(g.values):
             results[(a, g.n)] = {
                 "heldout_mse": float(sq[s]) / (rows * state.d),
                 "heldout_fvu": float(sq[s]) / total_var if total_var > 0 else math.nan,

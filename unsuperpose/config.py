@@ -26,7 +26,7 @@ def field(default: Any = dataclasses.MISSING, *, help: str, **kw: Any) -> Any:
 
 
 def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+    return "--" + name.replace("_", "-").replace(".", "-")
 
 
 def _base_type(tp: Any) -> Any:
@@ -55,17 +55,29 @@ def _parse_list(item_type: Any):
     return parse
 
 
+def _is_nested(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
 def add_arguments(
-    parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = (), defaults: Any = None
+    parser: argparse.ArgumentParser,
+    cls: type,
+    *,
+    skip: tuple[str, ...] = (),
+    defaults: Any = None,
+    prefix: str = "",
 ) -> None:
     """Add one ``--flag`` per field of dataclass ``cls`` (bools become --x/--no-x).
 
     ``defaults``: an instance of ``cls`` holding the command's own defaults (they may differ from
     the dataclass's, e.g. a toy grid's dead window); ``--help`` shows those, the values a run
-    without the flag will use.
+    without the flag will use. A field that is itself a dataclass (one architecture's options)
+    becomes a group of flags named after it: field ``k_aux`` of ``auxk`` is ``--auxk-k-aux``,
+    parsed into ``auxk.k_aux`` (see :func:`replace_from_args`).
     """
     hints = typing.get_type_hints(cls)
-    group = parser.add_argument_group(cls.__name__, (cls.__doc__ or "").strip().split("\n")[0])
+    title = prefix.rstrip(".") or cls.__name__
+    group = parser.add_argument_group(title, (cls.__doc__ or "").strip().split("\n")[0])
     for f in dataclasses.fields(cls):
         if f.name in skip or not f.init:
             continue
@@ -79,10 +91,16 @@ def add_arguments(
                 if f.default is not dataclasses.MISSING
                 else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
             )
-        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS}
+        if _is_nested(tp):
+            add_arguments(parser, tp, defaults=default, prefix=f"{prefix}{f.name}.")
+            continue
+        name = prefix + f.name
+        kw: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS}
+        if prefix and tp is not bool:
+            kw["metavar"] = f.name.upper()
         if tp is bool:
             group.add_argument(
-                _flag(f.name),
+                _flag(name),
                 action=argparse.BooleanOptionalAction,
                 help=f"{help_text} (default: {default})",
                 **kw,
@@ -99,7 +117,7 @@ def add_arguments(
         else:
             kw["type"] = tp if tp in (int, float, str) else str
             shown = default
-        group.add_argument(_flag(f.name), help=f"{help_text} (default: {shown})", **kw)
+        group.add_argument(_flag(name), help=f"{help_text} (default: {shown})", **kw)
 
 
 def from_args(cls: type[T], args: argparse.Namespace, base: T | None = None, **overrides: Any) -> T:
@@ -127,8 +145,29 @@ def from_dict(cls: type[T], data: dict) -> T:
     fixed = {}
     for k, v in data.items():
         tp = _base_type(hints[k])
+        if _is_nested(tp) and isinstance(v, dict):
+            v = from_dict(tp, v)
         fixed[k] = tuple(v) if typing.get_origin(tp) is tuple and isinstance(v, list) else v
     return cls(**fixed)
+
+
+def replace_from_args(
+    obj: T, args: argparse.Namespace, *, skip: tuple[str, ...] = (), prefix: str = ""
+) -> T:
+    """``obj`` with every field the user gave a flag for replaced, nested dataclasses included
+    (their flags' dests are ``<field>.<subfield>``, as :func:`add_arguments` names them)."""
+    hints = typing.get_type_hints(type(obj))
+    given = {}
+    for f in dataclasses.fields(obj):
+        if f.name in skip or not f.init:
+            continue
+        if _is_nested(_base_type(hints[f.name])):
+            given[f.name] = replace_from_args(
+                getattr(obj, f.name), args, prefix=f"{prefix}{f.name}."
+            )
+        elif hasattr(args, prefix + f.name):
+            given[f.name] = getattr(args, prefix + f.name)
+    return dataclasses.replace(obj, **given)
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:

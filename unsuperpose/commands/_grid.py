@@ -14,7 +14,7 @@ import torch
 
 from unsuperpose import distributed, locking, storage
 from unsuperpose.analyze import grid_figures, score_grid
-from unsuperpose.config import add_arguments, to_dict
+from unsuperpose.config import add_arguments, replace_from_args, to_dict
 from unsuperpose.errors import UserError
 from unsuperpose.tracking import Tracker
 from unsuperpose.train import (
@@ -43,6 +43,8 @@ from unsuperpose.train.checkpoint import (
     recover_checkpoint,
     whole_state,
 )
+from unsuperpose.train.config import KNOB_FIELD
+from unsuperpose.train.families import get_family
 from unsuperpose.train.io import (
     SOURCE_FILE,
     read_source_file,
@@ -51,7 +53,10 @@ from unsuperpose.train.io import (
     write_source_file,
 )
 
-SKIP = ("l1", "dict_sizes")  # parsed from --l1 / --dict so that ratios and lists get clear errors
+# Parsed from --l1 / --topk / --l0-coef / --dict, so that ratios and lists get clear errors and
+# a knob given to the wrong architecture is refused.
+SKIP = ("l1", "top_k", "l0_coef", "dict_sizes")
+KNOB_FLAGS = {"l1": "--l1", "top_k": "--topk", "l0_coef": "--l0-coef"}
 
 
 def add_sae_arguments(
@@ -70,6 +75,22 @@ def add_sae_arguments(
         default=argparse.SUPPRESS,
         help=f"L1 coefficients, comma-separated, in the --l1-norm convention "
         f"(default: {shown}, {defaults.l1_norm} convention)",
+    )
+    parser.add_argument(
+        "--topk",
+        dest="top_k",
+        type=str,
+        default=argparse.SUPPRESS,
+        help="active latents per row, comma-separated: the knob of --arch topk, batchtopk and "
+        f"matryoshka (default: {','.join(str(k) for k in defaults.top_k)})",
+    )
+    parser.add_argument(
+        "--l0-coef",
+        dest="l0_coef",
+        type=str,
+        default=argparse.SUPPRESS,
+        help="L0 penalty coefficients, comma-separated: the knob of --arch jumprelu "
+        f"(default: {','.join(f'{a:.3g}' for a in defaults.l0_coef)})",
     )
     parser.add_argument(dict_flag, dest="dict", type=str, default=argparse.SUPPRESS, help=dict_help)
     parser.add_argument(
@@ -119,13 +140,9 @@ def sae_config(
     """
     try:
         sizes = parse_dict_sizes(getattr(args, "dict", None) or default_dict, dict_base, bare=bare)
-        cfg = apply_preset(base, args.preset)
-        given = {
-            f.name: getattr(args, f.name)
-            for f in dataclasses.fields(SAETrainConfig)
-            if f.name not in SKIP and hasattr(args, f.name)
-        }
-        cfg = dataclasses.replace(cfg, **given)
+        cfg = replace_from_args(apply_preset(base, args.preset), args, skip=SKIP)
+        knobs = knob_values(args, cfg.arch)
+        cfg = dataclasses.replace(cfg, **knobs)
         if getattr(args, "l1", None):
             l1 = parse_l1_list(args.l1)
         else:
@@ -139,6 +156,60 @@ def sae_config(
     except ValueError as exc:
         raise UserError(str(exc)) from None
     return cfg, {n: label for label, n in sizes}
+
+
+def grid_size_text(cfg: SAETrainConfig) -> str:
+    """e.g. '4 L1 x 3 sizes = 12 relu SAEs' or '3 k x 2 sizes = 6 topk SAEs'."""
+    knob = get_family(cfg.arch).knob_label
+    n_knob, n_size = len(cfg.sparsity), len(cfg.dict_sizes)
+    return f"{n_knob} {knob} x {n_size} sizes = {n_knob * n_size} {cfg.arch} SAEs"
+
+
+def knob_text(row: dict) -> str:
+    """A summary row's knob as messages write it: 'L1 0.001' or 'topk k 8'."""
+    arch = row.get("arch", "relu")
+    label = get_family(arch).knob_label
+    value = row.get("sparsity", row.get("l1"))
+    return f"{label} {value:g}" if arch == "relu" else f"{arch} {label} {value:g}"
+
+
+def knob_values(args: argparse.Namespace, arch: str) -> dict[str, list]:
+    """The non-L1 knob lists the user gave (--topk, --l0-coef), parsed; a knob of another
+    architecture than ``arch`` is refused rather than silently ignored."""
+    mine = KNOB_FIELD[arch]
+    for name, flag in KNOB_FLAGS.items():
+        if name != mine and getattr(args, name, None):
+            wanted = KNOB_FLAGS[mine]
+            raise ValueError(
+                f"{flag} is not a knob of --arch {arch}; its knob is {wanted} "
+                f"(--arch relu takes --l1, topk/batchtopk/matryoshka --topk, jumprelu --l0-coef)"
+            )
+    out: dict[str, list] = {}
+    if getattr(args, "top_k", None):
+        out["top_k"] = parse_int_list(args.top_k, "--topk")
+    if getattr(args, "l0_coef", None):
+        out["l0_coef"] = parse_float_list(args.l0_coef, "--l0-coef")
+    return out
+
+
+def parse_int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} {text!r}: expected whole numbers separated by commas") from None
+    if not values or any(v < 1 for v in values):
+        raise ValueError(f"{flag} {text!r}: expected whole numbers >= 1, e.g. 8,16,32")
+    return values
+
+
+def parse_float_list(text: str, flag: str) -> list[float]:
+    try:
+        values = [float(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} {text!r}: expected numbers separated by commas") from None
+    if not values or any(not v >= 0 for v in values):
+        raise ValueError(f"{flag} {text!r}: expected numbers >= 0, e.g. 1e-3,3e-3")
+    return values
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -258,7 +329,7 @@ def _describe_split(
     owner = parallel.assign_sizes(sizes, sharding.world_size)
     for r in range(sharding.world_size):
         mine = [sizes[i] for i in range(len(sizes)) if owner[i] == r]
-        print(f"rank {r}: dictionary sizes {mine} ({len(mine) * len(cfg.l1)} SAEs)")
+        print(f"rank {r}: dictionary sizes {mine} ({len(mine) * len(cfg.sparsity)} SAEs)")
 
 
 def check_run_folder(out) -> None:

@@ -121,7 +121,7 @@ def splice_columns(
             "LM is back"
         )
         return {}
-    names = {key: f"n{key[1]}-l1_{key[0]:g}" for key in saes}
+    names = {key: f"n{key[1]}-{key[0]:g}" for key in saes}  # internal: unique per key
     res = splice_eval(
         bridge,
         store.provenance.hook,
@@ -145,10 +145,10 @@ def run_splice(args) -> int:
     from unsuperpose.analyze.splice import splice_eval
     from unsuperpose.harvest import ActivationStore
     from unsuperpose.lm import load_bridge
-    from unsuperpose.train import SAE
+    from unsuperpose.train import load_dictionary
 
     sae_dirs = find_saes(args.dict_path)
-    saes = {p.name: SAE.load(p) for p in sae_dirs}
+    saes = {p.name: load_dictionary(p) for p in sae_dirs}
     sources = {(s.config.get("source") or {}).get("path") for s in saes.values()}
     first = next(iter(saes.values())).config.get("source") or {}
     if first.get("kind") != "activation_store" or len(sources) != 1:

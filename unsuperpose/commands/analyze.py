@@ -1,7 +1,7 @@
 """`unsuperpose analyze`: the report over an LM store's dictionaries, and the feature browser.
 
     unsuperpose analyze report --runs runs --lm tiny --layer 1
-    unsuperpose analyze features --dict runs/sae/tiny/layer1/1x+2x+4x+8x/saes/n256-l1_0.001 --top 20
+    unsuperpose analyze features --dict runs/sae/tiny/layer1/8x/saes/relu-n512-l1_0.001 --top 20
     unsuperpose analyze splice --dict runs/sae/tiny/layer1/1x+2x+4x+8x [--corpus FILE] [--tokens N]
 
 The glue between ``analyze`` (which reads dictionaries and stores) and ``lm`` (the tokenizer that
@@ -17,6 +17,7 @@ from pathlib import Path
 from unsuperpose import distributed, locking, storage
 from unsuperpose.analyze.diagnostics import DEFAULT_TOLERANCE
 from unsuperpose.errors import UserError
+from unsuperpose.train.families import FAMILIES
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -54,6 +55,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="a dictionary counts as without dead latents if at most this fraction of its "
         "latents are dead (0: none at all, the report's literal rule, which is "
         "printed beside this reading in any case)",
+    )
+    r.add_argument(
+        "--arch",
+        default="relu",
+        choices=sorted(FAMILIES),
+        help="read the dictionary sets of this architecture (a grid is one architecture); "
+        "the report goes to RUNS/report/LM-layerL-ARCH for any but relu",
     )
     r.add_argument(
         "--sets",
@@ -139,7 +147,8 @@ def _dict_argument(p: argparse.ArgumentParser) -> None:
         dest="dict_path",
         type=Path,
         required=True,
-        help="one SAE folder (saes/n<size>-l1_<l1>) or a dictionary set (a folder with saes/)",
+        help="one dictionary folder (saes/<arch>-n<size>-<knob>_<value>) or a dictionary set "
+        "(a folder with saes/)",
     )
 
 
@@ -200,10 +209,10 @@ def _open_store(path: Path):
 
 def _browse(sae_dirs: list[Path], store_path: Path | None, out: Path, args) -> dict[str, Path]:
     from unsuperpose.analyze.features import build_browser, store_of
-    from unsuperpose.train import SAE
+    from unsuperpose.train import load_dictionary
 
     if store_path is None:
-        recorded = store_of(SAE.load(sae_dirs[0]))
+        recorded = store_of(load_dictionary(sae_dirs[0]))
         if recorded is None:
             raise UserError(
                 f"{sae_dirs[0]} was not trained on an activation store (toy data has no "
@@ -236,6 +245,8 @@ def _report_command(args) -> str:
     for flag, value in (("--toy", args.toy), ("--out", args.out), ("--max-rows", args.max_rows)):
         if value is not None:
             cmd += f" {flag} {q(str(value))}"
+    if args.arch != "relu":
+        cmd += f" --arch {args.arch}"
     if args.sets:
         cmd += f" --sets {q(','.join(args.sets))}"
     if args.dead_tolerance != DEFAULT_TOLERANCE:
@@ -259,7 +270,8 @@ def run(args: argparse.Namespace) -> int:
 
     browse = (lambda sae_dir, out: _browse([sae_dir], None, out, args)) if args.features else None
     # The report's folder (build_report's default) is locked as its writer's; the runs read are not.
-    out = args.out or args.runs / "report" / f"{args.lm}-layer{args.layer}"
+    suffix = "" if args.arch == "relu" else f"-{args.arch}"
+    out = args.out or args.runs / "report" / f"{args.lm}-layer{args.layer}{suffix}"
     with locking.hold(out, what=f"the report folder {out}"):
         report = build_report(
             args.runs,
@@ -269,6 +281,7 @@ def run(args: argparse.Namespace) -> int:
             toy=args.toy,
             tolerance=args.dead_tolerance,
             sets=args.sets,
+            arch=args.arch,
             wandb_mode=args.wandb,
             browse=browse,
             command=_report_command(args),

@@ -13,6 +13,8 @@ from unsuperpose.commands._grid import (
     add_run_arguments,
     add_sae_arguments,
     check_run_folder,
+    grid_size_text,
+    knob_text,
     locked_run,
     sae_config,
     train_and_save,
@@ -21,6 +23,8 @@ from unsuperpose.config import add_arguments, from_args
 from unsuperpose.errors import UserError
 from unsuperpose.toy import ToyConfig, ToySource
 from unsuperpose.train import Callback, SAETrainConfig
+from unsuperpose.train.config import JumpReLUOptions
+from unsuperpose.train.io import sparsity_of
 
 # The default grid brackets the truth on both axes: sizes 1/4x..4x of G; L1 (sum convention)
 # from too low (3.2e-5: 1x recovers 0.65 MMCS) through the Goldilocks zone (1e-4..3.2e-4) to too
@@ -29,6 +33,14 @@ from unsuperpose.train import Callback, SAETrainConfig
 # reads deaths). About 8 minutes on the 2-core machine (7.7 measured, quiet).
 DEFAULT_L1 = [round(10 ** (e / 2), 8) for e in range(-9, -4)]  # 3.2e-5 .. 3.2e-3
 DEFAULT_DICT = "1/4x,1/2x,1x,2x,4x"
+# The default data has 5 active features per sample on average: k around it.
+DEFAULT_TOPK = [3, 5, 8]
+DEFAULT_L0_COEF = [3e-3, 1e-2, 3e-2]
+# The paper's bandwidth and initial threshold (1e-3) leave JumpReLU inert in a 3,000-step toy run:
+# only pre-activations within 5e-4 of a threshold move it, so it stays near 1e-3 and L0 stays
+# ~54 of 64 latents at every L0 coefficient from 0 to 0.03 (h 32, G 64, k 3). With 0.05 the
+# knob works: L0 32, 22, 4.9, 2.3 at coefficients 0, 1e-3, 1e-2, 3e-2 (train/families/jumprelu.py).
+JUMPRELU_OPTIONS = JumpReLUOptions(bandwidth=0.05, init_threshold=0.05)
 DEFAULT_STEPS = 5000
 
 # The report's full grid: 17 L1 values 10^(e/4), e = -8..8, in its per-latent convention;
@@ -102,7 +114,14 @@ def default_config(grid: str = "default") -> SAETrainConfig:
         return SAETrainConfig(
             steps=20_000, l1_norm="per_latent", dead_window=TOY_DEAD_WINDOW, l1=PAPER_L1
         )
-    return SAETrainConfig(steps=DEFAULT_STEPS, dead_window=TOY_DEAD_WINDOW, l1=DEFAULT_L1)
+    return SAETrainConfig(
+        steps=DEFAULT_STEPS,
+        dead_window=TOY_DEAD_WINDOW,
+        l1=DEFAULT_L1,
+        top_k=DEFAULT_TOPK,
+        l0_coef=DEFAULT_L0_COEF,
+        jumprelu=JUMPRELU_OPTIONS,
+    )
 
 
 DIAGNOSIS_FILE = "diagnosis.json"
@@ -115,7 +134,7 @@ def toy_diagnosis(
     held-out losses, mmcs_larger, mmcs), against the truth (G features); the record the LM
     report writes under "toy". ``window``: the dead window the grid was trained with."""
     names = {c for r in rows for c in r}
-    columns = {c: {(r["l1"], r["dict_size"]): r[c] for r in rows if c in r} for c in names}
+    columns = {c: {(sparsity_of(r), r["dict_size"]): r[c] for r in rows if c in r} for c in names}
     diag = diagnose(columns, truth_size=G, tolerance=tolerance, window=window)
     return diagnosis_record(diag, G, "G (ground-truth features)")
 
@@ -162,8 +181,8 @@ def _run(args: argparse.Namespace) -> int:
         rng_device="cpu" if args.data_rng == "cpu" else placement.device,
     )
     print(
-        f"toy data: h={toy.h}, G={toy.G}, k={toy.k}; {len(cfg.l1)} L1 x {len(cfg.dict_sizes)} "
-        f"sizes = {len(cfg.l1) * len(cfg.dict_sizes)} SAEs, {cfg.steps} steps of {cfg.batch_size}"
+        f"toy data: h={toy.h}, G={toy.G}, k={toy.k}; {grid_size_text(cfg)}, "
+        f"{cfg.steps} steps of {cfg.batch_size}"
     )
     rows = train_and_save(
         source,
@@ -203,7 +222,7 @@ def _run(args: argparse.Namespace) -> int:
         )
     best = max(rows, key=lambda r: r["mmcs"])
     print(
-        f"best MMCS with the ground truth: {best['mmcs']:.4f} (L1 {best['l1']:g}, dictionary "
+        f"best MMCS with the ground truth: {best['mmcs']:.4f} ({knob_text(best)}, dictionary "
         f"{best['dict_label']}); MCC {best['mcc']:.4f}"
     )
     print(f"wrote {args.out}/summary.csv, {DIAGNOSIS_FILE}, figures/, saes/")

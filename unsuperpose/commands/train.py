@@ -15,6 +15,8 @@ from unsuperpose import distributed, storage
 from unsuperpose.commands._grid import (
     add_run_arguments,
     add_sae_arguments,
+    grid_size_text,
+    knob_text,
     locked_run,
     sae_config,
     train_and_save,
@@ -22,12 +24,16 @@ from unsuperpose.commands._grid import (
 from unsuperpose.errors import UserError
 from unsuperpose.harvest import ActivationStore
 from unsuperpose.train import SAETrainConfig
-from unsuperpose.train.io import sae_dirname
+from unsuperpose.train.layout import SAELENS_DIR, dict_dirname
 from unsuperpose.train.saelens import export_saelens
 
 # Measured on the tiny LM's layer-1 MLP: 1e-4 leaves 40-80 latents active per token, 3e-3 about 7.
 DEFAULT_L1 = [round(10 ** (e / 4), 8) for e in range(-14, -7, 2)]  # 3.2e-4 .. 1e-2, half decades
 DEFAULT_DICT = "8x"
+# The other architectures' knobs on an LM store: k spans the L0 the L1 grid reaches (about 7 to
+# 80 active latents per token on the tiny LM's layer 1).
+DEFAULT_TOPK = [8, 16, 32, 64]
+DEFAULT_L0_COEF = [1e-3, 3e-3, 1e-2, 3e-2]
 DEFAULT_STEPS = 10_000
 
 
@@ -83,17 +89,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def default_config() -> SAETrainConfig:
     """The SAE settings of `unsuperpose train` before any flag (what --help shows)."""
-    return SAETrainConfig(steps=DEFAULT_STEPS, l1=DEFAULT_L1)
+    return SAETrainConfig(
+        steps=DEFAULT_STEPS, l1=DEFAULT_L1, top_k=DEFAULT_TOPK, l0_coef=DEFAULT_L0_COEF
+    )
 
 
-def dict_folder(spec: str) -> str:
-    return spec.replace(",", "+").replace("/", "_")
+def dict_folder(spec: str, args: argparse.Namespace | None = None) -> str:
+    """<DICT> for the default architecture (as runs have always been named), <arch>-<DICT> for
+    the others, so grids of two architectures never share a folder."""
+    folder = spec.replace(",", "+").replace("/", "_")
+    arch = getattr(args, "arch", "relu") if args is not None else "relu"
+    return folder if arch == "relu" else f"{arch}-{folder}"
 
 
 def run(args: argparse.Namespace) -> int:
     if not storage.exists(args.store):
         raise UserError(f"no store at {args.store}: harvest one first, e.g. `make harvest LAYER=1`")
-    out = args.out / dict_folder(getattr(args, "dict", None) or DEFAULT_DICT)
+    out = args.out / dict_folder(getattr(args, "dict", None) or DEFAULT_DICT, args)
     with locked_run(out, args.device) as placement:
         return _train(args, out, placement)
 
@@ -110,8 +122,8 @@ def _train(args: argparse.Namespace, out, placement: distributed.Placement) -> i
         cfg.steps = math.ceil(args.tokens / cfg.batch_size)
     info = store.describe()
     print(
-        f"store {args.store}: {store.rows:,} rows of width {store.d}; {len(cfg.l1)} L1 x "
-        f"{len(cfg.dict_sizes)} sizes = {len(cfg.l1) * len(cfg.dict_sizes)} SAEs, {cfg.steps:,} "
+        f"store {args.store}: {store.rows:,} rows of width {store.d}; {grid_size_text(cfg)}, "
+        f"{cfg.steps:,} "
         f"steps of {cfg.batch_size} ({cfg.steps * cfg.batch_size / store.train_rows:.2f} epochs "
         f"of its {store.train_rows:,} training rows; "
         f"{store.heldout_rows():,} held out: {store.heldout_description})"
@@ -121,10 +133,13 @@ def _train(args: argparse.Namespace, out, placement: distributed.Placement) -> i
         meta = {
             k: info.get(k) for k in ("hook", "layer", "model_dir", "weights_sha256") if k in info
         }
+        if cfg.arch != "relu":
+            print(f"SAELens export: not written for --arch {cfg.arch} (relu only, for now)")
+            return
         for (l1, n), sae in state.saes().items():
             export_saelens(
                 sae,
-                folder / "saelens" / sae_dirname(l1, n),
+                folder / SAELENS_DIR / dict_dirname(cfg.arch, "l1", l1, n),
                 metadata={**meta, "hook_name": info.get("hook"), "l1": l1, "l1_norm": cfg.l1_norm},
             )
 
@@ -163,7 +178,7 @@ def _train(args: argparse.Namespace, out, placement: distributed.Placement) -> i
     best = min(rows, key=lambda r: r["heldout_fvu"])
     print(
         f"lowest held-out FVU {best['heldout_fvu']:.4f} on {best['heldout_rows']:,} rows "
-        f"(L1 {best['l1']:g}, {best['dict_label']}, L0 {best['heldout_l0']:.1f}, "
+        f"({knob_text(best)}, {best['dict_label']}, L0 {best['heldout_l0']:.1f}, "
         f"{best['dead']} dead); wrote {out}/summary.csv, figures/, saes/, saelens/"
     )
     return 0

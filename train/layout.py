@@ -1,0 +1,80 @@
+"""Every file and folder name of a dictionary run folder, and the globs that find them.
+
+<out>/
+  train_config.json        the SAETrainConfig, and how the run was made (device, ranks)
+  source.json              what the grid was trained on (the source's describe(), fingerprint)
+  summary.csv              one row per dictionary: arch, sparsity_name, sparsity, dict_size, ...
+  history.jsonl            training scalars and callback values over steps
+  wandb_run_id             the W&B run a resumed run continues
+  checkpoint/              the resumable state while training (gone when the run is finished)
+  figures/                 the grid's figures
+  saes/<arch>-n<size>-<knob>_<value>/   one dictionary: sae.safetensors + config.json
+  saelens/<same name>/     the same dictionaries in SAELens's format (LM runs)
+
+Runs written before architectures existed name their dictionaries ``n<size>-l1_<value>``; they
+are found by the same glob (a folder under saes/ holding both files) and read as ReLU SAEs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from unsuperpose.train.dictionary import (
+    CONFIG_FILE as DICT_CONFIG_FILE,
+    WEIGHTS_FILE as DICT_WEIGHTS_FILE,
+)
+
+CONFIG_FILE = "train_config.json"
+SOURCE_FILE = "source.json"
+SUMMARY_FILE = "summary.csv"
+HISTORY_FILE = "history.jsonl"
+RUN_ID_FILE = "wandb_run_id"
+CHECKPOINT_DIR = "checkpoint"
+FIGURES_DIR = "figures"
+SAES_DIR = "saes"
+SAELENS_DIR = "saelens"
+
+__all__ = [
+    "CHECKPOINT_DIR",
+    "CONFIG_FILE",
+    "DICT_CONFIG_FILE",
+    "DICT_WEIGHTS_FILE",
+    "FIGURES_DIR",
+    "HISTORY_FILE",
+    "RUN_ID_FILE",
+    "SAELENS_DIR",
+    "SAES_DIR",
+    "SOURCE_FILE",
+    "SUMMARY_FILE",
+    "dict_dirname",
+    "dictionary_dirs",
+    "holds_dictionaries",
+    "is_finished",
+]
+
+
+def dict_dirname(arch: str, knob: str, value: float, n: int) -> str:
+    """The folder of one dictionary: architecture, size, knob and value, e.g. topk-n1024-k_32."""
+    return f"{arch}-n{n}-{knob}_{value:g}"
+
+
+def dictionary_dirs(out: str | Path) -> list[Path]:
+    """Every complete dictionary folder under ``<out>/saes`` (both files written), sorted."""
+    root = Path(out) / SAES_DIR
+    if not root.is_dir():
+        return []
+    return sorted(
+        p.parent
+        for p in root.glob(f"*/{DICT_CONFIG_FILE}")
+        if (p.parent / DICT_WEIGHTS_FILE).exists()
+    )
+
+
+def holds_dictionaries(out: str | Path) -> bool:
+    return bool(dictionary_dirs(out))
+
+
+def is_finished(out: str | Path) -> bool:
+    """A grid folder whose summary and settings are written (its dictionaries with them)."""
+    out = Path(out)
+    return (out / SUMMARY_FILE).exists() and (out / CONFIG_FILE).exists()
