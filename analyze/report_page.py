@@ -51,14 +51,14 @@ FIGURE_TEXT = {
 }
 
 
-def _where(p, base: int) -> str:
+def _where(p, base: int, knob: str = "L1") -> str:
     if p.size is None:
         return "nowhere in the grid"
     if p.lower_bound:
         return (
             f"more than {ratio_label(p.size, base)} (more than {p.size:,} latents): grow the grid"
         )
-    at = f"L1 {p.l1:g}, " if p.l1 is not None else ""
+    at = f"{knob} {p.l1:g}, " if p.l1 is not None else ""
     return f"{at}{ratio_label(p.size, base)} ({p.size:,} latents)"
 
 
@@ -77,12 +77,12 @@ def _n(v) -> str:
     return f"{v:,}" if float(v).is_integer() else f"{v:,.1f}"
 
 
-def estimate_text(est: dict | None, base: int, name: str) -> str:
+def estimate_text(est: dict | None, base: int, name: str, knob: str = "L1") -> str:
     """One sentence for the estimate; an open upper end is printed as a bound, never a number."""
     if not est:
         return (
             f"{name}: no diagnostic points inside this grid; "
-            "train larger dictionaries or more L1 values."
+            f"train larger dictionaries or more {knob} values."
         )
     if est["more_than"] is not None:
         pointed = (
@@ -92,9 +92,9 @@ def estimate_text(est: dict | None, base: int, name: str) -> str:
         )
         return (
             f"{name}: more than {est['more_than']:,} features "
-            f"({ratio_label(est['more_than'], base)} of {base}): at some L1 even the largest "
+            f"({ratio_label(est['more_than'], base)} of {base}): at some {knob} even the largest "
             "dictionary trained there keeps its latents, "
-            f"so nothing bounds the number from above{pointed}; the grid must grow at that L1 "
+            f"so nothing bounds the number from above{pointed}; the grid must grow at that {knob} "
             "until latents die."
         )
     same = est["low"] == est["high"]
@@ -143,7 +143,9 @@ def summary_html(report) -> str:
         else " SSLL read with the report's grid-wide z-scores: no basin."
     )
     parts = [
-        f"<p><b>Estimate.</b> {esc(estimate_text(lm.diagnosis.estimate(), lm.base, lm.name))} "
+        "<p><b>Estimate.</b> "
+        + esc(estimate_text(lm.diagnosis.estimate(), lm.base, lm.name, lm.grid.knob_label))
+        + " "
         f"{esc(sensitivity_text(lm.diagnosis))}{esc(ssll_note)}</p>"
     ]
     if toy is not None and toy.diagnosis.truth_size is not None:
@@ -154,7 +156,8 @@ def summary_html(report) -> str:
         if toy.diagnosis.optimum is not None:
             a, n = toy.diagnosis.optimum
             opt = (
-                f" The best recovery is at L1 {a:g}, {ratio_label(n, toy.base)} ({n:,} latents, "
+                f" The best recovery is at {toy.grid.knob_label} {a:g}, "
+                f"{ratio_label(n, toy.base)} ({n:,} latents, "
                 f"MMCS {toy.diagnosis.optimum_mmcs:.3f})."
             )
         parts.append(
@@ -173,9 +176,9 @@ def diagnostics_table(report) -> str:
         rows.append(
             [
                 p.diagnostic,
-                _where(tp, toy.base) if tp else "-",
+                _where(tp, toy.base, toy.grid.knob_label) if tp else "-",
                 _verdict(tp.match) if tp else "-",
-                _where(p, lm.base),
+                _where(p, lm.base, lm.grid.knob_label),
                 p.why,
             ]
         )
@@ -205,7 +208,7 @@ def dead_table(report) -> str:
             f"<h3>{esc(side.name)}</h3>"
             + table(
                 [
-                    "L1",
+                    side.grid.knob_label,
                     f"largest dictionary with at most {d.tolerance:.1%} dead latents",
                     "largest trained",
                     "open-ended (its largest passes)",
@@ -314,19 +317,21 @@ def provenance(report) -> str:
 def render_index(report, *, command: str | None = None) -> Path:
     figs = report.figures
     lm = report.lm
+    knob = lm.grid.knob_label
     body = [
-        f"<h1>unsuperpose report: {esc(lm.name)}</h1>",
+        f"<h1>unsuperpose report: {esc(lm.name)} ({esc(lm.grid.arch)} dictionaries)</h1>",
         summary_html(report),
         "<h2>Where the diagnostics point</h2>",
         diagnostics_table(report),
-        "<h3>Dead neurons: largest dictionary that passes, per L1</h3>",
+        f"<h3>Dead neurons: largest dictionary that passes, per {knob}</h3>",
         dead_table(report),
         "<h2>Toy data and the LM side by side</h2>",
-        "<p>Same axes in both panels: L1 upwards, dictionary size to the right as a ratio "
+        f"<p>Same axes in both panels: {knob} upwards, dictionary size to the right as a ratio "
         "(of G for toy data, of d for the LM).</p>",
     ]
     for key in ("compare_dead", "compare_ssll", "compare_mmcs_larger"):
-        body += [f"<p>{esc(FIGURE_TEXT[key])}</p>", image(figs[key], key)]
+        text = FIGURE_TEXT[key].replace("L1", knob).replace(f"log {knob} loss", "log L1 loss")
+        body += [f"<p>{esc(text)}</p>", image(figs[key], key)]
     if report.features:
         links = " · ".join(
             f'<a href="features/{esc(p.name)}">{esc(name)}</a>'

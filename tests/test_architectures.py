@@ -162,3 +162,46 @@ def test_toy_cli_trains_another_architecture_and_refuses_a_foreign_knob(tmp_path
     assert bad.returncode == 2
     assert "--l1 is not a knob of --arch topk; its knob is --topk" in bad.stderr
     assert not (tmp_path / "bad" / "summary.csv").exists()
+
+
+# torchrun: every architecture goes through the same trainer paths (grid split: whole sizes per
+# rank; data parallel: the trainer reduces what the groups return). TopK and JumpReLU codes are
+# row-local, so data parallelism must equal one process within float tolerance; AuxK normalises
+# by each rank's own residual variance and BatchTopK selects within each rank's slice (their
+# docstrings), so for them only the grid split is exact.
+DIST_TOY = ["toy", *TOY_ARGS[:-2], "--dict-ratios", "1/2x,1x", "--steps", "60", "--log-every", "20"]
+
+
+@pytest.mark.torchrun
+@pytest.mark.parametrize(
+    "arch,knob", [("topk", ["--topk", "2,4"]), ("batchtopk", ["--topk", "2,4"])]
+)
+def test_grid_split_over_two_processes_gives_one_process_bytes(arch, knob, tmp_path):
+    from test_train_distributed import assert_same_bytes, one_process, two_processes
+
+    args = [*DIST_TOY, "--arch", arch, *knob]
+    solo = one_process(args, tmp_path / "solo")
+    assert solo.returncode == 0, solo.stderr
+    duo = two_processes(args, tmp_path / "duo")
+    assert duo.returncode == 0, duo.stderr
+    assert_same_bytes(tmp_path / "solo", tmp_path / "duo")
+
+
+@pytest.mark.torchrun
+@pytest.mark.parametrize(
+    "arch,knob",
+    [("topk", ["--topk", "2,4", "--auxk-coef", "0"]), ("jumprelu", ["--l0-coef", "1e-3,1e-2"])],
+)
+def test_data_parallel_equals_one_process_within_float_tolerance(arch, knob, tmp_path):
+    from test_train_distributed import one_process, two_processes, weights
+
+    args = [*DIST_TOY, "--arch", arch, *knob]
+    solo = one_process(args, tmp_path / "solo")
+    assert solo.returncode == 0, solo.stderr
+    duo = two_processes([*args, "--parallel", "data"], tmp_path / "duo")
+    assert duo.returncode == 0, duo.stderr
+    wa, wb = weights(tmp_path / "solo"), weights(tmp_path / "duo")
+    assert wa and wa.keys() == wb.keys()
+    for name in wa:
+        for k in wa[name]:
+            torch.testing.assert_close(wa[name][k], wb[name][k], rtol=1e-4, atol=1e-5)

@@ -291,7 +291,13 @@ def run(args: argparse.Namespace) -> int:
     from unsuperpose.analyze.report_page import estimate_text, sensitivity_text
 
     print(
-        "estimate: " + estimate_text(report.lm.diagnosis.estimate(), report.lm.base, report.lm.name)
+        "estimate: "
+        + estimate_text(
+            report.lm.diagnosis.estimate(),
+            report.lm.base,
+            report.lm.name,
+            report.lm.grid.knob_label,
+        )
     )
     if sensitivity_text(report.lm.diagnosis):
         print(sensitivity_text(report.lm.diagnosis))

@@ -130,17 +130,20 @@ def _train(args: argparse.Namespace, out, placement: distributed.Placement) -> i
     )
 
     def export(state, folder: Path) -> None:
+        from unsuperpose.train import get_family
+
         meta = {
             k: info.get(k) for k in ("hook", "layer", "model_dir", "weights_sha256") if k in info
         }
-        if cfg.arch != "relu":
-            print(f"SAELens export: not written for --arch {cfg.arch} (relu only, for now)")
-            return
-        for (l1, n), sae in state.saes().items():
+        knob = get_family(cfg.arch).sparsity_name
+        meta.update(hook_name=info.get("hook"), arch=cfg.arch, sparsity_name=knob)
+        if cfg.arch == "relu":
+            meta["l1_norm"] = cfg.l1_norm
+        for (value, n), dictionary in state.saes().items():
             export_saelens(
-                sae,
-                folder / SAELENS_DIR / dict_dirname(cfg.arch, "l1", l1, n),
-                metadata={**meta, "hook_name": info.get("hook"), "l1": l1, "l1_norm": cfg.l1_norm},
+                dictionary,
+                folder / SAELENS_DIR / dict_dirname(cfg.arch, knob, value, n),
+                metadata={**meta, "sparsity": value, knob: value},
             )
 
     def spliced(state) -> dict:
