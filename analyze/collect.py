@@ -179,7 +179,7 @@ def merge_identity(cfg: dict) -> dict:
     ident = {"arch": arch}
     ident.update((k, training.get(k)) for k in _TRAINING_IDENTITY)
     for group in OPTION_GROUPS.get(arch, ()):  # the architecture's own options (AuxK, ...)
-        ident[group] = training.get(group)
+        ident[group] = json.dumps(training.get(group), sort_keys=True)  # hashable, comparable
     ident["l1_norm"] = cfg.get("l1_norm", training.get("l1_norm"))
     if training.get("resample_every"):
         ident.update((k, training.get(k)) for k in _RESAMPLING_IDENTITY)

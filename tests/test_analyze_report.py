@@ -161,3 +161,39 @@ def test_a_set_trained_for_other_steps_is_refused_by_the_report_and_sets_picks_o
     assert rec["sets"] == [str(base / "1x+2x")]
     assert "dead_sensitivity" in rec["lm"] and rec["lm"]["dead_reading"]["window"] == 20
     assert rec["lm"]["dead_reading"]["literal_rule"]["tolerance"] == 0.0
+
+
+@pytest.mark.slow
+def test_a_topk_grid_beside_the_relu_one_is_trained_reported_and_browsed(analyze_runs, tmp_path):
+    """`train --arch topk` writes its own set beside relu's; `analyze report --arch topk` reads
+    only it (k as the knob, spliced-in CE, the browser), and relu's report is unchanged."""
+    import shutil
+
+    runs = tmp_path / "runs"
+    shutil.copytree(analyze_runs, runs)
+    store = runs / "acts" / "tiny" / "layer1.zarr"
+    common = ["--store", str(store), "--out", str(runs / "sae" / "tiny" / "layer1"), "--wandb"]
+    common += ["disabled", "--no-progress", "--steps", "60", "--batch-size", "64"]
+    assert main(["train", *common, "--arch", "topk", "--topk", "4,8", "--dict", "1x,2x"]) == 0
+    topk_set = runs / "sae" / "tiny" / "layer1" / "topk-1x+2x"
+    assert (topk_set / "saes" / "topk-n64-k_4" / "sae.safetensors").exists()
+    rows = (topk_set / "summary.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    assert {"arch", "sparsity_name", "sparsity", "ce_loss_recovered"} <= set(header)
+    assert len(rows) == 1 + 4
+
+    out = tmp_path / "report"
+    args = ["analyze", "report", "--runs", str(runs), "--lm", "tiny", "--layer", "1"]
+    assert main([*args, "--arch", "topk", "--out", str(out), "--no-progress", "--top", "5"]) == 0
+    html = (out / "index.html").read_text()
+    assert "(topk dictionaries)" in html and "per k</h3>" in html
+    assert "--arch topk --topk 4,8" in html  # the reproduction command
+    grid = (out / "lm_grid.csv").read_text().splitlines()
+    assert len(grid) == 1 + 4 and all(",topk," in r for r in grid[1:])
+    assert len(list((out / "features").glob("*.html"))) == 3
+
+    relu = tmp_path / "relu"
+    assert main([*args, "--out", str(relu), "--no-progress", "--no-features"]) == 0
+    assert len((relu / "lm_grid.csv").read_text().splitlines()) == 1 + 4
+    assert main([*args, "--arch", "jumprelu", "--out", str(tmp_path / "j")]) == 2
+    assert not (tmp_path / "j").exists()
