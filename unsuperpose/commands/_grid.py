@@ -43,7 +43,7 @@ from unsuperpose.train.checkpoint import (
     recover_checkpoint,
     whole_state,
 )
-from unsuperpose.train.config import KNOB_FIELD
+from unsuperpose.train.config import KNOB_FIELD, JumpReLUOptions
 from unsuperpose.train.families import get_family
 from unsuperpose.train.io import (
     SOURCE_FILE,
@@ -57,6 +57,13 @@ from unsuperpose.train.io import (
 # a knob given to the wrong architecture is refused.
 SKIP = ("l1", "top_k", "l0_coef", "dict_sizes")
 KNOB_FLAGS = {"l1": "--l1", "top_k": "--topk", "l0_coef": "--l0-coef"}
+# What `toy` and `train` use for JumpReLU unless told otherwise. The paper's bandwidth and initial
+# threshold (1e-3, for activations scaled to unit mean squared norm) leave JumpReLU inert in a
+# 3,000-step toy run: only pre-activations within 5e-4 of a threshold move it, so it stays near
+# 1e-3 and L0 stays ~54 of 64 latents at every L0 coefficient from 0 to 0.03 (h 32, G 64, k 3).
+# With 0.05 the knob works: L0 32, 22, 4.9, 2.3 at coefficients 0, 1e-3, 1e-2, 3e-2
+# (train/families/jumprelu.py). Not calibrated on LM activations.
+JUMPRELU_OPTIONS = JumpReLUOptions(bandwidth=0.05, init_threshold=0.05)
 
 
 def add_sae_arguments(

@@ -10,6 +10,7 @@ from unsuperpose import distributed, storage
 from unsuperpose.analyze import ground_truth_callback
 from unsuperpose.analyze.diagnostics import DEFAULT_TOLERANCE, diagnose, diagnosis_record
 from unsuperpose.commands._grid import (
+    JUMPRELU_OPTIONS,
     add_run_arguments,
     add_sae_arguments,
     check_run_folder,
@@ -23,7 +24,6 @@ from unsuperpose.config import add_arguments, from_args
 from unsuperpose.errors import UserError
 from unsuperpose.toy import ToyConfig, ToySource
 from unsuperpose.train import Callback, SAETrainConfig
-from unsuperpose.train.config import JumpReLUOptions
 from unsuperpose.train.io import sparsity_of
 
 # The default grid brackets the truth on both axes: sizes 1/4x..4x of G; L1 (sum convention)
@@ -36,11 +36,7 @@ DEFAULT_DICT = "1/4x,1/2x,1x,2x,4x"
 # The default data has 5 active features per sample on average: k around it.
 DEFAULT_TOPK = [3, 5, 8]
 DEFAULT_L0_COEF = [3e-3, 1e-2, 3e-2]
-# The paper's bandwidth and initial threshold (1e-3) leave JumpReLU inert in a 3,000-step toy run:
-# only pre-activations within 5e-4 of a threshold move it, so it stays near 1e-3 and L0 stays
-# ~54 of 64 latents at every L0 coefficient from 0 to 0.03 (h 32, G 64, k 3). With 0.05 the
-# knob works: L0 32, 22, 4.9, 2.3 at coefficients 0, 1e-3, 1e-2, 3e-2 (train/families/jumprelu.py).
-JUMPRELU_OPTIONS = JumpReLUOptions(bandwidth=0.05, init_threshold=0.05)
+
 DEFAULT_STEPS = 5000
 
 # The report's full grid: 17 L1 values 10^(e/4), e = -8..8, in its per-latent convention;

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from unsuperpose import distributed, storage
 from unsuperpose.commands._grid import (
+    JUMPRELU_OPTIONS,
     add_run_arguments,
     add_sae_arguments,
     grid_size_text,
@@ -90,7 +91,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def default_config() -> SAETrainConfig:
     """The SAE settings of `unsuperpose train` before any flag (what --help shows)."""
     return SAETrainConfig(
-        steps=DEFAULT_STEPS, l1=DEFAULT_L1, top_k=DEFAULT_TOPK, l0_coef=DEFAULT_L0_COEF
+        steps=DEFAULT_STEPS,
+        l1=DEFAULT_L1,
+        top_k=DEFAULT_TOPK,
+        l0_coef=DEFAULT_L0_COEF,
+        jumprelu=JUMPRELU_OPTIONS,
     )
 
 
