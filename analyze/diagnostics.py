@@ -1,4 +1,4 @@
-"""Where each of the report's three diagnostics points in an (L1 x dictionary size) grid.
+"""Where each of the report's three diagnostics points in a (knob x dictionary size) grid.
 
 Pure functions of {(l1, size): value} dicts, so they can be tested on constructed grids. Each
 reading is taken from the report (``shared/SCIENCE.md``), serves toy data and the LM alike, and
@@ -32,6 +32,19 @@ is built so that widening the grid moves it only when the new cells carry new ev
   out, whether their L1 loss is 0 or 1e-9.
 - MMCS with larger dictionaries: the cell whose features keep reappearing in every larger
   dictionary at the same L1, i.e. where that MMCS peaks (undefined for the largest size).
+
+Other architectures (``train.families``): the grid's own sparsity knob takes L1's place (the
+``l1`` of a key is the knob's value: k for TopK, BatchTopK and Matryoshka, the L0 coefficient for
+JumpReLU), and every reading is defined as above, unchanged:
+- dead neurons, per knob value. A TopK latent dies when the k winners of every row are others,
+  which happens to surplus latents as to an L1 SAE's, so dying latents remain the signal without
+  AuxK. AuxK exists to revive latents dead for its window (the run's dead window by default) by
+  training them on the residual; with it on, the count is of latents AuxK could not revive.
+- loss stickiness: log reconstruction loss plus log L1 loss of the codes. For a k knob the codes'
+  L1 norm is measured, not penalised, so the report's argument (both losses in their basins as the
+  penalty moves) carries over only as a measurement: the same definition, read the same way.
+- MMCS with larger dictionaries, at the same knob value: as for L1.
+README ("Dictionary architectures") has where each pointed on toy data.
 
 With ground truth (toy data) each pointer is scored against the truth (grid steps from the true
 number of features) and against the optimum (the cell with the best MMCS with the true features).
