@@ -81,13 +81,16 @@ class TopKGroup(StackedGroup):
         return {"k": self.k[s]}
 
 
+# After TopKGroup exists: the fast path subclasses it.
+from unsuperpose.train.families.topk_fast import TopKFastGroup  # noqa: E402
+
 TOPK = register(
     Family(
         name="topk",
         sparsity_name="k",
         sparsity_field="top_k",
         flag="--topk",
-        group=TopKGroup,
+        group=TopKFastGroup,
         reference=TopKGroup,
         dictionary=TopKSAE,
         denser_with_larger_knob=True,

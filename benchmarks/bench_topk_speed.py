@@ -1,0 +1,210 @@
+"""Issue 18, item 5: the TopK step against EleutherAI's sparsify, side by side in one run.
+
+One TopK SAE, 1024 -> 8192, k 32, batch 4,096, Adam, on the same synthetic batches (two
+``torch.randn`` batches of seed 0, cycled). In interleaved rounds (the machine is shared, so every
+figure is read against the others of its round):
+- the GEMM peak of the encoder's shape, (4096 x 1024) @ (1024 x 8192), ``gemm_peak``;
+- ours, sparse: ``TopKFastGroup`` (what the trainer trains), the trainer's step
+  (forward_backward, finish_step, fused Adam, post_step);
+- ours, autograd: ``TopKGroup``, the same step (its dense AuxK work runs every step);
+- sparsify 1.3 ``SparseCoder`` (TopK, k 32, its default config: no AuxK) with ``torch.optim.Adam``
+  at its trainer's lr, its trainer's step (unit-norm decoder, forward with the batch's variance,
+  fired mask, FVU read on the host, backward, gradient made tangent to the unit sphere, Adam,
+  dead-token counters). It runs in a subprocess of ``$PEERS_PYTHON`` (default
+  /tmp/peers/bin/python: a venv with torch 2.13.0 and eai-sparsify 1.3.3; skipped with a note if
+  absent), built and warmed up once, then timed over the same number of steps in each round.
+Both processes use 2 torch threads. Each rate is also printed as a fraction of the round's GEMM
+peak, counting 10*b*d*n FLOPs per step as a yardstick (a dense SAE step's five GEMMs; the sparse
+steps do fewer). ``TOPK_BENCH_ROUNDS`` / ``TOPK_BENCH_STEPS`` override 2 rounds of 3 steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import gemm_peak
+from unsuperpose.train import SAETrainConfig
+from unsuperpose.train.families.topk import TopKGroup
+from unsuperpose.train.families.topk_fast import TopKFastGroup
+
+B, D, N, K = 4096, 1024, 8192, 32
+THREADS = 2
+
+# The peer's side: reads a line per round from stdin, answers with one JSON line.
+SPARSIFY = r"""
+import json, sys, time, torch
+torch.set_num_threads(int(sys.argv[5]))
+from sparsify import SparseCoder, SparseCoderConfig
+
+B, D, N, K = (int(a) for a in sys.argv[1:5])
+torch.manual_seed(0)
+xs = [torch.randn(B, D) for _ in range(2)]
+torch.manual_seed(0)
+sae = SparseCoder(D, SparseCoderConfig(num_latents=N, k=K), device="cpu", dtype=torch.float32)
+opt = torch.optim.Adam(sae.parameters(), lr=2e-4 / (N / 2**14) ** 0.5)  # its trainer's default
+since_fired = torch.zeros(N, dtype=torch.long)
+did_fire = torch.zeros(N, dtype=torch.bool)
+sae.b_dec.data = xs[0].mean(0)  # its trainer's first step
+i = 0
+
+def step():  # sparsify.trainer.Trainer.fit's step for one SAE, loss "fvu", auxk_alpha 0
+    global i
+    x = xs[i % 2]
+    i += 1
+    sae.set_decoder_norm_to_unit_norm()
+    total_variance = (x - x.mean(0)).pow(2).sum()
+    out = sae(x=x, y=x, dead_mask=None, total_variance=total_variance)
+    did_fire[out.latent_indices.flatten()] = True
+    float(out.fvu.detach())
+    out.fvu.backward()
+    sae.remove_gradient_parallel_to_decoder_directions()
+    opt.step()
+    opt.zero_grad()
+    since_fired.add_(B)
+    since_fired[did_fire] = 0
+    did_fire.zero_()
+
+step()
+print("READY", flush=True)
+for line in sys.stdin:
+    steps = int(line)
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    print("RESULT " + json.dumps({"samples_s": steps * B / (time.perf_counter() - t)}), flush=True)
+"""
+
+
+def _peers_python() -> str | None:
+    exe = os.environ.get("PEERS_PYTHON") or "/tmp/peers/bin/python"
+    return exe if Path(exe).exists() else None
+
+
+class _Sparsify:
+    """The peer in its own interpreter, built once, timed on request."""
+
+    def __init__(self, exe: str):
+        self.proc = subprocess.Popen(
+            [exe, "-c", SPARSIFY, str(B), str(D), str(N), str(K), str(THREADS)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self._read("READY")
+
+    def _read(self, prefix: str) -> str:
+        for line in self.proc.stdout:
+            if line.startswith(prefix):
+                return line[len(prefix) :].strip()
+        raise RuntimeError(f"sparsify exited ({self.proc.wait()}) before {prefix!r}")
+
+    def rate(self, steps: int) -> float:
+        self.proc.stdin.write(f"{steps}\n")
+        self.proc.stdin.flush()
+        return json.loads(self._read("RESULT "))["samples_s"]
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+class _Ours:
+    """One group of one dictionary and the trainer's step on it."""
+
+    def __init__(self, cls, xs: list[torch.Tensor]):
+        cfg = SAETrainConfig(arch="topk", top_k=[K], dict_sizes=[N], batch_size=B, lr=1e-3)
+        self.g = cls(D, N, [K], cfg, seed=0)
+        self.opt = torch.optim.Adam(
+            self.g.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True
+        )
+        self.xs, self.i = xs, 0
+        self.step()  # warm-up
+
+    def step(self) -> None:  # train_steps' inner loop
+        x = self.xs[self.i % len(self.xs)]
+        self.i += 1
+        self.g.finish_step(self.g.forward_backward(x), self.i)
+        self.opt.step()
+        self.g.post_step()
+
+    def rate(self, steps: int) -> float:
+        t = time.perf_counter()
+        for _ in range(steps):
+            self.step()
+        return steps * B / (time.perf_counter() - t)
+
+
+def run():
+    rounds = int(os.environ.get("TOPK_BENCH_ROUNDS", 2))
+    steps = int(os.environ.get("TOPK_BENCH_STEPS", 3))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    try:
+        yield from _run(rounds, steps)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(rounds: int, steps: int):
+    torch.manual_seed(0)
+    xs = [torch.randn(B, D) for _ in range(2)]  # the subprocess draws the same two
+    exe = _peers_python()
+    peer = _Sparsify(exe) if exe else None
+    if peer is None:
+        yield {"note": "sparsify skipped: no $PEERS_PYTHON or /tmp/peers/bin/python"}
+    methods = {
+        "ours_sparse": _Ours(TopKFastGroup, xs).rate,
+        "ours_autograd": _Ours(TopKGroup, xs).rate,
+    }
+    if peer:
+        methods["sparsify"] = peer.rate
+    flops = 10 * B * D * N  # per step, the yardstick
+    rates: dict[str, list[float]] = {m: [] for m in methods}
+    peaks = []
+    try:
+        for r in range(rounds):
+            peak = gemm_peak(B, D, N)
+            order = list(methods) if r % 2 == 0 else list(reversed(methods))
+            for m in order:
+                rates[m].append(methods[m](steps))
+            peak = max(peak, gemm_peak(B, D, N))  # the better of two reads around the round
+            peaks.append(peak)
+            row = {"round": r, "gemm_peak_gflops": round(peak, 1), "steps": steps}
+            for m in methods:
+                row[f"{m}_samples_s"] = round(rates[m][-1])
+                row[f"{m}_of_peak"] = round(rates[m][-1] * flops / B / (peak * 1e9), 3)
+            row["sparse_vs_autograd"] = round(
+                rates["ours_sparse"][-1] / rates["ours_autograd"][-1], 2
+            )
+            if peer:
+                row["sparse_vs_sparsify"] = round(
+                    rates["ours_sparse"][-1] / rates["sparsify"][-1], 2
+                )
+            yield row
+    finally:
+        if peer:
+            peer.close()
+    summary = {
+        "shape": f"{D}->{N}, batch {B}, k {K}",
+        "rounds": rounds,
+        "gemm_peak_gflops": [round(p, 1) for p in peaks],
+    }
+    for m in methods:
+        summary[f"{m}_samples_s"] = [round(v) for v in rates[m]]
+    ratio = [a / b for a, b in zip(rates["ours_sparse"], rates.get("sparsify", []))]
+    if ratio:
+        summary["sparse_vs_sparsify"] = [round(v, 2) for v in ratio]
+        summary["goal_1_5x_met"] = min(ratio) >= 1.5
+    yield summary
+
+
+if __name__ == "__main__":
+    for record in run():
+        print(json.dumps(record), file=sys.stdout, flush=True)

@@ -1,0 +1,113 @@
+"""The topk family's sparse CPU step is a fast path of its autograd group: same gradients, same
+parameters after Adam, same dead counters, statistics and firing counts, AuxK included."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from unsuperpose.toy import ToyConfig, ToySource
+from unsuperpose.train import SAETrainConfig, get_family
+from unsuperpose.train.config import AuxKOptions
+from unsuperpose.train.families.topk import TopKGroup
+from unsuperpose.train.families.topk_fast import TopKFastGroup
+
+SRC = ToySource(ToyConfig(h=16, G=32, k=3, decay=0.95, seed=0))
+N, B, VALUES = 24, 32, [2, 5, 3]
+SILENT = [0, 3, 7, 11, 19]  # latents planted dead in every dictionary
+
+
+def make(cls, values=VALUES, plant=False, **options):
+    cfg = SAETrainConfig(
+        arch="topk", top_k=values, dict_sizes=[N], batch_size=B, lr=3e-3, **options
+    )
+    g = cls(SRC.d, N, values, cfg, seed=0)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # every dictionary different, b_dec nonzero, decoder rows off norm
+        g.W_enc.add_(0.1 * torch.randn(g.W_enc.shape, generator=gen))
+        g.b_enc.add_(0.05 * torch.randn(g.b_enc.shape, generator=gen))
+        g.W_dec.mul_(1 + 0.2 * torch.rand(g.S, g.n, 1, generator=gen))
+        g.b_dec.add_(0.1 * torch.randn(g.b_dec.shape, generator=gen))
+        if plant:  # weak: below the top k, so dead, but with ReLU(pre) > 0 for AuxK to use
+            g.W_enc.view(-1, g.S, N)[:, :, SILENT] *= 0.1
+            g.b_enc.view(g.S, N)[:, SILENT] = -0.02
+    return g
+
+
+def run(g, steps=30, check=None):
+    opt = torch.optim.Adam(g.parameters(), lr=g.config.lr, fused=True)
+    it = SRC.batches(B, seed=0)
+    fired = []
+    for step in range(1, steps + 1):
+        red = g.forward_backward(next(it))
+        fired.append(red["fired"][0].clone())
+        if check:
+            check(step, g)
+        g.finish_step(red, step)
+        opt.step()
+        g.post_step()
+    return g, torch.stack(fired)
+
+
+CASES = {
+    "no AuxK": dict(auxk=AuxKOptions(coef=0.0)),
+    "AuxK on, no latent silent for 1000 steps": dict(),
+    "planted dead, k_aux 5": dict(dead_window=1, auxk=AuxKOptions(coef=0.5), plant=True),
+    "planted dead, k_aux 2": dict(dead_window=2, auxk=AuxKOptions(coef=1.0, k_aux=2), plant=True),
+    "dead by a short window": dict(dead_window=1, auxk=AuxKOptions(coef=0.3, k_aux=40)),
+}
+
+
+@pytest.mark.parametrize("values", [VALUES, [4]], ids=["k 2,5,3", "k 4"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_the_sparse_step_equals_the_autograd_group(case, values):
+    options = dict(CASES[case])
+    plant = options.pop("plant", False)
+    grads = []
+
+    def keep_grads(step, g):
+        grads.append({k: t.grad.clone() for k, t in g.named_parameters().items()})
+
+    fast, fired_fast = run(make(TopKFastGroup, values, plant, **options), check=keep_grads)
+    fast_grads, grads = grads, []
+    slow, fired_slow = run(make(TopKGroup, values, plant, **options), check=keep_grads)
+    assert fast.fast
+    for step, (a, b) in enumerate(zip(fast_grads, grads), 1):
+        for name in b:
+            where = f"{name} grad, step {step}"
+            assert_close(a[name], b[name], atol=2e-5, rtol=1e-4, msg=lambda m, w=where: f"{w}: {m}")
+    for name, t in slow.named_parameters().items():
+        assert_close(
+            fast.named_parameters()[name],
+            t,
+            atol=2e-5,
+            rtol=1e-4,
+            msg=lambda m, w=name: f"{w}: {m}",
+        )
+    assert torch.equal(fired_fast, fired_slow)
+    assert torch.equal(fast.since_fired, slow.since_fired)
+    assert_close(fast.stats, slow.stats, rtol=1e-5, atol=1e-6)
+    assert fast.stat_rows == slow.stat_rows
+    # A latent that did not fire gets a gradient from AuxK only: it did where latents were dead.
+    silent_grad = [
+        (grad["W_enc"].view(-1, slow.S, N).abs().sum(0) * (fired == 0)).sum()
+        for grad, fired in zip(grads, fired_slow)
+    ]
+    assert (sum(silent_grad) > 0) == ("dead" in case)
+
+
+def test_the_family_trains_the_fast_group_and_tests_it_against_autograd():
+    family = get_family("topk")
+    assert family.group is TopKFastGroup and family.reference is TopKGroup
+
+
+def test_off_the_cpu_the_group_is_the_autograd_step(monkeypatch):
+    g, ref = make(TopKFastGroup), make(TopKGroup)
+    g.fast = False  # what a CUDA group is
+    x = next(SRC.batches(B, seed=0))
+    monkeypatch.setattr(torch.sparse, "sampled_addmm", None)  # the sparse path is not taken
+    g.forward_backward(x)
+    ref.forward_backward(x)
+    for name, t in ref.named_parameters().items():
+        assert torch.equal(g.named_parameters()[name].grad, t.grad)
