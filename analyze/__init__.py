@@ -1,7 +1,14 @@
 """Compare dictionaries with the report's measures and draw its figures; the LM report and the
 feature browser."""
 
-from unsuperpose.analyze.collect import Grid, collect_lm, collect_toy, merge_sets, read_set
+from unsuperpose.analyze.collect import (
+    Grid,
+    GridError,
+    collect_lm,
+    collect_toy,
+    merge_sets,
+    read_set,
+)
 from unsuperpose.analyze.diagnostics import Diagnosis, dead_boundary, diagnose, largest_alive, peak
 from unsuperpose.analyze.grid import grid_figures, ground_truth_callback, score_grid
 from unsuperpose.analyze.metrics import cosine_matrix, mcc, mmcs, mmcs_with_larger, ssll
@@ -16,6 +23,7 @@ __all__ = [
     "mmcs_with_larger",
     "ssll",
     "Grid",
+    "GridError",
     "collect_lm",
     "collect_toy",
     "merge_sets",
@@ -27,6 +35,7 @@ __all__ = [
     "peak",
     "build_report",
     "build_browser",
+    "BrowserError",
 ]
 
 
@@ -41,4 +50,8 @@ def __getattr__(name):
         from unsuperpose.analyze.features import build_browser
 
         return build_browser
+    if name == "BrowserError":
+        from unsuperpose.analyze.browser import BrowserError
+
+        return BrowserError
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -21,10 +21,16 @@ import zarr
 from tqdm.auto import tqdm
 
 from unsuperpose import storage
-from unsuperpose.errors import UserError
 from unsuperpose.harvest import bf16_to_torch
 
 BINS_PER_OCTAVE = 4
+
+
+class BrowserError(ValueError):
+    """A feature browser that cannot be built: a store without tokens, a dictionary of another
+    width than its store, settings out of range."""
+
+
 LOG2_LO, LOG2_HI = -16, 16
 N_BINS = (LOG2_HI - LOG2_LO) * BINS_PER_OCTAVE
 
@@ -122,7 +128,7 @@ def scan(
     """Stream ``store`` (``.rows``, ``.read_rows(lo, hi)``) once through every encoder (which
     take inputs on ``device``; the statistics are gathered there too)."""
     if top < 1 or batch_rows < 1:
-        raise UserError("--top and the batch size must be at least 1")
+        raise BrowserError(f"top={top} and batch_rows={batch_rows}: each must be at least 1")
     rows = min(store.rows, max_rows) if max_rows else store.rows
     acc: dict[str, _Accumulator] = {}
     bar = tqdm(total=rows, unit="row", unit_scale=True, desc="features", disable=not progress)
@@ -154,11 +160,11 @@ class Context:
 
 
 def token_arrays(path) -> tuple[zarr.Array, zarr.Array]:
-    """The store's ``tokens`` and ``positions`` arrays, or a UserError naming the fix."""
+    """The store's ``tokens`` and ``positions`` arrays, or a BrowserError naming the fix."""
     group = storage.open_zarr_group(storage.location(path), mode="r")  # local or s3://
     missing = [n for n in ("tokens", "positions") if n not in group]
     if missing:
-        raise UserError(
+        raise BrowserError(
             f"{path} kept no {' or '.join(missing)} (only activations), so there is "
             "no text to show; harvest the store again with `unsuperpose harvest`, "
             "which keeps the token of every row"

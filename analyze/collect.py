@@ -20,10 +20,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from unsuperpose.errors import UserError
 from unsuperpose.train.config import OPTION_GROUPS
 from unsuperpose.train.io import sparsity_of
 from unsuperpose.train.layout import DICT_CONFIG_FILE, dictionary_dirs, holds_dictionaries
+
+
+class GridError(ValueError):
+    """Dictionary sets that cannot be read as one grid: none found, other settings or widths,
+    a set or an architecture that is not there."""
+
 
 Key = tuple[float, int]
 SAES = "saes"
@@ -192,13 +197,13 @@ def _shown(v) -> str:
 
 
 def check_mergeable(sets: list[dict[Key, Cell]]) -> None:
-    """One UserError naming each set and each difference ("steps: 300 vs 1,500"), when the sets
+    """One GridError naming each set and each difference ("steps: 300 vs 1,500"), when the sets
     are not one experiment. Nothing is pooled across a difference."""
     by_set = {}
     for cells in sets:
         for c in cells.values():
             if by_set.setdefault(c.set_dir, c.identity) != c.identity:
-                raise UserError(
+                raise GridError(
                     f"{c.set_dir} holds SAEs trained with different settings: it is "
                     "not one grid; retrain it"
                 )
@@ -215,10 +220,10 @@ def check_mergeable(sets: list[dict[Key, Cell]]) -> None:
         ]
         if diff:
             lines.append(f"{first_dir.name} vs {d.name}: {'; '.join(diff)}")
-    raise UserError(
+    raise GridError(
         "these dictionary sets are not one grid, and the diagnostics compare every "
         "cell with its neighbours: " + " | ".join(lines) + ". Read one experiment at a "
-        "time: name its sets with --sets (e.g. --sets " + first_dir.name + "), move "
+        f"time: name its sets, e.g. sets={first_dir.name!r}, move "
         "the others out of the folder, or retrain them with the same settings"
     )
 
@@ -247,14 +252,14 @@ def merge_sets(sets: list[dict[Key, Cell]]) -> tuple[dict[Key, Cell], list[str]]
 
 def _grid(set_dirs: list[Path], what: str, fix: str) -> Grid:
     if not set_dirs:
-        raise UserError(f"no dictionaries found for {what}; {fix}")
+        raise GridError(f"no dictionaries found for {what}; {fix}")
     sets = [read_set(p) for p in set_dirs]
     check_mergeable(sets)
     cells, notes = merge_sets(sets)
     widths = {c.d_in for c in cells.values()}
     if len(widths) != 1:
         by = {w: sorted({c.set_dir.name for c in cells.values() if c.d_in == w}) for w in widths}
-        raise UserError(
+        raise GridError(
             f"the dictionaries for {what} have different input widths {by}: they were "
             "trained on different stores; move the stray set out of the folder"
         )
@@ -287,20 +292,20 @@ def collect_lm(
         names = {p.name: p for p in found}
         missing = [s for s in sets if s not in names]
         if missing:
-            raise UserError(
+            raise GridError(
                 f"no dictionary set named {', '.join(missing)} under {base}; the sets "
                 f"there are: {', '.join(sorted(names)) or 'none'}"
             )
         found = [names[s] for s in sets]
     if not sets and found:
-        # Without --sets, the grid is the sets of one architecture: a folder holding relu and
+        # Without named sets, the grid is the sets of one architecture: a folder holding relu and
         # topk grids side by side is not one grid, and neither is refused for the other.
         archs = {p: set_arch(p) for p in found}
         if arch not in archs.values():
-            raise UserError(
+            raise GridError(
                 f"no {arch} dictionary set under {base}; the sets there are: "
                 + ", ".join(f"{p.name} ({a})" for p, a in archs.items())
-                + ". Choose one architecture with --arch"
+                + f". Choose one architecture, e.g. arch={next(iter(archs.values()))!r}"
             )
         found = [p for p in found if archs[p] == arch]
     found.sort(key=lambda p: max(c.stat().st_mtime for c in (p / SAES).glob("*/config.json")))
@@ -328,6 +333,6 @@ def collect_toy(path: str | Path) -> Grid:
     return _grid(
         [path] if is_set(path) else [],
         f"the toy run (looked in {path}/saes/)",
-        f"run the toy replication first (`make toy`, or `unsuperpose toy --out {path}`), "
-        "or pass --toy PATH",
+        "run the toy replication into it first (`make toy`, or `unsuperpose toy`), "
+        "or read another one, toy=PATH",
     )

@@ -8,12 +8,11 @@ from pathlib import Path
 
 import torch
 
-from unsuperpose.analyze.browser import contexts, firing_summary, scan, token_arrays
+from unsuperpose.analyze.browser import BrowserError, contexts, firing_summary, scan, token_arrays
 from unsuperpose.analyze.browser_page import render, write_index
 from unsuperpose.analyze.html import write
 from unsuperpose.analyze.monosemantic import summary as concentration_summary
 from unsuperpose.config import write_json_atomic
-from unsuperpose.errors import UserError
 from unsuperpose.train import SAE, load_dictionary
 from unsuperpose.train.layout import DICT_WEIGHTS_FILE, dictionary_dirs
 
@@ -27,8 +26,8 @@ def find_saes(path: str | Path) -> list[Path]:
         return [path]
     found = dictionary_dirs(path)
     if not found:
-        raise UserError(
-            f"{path} holds no dictionary: pass one dictionary folder "
+        raise FileNotFoundError(
+            f"{path} holds no dictionary: give one dictionary folder "
             f"(.../saes/<arch>-n<size>-<knob>_<value>, with {DICT_WEIGHTS_FILE}) or a "
             "dictionary set (a folder with saes/)"
         )
@@ -66,10 +65,11 @@ def build_browser(
     for d in sae_dirs:
         sae = load_dictionary(d)
         if sae.d_in != store.d:
-            raise UserError(
+            trained_on = store_of(sae)
+            where = repr(trained_on) if trained_on else "PATH (its config.json names none)"
+            raise BrowserError(
                 f"{d} reads activations of width {sae.d_in} but {store.path} has width "
-                f"{store.d}: pass the store it was trained on with --store "
-                f"(its config.json names {store_of(sae) or 'no store'})"
+                f"{store.d}: read the store it was trained on, store={where}"
             )
         saes[d.name], dirs[d.name] = sae.eval().to(device), d
     encoders = {name: sae.encode for name, sae in saes.items()}

@@ -17,7 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from unsuperpose.analyze.collect import Grid, collect_lm, collect_toy
+from unsuperpose.analyze.browser import BrowserError
+from unsuperpose.analyze.collect import Grid, GridError, collect_lm, collect_toy
 from unsuperpose.analyze.compare import COMPARISONS, ratio_label, side_by_side, size_labels
 from unsuperpose.analyze.diagnostics import DEFAULT_TOLERANCE, Diagnosis, diagnose, diagnosis_record
 from unsuperpose.analyze.figures import frontier, heatmap
@@ -25,7 +26,6 @@ from unsuperpose.analyze.grid import GRID_FIGURES
 from unsuperpose.analyze.metrics import mmcs_with_larger, ssll
 from unsuperpose.analyze.report_page import render_index
 from unsuperpose.config import write_json_atomic
-from unsuperpose.errors import UserError
 from unsuperpose.tracking import Tracker
 from unsuperpose.train.io import write_summary
 
@@ -202,7 +202,9 @@ def build_report(
     command: str | None = None,
 ) -> Report:
     """Collect, score, draw and write the report; ``browse(sae_dir, out_dir)`` (optional) builds
-    the feature browser for the dictionary the diagnostics point to, linked from the page."""
+    the feature browser for the dictionary the diagnostics point to, linked from the page (when
+    it raises ``BrowserError``, the report notes why and goes on without one). A toy run that
+    cannot be read is noted too; the LM's grid must be readable (else ``GridError``)."""
     runs = Path(runs)
     suffix = "" if arch == "relu" else f"-{arch}"
     out = Path(out) if out else runs / "report" / f"{lm}-layer{layer}{suffix}"
@@ -219,13 +221,13 @@ def build_report(
     )
     try:
         toy_grid = collect_toy(toy_path)
-    except UserError as exc:
+    except GridError as exc:
         toy_side = None
         notes.append(f"no toy comparison: {exc}")
     else:
         g = int(toy_grid.source.get("G") or 0)
         if g < 1:
-            raise UserError(
+            raise GridError(
                 f"{toy_path} does not record its number of ground-truth features G "
                 "(source.G in each SAE's config.json); rerun `unsuperpose toy`"
             )
@@ -246,7 +248,7 @@ def build_report(
             report.feature_dict = lm_grid.cells[pick].sae_dir
             try:
                 report.features = browse(report.feature_dict, out / "features")
-            except UserError as exc:
+            except BrowserError as exc:
                 notes.append(f"no feature browser: {exc}")
 
     write_summary(lm_grid.rows(), out / "lm_grid.csv")

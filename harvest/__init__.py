@@ -8,17 +8,20 @@ package registers the ``bfloat16`` zarr data type, so plain ``zarr.open`` works 
 """
 
 from .bf16 import BFloat16, bf16_to_torch, register as register_bfloat16
-from .loop import DEFAULT_HOOK, HarvestConfig, harvest, planned_stores, store_name
+from .loop import DEFAULT_HOOK, HarvestConfig, HarvestError, harvest, planned_stores, store_name
 from .reader import ActivationStore
+from .store import StoreError
 
 __all__ = [
     "ActivationStore",
     "BFloat16",
     "DEFAULT_HOOK",
     "HarvestConfig",
+    "HarvestError",
     "bf16_to_torch",
     "harvest",
     "planned_stores",
     "register_bfloat16",
+    "StoreError",
     "store_name",
 ]

@@ -80,8 +80,8 @@ def decide(marks: np.ndarray | None, rows: int, chunk_rows: int) -> HeldOut:
         what = f"the last {k} chunk{'s' if k > 1 else ''} ({rows - first:,} rows), held out whole"
     if marks is None:
         what += (
-            " (the store predates held-out rows; re-harvest it with `unsuperpose harvest "
-            "... --force` to hold out the LM's validation documents instead)"
+            " (the store predates held-out rows; harvest it again with force=True to hold out "
+            "the LM's validation documents instead)"
         )
     elif k:
         what += " (the store holds none of the LM's validation documents)"

@@ -29,16 +29,21 @@ from tqdm.auto import tqdm
 
 from unsuperpose import distributed, storage
 from unsuperpose.config import field, to_dict
-from unsuperpose.errors import UserError
 
 from . import ranks, store
 from .bf16 import torch_to_bf16
+from .store import StoreError
 from .writer import ChunkWriter
 
 DEFAULT_HOOK = "blocks.{layer}.mlp.hook_post"
 CONFIG_FILE = "harvest_config.json"  # the HarvestConfig of the latest run, inside each store
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 _EMBED = ("hook_embed", "hook_pos_embed", "embed.", "pos_embed.")
+
+
+class HarvestError(ValueError):
+    """A harvest that cannot run as configured: layers or a hook the model lacks, a budget the
+    disk cannot hold, settings out of range. (A store in the way raises ``StoreError``.)"""
 
 
 @dataclass
@@ -103,12 +108,12 @@ def parse_layers(text: str, n_layer: int) -> list[int]:
     try:
         layers = sorted({int(p) for p in text.split(",") if p.strip()})
     except ValueError:
-        raise UserError(
-            f"--layer {text!r}: give a layer index, indices like 1,3, or 'all'"
+        raise HarvestError(
+            f"layer={text!r}: give a layer index, indices like 1,3, or 'all'"
         ) from None
     bad = [L for L in layers if not 0 <= L < n_layer]
     if not layers or bad:
-        raise UserError(f"--layer {text!r}: this model has layers 0..{n_layer - 1}")
+        raise HarvestError(f"layer={text!r}: this model has layers 0..{n_layer - 1}")
     return layers
 
 
@@ -137,9 +142,10 @@ def resolve_targets(
         if hook not in hook_names:
             close = difflib.get_close_matches(hook, list(hook_names), n=3)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise UserError(
-                f"--hook: the model has no hook point {hook!r}{hint}; its layers are "
-                f"0..{n_layer - 1} and its bridge offers: {', '.join(hook_templates(hook_names))}"
+            raise HarvestError(
+                f"the model has no hook point {hook!r}{hint} (hook={cfg.hook!r}); its layers "
+                f"are 0..{n_layer - 1} and its bridge offers: "
+                + ", ".join(hook_templates(hook_names))
             )
     return [_Target(h, L, storage.location(out_dir) / store_name(h, L)) for h, L in pairs]
 
@@ -188,7 +194,7 @@ def resolve_precision(asked: str, device: torch.device) -> str:
     if asked == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
     if asked not in ("fp32", "bf16"):
-        raise UserError(f"--precision {asked!r}: give auto, fp32 or bf16")
+        raise HarvestError(f"precision={asked!r}: give auto, fp32 or bf16")
     return asked
 
 
@@ -334,15 +340,15 @@ def _open_or_create(
     prog = store.progress(group)
     if prog.rows_planned > rows:
         what = "holds" if prog.complete else "is an unfinished harvest of"
-        raise UserError(
+        raise StoreError(
             f"{t.path} {what} {prog.rows_planned:,} rows, more than the {rows:,} "
-            f"asked for; run with --tokens {prog.rows_planned} to keep it, or "
-            "--force to rewrite it"
+            f"asked for; harvest tokens={prog.rows_planned} to keep it, or "
+            "rewrite it with force=True"
         )
     if prog.complete and prog.rows_planned == rows:
         return group, rows, prog.batch_size
     if prog.rows_planned < rows:
-        store.grow(group, rows)  # a larger --tokens appends to a finished store
+        store.grow(group, rows)  # a larger token budget appends to a finished store
     return group, store.resume_row(prog), prog.batch_size
 
 
@@ -359,14 +365,14 @@ def _old_store(t: _Target, group: Any, prov: store.Provenance, rows: int) -> tup
     if prog.complete and prog.rows_planned == rows:
         print(
             f"harvest: {t.path} predates held-out rows (no {store.HELDOUT!r} array): training "
-            "will hold out its last chunks instead of the LM's validation documents; pass "
-            "--force to harvest it again with them"
+            "will hold out its last chunks instead of the LM's validation documents; harvest "
+            "it again with force=True to record them"
         )
         return group, rows, prog.batch_size
-    raise UserError(
+    raise StoreError(
         f"{t.path} was harvested before stores recorded held-out rows (it has no "
-        f"{store.HELDOUT!r} array), so it cannot be resumed or extended; run the same "
-        "command with --force to harvest it again"
+        f"{store.HELDOUT!r} array), so it cannot be resumed or extended; harvest it again "
+        "with force=True"
     )
 
 
@@ -385,9 +391,9 @@ def _print_plan(work: list[tuple[_Target, Any, int]], rows: int, out_dir: Path) 
         return
     print(f"harvest: about {need / 2**30:.2f} GiB of disk needed, {free / 2**30:.1f} GiB free")
     if need > free:
-        raise UserError(
+        raise HarvestError(
             f"not enough disk under {out_dir}: about {need / 2**30:.2f} GiB needed, "
-            f"{free / 2**30:.1f} GiB free; use --tokens to harvest fewer"
+            f"{free / 2**30:.1f} GiB free; harvest fewer tokens than tokens={rows}"
         )
 
 
@@ -489,7 +495,7 @@ def harvest(
     """
     blocks = np.asarray(blocks)
     if blocks.ndim != 2 or blocks.size == 0:
-        raise UserError(
+        raise HarvestError(
             f"token blocks must be a non-empty (N, n_ctx) array, got shape {blocks.shape}"
         )
     heldout = None if heldout is None else np.asarray(heldout)
@@ -497,14 +503,14 @@ def harvest(
         raise ValueError(f"the held-out mask has shape {heldout.shape}, the blocks {blocks.shape}")
     n_ctx = blocks.shape[1]
     if cfg.tokens is not None and cfg.tokens < 1:
-        raise UserError(f"--tokens {cfg.tokens}: give a positive number of tokens")
+        raise HarvestError(f"tokens={cfg.tokens}: give a positive number of tokens")
     if cfg.batch_size < 1:
-        raise UserError(f"--batch-size {cfg.batch_size}: give a positive number of blocks")
+        raise HarvestError(f"batch_size={cfg.batch_size}: give a positive number of blocks")
     rows = min(blocks.size, cfg.tokens or blocks.size)
     if cfg.tokens and cfg.tokens > blocks.size and distributed.is_main():
         print(
-            f"harvest: the corpus has {blocks.size:,} tokens, fewer than --tokens {cfg.tokens:,}; "
-            "harvesting all of them"
+            f"harvest: the corpus has {blocks.size:,} tokens, fewer than the {cfg.tokens:,} "
+            "asked for; harvesting all of them"
         )
     n_layer = int(bridge.cfg.n_layers)
     out_dir = storage.location(out_dir)  # a local folder or s3://bucket/prefix
@@ -589,10 +595,9 @@ def _kept_precision(t: _Target, group: Any, asked: str, precision: str) -> str:
     if had is None or had == precision:
         return precision
     if asked != "auto":
-        raise UserError(
-            f"{t.path} was started with a {had} forward; run with --precision {had} "
-            "(or auto) to continue it, or --force to harvest it again in "
-            f"{precision}"
+        raise StoreError(
+            f"{t.path} was started with a {had} forward; continue it with precision={had!r} "
+            f"(or auto), or harvest it again in {precision} with force=True"
         )
     print(
         f"harvest: continuing {t.path} in {had}, the precision it was started with "

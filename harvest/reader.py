@@ -27,10 +27,10 @@ import torch
 from zarr.core.buffer.cpu import NDBuffer
 
 from unsuperpose import storage
-from unsuperpose.errors import UserError
 
 from . import heldout, store
 from .bf16 import BF16, bf16_to_float32
+from .store import StoreError
 
 PREFETCH_BATCHES = 4  # batches ready ahead of the consumer; memory is ~that many batches
 
@@ -48,7 +48,7 @@ class ActivationStore:
         self._group = store.open_group(self.path, mode="r")
         prog = store.progress(self._group)
         if not prog.complete and not allow_incomplete:
-            raise UserError(
+            raise StoreError(
                 f"{self.path} is incomplete ({prog.rows_written:,} of "
                 f"{prog.rows_planned:,} rows): run the same harvest command again to "
                 "finish it, or open it with allow_incomplete=True to read the "
@@ -58,7 +58,7 @@ class ActivationStore:
         self.chunk_rows = prog.chunk_rows
         self.rows = prog.rows_written if not prog.complete else prog.rows_planned
         if self.rows == 0:
-            raise UserError(f"{self.path} holds no complete chunk yet; harvest more first")
+            raise StoreError(f"{self.path} holds no complete chunk yet; harvest more first")
         self._check_chunks_present()
         self.provenance = store.provenance(self._group)
         self.metadata = dict(self._group.attrs)
@@ -218,10 +218,10 @@ class ActivationStore:
         if batch_size < 1 or start < 0 or buffer_chunks < 1:
             raise ValueError("batch_size and buffer_chunks must be >= 1 and start >= 0")
         if self.train_rows == 0:  # also computes the held-out split here, not on the worker
-            raise UserError(
+            raise StoreError(
                 f"{self.path}: all of its {self.rows:,} rows are held out "
                 f"({self.heldout_description}), none is left to train on; harvest "
-                "more tokens (a larger --tokens) so it holds training documents too"
+                "more tokens so it holds training documents too"
             )
         out: queue.Queue = queue.Queue(maxsize=PREFETCH_BATCHES)
         stop = threading.Event()
@@ -336,7 +336,7 @@ class ActivationStore:
         except ValueError as exc:
             if "checksum" not in str(exc):
                 raise
-            raise UserError(
+            raise StoreError(
                 f"{self.path}: a chunk of rows {lo}..{hi} is corrupt (crc32c checksum "
                 "mismatch); delete the store and harvest it again"
             ) from exc
@@ -356,7 +356,7 @@ class ActivationStore:
             }
             missing = [c for c in range(self.n_chunks) if c not in present]
             if missing:
-                raise UserError(
+                raise StoreError(
                     f"{self.path} is corrupt: {len(missing)} chunk(s) of {name} are "
                     f"missing (first: rows from {missing[0] * self.chunk_rows:,}); "
                     "delete the store and harvest it again"

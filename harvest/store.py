@@ -39,13 +39,18 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from unsuperpose import __version__, storage
-from unsuperpose.errors import UserError
 
 from . import bf16  # noqa: F401  (registers the "bfloat16" zarr data type)
 
 FORMAT = "unsuperpose.acts/1"
 ACTS, TOKENS, POSITIONS, HELDOUT = "acts", "tokens", "positions", "heldout"
 ROW_ARRAYS = (TOKENS, POSITIONS, HELDOUT)  # the per-row arrays beside acts, chunked like it
+
+
+class StoreError(ValueError):
+    """An activation store that cannot be used as asked: missing, unreadable or corrupt, not
+    finished, or made from another source than the harvest writing to it."""
+
 
 # Measured here on 65,536 rows of random GPT-2-small MLP activations (d 1024, bfloat16), with
 # crc32c, reading whole chunks in random order (2026-11, shared 2-core machine):
@@ -218,20 +223,20 @@ def open_group(path: storage.Location, mode: str = "r") -> zarr.Group:
     """Open an existing store, or fail saying what the path is instead."""
     path = storage.location(path)
     if not storage.exists(path / "zarr.json"):
-        raise UserError(
-            f"{path} is not an activation store (no zarr.json); harvest one with "
-            "`unsuperpose harvest --lm DIR --layer L --out DIR`"
+        raise StoreError(
+            f"{path} is not an activation store (no zarr.json); harvest one there first "
+            "(`unsuperpose harvest`)"
         )
     try:
         group = storage.open_zarr_group(path, mode=mode, zarr_format=3)
-    except UserError:
-        raise
-    except Exception as exc:  # zarr raises several types for unreadable metadata
-        raise UserError(
+    # zarr and json raise these families for unreadable metadata (zarr's errors are ValueErrors);
+    # object storage's own failures already come with their message and pass through.
+    except (ValueError, LookupError, TypeError, OSError) as exc:
+        raise StoreError(
             f"{path} cannot be opened as a zarr v3 group ({exc}); delete it and harvest again"
         ) from exc
     if group.attrs.get("format") != FORMAT:
-        raise UserError(
+        raise StoreError(
             f"{path} is a zarr group but not an unsuperpose activation store "
             f"(format {group.attrs.get('format')!r}, expected {FORMAT!r})"
         )
@@ -271,24 +276,24 @@ def record_progress(group: zarr.Group, rows_written: int, complete: bool) -> Non
 def check_same_source(path: storage.Location, have: Provenance, want: Provenance) -> None:
     """Refuse to append to or replace a store made from something else."""
     if have.width != want.width:
-        raise UserError(
+        raise StoreError(
             f"{path} holds {have.hook} activations of width {have.width}, but "
             f"{want.hook} of this model has width {want.width}; write to another "
-            "--out directory, or pass --force to replace the store"
+            "folder, or replace the store with force=True"
         )
     diff = [k for k in Provenance.IDENTITY if getattr(have, k) != getattr(want, k)]
     if diff:
         shown = "; ".join(
             f"{k}: store has {getattr(have, k)!r}, this run {getattr(want, k)!r}" for k in diff
         )
-        raise UserError(
+        raise StoreError(
             f"{path} was harvested from another source ({shown}); write to another "
-            "--out directory, or pass --force to replace it"
+            "folder, or replace it with force=True"
         )
 
 
 def grow(group: zarr.Group, rows: int) -> None:
-    """Extend all arrays to ``rows`` (a larger --tokens cap appends to a store)."""
+    """Extend all arrays to ``rows`` (a larger token budget appends to a store)."""
     for name in (ACTS, *ROW_ARRAYS):
         arr = group[name]
         arr.resize((rows,) + arr.shape[1:])

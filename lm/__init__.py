@@ -8,6 +8,7 @@ TransformerLens both load offline.
 
 from unsuperpose.lm.config import PRESETS, LMConfig, TrainLMConfig, preset
 from unsuperpose.lm.corpus import CorpusConfig, iter_documents
+from unsuperpose.lm.errors import CorpusError, ModelError, RunExists
 from unsuperpose.lm.loss import chunked_lm_loss, model_loss
 from unsuperpose.lm.model import (
     adopt_model,
@@ -40,10 +41,13 @@ from unsuperpose.lm.train import evaluate, train_lm
 
 __all__ = [
     "CorpusConfig",
+    "CorpusError",
     "EOT_ID",
     "LMConfig",
+    "ModelError",
     "ModelTokenizer",
     "PRESETS",
+    "RunExists",
     "TokenBlocks",
     "TrainLMConfig",
     "VOCAB_SIZE",

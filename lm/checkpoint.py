@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from unsuperpose.errors import UserError
+from unsuperpose.lm.errors import RunExists
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -66,7 +66,7 @@ def save_checkpoint(
 
 
 def load_checkpoint(out_dir: Path, identity: dict) -> dict | None:
-    """The checkpoint in ``out_dir``, if any; a UserError if it belongs to a different run."""
+    """The checkpoint in ``out_dir``, if any; a RunExists error if it belongs to a different run."""
     path = out_dir / CHECKPOINT
     if not path.is_file():
         return None
@@ -75,10 +75,10 @@ def load_checkpoint(out_dir: Path, identity: dict) -> dict | None:
     if state["identity"] != identity:
         now, then = _flatten(identity), _flatten(state["identity"])
         changed = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k))
-        raise UserError(
+        raise RunExists(
             f"{out_dir} holds a checkpoint of a different run (differs in: {', '.join(changed)}); "
-            "run with the same settings to resume it, pass --overwrite to start over, "
-            "or choose another --out"
+            "train with the same settings to resume it, with overwrite=True to start over, "
+            "or into another folder"
         )
     return state
 

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 from unsuperpose.config import field
-from unsuperpose.errors import UserError
 
 
 @dataclass
@@ -39,13 +38,11 @@ class LMConfig:
     def __post_init__(self) -> None:
         for name in ("n_layer", "d_model", "n_head", "d_mlp", "n_ctx"):
             if getattr(self, name) < 1:
-                raise UserError(
-                    f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}"
-                )
+                raise ValueError(f"{name}={getattr(self, name)}: must be at least 1")
         if self.d_model % self.n_head:
-            raise UserError(f"--n-head {self.n_head} must divide --d-model {self.d_model}")
+            raise ValueError(f"n_head={self.n_head} must divide d_model={self.d_model}")
         if self.n_ctx < 2:
-            raise UserError(f"--n-ctx must be at least 2, not {self.n_ctx}")
+            raise ValueError(f"n_ctx={self.n_ctx}: must be at least 2")
 
 
 @dataclass
@@ -109,21 +106,29 @@ class TrainLMConfig:
 
     def __post_init__(self) -> None:
         if self.tokens < 1 or self.batch_size < 1 or self.micro_batch < 1:
-            raise UserError("--tokens, --batch-size and --micro-batch must be positive")
+            raise ValueError(
+                f"tokens={self.tokens}, batch_size={self.batch_size} and "
+                f"micro_batch={self.micro_batch}: each must be positive"
+            )
         if self.batch_size % self.micro_batch:
-            raise UserError(
-                f"--micro-batch {self.micro_batch} must divide --batch-size {self.batch_size}"
+            raise ValueError(
+                f"micro_batch={self.micro_batch} must divide batch_size={self.batch_size}"
             )
         if not 0 <= self.warmup_fraction < 1 or not 0 <= self.min_lr_fraction <= 1:
-            raise UserError("--warmup-fraction must be in [0, 1) and --min-lr-fraction in [0, 1]")
+            raise ValueError(
+                f"warmup_fraction={self.warmup_fraction} must be in [0, 1) and "
+                f"min_lr_fraction={self.min_lr_fraction} in [0, 1]"
+            )
         if (
             self.eval_every < 1
             or self.checkpoint_every < 1
             or self.eval_blocks < 1
             or self.loss_chunk < 1
         ):
-            raise UserError(
-                "--eval-every, --eval-blocks, --checkpoint-every and --loss-chunk must be positive"
+            raise ValueError(
+                f"eval_every={self.eval_every}, eval_blocks={self.eval_blocks}, "
+                f"checkpoint_every={self.checkpoint_every} and loss_chunk={self.loss_chunk}: "
+                "each must be positive"
             )
 
 
@@ -144,8 +149,8 @@ PRESETS: dict[str, tuple[LMConfig, TrainLMConfig]] = {
 
 
 def preset(name: str) -> tuple[LMConfig, TrainLMConfig]:
-    """The (architecture, training) pair of a named preset; a UserError names the valid ones."""
+    """The (architecture, training) pair of a named preset; a ValueError names the valid ones."""
     if name not in PRESETS:
-        raise UserError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     lm, train = PRESETS[name]
     return dataclasses.replace(lm), dataclasses.replace(train)

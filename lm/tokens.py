@@ -34,9 +34,9 @@ from typing import Literal
 import numpy as np
 
 from unsuperpose.config import write_json_atomic
-from unsuperpose.errors import UserError
 from unsuperpose.hashing import json_sha256
 from unsuperpose.lm.corpus import CorpusConfig, corpus_identity, iter_documents
+from unsuperpose.lm.errors import CorpusError
 from unsuperpose.lm.tokenizer import VOCAB_SIZE, ModelTokenizer, gpt2_tokenizer
 
 Split = Literal["train", "val", "all"]
@@ -92,7 +92,7 @@ def _tokenise_into(cfg: CorpusConfig, tmp: Path, tok: ModelTokenizer) -> None:
     if batch:
         flush()
     if not ends:
-        raise UserError(f"--corpus {cfg.corpus!r} holds no text (no non-empty documents)")
+        raise CorpusError(f"corpus={cfg.corpus!r} holds no text (no non-empty documents)")
     np.save(tmp / "stream.npy", np.concatenate(chunks))
     np.save(tmp / "doc_ends.npy", np.asarray(ends, dtype=np.int64))
 
@@ -125,9 +125,9 @@ def split_documents(n_docs: int, cfg: CorpusConfig) -> dict[str, np.ndarray]:
     """Document indices of each split, in corpus order; a seeded choice of held-out documents."""
     n_val = 0 if cfg.val_fraction == 0 else max(1, round(cfg.val_fraction * n_docs))
     if n_val >= n_docs:
-        raise UserError(
+        raise CorpusError(
             f"the corpus has {n_docs} document(s): too few to hold out a validation fraction of "
-            f"{cfg.val_fraction}; add documents or pass --val-fraction 0"
+            f"{cfg.val_fraction}; add documents or hold out none with val_fraction=0"
         )
     is_val = np.zeros(n_docs, dtype=bool)
     is_val[np.random.default_rng(cfg.seed).permutation(n_docs)[:n_val]] = True
@@ -217,19 +217,19 @@ def token_blocks(
     """
     tok = tokenizer or gpt2_tokenizer()
     if split not in ("train", "val", "all"):
-        raise UserError(f"split must be 'train', 'val' or 'all', not {split!r}")
+        raise CorpusError(f"split={split!r}: give 'train', 'val' or 'all'")
     if n_ctx < 2:
-        raise UserError(f"n_ctx must be at least 2 tokens, not {n_ctx}")
+        raise CorpusError(f"n_ctx={n_ctx}: blocks must be at least 2 tokens long")
     path = _corpus_cache(
         corpus, Path(cache_dir) if cache_dir is not None else default_cache_dir(), tok
     )
     stream, meta = _split_stream(path, corpus, split)
     n_blocks = len(stream) // n_ctx
     if n_blocks == 0:
-        raise UserError(
-            f"the {split!r} split of --corpus {corpus.corpus!r} has {len(stream)} tokens, "
-            f"fewer than one block of n_ctx={n_ctx}; "
-            "use more text, a smaller n_ctx or another --val-fraction"
+        raise CorpusError(
+            f"the {split!r} split of corpus={corpus.corpus!r} has {len(stream)} tokens, "
+            f"fewer than one block of n_ctx={n_ctx}; use more text, a smaller n_ctx or "
+            f"another val_fraction (now val_fraction={corpus.val_fraction})"
         )
     identity = json.loads((path / "identity.json").read_text())
     fingerprint = json_sha256(

@@ -20,10 +20,10 @@ from tqdm.auto import tqdm
 
 from unsuperpose import distributed
 from unsuperpose.config import write_json_atomic
-from unsuperpose.errors import UserError
 from unsuperpose.lm.checkpoint import CHECKPOINT, load_checkpoint, restore_rng, save_checkpoint
 from unsuperpose.lm.config import LMConfig, TrainLMConfig
 from unsuperpose.lm.corpus import CorpusConfig
+from unsuperpose.lm.errors import ModelError, RunExists
 from unsuperpose.lm.loss import model_loss
 from unsuperpose.lm.model import (
     WEIGHTS,
@@ -103,9 +103,9 @@ def _run_identity(
 def _prepare_out(out: Path, overwrite: bool) -> None:
     if (out / WEIGHTS).exists():
         if not overwrite:
-            raise UserError(
-                f"{out} already holds a trained model; pass --overwrite to train it again, "
-                "or choose another --out"
+            raise RunExists(
+                f"{out} already holds a trained model; train it again with overwrite=True, "
+                "or into another folder"
             )
         (out / WEIGHTS).unlink()
     if overwrite:
@@ -122,9 +122,15 @@ def _initial_model(lm: LMConfig, train: TrainLMConfig, init_from: str | None):
     have = lm_config_of(model)
     check_n_ctx({"n_ctx": have.n_ctx}, lm.n_ctx)
     if dataclasses.replace(have, preset=lm.preset, dropout=lm.dropout, n_ctx=lm.n_ctx) != lm:
-        raise UserError(
-            f"--from {init_from}: its architecture ({have}) differs from the one requested; "
-            "leave the architecture flags out when training on from a saved model"
+        differ = [
+            f"{f.name}={getattr(have, f.name)!r}, not {getattr(lm, f.name)!r}"
+            for f in dataclasses.fields(lm)
+            if f.name not in ("preset", "dropout", "n_ctx")
+            and getattr(have, f.name) != getattr(lm, f.name)
+        ]
+        raise ModelError(
+            f"{init_from}: its architecture differs from the one asked for (it has "
+            f"{'; '.join(differ)}); train on from it with its own architecture"
         )
     return model
 
@@ -145,9 +151,9 @@ def train_lm(
     match ``lm``) instead of a random init. Stops early, with a checkpoint, at ``stop_at_step``.
     """
     if distributed.world_size() > 1 or distributed.launched_by_torchrun():
-        raise UserError(
-            "`unsuperpose lm train` runs in one process (the LM presets are small); "
-            "start it without torchrun, with --device cuda for a GPU"
+        raise RuntimeError(
+            "train_lm runs in one process (the LM presets are small); call it outside "
+            "torchrun, on a GPU device for speed"
         )
     # Resolved once, here: the checkpoint and the run's config record the device it ran on.
     train = dataclasses.replace(train, device=str(distributed.resolve_device(train.device)))

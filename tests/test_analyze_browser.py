@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from unsuperpose.analyze.browser import contexts, scan
+from unsuperpose.analyze.browser import BrowserError, contexts, scan
 from unsuperpose.analyze.features import build_browser, find_saes
 from unsuperpose.cli import main
-from unsuperpose.errors import UserError
 from unsuperpose.harvest import ActivationStore, store
 from unsuperpose.harvest.bf16 import BF16
 from unsuperpose.harvest.writer import ChunkWriter
@@ -126,8 +125,18 @@ def test_cli_writes_one_page_per_dictionary_of_a_set(planted, tmp_path):
 def test_a_dictionary_of_another_width_is_refused(planted, tmp_path):
     _, path, _, _ = planted
     other = SAE(D + 1, 4, tied=True).save(tmp_path / "saes" / "n4-l1_1", {"l1": 1.0})
-    with pytest.raises(UserError, match="width 17 .*width 16.*--store"):
+    with pytest.raises(BrowserError, match="width 17 .*width 16.*trained on, store=PATH"):
         build_browser([other], ActivationStore(path), tmp_path / "out", TOK.decode, progress=False)
+
+
+def test_the_cli_names_the_store_flag_for_a_dictionary_of_another_width(planted, tmp_path, capsys):
+    _, path, _, _ = planted
+    other = SAE(D + 1, 4, tied=True).save(tmp_path / "saes" / "n4-l1_1", {"l1": 1.0})
+    argv = ["analyze", "features", "--dict", str(other), "--store", str(path), "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "width 17 " in err and "trained on, --store PATH" in err and "store=" not in err
+    assert "Traceback" not in err
 
 
 def test_a_store_without_tokens_is_refused_before_the_pass(planted, tmp_path):
@@ -135,7 +144,7 @@ def test_a_store_without_tokens_is_refused_before_the_pass(planted, tmp_path):
     bare = tmp_path / "bare.zarr"
     shutil.copytree(path, bare)
     shutil.rmtree(bare / "tokens")
-    with pytest.raises(UserError, match="kept no tokens.*unsuperpose harvest"):
+    with pytest.raises(BrowserError, match="kept no tokens.*unsuperpose harvest"):
         build_browser(
             [sae_dir], ActivationStore(bare), tmp_path / "out", TOK.decode, progress=False
         )

@@ -154,7 +154,8 @@ def test_a_set_trained_for_other_steps_is_refused_by_the_report_and_sets_picks_o
     ]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert "not one grid" in err and "steps: 60 vs 600" in err and "--sets" in err
+    assert "not one grid" in err and "steps: 60 vs 600" in err
+    assert "name its sets, e.g. --sets " in err and "sets='" not in err  # the flag, not the keyword
     assert "Traceback" not in err and not (tmp_path / "report").exists()
     assert main(argv + ["--sets", "1x+2x"]) == 0
     rec = json.loads((tmp_path / "report" / "diagnosis.json").read_text())
@@ -164,7 +165,9 @@ def test_a_set_trained_for_other_steps_is_refused_by_the_report_and_sets_picks_o
 
 
 @pytest.mark.slow
-def test_a_topk_grid_beside_the_relu_one_is_trained_reported_and_browsed(analyze_runs, tmp_path):
+def test_a_topk_grid_beside_the_relu_one_is_trained_reported_and_browsed(
+    analyze_runs, tmp_path, capsys
+):
     """`train --arch topk` writes its own set beside relu's; `analyze report --arch topk` reads
     only it (k as the knob, spliced-in CE, the browser), and relu's report is unchanged."""
     import shutil
@@ -195,5 +198,8 @@ def test_a_topk_grid_beside_the_relu_one_is_trained_reported_and_browsed(analyze
     relu = tmp_path / "relu"
     assert main([*args, "--out", str(relu), "--no-progress", "--no-features"]) == 0
     assert len((relu / "lm_grid.csv").read_text().splitlines()) == 1 + 4
+    capsys.readouterr()
     assert main([*args, "--arch", "jumprelu", "--out", str(tmp_path / "j")]) == 2
+    assert "no jumprelu dictionary set" in (err := capsys.readouterr().err)
+    assert "Choose one architecture, e.g. --arch " in err
     assert not (tmp_path / "j").exists()

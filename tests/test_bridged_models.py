@@ -527,6 +527,7 @@ def test_hook_and_layer_errors_name_what_the_bridge_offers(pipeline, capsys):
     )
     err = capsys.readouterr().err
     assert "no hook point 'blocks.1.mlp.hook_postt'" in err and "layers are 0..1" in err
+    assert "(--hook 'blocks.{layer}.mlp.hook_postt')" in err
     for name in (
         "blocks.{layer}.mlp.hook_post",
         "blocks.{layer}.hook_resid_post",
@@ -536,7 +537,7 @@ def test_hook_and_layer_errors_name_what_the_bridge_offers(pipeline, capsys):
     # GPT-NeoX runs attention and MLP in parallel: no residual stream between them to offer.
     assert ("blocks.{layer}.hook_resid_mid" in err) == (pipeline["arch"] == "llama")
     assert main(["harvest", "--lm", lm, "--out", acts, "--layer", "5", "--no-progress"]) == 2
-    assert "this model has layers 0..1" in capsys.readouterr().err
+    assert "error: --layer 5: this model has layers 0..1" in capsys.readouterr().err
 
 
 def test_the_attention_output_is_harvested_where_the_bridge_offers_it(pipeline):
@@ -597,9 +598,9 @@ def test_lm_train_from_a_non_gpt2_model_and_an_unreachable_hub_name_are_refused(
 ):
     assert main(["lm", "train", "--from", str(pipeline["lm"]), "--out", str(tmp_path / "t")]) == 2
     assert "trains GPT-2-style models only" in capsys.readouterr().err
-    with pytest.raises(UserError, match="no such local directory, and no Hugging Face hub model"):
-        from unsuperpose.lm import resolve_model
+    from unsuperpose.lm import ModelError, resolve_model
 
+    with pytest.raises(ModelError, match="no such local directory, and no Hugging Face hub model"):
         resolve_model("unsuperpose-test/no-such-model")
 
 

@@ -59,7 +59,7 @@ def test_harvest_command_reports_bad_input_without_a_traceback(tiny_lm_dir, tmp_
     out = tmp_path / "acts"
     assert main(["harvest", "--lm", str(tiny_lm_dir), "--layer", "7", "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "error: --layer '7': this model has layers 0..2" in err and "Traceback" not in err
+    assert "error: --layer 7: this model has layers 0..2" in err and "Traceback" not in err
     assert (
         main(
             [

@@ -284,6 +284,21 @@ def test_ranks_started_with_different_flags_are_refused(tiny_lm_dir, tmp_path):
     assert not (out / "layer1.zarr").exists()  # refused before anything was written
 
 
+@pytest.mark.torchrun
+def test_a_store_rank_0_refuses_is_the_same_one_line_error_on_every_rank(tiny_lm_dir, tmp_path):
+    out = tmp_path / "kept"
+    assert main(harvest_args(tiny_lm_dir, out, [*ALIGNED, "--tokens", "256"])) == 0
+    res = torchrun(2, harvest_args(tiny_lm_dir, out, [*ALIGNED, "--tokens", "128"]), tmp_path)
+    assert res.returncode != 0
+    said = (
+        "more than the 128 asked for; harvest --tokens 256 to keep it, or rewrite it with --force"
+    )
+    # rank 0 refuses in its plan; rank 1 raises the same StoreError, not "rank 0 failed"
+    assert res.stderr.count(f"unsuperpose harvest: error: {out}") == 2, res.stderr[-3000:]
+    assert res.stderr.count(said) == 2 and "rank 0 failed" not in res.stderr
+    assert attrs(out)["rows_planned"] == 256
+
+
 # -- devices and precision (device-agnostic code, run on this CPU) --------------------------------
 
 
@@ -313,7 +328,9 @@ def test_explicit_cpu_device_and_bf16_autocast_are_recorded(
         == 0
     )
     assert main(harvest_args(tiny_lm_dir, part, [*ALIGNED, "--precision", "fp32"])) == 2
-    assert "started with a bf16 forward; run with --precision bf16" in capsys.readouterr().err
+    assert (
+        "started with a bf16 forward; continue it with --precision bf16" in capsys.readouterr().err
+    )
     assert attrs(part)["rows_planned"] == 500
     assert main(harvest_args(tiny_lm_dir, part, ALIGNED)) == 0
     assert "continuing" in capsys.readouterr().out and attrs(part)["precision"] == "bf16"

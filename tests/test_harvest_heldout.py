@@ -14,8 +14,7 @@ import pytest
 import torch
 
 from unsuperpose.cli import main
-from unsuperpose.errors import UserError
-from unsuperpose.harvest import ActivationStore, store
+from unsuperpose.harvest import ActivationStore, StoreError, store
 from unsuperpose.harvest.bf16 import BF16
 from unsuperpose.harvest.heldout import last_chunks
 from unsuperpose.harvest.writer import ChunkWriter
@@ -132,14 +131,14 @@ def test_a_wholly_held_out_chunk_is_never_read(tmp_path):
     s = ActivationStore(path)
     assert all(5 not in g for e in range(3) for g in s.epoch_groups(0, e, True, 4))
     assert not np.isin(stream_ids(s, 64, 2 * s.train_rows), HELD).any()  # reads fine
-    with pytest.raises(UserError, match="corrupt"):
+    with pytest.raises(StoreError, match="corrupt"):
         list(s.heldout_batches(64))
 
 
 def test_a_store_whose_rows_are_all_held_out_is_refused_for_training(tmp_path):
     s = ActivationStore(write_store(tmp_path / "val.zarr", np.ones(ROWS, np.uint8)))
     assert s.train_rows == 0 and s.heldout_rows() == ROWS
-    with pytest.raises(UserError, match="all of its 1,000 rows are held out.*--tokens"):
+    with pytest.raises(StoreError, match="all of its 1,000 rows are held out.*harvest more tokens"):
         next(s.batches(16))
 
 
@@ -160,7 +159,7 @@ def test_all_zero_chunks_are_written_and_a_missing_chunk_of_marks_is_detected(tm
     writer.close()
     assert ActivationStore(path).n_chunks == 4  # every chunk of acts and marks is on disk
     (path / "heldout" / "c" / "1").unlink()
-    with pytest.raises(UserError, match="1 chunk.*of heldout are missing.*rows from 64"):
+    with pytest.raises(StoreError, match="1 chunk.*of heldout are missing.*rows from 64"):
         ActivationStore(path)
 
 
@@ -248,7 +247,7 @@ def test_a_store_from_before_held_out_rows_falls_back_to_its_last_chunks_and_say
     assert desc["heldout_rule"] == "chunks" and desc["heldout_rows"] == ROWS - 12 * CHUNK
     assert (
         "predates held-out rows" in desc["heldout"]
-        and "unsuperpose harvest ... --force" in desc["heldout"]
+        and "harvest it again with force=True" in desc["heldout"]
     )
     np.testing.assert_array_equal(old.heldout_mask(), new.heldout_mask())
     assert stream_ids(old, 64, 12 * CHUNK, seed=0).max() < 12 * CHUNK

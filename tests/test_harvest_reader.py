@@ -11,8 +11,7 @@ import pytest
 import torch
 import zarr
 
-from unsuperpose.errors import UserError
-from unsuperpose.harvest import ActivationStore, store
+from unsuperpose.harvest import ActivationStore, StoreError, store
 from unsuperpose.harvest.bf16 import BF16
 from unsuperpose.harvest.writer import ChunkWriter
 from unsuperpose.train.source import check_source
@@ -132,7 +131,9 @@ def test_closing_the_stream_stops_the_prefetch_thread(labelled):
 
 def test_incomplete_store_is_refused_or_read_up_to_its_last_whole_chunk(tmp_path):
     path = write_store(tmp_path / "cut.zarr", upto=5 * CHUNK + 10)  # 10 rows never become a chunk
-    with pytest.raises(UserError, match=r"incomplete \(320 of 1,000 rows\).*allow_incomplete=True"):
+    with pytest.raises(
+        StoreError, match=r"incomplete \(320 of 1,000 rows\).*allow_incomplete=True"
+    ):
         ActivationStore(path)
     part = ActivationStore(path, allow_incomplete=True)
     assert part.rows == 5 * CHUNK and part.train_rows == 4 * CHUNK  # its own last chunk held out
@@ -148,22 +149,22 @@ def test_a_corrupt_chunk_is_detected_on_read(tmp_path):
     chunk.write_bytes(bytes(data))
     s = ActivationStore(path)
     s.read_rows(0, CHUNK)  # other chunks are fine
-    with pytest.raises(UserError, match=r"rows 192\.\.256 is corrupt \(crc32c"):
+    with pytest.raises(StoreError, match=r"rows 192\.\.256 is corrupt \(crc32c"):
         s.read_rows(3 * CHUNK, 4 * CHUNK)
-    with pytest.raises(UserError, match="corrupt"):
+    with pytest.raises(StoreError, match="corrupt"):
         take(s.batches(ROWS, shuffle=False), 1)
 
 
 def test_a_missing_chunk_is_detected_on_open(tmp_path):
     path = write_store(tmp_path / "hole.zarr")
     (path / "acts" / "c" / "7" / "0").unlink()
-    with pytest.raises(UserError, match="1 chunk.*missing.*rows from 448"):
+    with pytest.raises(StoreError, match="1 chunk.*missing.*rows from 448"):
         ActivationStore(path)
 
 
 def test_something_that_is_not_a_store_is_refused(tmp_path):
-    with pytest.raises(UserError, match="not an activation store"):
+    with pytest.raises(StoreError, match="not an activation store"):
         ActivationStore(tmp_path)
     zarr.open_group(tmp_path / "plain.zarr", mode="w")
-    with pytest.raises(UserError, match="not an unsuperpose activation store"):
+    with pytest.raises(StoreError, match="not an unsuperpose activation store"):
         ActivationStore(tmp_path / "plain.zarr")

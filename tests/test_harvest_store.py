@@ -15,8 +15,15 @@ import pytest
 import torch
 import zarr
 
-from unsuperpose.errors import UserError
-from unsuperpose.harvest import ActivationStore, HarvestConfig, harvest, loop, store
+from unsuperpose.harvest import (
+    ActivationStore,
+    HarvestConfig,
+    HarvestError,
+    StoreError,
+    harvest,
+    loop,
+    store,
+)
 
 N_CTX, VOCAB = 32, 100
 SOURCE = {"model_dir": "tiny", "weights_sha256": "w0", "corpus_fingerprint": "c0"}
@@ -256,7 +263,7 @@ def test_interrupted_harvest_resumes_to_an_identical_store(bridge, blocks, tmp_p
     cut = tmp_path / "cut" / "layer0.zarr"
     prog = store.progress(zarr.open_group(cut))
     assert not prog.complete and prog.rows_written == 4 * 96
-    with pytest.raises(UserError, match="incomplete"):
+    with pytest.raises(StoreError, match="incomplete"):
         ActivationStore(cut)
     partial = ActivationStore(cut, allow_incomplete=True)
     assert partial.rows == 4 * 96
@@ -341,9 +348,9 @@ def test_a_store_from_before_held_out_rows_is_kept_when_finished_else_refused(
     _strip_heldout(done)
     run(bridge, blocks, tmp_path / "done", layer="1", tokens=500)
     assert "predates held-out rows" in capsys.readouterr().out and not (done / "heldout").exists()
-    with pytest.raises(UserError, match=r"before stores recorded held-out rows.*--force"):
+    with pytest.raises(StoreError, match=r"before stores recorded held-out rows.*force=True"):
         run(bridge, blocks, tmp_path / "done", layer="1")  # extending it
-    with pytest.raises(UserError, match="corpus_fingerprint"):  # other sources still refused first
+    with pytest.raises(StoreError, match="corpus_fingerprint"):  # other sources still refused first
         run(
             bridge,
             blocks,
@@ -411,16 +418,16 @@ def test_kill_9_mid_harvest_then_resume_equals_uninterrupted(model_dir, bridge, 
 
 
 def test_layer_out_of_range_is_a_user_error(bridge, blocks, tmp_path):
-    with pytest.raises(UserError, match=r"layers 0\.\.2"):
+    with pytest.raises(HarvestError, match=r"layer='3': this model has layers 0\.\.2"):
         run(bridge, blocks, tmp_path, layer="3")
-    with pytest.raises(UserError, match="layer index"):
+    with pytest.raises(HarvestError, match="layer index"):
         run(bridge, blocks, tmp_path, layer="one")
     assert not any(tmp_path.iterdir())
 
 
 def test_unknown_hook_is_a_user_error_with_suggestions(bridge, blocks, tmp_path):
     with pytest.raises(
-        UserError, match=r"no hook point 'blocks.1.mlp.hook_pst'.*blocks.1.mlp.hook_post"
+        HarvestError, match=r"no hook point 'blocks.1.mlp.hook_pst'.*blocks.1.mlp.hook_post"
     ):
         run(bridge, blocks, tmp_path, hook="blocks.{layer}.mlp.hook_pst")
 
@@ -428,16 +435,18 @@ def test_unknown_hook_is_a_user_error_with_suggestions(bridge, blocks, tmp_path)
 def test_width_mismatch_with_an_existing_store_is_refused(bridge, blocks, tmp_path):
     run(bridge, blocks, tmp_path, layer="1", tokens=200)
     narrow = boot(save_tiny_gpt2(tmp_path / "narrow", d_mlp=32))
-    with pytest.raises(UserError, match="width 64.*width 32"):
+    with pytest.raises(StoreError, match="width 64.*width 32.*force=True"):
         run(narrow, blocks, tmp_path, layer="1", tokens=200)
 
 
 def test_a_store_of_other_provenance_is_refused_unless_forced(bridge, blocks, tmp_path):
     [path] = run(bridge, blocks, tmp_path, layer="1", tokens=200)
     other = {**SOURCE, "corpus_fingerprint": "c1"}
-    with pytest.raises(UserError, match="corpus_fingerprint.*--force"):
+    with pytest.raises(StoreError, match="corpus_fingerprint.*force=True"):
         run(bridge, blocks, tmp_path, source=other, layer="1", tokens=200)
-    with pytest.raises(UserError, match="more than the 100"):
+    with pytest.raises(
+        StoreError, match="more than the 100 asked for; harvest tokens=200 to keep it"
+    ):
         run(bridge, blocks, tmp_path, layer="1", tokens=100)
     assert store.provenance(zarr.open_group(path)).corpus_fingerprint == "c0"
     run(bridge, blocks, tmp_path, source=other, layer="1", tokens=100, force=True)
@@ -448,7 +457,7 @@ def test_a_store_of_other_provenance_is_refused_unless_forced(bridge, blocks, tm
 def test_a_store_with_other_held_out_marks_is_refused(bridge, blocks, tmp_path):
     """The corpus fingerprint of the "all" split does not cover the seeded validation choice."""
     run(bridge, blocks, tmp_path, layer="1", tokens=200)
-    with pytest.raises(UserError, match="heldout_fingerprint.*--force"):
+    with pytest.raises(StoreError, match="heldout_fingerprint.*force=True"):
         run(bridge, blocks, tmp_path, layer="1", heldout=planted_marks(seed=1))
-    with pytest.raises(UserError, match="heldout_fingerprint"):
+    with pytest.raises(StoreError, match="heldout_fingerprint"):
         run(bridge, blocks, tmp_path, layer="1", heldout=None)

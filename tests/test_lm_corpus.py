@@ -3,8 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from unsuperpose.errors import UserError
-from unsuperpose.lm import CorpusConfig, iter_documents
+from unsuperpose.lm import CorpusConfig, CorpusError, iter_documents
 from unsuperpose.lm.corpus import _strip_wikitext
 from unsuperpose.lm.tokens import split_documents
 
@@ -36,7 +35,10 @@ def test_txt_documents_are_blank_line_separated(tmp_path):
     [
         (lambda p: None, "not 'wiki', 'gensim', an existing file"),
         (lambda p: p.write_text("\n \n"), "holds no text"),
-        (lambda p: p.write_text(json.dumps({"title": "x"}) + "\n"), "no field 'text'"),
+        (
+            lambda p: p.write_text(json.dumps({"title": "x"}) + "\n"),
+            "no field 'text'.*text_field=NAME",
+        ),
     ],
 )
 def test_bad_corpus_is_one_clear_error(tmp_path, setup, match):
@@ -44,7 +46,7 @@ def test_bad_corpus_is_one_clear_error(tmp_path, setup, match):
 
     path = tmp_path / "c.jsonl"
     setup(path)
-    with pytest.raises(UserError, match=match):
+    with pytest.raises(CorpusError, match=match):
         token_blocks(CorpusConfig(corpus=str(path)), 8, "all", cache_dir=tmp_path / "cache")
     assert not list(tmp_path.glob("cache/*/identity.json"))  # nothing half-built looks complete
 
@@ -66,5 +68,5 @@ def test_saved_datasets_dataset_with_text_field(tmp_path):
     ).save_to_disk(tmp_path / "ds")
     cfg = CorpusConfig(corpus=str(tmp_path / "ds"), text_field="content")
     assert list(iter_documents(cfg)) == ["alpha beta", "gamma"]
-    with pytest.raises(UserError, match="no column 'text'"):
+    with pytest.raises(CorpusError, match="no column 'text'"):
         list(iter_documents(CorpusConfig(corpus=str(tmp_path / "ds"))))

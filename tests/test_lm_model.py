@@ -4,9 +4,9 @@ import os
 import pytest
 import torch
 
-from unsuperpose.errors import UserError
 from unsuperpose.lm import (
     LMConfig,
+    ModelError,
     adopt_model,
     build_model,
     check_n_ctx,
@@ -94,7 +94,7 @@ def test_interrupted_save_never_looks_complete(tmp_path, tiny_lm_dir, monkeypatc
         save_model(model, out)
     monkeypatch.undo()
     assert not (out / WEIGHTS).exists() and not list(out.glob(".saving-*"))
-    with pytest.raises(UserError, match="unfinished"):
+    with pytest.raises(ModelError, match="unfinished"):
         load_model(out)
 
 
@@ -110,17 +110,17 @@ def test_adopting_a_plain_hf_model(tmp_path, tiny_lm_dir):
 
 
 def test_not_a_bridged_causal_lm_dir_is_one_clear_error(tmp_path):
-    with pytest.raises(UserError, match="no such model directory"):
+    with pytest.raises(ModelError, match="no such model directory"):
         load_model(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(UserError, match="no config.json"):
+    with pytest.raises(ModelError, match="no config.json"):
         load_model(tmp_path / "empty")
     (tmp_path / "bert").mkdir()
     (tmp_path / "bert" / "config.json").write_text(
         json.dumps({"model_type": "bert", "vocab_size": 30522})
     )
     with pytest.raises(
-        UserError,
+        ModelError,
         match="'bert' .* not a causal LM that TransformerLens 4 can bridge; supported: .*GPTNeoX",
     ):
         adopt_model(tmp_path / "bert", tmp_path / "out")
@@ -129,5 +129,7 @@ def test_not_a_bridged_causal_lm_dir_is_one_clear_error(tmp_path):
 
 def test_n_ctx_beyond_positions(tiny_lm_dir):
     check_n_ctx(model_info(tiny_lm_dir), 32)
-    with pytest.raises(UserError, match="larger than the model's 32 positions"):
+    with pytest.raises(
+        ModelError, match="n_ctx=33 is larger than the model's 32 positions; use n_ctx=32"
+    ):
         check_n_ctx(model_info(tiny_lm_dir), 33)

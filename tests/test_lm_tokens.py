@@ -3,10 +3,10 @@ import json
 import numpy as np
 import pytest
 
-from unsuperpose.errors import UserError
 from unsuperpose.lm import (
     EOT_ID,
     CorpusConfig,
+    CorpusError,
     corpus as corpus_module,
     get_tokenizer,
     iter_documents,
@@ -64,6 +64,6 @@ def test_split_covers_all_documents_once(tiny_corpus, tmp_path):
     assert parts[0].n_tokens + parts[1].n_tokens == parts[2].n_tokens
 
 
-def test_block_longer_than_split_is_a_user_error(tiny_corpus, tmp_path):
-    with pytest.raises(UserError, match="fewer than one block"):
+def test_block_longer_than_split_is_a_corpus_error(tiny_corpus, tmp_path):
+    with pytest.raises(CorpusError, match="fewer than one block of n_ctx=100000"):
         token_blocks(tiny_corpus, 100_000, "val", cache_dir=tmp_path)

@@ -6,9 +6,10 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import TINY_LM
-from unsuperpose.errors import UserError
 from unsuperpose.lm import (
     LMConfig,
+    ModelError,
+    RunExists,
     TrainLMConfig,
     build_model,
     evaluate,
@@ -95,12 +96,14 @@ def test_refuses_to_mix_runs_or_overwrite(tmp_path, tiny_corpus):
         tmp_path / "run",
         progress=False,
     )
-    with pytest.raises(UserError, match=r"different run \(differs in: train.lr\)"):
+    with pytest.raises(RunExists, match=r"different run \(differs in: train.lr\).*overwrite=True"):
         train_lm(
             lm, dataclasses.replace(train, lr=1e-3), tiny_corpus, tmp_path / "run", progress=False
         )
     train_lm(lm, train, tiny_corpus, tmp_path / "run", progress=False)
-    with pytest.raises(UserError, match="already holds a trained model"):
+    with pytest.raises(
+        RunExists, match="already holds a trained model; train it again with overwrite=True"
+    ):
         train_lm(lm, train, tiny_corpus, tmp_path / "run", progress=False)
 
 
@@ -128,13 +131,15 @@ def test_block_order_visits_every_block_once_per_epoch():
 def test_presets():
     assert preset("tiny")[0].d_model == 16 and preset("small")[0].d_mlp == 1024
     assert preset("report")[1].batch_size == 256
-    with pytest.raises(UserError, match="unknown preset 'huge'; choose one of tiny, small, report"):
+    with pytest.raises(
+        ValueError, match="unknown preset 'huge'; choose one of tiny, small, report"
+    ):
         preset("huge")
 
 
 def test_fine_tuning_cannot_exceed_positions(tmp_path, tiny_corpus, tiny_lm_dir):
     lm, train = _cfgs(tmp_path)
-    with pytest.raises(UserError, match="larger than the model's 32 positions"):
+    with pytest.raises(ModelError, match="larger than the model's 32 positions"):
         train_lm(
             dataclasses.replace(lm, n_ctx=64),
             train,

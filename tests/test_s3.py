@@ -30,8 +30,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 from unsuperpose import storage  # noqa: E402
 from unsuperpose.cli import main  # noqa: E402
-from unsuperpose.errors import UserError  # noqa: E402
-from unsuperpose.harvest import ActivationStore  # noqa: E402
+from unsuperpose.harvest import ActivationStore, StoreError  # noqa: E402
 
 pytestmark = [pytest.mark.s3, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -289,7 +288,7 @@ def test_kill_9_mid_harvest_on_s3_then_resume_equals_uninterrupted(tiny_lm_dir, 
     proc.wait()
     attrs = storage.read_json(meta)["attributes"]
     assert 2 * 64 <= attrs["rows_written"] < 640 and not attrs["complete"]
-    with pytest.raises(UserError, match="incomplete"):
+    with pytest.raises(StoreError, match="incomplete"):
         ActivationStore(f"{url}/layer1.zarr")
     assert (
         ActivationStore(f"{url}/layer1.zarr", allow_incomplete=True).rows == attrs["rows_written"]
@@ -344,11 +343,11 @@ def test_a_corrupt_or_missing_chunk_on_s3_is_named(tiny_lm_dir, s3):
     fs = storage._filesystem(store_url)
     chunk = fs.cat_file((store_url / "acts/c/2/0").key)
     fs.pipe_file((store_url / "acts/c/2/0").key, chunk[:-5] + bytes([chunk[-5] ^ 1]) + chunk[-4:])
-    with pytest.raises(UserError, match=r"rows 128\.\.192 is corrupt \(crc32c"):
+    with pytest.raises(StoreError, match=r"rows 128\.\.192 is corrupt \(crc32c"):
         ActivationStore(store_url).read_rows(128, 192)
     fs.rm((store_url / "heldout/c/4").key)
     with pytest.raises(
-        UserError, match=r"1 chunk\(s\) of heldout are missing \(first: rows from 256\)"
+        StoreError, match=r"1 chunk\(s\) of heldout are missing \(first: rows from 256\)"
     ):
         ActivationStore(store_url)
 

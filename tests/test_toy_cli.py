@@ -100,6 +100,11 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "8y" in err and "Traceback" not in err
     assert main(["toy", "--out", str(tmp_path), "--k", "600", "--wandb", "disabled"]) == 2
+    recipe = ["--G", "16", "--h", "8", "--k", "4", "--decay", "0.5"]
+    recipe += ["--correlation-recipe", "report", "--wandb", "disabled"]
+    assert main(["toy", "--out", str(tmp_path), *recipe]) == 2
+    err = capsys.readouterr().err
+    assert "at most 1/2" in err and "or use --correlation-recipe threshold" in err
 
 
 def test_package_metadata_matches_what_the_code_needs():

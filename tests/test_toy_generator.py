@@ -177,7 +177,7 @@ def test_the_recipe_is_part_of_the_datas_identity_and_the_default_keeps_old_fing
 
 
 def test_the_reports_recipe_refuses_probabilities_it_cannot_rescale():
-    with pytest.raises(ValueError, match="at most 1/2.*--correlation-recipe threshold"):
+    with pytest.raises(ValueError, match="at most 1/2.*correlation_recipe='threshold'"):
         ToySource(ToyConfig(G=16, h=8, k=4, decay=0.5, correlation_recipe="report"))
     with pytest.raises(ValueError, match="correlation_recipe"):
         ToyConfig(correlation_recipe="wishart")

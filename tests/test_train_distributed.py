@@ -24,7 +24,7 @@ from unsuperpose.errors import UserError
 from unsuperpose.toy import ToyConfig, ToySource
 from unsuperpose.train import SAETrainConfig, new_state, train_steps
 from unsuperpose.train.checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
-from unsuperpose.train.parallel import assign_sizes, plan
+from unsuperpose.train.parallel import ShardingError, assign_sizes, plan
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
 TOY = [
@@ -100,7 +100,7 @@ def test_sizes_are_dealt_largest_first_to_the_least_loaded_rank():
     assert assign_sizes([64, 64, 64, 64], 2) == [0, 1, 0, 1]
     assert plan([16, 32, 64], "grid", rank=1, world_size=2).owned == (0, 1)
     assert plan([16, 32, 64], "data", rank=1, world_size=2).owned == (0, 1, 2)
-    with pytest.raises(UserError, match="only 3 size"):
+    with pytest.raises(ShardingError, match="only 3 size.*use mode='data'"):
         plan([16, 32, 64], "grid", rank=0, world_size=4)
 
 

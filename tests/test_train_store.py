@@ -267,7 +267,9 @@ def test_missing_and_incomplete_stores_are_refused(tmp_path, capsys):
     x = np.random.default_rng(0).normal(size=(1024, 8)).astype(np.float32)
     half = write_store(tmp_path / "half.zarr", x, upto=512)
     assert main(["train", "--store", str(half), "--out", str(tmp_path), "--wandb", "disabled"]) == 2
-    assert "incomplete" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "incomplete" in err and "open it with --allow-incomplete" in err
+    assert "allow_incomplete=True" not in err and "Traceback" not in err
 
 
 def test_a_store_of_other_width_than_the_checkpoint_is_refused(toy_store, tmp_path, capsys):

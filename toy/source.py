@@ -56,7 +56,7 @@ class ToySource:
                 f"the report's correlation recipe keeps the mean number active at k only while "
                 f"every feature's probability is at most 1/2 (the commonest is "
                 f"{float(self.probs.max()):.2f} at k {c.k}, decay {c.decay}): lower k, raise the "
-                "decay towards 1, or use --correlation-recipe threshold"
+                "decay towards 1, or use correlation_recipe='threshold'"
             )
         self.groups = random_groups(c.G, c.group_size, gen)
         self.device = with_index(device)

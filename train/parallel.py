@@ -28,9 +28,12 @@ import torch
 import torch.distributed as dist
 
 from unsuperpose import distributed
-from unsuperpose.errors import UserError
 
 MODES = ("grid", "data")
+
+
+class ShardingError(ValueError):
+    """A grid that cannot be shared among the processes as asked."""
 
 
 @dataclass(frozen=True)
@@ -74,15 +77,15 @@ def plan(
     rank = distributed.rank() if rank is None else rank
     world_size = distributed.world_size() if world_size is None else world_size
     if mode not in MODES:
-        raise UserError(f"--parallel {mode!r}: choose grid or data")
+        raise ShardingError(f"mode={mode!r}: choose grid or data")
     everything = tuple(range(len(sizes)))
     if world_size == 1 or mode == "data":
         return Sharding(mode, rank, world_size, everything)
     if world_size > len(sizes):
-        raise UserError(
-            f"--parallel grid deals whole dictionary sizes to the {world_size} "
+        raise ShardingError(
+            f"mode='grid' deals whole dictionary sizes to the {world_size} "
             f"processes, but the grid has only {len(sizes)} size(s); start at most "
-            f"{len(sizes)} processes, or use --parallel data"
+            f"{len(sizes)} processes, or use mode='data'"
         )
     owner = assign_sizes(sizes, world_size)
     return Sharding(mode, rank, world_size, tuple(i for i in everything if owner[i] == rank))
@@ -90,8 +93,8 @@ def plan(
 
 def check_batch(sharding: Sharding, batch_size: int) -> None:
     if sharding.data_parallel and batch_size % sharding.world_size:
-        raise UserError(
-            f"--parallel data splits each batch of {batch_size} over "
+        raise ShardingError(
+            f"mode='data' splits each batch of {batch_size} over "
             f"{sharding.world_size} processes; choose a batch size divisible by it"
         )
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
 import sys
 from dataclasses import dataclass
 
@@ -247,8 +248,25 @@ def check_same_everywhere(what: str, value) -> None:
 
 @dataclass(frozen=True)
 class _Failed:
-    refused: bool  # a UserError: bad input, said to the user as it is
+    # Bad input, said to the user as it is: a UserError, or a stage's ValueError (such as
+    # harvest.StoreError), raised again as that type so the others report it the same way.
+    refused: type[Exception] | None
     message: str
+
+
+def _refusal(exc: BaseException) -> type[Exception] | None:
+    """The type rank 0's failure is raised again as on the other ranks (None: a RuntimeError)."""
+    if isinstance(exc, UserError):
+        return UserError  # its subclasses (locking.Locked) take other arguments
+    kind = type(exc)
+    if not isinstance(exc, ValueError) or not kind.__module__.startswith("unsuperpose."):
+        return None  # only a stage's own errors are refusals; anything else is a failure
+    try:
+        kind(str(exc))
+        pickle.dumps(kind)
+    except Exception:  # noqa: BLE001 (a type that wants other arguments, or cannot travel)
+        return None
+    return kind
 
 
 def from_main(fn):
@@ -261,13 +279,13 @@ def from_main(fn):
         try:
             out = fn()
         except BaseException as exc:
-            broadcast_object(_Failed(isinstance(exc, UserError), str(exc)))
+            broadcast_object(_Failed(_refusal(exc), str(exc)))
             raise
         return broadcast_object(out)
     got = broadcast_object(None)
     if isinstance(got, _Failed):
-        if got.refused:
-            raise UserError(got.message)
+        if got.refused is not None:
+            raise got.refused(got.message)
         raise RuntimeError(f"rank 0 failed: {got.message}")
     return got
 

@@ -14,6 +14,7 @@ import torch
 
 from unsuperpose import distributed, locking, storage
 from unsuperpose.analyze import grid_figures, score_grid
+from unsuperpose.commands._errors import stage_errors
 from unsuperpose.config import add_arguments, replace_from_args, to_dict
 from unsuperpose.errors import UserError
 from unsuperpose.tracking import Tracker
@@ -473,8 +474,9 @@ def _train_and_save(
     rank runs. Rank 0 alone writes files, logs and tracks; the rows are returned on every rank.
     """
     placement = placement or distributed.setup("cpu")
-    sharding = parallel.plan(sorted(cfg.dict_sizes), parallel_mode)
-    parallel.check_batch(sharding, cfg.batch_size)
+    with stage_errors(parallel.ShardingError, {"mode": "--parallel"}):
+        sharding = parallel.plan(sorted(cfg.dict_sizes), parallel_mode)
+        parallel.check_batch(sharding, cfg.batch_size)
     distributed.check_same_everywhere("the settings", to_dict(cfg))
     if placement.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = cfg.tf32

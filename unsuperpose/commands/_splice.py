@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from unsuperpose import distributed
+from unsuperpose.commands._errors import stage_errors
 from unsuperpose.config import write_json_atomic
 from unsuperpose.errors import UserError
 
@@ -107,7 +108,7 @@ def splice_columns(
     the LM's validation documents; {} (with a note) when the LM or its corpus cannot be found,
     so a trained grid is never lost to its evaluation."""
     from unsuperpose.analyze.splice import splice_eval
-    from unsuperpose.lm import load_bridge
+    from unsuperpose.lm import CorpusError, ModelError, load_bridge
 
     model_dir = Path(store.provenance.model_dir)
     try:
@@ -115,7 +116,7 @@ def splice_columns(
             model_dir, int(store.provenance.n_ctx), tokens, store.provenance.corpus
         )
         bridge = load_bridge(model_dir, device=device)
-    except (UserError, FileNotFoundError, OSError) as exc:
+    except (UserError, ModelError, CorpusError, OSError) as exc:
         print(
             f"note: no spliced-in evaluation ({exc}); run `unsuperpose analyze splice` once the "
             "LM is back"
@@ -147,7 +148,8 @@ def run_splice(args) -> int:
     from unsuperpose.lm import load_bridge
     from unsuperpose.train import load_dictionary
 
-    sae_dirs = find_saes(args.dict_path)
+    with stage_errors(FileNotFoundError):  # no dictionary there
+        sae_dirs = find_saes(args.dict_path)
     saes = {p.name: load_dictionary(p) for p in sae_dirs}
     sources = {(s.config.get("source") or {}).get("path") for s in saes.values()}
     first = next(iter(saes.values())).config.get("source") or {}

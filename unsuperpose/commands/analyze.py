@@ -16,6 +16,7 @@ from pathlib import Path
 
 from unsuperpose import distributed, locking, storage
 from unsuperpose.analyze.diagnostics import DEFAULT_TOLERANCE
+from unsuperpose.commands._errors import in_flags, stage_errors
 from unsuperpose.errors import UserError
 from unsuperpose.train.families import FAMILIES
 
@@ -135,10 +136,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     sp.set_defaults(func=_run_splice)
 
 
+# The keywords the analyze stage's messages write (``sets='8x'``, ``store='...'``) -> the flags of
+# `analyze report` and `analyze features` that set them.
+FLAGS = {"sets": "--sets", "arch": "--arch", "toy": "--toy", "store": "--store", "top": "--top"}
+
+
 def _run_splice(args: argparse.Namespace) -> int:
     from unsuperpose.commands._splice import run_splice
+    from unsuperpose.harvest import StoreError
+    from unsuperpose.lm import CorpusError, ModelError
 
-    return run_splice(args)
+    # Its model and corpus are the ones the dictionary recorded, not flags: said as they are.
+    with stage_errors((ModelError, CorpusError, StoreError)):
+        return run_splice(args)
 
 
 def _dict_argument(p: argparse.ArgumentParser) -> None:
@@ -171,14 +181,14 @@ def _decoder(store):
     A store records its tokenizer's tag with its corpus (stores from before then are GPT-2's);
     the model directory's tokenizer must still be that one, else its text would be wrong.
     """
-    from unsuperpose.lm import gpt2_tokenizer, model_tokenizer
+    from unsuperpose.lm import ModelError, gpt2_tokenizer, model_tokenizer
 
     meta = store.metadata
     tag = (meta.get("corpus") or {}).get("tokenizer", gpt2_tokenizer().tag)
     model_dir = meta.get("model_dir")
     try:
         tok = model_tokenizer(model_dir) if model_dir else None
-    except UserError as exc:
+    except ModelError as exc:
         if tag != gpt2_tokenizer().tag:
             raise UserError(
                 f"{store.path}: its tokens are for the tokenizer of {model_dir}, which cannot be "
@@ -208,7 +218,11 @@ def _open_store(path: Path):
 
 
 def _browse(sae_dirs: list[Path], store_path: Path | None, out: Path, args) -> dict[str, Path]:
+    """The feature browser of ``sae_dirs`` in ``out``; a UserError says why there is none."""
+    from unsuperpose.analyze.browser import BrowserError
     from unsuperpose.analyze.features import build_browser, store_of
+    from unsuperpose.harvest import StoreError
+    from unsuperpose.lm import ModelError
     from unsuperpose.train import load_dictionary
 
     if store_path is None:
@@ -221,18 +235,33 @@ def _browse(sae_dirs: list[Path], store_path: Path | None, out: Path, args) -> d
         store_path = storage.location(recorded)
     if args.top < 1:
         raise UserError("--top must be at least 1")
-    store = _open_store(store_path)
-    return build_browser(
-        sae_dirs,
-        store,
-        out,
-        _decoder(store),
-        top=args.top,
-        max_rows=args.max_rows,
-        neurons=not args.no_neurons,
-        progress=not args.no_progress,
-        device=distributed.resolve_device(getattr(args, "device", "cpu")),
-    )
+    with stage_errors((BrowserError, StoreError, ModelError), FLAGS):
+        store = _open_store(store_path)
+        return build_browser(
+            sae_dirs,
+            store,
+            out,
+            _decoder(store),
+            top=args.top,
+            max_rows=args.max_rows,
+            neurons=not args.no_neurons,
+            progress=not args.no_progress,
+            device=distributed.resolve_device(getattr(args, "device", "cpu")),
+        )
+
+
+def _report_browser(args):
+    """``browse`` for the report: the browser of one dictionary, or a BrowserError saying why
+    there is none (the report notes it and goes on)."""
+    from unsuperpose.analyze.browser import BrowserError
+
+    def browse(sae_dir: Path, out: Path) -> dict[str, Path]:
+        try:
+            return _browse([sae_dir], None, out, args)
+        except UserError as exc:
+            raise BrowserError(str(exc)) from None
+
+    return browse
 
 
 def _report_command(args) -> str:
@@ -258,7 +287,8 @@ def run(args: argparse.Namespace) -> int:
     if args.analyze_command == "features":
         from unsuperpose.analyze.features import find_saes
 
-        saes = find_saes(args.dict_path)
+        with stage_errors(FileNotFoundError):  # no dictionary there
+            saes = find_saes(args.dict_path)
         out = args.out or args.dict_path / "features"
         # The browser's folder is locked as its writer's; the runs and stores read are not.
         with locking.hold(out, what=f"the feature browser {out}"):
@@ -266,13 +296,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"feature browser: {pages['index']} ({len(pages) - 1} pages)")
         return 0
 
+    from unsuperpose.analyze.collect import GridError
     from unsuperpose.analyze.report import build_report
 
-    browse = (lambda sae_dir, out: _browse([sae_dir], None, out, args)) if args.features else None
+    browse = _report_browser(args) if args.features else None
     # The report's folder (build_report's default) is locked as its writer's; the runs read are not.
     suffix = "" if args.arch == "relu" else f"-{args.arch}"
     out = args.out or args.runs / "report" / f"{args.lm}-layer{args.layer}{suffix}"
-    with locking.hold(out, what=f"the report folder {out}"):
+    with locking.hold(out, what=f"the report folder {out}"), stage_errors(GridError, FLAGS):
         report = build_report(
             args.runs,
             args.lm,
@@ -287,7 +318,7 @@ def run(args: argparse.Namespace) -> int:
             command=_report_command(args),
         )
     for note in report.notes:
-        print(f"note: {note}")
+        print(f"note: {in_flags(note, FLAGS)}")
     from unsuperpose.analyze.report_page import estimate_text, sensitivity_text
 
     print(

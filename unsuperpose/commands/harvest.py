@@ -12,11 +12,14 @@ import contextlib
 import dataclasses
 
 from unsuperpose import distributed, locking, storage
+from unsuperpose.commands._errors import flags_of, stage_errors
 from unsuperpose.config import add_arguments, from_args, to_dict
 from unsuperpose.errors import UserError
-from unsuperpose.harvest import HarvestConfig, harvest, planned_stores
+from unsuperpose.harvest import HarvestConfig, HarvestError, StoreError, harvest, planned_stores
 from unsuperpose.lm import (
     CorpusConfig,
+    CorpusError,
+    ModelError,
     check_n_ctx,
     load_bridge,
     model_info,
@@ -70,19 +73,25 @@ def _corpus(args: argparse.Namespace, info: dict) -> CorpusConfig:
         raise UserError(
             f"{args.lm} records no training corpus; name one with --corpus (e.g. --corpus wiki)"
         )
-    base = CorpusConfig(**info["corpus"]) if info.get("corpus") else CorpusConfig()
-    return from_args(CorpusConfig, args, base=base)
+    with stage_errors(ValueError, FLAGS):  # the corpus config's own checks
+        base = CorpusConfig(**info["corpus"]) if info.get("corpus") else CorpusConfig()
+        return from_args(CorpusConfig, args, base=base)
+
+
+# The keywords the stages' messages write (``layer='7'``, ``force=True``) -> this command's flags.
+FLAGS = flags_of(HarvestConfig, CorpusConfig, n_ctx="--n-ctx")
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = from_args(HarvestConfig, args)
     placement = distributed.setup(cfg.device)  # under torchrun: joins the other ranks
     storage.check_access(args.out)  # a bucket that cannot be used fails before the model loads
-    info = model_info(args.lm)
-    with contextlib.ExitStack() as locks:  # one writer per store (unsuperpose.locking)
-        for path in planned_stores(cfg, info["n_layer"], args.out):
-            locks.enter_context(locking.hold(path, what=f"the store {path}"))
-        return _harvest(args, cfg, info, placement)
+    with stage_errors((ModelError, CorpusError, HarvestError, StoreError), FLAGS):
+        info = model_info(args.lm)
+        with contextlib.ExitStack() as locks:  # one writer per store (unsuperpose.locking)
+            for path in planned_stores(cfg, info["n_layer"], args.out):
+                locks.enter_context(locking.hold(path, what=f"the store {path}"))
+            return _harvest(args, cfg, info, placement)
 
 
 def _harvest(

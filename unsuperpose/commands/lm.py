@@ -12,10 +12,11 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 
+from unsuperpose.commands._errors import flags_of, stage_errors
 from unsuperpose.config import add_arguments, from_args
+from unsuperpose.errors import UserError
 
 
 def _add_corpus_arguments(parser: argparse.ArgumentParser) -> None:
@@ -136,27 +137,50 @@ def add_parser(subparsers) -> None:
     tokens.set_defaults(func=run)
 
 
+def _flags() -> dict[str, str]:
+    """The keywords the lm stage's messages write (``n_ctx=300``) -> the flags that set them."""
+    from unsuperpose.lm import CorpusConfig, LMConfig, TrainLMConfig
+
+    return flags_of(LMConfig, TrainLMConfig, CorpusConfig, skip=("seed",), overwrite="--overwrite")
+
+
 def _train(args: argparse.Namespace) -> int:
     from unsuperpose import distributed, locking
-    from unsuperpose.lm import LMConfig, TrainLMConfig, model_lm_config, preset, train_lm
-
-    lm_base, train_base = preset(args.preset)
-    if args.init_from is not None:
-        lm_base = model_lm_config(args.init_from)
-    lm = from_args(LMConfig, args, base=lm_base, preset=lm_base.preset)
-    train = from_args(TrainLMConfig, args, base=train_base)
-    # One writer per model folder (unsuperpose.locking); under torchrun train_lm refuses at once
-    # (it runs in one process), which every rank locking would only muddle.
-    lock = (
-        contextlib.nullcontext()
-        if distributed.launched_by_torchrun()
-        else locking.hold(args.out, what=f"the model folder {args.out}")
+    from unsuperpose.lm import (
+        CorpusError,
+        LMConfig,
+        ModelError,
+        RunExists,
+        TrainLMConfig,
+        model_lm_config,
+        preset,
+        train_lm,
     )
-    with lock:
+
+    if distributed.launched_by_torchrun():
+        # Refused before any lock: every rank locking the model folder would only muddle it.
+        raise UserError(
+            "`unsuperpose lm train` runs in one process (the LM presets are small); "
+            "start it without torchrun, with --device cuda for a GPU"
+        )
+    flags = _flags()
+    with stage_errors(ValueError, flags):  # an unknown preset, the configs' own checks
+        lm_base, train_base = preset(args.preset)
+        if args.init_from is not None:
+            lm_base = model_lm_config(args.init_from)
+        lm = from_args(LMConfig, args, base=lm_base, preset=lm_base.preset)
+        train = from_args(TrainLMConfig, args, base=train_base)
+        corpus = _corpus(args)
+    # One writer per model folder (unsuperpose.locking).
+    with (
+        locking.hold(args.out, what=f"the model folder {args.out}"),
+        stage_errors((ModelError, CorpusError), flags),
+        stage_errors(RunExists, flags, " (--out)"),
+    ):
         result = train_lm(
             lm,
             train,
-            _corpus(args),
+            corpus,
             args.out,
             init_from=args.init_from,
             overwrite=args.overwrite,
@@ -180,22 +204,34 @@ def _train(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from unsuperpose import locking
-    from unsuperpose.lm import adopt_model, describe_tokens, model_info, model_tokenizer
+    from unsuperpose.lm import (
+        CorpusConfig,
+        CorpusError,
+        ModelError,
+        adopt_model,
+        describe_tokens,
+        model_info,
+        model_tokenizer,
+    )
 
     if args.lm_command == "train":
         return _train(args)
-    if args.lm_command == "adopt":
-        with locking.hold(args.out, what=f"the model folder {args.out}"):
-            out = adopt_model(args.init_from, args.out, corpus=_corpus(args))
-        print(f"adopted {args.init_from} as {out}")
-    elif args.lm_command == "info":
-        print(json.dumps(model_info(args.model_dir), indent=2))
-    elif args.lm_command == "tokens":
-        tok = model_tokenizer(args.tokenizer) if args.tokenizer else None
-        print(
-            json.dumps(
-                describe_tokens(_corpus(args), args.n_ctx, cache_dir=args.cache_dir, tokenizer=tok),
-                indent=2,
+    flags = flags_of(CorpusConfig, skip=("seed",), n_ctx="--n-ctx")  # `lm tokens --n-ctx`
+    with stage_errors(ValueError, flags):  # the corpus config's own checks
+        corpus = _corpus(args) if args.lm_command in ("adopt", "tokens") else None
+    with stage_errors((ModelError, CorpusError), flags):
+        if args.lm_command == "adopt":
+            with locking.hold(args.out, what=f"the model folder {args.out}"):
+                out = adopt_model(args.init_from, args.out, corpus=corpus)
+            print(f"adopted {args.init_from} as {out}")
+        elif args.lm_command == "info":
+            print(json.dumps(model_info(args.model_dir), indent=2))
+        elif args.lm_command == "tokens":
+            tok = model_tokenizer(args.tokenizer) if args.tokenizer else None
+            print(
+                json.dumps(
+                    describe_tokens(corpus, args.n_ctx, cache_dir=args.cache_dir, tokenizer=tok),
+                    indent=2,
+                )
             )
-        )
     return 0

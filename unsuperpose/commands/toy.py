@@ -9,6 +9,7 @@ from pathlib import Path
 from unsuperpose import distributed, storage
 from unsuperpose.analyze import ground_truth_callback
 from unsuperpose.analyze.diagnostics import DEFAULT_TOLERANCE, diagnose, diagnosis_record
+from unsuperpose.commands._errors import flags_of, stage_errors
 from unsuperpose.commands._grid import (
     JUMPRELU_OPTIONS,
     add_run_arguments,
@@ -154,10 +155,9 @@ def _run(args: argparse.Namespace) -> int:
     base = default_config(args.grid)
     default_dict = PAPER_DICT if args.grid == "paper" else DEFAULT_DICT
     base = dataclasses.replace(base, seed=toy.seed, data_seed=toy.seed)
-    try:  # the data's own dead window, unless --dead-window says otherwise
+    # the data's own dead window, unless --dead-window says otherwise
+    with stage_errors(ValueError, flags_of(ToyConfig)):  # data its settings cannot make
         window = ToySource(toy).dead_window(getattr(args, "batch_size", base.batch_size))
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
     base = dataclasses.replace(base, dead_window=window)
     cfg, labels = sae_config(
         args,

@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 from unsuperpose import distributed, storage
+from unsuperpose.commands._errors import stage_errors
 from unsuperpose.commands._grid import (
     JUMPRELU_OPTIONS,
     add_run_arguments,
@@ -23,7 +24,7 @@ from unsuperpose.commands._grid import (
     train_and_save,
 )
 from unsuperpose.errors import UserError
-from unsuperpose.harvest import ActivationStore
+from unsuperpose.harvest import ActivationStore, StoreError
 from unsuperpose.train import SAETrainConfig
 from unsuperpose.train.layout import SAELENS_DIR, dict_dirname
 from unsuperpose.train.saelens import export_saelens
@@ -111,7 +112,11 @@ def run(args: argparse.Namespace) -> int:
     if not storage.exists(args.store):
         raise UserError(f"no store at {args.store}: harvest one first, e.g. `make harvest LAYER=1`")
     out = args.out / dict_folder(getattr(args, "dict", None) or DEFAULT_DICT, args)
-    with locked_run(out, args.device) as placement:
+    # A store that cannot be read (unfinished, corrupt, all held out) is said as the store says it.
+    with (
+        locked_run(out, args.device) as placement,
+        stage_errors(StoreError, {"allow_incomplete": "--allow-incomplete"}),
+    ):
         return _train(args, out, placement)
 
 
