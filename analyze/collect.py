@@ -22,7 +22,13 @@ from safetensors.torch import load_file
 
 from unsuperpose.train.config import OPTION_GROUPS
 from unsuperpose.train.io import sparsity_of
-from unsuperpose.train.layout import DICT_CONFIG_FILE, dictionary_dirs, holds_dictionaries
+from unsuperpose.train.layout import (
+    DICT_CONFIG_FILE,
+    DICT_WEIGHTS_FILE,
+    SAES_DIR,
+    dictionary_dirs,
+    holds_dictionaries,
+)
 
 
 class GridError(ValueError):
@@ -31,7 +37,7 @@ class GridError(ValueError):
 
 
 Key = tuple[float, int]
-SAES = "saes"
+SAES = SAES_DIR
 
 
 @dataclass
@@ -112,7 +118,7 @@ class Grid:
     def dictionaries(self) -> dict[Key, torch.Tensor]:
         """The unit-norm atoms (n, d) of every SAE, read from its safetensors file."""
         return {
-            k: load_file(str(c.sae_dir / "sae.safetensors"))["W_dec"] for k, c in self.cells.items()
+            k: load_file(str(c.sae_dir / DICT_WEIGHTS_FILE))["W_dec"] for k, c in self.cells.items()
         }
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from unsuperpose.analyze.compare import ratio_label
 from unsuperpose.analyze.html import Raw, esc, fmt, image, page, table, write
 from unsuperpose.train.config import KNOB_FIELD
+from unsuperpose.train.layout import CONFIG_FILE
 
 GRID_COLUMNS = [
     "l1",
@@ -254,7 +255,7 @@ def commands(report, command: str | None) -> list[str]:
             f"--out {q(str(store.parent))} --tokens {src.get('rows')}"
         )
     for s in report.lm.grid.sets:
-        cfg_path = s / "train_config.json"
+        cfg_path = s / CONFIG_FILE
         cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
         arch = cfg.get("arch", "relu")
         dict_spec = s.name.removeprefix(f"{arch}-") if arch != "relu" else s.name
@@ -269,7 +270,7 @@ def commands(report, command: str | None) -> list[str]:
         )
     if report.toy is not None:
         t = report.toy.grid.source
-        cfg_path = report.toy.grid.sets[0] / "train_config.json"
+        cfg_path = report.toy.grid.sets[0] / CONFIG_FILE
         cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
         sizes = ",".join(
             ratio_label(n, report.toy.base)

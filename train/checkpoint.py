@@ -33,7 +33,6 @@ from unsuperpose.config import from_dict, to_dict, write_json_atomic
 from unsuperpose.train.config import SAETrainConfig, irrelevant_fields
 from unsuperpose.train.trainer import check_finite_parameters, new_state
 
-CHECKPOINT_DIR = "checkpoint"
 # Settings a resumed run may change: how it logs and how much held-out data it is scored on.
 # Not the budget (steps): the resampling schedule follows it, and a run asked for 5,000 steps
 # is not the run that was planned for 10,000.

@@ -25,6 +25,7 @@ from unsuperpose.train import (
     SAETrainConfig,
     apply_preset,
     evaluate,
+    layout,
     new_state,
     parallel,
     parse_dict_sizes,
@@ -34,7 +35,6 @@ from unsuperpose.train import (
     train_steps,
 )
 from unsuperpose.train.checkpoint import (
-    CHECKPOINT_DIR,
     Checkpointer,
     CheckpointMismatch,
     check_compatible,
@@ -53,6 +53,7 @@ from unsuperpose.train.io import (
     source_differences,
     write_source_file,
 )
+from unsuperpose.train.layout import CHECKPOINT_DIR
 
 # Parsed from --l1 / --topk / --l0-coef / --dict, so that ratios and lists get clear errors and
 # a knob given to the wrong architecture is refused.
@@ -283,7 +284,7 @@ def _prepare(
         recover_checkpoint(ckpt)
     distributed.barrier()
     meta = read_checkpoint_meta(ckpt)
-    finished = (out / "summary.csv").exists() and (out / "train_config.json").exists()
+    finished = layout.is_finished(out)
     # Across nodes every rank must see rank 0's --out (it resumes from the checkpoint there).
     distributed.check_same_everywhere(
         f"what {shown} holds (every node must see the same --out folder)",
@@ -307,7 +308,7 @@ def _prepare(
                 f"{shown} already holds this grid (same settings, data and budget), finished; "
                 "add --force to train it again"
             )
-            return None, read_summary(out / "summary.csv")
+            return None, read_summary(out / layout.SUMMARY_FILE)
         raise UserError(
             f"{shown} holds a finished grid made otherwise: {'; '.join(problems)}. "
             "Choose another --out, or add --force to replace it"
@@ -382,8 +383,8 @@ class RunMirror:
 
     def _holds_run(self) -> bool:
         return storage.exists(self.url / CHECKPOINT_DIR) or (
-            storage.exists(self.url / "summary.csv")
-            and storage.exists(self.url / "train_config.json")
+            storage.exists(self.url / layout.SUMMARY_FILE)
+            and storage.exists(self.url / layout.CONFIG_FILE)
         )
 
     def pull(self, force: bool = False) -> None:
@@ -493,7 +494,7 @@ def _train_and_save(
         # split is visible in the outputs: every rank redoing the whole grid would show here.
         run_info["sizes_by_rank"] = distributed.all_gather_objects([g.n for g in state.groups])
     main = distributed.is_main()
-    run_id_file = out / "wandb_run_id"
+    run_id_file = out / layout.RUN_ID_FILE
     run_id = run_id_file.read_text().strip() if run_id_file.exists() and state.step > 0 else None
     with Tracker(
         out,
@@ -548,7 +549,11 @@ def _train_and_save(
         if export is not None:
             export(state, out)
         figures = grid_figures(
-            rows, state.history, out / "figures", size_axis=size_axis, size_labels=size_labels
+            rows,
+            state.history,
+            out / layout.FIGURES_DIR,
+            size_axis=size_axis,
+            size_labels=size_labels,
         )
         columns = list(rows[0])
         tracker.log_table("summary", columns, [[r.get(c) for c in columns] for r in rows])

@@ -24,9 +24,9 @@ from unsuperpose.analyze.diagnostics import DEFAULT_TOLERANCE, dead_boundary
 from unsuperpose.cli import main as cli_main
 from unsuperpose.errors import UserError
 from unsuperpose.train.io import read_summary
+from unsuperpose.train.layout import CHECKPOINT_DIR, SUMMARY_FILE
 
 LM, LAYER = "tiny", 1
-CHECKPOINT_DIR = "checkpoint"  # what `train`/`toy` leave while a grid is unfinished
 
 # The demo uses the same budgets as `make lm` (the tiny preset: 2.5M tokens) and `make toy` (its
 # default grid, 5,000 steps), so its outputs are the ones those targets would make. Store: 2^19
@@ -95,7 +95,7 @@ def _store_complete(path: Path) -> bool:
 
 
 def _grid_complete(path: Path) -> bool:
-    return (path / "summary.csv").exists() and not (path / CHECKPOINT_DIR).exists()
+    return (path / SUMMARY_FILE).exists() and not (path / CHECKPOINT_DIR).exists()
 
 
 def _lm_done(lm_dir: Path, tokens: int) -> bool:
