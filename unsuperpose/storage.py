@@ -238,6 +238,20 @@ def list_files(loc: Location) -> list[str]:
     return [k[len(prefix) :] for k in _call(loc, fs.find, loc.key) if k.startswith(prefix)]
 
 
+def modified_times(loc: ObjectPath) -> dict[str, float]:
+    """Every file under ``loc`` (relative paths, as ``list_files``) -> its modification time
+    (seconds since the epoch; files whose store records none are left out)."""
+    fs = _filesystem(loc)
+    prefix = loc.key + "/"
+    found = _call(loc, fs.find, loc.key, detail=True)
+    times = {}
+    for key, info in found.items():
+        when = info.get("LastModified") or info.get("mtime")
+        if key.startswith(prefix) and when is not None:
+            times[key[len(prefix) :]] = when.timestamp() if hasattr(when, "timestamp") else when
+    return times
+
+
 def read_text(loc: Location) -> str:
     if not is_remote(loc):
         return Path(loc).read_text(encoding="utf-8")
@@ -312,9 +326,10 @@ def upload_tree(local: Path, remote: ObjectPath, files: list[str] | None = None)
     _call(remote, fs.put, [str(local / f) for f in files], [(remote / f).key for f in files])
 
 
-def download_tree(remote: ObjectPath, local: Path) -> None:
-    """Copy every file under ``remote`` to the same names under the local folder ``local``."""
-    files = list_files(remote)
+def download_tree(remote: ObjectPath, local: Path, files: list[str] | None = None) -> None:
+    """Copy ``files`` (paths relative to ``remote``; default: every file under it) to the same
+    names under the local folder ``local``."""
+    files = list_files(remote) if files is None else list(files)
     local = Path(local)
     for f in files:
         (local / f).parent.mkdir(parents=True, exist_ok=True)

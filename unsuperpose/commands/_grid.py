@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import dataclasses
 import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch
 from unsuperpose import distributed, locking, storage
 from unsuperpose.analyze import grid_figures, score_grid
 from unsuperpose.commands._errors import stage_errors
-from unsuperpose.config import add_arguments, replace_from_args, to_dict
+from unsuperpose.config import add_arguments, replace_from_args, to_dict, write_text_atomic
 from unsuperpose.errors import UserError
 from unsuperpose.tracking import Tracker
 from unsuperpose.train import (
@@ -374,12 +375,17 @@ class RunMirror:
     the URL>``, started from what the URL holds, and copies it up after every checkpoint (a
     killed run resumes from the URL on any machine) and at the end. Rank 0 alone copies; the
     ranks of one node share the mirror.
+
+    Each copy sends only the files that changed since the last one (their size and SHA-256, in
+    ``<mirror>.uploaded.json`` beside the mirror, never uploaded) and deletes from the URL the
+    files the run removed since; files on the URL the mirror never held are left alone.
     """
 
     def __init__(self, url: storage.ObjectPath):
         self.url = url
         root = Path(os.environ.get("UNSUPERPOSE_CACHE", "runs/cache"))
         self.folder = root / "runs-mirror" / hashlib.sha256(str(url).encode()).hexdigest()[:16]
+        self.manifest = self.folder.with_name(self.folder.name + ".uploaded.json")
 
     def _holds_run(self) -> bool:
         return storage.exists(self.url / CHECKPOINT_DIR) or (
@@ -393,13 +399,51 @@ class RunMirror:
         URL's checkpoint goes now, as --force deletes a local one before training."""
         if distributed.is_main():
             shutil.rmtree(self.folder, ignore_errors=True)
+            self.manifest.unlink(missing_ok=True)
             if force:
                 storage.remove_tree(self.url / CHECKPOINT_DIR, first="state.json")
             if self._holds_run():
                 print(f"{self.url} holds a run: downloading it to compare with this one")
                 storage.download_tree(self.url, self.folder)
             self.folder.mkdir(parents=True, exist_ok=True)
+            # What was downloaded is on the URL already: a copy up sends only what changes.
+            self._save_manifest({f: self._stat(f) for f in self._files()})
         distributed.barrier()
+
+    # -- what was copied up: path -> [size, mtime_ns, sha256] ----------------------------------
+
+    def _load_manifest(self) -> dict[str, list]:
+        try:
+            return json.loads(self.manifest.read_text())
+        except (FileNotFoundError, ValueError):
+            return {}
+
+    def _save_manifest(self, manifest: dict[str, list]) -> None:
+        write_text_atomic(self.manifest, json.dumps(manifest, sort_keys=True))
+
+    def _stat(self, rel: str, known: list | None = None) -> list:
+        """``rel``'s [size, mtime_ns, sha256]; the hash is reused from ``known`` when neither
+        the size nor the modification time changed."""
+        st = (self.folder / rel).stat()
+        if known is not None and known[0] == st.st_size and known[1] == st.st_mtime_ns:
+            return list(known)
+        digest = hashlib.sha256()
+        with open(self.folder / rel, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        return [st.st_size, st.st_mtime_ns, digest.hexdigest()]
+
+    def _changes(self) -> tuple[dict[str, list], dict[str, list], list[str], list[str]]:
+        """(manifest, the files' state now, files changed or new, files removed since)."""
+        manifest = self._load_manifest()
+        now = {f: self._stat(f, manifest.get(f)) for f in self._files()}
+        changed = [f for f in sorted(now) if f not in manifest or manifest[f][::2] != now[f][::2]]
+        removed = sorted(f for f in manifest if f not in now)
+        return manifest, now, changed, removed
+
+    def _delete(self, files: list[str]) -> None:
+        for f in files:
+            storage.remove_tree(self.url / f)
 
     def _files(self) -> list[str]:
         # checkpoint.tmp / checkpoint.old are a local save in progress, never copied up.
@@ -416,16 +460,25 @@ class RunMirror:
         under an old step."""
         locking.check_held(self.url)  # a run that lost its lease leaves the URL to the new holder
         meta = f"{CHECKPOINT_DIR}/state.json"
+        manifest, now, changed, removed = self._changes()
         storage.remove_tree(self.url / meta)
-        storage.upload_tree(self.folder, self.url, [f for f in self._files() if f != meta])
-        storage.upload_tree(self.folder, self.url, [meta])
+        manifest.pop(meta, None)
+        self._save_manifest(manifest)  # state.json is gone from the URL, whatever follows
+        storage.upload_tree(self.folder, self.url, [f for f in changed if f != meta])
+        self._delete([f for f in removed if f != meta])
+        if meta in now:
+            storage.upload_tree(self.folder, self.url, [meta])
+        self._save_manifest(now)
 
     def push(self) -> None:
         """Rank 0, at the end: the whole run up; then the URL's checkpoint goes, as a local run's
         does (state.json first, so a removal cut short is not taken for a checkpoint)."""
         locking.check_held(self.url)
-        storage.upload_tree(self.folder, self.url, self._files())
+        _, now, changed, removed = self._changes()
+        storage.upload_tree(self.folder, self.url, changed)
         storage.remove_tree(self.url / CHECKPOINT_DIR, first="state.json")
+        self._delete([f for f in removed if f.split("/", 1)[0] != CHECKPOINT_DIR])
+        self._save_manifest(now)
 
 
 def train_and_save(source, cfg: SAETrainConfig, out, **kw) -> list[dict]:
@@ -441,6 +494,7 @@ def train_and_save(source, cfg: SAETrainConfig, out, **kw) -> list[dict]:
     distributed.barrier()
     if distributed.is_main():
         shutil.rmtree(mirror.folder, ignore_errors=True)
+        mirror.manifest.unlink(missing_ok=True)
     return rows
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from unsuperpose import distributed
+from unsuperpose import distributed, storage
 from unsuperpose.commands._errors import stage_errors
 from unsuperpose.config import write_json_atomic
 from unsuperpose.errors import UserError
@@ -141,7 +141,9 @@ def splice_columns(
     return {k: {**{c: res["saes"][names[k]][c] for c in SUMMARY_COLUMNS}, **base} for k in saes}
 
 
-def run_splice(args) -> int:
+def run_splice(args, local=None, show=str) -> int:
+    """``local``: where ``args.dict_path`` is read (a local copy of a URL; default: itself);
+    ``show``: how its paths are named in the output (the URL)."""
     from unsuperpose.analyze.features import find_saes
     from unsuperpose.analyze.splice import splice_eval
     from unsuperpose.harvest import ActivationStore
@@ -149,7 +151,7 @@ def run_splice(args) -> int:
     from unsuperpose.train import load_dictionary
 
     with stage_errors(FileNotFoundError):  # no dictionary there
-        sae_dirs = find_saes(args.dict_path)
+        sae_dirs = find_saes(args.dict_path if local is None else local)
     saes = {p.name: load_dictionary(p) for p in sae_dirs}
     sources = {(s.config.get("source") or {}).get("path") for s in saes.values()}
     first = next(iter(saes.values())).config.get("source") or {}
@@ -190,10 +192,13 @@ def run_splice(args) -> int:
         store=str(store.path),
         text=text,
         device=str(device),
-        dictionaries={k: str(p) for k, p in zip(saes, sae_dirs)},
+        dictionaries={k: show(p) for k, p in zip(saes, sae_dirs)},
     )
-    out = args.out or (Path(args.dict_path) / "splice.json")
-    write_json_atomic(out, result)
+    out = args.out or (storage.location(args.dict_path) / "splice.json")
+    if storage.is_remote(out):
+        storage.write_json(out, result)
+    else:
+        write_json_atomic(out, result)
     print(
         f"spliced into {model_dir} at {hook}, {result['tokens']:,} predicted tokens "
         f"({'file ' + text['file'] if 'file' in text else 'the LM validation documents'}): "

@@ -17,6 +17,7 @@ from pathlib import Path
 from unsuperpose import distributed, locking, storage
 from unsuperpose.analyze.diagnostics import DEFAULT_TOLERANCE
 from unsuperpose.commands._errors import in_flags, stage_errors
+from unsuperpose.commands._remote import Names
 from unsuperpose.errors import UserError
 from unsuperpose.train.families import FAMILIES
 
@@ -39,15 +40,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "diagnostics point, and write RUNS/report/LM-layerL/index.html.",
     )
     r.add_argument(
-        "--runs", type=Path, default=Path("runs"), help="the runs folder every stage writes to"
+        "--runs",
+        type=storage.location,
+        default=Path("runs"),
+        help="the runs folder every stage writes to, a folder or s3://...",
     )
     r.add_argument("--lm", default="tiny", help="LM name (the folder under RUNS/sae/)")
     r.add_argument("--layer", default="1", help="layer whose dictionaries to report on")
     r.add_argument(
-        "--toy", type=Path, default=None, help="toy run to compare with (default RUNS/toy)"
+        "--toy",
+        type=storage.location,
+        default=None,
+        help="toy run to compare with (default RUNS/toy)",
     )
     r.add_argument(
-        "--out", type=Path, default=None, help="report folder (default RUNS/report/LM-layerL)"
+        "--out",
+        type=storage.location,
+        default=None,
+        help="report folder, a folder or s3://... (default RUNS/report/LM-layerL)",
     )
     r.add_argument(
         "--dead-tolerance",
@@ -102,7 +112,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="activation store to read, a folder or s3://... (default: the one the "
         "dictionary was trained on)",
     )
-    f.add_argument("--out", type=Path, default=None, help="output folder (default DICT/features)")
+    f.add_argument(
+        "--out",
+        type=storage.location,
+        default=None,
+        help="output folder, a folder or s3://... (default DICT/features)",
+    )
     _browser_arguments(f)
     f.set_defaults(func=run)
 
@@ -131,7 +146,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     sp.add_argument("--batch-size", type=int, default=4, help="token blocks per forward pass")
     sp.add_argument("--device", default="auto", help=distributed.DEVICE_HELP)
-    sp.add_argument("--out", type=Path, default=None, help="JSON file (default DICT/splice.json)")
+    sp.add_argument(
+        "--out",
+        type=storage.location,
+        default=None,
+        help="JSON file, local or s3://... (default DICT/splice.json)",
+    )
     sp.add_argument("--no-progress", action="store_true", help="no progress bar")
     sp.set_defaults(func=_run_splice)
 
@@ -147,18 +167,22 @@ def _run_splice(args: argparse.Namespace) -> int:
     from unsuperpose.lm import CorpusError, ModelError
 
     # Its model and corpus are the ones the dictionary recorded, not flags: said as they are.
-    with stage_errors((ModelError, CorpusError, StoreError)):
-        return run_splice(args)
+    names = Names()  # a dictionary on S3 is read from a local copy
+    try:
+        with names.messages(), stage_errors((ModelError, CorpusError, StoreError)):
+            return run_splice(args, names.read_copy(args.dict_path), names.show)
+    finally:
+        names.forget()
 
 
 def _dict_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dict",
         dest="dict_path",
-        type=Path,
+        type=storage.location,
         required=True,
         help="one dictionary folder (saes/<arch>-n<size>-<knob>_<value>) or a dictionary set "
-        "(a folder with saes/)",
+        "(a folder with saes/); a folder or s3://...",
     )
 
 
@@ -287,38 +311,44 @@ def run(args: argparse.Namespace) -> int:
     if args.analyze_command == "features":
         from unsuperpose.analyze.features import find_saes
 
-        with stage_errors(FileNotFoundError):  # no dictionary there
-            saes = find_saes(args.dict_path)
-        out = args.out or args.dict_path / "features"
-        # The browser's folder is locked as its writer's; the runs and stores read are not.
-        with locking.hold(out, what=f"the feature browser {out}"):
-            pages = _browse(saes, args.store, out, args)
-        print(f"feature browser: {pages['index']} ({len(pages) - 1} pages)")
+        names = Names()
+        try:
+            with names.messages(), stage_errors(FileNotFoundError):  # no dictionary there
+                saes = find_saes(names.read_copy(args.dict_path))
+            out = args.out or args.dict_path / "features"
+            # The browser's folder is locked as its writer's; the runs and stores read are not.
+            with locking.hold(out, what=f"the feature browser {out}"):
+                local = names.out_folder(out)
+                with names.messages():
+                    pages = _browse(saes, args.store, local, args)
+                names.upload(local, out)
+        finally:
+            names.forget()
+        print(f"feature browser: {names.show(pages['index'])} ({len(pages) - 1} pages)")
         return 0
 
     from unsuperpose.analyze.collect import GridError
-    from unsuperpose.analyze.report import build_report
 
     browse = _report_browser(args) if args.features else None
     # The report's folder (build_report's default) is locked as its writer's; the runs read are not.
     suffix = "" if args.arch == "relu" else f"-{args.arch}"
     out = args.out or args.runs / "report" / f"{args.lm}-layer{args.layer}{suffix}"
-    with locking.hold(out, what=f"the report folder {out}"), stage_errors(GridError, FLAGS):
-        report = build_report(
-            args.runs,
-            args.lm,
-            args.layer,
-            out=out,
-            toy=args.toy,
-            tolerance=args.dead_tolerance,
-            sets=args.sets,
-            arch=args.arch,
-            wandb_mode=args.wandb,
-            browse=browse,
-            command=_report_command(args),
-        )
+    names = Names()  # runs on S3 are read from a local copy, a report for S3 written in one
+    try:
+        with locking.hold(out, what=f"the report folder {out}"):
+            runs = args.runs
+            toy = names.read_copy(args.toy) if args.toy is not None else None
+            if storage.is_remote(runs):
+                parts = [f"sae/{args.lm}/layer{args.layer}"] + ([] if toy else ["toy"])
+                runs = names.read_copy(runs, tuple(parts))
+            local = names.out_folder(out)
+            with names.messages(), stage_errors(GridError, FLAGS):
+                report = _build_report(args, runs, local, toy, browse)
+            names.upload(local, out)
+    finally:
+        names.forget()
     for note in report.notes:
-        print(f"note: {in_flags(note, FLAGS)}")
+        print(f"note: {in_flags(names.show(note), FLAGS)}")
     from unsuperpose.analyze.report_page import estimate_text, sensitivity_text
 
     print(
@@ -332,5 +362,23 @@ def run(args: argparse.Namespace) -> int:
     )
     if sensitivity_text(report.lm.diagnosis):
         print(sensitivity_text(report.lm.diagnosis))
-    print(f"report: {report.index}")
+    print(f"report: {names.show(report.index)}")
     return 0
+
+
+def _build_report(args, runs, out, toy, browse):
+    from unsuperpose.analyze.report import build_report
+
+    return build_report(
+        runs,
+        args.lm,
+        args.layer,
+        out=out,
+        toy=toy,
+        tolerance=args.dead_tolerance,
+        sets=args.sets,
+        arch=args.arch,
+        wandb_mode=args.wandb,
+        browse=browse,
+        command=_report_command(args),
+    )
