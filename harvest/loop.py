@@ -338,6 +338,8 @@ def _open_or_create(
     if keep is not None:
         keep(group)
     prog = store.progress(group)
+    if not prog.complete:  # a killed run may have left a chunk write half done
+        store.remove_interrupted_writes(t.path)
     if prog.rows_planned > rows:
         what = "holds" if prog.complete else "is an unfinished harvest of"
         raise StoreError(

@@ -30,8 +30,10 @@ leaves such a "not yet" store too.
 from __future__ import annotations
 
 import dataclasses
+import re
 import shutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -267,6 +269,23 @@ def has_heldout(group: zarr.Group) -> bool:
 def progress(group: zarr.Group) -> Progress:
     attrs = dict(group.attrs)
     return Progress(**{f.name: attrs[f.name] for f in dataclasses.fields(Progress)})
+
+
+# zarr's local store writes a chunk to "<key>.<uuid4 hex>.partial" and renames it into place.
+_INTERRUPTED_WRITE = re.compile(r"\.[0-9a-f]{32}\.partial$")
+
+
+def remove_interrupted_writes(path: storage.Location) -> int:
+    """Delete the temporary files of chunk writes a killed process left in a local store; returns
+    how many. They were never part of the store (the chunk they were to become is past
+    ``rows_written`` and is written again on resume), but would stay beside it for good.
+    Call only while no process writes the store (the harvest's lock, before any rank starts)."""
+    if storage.is_remote(path):
+        return 0  # an object store has no temporaries: each object is one PUT
+    stale = [p for p in Path(path).rglob("*.partial") if _INTERRUPTED_WRITE.search(p.name)]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return len(stale)
 
 
 def record_progress(group: zarr.Group, rows_written: int, complete: bool) -> None:
