@@ -11,12 +11,12 @@ from unsuperpose.commands._grid import convert_l1
 from unsuperpose.toy import ToyConfig, ToySource
 from unsuperpose.train import SAETrainConfig, new_state, train_steps
 from unsuperpose.train.checkpoint import (
-    CHECKPOINT_DIR,
     CheckpointMismatch,
     load_checkpoint,
     read_checkpoint_meta,
     save_checkpoint,
 )
+from unsuperpose.train.layout import CHECKPOINT_DIR
 
 SMALL = [
     "--h",
