@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import time
 
+from benchmarks.common import pointer_where as _where
 from unsuperpose.analyze import score_grid
 from unsuperpose.commands.toy import DEFAULT_L1, JUMPRELU_OPTIONS, toy_diagnosis
 from unsuperpose.toy import ToyConfig, ToySource
@@ -55,12 +56,6 @@ KEYS = (
     "mcc",
     "mmcs_larger",
 )
-
-
-def _where(p: dict | None) -> str:
-    if p is None or p["size"] is None:
-        return "none"
-    return f">{p['ratio']:g}x" if p["lower_bound"] else f"{p['ratio']:g}x"
 
 
 def _round(v):

@@ -32,6 +32,7 @@ from collections.abc import Iterator
 
 import torch
 
+from benchmarks.common import pointer_where as _where
 from unsuperpose.analyze import score_grid
 from unsuperpose.commands.toy import DEFAULT_DICT, DEFAULT_L1, toy_diagnosis
 from unsuperpose.toy import ToyConfig, ToySource
@@ -59,12 +60,6 @@ ROW_KEYS = (
     "mcc",
     "mmcs_larger",
 )
-
-
-def _where(p: dict | None) -> str:
-    if p is None or p["size"] is None:
-        return "none"
-    return f">{p['ratio']:g}x" if p["lower_bound"] else f"{p['ratio']:g}x"
 
 
 def _pointers(record: dict) -> dict[str, str]:

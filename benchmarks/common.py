@@ -32,3 +32,10 @@ class RamSource:
         while True:
             yield self.xs[i % len(self.xs)]
             i += 1
+
+
+def pointer_where(p: dict | None) -> str:
+    """A diagnosis record's pointer as a ratio of the base ("1x"; ">2x" for a lower bound)."""
+    if p is None or p["size"] is None:
+        return "none"
+    return f">{p['ratio']:g}x" if p["lower_bound"] else f"{p['ratio']:g}x"
