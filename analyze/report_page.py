@@ -9,7 +9,7 @@ from pathlib import Path
 
 from unsuperpose.analyze.compare import ratio_label
 from unsuperpose.analyze.html import Raw, esc, fmt, image, page, table, write
-from unsuperpose.train.config import KNOB_FIELD
+from unsuperpose.train.families import get_family
 from unsuperpose.train.layout import CONFIG_FILE
 
 GRID_COLUMNS = [
@@ -287,11 +287,10 @@ def commands(report, command: str | None) -> list[str]:
 
 def knob_flags(cfg: dict) -> str:
     """' --l1 1e-3,3e-3' for a relu run's train_config, ' --arch topk --topk 8,16' for others."""
-    arch = cfg.get("arch", "relu")
-    field = KNOB_FIELD.get(arch, "l1")
-    values = ",".join(f"{a:g}" for a in cfg.get(field, []))
-    flag = {"l1": "--l1", "top_k": "--topk", "l0_coef": "--l0-coef"}[field]
-    return (f" --arch {arch}" if arch != "relu" else "") + f" {flag} {values}"
+    family = get_family(cfg.get("arch", "relu"))
+    values = ",".join(f"{a:g}" for a in cfg.get(family.sparsity_field, []))
+    arch = f" --arch {family.name}" if family.name != "relu" else ""
+    return f"{arch} {family.flag} {values}"
 
 
 def provenance(report) -> str:

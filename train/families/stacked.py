@@ -269,9 +269,6 @@ class StackedGroup:
         """
         self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True))
 
-    def renormalise_(self) -> None:  # the name this step had before there were families
-        self.post_step()
-
     def reset_stats(self) -> None:
         # float64 on the device: a sum over thousands of steps; read on the host at log steps only.
         self.stats = torch.zeros(len(STATS), self.S, dtype=torch.float64, device=self.device)

@@ -46,7 +46,7 @@ from unsuperpose.train.checkpoint import (
     whole_state,
 )
 from unsuperpose.train.config import KNOB_FIELD, JumpReLUOptions
-from unsuperpose.train.families import get_family
+from unsuperpose.train.families import FAMILIES, get_family
 from unsuperpose.train.io import (
     SOURCE_FILE,
     read_source_file,
@@ -59,7 +59,8 @@ from unsuperpose.train.layout import CHECKPOINT_DIR
 # Parsed from --l1 / --topk / --l0-coef / --dict, so that ratios and lists get clear errors and
 # a knob given to the wrong architecture is refused.
 SKIP = ("l1", "top_k", "l0_coef", "dict_sizes")
-KNOB_FLAGS = {"l1": "--l1", "top_k": "--topk", "l0_coef": "--l0-coef"}
+# {"l1": "--l1", "top_k": "--topk", "l0_coef": "--l0-coef"}, from the families' registry
+KNOB_FLAGS = {f.sparsity_field: f.flag for f in FAMILIES.values()}
 # What `toy` and `train` use for JumpReLU unless told otherwise. The paper's bandwidth and initial
 # threshold (1e-3, for activations scaled to unit mean squared norm) leave JumpReLU inert in a
 # 3,000-step toy run: only pre-activations within 5e-4 of a threshold move it, so it stays near
