@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ from unsuperpose.harvest import (
     loop,
     store,
 )
+from waiting import wait_until
 
 N_CTX, VOCAB = 32, 100
 SOURCE = {"model_dir": "tiny", "weights_sha256": "w0", "corpus_fingerprint": "c0"}
@@ -408,11 +408,16 @@ def test_kill_9_mid_harvest_then_resume_equals_uninterrupted(model_dir, bridge, 
         stderr=subprocess.DEVNULL,
     )
     meta = out / "layer1.zarr" / "zarr.json"
-    deadline = time.time() + 60
-    while time.time() < deadline and proc.poll() is None:
-        if meta.exists() and json.loads(meta.read_text())["attributes"]["rows_written"] >= 2 * 96:
-            break
-        time.sleep(0.02)
+
+    def two_chunks() -> bool:
+        if not meta.exists():
+            return False
+        try:  # zarr.json is replaced whole, but may not yet carry the store's attributes
+            return json.loads(meta.read_text())["attributes"].get("rows_written", 0) >= 2 * 96
+        except (json.JSONDecodeError, KeyError):
+            return False
+
+    wait_until(two_chunks, proc, "two chunks written")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     prog = store.progress(zarr.open_group(out / "layer1.zarr"))

@@ -68,7 +68,7 @@ def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "unsuperpose", *args]
 
 
-def holder_of(output: Path, proc: subprocess.Popen, timeout: float = 120) -> locking.Holder:
+def holder_of(output: Path, proc: subprocess.Popen, timeout: float = 600) -> locking.Holder:
     """Wait until ``output``'s lock names its holder (``proc`` or a process below it)."""
     deadline = time.monotonic() + timeout
     while (holder := locking.current_holder(output)) is None:

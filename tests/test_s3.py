@@ -31,6 +31,7 @@ from safetensors.torch import load_file  # noqa: E402
 from unsuperpose import storage  # noqa: E402
 from unsuperpose.cli import main  # noqa: E402
 from unsuperpose.harvest import ActivationStore, StoreError  # noqa: E402
+from waiting import wait_until
 
 pytestmark = [pytest.mark.s3, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -83,7 +84,7 @@ def moto_server():
         stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 300
     while True:
         try:
             urllib.request.urlopen(url + "/moto-api/", timeout=2).close()
@@ -274,16 +275,14 @@ def test_kill_9_mid_harvest_on_s3_then_resume_equals_uninterrupted(tiny_lm_dir, 
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
+
+    def two_chunks() -> bool:
         try:
-            written = storage.read_json(meta)["attributes"].get("rows_written", 0)
+            return storage.read_json(meta)["attributes"].get("rows_written", 0) >= 2 * 64
         except FileNotFoundError:  # not created yet
-            written = 0
-        if written >= 2 * 64:
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, f"the harvest ended before it could be killed: {proc.stderr.read()}"
+            return False
+
+    wait_until(two_chunks, proc, "two chunks written")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     attrs = storage.read_json(meta)["attributes"]

@@ -108,7 +108,7 @@ def test_a_lease_from_another_machine_is_refused_until_it_expires_then_taken_ove
         "token": "theirs",
         "started": "2026-01-01T00:00:00+00:00",
         "pid_space": "another-machine/1",
-        "lease_seconds": 3,
+        "lease_seconds": 8,  # long enough that a busy machine still sees it refused first
     }
     storage.write_json(locking.lock_path(out), elsewhere)  # as a holder there leaves it, killed
     refusals = 0

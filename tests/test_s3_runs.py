@@ -13,7 +13,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -28,6 +27,7 @@ from unsuperpose import storage  # noqa: E402
 from unsuperpose.cli import main  # noqa: E402
 from unsuperpose.commands._grid import check_run_folder  # noqa: E402
 from unsuperpose.errors import UserError  # noqa: E402
+from waiting import wait_until
 
 pytestmark = [pytest.mark.s3, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -131,13 +131,7 @@ def test_a_run_on_s3_killed_after_a_checkpoint_resumes_from_the_bucket_alone(s3,
         text=True,
     )
     # state.json is copied up last, so once it is on the bucket the checkpoint there is whole.
-    deadline = time.time() + 120
-    while (
-        time.time() < deadline
-        and proc.poll() is None
-        and not storage.exists(url / "checkpoint/state.json")
-    ):
-        time.sleep(0.05)
+    wait_until(lambda: storage.exists(url / "checkpoint/state.json"), proc, "checkpoint", poll=0.05)
     for pid in [proc.pid, *_descendants(proc.pid)]:
         try:
             os.kill(pid, 9)

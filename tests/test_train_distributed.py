@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -25,6 +24,7 @@ from unsuperpose.toy import ToyConfig, ToySource
 from unsuperpose.train import SAETrainConfig, new_state, train_steps
 from unsuperpose.train.checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
 from unsuperpose.train.parallel import ShardingError, assign_sizes, plan
+from waiting import wait_until
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
 TOY = [
@@ -192,9 +192,7 @@ def _killed_after_first_checkpoint(cmd: list[str], out: Path) -> int:
         cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
     state = out / "checkpoint" / "state.json"
-    deadline = time.time() + 120
-    while time.time() < deadline and not state.exists() and proc.poll() is None:
-        time.sleep(0.05)
+    wait_until(state.exists, proc, "checkpoint", poll=0.05)
     for pid in [proc.pid, *_descendants(proc.pid)]:
         try:
             os.kill(pid, signal.SIGKILL)

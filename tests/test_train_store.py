@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,7 @@ from unsuperpose.harvest.writer import ChunkWriter
 from unsuperpose.toy import ToyConfig, ToySource
 from unsuperpose.train import SAE, SAETrainConfig, new_state, train_steps
 from unsuperpose.train.checkpoint import Checkpointer, load_checkpoint
+from waiting import wait_until
 
 TOY = ToyConfig(h=16, G=32, k=2, decay=0.95, seed=0)
 
@@ -201,9 +201,9 @@ def test_sigterm_then_rerun_finishes_with_the_weights_of_an_uninterrupted_run(to
         text=True,
     )
     log = tmp_path / "a" / "2x" / "log.jsonl"
-    deadline = time.time() + 60
-    while time.time() < deadline and not (log.exists() and log.read_text().count("\n") >= 2):
-        time.sleep(0.1)
+    wait_until(
+        lambda: log.exists() and log.read_text().count("\n") >= 2, proc, "two log lines", poll=0.1
+    )
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
