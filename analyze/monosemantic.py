@@ -53,6 +53,10 @@ def summary(per_unit: list[list], k: int) -> dict:
                     f"{name}_q25": float(q25),
                     f"{name}_q75": float(q75),
                     f"{name}_mean": float(vals.mean()),
+                    # the units are the sample: what a comparison of two dictionaries divides by
+                    f"{name}_se": float(vals.std(ddof=1) / np.sqrt(len(vals)))
+                    if len(vals) > 1
+                    else None,
                     f"{name}_hist": np.histogram(vals, bins=N_BINS, range=(0, 1))[0].tolist(),
                 }
             )

@@ -56,14 +56,21 @@ def config(arch: str, **kw) -> SAETrainConfig:
 
 
 def test_every_architecture_is_registered_with_its_knob():
-    assert set(FAMILIES) == {"relu", "topk", "batchtopk", "jumprelu", "matryoshka"}
     assert {a: f.sparsity_name for a, f in FAMILIES.items()} == {
         "relu": "l1",
         "topk": "k",
         "batchtopk": "k",
         "matryoshka": "k",
         "jumprelu": "l0_coef",
+        # the fitted baselines (tests/test_baselines.py)
+        "neurons": "k",
+        "pca": "k",
+        "ica": "k",
+        "random": "k",
+        "sparse-coding": "l1",
     }
+    trained = {a for a, f in FAMILIES.items() if not f.fitted}
+    assert trained == {"relu", "topk", "batchtopk", "jumprelu", "matryoshka"}
 
 
 @pytest.mark.parametrize("arch", sorted(KNOBS))

@@ -10,7 +10,18 @@ from typing import Literal
 from unsuperpose.config import field
 
 L1Norm = Literal["sum", "per_latent"]
-Arch = Literal["relu", "topk", "batchtopk", "jumprelu", "matryoshka"]
+Arch = Literal[
+    "relu",
+    "topk",
+    "batchtopk",
+    "jumprelu",
+    "matryoshka",
+    "neurons",
+    "pca",
+    "ica",
+    "random",
+    "sparse-coding",
+]
 # Which knob field each architecture's grid sweeps (the families registry says the same; kept
 # here so a config can be checked without importing the families).
 KNOB_FIELD = {
@@ -19,6 +30,32 @@ KNOB_FIELD = {
     "batchtopk": "top_k",
     "matryoshka": "top_k",
     "jumprelu": "l0_coef",
+    # the fitted baselines (train/families/basis.py, sparse_coding.py): k = 0 keeps every
+    # coefficient (`--topk all`)
+    "neurons": "top_k",
+    "pca": "top_k",
+    "ica": "top_k",
+    "random": "top_k",
+    "sparse-coding": "l1",
+}
+FITTED = ("neurons", "pca", "ica", "random", "sparse-coding")
+TOPK_ALL = 0  # the top_k value of `--topk all`: a basis keeps every coefficient
+# What only SGD training reads: a fitted baseline's result does not depend on these.
+SGD_ONLY = {
+    "lr",
+    "beta1",
+    "beta2",
+    "resample_every",
+    "resample_until",
+    "resample_pool",
+    "decoder_init",
+    "encoder_init",
+    "sparse_below",
+    "dead_window",
+    "log_every",
+    "tf32",
+    "tied",
+    "l1_norm",
 }
 # Option groups each architecture reads; the others' do not change what a run computes.
 OPTION_GROUPS = {
@@ -27,6 +64,11 @@ OPTION_GROUPS = {
     "batchtopk": ("auxk", "batchtopk"),
     "matryoshka": ("auxk", "batchtopk", "matryoshka"),
     "jumprelu": ("jumprelu",),
+    "neurons": (),
+    "pca": (),
+    "ica": ("ica",),
+    "random": (),
+    "sparse-coding": ("sparse_coding",),
 }
 
 
@@ -85,13 +127,46 @@ class MatryoshkaOptions:
 
 
 @dataclass
+class ICAOptions:
+    """FastICA (scikit-learn), the baseline of Cunningham et al. (2023)."""
+
+    rows: int = field(
+        65_536,
+        help="training rows FastICA is fitted on (held in memory: the first rows of the run's "
+        "batch stream, at most steps x batch_size)",
+    )
+    max_iter: int = field(500, help="FastICA's iteration limit")
+    tol: float = field(1e-4, help="FastICA's convergence tolerance")
+
+
+@dataclass
+class SparseCodingOptions:
+    """Sparse coding: a dictionary learnt by alternating FISTA inference with dictionary
+    updates (train/families/sparse_coding.py)."""
+
+    iters: int = field(100, help="FISTA iterations per inference, in fitting and in encoding")
+    positive: bool = field(True, help="non-negative codes (like an SAE's); off: the signed lasso")
+    forget: float = field(
+        10.0,
+        help="batch j of the pass weighs j**forget in the dictionary's statistics (0: a plain "
+        "average; larger discounts the early batches, coded with a poorer dictionary)",
+    )
+    resample_rows: int = field(
+        100_000,
+        help="an atom with no non-zero code for this many training rows is replaced by a row "
+        "of the current batch",
+    )
+
+
+@dataclass
 class SAETrainConfig:
     """Training settings shared by every SAE of a grid (sparsity values x dictionary sizes)."""
 
     arch: Arch = field(
         "relu",
-        help="the dictionary architecture: relu (the report's ReLU + L1), topk, batchtopk, "
-        "jumprelu or matryoshka",
+        help="the dictionary method: an SAE architecture, relu (the report's ReLU + L1), "
+        "topk, batchtopk, jumprelu or matryoshka; or a fitted baseline, neurons, pca, ica, "
+        "random or sparse-coding",
     )
     l1: list[float] = field(
         default_factory=lambda: [1e-3], help="L1 coefficients (relu's knob), comma-separated"
@@ -176,6 +251,15 @@ class SAETrainConfig:
     batchtopk: BatchTopKOptions = field(default_factory=BatchTopKOptions, help="BatchTopK")
     jumprelu: JumpReLUOptions = field(default_factory=JumpReLUOptions, help="JumpReLU")
     matryoshka: MatryoshkaOptions = field(default_factory=MatryoshkaOptions, help="Matryoshka")
+    ica: ICAOptions = field(default_factory=ICAOptions, help="ICA")
+    sparse_coding: SparseCodingOptions = field(
+        default_factory=SparseCodingOptions, help="sparse coding"
+    )
+
+    @property
+    def fitted(self) -> bool:
+        """A baseline fitted from the training rows, not an SAE trained by SGD."""
+        return self.arch in FITTED
 
     @property
     def knob_field(self) -> str:
@@ -201,8 +285,15 @@ class SAETrainConfig:
                 problems.append(f"{name} must be a non-empty list of numbers >= 0 (got {values})")
             if len(set(values)) != len(values):
                 problems.append(f"{name} values repeat: {values}")
-        if any(k < 1 for k in self.top_k):
+        lowest = TOPK_ALL if self.arch in FITTED else 1
+        if any(k < lowest for k in self.top_k):
             problems.append(f"top_k values must be >= 1 (got {self.top_k})")
+        sc = self.sparse_coding
+        if min(self.ica.rows, self.ica.max_iter, sc.iters, sc.resample_rows) < 1 or sc.forget < 0:
+            problems.append(
+                "ica.rows, ica.max_iter, sparse_coding.iters and sparse_coding.resample_rows "
+                "must be >= 1, sparse_coding.forget >= 0"
+            )
         if self.arch != "relu" and (self.tied or self.l1_norm != "sum"):
             problems.append(
                 f"tied and l1_norm are options of the relu architecture, not {self.arch}"
@@ -248,7 +339,8 @@ def irrelevant_fields(config: SAETrainConfig) -> set[str]:
     knobs = set(KNOB_FIELD.values()) - {config.knob_field}
     groups = {g for gs in OPTION_GROUPS.values() for g in gs} - set(OPTION_GROUPS[config.arch])
     relu_only = set() if config.arch == "relu" else {"sparse_below"}
-    return knobs | groups | relu_only
+    sgd_only = SGD_ONLY if config.fitted else set()
+    return knobs | groups | relu_only | sgd_only
 
 
 PRESETS: dict[str, dict] = {

@@ -50,12 +50,20 @@ __all__ = [
     "dictionary_dirs",
     "holds_dictionaries",
     "is_finished",
+    "knob_value_text",
 ]
 
 
+def knob_value_text(knob: str, value: float) -> str:
+    """A knob value as names and messages write it: k 0 is a basis keeping every coefficient
+    (`--topk all`; no SAE has k 0)."""
+    return "all" if knob == "k" and value == 0 else f"{value:g}"
+
+
 def dict_dirname(arch: str, knob: str, value: float, n: int) -> str:
-    """The folder of one dictionary: architecture, size, knob and value, e.g. topk-n1024-k_32."""
-    return f"{arch}-n{n}-{knob}_{value:g}"
+    """The folder of one dictionary: architecture, size, knob and value, e.g. topk-n1024-k_32,
+    pca-n256-k_all."""
+    return f"{arch}-n{n}-{knob}_{knob_value_text(knob, value)}"
 
 
 def dictionary_dirs(out: str | Path) -> list[Path]:

@@ -419,9 +419,10 @@ def evaluate(
     Columns say so: heldout_mse (mean squared error per coordinate), heldout_fvu (squared
     error over the total variance around the held-out mean), heldout_mean_l1 (mean sum of codes
     per row), heldout_l1_loss (that in the run's L1 convention, without the coefficient),
-    heldout_l0 (mean active latents per row), heldout_rows; dead comes from training (latents
-    silent in the last ``dead_window`` training batches), and dead_w<W> counts the same at each
-    window W of ``DEAD_WINDOWS`` the run is long enough for.
+    heldout_l0 (mean active latents per row), heldout_rows, heldout_dead (latents silent on
+    every held-out row; ``fitted.evaluate_dictionaries`` computes the same for baselines); dead
+    comes from training (latents silent in the last ``dead_window`` training batches), and
+    dead_w<W> counts the same at each window W of ``DEAD_WINDOWS`` the run is long enough for.
     """
     cfg = state.config
     if not hasattr(source, "heldout_batches"):
@@ -439,12 +440,17 @@ def evaluate(
     for g in state.groups:
         dn = g.dictionaries()
         sq, l1, l0 = torch.zeros(3, g.S, dtype=torch.float64, device=state.device)
+        fired = None
         for x in xs:
             codes, x_hat = g.reconstruct(x, dn)
             err = x_hat - x
             sq += err.pow(2).sum(dim=(1, 2), dtype=torch.float64)
-            l1 += codes.sum(dim=(0, 2), dtype=torch.float64)
-            l0 += (codes > 0).sum(dim=(0, 2), dtype=torch.float64)
+            # |codes| and != 0: the definitions fitted baselines (signed codes) share
+            l1 += codes.abs().sum(dim=(0, 2), dtype=torch.float64)
+            nonzero = codes != 0
+            l0 += nonzero.sum(dim=(0, 2), dtype=torch.float64)
+            hit = nonzero.any(dim=0)  # (S, n)
+            fired = hit if fired is None else fired | hit
         dead = g.dead_mask(cfg.dead_window, state.step).sum(dim=1)
         # The same counter read at other windows, so the dead-neuron reading's sensitivity to the
         # window can be measured after the fact (analyze re-reads "dead" at any of these).
@@ -460,6 +466,7 @@ def evaluate(
                 "heldout_l1_loss": float(l1[s]) / rows / divisor,
                 "heldout_l0": float(l0[s]) / rows,
                 "heldout_rows": rows,
+                "heldout_dead": int((~fired[s]).sum()),
                 "dead": int(dead[s]),
                 **{dead_column(w): int(v[s]) for w, v in ladder.items()},
             }

@@ -45,8 +45,9 @@ from unsuperpose.train.checkpoint import (
     recover_checkpoint,
     whole_state,
 )
-from unsuperpose.train.config import KNOB_FIELD, JumpReLUOptions
+from unsuperpose.train.config import KNOB_FIELD, TOPK_ALL, JumpReLUOptions
 from unsuperpose.train.families import FAMILIES, get_family
+from unsuperpose.train.fitted import evaluate_dictionaries, fit_grid
 from unsuperpose.train.io import (
     SOURCE_FILE,
     read_source_file,
@@ -153,9 +154,15 @@ def sae_config(
         sizes = parse_dict_sizes(getattr(args, "dict", None) or default_dict, dict_base, bare=bare)
         cfg = replace_from_args(apply_preset(base, args.preset), args, skip=SKIP)
         knobs = knob_values(args, cfg.arch)
+        family = get_family(cfg.arch)
+        if family.fitted and family.sparsity_field == "top_k" and "top_k" not in knobs:
+            # a basis's default sweep: the command's k values, and every coefficient
+            knobs["top_k"] = [*cfg.top_k, TOPK_ALL]
         cfg = dataclasses.replace(cfg, **knobs)
         if getattr(args, "l1", None):
             l1 = parse_l1_list(args.l1)
+        elif family.default_values is not None and family.sparsity_field == "l1":
+            l1 = list(family.default_values)  # its penalty is not relu's L1 (another scale)
         else:
             l1 = convert_l1(default_l1, have=base.l1_norm, want=cfg.l1_norm, base=dict_base)
             if cfg.l1_norm != base.l1_norm:
@@ -179,9 +186,11 @@ def grid_size_text(cfg: SAETrainConfig) -> str:
 def knob_text(row: dict) -> str:
     """A summary row's knob as messages write it: 'L1 0.001' or 'topk k 8'."""
     arch = row.get("arch", "relu")
-    label = get_family(arch).knob_label
-    value = row.get("sparsity", row.get("l1"))
-    return f"{label} {value:g}" if arch == "relu" else f"{arch} {label} {value:g}"
+    family = get_family(arch)
+    value = layout.knob_value_text(family.sparsity_name, row.get("sparsity", row.get("l1")))
+    return (
+        f"{family.knob_label} {value}" if arch == "relu" else f"{arch} {family.knob_label} {value}"
+    )
 
 
 def knob_values(args: argparse.Namespace, arch: str) -> dict[str, list]:
@@ -191,24 +200,34 @@ def knob_values(args: argparse.Namespace, arch: str) -> dict[str, list]:
     for name, flag in KNOB_FLAGS.items():
         if name != mine and getattr(args, name, None):
             wanted = KNOB_FLAGS[mine]
+            takes = "; ".join(
+                f"{fl}: {', '.join(a for a, f in FAMILIES.items() if f.flag == fl)}"
+                for fl in dict.fromkeys(f.flag for f in FAMILIES.values())
+            )
             raise ValueError(
-                f"{flag} is not a knob of --arch {arch}; its knob is {wanted} "
-                f"(--arch relu takes --l1, topk/batchtopk/matryoshka --topk, jumprelu --l0-coef)"
+                f"{flag} is not a knob of --arch {arch}; its knob is {wanted} ({takes})"
             )
     out: dict[str, list] = {}
+    fitted = get_family(arch).fitted
     if getattr(args, "top_k", None):
-        out["top_k"] = parse_int_list(args.top_k, "--topk")
+        out["top_k"] = parse_int_list(args.top_k, "--topk", allow_all=fitted)
     if getattr(args, "l0_coef", None):
         out["l0_coef"] = parse_float_list(args.l0_coef, "--l0-coef")
     return out
 
 
-def parse_int_list(text: str, flag: str) -> list[int]:
+def parse_int_list(text: str, flag: str, *, allow_all: bool = False) -> list[int]:
+    """Whole numbers >= 1; with ``allow_all`` also 'all' (TOPK_ALL: a basis keeps every
+    coefficient)."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
     try:
-        values = [int(p) for p in text.split(",") if p.strip()]
+        values = [TOPK_ALL if allow_all and p == "all" else int(p) for p in parts]
     except ValueError:
-        raise ValueError(f"{flag} {text!r}: expected whole numbers separated by commas") from None
-    if not values or any(v < 1 for v in values):
+        also = " or 'all'" if allow_all else ""
+        raise ValueError(
+            f"{flag} {text!r}: expected whole numbers{also} separated by commas"
+        ) from None
+    if not values or any(v < 1 and not (allow_all and v == TOPK_ALL) for v in values):
         raise ValueError(f"{flag} {text!r}: expected whole numbers >= 1, e.g. 8,16,32")
     return values
 
@@ -530,6 +549,24 @@ def _train_and_save(
     rank runs. Rank 0 alone writes files, logs and tracks; the rows are returned on every rank.
     """
     placement = placement or distributed.setup("cpu")
+    if get_family(cfg.arch).fitted:
+        return _fit_and_save(
+            source,
+            cfg,
+            out,
+            size_labels=size_labels,
+            size_base=size_base,
+            size_axis=size_axis,
+            ground_truth=ground_truth,
+            wandb_mode=wandb_mode,
+            progress=progress,
+            run_name=run_name,
+            source_info=source_info,
+            force=force,
+            more_scores=more_scores,
+            placement=placement,
+            mirror=mirror,
+        )
     with stage_errors(parallel.ShardingError, {"mode": "--parallel"}):
         sharding = parallel.plan(sorted(cfg.dict_sizes), parallel_mode)
         parallel.check_batch(sharding, cfg.batch_size)
@@ -617,6 +654,91 @@ def _train_and_save(
     # The dictionaries and summary are written; the checkpoint's weights and Adam state would only
     # take disk space (3x the dictionaries).
     shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
+    if mirror is not None:
+        mirror.push()
+    return distributed.broadcast_object(rows)
+
+
+def _fit_and_save(
+    source,
+    cfg: SAETrainConfig,
+    out: Path,
+    *,
+    size_labels: dict[int, str],
+    size_base: int,
+    size_axis: str,
+    ground_truth,
+    wandb_mode: str | None,
+    progress: bool,
+    run_name: str,
+    source_info: dict,
+    force: bool,
+    more_scores,
+    placement: distributed.Placement,
+    mirror: RunMirror | None,
+) -> list[dict]:
+    """``_train_and_save`` for a fitted baseline (``train.fitted``): no steps, no checkpoint.
+
+    The same identity rules: a finished folder with these settings, data and budget is returned
+    as it is, one made otherwise is refused (or replaced with ``force``). Rank 0 fits and
+    writes; the other ranks get its rows.
+    """
+    shown = out if mirror is None else mirror.url
+    family = get_family(cfg.arch)
+    if family.check_sizes is not None:  # before anything is written
+        try:
+            family.check_sizes(int(source.d), sorted(cfg.dict_sizes))
+        except ValueError as exc:
+            raise UserError(
+                f"{exc}: choose smaller dictionary sizes for --arch {cfg.arch}"
+            ) from None
+    out.mkdir(parents=True, exist_ok=True)
+    if layout.is_finished(out) and not force:
+        problems = _finished_differences(out, cfg, source_info)
+        if not problems:
+            print(f"{shown} already holds this fit (same settings, data and budget); add --force")
+            return read_summary(out / layout.SUMMARY_FILE)
+        raise UserError(
+            f"{shown} holds a finished grid made otherwise: {'; '.join(problems)}. "
+            "Choose another --out, or add --force to replace it"
+        )
+    if not distributed.is_main():
+        return distributed.broadcast_object(None)
+    if distributed.world_size() > 1:
+        print(f"{cfg.arch} is fitted, not trained: rank 0 fits the whole grid")
+    if force:
+        shutil.rmtree(out / layout.SAES_DIR, ignore_errors=True)
+    write_source_file(out, source_info)
+    run_info = placement.describe()
+    with Tracker(
+        out,
+        name=run_name,
+        config={"train": to_dict(cfg), "source": source_info, **run_info},
+        mode=wandb_mode,
+    ) as tracker:
+        state = fit_grid(source, cfg, device=placement.device, progress=progress)
+        metrics = evaluate_dictionaries(state.saes(), source, cfg, device=state.device)
+        scores = score_grid(state.dictionaries(), metrics, ground_truth)
+        for key, s in scores.items():
+            s.update(state.info[key], dict_ratio=key[1] / size_base)
+        if more_scores is not None:
+            for key, extra in more_scores(state).items():
+                scores[key].update(extra)
+        rows = save_grid(
+            state,
+            metrics,
+            out,
+            extra=scores,
+            labels=size_labels,
+            source_info=source_info,
+            run_info=run_info,
+        )
+        figures = grid_figures(
+            rows, [], out / layout.FIGURES_DIR, size_axis=size_axis, size_labels=size_labels
+        )
+        columns = list(rows[0])
+        tracker.log_table("summary", columns, [[r.get(c) for c in columns] for r in rows])
+        tracker.log_images({f"figures/{k}": v for k, v in figures.items()})
     if mirror is not None:
         mirror.push()
     return distributed.broadcast_object(rows)

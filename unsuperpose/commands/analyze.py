@@ -19,7 +19,7 @@ from unsuperpose.analyze.diagnostics import DEFAULT_TOLERANCE
 from unsuperpose.commands._errors import in_flags, stage_errors
 from unsuperpose.commands._remote import Names
 from unsuperpose.errors import UserError
-from unsuperpose.train.families import FAMILIES
+from unsuperpose.train.families import FAMILIES, get_family
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -95,6 +95,46 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="W&B mode (default: $WANDB_MODE, else offline)",
     )
     r.set_defaults(func=run)
+
+    m = acts.add_parser(
+        "methods",
+        help="every method of one layer compared: SAEs against neurons, PCA, ICA, ...",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Read every dictionary set under RUNS/sae/LM/layerL/ whatever its method "
+        "(SAE architectures and fitted baselines), draw the L0-FVU and L0-dCE frontiers, "
+        "compare at matched L0, score the interpretability of one dictionary per method "
+        "(token concentration; the one nearest the target L0) beside the store's neurons, and "
+        "write RUNS/report/LM-layerL-methods/index.html.",
+    )
+    m.add_argument(
+        "--runs",
+        type=storage.location,
+        default=Path("runs"),
+        help="the runs folder every stage writes to, a folder or s3://...",
+    )
+    m.add_argument("--lm", default="tiny", help="LM name (the folder under RUNS/sae/)")
+    m.add_argument("--layer", default="1", help="layer whose dictionaries to compare")
+    m.add_argument(
+        "--out",
+        type=storage.location,
+        default=None,
+        help="output folder, a folder or s3://... (default RUNS/report/LM-layerL-methods)",
+    )
+    m.add_argument(
+        "--target-l0",
+        type=float,
+        default=None,
+        help="the L0 at which one dictionary per method is browsed and scored "
+        "(default: d / 8, d the activation width)",
+    )
+    m.add_argument(
+        "--features",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="build the feature browser of the picked dictionaries (their token concentration)",
+    )
+    _browser_arguments(m)
+    m.set_defaults(func=run)
 
     f = acts.add_parser(
         "features",
@@ -329,6 +369,14 @@ def run(args: argparse.Namespace) -> int:
 
     from unsuperpose.analyze.collect import GridError
 
+    if args.analyze_command == "methods":
+        return _run_methods(args)
+    if get_family(args.arch).fitted:
+        raise UserError(
+            f"{args.arch} is a fitted baseline, not an SAE grid: the report's diagnostics do not "
+            f"read it; compare it with `unsuperpose analyze methods --lm {args.lm} "
+            f"--layer {args.layer}`"
+        )
     browse = _report_browser(args) if args.features else None
     # The report's folder (build_report's default) is locked as its writer's; the runs read are not.
     suffix = "" if args.arch == "relu" else f"-{args.arch}"
@@ -363,6 +411,52 @@ def run(args: argparse.Namespace) -> int:
     if sensitivity_text(report.lm.diagnosis):
         print(sensitivity_text(report.lm.diagnosis))
     print(f"report: {names.show(report.index)}")
+    return 0
+
+
+def _run_methods(args) -> int:
+    from unsuperpose.analyze.collect import GridError
+    from unsuperpose.analyze.methods import build_methods
+
+    def browse(sae_dirs: list[Path], out: Path) -> dict[str, Path]:
+        from unsuperpose.analyze.browser import BrowserError
+
+        try:
+            return _browse(sae_dirs, None, out, args)
+        except UserError as exc:
+            raise BrowserError(str(exc)) from None
+
+    out = args.out or args.runs / "report" / f"{args.lm}-layer{args.layer}-methods"
+    names = Names()
+    try:
+        with locking.hold(out, what=f"the methods page {out}"):
+            runs = args.runs
+            if storage.is_remote(runs):
+                runs = names.read_copy(runs, (f"sae/{args.lm}/layer{args.layer}",))
+            local = names.out_folder(out)
+            with names.messages(), stage_errors(GridError, FLAGS):
+                report = build_methods(
+                    runs,
+                    args.lm,
+                    args.layer,
+                    local,
+                    target_l0=args.target_l0,
+                    browse=browse if args.features else None,
+                )
+            names.upload(local, out)
+    finally:
+        names.forget()
+    for note in report.notes:
+        print(f"note: {names.show(note)}")
+    from unsuperpose.analyze.methods import fidelity_verdicts
+
+    for line in fidelity_verdicts(report.points, report.d):
+        print(line)
+    for arch, c in report.concentration.items():
+        if c.mean is not None:
+            se = f" ± {c.se:.3f}" if c.se is not None else ""
+            print(f"token concentration, {arch}: {c.mean:.3f}{se} over {c.scored} units")
+    print(f"methods: {names.show(report.index)}")
     return 0
 
 

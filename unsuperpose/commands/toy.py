@@ -200,6 +200,18 @@ def _run(args: argparse.Namespace) -> int:
     )
     if not distributed.is_main():
         return 0
+    best = max(rows, key=lambda r: r["mmcs"])
+    best_text = (
+        f"best MMCS with the ground truth: {best['mmcs']:.4f} ({knob_text(best)}, dictionary "
+        f"{best['dict_label']}); MCC {best['mcc']:.4f}"
+    )
+    if cfg.fitted:
+        # The report's diagnostics read what training leaves (dead latents, the loss surface
+        # over an L1 sweep); a fitted basis has neither.
+        print(f"{cfg.arch} is a fitted baseline: the report's diagnostics are not read for it")
+        print(best_text)
+        print(f"wrote {args.out}/summary.csv, figures/, saes/")
+        return 0
     diagnosis = write_diagnosis(rows, toy.G, cfg.dead_window, args.out / DIAGNOSIS_FILE)
     for p in diagnosis["pointers"]:
         where = (
@@ -216,10 +228,6 @@ def _run(args: argparse.Namespace) -> int:
             f"{p['diagnostic']}: {where}"
             + ("" if off is None else f", {off} size step(s) from the truth")
         )
-    best = max(rows, key=lambda r: r["mmcs"])
-    print(
-        f"best MMCS with the ground truth: {best['mmcs']:.4f} ({knob_text(best)}, dictionary "
-        f"{best['dict_label']}); MCC {best['mcc']:.4f}"
-    )
+    print(best_text)
     print(f"wrote {args.out}/summary.csv, {DIAGNOSIS_FILE}, figures/, saes/")
     return 0

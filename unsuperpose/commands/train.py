@@ -189,9 +189,11 @@ def _train(args: argparse.Namespace, out, placement: distributed.Placement) -> i
         parallel_mode=args.parallel,
     )
     best = min(rows, key=lambda r: r["heldout_fvu"])
+    dead = f"{best['dead']} dead" if "dead" in best else f"{best['heldout_dead']} silent held out"
+    wrote = "summary.csv, figures/, saes/" + ("" if cfg.fitted else ", saelens/")
     print(
         f"lowest held-out FVU {best['heldout_fvu']:.4f} on {best['heldout_rows']:,} rows "
         f"({knob_text(best)}, {best['dict_label']}, L0 {best['heldout_l0']:.1f}, "
-        f"{best['dead']} dead); wrote {out}/summary.csv, figures/, saes/, saelens/"
+        f"{dead}); wrote {out}/{wrote}"
     )
     return 0

@@ -1,0 +1,507 @@
+"""Dictionary methods compared on one LM layer: Cunningham et al.'s (2023) question, whether SAE
+directions beat the neuron basis, PCA and ICA, asked with this project's measures.
+
+Every dictionary set under ``runs/sae/<lm>/layer<L>/`` is read, whatever its method (the SAE
+architectures and the fitted baselines of ``train/families``), from its ``summary.csv``. What
+is compared, and how it is read:
+
+- Fidelity against sparsity: held-out FVU and spliced-in ΔCE against held-out L0 (the mean
+  count of non-zero codes per token, the one definition every method shares). A method's
+  frontier is its Pareto set over all its sizes and knob values.
+- At matched sparsity: for each L0 budget B (powers of two), the lowest FVU (and ΔCE) among a
+  method's dictionaries with L0 <= B. A method with nothing that sparse has no entry: a budget is
+  compared only where both methods have a point, never extrapolated.
+- Interpretability without an LLM (``analyze/monosemantic.py``): the token concentration of the
+  top activations of every unit, for ONE dictionary per method chosen by a rule fixed before
+  looking: the one whose held-out L0 is nearest (in log) to the target L0 (default d / 8), the
+  larger dictionary on a tie. Reported as the mean over scored units with its standard error,
+  beside the raw neuron basis of the same store.
+
+ΔCE carries the standard error the splice computed over tokens; FVU is a held-out figure whose
+row count is printed with it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from unsuperpose.analyze.collect import GridError, is_set, lm_sets_dir  # noqa: E402
+from unsuperpose.analyze.figures import save_figure  # noqa: E402
+from unsuperpose.analyze.html import Raw, esc, image, page, table, write  # noqa: E402
+from unsuperpose.config import write_json_atomic  # noqa: E402
+from unsuperpose.train.dictionary import read_config  # noqa: E402
+from unsuperpose.train.families import FAMILIES, get_family  # noqa: E402
+from unsuperpose.train.io import read_summary, sparsity_of, write_summary  # noqa: E402
+from unsuperpose.train.layout import (  # noqa: E402
+    SUMMARY_FILE,
+    dict_dirname,
+    dictionary_dirs,
+    knob_value_text,
+)
+
+NEURONS_PAGE = "neurons"  # the browser's page of the store's raw neurons
+
+
+@dataclass
+class Point:
+    """One dictionary of one set, as the comparison reads it."""
+
+    arch: str
+    set_name: str
+    sae_dir: Path
+    size: int
+    size_label: str
+    knob: str
+    value: float
+    l0: float
+    fvu: float
+    heldout_rows: int
+    delta_ce: float | None = None
+    delta_ce_se: float | None = None
+    ce_recovered: float | None = None
+
+    @property
+    def name(self) -> str:
+        return (
+            f"{self.arch} {self.knob} {knob_value_text(self.knob, self.value)}, {self.size_label}"
+        )
+
+    @property
+    def fitted(self) -> bool:
+        return get_family(self.arch).fitted
+
+    def row(self) -> dict:
+        return {
+            "arch": self.arch,
+            "kind": "baseline" if self.fitted else "SAE",
+            "set": self.set_name,
+            "dict_size": self.size,
+            "dict_label": self.size_label,
+            "sparsity_name": self.knob,
+            "sparsity": self.value,
+            "heldout_l0": self.l0,
+            "heldout_fvu": self.fvu,
+            "heldout_rows": self.heldout_rows,
+            "delta_ce": self.delta_ce,
+            "delta_ce_se": self.delta_ce_se,
+            "ce_loss_recovered": self.ce_recovered,
+        }
+
+
+def _number(row: dict, col: str) -> float | None:
+    v = row.get(col)
+    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
+
+
+def collect_points(runs: str | Path, lm: str, layer: int | str) -> list[Point]:
+    """Every dictionary of every finished set under the layer's folder, any method."""
+    base = lm_sets_dir(runs, lm, layer)
+    sets = [p for p in sorted(base.iterdir()) if p.is_dir() and is_set(p)] if base.is_dir() else []
+    points = []
+    for s in sets:
+        if not (s / SUMMARY_FILE).exists():
+            continue  # still training: its summary is written at the end
+        folders = {}  # (value, n) -> folder; older runs named them without the architecture
+        for d in dictionary_dirs(s):
+            cfg = read_config(d)
+            folders[(sparsity_of(cfg), int(cfg.get("d_sae", 0)))] = d
+        for r in read_summary(s / SUMMARY_FILE):
+            arch = r.get("arch", "relu")
+            if arch not in FAMILIES:
+                continue
+            knob = r.get("sparsity_name", "l1")
+            value = r.get("sparsity", r.get("l1"))
+            n = int(r["dict_size"])
+            points.append(
+                Point(
+                    arch=arch,
+                    set_name=s.name,
+                    sae_dir=folders.get(
+                        (value, n), s / "saes" / dict_dirname(arch, knob, value, n)
+                    ),
+                    size=n,
+                    size_label=str(r.get("dict_label", n)),
+                    knob=knob,
+                    value=value,
+                    l0=float(r["heldout_l0"]),
+                    fvu=float(r["heldout_fvu"]),
+                    heldout_rows=int(r["heldout_rows"]),
+                    delta_ce=_number(r, "delta_ce"),
+                    delta_ce_se=_number(r, "delta_ce_se"),
+                    ce_recovered=_number(r, "ce_loss_recovered"),
+                )
+            )
+    if not points:
+        raise GridError(
+            f"no finished dictionary set under {base}: train some first, e.g. `unsuperpose "
+            f"train --store ... --out {base}` (any --arch)"
+        )
+    return points
+
+
+def methods_of(points: list[Point]) -> list[str]:
+    """The methods present, SAE architectures first, in the registry's order."""
+    present = {p.arch for p in points}
+    order = [a for a in FAMILIES if not FAMILIES[a].fitted] + [
+        a for a in FAMILIES if FAMILIES[a].fitted
+    ]
+    return [a for a in order if a in present]
+
+
+def pareto(points: list[Point], y: str) -> list[Point]:
+    """The points no other point beats on both L0 (fewer) and ``y`` (lower), by L0."""
+    have = sorted(
+        (p for p in points if getattr(p, y) is not None), key=lambda p: (p.l0, getattr(p, y))
+    )
+    out: list[Point] = []
+    for p in have:
+        if not out or getattr(p, y) < getattr(out[-1], y):
+            out.append(p)
+    return out
+
+
+def at_budget(points: list[Point], budget: float, y: str) -> Point | None:
+    """The lowest ``y`` among ``points`` with L0 <= ``budget`` (None: nothing that sparse)."""
+    ok = [p for p in points if p.l0 <= budget * (1 + 1e-9) and getattr(p, y) is not None]
+    return min(ok, key=lambda p: getattr(p, y)) if ok else None
+
+
+def budgets(points: list[Point], d: int) -> list[int]:
+    """Powers of two from 1 to d at which at least two methods have a dictionary."""
+    out = []
+    b = 1
+    while b <= max(d, 1):
+        if len({p.arch for p in points if p.l0 <= b * (1 + 1e-9)}) >= 2:
+            out.append(b)
+        b *= 2
+    return out
+
+
+def matched_rows(points: list[Point], d: int, y: str) -> tuple[list[int], list[list]]:
+    """(budgets, [[method, best y at each budget (None where it has nothing that sparse)]])."""
+    bs = budgets(points, d)
+    rows = []
+    for arch in methods_of(points):
+        mine = [p for p in points if p.arch == arch]
+        rows.append(
+            [arch, *[(lambda q: getattr(q, y) if q else None)(at_budget(mine, b, y)) for b in bs]]
+        )
+    return bs, rows
+
+
+def pick_matched(points: list[Point], target_l0: float) -> dict[str, Point]:
+    """Per method, the dictionary whose L0 is nearest ``target_l0`` in log (a tie: the larger
+    dictionary), the rule the interpretability comparison uses."""
+    out = {}
+    for arch in methods_of(points):
+        mine = [p for p in points if p.arch == arch and p.l0 > 0]
+        if mine:
+            out[arch] = min(mine, key=lambda p: (abs(math.log(p.l0 / target_l0)), -p.size))
+    return out
+
+
+def width(points: list[Point]) -> int:
+    """d, the activation width, from the neuron basis or the sizes' labels (1x = d)."""
+    for p in points:
+        if p.size_label == "1x":
+            return p.size
+    return int(read_config(points[0].sae_dir)["d_in"])
+
+
+def frontier_figure(
+    points: list[Point], y: str, path: Path, *, title: str, ylabel: str
+) -> Path | None:
+    have = [p for p in points if getattr(p, y) is not None]
+    if not have:
+        return None
+    fig, ax = plt.subplots(figsize=(7.2, 4.8))
+    cmap = plt.get_cmap("tab10")
+    for i, arch in enumerate(methods_of(have)):
+        mine = [p for p in have if p.arch == arch]
+        colour = cmap(i % 10)
+        style = "--" if get_family(arch).fitted else "-"
+        ax.scatter(
+            [max(p.l0, 0.5) for p in mine],
+            [getattr(p, y) for p in mine],
+            s=12,
+            alpha=0.35,
+            color=colour,
+        )
+        front = pareto(mine, y)
+        ax.plot(
+            [max(p.l0, 0.5) for p in front],
+            [getattr(p, y) for p in front],
+            style,
+            marker="o",
+            ms=4,
+            color=colour,
+            label=arch + (" (baseline)" if get_family(arch).fitted else ""),
+        )
+    ax.set_xscale("log")
+    if y == "fvu":
+        ax.set_yscale("log")
+    elif y == "delta_ce":
+        ax.set_yscale("symlog", linthresh=1e-3)
+    ax.set_xlabel("L0: non-zero codes per token (held-out; log scale)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return save_figure(fig, path)
+
+
+@dataclass
+class Concentration:
+    """Token concentration of one page's units: mean with its standard error, and the median."""
+
+    page: str
+    scored: int
+    mean: float | None
+    se: float | None
+    median: float | None
+
+    @classmethod
+    def of(cls, name: str, mono: dict) -> Concentration:
+        return cls(
+            name,
+            mono.get("token_scored", 0),
+            mono.get("token_mean"),
+            mono.get("token_se"),
+            mono.get("token_median"),
+        )
+
+
+@dataclass
+class MethodsReport:
+    out: Path
+    points: list[Point]
+    d: int
+    target_l0: float
+    picked: dict[str, Point]
+    figures: dict[str, Path]
+    concentration: dict[str, Concentration] = field(default_factory=dict)
+    browser: dict[str, Path] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def index(self) -> Path:
+        return self.out / "index.html"
+
+
+def difference_text(a: Concentration, b: Concentration) -> str:
+    """'0.31 ± 0.04 (SE)' for a.mean - b.mean, or '' when either is missing."""
+    if None in (a.mean, b.mean, a.se, b.se):
+        return ""
+    return f"{a.mean - b.mean:+.3f} ± {math.hypot(a.se, b.se):.3f}"
+
+
+def fidelity_verdicts(points: list[Point], d: int) -> list[str]:
+    """For each budget: the best SAE against the best baseline, FVU and ΔCE, as sentences."""
+    out = []
+    for b in budgets(points, d):
+        saes = [p for p in points if not p.fitted]
+        bases = [p for p in points if p.fitted]
+        s, t = at_budget(saes, b, "fvu"), at_budget(bases, b, "fvu")
+        if s is None or t is None:
+            continue
+        winner = "the SAE" if s.fvu < t.fvu else ("a tie" if s.fvu == t.fvu else "the baseline")
+        ratio = f"{t.fvu / s.fvu:.3g}x" if s.fvu > 0 else "inf"
+        line = (
+            f"L0 ≤ {b}: lower held-out FVU: {winner} (best SAE {s.name}: {s.fvu:.4g}; best "
+            f"baseline {t.name}: {t.fvu:.4g}; baseline/SAE {ratio})"
+        )
+        sc, tc = at_budget(saes, b, "delta_ce"), at_budget(bases, b, "delta_ce")
+        if sc is not None and tc is not None:
+            se = math.hypot(sc.delta_ce_se or 0.0, tc.delta_ce_se or 0.0)
+            line += (
+                f"; ΔCE: SAE {sc.delta_ce:.3g} ± {sc.delta_ce_se or 0:.2g} ({sc.name}) vs baseline "
+                f"{tc.delta_ce:.3g} ± {tc.delta_ce_se or 0:.2g} ({tc.name}), baseline - SAE "
+                f"{tc.delta_ce - sc.delta_ce:+.3g} ± {se:.2g} nats (SE)"
+            )
+        out.append(line)
+    return out
+
+
+def build_methods(
+    runs: str | Path,
+    lm: str,
+    layer: int | str,
+    out: str | Path,
+    *,
+    target_l0: float | None = None,
+    browse=None,
+) -> MethodsReport:
+    """Collect every method's sets of the layer, draw and write the comparison to ``out``.
+
+    ``browse(sae_dirs, out_dir)`` (optional) builds the feature browser of the picked
+    dictionaries and the store's neurons in one pass and returns its pages; the page then shows
+    their token concentration. A ``BrowserError`` it raises is noted and the page goes on.
+    """
+    from unsuperpose.analyze.browser import BrowserError
+
+    out = Path(out)
+    points = collect_points(runs, lm, layer)
+    d = width(points)
+    target = float(target_l0) if target_l0 else max(1.0, d / 8)
+    picked = pick_matched(points, target)
+    figdir = out / "figures"
+    figures = {}
+    for y, label in (("fvu", "held-out FVU (log)"), ("delta_ce", "ΔCE spliced in (nats)")):
+        f = frontier_figure(
+            points,
+            y,
+            figdir / f"methods_{y}.png",
+            title=f"{lm} layer {layer}: {label} against L0",
+            ylabel=label,
+        )
+        if f is not None:
+            figures[y] = f
+    report = MethodsReport(
+        out=out, points=points, d=d, target_l0=target, picked=picked, figures=figures
+    )
+    if browse is not None:
+        dirs = [p.sae_dir for p in picked.values()]
+        try:
+            report.browser = browse(dirs, out / "features")
+        except BrowserError as exc:
+            report.notes.append(f"no feature browser: {exc}")
+        else:
+            import json
+
+            mono = json.loads((out / "features" / "monosemanticity.json").read_text())
+            names = {p.sae_dir.name: arch for arch, p in picked.items()}
+            for page_name, m in mono.items():
+                key = names.get(page_name, page_name)
+                report.concentration[key if page_name != NEURONS_PAGE else "store neurons"] = (
+                    Concentration.of(page_name, m)
+                )
+    write_summary([p.row() for p in points], out / "methods.csv")
+    write_json_atomic(
+        out / "methods.json",
+        {
+            "d": d,
+            "target_l0": target,
+            "picked": {a: p.row() for a, p in picked.items()},
+            "fidelity": fidelity_verdicts(points, d),
+            "concentration": {k: vars(c) for k, c in report.concentration.items()},
+            "notes": report.notes,
+        },
+    )
+    write(report.index, render(report, f"{lm} layer {layer}"))
+    return report
+
+
+def render(report: MethodsReport, title: str) -> str:
+    pts = report.points
+    parts = [
+        f"<h1>Methods compared: {esc(title)}</h1>",
+        "<p>Every dictionary set of this layer, SAE architectures and fitted baselines, on "
+        "the same held-out rows. L0 is the mean number of non-zero codes per token for every "
+        f"method. Width d = {report.d}.</p>",
+    ]
+    for y in ("fvu", "delta_ce"):
+        if y in report.figures:
+            parts.append(image(report.figures[y], f"methods {y}"))
+    for y, what in (("fvu", "held-out FVU"), ("delta_ce", "ΔCE (nats)")):
+        bs, rows = matched_rows(pts, report.d, y)
+        if bs and any(any(v is not None for v in r[1:]) for r in rows):
+            parts.append(f"<h2>Lowest {what} at L0 ≤ budget</h2>")
+            parts.append(table(["method", *[f"L0 ≤ {b}" for b in bs]], rows))
+    verdicts = fidelity_verdicts(pts, report.d)
+    if verdicts:
+        parts.append(
+            "<h2>SAEs against baselines</h2><ul>"
+            + "".join(f"<li>{esc(v)}</li>" for v in verdicts)
+            + "</ul>"
+        )
+    parts.append(
+        f"<h2>Interpretability at matched L0 (target {report.target_l0:g})</h2>"
+        "<p>Per method, the dictionary whose held-out L0 is nearest the target (log scale; a "
+        "tie goes to the larger one), chosen before its units were looked at. Token "
+        "concentration: the share of a unit's top activations on its most common token "
+        "(analyze/monosemantic.py); mean ± standard error over the units with enough firing "
+        "rows. The store's own neurons are the reference.</p>"
+    )
+    ref = report.concentration.get("store neurons")
+    rows = []
+    for arch, p in report.picked.items():
+        c = report.concentration.get(arch)
+        link = report.browser.get(p.sae_dir.name)
+        cell = (
+            Raw(f'<a href="{esc(Path(link).relative_to(report.out))}">{esc(p.name)}</a>')
+            if link
+            else p.name
+        )
+        rows.append(
+            [
+                arch,
+                cell,
+                p.l0,
+                p.fvu,
+                p.delta_ce,
+                c.scored if c else None,
+                c.mean if c else None,
+                c.se if c else None,
+                c.median if c else None,
+                difference_text(c, ref) if c and ref else "",
+            ]
+        )
+    if ref is not None:
+        rows.append(
+            [
+                "store neurons",
+                "the raw MLP neurons",
+                None,
+                None,
+                None,
+                ref.scored,
+                ref.mean,
+                ref.se,
+                ref.median,
+                "",
+            ]
+        )
+    cols = [
+        "method",
+        "dictionary",
+        "L0",
+        "FVU",
+        "ΔCE",
+        "units scored",
+        "token conc. mean",
+        "SE",
+        "median",
+        "minus neurons",
+    ]
+    parts.append(table(cols, rows, left=2))
+    parts.append("<h2>Every dictionary</h2>")
+    keys = [
+        "arch",
+        "set",
+        "dict_label",
+        "sparsity_name",
+        "sparsity",
+        "heldout_l0",
+        "heldout_fvu",
+        "heldout_rows",
+        "delta_ce",
+        "delta_ce_se",
+        "ce_loss_recovered",
+    ]
+    parts.append(
+        table(
+            keys,
+            [[p.row()[k] for k in keys] for p in sorted(pts, key=lambda p: (p.arch, p.size, p.l0))],
+            left=4,
+        )
+    )
+    for n in report.notes:
+        parts.append(f'<p class="note">{esc(n)}</p>')
+    return page(f"methods compared: {title}", "\n".join(parts))
