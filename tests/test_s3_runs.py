@@ -21,13 +21,12 @@ pytest.importorskip("s3fs")
 pytest.importorskip("moto")
 
 from test_s3 import moto_server, s3, tree  # noqa: E402,F401 (the fixtures, shared)
-from test_train_distributed import _descendants  # noqa: E402
 from test_train_store import toy_store, train_cli  # noqa: E402,F401
 from unsuperpose import storage  # noqa: E402
 from unsuperpose.cli import main  # noqa: E402
 from unsuperpose.commands._grid import check_run_folder  # noqa: E402
 from unsuperpose.errors import UserError  # noqa: E402
-from waiting import wait_until
+from waiting import kill_when  # noqa: E402
 
 pytestmark = [pytest.mark.s3, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -130,14 +129,10 @@ def test_a_run_on_s3_killed_after_a_checkpoint_resumes_from_the_bucket_alone(s3,
         stderr=subprocess.PIPE,
         text=True,
     )
-    # state.json is copied up last, so once it is on the bucket the checkpoint there is whole.
-    wait_until(lambda: storage.exists(url / "checkpoint/state.json"), proc, "checkpoint", poll=0.05)
-    for pid in [proc.pid, *_descendants(proc.pid)]:
-        try:
-            os.kill(pid, 9)
-        except ProcessLookupError:
-            pass
-    proc.wait(timeout=30)
+    # state.json is copied up last, so while it is on the bucket the checkpoint there is whole;
+    # it is deleted first when the next checkpoint goes up, so the kill waits for a moment
+    # when the frozen run has one there.
+    kill_when(lambda: storage.exists(url / "checkpoint/state.json"), proc, "checkpoint", poll=0.05)
     step = storage.read_json(url / "checkpoint/state.json")["step"]
     assert 0 < step < 600, proc.stderr.read()
     assert not storage.exists(url / "summary.csv")

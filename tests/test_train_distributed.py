@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ from unsuperpose.toy import ToyConfig, ToySource
 from unsuperpose.train import SAETrainConfig, new_state, train_steps
 from unsuperpose.train.checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
 from unsuperpose.train.parallel import ShardingError, assign_sizes, plan
-from waiting import wait_until
+from waiting import kill_when
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
 TOY = [
@@ -166,25 +165,6 @@ def test_data_parallel_needs_a_batch_divisible_by_the_processes(tmp_path):
     assert run.returncode != 0 and "divisible" in run.stderr
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (torchrun starts its workers in sessions of their own, so
-    killing its process group would leave them running)."""
-    found, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            kids = [
-                int(c)
-                for t in os.listdir(f"/proc/{p}/task")
-                for c in open(f"/proc/{p}/task/{t}/children").read().split()
-            ]
-        except OSError:
-            kids = []
-        found += kids
-        todo += kids
-    return found
-
-
 def _killed_after_first_checkpoint(cmd: list[str], out: Path) -> int:
     """Start ``cmd``, SIGKILL it and every process below it once a checkpoint is on disk (as a
     crash of the machine would); the checkpoint's step."""
@@ -192,13 +172,7 @@ def _killed_after_first_checkpoint(cmd: list[str], out: Path) -> int:
         cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
     state = out / "checkpoint" / "state.json"
-    wait_until(state.exists, proc, "checkpoint", poll=0.05)
-    for pid in [proc.pid, *_descendants(proc.pid)]:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait(timeout=30)
+    kill_when(state.exists, proc, "checkpoint", poll=0.05)
     meta = read_checkpoint_meta(out / "checkpoint")  # finishes a swap the kill interrupted
     assert meta is not None, proc.stderr.read()
     return meta["step"]
