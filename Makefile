@@ -86,7 +86,7 @@ demo: $(STAMP)
 
 # A real pretrained LM, offline: SmolLM2-135M-Instruct from its wheel (installed above) through
 # adopt -> harvest layer 2's MLP -> ReLU grid, neuron basis and PCA, spliced in -> report and the
-# methods page; sized for <= 30 minutes on 2 CPU cores (README). `make real ARGS=--full` is the
+# methods page; ~5 minutes on 2 quiet CPU cores, sized for <= 30 under load (README). `make real ARGS=--full` is the
 # full-size run, a GPU job (the whole corpus, 1x..16x, 10,000 steps; runs/full); ARGS=--quick
 # is a smoke run of a few minutes (runs/quick).
 real: $(STAMP)

@@ -174,12 +174,16 @@ def at_budget(points: list[Point], budget: float, y: str) -> Point | None:
 
 
 def budgets(points: list[Point], d: int) -> list[int]:
-    """Powers of two from 1 to d at which at least two methods have a dictionary."""
+    """Powers of two from 1 to d at which at least two methods have a dictionary, up to the
+    first that every dictionary fits under (a larger budget only repeats its row)."""
     out = []
     b = 1
+    densest = max((p.l0 for p in points), default=0.0)
     while b <= max(d, 1):
         if len({p.arch for p in points if p.l0 <= b * (1 + 1e-9)}) >= 2:
             out.append(b)
+        if b >= densest * (1 - 1e-9):
+            break
         b *= 2
     return out
 

@@ -41,6 +41,8 @@ def test_a_budget_compares_only_what_is_that_sparse_and_needs_two_methods():
     assert at_budget([p for p in pts if p.arch == "pca"], 4, "fvu") is None  # never extrapolated
     assert at_budget([p for p in pts if p.arch == "relu"], 8, "fvu").fvu == 0.1
     assert budgets(pts, 64) == [8, 16, 32, 64]  # below 8 only relu has a point
+    assert budgets(pts, 1024) == [8, 16, 32, 64]  # past the densest dictionary: nothing new
+    assert budgets(pts[:3], 1024) == [8]
 
 
 def test_the_browsed_dictionary_is_the_nearest_l0_in_log_and_the_larger_on_a_tie():

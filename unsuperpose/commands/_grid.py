@@ -622,34 +622,21 @@ def _train_and_save(
         state = whole_state(state, source)
         if state is None:  # another rank's share, now with rank 0
             return distributed.broadcast_object(None)
-        metrics = evaluate(state, source)
-        scores = score_grid(state.dictionaries(), metrics, ground_truth)
-        for (_l1, n), s in scores.items():
-            s["dict_ratio"] = n / size_base
-        if more_scores is not None:
-            for key, extra in more_scores(state).items():
-                scores[key].update(extra)
-        rows = save_grid(
+        rows = _score_and_save(
             state,
-            metrics,
+            evaluate(state, source),
             out,
-            extra=scores,
-            labels=size_labels,
+            tracker,
+            ground_truth=ground_truth,
+            size_base=size_base,
+            more_scores=more_scores,
+            export=export,
+            history=state.history,
+            size_labels=size_labels,
+            size_axis=size_axis,
             source_info=source_info,
             run_info=run_info,
         )
-        if export is not None:
-            export(state, out)
-        figures = grid_figures(
-            rows,
-            state.history,
-            out / layout.FIGURES_DIR,
-            size_axis=size_axis,
-            size_labels=size_labels,
-        )
-        columns = list(rows[0])
-        tracker.log_table("summary", columns, [[r.get(c) for c in columns] for r in rows])
-        tracker.log_images({f"figures/{k}": v for k, v in figures.items()})
         tracker.summary({"steps": state.step})
     # The dictionaries and summary are written; the checkpoint's weights and Adam state would only
     # take disk space (3x the dictionaries).
@@ -657,6 +644,53 @@ def _train_and_save(
     if mirror is not None:
         mirror.push()
     return distributed.broadcast_object(rows)
+
+
+def _score_and_save(
+    state,
+    metrics: dict,
+    out: Path,
+    tracker: Tracker,
+    *,
+    ground_truth,
+    size_base: int,
+    more_scores,
+    size_labels: dict[int, str],
+    size_axis: str,
+    source_info: dict,
+    run_info: dict,
+    info: dict | None = None,
+    export=None,
+    history=(),
+) -> list[dict]:
+    """Rank 0, once a grid is trained or fitted and evaluated: score every dictionary (against
+    ``ground_truth`` when given), add ``info`` and ``more_scores(state)``'s columns per key,
+    write the dictionaries, summary and figures (``export`` may add formats), and hand the
+    summary and figures to the tracker. Returns the summary's rows."""
+    scores = score_grid(state.dictionaries(), metrics, ground_truth)
+    for key, s in scores.items():
+        s.update((info or {}).get(key, {}), dict_ratio=key[1] / size_base)
+    if more_scores is not None:
+        for key, extra in more_scores(state).items():
+            scores[key].update(extra)
+    rows = save_grid(
+        state,
+        metrics,
+        out,
+        extra=scores,
+        labels=size_labels,
+        source_info=source_info,
+        run_info=run_info,
+    )
+    if export is not None:
+        export(state, out)
+    figures = grid_figures(
+        rows, list(history), out / layout.FIGURES_DIR, size_axis=size_axis, size_labels=size_labels
+    )
+    columns = list(rows[0])
+    tracker.log_table("summary", columns, [[r.get(c) for c in columns] for r in rows])
+    tracker.log_images({f"figures/{k}": v for k, v in figures.items()})
+    return rows
 
 
 def _fit_and_save(
@@ -717,28 +751,20 @@ def _fit_and_save(
         mode=wandb_mode,
     ) as tracker:
         state = fit_grid(source, cfg, device=placement.device, progress=progress)
-        metrics = evaluate_dictionaries(state.saes(), source, cfg, device=state.device)
-        scores = score_grid(state.dictionaries(), metrics, ground_truth)
-        for key, s in scores.items():
-            s.update(state.info[key], dict_ratio=key[1] / size_base)
-        if more_scores is not None:
-            for key, extra in more_scores(state).items():
-                scores[key].update(extra)
-        rows = save_grid(
+        rows = _score_and_save(
             state,
-            metrics,
+            evaluate_dictionaries(state.saes(), source, cfg, device=state.device),
             out,
-            extra=scores,
-            labels=size_labels,
+            tracker,
+            ground_truth=ground_truth,
+            size_base=size_base,
+            more_scores=more_scores,
+            info=state.info,
+            size_labels=size_labels,
+            size_axis=size_axis,
             source_info=source_info,
             run_info=run_info,
         )
-        figures = grid_figures(
-            rows, [], out / layout.FIGURES_DIR, size_axis=size_axis, size_labels=size_labels
-        )
-        columns = list(rows[0])
-        tracker.log_table("summary", columns, [[r.get(c) for c in columns] for r in rows])
-        tracker.log_images({f"figures/{k}": v for k, v in figures.items()})
     if mirror is not None:
         mirror.push()
     return distributed.broadcast_object(rows)

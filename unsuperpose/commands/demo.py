@@ -29,6 +29,7 @@ from pathlib import Path
 
 from unsuperpose.analyze.diagnostics import DEFAULT_TOLERANCE, dead_boundary
 from unsuperpose.cli import main as cli_main
+from unsuperpose.commands.train import dict_folder
 from unsuperpose.errors import UserError
 from unsuperpose.train.io import read_summary
 from unsuperpose.train.layout import CHECKPOINT_DIR, SUMMARY_FILE
@@ -78,7 +79,8 @@ QUICK_RUNS = Path("runs/quick")
 # here against ~80-125 for a full forward). Blocks of 256 tokens (--n-ctx): the model's own
 # context is 8,192, but the embedded Wikipedia leads are ~100 tokens each, so longer blocks only
 # join unrelated documents at a quadratic price. Sized for <= 30 minutes on the 2-core machine
-# (costs measured there at load 3-10; the whole run took 23 minutes at load 3.3-6.4):
+# (costs measured there at load 3-10; the whole run took 23 minutes at load 3.3-6.4, and 4.4
+# minutes on a quiet machine):
 REAL = dict(
     lm="smollm2",
     layer=2,
@@ -258,6 +260,29 @@ def sae_dir(runs: Path, s: dict) -> Path:
     return runs / "sae" / s.get("lm", LM) / f"layer{s['layer']}"
 
 
+def _train_step_maker(store: Path, sae_out: Path, s: dict, quiet: list[str]):
+    """``train_step(title, spec, knob, grow=False)``: the Step that trains (or fits) one set of
+    sizes into ``sae_out`` with the settings' budget; ``knob`` is the method's flags
+    (``--l1 ...``, or ``--arch pca --topk ...``)."""
+    # The same steps and splice for every method, so PCA's covariance is taken over the rows
+    # the SAEs read and every set is scored on the same tokens.
+    budget = ["--steps", str(s["sae_steps"]), "--splice-tokens", str(s["splice_tokens"])]
+
+    def train_step(title: str, spec: str, knob: list[str], grow: bool = False) -> Step:
+        arch = knob[1] if knob[0] == "--arch" else "relu"
+        folder = sae_out / dict_folder(spec, arch)
+        argv = ["train", "--store", str(store), "--dict", spec, "--out", str(sae_out)]
+        return Step(
+            title,
+            [*argv, *knob, *budget, *quiet],
+            lambda: _grid_complete(folder),
+            folder,
+            grow=grow,
+        )
+
+    return train_step
+
+
 def plan(
     runs: Path,
     quick: bool = False,
@@ -279,31 +304,8 @@ def plan(
     toy = runs / s["toy_dir"]
     quiet = [] if progress else ["--no-progress"]
     tokens = ["--tokens", str(s["store_tokens"])] if s["store_tokens"] else []
-
-    def train_step(name: str, spec: str, grow: bool = False) -> Step:
-        folder = sae_out / spec.replace(",", "+")
-        return Step(
-            name,
-            [
-                "train",
-                "--store",
-                str(store),
-                "--dict",
-                spec,
-                "--out",
-                str(sae_out),
-                "--l1",
-                s["l1"],
-                "--steps",
-                str(s["sae_steps"]),
-                "--splice-tokens",
-                str(s["splice_tokens"]),
-                *quiet,
-            ],
-            lambda: _grid_complete(folder),
-            folder,
-            grow=grow,
-        )
+    train_step = _train_step_maker(store, sae_out, s, quiet)
+    relu = ["--l1", s["l1"]]
 
     return [
         Step(
@@ -338,8 +340,8 @@ def plan(
             lambda: _store_complete(store),
             store,
         ),
-        train_step("SAE grid", s["dict"]),
-        *[train_step(f"SAE grid, grown to {size}", size, grow=True) for size in s["grow"]],
+        train_step("SAE grid", s["dict"], relu),
+        *[train_step(f"SAE grid, grown to {size}", size, relu, grow=True) for size in s["grow"]],
         Step(
             "toy replication",
             ["toy", "--out", str(toy), *s["toy"], *quiet],
@@ -378,21 +380,7 @@ def plan_real(runs: Path, s: dict, quiet: list[str]) -> list[Step]:
     store = acts / f"layer{layer}.zarr"
     sae_out = sae_dir(runs, s)
     tokens = ["--tokens", str(s["store_tokens"])] if s["store_tokens"] else []
-    # Same steps for every method, so PCA's covariance is taken over the rows the SAEs read.
-    budget = ["--steps", str(s["sae_steps"]), "--splice-tokens", str(s["splice_tokens"])]
-
-    def train_step(title: str, spec: str, knob: list[str], grow: bool = False) -> Step:
-        arch = knob[1] if knob[0] == "--arch" else "relu"
-        folder = sae_out / ((f"{arch}-" if arch != "relu" else "") + spec.replace(",", "+"))
-        argv = ["train", "--store", str(store), "--dict", spec, "--out", str(sae_out)]
-        return Step(
-            title,
-            [*argv, *knob, *budget, *quiet],
-            lambda: _grid_complete(folder),
-            folder,
-            grow=grow,
-        )
-
+    train_step = _train_step_maker(store, sae_out, s, quiet)
     relu = ["--l1", s["l1"]]
     report = runs / "report" / f"{name}-layer{layer}"
     where = ["--runs", str(runs), "--lm", name, "--layer", str(layer)]
@@ -464,7 +452,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         choices=[LM, REAL["lm"]],
         default=LM,
         help="tiny: train the tiny LM (the default); smollm2: adopt SmolLM2-135M-Instruct from "
-        "its wheel and study its layer-2 MLP (`make real`, ~30 minutes on 2 CPU cores)",
+        "its wheel and study its layer-2 MLP (`make real`: ~5 minutes on 2 quiet CPU cores, "
+        "~25 when they are shared)",
     )
     p.add_argument(
         "--full",

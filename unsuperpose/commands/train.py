@@ -100,18 +100,18 @@ def default_config() -> SAETrainConfig:
     )
 
 
-def dict_folder(spec: str, args: argparse.Namespace | None = None) -> str:
+def dict_folder(spec: str, arch: str = "relu") -> str:
     """<DICT> for the default architecture (as runs have always been named), <arch>-<DICT> for
     the others, so grids of two architectures never share a folder."""
     folder = spec.replace(",", "+").replace("/", "_")
-    arch = getattr(args, "arch", "relu") if args is not None else "relu"
     return folder if arch == "relu" else f"{arch}-{folder}"
 
 
 def run(args: argparse.Namespace) -> int:
     if not storage.exists(args.store):
         raise UserError(f"no store at {args.store}: harvest one first, e.g. `make harvest LAYER=1`")
-    out = args.out / dict_folder(getattr(args, "dict", None) or DEFAULT_DICT, args)
+    spec = getattr(args, "dict", None) or DEFAULT_DICT
+    out = args.out / dict_folder(spec, getattr(args, "arch", "relu"))
     # A store that cannot be read (unfinished, corrupt, all held out) is said as the store says it.
     with (
         locked_run(out, args.device) as placement,
