@@ -90,7 +90,38 @@ def write_dictionary(directory: str | Path, tensors: dict[str, torch.Tensor], co
     return directory
 
 
-class AffineSAE(nn.Module):
+class StoredDictionary(nn.Module):
+    """A dictionary that is the named tensors it saves (``tensors()``) and a config: built from
+    the two (``cls(tensors, config)``), saved as them, loaded back from them. ``forward``
+    returns (reconstruction, codes), as the trainer and the splice expect."""
+
+    arch: ClassVar[str]
+    d_in: int
+    d_sae: int
+    config: dict
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def identity(self) -> dict:
+        """What ``config.json`` must say about this dictionary, whatever else it carries."""
+        return {"arch": self.arch, "d_in": self.d_in, "d_sae": self.d_sae}
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        codes = self.encode(x)
+        return self.decode(codes), codes
+
+    def save(self, directory: str | Path, config: dict | None = None) -> Path:
+        meta = {**self.config, **(config or {}), **self.identity()}
+        return write_dictionary(directory, self.tensors(), meta)
+
+    @classmethod
+    def load(cls, directory: str | Path):
+        config = read_config(directory)
+        return cls(load_file(str(Path(directory) / WEIGHTS_FILE)), config)
+
+
+class AffineSAE(StoredDictionary):
     """An SAE with a decoder bias; subclasses say how pre-activations become codes (``act``).
 
     The decoder rows are stored with unit norm (training keeps them there), so ``atoms`` is
@@ -130,20 +161,6 @@ class AffineSAE(nn.Module):
     def dictionary(self) -> torch.Tensor:  # the name the ReLU SAE has always used
         return self.atoms()
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        codes = self.encode(x)
-        return self.decode(codes), codes
-
     def tensors(self) -> dict[str, torch.Tensor]:
         names = ("W_enc", "b_enc", "W_dec", "b_dec", *self.extra_tensors)
         return {k: getattr(self, k) for k in names}
-
-    def save(self, directory: str | Path, config: dict | None = None) -> Path:
-        meta = {**self.config, **(config or {})}
-        meta.update(arch=self.arch, d_in=self.d_in, d_sae=self.d_sae)
-        return write_dictionary(directory, self.tensors(), meta)
-
-    @classmethod
-    def load(cls, directory: str | Path):
-        config = read_config(directory)
-        return cls(load_file(str(Path(directory) / WEIGHTS_FILE)), config)

@@ -30,22 +30,14 @@ keeps the neurons' own sign. Scores are therefore plain (signed) cosines for eve
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
-from torch import nn
 
 from unsuperpose.seeding import seeded_generator
 from unsuperpose.train.config import TOPK_ALL, SAETrainConfig
-from unsuperpose.train.dictionary import (
-    WEIGHTS_FILE,
-    read_config,
-    register_dictionary,
-    write_dictionary,
-)
+from unsuperpose.train.dictionary import StoredDictionary, register_dictionary
 from unsuperpose.train.families import Family, register
 
 _RANDOM_STREAM = 7_001  # the random basis's key beside the run's seed and the size
@@ -59,7 +51,7 @@ def keep_largest(c: torch.Tensor, k: int) -> torch.Tensor:
     return torch.zeros_like(c).scatter(-1, idx, c.gather(-1, idx))
 
 
-class LinearBasis(nn.Module):
+class LinearBasis(StoredDictionary):
     """A fixed linear basis with top-|k| codes; subclasses only name their method (``arch``)."""
 
     arch: ClassVar[str]
@@ -81,21 +73,11 @@ class LinearBasis(nn.Module):
     def atoms(self) -> torch.Tensor:
         return self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        codes = self.encode(x)
-        return self.decode(codes), codes
-
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"encoder": self.encoder, "W_dec": self.W_dec, "mean": self.mean}
 
-    def save(self, directory: str | Path, config: dict | None = None) -> Path:
-        meta = {**self.config, **(config or {})}
-        meta.update(arch=self.arch, d_in=self.d_in, d_sae=self.d_sae, k=self.k)
-        return write_dictionary(directory, self.tensors(), meta)
-
-    @classmethod
-    def load(cls, directory: str | Path):
-        return cls(load_file(str(Path(directory) / WEIGHTS_FILE)), read_config(directory))
+    def identity(self) -> dict:
+        return {**super().identity(), "k": self.k}
 
 
 @register_dictionary

@@ -61,21 +61,13 @@ Choices and deviations, each for a reason:
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import ClassVar
 
 import torch
-from safetensors.torch import load_file
-from torch import nn
 
 from unsuperpose.seeding import seeded_generator
 from unsuperpose.train.config import SAETrainConfig
-from unsuperpose.train.dictionary import (
-    WEIGHTS_FILE,
-    read_config,
-    register_dictionary,
-    write_dictionary,
-)
+from unsuperpose.train.dictionary import StoredDictionary, register_dictionary
 from unsuperpose.train.families import Family, register
 
 _INIT_STREAM = 7_101  # the initialisation's key beside the run's seed and the size
@@ -278,7 +270,7 @@ def learn_dictionaries(
 
 
 @register_dictionary
-class SparseCodingDictionary(nn.Module):
+class SparseCodingDictionary(StoredDictionary):
     """A learnt dictionary whose codes are FISTA's lasso solution (see the module docstring):
 
     codes = fista((x - mean) / scale, W_dec, alpha, iters, positive)
@@ -313,21 +305,8 @@ class SparseCodingDictionary(nn.Module):
     def atoms(self) -> torch.Tensor:
         return self.W_dec
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        codes = self.encode(x)
-        return self.decode(codes), codes
-
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"W_dec": self.W_dec, "mean": self.mean, "scale": self.scale}
-
-    def save(self, directory: str | Path, config: dict | None = None) -> Path:
-        meta = {**self.config, **(config or {})}
-        meta.update(arch=self.arch, d_in=self.d_in, d_sae=self.d_sae)
-        return write_dictionary(directory, self.tensors(), meta)
-
-    @classmethod
-    def load(cls, directory: str | Path):
-        return cls(load_file(str(Path(directory) / WEIGHTS_FILE)), read_config(directory))
 
 
 def fit_sparse_coding(data, config: SAETrainConfig, n: int) -> dict[float, SparseCodingDictionary]:
