@@ -69,9 +69,11 @@ replicate-update: $(STAMP)
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(BIN)/python -m pytest tests $(ARGS)
 
-# Everything but the slow, torchrun and S3 tests (markers in pyproject.toml): for the edit-test loop.
+# Everything but the slow, torchrun and S3 tests (markers in pyproject.toml): for the edit-test loop,
+# over two workers (pytest-xdist; these tests share no ports or folders). `make test` stays serial.
+TEST_WORKERS ?= 2
 test-fast: $(STAMP)
-	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(BIN)/python -m pytest tests -m "not slow and not torchrun and not s3" $(ARGS)
+	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(BIN)/python -m pytest tests -m "not slow and not torchrun and not s3" -n $(TEST_WORKERS) $(ARGS)
 
 # ruff (pinned in the dev extra): lint rules and formatting, both configured in pyproject.toml.
 # `$(BIN)/ruff format .` and `$(BIN)/ruff check --fix .` apply what they can.

@@ -151,6 +151,7 @@ TOY_ARGS = ["--h", "16", "--G", "32", "--steps", "30", "--batch-size", "64", "--
 TOY_ARGS += ["--wandb", "disabled", "--dict-ratios", "1x"]
 
 
+@pytest.mark.slow
 def test_toy_cli_trains_another_architecture_and_refuses_a_foreign_knob(tmp_path):
     run = _toy([*TOY_ARGS, "--arch", "topk", "--topk", "2,3"], tmp_path / "t")
     assert run.returncode == 0, run.stderr

@@ -183,6 +183,7 @@ def test_toy_fits_a_baseline_with_topk_all(tmp_path, capsys):
     assert not (bad / "summary.csv").exists()
 
 
+@pytest.mark.slow
 def test_train_fits_pca_on_a_store_and_full_rank_bases_splice_in_exactly(
     analyze_runs, tiny_corpus, tiny_lm_dir, tmp_path
 ):

@@ -274,6 +274,7 @@ def _sparse_data(gen, rows, d=32, features=48, p=0.06):
     return batch
 
 
+@pytest.mark.slow
 def test_trained_batchtopk_inference_l0_is_close_to_k():
     """The threshold's average must follow the codes' scale, which falls all through a short
     run: momentum 0.9 over the last half here. (With the default 0.999, i.e. a memory of ~1000

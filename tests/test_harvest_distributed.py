@@ -302,6 +302,7 @@ def test_a_store_rank_0_refuses_is_the_same_one_line_error_on_every_rank(tiny_lm
 # -- devices and precision (device-agnostic code, run on this CPU) --------------------------------
 
 
+@pytest.mark.slow
 def test_explicit_cpu_device_and_bf16_autocast_are_recorded(
     tiny_lm_dir, reference, tmp_path, capsys
 ):

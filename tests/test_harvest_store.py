@@ -172,6 +172,7 @@ def test_store_layout_and_provenance_attributes(bridge, blocks, tmp_path):
     ] == [96]
 
 
+@pytest.mark.slow
 def test_store_opens_with_plain_zarr_once_the_dtype_is_registered(bridge, blocks, tmp_path):
     [path] = run(bridge, blocks, tmp_path, layer="0")
     code = (

@@ -98,6 +98,7 @@ def test_interrupted_save_never_looks_complete(tmp_path, tiny_lm_dir, monkeypatc
         load_model(out)
 
 
+@pytest.mark.slow
 def test_adopting_a_plain_hf_model(tmp_path, tiny_lm_dir):
     plain = tmp_path / "plain"
     load_model(tiny_lm_dir).save_pretrained(plain)  # no tokenizer, no lm_config.json

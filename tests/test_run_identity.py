@@ -43,6 +43,7 @@ def toy(out, *extra):
     return main(["toy", "--out", str(out), *SMALL, *extra])
 
 
+@pytest.mark.slow
 def test_finished_toy_grid_with_other_data_is_refused_not_returned(tmp_path, capsys):
     out = tmp_path / "toy"
     assert toy(out, "--steps", "30") == 0
@@ -116,6 +117,7 @@ def test_help_shows_the_commands_own_defaults(capsys):
             assert w in text, (argv, w)
 
 
+@pytest.mark.slow
 def test_dict_ratios_reads_a_bare_number_as_a_ratio(tmp_path):
     out = tmp_path / "toy"
     assert (

@@ -51,6 +51,7 @@ def test_recovers_ground_truth_on_a_small_problem():
     assert best > 0.95
 
 
+@pytest.mark.slow
 def test_a_planted_never_firing_latent_counts_as_dead():
     src = ToySource(SMALL)
     cfg = SAETrainConfig(l1=[1e-3], dict_sizes=[16], steps=30, batch_size=32, dead_window=10)

@@ -14,6 +14,7 @@ def _codes(src: ToySource, n: int) -> torch.Tensor:
     return torch.cat([src.sample(10_000, seed=i)[1] for i in range(n // 10_000)])
 
 
+@pytest.mark.slow
 def test_mean_active_is_k_within_2_percent():
     src = ToySource(ToyConfig(seed=1))
     codes = _codes(src, 100_000)
