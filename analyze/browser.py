@@ -182,22 +182,38 @@ def gather(array: zarr.Array, wanted: np.ndarray, step: int) -> np.ndarray:
     return out
 
 
-def contexts(
-    stats: dict[str, UnitStats], path, *, left: int = 10, right: int = 4, step: int = 1 << 16
-) -> dict[str, list[list[Context]]]:
-    """For every unit of every scan, its top rows with up to ``left``/``right`` tokens around each,
-    cut at the edges of the context block the row came from: a store holds whole blocks of n_ctx
-    tokens in order, so the row at position p of its block has its block start p rows earlier."""
+def spans(
+    path, rows: np.ndarray, *, left: int, right: int, step: int = 1 << 16
+) -> tuple[np.ndarray, np.ndarray]:
+    """For sorted unique store ``rows``: the first and last row of each one's excerpt, up to
+    ``left``/``right`` tokens around it, cut at the edges of the context block it came from: a
+    store holds whole blocks of n_ctx tokens in order, so the row at position p of its block has
+    its block start p rows earlier."""
     tokens, positions = token_arrays(path)
     n = tokens.shape[0]
     n_ctx = int(storage.open_zarr_group(storage.location(path), mode="r").attrs.get("n_ctx") or n)
+    start = rows - gather(positions, rows, step)
+    lo = np.maximum(rows - left, start)
+    hi = np.minimum(np.minimum(rows + right, start + n_ctx - 1), n - 1)
+    return lo, hi
+
+
+def span_rows(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Every row of the spans ``lo[i]..hi[i]`` (inclusive), sorted and unique."""
+    parts = [np.arange(a, b + 1) for a, b in zip(lo, hi)]
+    return np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
+
+
+def contexts(
+    stats: dict[str, UnitStats], path, *, left: int = 10, right: int = 4, step: int = 1 << 16
+) -> dict[str, list[list[Context]]]:
+    """For every unit of every scan, its top rows with up to ``left``/``right`` tokens around
+    each, within the row's context block (``spans``)."""
+    tokens, _ = token_arrays(path)
     tops = [s.top_rows[s.top_vals > 0] for s in stats.values()]
     top_rows = np.unique(np.concatenate(tops)) if tops else np.zeros(0, np.int64)
-    start = top_rows - gather(positions, top_rows, step)
-    lo = np.maximum(top_rows - left, start)
-    hi = np.minimum(np.minimum(top_rows + right, start + n_ctx - 1), n - 1)
-    spans = [np.arange(a, b + 1) for a, b in zip(lo, hi)]
-    wanted = np.unique(np.concatenate(spans)) if spans else np.zeros(0, np.int64)
+    lo, hi = spans(path, top_rows, left=left, right=right, step=step)
+    wanted = span_rows(lo, hi)
     tok = gather(tokens, wanted, step)
 
     def window(r: int) -> tuple[list[int], int]:

@@ -103,8 +103,12 @@ def render(
     ctxs: list[list[Context]],
     decode: Callable[[list[int]], str],
     meta: dict,
+    judged: dict[str, dict] | None = None,
 ) -> str:
-    """One page: headline numbers, provenance, then one sortable row per unit that ever fired."""
+    """One page: headline numbers, provenance, then one sortable row per unit that ever fired.
+
+    ``judged``: unit (as a string) -> its LLM-judged explanation and scores (``autointerp``),
+    shown under the unit's index."""
     summary = firing_summary(stats)
     head = (
         f"<h1>{esc(title)}</h1>"
@@ -128,9 +132,16 @@ def render(
         if stats.count[u] == 0:
             continue
         ctx = "".join(context_html(c, decode, float(stats.max[u])) for c in ctxs[u])
+        j = (judged or {}).get(str(u))
+        note = (
+            f'<div class="note">&ldquo;{esc(j["explanation"])}&rdquo; detection '
+            f"{j['detection']:.2f}, fuzzing {j['fuzzing']:.2f}</div>"
+            if j
+            else ""
+        )
         rows.append(
             f'<tr data-i="{u}" data-freq="{stats.freq[u]:.6g}" data-max="{stats.max[u]:.6g}">'
-            f"<td>{u}</td><td>{fmt(float(stats.freq[u]), 3)}</td>"
+            f"<td>{u}{note}</td><td>{fmt(float(stats.freq[u]), 3)}</td>"
             f"<td>{fmt(float(stats.max[u]), 3)}</td><td>{fmt(float(stats.mean_active[u]), 3)}</td>"
             f"<td>{hist_svg(stats.hist[u])}</td>"
             f'<td class="ctxcell"><div class="ctxs">{ctx}</div></td></tr>'
@@ -194,14 +205,54 @@ def concentration_table(mono: dict[str, dict]) -> str:
     )
 
 
+def autointerp_table(summary: dict) -> str:
+    """Every page's LLM-judged detection and fuzzing scores: mean ± SE over its judged units."""
+
+    def cell(m: dict) -> str:
+        if m["mean"] is None:
+            return "-"
+        return f"{m['mean']:.3f}" + (f" ± {m['se']:.3f}" if m["se"] is not None else "")
+
+    rows = [
+        [
+            Raw(f'<a href="autointerp/{esc(name)}.jsonl">{esc(name)}</a>'),
+            f"{d['units_judged']} of {d['units_eligible']:,} eligible ({d['units']:,})",
+            cell(d["detection"]),
+            cell(d["fuzzing"]),
+            d["parse_failures"],
+        ]
+        for name, d in summary["dictionaries"].items()
+    ]
+    s = summary["settings"]
+    note = (
+        f"<p>Judged by <b>{esc(summary['model'])}</b> at {esc(summary['endpoint'])} over "
+        f"{summary['rows_scanned']:,} store rows. Each unit is explained from its {s['explain']} "
+        f"strongest excerpts; the explanation is then scored on {s['score']} excerpts drawn at "
+        "random from the unit's other firing rows and as many on which it is silent (detection: "
+        "which are active?) and on the active ones with one token marked, right or wrong "
+        "(fuzzing: which marks are right?). Score: the fraction classified right; guessing "
+        f"scores {summary['chance']:g}. Mean ± SE over the units judged (chosen at random, seed "
+        f"{s['seed']}, among those firing on at least {s['explain'] + s['score']} rows). "
+        "Prompts and raw answers: the linked files.</p>"
+    )
+    columns = ["page", "units judged", "detection", "fuzzing", "unparsed answers"]
+    return "<h2>LLM-judged interpretability</h2>" + note + table(columns, rows)
+
+
 def write_index(
-    out: Path, pages: dict[str, Path], meta: dict, mono: dict[str, dict] | None = None
+    out: Path,
+    pages: dict[str, Path],
+    meta: dict,
+    mono: dict[str, dict] | None = None,
+    autointerp: dict | None = None,
 ) -> Path:
     links = "".join(
         f'<li><a href="{esc(p.name)}">{esc(name)}</a></li>' for name, p in pages.items()
     )
     body = (
         f"<h1>Feature browser</h1>{table(['', ''], [[k, v] for k, v in meta.items()], left=2)}"
-        f"<ul>{links}</ul>" + (concentration_table(mono) if mono else "")
+        f"<ul>{links}</ul>"
+        + (concentration_table(mono) if mono else "")
+        + (autointerp_table(autointerp) if autointerp else "")
     )
     return write(out / "index.html", page("Feature browser", body))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from unsuperpose.analyze.autointerp import AutointerpSettings, run_autointerp
 from unsuperpose.analyze.browser import BrowserError, contexts, firing_summary, scan, token_arrays
 from unsuperpose.analyze.browser_page import render, write_index
 from unsuperpose.analyze.html import write
@@ -53,11 +54,14 @@ def build_browser(
     right: int = 4,
     progress: bool = True,
     device: torch.device | str = "cpu",
+    autointerp: AutointerpSettings | None = None,
 ) -> dict[str, Path]:
     """Write ``out/<sae folder>.html`` per dictionary, ``out/neurons.html`` and ``out/index.html``.
 
     ``store`` is an ``ActivationStore`` (``.path``, ``.d``, ``.rows``, ``.read_rows``,
-    ``.metadata``); ``decode`` turns a list of token ids into their text.
+    ``.metadata``); ``decode`` turns a list of token ids into their text. ``autointerp``: also
+    have a chat model explain and score units of every page (``analyze.autointerp``), written
+    to ``out/autointerp/`` and shown on the pages; nothing is contacted without it.
     """
     out = Path(out)
     token_arrays(store.path)  # fail before the long pass if there is no text to show
@@ -77,6 +81,19 @@ def build_browser(
         encoders[NEURONS] = lambda x: x
     stats = scan(store, encoders, top=top, max_rows=max_rows, progress=progress, device=device)
     ctxs = contexts(stats, store.path, left=left, right=right)
+    judged = None
+    if autointerp is not None:
+        judged = run_autointerp(
+            store,
+            encoders,
+            stats,
+            decode,
+            out / "autointerp",
+            autointerp,
+            device=device,
+            progress=progress,
+        )
+    notes = {name: d["judged"] for name, d in judged["dictionaries"].items()} if judged else {}
     meta = store.metadata
     common = {
         "store": str(store.path),
@@ -96,7 +113,15 @@ def build_browser(
         }
         pages[name] = write(
             out / f"{name}.html",
-            render(f"Latents of {name}", "latent", stats[name], ctxs[name], decode, info),
+            render(
+                f"Latents of {name}",
+                "latent",
+                stats[name],
+                ctxs[name],
+                decode,
+                info,
+                notes.get(name),
+            ),
         )
     if neurons:
         pages[NEURONS] = write(
@@ -108,10 +133,11 @@ def build_browser(
                 ctxs[NEURONS],
                 decode,
                 {**common, "neurons": store.d},
+                notes.get(NEURONS),
             ),
         )
     mono = {name: concentration_summary(c, top) for name, c in ctxs.items()}
-    pages["index"] = write_index(out, dict(pages), common, mono)
+    pages["index"] = write_index(out, dict(pages), common, mono, judged)
     write_json_atomic(out / "monosemanticity.json", mono)
     summaries = {
         name: {**firing_summary(s), "token_concentration_median": mono[name].get("token_median")}

@@ -198,7 +198,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 # The keywords the analyze stage's messages write (``sets='8x'``, ``store='...'``) -> the flags of
 # `analyze report` and `analyze features` that set them.
-FLAGS = {"sets": "--sets", "arch": "--arch", "toy": "--toy", "store": "--store", "top": "--top"}
+FLAGS = {
+    "sets": "--sets",
+    "arch": "--arch",
+    "toy": "--toy",
+    "store": "--store",
+    "top": "--top",
+    "endpoint": "--autointerp-endpoint",
+    "key_env": "--autointerp-key-env",
+    "units": "--autointerp-units",
+    "explain": "--autointerp-explain",
+    "score": "--autointerp-score",
+}
 
 
 def _run_splice(args: argparse.Namespace) -> int:
@@ -237,6 +248,59 @@ def _browser_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-neurons", action="store_true", help="skip the MLP-neuron baseline page")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--device", default="auto", help=distributed.DEVICE_HELP)
+    ai = p.add_argument_group(
+        "LLM-judged interpretability (optional; nothing is contacted without --autointerp-endpoint)"
+    )
+    ai.add_argument(
+        "--autointerp-endpoint",
+        default=None,
+        metavar="URL",
+        help="an OpenAI-compatible API's base URL (vLLM, llama.cpp, a hosted API), e.g. "
+        "http://127.0.0.1:8000/v1: a chat model explains and scores units of every page",
+    )
+    ai.add_argument("--autointerp-model", default=None, metavar="NAME", help="the model to ask")
+    ai.add_argument(
+        "--autointerp-key-env",
+        default="OPENAI_API_KEY",
+        metavar="VAR",
+        help="environment variable holding the API key (unset: no key is sent)",
+    )
+    ai.add_argument(
+        "--autointerp-units", type=int, default=20, help="units judged per page (seeded draw)"
+    )
+    ai.add_argument(
+        "--autointerp-explain", type=int, default=10, help="top excerpts an explanation is from"
+    )
+    ai.add_argument(
+        "--autointerp-score",
+        type=int,
+        default=6,
+        help="active excerpts (and as many silent ones) each explanation is scored on",
+    )
+
+
+def _autointerp_settings(args):
+    """The settings of --autointerp-*, or None when no endpoint is named."""
+    from unsuperpose.analyze.autointerp import AutointerpSettings
+
+    endpoint = getattr(args, "autointerp_endpoint", None)
+    model = getattr(args, "autointerp_model", None)
+    if endpoint is None:
+        if model is not None:
+            raise UserError("--autointerp-model needs --autointerp-endpoint URL: the server to ask")
+        return None
+    if model is None:
+        raise UserError(
+            "--autointerp-endpoint needs --autointerp-model NAME: the model the server should use"
+        )
+    return AutointerpSettings(
+        endpoint=endpoint,
+        model=model,
+        key_env=args.autointerp_key_env,
+        units=args.autointerp_units,
+        explain=args.autointerp_explain,
+        score=args.autointerp_score,
+    )
 
 
 def _decoder(store):
@@ -283,7 +347,9 @@ def _open_store(path: Path):
 
 def _browse(sae_dirs: list[Path], store_path: Path | None, out: Path, args) -> dict[str, Path]:
     """The feature browser of ``sae_dirs`` in ``out``; a UserError says why there is none."""
+    from unsuperpose.analyze.autointerp import AutointerpError
     from unsuperpose.analyze.browser import BrowserError
+    from unsuperpose.analyze.endpoint import EndpointError
     from unsuperpose.analyze.features import build_browser, store_of
     from unsuperpose.harvest import StoreError
     from unsuperpose.lm import ModelError
@@ -299,7 +365,11 @@ def _browse(sae_dirs: list[Path], store_path: Path | None, out: Path, args) -> d
         store_path = storage.location(recorded)
     if args.top < 1:
         raise UserError("--top must be at least 1")
-    with stage_errors((BrowserError, StoreError, ModelError), FLAGS):
+    autointerp = _autointerp_settings(args)
+    kinds = (BrowserError, StoreError, ModelError, EndpointError, AutointerpError)
+    with stage_errors(kinds, FLAGS):
+        if autointerp is not None:
+            autointerp.check()
         store = _open_store(store_path)
         return build_browser(
             sae_dirs,
@@ -311,6 +381,7 @@ def _browse(sae_dirs: list[Path], store_path: Path | None, out: Path, args) -> d
             neurons=not args.no_neurons,
             progress=not args.no_progress,
             device=distributed.resolve_device(getattr(args, "device", "cpu")),
+            autointerp=autointerp,
         )
 
 
