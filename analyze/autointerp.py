@@ -195,6 +195,7 @@ def make_excerpts(
     left: int,
     right: int,
     device: torch.device | str = "cpu",
+    batch_rows: int = 4096,
 ) -> list[Excerpt]:
     """An excerpt per (unit, row) pair: the tokens around the row and the unit's activation at
     each of them (the dictionary run on the excerpt's rows of the store)."""
@@ -205,9 +206,17 @@ def make_excerpts(
     rows = span_rows(lo, hi)
     tokens, _ = token_arrays(store.path)
     tok = gather(tokens, rows, 1 << 16)
+    units = sorted({u for u, _ in wanted})
+    column = {u: i for i, u in enumerate(units)}
+    x_all = read_rows_at(store, rows)
+    acts = np.empty((len(rows), len(units)), np.float32)
+    pick = torch.tensor(units, dtype=torch.long, device=device)
     with torch.inference_mode():
-        x = torch.from_numpy(read_rows_at(store, rows)).to(device)
-        acts = encoder(x).float().cpu().numpy()
+        # In batches, keeping only the judged units: a wide dictionary's full codes for every
+        # excerpt row would not fit.
+        for a in range(0, len(rows), batch_rows):
+            x = torch.from_numpy(x_all[a : a + batch_rows]).to(device)
+            acts[a : a + len(x)] = encoder(x)[:, pick].float().cpu().numpy()
     out = []
     for unit, r in wanted:
         i = int(np.searchsorted(centre, r))
@@ -216,7 +225,7 @@ def make_excerpts(
             Excerpt(
                 row=int(r),
                 tokens=[int(t) for t in tok[a:b]],
-                acts=[float(v) for v in acts[a:b, unit]],
+                acts=[float(v) for v in acts[a:b, column[unit]]],
             )
         )
     return out
