@@ -1,0 +1,215 @@
+"""What the sparse CPU steps share (``topk_fast``, ``batchtopk_fast``, ``matryoshka``'s and
+``jumprelu_fast``): after the encoder GEMM, a step touches only the active codes.
+
+Codes are a flat list of entries: entry e is code value ``v[e]`` of stacked latent ``rows[e]``
+(latent j of dictionary s is row s*n + j of the stacked decoder) in bag ``bags[e]`` (row b of
+dictionary s is bag s*B + b), the entries grouped by bag, so ``crow`` (the bag offsets) makes
+them a CSR matrix of shape (bags, S*n). TopK has exactly k entries per bag; BatchTopK and
+JumpReLU a varying number. With g = dL/dx_hat per bag and Dn the unit decoder rows:
+
+  x_hat  = sum over a bag's entries of v * Dn[rows]            embedding_bag (gather)
+  dv     = <g[bag], Dn[row]> per entry                         ``sampled_dots``
+  dDn    = C^T @ g,   dW_enc^T = C'^T @ (x - b_dec)            C (C') the codes (their dpre),
+                                                               ``Transposed`` x dense (MKL)
+  db_enc = sum of dpre per latent,  db_dec = sum_b g - W_enc @ db_enc
+  dW_dec = (dDn - Dn <dDn, Dn>_row) / ||W_dec||_row            ``write_grads``
+
+AuxK (``auxk.py``) is the same computation on its own sparse codes (``auxk_grads``).
+
+This is for the CPU, where a host read costs nothing and torch's sparse CSR kernels are MKL's;
+the groups run their autograd step on any other device.
+"""
+
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+
+from unsuperpose.train.families.auxk import auxk_k, dead_for_auxk
+
+# CSR support is marked beta in torch; the operations used here are stable on CPU.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+
+# dictionary s -> (latents of its AuxK entries, dDn (n, d), dW_enc^T (n, d), dpre of the entries)
+AuxGrads = dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+@contextmanager
+def one_thread():
+    """Small ops (~B*k elements) on one thread: on a loaded machine every parallel region waits
+    for a descheduled worker (measured ~8 ms each for 131k-element ops at load 4 on 2 cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+class Transposed:
+    """The entries (latent ``rows[e]``, bag ``bags[e]``) grouped by latent: a CSR pattern of
+    shape (n_rows, n_bags) that any values given in entry order can be laid onto."""
+
+    def __init__(self, rows: torch.Tensor, bags: torch.Tensor, n_rows: int, n_bags: int):
+        # Stable: within a latent the bags stay ascending (sorted CSR columns) when the entries
+        # come in bag order. Call on one thread: torch's parallel sort of B*k keys took 3 ms
+        # alone, up to 200 ms under load.
+        self.order = torch.argsort(rows, stable=True)
+        # 32-bit indices where they fit: MKL takes them as they are (64-bit ones are converted
+        # on every product).
+        small = max(len(rows), n_rows, n_bags) < 2**31
+        self.index = torch.int32 if small else torch.int64
+        self.crow = torch.zeros(n_rows + 1, dtype=self.index, device=rows.device)
+        torch.cumsum(torch.bincount(rows, minlength=n_rows), 0, out=self.crow[1:])
+        self.cols = bags[self.order].to(self.index)
+        self.shape = (n_rows, n_bags)
+
+    def with_bags(self, bags: torch.Tensor, n_bags: int) -> Transposed:
+        """The same entries under other bag numbers (nondecreasing in the same entry order, so
+        the columns stay sorted): one sort serves both."""
+        other = object.__new__(Transposed)
+        other.order, other.index, other.crow = self.order, self.index, self.crow
+        other.cols = bags[self.order].to(self.index)
+        other.shape = (self.shape[0], n_bags)
+        return other
+
+    def lay(self, values: torch.Tensor) -> torch.Tensor:
+        """The (n_rows, n_bags) CSR matrix of ``values`` (in entry order) on this pattern."""
+        return torch.sparse_csr_tensor(
+            self.crow, self.cols, values[self.order], self.shape, check_invariants=False
+        )
+
+
+def mm_into(csr: torch.Tensor, dense: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out`` = csr @ dense. beta=0: ``out`` is written, never read; this skips the zero fill
+    and the copy of the result that ``torch.sparse.mm`` makes (22 vs 97 ms at 8192 x 1024)."""
+    return torch.addmm(out, csr, dense, beta=0.0, out=out)
+
+
+def sampled_dots(
+    crow: torch.Tensor, idx: torch.Tensor, g: torch.Tensor, table: torch.Tensor
+) -> torch.Tensor:
+    """(N,): <g[bag of e], table[idx[e]]> for every entry e; ``crow`` the bag offsets (int64, as
+    ``idx``), g (bags, d)."""
+    pattern = torch.sparse_csr_tensor(
+        crow,
+        idx,
+        torch.zeros(len(idx), device=g.device),  # beta=0 would still read NaN garbage
+        (g.shape[0], table.shape[0]),
+        check_invariants=False,
+    )
+    return torch.sparse.sampled_addmm(pattern, g, table.T, beta=0.0).values()
+
+
+def fixed_offsets(bags: int, per_bag: int, device) -> torch.Tensor:
+    """The bag offsets of ``bags`` bags of ``per_bag`` entries each."""
+    return torch.arange(0, bags * per_bag + 1, per_bag, device=device)
+
+
+def bag_offsets(bags: torch.Tensor, n_bags: int) -> torch.Tensor:
+    """(n_bags + 1,) int64 offsets of entries grouped by bag (``bags`` nondecreasing)."""
+    crow = torch.zeros(n_bags + 1, dtype=torch.int64, device=bags.device)
+    torch.cumsum(torch.bincount(bags, minlength=n_bags), 0, out=crow[1:])
+    return crow
+
+
+def decode_bags(
+    rows: torch.Tensor, v: torch.Tensor, crow: torch.Tensor, table: torch.Tensor
+) -> torch.Tensor:
+    """(bags, d): every bag's sum of v * table[rows] over its entries (0 for an empty bag)."""
+    return F.embedding_bag(
+        rows, table, crow, mode="sum", per_sample_weights=v, include_last_offset=True
+    )
+
+
+def encode_into(group, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """(B, S, n) pre-activations into ``out`` (B, S*n): the one dense GEMM, with the pre-encoder
+    bias folded into the encoder bias (the same function as ``pre_activations``, rounded
+    differently)."""
+    w3 = group.W_enc.view(group.d, group.S, group.n)
+    shift = torch.einsum("sd,dsn->sn", group.b_dec, w3)
+    pre = torch.addmm(group.b_enc - shift.reshape(-1), x, group.W_enc, out=out)
+    return pre.view(len(x), group.S, group.n)
+
+
+def write_grads(
+    group,
+    g: torch.Tensor,
+    d_dn: torch.Tensor,
+    d_wt: torch.Tensor,
+    db_enc: torch.Tensor,
+    norms: torch.Tensor,
+    dn: torch.Tensor,
+) -> None:
+    """The four shared parameters' gradients into ``.grad``: g (S, rows, d) dL/dx_hat summed
+    into the decoder bias, d_dn (S*n, d) dL/dDn, d_wt (S*n, d) the encoder's gradient
+    transposed, db_enc (S*n,), norms (S, n, 1) the raw decoder rows' norms."""
+    S, n, d = group.S, group.n, group.d
+    w3 = group.W_enc.view(d, S, n)
+    group.W_enc.grad.copy_(d_wt.T)
+    group.b_enc.grad.copy_(db_enc)
+    db_dec = g.sum(dim=1) - torch.einsum("dsn,sn->sd", w3, db_enc.view(S, n))
+    group.b_dec.grad.copy_(db_dec)
+    # Through dn = W_dec / ||W_dec||: (dDn - dn <dDn, dn>) / ||W_dec||, in two passes.
+    d_dn = d_dn.view(S, n, d)
+    inv = norms.reciprocal()
+    radial = torch.linalg.vecdot(d_dn, dn).unsqueeze(-1).mul_(inv).neg_()
+    torch.mul(d_dn, inv, out=group.W_dec.grad).addcmul_(dn, radial)
+
+
+def auxk_grads(
+    group, pre: torch.Tensor, err: torch.Tensor, dn: torch.Tensor, xc: torch.Tensor
+) -> AuxGrads:
+    """AuxK's gradient, sparse, for each dictionary of ``group`` with dead latents (``auxk.py``
+    defines it). pre (B, S, n), err (S, B, d) = x_hat - x of the full reconstruction, dn
+    (S, n, d), xc (S, B, d) the encoder's input. Which latents are dead is read on the host, so
+    a step with none dead skips AuxK (its loss and gradient are exactly 0 there)."""
+    coef = group.config.auxk.coef
+    if coef == 0:
+        return {}
+    dead = dead_for_auxk(group)
+    n_dead = dead.sum(dim=1).tolist()  # on the host: this path runs on the CPU only
+    if not any(n_dead):
+        return {}
+    k_aux = auxk_k(group)
+    e = -err  # the residual the live latents left, (S, B, d)
+    denom = (e - e.mean(dim=1, keepdim=True)).pow(2).sum(dim=(1, 2)).tolist()
+    B, d = e.shape[1:]
+    n = group.n
+    out = {}
+    for s in range(group.S):
+        if n_dead[s] == 0 or denom[s] <= 0:
+            continue
+        cols = dead[s].nonzero().squeeze(1)
+        cand = pre[:, s].index_select(1, cols)  # (B, n_dead): only dead latents compete
+        ka = min(k_aux, n_dead[s])  # the rest of the reference's top k_aux are zeros
+        av, ai = cand.topk(ka, dim=-1, sorted=False)
+        with one_thread():
+            av = av.clamp_(min=0).reshape(-1)
+            rows_a = cols[ai].reshape(-1)
+            bags_a = torch.arange(B, device=pre.device).repeat_interleave(ka)
+            tr = Transposed(rows_a, bags_a, n, B)
+            codes_t = tr.lay(av)
+        e_hat = F.embedding_bag(
+            rows_a.view(B, ka), dn[s], per_sample_weights=av.view(B, ka), mode="sum"
+        )
+        scale = min(n_dead[s] / k_aux, 1.0)
+        ga = e_hat.sub_(e[s]).mul_(2 * coef * scale / denom[s])  # dL_aux / de_hat
+        crow = fixed_offsets(B, ka, pre.device)
+        dpre_a = sampled_dots(crow, rows_a, ga, dn[s]).mul_(av > 0)
+        d_dn_a = mm_into(codes_t, ga, torch.empty(n, d, device=pre.device))
+        d_wt_a = mm_into(tr.lay(dpre_a), xc[s], torch.empty(n, d, device=pre.device))
+        out[s] = (rows_a, d_dn_a, d_wt_a, dpre_a)
+    return out
+
+
+def add_auxk(aux: AuxGrads, n: int, db_enc, d_dn, d_wt) -> None:
+    """AuxK's gradients added into the step's (stacked) db_enc, dDn and dW_enc^T."""
+    for s, (rows_a, d_dn_a, d_wt_a, dpre_a) in aux.items():
+        with one_thread():
+            db_enc[s * n : (s + 1) * n].index_add_(0, rows_a, dpre_a)
+        d_dn[s * n : (s + 1) * n] += d_dn_a
+        d_wt[s * n : (s + 1) * n] += d_wt_a
