@@ -16,18 +16,20 @@ from unsuperpose.train import SAETrainConfig, get_family
 from unsuperpose.train.config import AuxKOptions, BatchTopKOptions
 from unsuperpose.train.families.auxk import auxk_loss
 from unsuperpose.train.families.batchtopk import BatchTopKGroup, BatchTopKSAE
+from unsuperpose.train.families.batchtopk_fast import BatchTopKFastGroup
 from unsuperpose.train.families.matryoshka import MatryoshkaGroup, MatryoshkaSAE, prefix_sizes
 from unsuperpose.train.families.topk import TopKGroup, TopKSAE
 from unsuperpose.train.families.topk_fast import TopKFastGroup
 
 GROUPS = {"topk": TopKGroup, "batchtopk": BatchTopKGroup, "matryoshka": MatryoshkaGroup}
+FAST = {"topk": TopKFastGroup, "batchtopk": BatchTopKFastGroup}
 D, N, B = 10, 24, 64
 VALUES = [2, 5, 3]
 
 
-def make_group(arch, values=VALUES, *, n=N, d=D, seed=0, **overrides):
+def make_group(arch, values=VALUES, *, n=N, d=D, seed=0, cls=None, **overrides):
     cfg = SAETrainConfig(arch=arch, top_k=values, dict_sizes=[n], batch_size=B, **overrides)
-    return GROUPS[arch](d, n, values, cfg, seed=seed)
+    return (cls or GROUPS[arch])(d, n, values, cfg, seed=seed)
 
 
 def adam(params, cfg):
@@ -113,11 +115,12 @@ def ref_step(arch, p0, x, k, cfg, dead):
 
 
 # -- tests -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("trained", ["autograd group", "the family's group (fast path)"])
 @pytest.mark.parametrize("arch", sorted(GROUPS))
 @pytest.mark.parametrize("with_dead", [False, True])
-def test_one_step_matches_plain_reference(arch, with_dead):
+def test_one_step_matches_plain_reference(arch, with_dead, trained):
     gen = torch.Generator().manual_seed(1)
-    g = make_group(arch)
+    g = make_group(arch, cls=None if trained == "autograd group" else get_family(arch).group)
     perturb(g, gen)
     if with_dead:  # three latents silent for the window (fewer than k_aux = 5: AuxK scaled)
         g.since_fired[:, [0, 3, 7]] = g.config.dead_window
@@ -229,8 +232,10 @@ def test_classes():
     ]:
         fam = get_family(arch)
         assert fam.dictionary is cls and fam.reference is GROUPS[arch]
-        # topk trains through its sparse fast path (tests/test_topk_fast.py), the others as is
-        assert fam.group is (TopKFastGroup if arch == "topk" else GROUPS[arch])
+        # each trains through its sparse fast path (tests/test_topk_fast.py and
+        # tests/test_batchtopk_fast.py), a subclass of the autograd group
+        assert fam.group is FAST.get(arch, GROUPS[arch])
+        assert issubclass(fam.group, GROUPS[arch])
         assert (fam.sparsity_name, fam.sparsity_field, fam.flag) == ("k", "top_k", "--topk")
         assert fam.denser_with_larger_knob
     assert prefix_sizes([0.0625, 0.125, 0.25, 0.5, 1.0], 8) == [1, 2, 4, 8]

@@ -114,13 +114,16 @@ class BatchTopKGroup(TopKGroup):
         return t
 
 
+# After BatchTopKGroup exists: the fast path subclasses it.
+from unsuperpose.train.families.batchtopk_fast import BatchTopKFastGroup  # noqa: E402
+
 BATCHTOPK = register(
     Family(
         name="batchtopk",
         sparsity_name="k",
         sparsity_field="top_k",
         flag="--topk",
-        group=BatchTopKGroup,
+        group=BatchTopKFastGroup,
         reference=BatchTopKGroup,
         dictionary=BatchTopKSAE,
         denser_with_larger_knob=True,

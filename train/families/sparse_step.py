@@ -213,3 +213,69 @@ def add_auxk(aux: AuxGrads, n: int, db_enc, d_dn, d_wt) -> None:
             db_enc[s * n : (s + 1) * n].index_add_(0, rows_a, dpre_a)
         d_dn[s * n : (s + 1) * n] += d_dn_a
         d_wt[s * n : (s + 1) * n] += d_wt_a
+
+
+def bag_step(
+    group,
+    x: torch.Tensor,
+    pre: torch.Tensor,
+    norms: torch.Tensor,
+    dn: torch.Tensor,
+    rows: torch.Tensor,
+    bags: torch.Tensor,
+    v: torch.Tensor,
+    active: torch.Tensor,
+    buf: dict[str, torch.Tensor],
+    *,
+    auxk: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sparse step of codes with any number of entries per bag: statistics, decode, the
+    reconstruction's gradients (and AuxK's with ``auxk``) into ``.grad``.
+
+    rows, bags, v (N,) the entries in bag order (bag s*B + b nondecreasing); active (N,) where
+    d code / d pre is 1 (else 0); pre (B, S, n) for AuxK; buf holds (S*n, d) work tensors
+    ``d_dn`` and ``d_wt``. Returns dL/d code of every entry (N,) and the firing counts (S, n).
+    """
+    B, d = x.shape
+    S, n = group.S, group.n
+    table = dn.view(S * n, d)
+    with one_thread():
+        fired = torch.zeros(S * n, dtype=torch.int64, device=x.device)
+        fired = fired.index_add_(0, rows, (v != 0).long()).view(S, n)
+        group.stats[1] += torch.zeros(S, device=x.device).index_add_(0, bags // B, v)
+        group.stats[2] += fired.sum(dim=1)
+        group.stat_rows += B
+        crow = bag_offsets(bags, S * B)
+        tr = Transposed(rows, bags, S * n, S * B)
+        codes_t = tr.lay(v)  # (S*n, S*B)
+
+    err = decode_bags(rows, v, crow, table).view(S, B, d)
+    err.add_(group.b_dec.unsqueeze(1)).sub_(x)  # (S, B, d)
+    group.stats[0] += torch.linalg.vector_norm(err, dim=(1, 2)).square()
+    xc = x - group.b_dec.unsqueeze(1)  # (S, B, d): the encoder's input, per s
+    aux = auxk_grads(group, pre, err, dn, xc) if auxk else {}
+
+    g = err.mul_(2.0 / B).view(S * B, d)
+    dots = sampled_dots(crow, rows, g, table)
+    with one_thread():
+        dpre = dots * active
+        dpre_t = tr.lay(dpre)
+        db_enc = torch.zeros(S * n, device=x.device).index_add_(0, rows, dpre)
+    d_dn = mm_into(codes_t, g, buf["d_dn"])
+    d_wt = mm_into(dpre_t, xc.view(S * B, d), buf["d_wt"])
+    add_auxk(aux, n, db_enc, d_dn, d_wt)
+    write_grads(group, g.view(S, B, d), d_dn, d_wt, db_enc, norms, dn)
+    return dots, fired
+
+
+def work_buffers(group, B: int, buf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Work tensors reused across steps (fresh allocations of this size page-fault every step):
+    the pre-activations (B, S*n) and the two sparse products (S*n, d)."""
+    if not buf or buf["pre"].shape[0] != B:
+        S, n, d = group.S, group.n, group.d
+        buf = {
+            "pre": torch.empty(B, S * n, device=group.device),
+            "d_dn": torch.empty(S * n, d, device=group.device),
+            "d_wt": torch.empty(S * n, d, device=group.device),
+        }
+    return buf
