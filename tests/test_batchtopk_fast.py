@@ -1,6 +1,7 @@
-"""The batchtopk family's sparse CPU step is a fast path of its autograd group: step by step the
-same gradients, parameters, Adam moments, threshold, dead counters, statistics and firing
-counts, AuxK included; and through the trainer the same trained grid."""
+"""The batchtopk and matryoshka families' sparse CPU steps are fast paths of their autograd
+groups: step by step the same gradients, parameters, Adam moments, threshold, dead counters,
+statistics and firing counts, AuxK included, every Matryoshka prefix's loss included; and
+through the trainer the same trained grid."""
 
 from __future__ import annotations
 
@@ -16,11 +17,16 @@ from unsuperpose.train.config import AuxKOptions, BatchTopKOptions
 from unsuperpose.train.families.auxk import dead_for_auxk
 from unsuperpose.train.families.batchtopk import BatchTopKGroup
 from unsuperpose.train.families.batchtopk_fast import BatchTopKFastGroup
+from unsuperpose.train.families.matryoshka import MatryoshkaGroup
+from unsuperpose.train.families.matryoshka_fast import MatryoshkaFastGroup
 
 SRC = ToySource(ToyConfig(h=16, G=32, k=3, decay=0.95, seed=0))
 N, B, STEPS, VALUES = 24, 32, 30, [2, 5, 3]
 SILENT = [0, 3, 7, 11, 19]  # latents planted dead in every dictionary
-GROUPS = {"batchtopk": (BatchTopKFastGroup, BatchTopKGroup)}
+GROUPS = {
+    "batchtopk": (BatchTopKFastGroup, BatchTopKGroup),
+    "matryoshka": (MatryoshkaFastGroup, MatryoshkaGroup),
+}
 TOL = dict(atol=2e-5, rtol=1e-4)
 
 

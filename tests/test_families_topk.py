@@ -18,11 +18,12 @@ from unsuperpose.train.families.auxk import auxk_loss
 from unsuperpose.train.families.batchtopk import BatchTopKGroup, BatchTopKSAE
 from unsuperpose.train.families.batchtopk_fast import BatchTopKFastGroup
 from unsuperpose.train.families.matryoshka import MatryoshkaGroup, MatryoshkaSAE, prefix_sizes
+from unsuperpose.train.families.matryoshka_fast import MatryoshkaFastGroup
 from unsuperpose.train.families.topk import TopKGroup, TopKSAE
 from unsuperpose.train.families.topk_fast import TopKFastGroup
 
 GROUPS = {"topk": TopKGroup, "batchtopk": BatchTopKGroup, "matryoshka": MatryoshkaGroup}
-FAST = {"topk": TopKFastGroup, "batchtopk": BatchTopKFastGroup}
+FAST = {"topk": TopKFastGroup, "batchtopk": BatchTopKFastGroup, "matryoshka": MatryoshkaFastGroup}
 D, N, B = 10, 24, 64
 VALUES = [2, 5, 3]
 
@@ -232,8 +233,8 @@ def test_classes():
     ]:
         fam = get_family(arch)
         assert fam.dictionary is cls and fam.reference is GROUPS[arch]
-        # each trains through its sparse fast path (tests/test_topk_fast.py and
-        # tests/test_batchtopk_fast.py), a subclass of the autograd group
+        # each trains through its sparse fast path, a subclass of the autograd group
+        # (tests/test_topk_fast.py; tests/test_batchtopk_fast.py for batchtopk and matryoshka)
         assert fam.group is FAST.get(arch, GROUPS[arch])
         assert issubclass(fam.group, GROUPS[arch])
         assert (fam.sparsity_name, fam.sparsity_field, fam.flag) == ("k", "top_k", "--topk")

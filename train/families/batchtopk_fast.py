@@ -103,5 +103,12 @@ class BatchTopKFastGroup(BatchTopKGroup):
         with one_thread():
             rows, bags, v = torch.cat(rows), torch.cat(bags), torch.cat(vals)
             active = v > 0
-        _, fired = bag_step(self, x, pre, norms, dn, rows, bags, v, active, buf, auxk=True)
+        _, fired = bag_step(
+            self, x, pre, norms, dn, rows, bags, v, active, buf, auxk=True, prefixes=self.prefixes()
+        )
         return {"fired": (fired, "sum"), **self.step_reductions()}
+
+    def prefixes(self) -> list[int] | None:
+        """The nested prefixes whose reconstructions the loss counts (Matryoshka); None: only
+        the whole dictionary's."""
+        return None

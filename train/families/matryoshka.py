@@ -72,13 +72,16 @@ class MatryoshkaGroup(BatchTopKGroup):
         return {**super().dictionary_config(s), "prefix_sizes": list(self.prefix_sizes)}
 
 
+# After MatryoshkaGroup exists: the fast path subclasses it.
+from unsuperpose.train.families.matryoshka_fast import MatryoshkaFastGroup  # noqa: E402
+
 MATRYOSHKA = register(
     Family(
         name="matryoshka",
         sparsity_name="k",
         sparsity_field="top_k",
         flag="--topk",
-        group=MatryoshkaGroup,
+        group=MatryoshkaFastGroup,
         reference=MatryoshkaGroup,
         dictionary=MatryoshkaSAE,
         denser_with_larger_knob=True,

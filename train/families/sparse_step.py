@@ -228,43 +228,64 @@ def bag_step(
     buf: dict[str, torch.Tensor],
     *,
     auxk: bool,
+    prefixes: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The sparse step of codes with any number of entries per bag: statistics, decode, the
     reconstruction's gradients (and AuxK's with ``auxk``) into ``.grad``.
 
-    rows, bags, v (N,) the entries in bag order (bag s*B + b nondecreasing); active (N,) where
-    d code / d pre is 1 (else 0); pre (B, S, n) for AuxK; buf holds (S*n, d) work tensors
-    ``d_dn`` and ``d_wt``. Returns dL/d code of every entry (N,) and the firing counts (S, n).
+    rows, bags, v (N,) the entries in bag order (bag s*B + b nondecreasing) and, within a bag,
+    by latent where ``prefixes`` are given; active (N,) where d code / d pre is 1 (else 0); pre
+    (B, S, n) for AuxK; buf holds (S*n, d) work tensors ``d_dn`` and ``d_wt``. Returns dL/d code
+    of every entry (N,) and the firing counts (S, n).
+
+    ``prefixes`` (Matryoshka): increasing sizes m_1 < ... < m_P = n, each prefix's own
+    reconstruction loss counted (the last is the whole dictionary's). Latent j belongs to the
+    prefixes p with j < m_p, i.e. from its bucket q(j) = #{m_p <= j} on, so each bag (s, b) is
+    split into P sub-bags (s, b, q): one embedding_bag decodes every bucket, a cumulative sum
+    over q makes the P reconstructions, and an entry's gradient is <G_q, Dn[j]> with
+    G_q = sum_{p >= q} g_p, a cumulative sum from the other end.
     """
     B, d = x.shape
     S, n = group.S, group.n
     table = dn.view(S * n, d)
+    P = len(prefixes) if prefixes else 1
     with one_thread():
         fired = torch.zeros(S * n, dtype=torch.int64, device=x.device)
         fired = fired.index_add_(0, rows, (v != 0).long()).view(S, n)
         group.stats[1] += torch.zeros(S, device=x.device).index_add_(0, bags // B, v)
         group.stats[2] += fired.sum(dim=1)
         group.stat_rows += B
-        crow = bag_offsets(bags, S * B)
-        tr = Transposed(rows, bags, S * n, S * B)
-        codes_t = tr.lay(v)  # (S*n, S*B)
+        sub = bags
+        if P > 1:
+            bounds = torch.tensor(prefixes, device=x.device)
+            sub = bags * P + torch.bucketize(rows % n, bounds, right=True)
+        crow = bag_offsets(sub, S * B * P)
+        tr = Transposed(rows, sub, S * n, S * B * P)
+        codes_t = tr.lay(v)  # (S*n, S*B*P)
 
-    err = decode_bags(rows, v, crow, table).view(S, B, d)
-    err.add_(group.b_dec.unsqueeze(1)).sub_(x)  # (S, B, d)
-    group.stats[0] += torch.linalg.vector_norm(err, dim=(1, 2)).square()
+    err = decode_bags(rows, v, crow, table).view(S, B, P, d)
+    for q in range(1, P):  # bucket sums -> prefix reconstructions
+        err[:, :, q] += err[:, :, q - 1]
+    err.add_(group.b_dec[:, None, None]).sub_(x[:, None])  # (S, B, P, d)
+    full = err[:, :, P - 1]  # (S, B, d): the whole dictionary's error
+    group.stats[0] += torch.linalg.vector_norm(full, dim=(1, 2)).square()
     xc = x - group.b_dec.unsqueeze(1)  # (S, B, d): the encoder's input, per s
-    aux = auxk_grads(group, pre, err, dn, xc) if auxk else {}
+    aux = auxk_grads(group, pre, full, dn, xc) if auxk else {}
 
-    g = err.mul_(2.0 / B).view(S * B, d)
-    dots = sampled_dots(crow, rows, g, table)
+    g = err.mul_(2.0 / B)  # every prefix's dL/dx_hat
+    for q in range(P - 2, -1, -1):  # -> G_q, what the entries of bucket q reconstruct into
+        g[:, :, q] += g[:, :, q + 1]
+    g_sub = g.view(S * B * P, d)
+    dots = sampled_dots(crow, rows, g_sub, table)
     with one_thread():
         dpre = dots * active
-        dpre_t = tr.lay(dpre)
+        dpre_t = (tr if P == 1 else tr.with_bags(bags, S * B)).lay(dpre)
         db_enc = torch.zeros(S * n, device=x.device).index_add_(0, rows, dpre)
-    d_dn = mm_into(codes_t, g, buf["d_dn"])
+    d_dn = mm_into(codes_t, g_sub, buf["d_dn"])
     d_wt = mm_into(dpre_t, xc.view(S * B, d), buf["d_wt"])
     add_auxk(aux, n, db_enc, d_dn, d_wt)
-    write_grads(group, g.view(S, B, d), d_dn, d_wt, db_enc, norms, dn)
+    # Every prefix's reconstruction adds the decoder bias: its gradient is G_0's.
+    write_grads(group, g[:, :, 0], d_dn, d_wt, db_enc, norms, dn)
     return dots, fired
 
 
