@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from unsuperpose.train.config import OPTION_GROUPS
-from unsuperpose.train.io import sparsity_of
+from unsuperpose.train.io import read_latent_stats, sparsity_of
 from unsuperpose.train.layout import (
     DICT_CONFIG_FILE,
     DICT_WEIGHTS_FILE,
@@ -60,6 +60,11 @@ class Cell:
     @property
     def key(self) -> Key:
         return (self.l1, self.n)
+
+    def latent_stats(self) -> dict[str, torch.Tensor] | None:
+        """Per latent: held-out fires and training steps since it last fired (None: a run made
+        before they were saved)."""
+        return read_latent_stats(self.sae_dir)
 
 
 @dataclass

@@ -46,6 +46,14 @@ JumpReLU), and every reading is defined as above, unchanged:
 - MMCS with larger dictionaries, at the same knob value: as for L1.
 README ("Dictionary architectures") has where each pointed on toy data.
 
+Beyond the report's three, ``analyze.signals`` defines the signals for the dictionaries
+researchers train now (live latents, novel latents, Matryoshka's prefix knee); they go through
+the same pointers, record and pages. No signal is read without its minimum evidence
+(``analyze.evidence``: the dead window a run's own observables call for, and training at least
+twice that long); below it a pointer is "no reading", with the reason, never a bound. Each
+architecture has a default reading (``DEFAULT_READING``) and the signals its estimate rests on
+(``ESTIMATE_SIGNALS``); the other signals are printed beside it.
+
 With ground truth (toy data) each pointer is scored against the truth (grid steps from the true
 number of features) and against the optimum (the cell with the best MMCS with the true features).
 Without it (an LM), the sizes the diagnostics point to are the estimate of the number of
@@ -58,9 +66,49 @@ import math
 import statistics
 from dataclasses import dataclass, field
 
+from unsuperpose.analyze.evidence import WindowRule
+from unsuperpose.analyze.signals import (
+    KNEE,
+    LIVE,
+    NOVEL,
+    knee_per_knob,
+    live_per_knob,
+    novel_per_knob,
+    per_knob,
+    pool,
+    prefix_columns,
+)
+
 Key = tuple[float, int]
 
 DEAD, SSLL, LARGER = "dead neurons", "loss stickiness (SSLL)", "MMCS with larger dictionaries"
+
+# The reading each architecture's count rests on, and why (declared before the calibration of
+# ``benchmarks/bench_calibration.py`` was read; README "Counting features" has its table). The
+# report's three were argued for an L1 penalty that is varied; the k-architectures and JumpReLU
+# fix or penalise L0 instead, so their extra latents are not priced out by the knob, but with AuxK
+# on, a latent with something to learn is revived and one with nothing stays dead: the live count
+# of a dictionary larger than the count is the signal their training makes.
+DEFAULT_READING = {
+    "relu": DEAD,
+    "topk": LIVE,
+    "batchtopk": LIVE,
+    "matryoshka": LIVE,
+    "jumprelu": LIVE,
+}
+ESTIMATE_SIGNALS = {
+    "relu": (DEAD, SSLL, LARGER),
+    "topk": (LIVE,),
+    "batchtopk": (LIVE,),
+    "matryoshka": (LIVE,),
+    "jumprelu": (LIVE,),
+}
+WHY_DEFAULT = {
+    "relu": "the report's own reading for an L1 SAE; its three diagnostics were argued and "
+    "calibrated for a varied L1 penalty",
+    "k": "k fixes L0, so surplus latents are not priced out by the knob; with AuxK reviving what "
+    "has something to learn, the live count of a dictionary larger than the count is the signal",
+}
 
 DEFAULT_TOLERANCE = 0.0
 SENSITIVITY_TOLERANCES = (0.0, 0.005, 0.01)
@@ -242,6 +290,12 @@ class Pointer:
     why: str
     lower_bound: bool = False
     match: dict = field(default_factory=dict)  # against the truth and the optimum, toy only
+    reading: bool = True  # False: below the signal's minimum evidence; ``why`` says what is missing
+    default: bool = False  # the architecture's default reading
+
+
+def no_reading(diagnostic: str, reason: str) -> Pointer:
+    return Pointer(diagnostic, None, None, f"no reading: {reason}", reading=False)
 
 
 def steps_between(a, b, axis: list) -> int | None:
@@ -249,6 +303,18 @@ def steps_between(a, b, axis: list) -> int | None:
     if a is None or b is None or a not in axis or b not in axis:
         return None
     return abs(axis.index(a) - axis.index(b))
+
+
+def size_steps_between(a, b, sizes: list[int]) -> int | None:
+    """Grid steps between two sizes; a size off the axis (a Matryoshka prefix) counts in the
+    axis's own step ratio, rounded (sizes a constant ratio apart, as the grids' are)."""
+    if a is None or b is None:
+        return None
+    on_axis = steps_between(a, b, sizes)
+    if on_axis is not None or len(sizes) < 2 or a <= 0 or b <= 0:
+        return on_axis
+    ratio = (sizes[-1] / sizes[0]) ** (1 / (len(sizes) - 1))
+    return round(abs(math.log(a / b)) / math.log(ratio)) if ratio > 1 else None
 
 
 def compare(
@@ -260,10 +326,10 @@ def compare(
     """
     out: dict = {}
     if truth_size is not None:
-        off = None if p.lower_bound else steps_between(p.size, truth_size, sizes)
+        off = None if p.lower_bound else size_steps_between(p.size, truth_size, sizes)
         out.update(size_steps_off=off, size_matches_truth=off == 0)
     if optimum is not None:
-        size_off = None if p.lower_bound else steps_between(p.size, optimum[1], sizes)
+        size_off = None if p.lower_bound else size_steps_between(p.size, optimum[1], sizes)
         l1_off = None if p.l1 is None else steps_between(p.l1, optimum[0], l1s)
         out.update(
             optimum_size_steps_off=size_off,
@@ -290,26 +356,36 @@ class Diagnosis:
     truth_size: int | None = None  # toy: the number of true features
     window: int | None = None  # the dead window of the default reading (batches)
     sensitivity: list[dict] = field(default_factory=list)  # dead_sensitivity rows
+    arch: str = "relu"
+    rule: WindowRule | None = None  # the window rule and the minimum evidence (None: not checked)
+
+    @property
+    def basis(self) -> tuple[str, ...]:
+        """The signals the estimate rests on for this architecture."""
+        return ESTIMATE_SIGNALS.get(self.arch, (DEFAULT_READING.get(self.arch, DEAD),))
 
     def estimate(self) -> dict | None:
-        """The number of features the diagnostics point to.
+        """The number of features the architecture's estimate signals (``basis``) point to.
 
+        No reading from any of them: ``{"no_estimate": [reasons], ...}`` with every number None.
         Open (some pointer is a lower bound): ``{"more_than": N, "low": None, "high": None,
         "median": None}``, N the largest bound; nothing bounds the number from above, and no
         figure below N is offered as its low end. Closed: ``low <= median <= high`` over the
         pointed sizes, with the true median (the mean of the middle two for an even count).
-        ``sizes`` lists the sizes the non-bound pointers gave either way.
+        ``sizes`` lists the sizes the non-bound pointers gave either way; ``basis`` the signals
+        used. None: no signal pointed inside the grid.
         """
-        points = sorted(p.size for p in self.pointers if p.size is not None and not p.lower_bound)
-        bounds = [p.size for p in self.pointers if p.lower_bound and p.size is not None]
+        used = [p for p in self.pointers if p.diagnostic in self.basis]
+        read = [p for p in used if p.reading]
+        empty = {"more_than": None, "low": None, "high": None, "median": None, "sizes": []}
+        if not read:
+            reasons = sorted({p.why for p in used}) or ["no signal applies to this grid"]
+            return {**empty, "no_estimate": reasons, "basis": list(self.basis)}
+        points = sorted(p.size for p in read if p.size is not None and not p.lower_bound)
+        bounds = [p.size for p in read if p.lower_bound and p.size is not None]
+        basis = [p.diagnostic for p in read]
         if bounds:
-            return {
-                "more_than": max(bounds),
-                "low": None,
-                "high": None,
-                "median": None,
-                "sizes": points,
-            }
+            return {**empty, "more_than": max(bounds), "sizes": points, "basis": basis}
         if not points:
             return None
         return {
@@ -318,6 +394,7 @@ class Diagnosis:
             "high": points[-1],
             "median": _whole(statistics.median(points)),
             "sizes": points,
+            "basis": basis,
         }
 
     def literal(self) -> dict | None:
@@ -384,19 +461,75 @@ def dead_columns(columns: dict[str, dict[Key, float]], window: int | None) -> di
     return out
 
 
+def _pooled_pointer(name: str, per: dict, what: str) -> Pointer:
+    a, n, is_open = pool(per)
+    if n is None:
+        return no_reading(name, f"no knob value has two sizes to compare ({what})")
+    values = ", ".join(
+        f"{v:g}: {'more than ' if o else ''}{m:,}" for v, (m, o) in sorted(per.items())
+    )
+    if is_open:
+        why = f"{what} still grows at the largest sizes (per knob value {values}): more than {n:,}"
+    else:
+        why = f"{what} (per knob value {values}; the median)"
+    return Pointer(name, a, n, why, lower_bound=is_open)
+
+
+def _signal_pointers(columns: dict[str, dict[Key, float]]) -> list[Pointer]:
+    """The signals of ``analyze.signals`` that the columns can feed."""
+    out = []
+    dead = columns.get("dead") or {}
+    if dead:
+        live = {k: k[1] - v for k, v in dead.items()}
+        out.append(
+            _pooled_pointer(
+                LIVE,
+                live_per_knob(live),
+                "the smallest size whose next size keeps fewer than half its added latents alive",
+            )
+        )
+    novel = columns.get("novel_next") or {}
+    if novel:
+        sizes = per_knob(set(dead) | set(novel) | set(columns.get("heldout_mse") or {}))
+        out.append(
+            _pooled_pointer(
+                NOVEL,
+                novel_per_knob(novel, sizes),
+                "the smallest size whose next size adds fewer novel live latents (best decoder "
+                "|cosine| with the smaller one's below 0.7) than half its added latents",
+            )
+        )
+    prefixes = prefix_columns(columns)
+    if prefixes:
+        out.append(
+            _pooled_pointer(
+                KNEE,
+                knee_per_knob(prefixes),
+                "the smallest prefix of the largest dictionary whose next prefix cuts its "
+                "held-out FVU by less than 10%",
+            )
+        )
+    return out
+
+
 def diagnose(
     columns: dict[str, dict[Key, float]],
     *,
     truth_size: int | None = None,
     tolerance: float = DEFAULT_TOLERANCE,
     window: int | None = None,
+    rule: WindowRule | None = None,
+    arch: str = "relu",
 ) -> Diagnosis:
-    """Where the three diagnostics point, and with ground truth how far from it they are.
+    """Where every count signal points, and with ground truth how far from it each is.
 
     ``columns``: {name: {(l1, size): value}} with ``dead``, ``heldout_mse``,
     ``heldout_l1_loss``, ``mmcs_larger``, optionally ``heldout_l0``, ``dead_w<W>`` (dead at
-    other windows, for the sensitivity table) and with ground truth ``mmcs``. ``window``: the
-    training window behind ``dead``.
+    other windows, for the sensitivity table), ``novel_next`` and ``heldout_fvu_m<m>``
+    (``analyze.signals``) and with ground truth ``mmcs``. ``window``: the window behind ``dead``.
+    ``rule``: the run's window rule (``analyze.evidence.window_rule``); when it has no window
+    or the grid is below its minimum evidence every signal is "no reading". A caller that
+    builds columns itself (a constructed grid) may leave it None.
     """
 
     def col(name):
@@ -410,6 +543,7 @@ def diagnose(
     basins = ssll_basins(recon, l1_loss, columns.get("heldout_l0"))
     report_basins = interior_minima(col("ssll"))
     k = peak(col("mmcs_larger"))
+    default = DEFAULT_READING.get(arch, DEAD)
     pointers = [
         _dead_pointer(db),
         _ssll_pointer(basins),
@@ -421,7 +555,12 @@ def diagnose(
             if k
             else "no finite MMCS with larger dictionaries (a grid needs two sizes)",
         ),
+        *_signal_pointers(columns),
     ]
+    if rule is not None and not rule.readable:
+        pointers = [no_reading(p.diagnostic, rule.reason or "no dead window") for p in pointers]
+    for p in pointers:
+        p.default = p.diagnostic == default
     tolerances = sorted({*SENSITIVITY_TOLERANCES, tolerance})
     diag = Diagnosis(
         pointers=pointers,
@@ -433,6 +572,8 @@ def diagnose(
         truth_size=truth_size,
         window=window,
         sensitivity=dead_sensitivity(dead_columns(columns, window), tolerances),
+        arch=arch,
+        rule=rule,
     )
     mmcs_truth = columns.get("mmcs")
     if mmcs_truth:
@@ -457,11 +598,20 @@ def diagnosis_record(d: Diagnosis, base: int, base_name: str) -> dict:
                 "size": p.size,
                 "ratio": (p.size / base) if p.size else None,
                 "lower_bound": p.lower_bound,
+                "reading": p.reading,
+                "default": p.default,
                 "why": p.why,
                 **p.match,
             }
             for p in d.pointers
         ],
+        "arch": d.arch,
+        "default_reading": {
+            "diagnostic": DEFAULT_READING.get(d.arch, DEAD),
+            "why": WHY_DEFAULT["relu" if d.arch == "relu" else "k"],
+            "estimate_signals": list(d.basis),
+        },
+        "window_rule": d.rule.record() if d.rule is not None else None,
         "dead_reading": {
             "tolerance": d.dead.tolerance,
             "window": d.window,
@@ -493,6 +643,7 @@ def diagnosis_record(d: Diagnosis, base: int, base_name: str) -> dict:
 
         rec["estimate"] = {
             **est,
+            "ratio_median": ratio(est["median"]),
             "ratio_more_than": ratio(est["more_than"]),
             "ratio_low": ratio(est["low"]),
             "ratio_high": ratio(est["high"]),

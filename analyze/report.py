@@ -20,14 +20,24 @@ from pathlib import Path
 from unsuperpose.analyze.browser import BrowserError
 from unsuperpose.analyze.collect import Grid, GridError, collect_lm, collect_toy
 from unsuperpose.analyze.compare import COMPARISONS, ratio_label, side_by_side, size_labels
-from unsuperpose.analyze.diagnostics import DEFAULT_TOLERANCE, Diagnosis, diagnose, diagnosis_record
+from unsuperpose.analyze.diagnostics import (
+    DEAD,
+    DEFAULT_TOLERANCE,
+    LARGER,
+    SSLL,
+    Diagnosis,
+    diagnose,
+    diagnosis_record,
+)
+from unsuperpose.analyze.evidence import WindowRule, dead_counts, live_masks, window_rule
 from unsuperpose.analyze.figures import frontier, heatmap
 from unsuperpose.analyze.grid import GRID_FIGURES
 from unsuperpose.analyze.metrics import mmcs_with_larger, ssll
 from unsuperpose.analyze.report_page import render_index
+from unsuperpose.analyze.signals import novel_counts
 from unsuperpose.config import write_json_atomic
 from unsuperpose.tracking import Tracker
-from unsuperpose.train.io import write_summary
+from unsuperpose.train.io import sparsity_of, write_summary
 
 # The LM heatmaps: every grid figure except those needing ground truth.
 LM_FIGURES = [f for f in GRID_FIGURES if f[0] not in ("mmcs", "mcc")]
@@ -75,17 +85,81 @@ def rescore(grid: Grid) -> None:
 DIAGNOSIS_COLUMNS = ("dead", "heldout_mse", "heldout_l1_loss", "heldout_l0", "mmcs_larger", "ssll")
 
 
+def grid_rule(grid: Grid, *, truth_size: int | None = None) -> WindowRule:
+    """The window rule (``analyze.evidence``) from what the grid's run saved: its batch, steps,
+    held-out rows and each dictionary's per-latent statistics (all of them, or none is used)."""
+    latents = {key: cell.latent_stats() for key, cell in grid.cells.items()}
+    if any(v is None for v in latents.values()):
+        latents = {}
+    rows = [c.metrics.get("heldout_rows") for c in grid.cells.values()]
+    rows = [int(r) for r in rows if isinstance(r, (int, float))]
+    cells = list(grid.cells.values())
+    return window_rule(
+        latents,
+        batch_size=cells[0].identity.get("batch_size") if cells else None,
+        heldout_rows=min(rows) if rows else None,
+        steps=min(c.steps for c in cells) if cells else None,
+        # toy runs are trained at the window the truth derives (``unsuperpose toy``); shown beside
+        truth_window=grid.dead_window if truth_size else None,
+    )
+
+
 def diagnose_grid(grid: Grid, *, truth_size: int | None, tolerance: float) -> Diagnosis:
-    """``truth_size``: the number of true features (toy data), else None (an LM)."""
-    names = {*DIAGNOSIS_COLUMNS, *(c for row in grid.rows() for c in row if c.startswith("dead_w"))}
+    """``truth_size``: the number of true features (toy data), else None (an LM).
+
+    Dead latents are read at the window the run's own observables call for (``grid_rule``);
+    the count at the window the run was trained with stays in the sensitivity table."""
+    names = {
+        *DIAGNOSIS_COLUMNS,
+        *(c for row in grid.rows() for c in row if c.startswith(("dead_w", "heldout_fvu"))),
+    }
     if truth_size:
         names.add("mmcs")
+    columns = {c: grid.values(c) for c in names}
+    rule = grid_rule(grid, truth_size=truth_size)
+    window = grid.dead_window
+    if rule.readable:
+        latents = {key: cell.latent_stats() for key, cell in grid.cells.items()}
+        if window is not None and columns.get("dead"):
+            columns.setdefault(f"dead_w{window}", columns["dead"])
+        window = rule.window
+        columns["dead"] = {k: float(v) for k, v in dead_counts(latents, window).items()}
+        columns["novel_next"] = {
+            k: float(v)
+            for k, v in novel_counts(grid.dictionaries(), live_masks(latents, window)).items()
+        }
     return diagnose(
-        {c: grid.values(c) for c in names},
+        columns,
         truth_size=truth_size,
         tolerance=tolerance,
-        window=grid.dead_window,
+        window=window,
+        rule=rule,
+        arch=grid.arch,
     )
+
+
+def toy_record(path: str | Path, G: int, tolerance: float = DEFAULT_TOLERANCE) -> dict:
+    """What every count signal says of one toy run folder, against its truth (G features): the
+    record ``unsuperpose toy`` writes as diagnosis.json and the LM report writes under "toy"."""
+    grid = collect_toy(path)
+    rescore(grid)
+    return diagnosis_record(
+        diagnose_grid(grid, truth_size=G, tolerance=tolerance), G, "G (ground-truth features)"
+    )
+
+
+def rows_diagnosis(
+    rows: list[dict], G: int, window: int | None, tolerance: float = DEFAULT_TOLERANCE
+) -> dict:
+    """The diagnosis of summary rows alone, dead latents read at the ``window`` the rows were
+    counted at and no minimum evidence checked (rows carry no per-latent statistics): for
+    studies that re-read one grid at several steps or with cells added (bench_diagnostics).
+    A run folder is read with ``toy_record``, which applies the window rule."""
+    names = {c for r in rows for c in r}
+    columns = {c: {(sparsity_of(r), r["dict_size"]): r[c] for r in rows if c in r} for c in names}
+    arch = rows[0].get("arch", "relu") if rows else "relu"
+    diag = diagnose(columns, truth_size=G, tolerance=tolerance, window=window, arch=arch)
+    return diagnosis_record(diag, G, "G (ground-truth features)")
 
 
 def full(grid: Grid, column: str) -> dict:
@@ -265,11 +339,18 @@ def build_report(
 
 
 def pick_dictionary(side: Side):
-    """The dictionary worth browsing: where MMCS with larger ones peaks, else the SSLL peak."""
-    for p in reversed(side.diagnosis.pointers):
-        if p.l1 is not None and p.size is not None and (p.l1, p.size) in side.grid.cells:
+    """The dictionary worth browsing: the last of the report's three signals that points to a
+    cell (MMCS with larger ones, else SSLL, else dead neurons); when none reads (a grid below the
+    minimum evidence), the largest dictionary at the middle knob value."""
+    three = [p for p in side.diagnosis.pointers if p.diagnostic in (DEAD, SSLL, LARGER)]
+    for p in reversed(three):
+        if p.reading and p.l1 is not None and (p.l1, p.size) in side.grid.cells:
             return (p.l1, p.size)
-    return None
+    if not side.grid.cells:
+        return None
+    values = sorted({a for a, _ in side.grid.cells})
+    middle = values[(len(values) - 1) // 2]
+    return max(k for k in side.grid.cells if k[0] == middle)
 
 
 def _track(report: Report, record: dict, mode: str | None) -> None:
@@ -288,7 +369,7 @@ def _track(report: Report, record: dict, mode: str | None) -> None:
                 continue
             tracker.log_table(
                 f"diagnostics/{'toy' if side is report.toy else 'lm'}",
-                ["diagnostic", "l1", "size", "ratio", "lower_bound", "size_steps_off"],
+                ["diagnostic", "knob", "size", "ratio", "lower_bound", "reading", "size_steps_off"],
                 [
                     [
                         p.diagnostic,
@@ -296,6 +377,7 @@ def _track(report: Report, record: dict, mode: str | None) -> None:
                         p.size,
                         ratio_label(p.size, side.base) if p.size else None,
                         p.lower_bound,
+                        p.reading,
                         p.match.get("size_steps_off"),
                     ]
                     for p in side.diagnosis.pointers
@@ -309,6 +391,12 @@ def _track(report: Report, record: dict, mode: str | None) -> None:
             for k, v in est.items()
             if k in ("more_than", "low", "median", "high") and v is not None
         }
+        if est.get("no_estimate"):
+            summary["lm/no_estimate"] = "; ".join(est["no_estimate"])
+        rule = record["lm"].get("window_rule") or {}
+        summary.update(
+            {f"lm/window_rule/{k}": rule.get(k) for k in ("window", "steps_needed", "rate")}
+        )
         if record["toy"]:
             summary.update(
                 {

@@ -53,6 +53,8 @@ FIGURE_TEXT = {
 
 
 def _where(p, base: int, knob: str = "L1") -> str:
+    if not p.reading:
+        return "no reading"
     if p.size is None:
         return "nowhere in the grid"
     if p.lower_bound:
@@ -79,7 +81,10 @@ def _n(v) -> str:
 
 
 def estimate_text(est: dict | None, base: int, name: str, knob: str = "L1") -> str:
-    """One sentence for the estimate; an open upper end is printed as a bound, never a number."""
+    """One sentence for the estimate; an open upper end is printed as a bound, never a number,
+    and a grid below the minimum evidence gets no estimate, with the reasons."""
+    if est and est.get("no_estimate"):
+        return f"{name}: no estimate: " + "; ".join(est["no_estimate"]) + "."
     if not est:
         return (
             f"{name}: no diagnostic points inside this grid; "
@@ -105,8 +110,10 @@ def estimate_text(est: dict | None, base: int, name: str, knob: str = "L1") -> s
         if same
         else f"{ratio_label(est['low'], base)}–{ratio_label(est['high'], base)}"
     )
+    basis = est.get("basis") or []
+    by = f" ({', '.join(basis)})" if basis else ""
     return (
-        f"{name}: the diagnostics point to dictionaries of {rng} latents ({ratios} of {base}); "
+        f"{name}: the diagnostics{by} point to dictionaries of {rng} latents ({ratios} of {base}); "
         f"taken at face value about {_n(est['median'])} features (the median of "
         f"{', '.join(f'{s:,}' for s in est['sizes'])})."
     )
@@ -116,6 +123,26 @@ def _reading(row: dict | None) -> str:
     if row is None or row["size"] is None:
         return "none"
     return f"more than {row['size']:,}" if row["lower_bound"] else f"{row['size']:,}"
+
+
+def window_text(diagnosis) -> str:
+    """The dead window the run's observables call for, and whether the grid is long enough."""
+    rule = diagnosis.rule
+    if rule is None:
+        return ""
+    if rule.window is None:
+        return f"Dead window: none ({rule.reason})."
+    truth = (
+        f"; the window the truth derives, for comparison: {rule.truth_window:,}"
+        if rule.truth_window
+        else ""
+    )
+    head = (
+        f"Dead window {rule.window:,} batches of {rule.batch_size:,} (the rule: rare kept "
+        f"latents fire on {rule.rate:.2g} of {rule.heldout_rows:,} held-out rows){truth}; "
+        f"the grid trained {rule.steps:,} steps"
+    )
+    return head + (f": no reading ({rule.reason})." if rule.reason else ".")
 
 
 def sensitivity_text(diagnosis) -> str:
@@ -177,13 +204,14 @@ def summary_html(report) -> str:
         "<p><b>Estimate.</b> "
         + esc(estimate_text(lm.diagnosis.estimate(), lm.base, lm.name, lm.grid.knob_label))
         + " "
+        f"{esc(window_text(lm.diagnosis))} "
         f"{esc(sensitivity_text(lm.diagnosis))}{esc(ssll_note)}</p>"
     ]
     ablation = ablation_text(lm.grid.rows(), lm.name, lm.grid.source.get("hook"))
     if ablation:
         parts.append(f"<p><b>The model's loss, clean and ablated.</b> {esc(ablation)}</p>")
     if toy is not None and toy.diagnosis.truth_size is not None:
-        offs = [p.match.get("size_steps_off") for p in toy.diagnosis.pointers]
+        offs = [p.match.get("size_steps_off") for p in toy.diagnosis.pointers if p.reading]
         hits = sum(o == 0 for o in offs)
         near = sum(o is not None and o <= 1 for o in offs)
         opt = ""
@@ -196,8 +224,8 @@ def summary_html(report) -> str:
             )
         parts.append(
             f"<p><b>Toy data (G = {toy.base} true features):</b> {hits} of "
-            f"{len(toy.diagnosis.pointers)} diagnostics point to 1x, {near} within one size "
-            f"step.{esc(opt)}</p>"
+            f"{len(offs)} signals with a reading point to 1x, {near} within one size "
+            f"step. {esc(window_text(toy.diagnosis))}{esc(opt)}</p>"
         )
     return "".join(parts)
 
@@ -205,11 +233,12 @@ def summary_html(report) -> str:
 def diagnostics_table(report) -> str:
     lm, toy = report.lm, report.toy
     rows = []
-    for i, p in enumerate(lm.diagnosis.pointers):
-        tp = toy.diagnosis.pointers[i] if toy else None
+    toy_by = {q.diagnostic: q for q in toy.diagnosis.pointers} if toy else {}
+    for p in lm.diagnosis.pointers:
+        tp = toy_by.get(p.diagnostic)
         rows.append(
             [
-                p.diagnostic,
+                p.diagnostic + (" (default)" if p.default else ""),
                 _where(tp, toy.base, toy.grid.knob_label) if tp else "-",
                 _verdict(tp.match) if tp else "-",
                 _where(p, lm.base, lm.grid.knob_label),

@@ -26,7 +26,8 @@ import time
 
 from benchmarks.common import pointer_where as _where
 from unsuperpose.analyze import score_grid
-from unsuperpose.commands.toy import DEFAULT_L1, JUMPRELU_OPTIONS, toy_diagnosis
+from unsuperpose.analyze.report import rows_diagnosis
+from unsuperpose.commands.toy import DEFAULT_L1, JUMPRELU_OPTIONS
 from unsuperpose.toy import ToyConfig, ToySource
 from unsuperpose.train import SAETrainConfig, evaluate, new_state, parse_dict_sizes, train_steps
 from unsuperpose.train.config import AuxKOptions
@@ -91,7 +92,7 @@ def grid(name: str, settings: dict) -> list[dict]:
         # BatchTopK-style dictionaries the held-out codes come from the saved threshold.
         row["train_l0"] = logged[-1][f"{knob}={v:g}/n={n}/l0"]
         rows.append(row)
-    diag = toy_diagnosis(rows, G, window)
+    diag = rows_diagnosis(rows, G, window)
     out = [
         {
             "figure": "arch_rows",

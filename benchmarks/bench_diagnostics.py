@@ -17,7 +17,7 @@ Printed per read:
 - ``coupling``: how much more often a feature fires when a partner of its group fires (lift).
 
 - ``grid_rows``: every cell's held-out losses, L0, dead counts (at every window) and MMCS, so
-  that any reading can be recomputed from the printed record (``toy_diagnosis(rows, G, window)``).
+  that any reading can be recomputed from the printed record (``rows_diagnosis(rows, G, window)``).
 
 `STUDY_SEEDS=101 python -m benchmarks bench_diagnostics` runs one seed (two such processes with
 OMP_NUM_THREADS=1 share the 2 cores well), `STUDY_DATA=independent,...` some of the data.
@@ -34,7 +34,8 @@ import torch
 
 from benchmarks.common import pointer_where as _where
 from unsuperpose.analyze import score_grid
-from unsuperpose.commands.toy import DEFAULT_DICT, DEFAULT_L1, toy_diagnosis
+from unsuperpose.analyze.report import rows_diagnosis
+from unsuperpose.commands.toy import DEFAULT_DICT, DEFAULT_L1
 from unsuperpose.toy import ToyConfig, ToySource
 from unsuperpose.train import SAETrainConfig, evaluate, new_state, parse_dict_sizes, train_steps
 
@@ -138,7 +139,7 @@ def study(seed: int, name: str, settings: dict) -> Iterator[dict]:
         }
         default_rows = [r for r in rows if r["l1"] in DEFAULT_L1]
         # the grid-wide SSLL of the default grid alone, as `make toy` would have it
-        rec = toy_diagnosis(_rescored(default_rows), G, window)
+        rec = rows_diagnosis(_rescored(default_rows), G, window)
         at_1x = max(r["mmcs"] for r in default_rows if r["dict_size"] == G)
         yield (
             {
@@ -173,7 +174,7 @@ def study(seed: int, name: str, settings: dict) -> Iterator[dict]:
                 }
             )
         if name == DEFAULT_DATA:
-            wider = toy_diagnosis(_rescored(rows), G, window)
+            wider = rows_diagnosis(_rescored(rows), G, window)
             yield (
                 {
                     "figure": "grid_extension",

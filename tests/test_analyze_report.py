@@ -84,11 +84,23 @@ def test_the_page_says_where_each_diagnostic_points_and_where_the_data_came_from
     ):
         assert text in html, text
     rec = json.loads((report / "diagnosis.json").read_text())
-    assert [p["diagnostic"] for p in rec["lm"]["pointers"]] == [
+    names = [p["diagnostic"] for p in rec["lm"]["pointers"]]
+    assert names[:4] == [
         "dead neurons",
         "loss stickiness (SSLL)",
         "MMCS with larger dictionaries",
+        "live latents",
     ]
+    # the window rule from the run's own observables, and what follows from it
+    rule = rec["lm"]["window_rule"]
+    assert rule["batch_size"] and rule["heldout_rows"] and rule["steps"]
+    if rule["readable"]:
+        assert rule["window"] >= 1 and "novel latents" in names
+        assert rule["steps"] >= rule["steps_needed"]
+    else:
+        assert all(p["reading"] is False for p in rec["lm"]["pointers"])
+        assert rec["lm"]["estimate"]["no_estimate"]
+        assert "no estimate" in html
     assert rec["toy"]["optimum"]["size"] in (32, 64) and rec["toy"]["base"] == 32
     assert all("size_steps_off" in p and "matches_optimum" in p for p in rec["toy"]["pointers"])
     assert rec["toy"]["truth"] == {"size": 32, "ratio": 1.0}

@@ -129,12 +129,25 @@ def test_the_growth_follows_the_default_dead_neuron_reading(tmp_path, monkeypatc
     assert "keeps at least 99.0% of its latents" in capsys.readouterr().out
 
 
-def test_when_no_latent_ever_dies_the_demo_says_the_estimate_is_a_lower_bound(
+def test_when_no_latent_ever_dies_the_demo_says_the_budget_ended_first(
     tmp_path, monkeypatch, capsys
 ):
     ran = run_demo(tmp_path, monkeypatch, dead_at=None)
     assert [r[2] for r in ran if r[0] == "train"] == ["1x,2x,4x,8x", "16x", "32x"]
-    assert "the LM estimate is a lower bound" in capsys.readouterr().out
+    assert "the budget ended before its latents died there" in capsys.readouterr().out
+
+
+def test_the_demo_prints_the_reports_estimate_or_no_estimate_with_its_reasons(tmp_path, capsys):
+    steps = demo.plan(tmp_path, quick=False)
+    report = next(s for s in steps if s.name == "report")
+    report.output.parent.mkdir(parents=True)
+    rule = {"window": 148, "steps": 250, "steps_needed": 296}
+    estimate = {"no_estimate": ["the grid trained 250 steps; train at least 296 steps"]}
+    lm = {"base": 64, "estimate": estimate, "window_rule": rule}
+    (report.output.parent / "diagnosis.json").write_text(json.dumps({"lm": lm}))
+    text = demo._report_estimate(steps)
+    assert "no estimate: the grid trained 250 steps; train at least 296 steps" in text
+    assert "148 batches; 250 steps trained, 296 needed" in text
 
 
 def test_quick_writes_to_its_own_folder_and_a_quick_lm_is_never_taken_for_the_full_one(

@@ -11,13 +11,23 @@ import io
 import json
 from pathlib import Path
 
-from unsuperpose.config import from_dict, to_dict, write_json_atomic, write_text_atomic
+import torch
+from safetensors.torch import load_file, save as safetensors_bytes
+
+from unsuperpose.config import (
+    from_dict,
+    to_dict,
+    write_bytes_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
 from unsuperpose.train.config import SAETrainConfig
 from unsuperpose.train.dictionary import load_dictionary
 from unsuperpose.train.families import get_family
 from unsuperpose.train.layout import (
     CONFIG_FILE,
     HISTORY_FILE,
+    LATENTS_FILE,
     SAES_DIR,
     SOURCE_FILE,
     SUMMARY_FILE,
@@ -112,10 +122,25 @@ def save_grid(
                 **(run_info or {}),
             },
         )
+        stats = state.latents.get(key) if hasattr(state, "latents") else None
+        if stats:
+            write_latent_stats(out / SAES_DIR / dict_dirname(cfg.arch, knob, value, n), stats)
         rows.append(row)
     write_summary(rows, out / SUMMARY_FILE)
     write_text_atomic(out / HISTORY_FILE, "".join(json.dumps(rec) + "\n" for rec in state.history))
     return rows
+
+
+def write_latent_stats(directory: str | Path, stats: dict[str, torch.Tensor]) -> None:
+    """Per-latent statistics of one dictionary (``LATENTS_FILE``), written whole or not at all."""
+    tensors = {k: v.detach().to(torch.int64).cpu().contiguous() for k, v in stats.items()}
+    write_bytes_atomic(Path(directory) / LATENTS_FILE, safetensors_bytes(tensors))
+
+
+def read_latent_stats(directory: str | Path) -> dict[str, torch.Tensor] | None:
+    """``LATENTS_FILE`` of a saved dictionary, or None for a run written before it existed."""
+    path = Path(directory) / LATENTS_FILE
+    return load_file(str(path)) if path.exists() else None
 
 
 def write_summary(rows: list[dict], path: str | Path) -> None:

@@ -8,7 +8,9 @@
   wandb_run_id             the W&B run a resumed run continues
   checkpoint/              the resumable state while training (gone when the run is finished)
   figures/                 the grid's figures
-  saes/<arch>-n<size>-<knob>_<value>/   one dictionary: sae.safetensors + config.json
+  saes/<arch>-n<size>-<knob>_<value>/   one dictionary: sae.safetensors + config.json, and
+                           latents.safetensors (per latent: fires on the held-out rows,
+                           training steps since it last fired; runs before it have none)
   saelens/<same name>/     the same dictionaries in SAELens's format (LM runs)
 
 Runs written before architectures existed name their dictionaries ``n<size>-l1_<value>``; they
@@ -33,6 +35,7 @@ CHECKPOINT_DIR = "checkpoint"
 FIGURES_DIR = "figures"
 SAES_DIR = "saes"
 SAELENS_DIR = "saelens"
+LATENTS_FILE = "latents.safetensors"
 
 __all__ = [
     "CHECKPOINT_DIR",
@@ -41,6 +44,7 @@ __all__ = [
     "DICT_WEIGHTS_FILE",
     "FIGURES_DIR",
     "HISTORY_FILE",
+    "LATENTS_FILE",
     "RUN_ID_FILE",
     "SAELENS_DIR",
     "SAES_DIR",

@@ -66,6 +66,10 @@ class GridState:
     source_fingerprint: str | None = None  # the data's identity, kept with every checkpoint
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     sharding: parallel.Sharding | None = None  # None: one process, the whole grid
+    # Filled by ``evaluate``, written by ``io.save_grid`` beside each dictionary: per latent, its
+    # fires on the held-out rows and the training steps since it last fired, so analysis can
+    # read firing rates and dead latents at any window after the fact.
+    latents: dict[tuple[float, int], dict[str, torch.Tensor]] = field(default_factory=dict)
 
     @property
     def group_ids(self) -> list[int]:
@@ -423,6 +427,9 @@ def evaluate(
     every held-out row; ``fitted.evaluate_dictionaries`` computes the same for baselines); dead
     comes from training (latents silent in the last ``dead_window`` training batches), and
     dead_w<W> counts the same at each window W of ``DEAD_WINDOWS`` the run is long enough for.
+    A group with nested prefixes (Matryoshka) adds heldout_fvu_m<m>: the FVU of its first m
+    latents alone, for each prefix size m it trained. Per latent, ``state.latents`` gets the
+    held-out fire counts and the steps since each latent last fired in training.
     """
     cfg = state.config
     if not hasattr(source, "heldout_batches"):
@@ -440,7 +447,9 @@ def evaluate(
     for g in state.groups:
         dn = g.dictionaries()
         sq, l1, l0 = torch.zeros(3, g.S, dtype=torch.float64, device=state.device)
-        fired = None
+        fires = torch.zeros(g.S, g.n, dtype=torch.int64, device=state.device)
+        prefixes = [m for m in getattr(g, "prefix_sizes", ()) if m < g.n]
+        prefix_sq = torch.zeros(len(prefixes), g.S, dtype=torch.float64, device=state.device)
         for x in xs:
             codes, x_hat = g.reconstruct(x, dn)
             err = x_hat - x
@@ -449,8 +458,10 @@ def evaluate(
             l1 += codes.abs().sum(dim=(0, 2), dtype=torch.float64)
             nonzero = codes != 0
             l0 += nonzero.sum(dim=(0, 2), dtype=torch.float64)
-            hit = nonzero.any(dim=0)  # (S, n)
-            fired = hit if fired is None else fired | hit
+            fires += nonzero.sum(dim=0)  # (S, n)
+            if prefixes:
+                prefix_sq += prefix_squared_errors(g, x, codes, dn, prefixes)
+        fired = fires > 0
         dead = g.dead_mask(cfg.dead_window, state.step).sum(dim=1)
         # The same counter read at other windows, so the dead-neuron reading's sensitivity to the
         # window can be measured after the fact (analyze re-reads "dead" at any of these).
@@ -469,5 +480,33 @@ def evaluate(
                 "heldout_dead": int((~fired[s]).sum()),
                 "dead": int(dead[s]),
                 **{dead_column(w): int(v[s]) for w, v in ladder.items()},
+                **{
+                    prefix_column(m): float(prefix_sq[p, s]) / total_var
+                    if total_var > 0
+                    else math.nan
+                    for p, m in enumerate(prefixes)
+                },
+            }
+            state.latents[(a, g.n)] = {
+                "heldout_fires": fires[s].cpu(),
+                "since_fired": g.since_fired[s].cpu(),
             }
     return results
+
+
+def prefix_column(m: int) -> str:
+    return f"heldout_fvu_m{m}"
+
+
+def prefix_squared_errors(g, x, codes, dn, prefixes: list[int]) -> torch.Tensor:
+    """(P, S): the summed squared error of each prefix's reconstruction on its own (its first m
+    latents and the decoder bias), built up chunk by chunk: one decode in all."""
+    partial = -x.unsqueeze(0).expand(g.S, -1, -1)
+    if g.b_dec is not None:
+        partial = partial + g.b_dec.unsqueeze(1)
+    out, start = [], 0
+    for m in prefixes:
+        partial = partial + torch.bmm(codes[:, :, start:m].transpose(0, 1), dn[:, start:m])
+        out.append(partial.pow(2).sum(dim=(1, 2), dtype=torch.float64))
+        start = m
+    return torch.stack(out)

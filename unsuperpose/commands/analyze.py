@@ -468,7 +468,7 @@ def run(args: argparse.Namespace) -> int:
         names.forget()
     for note in report.notes:
         print(f"note: {in_flags(names.show(note), FLAGS)}")
-    from unsuperpose.analyze.report_page import estimate_text, sensitivity_text
+    from unsuperpose.analyze.report_page import estimate_text, sensitivity_text, window_text
 
     print(
         "estimate: "
@@ -479,10 +479,22 @@ def run(args: argparse.Namespace) -> int:
             report.lm.grid.knob_label,
         )
     )
+    for p in report.lm.diagnosis.pointers:
+        print(f"  {p.diagnostic}{' (default)' if p.default else ''}: {_pointed(p)}")
+    if window_text(report.lm.diagnosis):
+        print(window_text(report.lm.diagnosis))
     if sensitivity_text(report.lm.diagnosis):
         print(sensitivity_text(report.lm.diagnosis))
     print(f"report: {names.show(report.index)}")
     return 0
+
+
+def _pointed(p) -> str:
+    if not p.reading:
+        return p.why
+    if p.size is None:
+        return "nowhere in the grid"
+    return f"more than {p.size:,} latents" if p.lower_bound else f"{p.size:,} latents"
 
 
 def _run_methods(args) -> int:

@@ -478,6 +478,26 @@ def _load() -> float:
     return os.getloadavg()[0]
 
 
+def _report_estimate(steps: list[Step]) -> str | None:
+    """The LM's estimate as the report's diagnosis.json has it (its window rule and minimum
+    evidence applied): a number, a bound, or no estimate with the reasons."""
+    from unsuperpose.analyze.report_page import estimate_text
+
+    step = next((s for s in steps if s.name == "report"), None)
+    path = step.output.parent / "diagnosis.json" if step else None
+    if path is None or not path.exists():
+        return None
+    lm = json.loads(path.read_text())["lm"]
+    rule = lm.get("window_rule") or {}
+    text = "LM estimate: " + estimate_text(lm.get("estimate"), lm["base"], path.parent.name)
+    if rule.get("window"):
+        text += (
+            f" Dead window by the rule: {rule['window']:,} batches; "
+            f"{rule['steps']:,} steps trained, {rule['steps_needed']:,} needed."
+        )
+    return text
+
+
 def run(args: argparse.Namespace) -> int:
     lm = getattr(args, "lm", LM)
     full = getattr(args, "full", False)
@@ -526,11 +546,14 @@ def run(args: argparse.Namespace) -> int:
         at = ", ".join(f"{a:g}" for a in open_l1)
         print(
             f"\nSAE grid: the largest dictionary ({max(trained_sizes(sae_out)):,} latents) "
-            f"{_passes()} at L1 {at}: the budget ended before its latents died, so the LM "
-            "estimate is a lower bound"
+            f"{_passes()} at L1 {at} at the training window: the budget ended before its "
+            "latents died there"
         )
     else:
         print(f"\nSAE grid: the largest dictionary {_fails()} at every L1")
+    estimate = _report_estimate(steps)
+    if estimate:
+        print(estimate)
     timings.append(("total", time.perf_counter() - start, _cpu_seconds() - cpu0, _load()))
     print("\n=== demo finished\n\n  step                            wall       CPU   load")
     for name, secs, cpu, load in timings:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from unsuperpose import distributed, storage
 from unsuperpose.analyze import ground_truth_callback
-from unsuperpose.analyze.diagnostics import DEFAULT_TOLERANCE, diagnose, diagnosis_record
+from unsuperpose.analyze.report import toy_record
 from unsuperpose.commands._errors import flags_of, stage_errors
 from unsuperpose.commands._grid import (
     JUMPRELU_OPTIONS,
@@ -21,11 +21,10 @@ from unsuperpose.commands._grid import (
     sae_config,
     train_and_save,
 )
-from unsuperpose.config import add_arguments, from_args
+from unsuperpose.config import add_arguments, from_args, write_json_atomic
 from unsuperpose.errors import UserError
 from unsuperpose.toy import ToyConfig, ToySource
 from unsuperpose.train import Callback, SAETrainConfig
-from unsuperpose.train.io import sparsity_of
 
 # The default grid brackets the truth on both axes: sizes 1/4x..4x of G; L1 (sum convention)
 # from too low (3.2e-5: 1x recovers 0.65 MMCS) through the Goldilocks zone (1e-4..3.2e-4) to too
@@ -124,21 +123,10 @@ def default_config(grid: str = "default") -> SAETrainConfig:
 DIAGNOSIS_FILE = "diagnosis.json"
 
 
-def toy_diagnosis(
-    rows: list[dict], G: int, window: int | None, tolerance: float = DEFAULT_TOLERANCE
-) -> dict:
-    """Where the report's three diagnostics point on a scored toy grid (rows with dead, the
-    held-out losses, mmcs_larger, mmcs), against the truth (G features); the record the LM
-    report writes under "toy". ``window``: the dead window the grid was trained with."""
-    names = {c for r in rows for c in r}
-    columns = {c: {(sparsity_of(r), r["dict_size"]): r[c] for r in rows if c in r} for c in names}
-    diag = diagnose(columns, truth_size=G, tolerance=tolerance, window=window)
-    return diagnosis_record(diag, G, "G (ground-truth features)")
-
-
-def write_diagnosis(rows: list[dict], G: int, window: int, path: storage.Location) -> dict:
-    record = toy_diagnosis(rows, G, window)
-    storage.write_json(path, record)  # into the run folder, local or on object storage
+def write_diagnosis(out: Path, G: int) -> dict:
+    """diagnosis.json of a toy run folder (local: the S3 mirror's copy before it is pushed)."""
+    record = toy_record(out, G)
+    write_json_atomic(Path(out) / DIAGNOSIS_FILE, record)
     return record
 
 
@@ -180,6 +168,12 @@ def _run(args: argparse.Namespace) -> int:
         f"toy data: h={toy.h}, G={toy.G}, k={toy.k}; {grid_size_text(cfg)}, "
         f"{cfg.steps} steps of {cfg.batch_size}"
     )
+    diagnosis: dict = {}
+
+    def diagnose_saved(state, out) -> None:  # rank 0, once the grid is saved, before any upload
+        if not cfg.fitted:
+            diagnosis.update(write_diagnosis(out, toy.G))
+
     rows = train_and_save(
         source,
         cfg,
@@ -197,6 +191,7 @@ def _run(args: argparse.Namespace) -> int:
         force=args.force,
         placement=placement,
         parallel_mode=args.parallel,
+        export=diagnose_saved,
     )
     if not distributed.is_main():
         return 0
@@ -212,10 +207,23 @@ def _run(args: argparse.Namespace) -> int:
         print(best_text)
         print(f"wrote {args.out}/summary.csv, figures/, saes/")
         return 0
-    diagnosis = write_diagnosis(rows, toy.G, cfg.dead_window, args.out / DIAGNOSIS_FILE)
+    if not diagnosis:  # a finished run, not retrained: its folder (on S3: the record it kept)
+        if storage.is_remote(args.out):
+            diagnosis.update(storage.read_json(args.out / DIAGNOSIS_FILE))
+        else:
+            diagnosis.update(write_diagnosis(args.out, toy.G))
+    rule = diagnosis.get("window_rule") or {}
+    if rule.get("window"):
+        print(
+            f"dead window {rule['window']:,} batches by the rule (the truth's: "
+            f"{rule['truth_window']:,}); {rule['steps']:,} steps trained, "
+            f"{rule['steps_needed']:,} needed"
+        )
     for p in diagnosis["pointers"]:
         where = (
-            "nowhere in the grid"
+            p["why"]
+            if not p.get("reading", True)
+            else "nowhere in the grid"
             if p["size"] is None
             else (
                 f"more than {p['size']:,} latents"
@@ -225,7 +233,7 @@ def _run(args: argparse.Namespace) -> int:
         )
         off = p.get("size_steps_off")
         print(
-            f"{p['diagnostic']}: {where}"
+            f"{p['diagnostic']}{' (default)' if p.get('default') else ''}: {where}"
             + ("" if off is None else f", {off} size step(s) from the truth")
         )
     print(best_text)

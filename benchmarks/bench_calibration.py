@@ -1,0 +1,184 @@
+"""Does each count signal follow the truth? Toy grids where the number of features is known.
+
+Every cell below was fixed before any of them was read (seeds no test uses):
+- core: G in {256, 512, 1,024} x relu, topk, batchtopk, matryoshka, jumprelu, on the default data
+  (threshold copula, rho 0.5), seed 303 (15 grids);
+- robustness at G 512: the report's correlation recipe and independent features for every
+  architecture (seed 303), and a second seed (404) on the copula (15 grids);
+- reach: G 2,048 for relu and topk (2 grids).
+Each grid: h 256, sizes 1/4x..4x of G, 5,000 steps of 256, three knob values where the range is
+known (relu: L1 1e-4, 3.2e-4, 1e-3, sum convention; the k-architectures: k 3, 5, 8 with AuxK;
+jumprelu: L0 coefficients 6e-3, 1e-2, 2e-2), 262,144 held-out rows (so the window rule can
+measure rates down to ~4e-5). Each grid is trained and saved into its run folder, then read by
+the same code ``unsuperpose toy`` and ``analyze report`` use (``toy_record``): the window rule, the
+minimum evidence, every signal.
+
+Records: one ``calibration`` line per grid (every signal's pointer, steps off the truth, the
+window by the rule and by the truth, CPU seconds), appended to ``runs/bench/calibration.jsonl``
+as each grid finishes; a rerun skips the grids already there (same cell, same settings), so the
+table can be built across sessions. ``CAL_QUICK=1``: a smoke subset (h 64, G 64 and 128, relu and
+topk, 600 steps) into its own file. ``CAL_CELLS=core`` (or robust, reach) picks a part.
+At the end, ``calibration_table`` per (architecture, signal): cells within one grid step of G.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from unsuperpose.analyze.report import toy_record
+from unsuperpose.commands._grid import train_and_save
+from unsuperpose.commands.toy import JUMPRELU_OPTIONS
+from unsuperpose.toy import ToyConfig, ToySource
+from unsuperpose.train import SAETrainConfig, parse_dict_sizes
+
+ARCHS = ("relu", "topk", "batchtopk", "matryoshka", "jumprelu")
+KNOBS = {
+    "relu": dict(l1=[1e-4, 3.1623e-4, 1e-3]),
+    "topk": dict(top_k=[3, 5, 8]),
+    "batchtopk": dict(top_k=[3, 5, 8]),
+    "matryoshka": dict(top_k=[3, 5, 8]),
+    "jumprelu": dict(l0_coef=[6e-3, 1e-2, 2e-2], jumprelu=JUMPRELU_OPTIONS),
+}
+SIZES = "1/4x,1/2x,1x,2x,4x"
+
+
+def cells(quick: bool) -> list[dict]:
+    if quick:
+        return [
+            dict(part="quick", arch=a, G=g, h=64, data="copula", seed=303, steps=600)
+            for g in (64, 128)
+            for a in ("relu", "topk")
+        ]
+    out = [
+        dict(part="core", arch=a, G=g, data="copula", seed=303)
+        for g in (256, 512, 1024)
+        for a in ARCHS
+    ]
+    out += [dict(part="robust", arch=a, G=512, data="report", seed=303) for a in ARCHS]
+    out += [dict(part="robust", arch=a, G=512, data="independent", seed=303) for a in ARCHS]
+    out += [dict(part="robust", arch=a, G=512, data="copula", seed=404) for a in ARCHS]
+    out += [dict(part="reach", arch=a, G=2048, data="copula", seed=303) for a in ("relu", "topk")]
+    return [{"h": 256, "steps": 5000, **c} for c in out]
+
+
+def toy_config(cell: dict) -> ToyConfig:
+    data = {
+        "copula": {},
+        "report": {"correlation_recipe": "report"},
+        "independent": {"correlation": 0.0},
+    }[cell["data"]]
+    return ToyConfig(h=cell["h"], G=cell["G"], seed=cell["seed"], **data)
+
+
+def key(cell: dict) -> str:
+    return json.dumps({k: cell[k] for k in sorted(cell) if k != "part"}, sort_keys=True)
+
+
+def train_cell(cell: dict, folder: Path) -> dict:
+    src = ToySource(toy_config(cell))
+    G = cell["G"]
+    sizes = [n for _, n in parse_dict_sizes(SIZES, G, bare="ratio")]
+    cfg = SAETrainConfig(
+        arch=cell["arch"],
+        dict_sizes=sizes,
+        steps=cell["steps"],
+        seed=cell["seed"],
+        data_seed=cell["seed"],
+        dead_window=src.dead_window(256),  # the truth's window: training only (AuxK's)
+        eval_rows=262_144 if cell["h"] >= 256 else 65_536,
+        log_every=1000,
+        **KNOBS[cell["arch"]],
+    )
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    train_and_save(
+        src,
+        cfg,
+        folder,
+        size_labels={n: f"{n / G:g}x" for n in sizes},
+        size_base=G,
+        size_axis="x G",
+        ground_truth=src.features,
+        progress=False,
+        run_name=folder.name,
+        source_info=src.describe(),
+        checkpoint_every=10**9,
+        wandb_mode="disabled",
+    )
+    rec = toy_record(folder, G)
+    pointers = {
+        p["diagnostic"]: {
+            "size": p["size"],
+            "ratio": p["ratio"],
+            "lower_bound": p["lower_bound"],
+            "reading": p["reading"],
+            "steps_off": p.get("size_steps_off"),
+        }
+        for p in rec["pointers"]
+    }
+    return {
+        "figure": "calibration",
+        **cell,
+        "pointers": pointers,
+        "default": rec["default_reading"]["diagnostic"],
+        "estimate": {k: rec["estimate"].get(k) for k in ("median", "more_than", "no_estimate")},
+        "window_rule": rec["window_rule"]["window"],
+        "window_truth": rec["window_rule"]["truth_window"],
+        "rule_reason": rec["window_rule"]["reason"],
+        "best_mmcs": round(rec["optimum"]["mmcs"], 4),
+        "best_at_ratio": rec["optimum"]["ratio"],
+        "wall_s": round(time.perf_counter() - t0, 1),
+        "cpu_s": round(time.process_time() - cpu0, 1),
+    }
+
+
+def table(records: list[dict]) -> Iterator[dict]:
+    by: dict[tuple[str, str], list] = {}
+    for r in records:
+        for name, p in r["pointers"].items():
+            by.setdefault((r["arch"], name), []).append(p)
+    for (arch, name), ps in sorted(by.items()):
+        offs = [p["steps_off"] for p in ps]
+        yield {
+            "figure": "calibration_table",
+            "arch": arch,
+            "signal": name,
+            "grids": len(ps),
+            "at_truth": sum(o == 0 for o in offs),
+            "within_one_step": sum(o is not None and o <= 1 for o in offs),
+            "no_reading": sum(not p["reading"] for p in ps),
+            "bounds": sum(p["lower_bound"] for p in ps),
+        }
+
+
+def run() -> Iterator[dict]:
+    quick = os.environ.get("CAL_QUICK") == "1"
+    parts = os.environ.get("CAL_CELLS")
+    path = Path(
+        os.environ.get("CAL_FILE", f"runs/bench/calibration{'-quick' if quick else ''}.jsonl")
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    done = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            done[rec["key"]] = rec
+    todo = [c for c in cells(quick) if not parts or c["part"] in parts.split(",")]
+    records = []
+    for cell in todo:
+        k = key(cell)
+        if k in done:
+            records.append(done[k])
+            yield {**done[k], "resumed": True}
+            continue
+        with tempfile.TemporaryDirectory(prefix="calibration-") as tmp:
+            rec = {**train_cell(cell, Path(tmp) / "run"), "key": k}
+        with path.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+        records.append(rec)
+        yield rec
+    yield from table(records)

@@ -1,0 +1,204 @@
+"""The minimum-evidence rule, the dead window from a run's observables, and the count signals
+beyond the report's three (analyze.evidence, analyze.signals), on constructed grids."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from unsuperpose.analyze.diagnostics import DEAD, LIVE, diagnose, diagnosis_record
+from unsuperpose.analyze.evidence import (
+    BURN_IN,
+    MIN_FIRES,
+    dead_counts,
+    live_masks,
+    window_for_rate,
+    window_rule,
+)
+from unsuperpose.analyze.signals import (
+    KNEE,
+    NOVEL,
+    knee_per_knob,
+    live_per_knob,
+    novel_counts,
+    pool,
+)
+
+G = 512
+SIZES = [128, 256, 512, 1024, 2048]
+
+
+def stats(fires: list[int], since: list[int] | None = None) -> dict[str, torch.Tensor]:
+    fires_t = torch.tensor(fires, dtype=torch.int64)
+    since_t = torch.tensor(since if since is not None else [0] * len(fires), dtype=torch.int64)
+    return {"heldout_fires": fires_t, "since_fired": since_t}
+
+
+# -- the window rule ------------------------------------------------------------------------------
+
+
+def test_the_window_is_the_batches_a_latent_at_the_rate_needs_to_fire_once_with_prob_999():
+    # ln(1000) / (256 * -ln(1 - 0.01)) = 2.68 -> 3 batches
+    assert window_for_rate(0.01, 256) == 3
+    # ten times rarer: ten times longer (to within the ceiling)
+    assert window_for_rate(0.001, 256) == math.ceil(math.log(1000) / (256 * -math.log1p(-0.001)))
+    assert window_for_rate(0.001, 512) == math.ceil(window_for_rate(0.001, 256) / 2)
+
+
+def test_the_rule_reads_the_median_kept_dictionarys_rare_latents_and_ignores_unkept_ones():
+    rows = 100_000
+    latents = {
+        # kept (every latent fired): the 1% quantile of 100 latents is the smallest here
+        (1.0, 100): stats([200] + [5_000] * 99),
+        (2.0, 100): stats([100] + [5_000] * 99),
+        (3.0, 100): stats([400] + [5_000] * 99),
+        # not kept (a latent never fired): its rare latents do not set the rate
+        (1.0, 200): stats([0, 11] + [5_000] * 198),
+    }
+    rule = window_rule(latents, batch_size=256, heldout_rows=rows, steps=10_000)
+    assert rule.readable and rule.kept_cells == 3
+    assert rule.fires == 200 and rule.cell == (1.0, 100)
+    assert rule.rate == 200 / rows
+    assert rule.window == window_for_rate(200 / rows, 256)
+    # a fourth kept dictionary with much rarer latents moves the median by one place only
+    latents[(4.0, 100)] = stats([12] + [5_000] * 99)
+    assert window_rule(latents, batch_size=256, heldout_rows=rows, steps=10_000).fires == 100
+
+
+def test_a_grid_shorter_than_the_rule_asks_gets_no_reading_naming_steps_and_window():
+    rows = 65_536
+    fires = 20  # rate 3e-4 -> a window of ~90 batches of 256
+    latents = {(1.0, 64): stats([fires] + [1_000] * 63)}
+    window = window_for_rate(fires / rows, 256)
+    short = window_rule(latents, batch_size=256, heldout_rows=rows, steps=BURN_IN * window - 1)
+    assert not short.readable and short.window == window
+    assert f"{BURN_IN * window - 1:,} steps" in short.reason
+    assert f"train at least {BURN_IN * window:,} steps" in short.reason
+    assert window_rule(latents, batch_size=256, heldout_rows=rows, steps=BURN_IN * window).readable
+
+
+def test_a_rate_seen_fewer_than_min_fires_times_is_not_measured():
+    latents = {(1.0, 64): stats([MIN_FIRES - 1] + [1_000] * 63)}
+    rule = window_rule(latents, batch_size=256, heldout_rows=4_096, steps=10**9)
+    assert not rule.readable and "more held-out rows" in rule.reason
+
+
+def test_a_run_without_per_latent_statistics_gets_no_reading():
+    rule = window_rule({}, batch_size=256, heldout_rows=4_096, steps=250)
+    assert not rule.readable and "per-latent statistics" in rule.reason
+
+
+def test_dead_counts_and_live_masks_read_since_fired_at_any_window():
+    latents = {(1.0, 4): stats([5, 5, 5, 5], since=[0, 9, 10, 500])}
+    assert dead_counts(latents, 10) == {(1.0, 4): 2}
+    assert dead_counts(latents, 501) == {(1.0, 4): 0}
+    assert live_masks(latents, 10)[(1.0, 4)].tolist() == [True, True, False, False]
+
+
+def test_below_the_minimum_evidence_every_signal_is_no_reading_and_there_is_no_estimate():
+    latents = {(1.0, 64): stats([12] + [1_000] * 63)}  # a window of 148 batches: 296 steps
+    rule = window_rule(latents, batch_size=256, heldout_rows=65_536, steps=250)
+    assert rule.window == 148
+    dead = {(a, n): (0 if n <= G else n - G) for a in (1.0, 2.0) for n in SIZES}
+    d = diagnose({"dead": dead}, rule=rule, arch="topk")
+    assert d.pointers and all(not p.reading and p.size is None for p in d.pointers)
+    est = d.estimate()
+    assert est["no_estimate"] and "250 steps" in est["no_estimate"][0]
+    assert est["median"] is None and est["more_than"] is None
+    rec = diagnosis_record(d, 64, "d")
+    assert rec["estimate"]["no_estimate"] and rec["window_rule"]["readable"] is False
+    assert all(p["reading"] is False and p["lower_bound"] is False for p in rec["pointers"])
+
+
+# -- live latents ---------------------------------------------------------------------------------
+
+
+def ideal_live(sizes=SIZES, values=(1.0, 2.0, 3.0), count=G) -> dict:
+    return {(a, n): float(min(n, count)) for a in values for n in sizes}
+
+
+def test_live_latents_point_where_the_live_count_stops_growing():
+    per = live_per_knob(ideal_live())
+    assert per == {a: (G, False) for a in (1.0, 2.0, 3.0)}
+    assert pool(per)[1:] == (G, False)
+
+
+def test_live_latents_follow_the_number_of_features():
+    for count in (256, 1024):
+        _, n, is_open = pool(live_per_knob(ideal_live(count=count)))
+        assert (n, is_open) == (count, False)
+
+
+def test_a_larger_size_without_new_evidence_does_not_move_the_live_pointer():
+    base = pool(live_per_knob(ideal_live()))
+    wider = ideal_live(SIZES + [4096])
+    assert pool(live_per_knob(wider)) == base
+
+
+def test_a_grid_whose_live_count_still_grows_at_the_largest_size_is_a_lower_bound():
+    per = live_per_knob(ideal_live(count=10_000))
+    assert per[1.0] == (1024, True)  # still growing from 1,024 to 2,048
+    assert pool(per)[1:] == (1024, True)
+
+
+def test_the_pool_is_the_lower_median_and_open_only_when_the_median_is_open():
+    assert pool({1.0: (256, False), 2.0: (512, False), 3.0: (1024, True)}) == (2.0, 512, False)
+    assert pool({1.0: (256, False), 2.0: (1024, True), 3.0: (2048, True)}) == (2.0, 1024, True)
+
+
+def test_live_latents_through_diagnose_from_the_dead_column():
+    dead = {(a, n): n - min(n, G) for a in (3, 5, 8) for n in SIZES}
+    d = diagnose({"dead": dead}, truth_size=G, arch="topk")
+    live = next(p for p in d.pointers if p.diagnostic == LIVE)
+    assert live.size == G and live.default and live.match["size_steps_off"] == 0
+    assert d.estimate()["basis"] == [LIVE] and d.estimate()["median"] == G
+    dead_pointer = next(p for p in d.pointers if p.diagnostic == DEAD)
+    assert not dead_pointer.default
+
+
+# -- novel latents --------------------------------------------------------------------------------
+
+
+def test_novel_latents_count_directions_the_smaller_dictionary_lacks():
+    torch.manual_seed(0)
+    truth = torch.linalg.qr(torch.randn(64, 64))[0][:48]  # 48 orthonormal directions in 64 dims
+    atoms = {
+        (1.0, 16): truth[:16],
+        (1.0, 32): truth[:32],
+        # past the 48 features: the same 48 and 16 duplicates of them (split / repeated)
+        (1.0, 64): torch.cat([truth, truth[:16] * -1]),
+        (1.0, 128): torch.cat([truth, truth[:16], torch.randn(64, 64)]),
+    }
+    live = {k: torch.ones(len(v), dtype=torch.bool) for k, v in atoms.items()}
+    live[(1.0, 128)][64:] = False  # random directions that never fired: dead, not novel
+    counts = novel_counts(atoms, live)
+    assert counts == {(1.0, 16): 16, (1.0, 32): 16, (1.0, 64): 0}
+    # 16 -> 32 adds 16 novel of 16 new latents (grows); 32 -> 64 adds 16 of 32 (not fewer than
+    # half: grows); 64 -> 128 adds none: the pointer is 64
+    cols = {"novel_next": {k: float(v) for k, v in counts.items()}, "dead": {}}
+    cols["heldout_mse"] = {k: 1.0 for k in atoms}
+    d = diagnose(cols)
+    novel = next(p for p in d.pointers if p.diagnostic == NOVEL)
+    assert (novel.size, novel.lower_bound) == (64, False)
+
+
+# -- Matryoshka's prefix knee ---------------------------------------------------------------------
+
+
+def test_the_prefix_knee_is_where_a_longer_prefix_stops_cutting_the_fvu():
+    fvu = {128: 0.30, 256: 0.08, 512: 0.010, 1024: 0.0098, 2048: 0.0097}
+    prefixes = {(5.0, 2048): fvu, (5.0, 1024): {m: v for m, v in fvu.items() if m <= 1024}}
+    assert knee_per_knob(prefixes) == {5.0: (512, False)}
+    still = {(5.0, 2048): {128: 0.4, 256: 0.3, 512: 0.2, 1024: 0.1, 2048: 0.05}}
+    assert knee_per_knob(still) == {5.0: (1024, True)}
+
+
+def test_the_prefix_knee_through_diagnose_from_prefix_columns_scored_off_axis():
+    fvu = {128: 0.30, 256: 0.08, 512: 0.010, 1024: 0.0098}
+    columns = {f"heldout_fvu_m{m}": {(5.0, 2048): v} for m, v in fvu.items()}
+    columns["heldout_fvu"] = {(5.0, 2048): 0.0097, (5.0, 1024): 0.0098}
+    columns["heldout_mse"] = {(5.0, 2048): 1.0, (5.0, 1024): 1.0}
+    d = diagnose(columns, truth_size=G, arch="matryoshka")
+    knee = next(p for p in d.pointers if p.diagnostic == KNEE)
+    assert knee.size == 512 and knee.match["size_steps_off"] == 0
