@@ -12,10 +12,12 @@ import dataclasses
 import pytest
 import torch
 
+import unsuperpose.train.families.jumprelu_fast as jumprelu_fast
 from unsuperpose.train import load_dictionary
 from unsuperpose.train.config import JumpReLUOptions, SAETrainConfig
 from unsuperpose.train.families import get_family
 from unsuperpose.train.families.jumprelu import JumpReLUGroup, JumpReLUSAE
+from unsuperpose.train.families.jumprelu_fast import JumpReLUFastGroup
 
 
 def sparse_data(rows: int, d: int, G: int, p: float, seed: int) -> torch.Tensor:
@@ -92,11 +94,14 @@ def group_grads(g: JumpReLUGroup, s: int) -> dict[str, torch.Tensor]:
 OPTIONS = [JumpReLUOptions(), JumpReLUOptions(bandwidth=0.15, init_threshold=0.1)]
 
 
+@pytest.mark.parametrize("cls", [JumpReLUGroup, JumpReLUFastGroup], ids=["autograd", "fast"])
 @pytest.mark.parametrize("opts", OPTIONS, ids=["paper-defaults", "wide-kernel"])
-def test_step_matches_plain_reference(opts):
+def test_step_matches_plain_reference(opts, cls, monkeypatch):
     d, n, values = 12, 20, [0.0, 3e-3, 0.05]
     cfg = config(values, n, jumprelu=opts)
-    g = JumpReLUGroup(d, n, values, cfg, seed=0)
+    # The fast path's sparse step however many codes fire (these fire many).
+    monkeypatch.setattr(jumprelu_fast, "DENSE_ABOVE", 1.0)
+    g = cls(d, n, values, cfg, seed=0)
     with torch.no_grad():  # a nonzero decoder bias and varied thresholds, so every term counts
         g.b_dec.copy_(0.05 * torch.randn(g.S, d, generator=torch.Generator().manual_seed(1)))
         g.extra["log_threshold"].add_(
@@ -115,6 +120,7 @@ def test_step_matches_plain_reference(opts):
     # loss and gradients
     opt = torch.optim.Adam(g.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     red = g.forward_backward(x)
+    assert getattr(g, "dense_steps", 0) == 0
     ref_opts = []
     for s, p in enumerate(refs):
         loss, _, _ = reference_loss(p, x, values[s], opts.bandwidth)
@@ -221,7 +227,8 @@ def test_saved_dictionary_matches_reconstruct(tmp_path):
 
 def test_family_registration():
     fam = get_family("jumprelu")
-    assert fam.group is JumpReLUGroup and fam.reference is JumpReLUGroup
+    # trained through its sparse fast path (tests/test_jumprelu_fast.py)
+    assert fam.group is JumpReLUFastGroup and fam.reference is JumpReLUGroup
     assert fam.dictionary is JumpReLUSAE and not fam.denser_with_larger_knob
     assert (fam.sparsity_name, fam.sparsity_field, fam.flag) == ("l0_coef", "l0_coef", "--l0-coef")
     cfg = config([1e-3, 2e-3], 8)

@@ -175,13 +175,16 @@ class JumpReLUGroup(StackedGroup):
         return t
 
 
+# After JumpReLUGroup exists: the fast path subclasses it.
+from unsuperpose.train.families.jumprelu_fast import JumpReLUFastGroup  # noqa: E402
+
 JUMPRELU = register(
     Family(
         name="jumprelu",
         sparsity_name="l0_coef",
         sparsity_field="l0_coef",
         flag="--l0-coef",
-        group=JumpReLUGroup,
+        group=JumpReLUFastGroup,
         reference=JumpReLUGroup,
         dictionary=JumpReLUSAE,
         denser_with_larger_knob=False,
