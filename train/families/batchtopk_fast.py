@@ -67,7 +67,7 @@ class BatchTopKFastGroup(BatchTopKGroup):
             mask = p > floor
             cand = mask.view(-1).nonzero().squeeze(1)  # ascending flat indices
             if len(cand) >= want:
-                vals, sel = p[mask].topk(want, sorted=False)
+                vals, sel = torch.take(p, cand).topk(want, sorted=False)
                 idx = cand[sel]
             else:
                 floor = None

@@ -63,15 +63,15 @@ class JumpReLUFastGroup(JumpReLUGroup):
         lower = theta - eps  # below every active entry and every entry of the window
         found, total = [], 0
         for s in range(S):
-            above = pre[:, s] > lower[s]
-            found.append((above.nonzero(), pre[:, s][above]))  # both in (b, j) order
-            total += len(found[-1][1])
+            flat = (pre[:, s] > lower[s]).view(-1).nonzero().squeeze(1)  # b*n + j, ascending
+            found.append((flat, torch.take(pre[:, s], flat)))
+            total += len(flat)
         if total > DENSE_ABOVE * pre.numel():
             self.dense_steps += 1
             return super().forward_backward(x)
         with one_thread():
-            rows = torch.cat([bj[:, 1] + s * n for s, (bj, _) in enumerate(found)])
-            bags = torch.cat([bj[:, 0] + s * B for s, (bj, _) in enumerate(found)])
+            rows = torch.cat([flat % n + s * n for s, (flat, _) in enumerate(found)])
+            bags = torch.cat([flat // n + s * B for s, (flat, _) in enumerate(found)])
             p = torch.cat([vals for _, vals in found])
             th = theta.view(-1)[rows]
             active = p > th
