@@ -1,12 +1,15 @@
-"""Issue 18, item 5: the TopK step against EleutherAI's sparsify, side by side in one run.
+"""Issue 18, item 5: the TopK step against EleutherAI's sparsify, side by side in one run; and
+(issue 28, item 1) the BatchTopK, Matryoshka and JumpReLU fast paths against their autograd
+groups, with ``TOPK_BENCH_ARCH``.
 
-One TopK SAE, 1024 -> 8192, k 32, batch 4,096, Adam, on the same synthetic batches (two
+One SAE, 1024 -> 8192, k 32, batch 4,096, Adam, on the same synthetic batches (two
 ``torch.randn`` batches of seed 0, cycled). In interleaved rounds (the machine is shared, so every
 figure is read against the others of its round):
 - the GEMM peak of the encoder's shape, (4096 x 1024) @ (1024 x 8192), ``gemm_peak``;
-- ours, sparse: ``TopKFastGroup`` (what the trainer trains), the trainer's step
-  (forward_backward, finish_step, fused Adam, post_step);
-- ours, autograd: ``TopKGroup``, the same step (its dense AuxK work runs every step);
+- ours, sparse: the family's ``group`` (what the trainer trains: ``TopKFastGroup`` for topk),
+  the trainer's step (forward_backward, finish_step, fused Adam, post_step);
+- ours, autograd: the family's ``reference`` (``TopKGroup``), the same step (its dense AuxK work
+  runs every step);
 - sparsify 1.3 ``SparseCoder`` (TopK, k 32, its default config: no AuxK) with ``torch.optim.Adam``
   at its trainer's lr, its trainer's step (unit-norm decoder, forward with the batch's variance,
   fired mask, FVU read on the host, backward, gradient made tangent to the unit sphere, Adam,
@@ -16,6 +19,12 @@ figure is read against the others of its round):
 Both processes use 2 torch threads. Each rate is also printed as a fraction of the round's GEMM
 peak, counting 10*b*d*n FLOPs per step as a yardstick (a dense SAE step's five GEMMs; the sparse
 steps do fewer). ``TOPK_BENCH_ROUNDS`` / ``TOPK_BENCH_STEPS`` override 2 rounds of 3 steps.
+
+``TOPK_BENCH_ARCH`` (default topk; batchtopk, matryoshka, jumprelu, or several, comma-separated)
+picks the architectures, each measured in its own rounds; sparsify (a TopK SAE) runs beside
+topk only. JumpReLU has no k: its thresholds start at each latent's 16th largest
+pre-activation on the first batch, i.e. 32 active codes per row on average, with the paper's
+bandwidth 0.001 and an L0 coefficient of 0.001.
 """
 
 from __future__ import annotations
@@ -30,9 +39,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import gemm_peak
-from unsuperpose.train import SAETrainConfig
-from unsuperpose.train.families.topk import TopKGroup
-from unsuperpose.train.families.topk_fast import TopKFastGroup
+from unsuperpose.train import SAETrainConfig, get_family
 
 B, D, N, K = 4096, 1024, 8192, 32
 THREADS = 2
@@ -118,9 +125,22 @@ class _Sparsify:
 class _Ours:
     """One group of one dictionary and the trainer's step on it."""
 
-    def __init__(self, cls, xs: list[torch.Tensor]):
-        cfg = SAETrainConfig(arch="topk", top_k=[K], dict_sizes=[N], batch_size=B, lr=1e-3)
-        self.g = cls(D, N, [K], cfg, seed=0)
+    def __init__(self, arch: str, cls, xs: list[torch.Tensor]):
+        family = get_family(arch)
+        value = 1e-3 if arch == "jumprelu" else K
+        cfg = SAETrainConfig(
+            arch=arch,
+            dict_sizes=[N],
+            batch_size=B,
+            lr=1e-3,
+            **{family.sparsity_field: [value]},
+        )
+        self.g = cls(D, N, [value], cfg, seed=0)
+        if arch == "jumprelu":  # each latent fires on 16 of the first batch's 4096 rows
+            with torch.no_grad():
+                pre = self.g.pre_activations(xs[0], self.g.dictionaries())[:, 0]  # (B, N)
+                theta = pre.kthvalue(B - B * K // N, dim=0).values
+                self.g.extra["log_threshold"].copy_(theta.clamp(min=1e-6).log())
         self.opt = torch.optim.Adam(
             self.g.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True
         )
@@ -144,25 +164,28 @@ class _Ours:
 def run():
     rounds = int(os.environ.get("TOPK_BENCH_ROUNDS", 2))
     steps = int(os.environ.get("TOPK_BENCH_STEPS", 3))
+    archs = os.environ.get("TOPK_BENCH_ARCH", "topk").split(",")
     threads = torch.get_num_threads()
     torch.set_num_threads(THREADS)
     try:
-        yield from _run(rounds, steps)
+        for arch in archs:
+            yield from _run(arch.strip(), rounds, steps)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(rounds: int, steps: int):
+def _run(arch: str, rounds: int, steps: int):
+    family = get_family(arch)
+    if family.reference is None or family.group is family.reference:
+        raise ValueError(f"{arch} has no fast path to compare with its autograd group")
     torch.manual_seed(0)
     xs = [torch.randn(B, D) for _ in range(2)]  # the subprocess draws the same two
-    exe = _peers_python()
+    exe = _peers_python() if arch == "topk" else None
     peer = _Sparsify(exe) if exe else None
-    if peer is None:
+    if peer is None and arch == "topk":
         yield {"note": "sparsify skipped: no $PEERS_PYTHON or /tmp/peers/bin/python"}
-    methods = {
-        "ours_sparse": _Ours(TopKFastGroup, xs).rate,
-        "ours_autograd": _Ours(TopKGroup, xs).rate,
-    }
+    sparse = _Ours(arch, family.group, xs)
+    methods = {"ours_sparse": sparse.rate, "ours_autograd": _Ours(arch, family.reference, xs).rate}
     if peer:
         methods["sparsify"] = peer.rate
     flops = 10 * B * D * N  # per step, the yardstick
@@ -176,7 +199,7 @@ def _run(rounds: int, steps: int):
                 rates[m].append(methods[m](steps))
             peak = max(peak, gemm_peak(B, D, N))  # the better of two reads around the round
             peaks.append(peak)
-            row = {"round": r, "gemm_peak_gflops": round(peak, 1), "steps": steps}
+            row = {"arch": arch, "round": r, "gemm_peak_gflops": round(peak, 1), "steps": steps}
             for m in methods:
                 row[f"{m}_samples_s"] = round(rates[m][-1])
                 row[f"{m}_of_peak"] = round(rates[m][-1] * flops / B / (peak * 1e9), 3)
@@ -191,13 +214,24 @@ def _run(rounds: int, steps: int):
     finally:
         if peer:
             peer.close()
+    knob = "L0 32 at the start" if arch == "jumprelu" else f"k {K}"
     summary = {
-        "shape": f"{D}->{N}, batch {B}, k {K}",
+        "arch": arch,
+        "shape": f"{D}->{N}, batch {B}, {knob}",
         "rounds": rounds,
         "gemm_peak_gflops": [round(p, 1) for p in peaks],
     }
     for m in methods:
         summary[f"{m}_samples_s"] = [round(v) for v in rates[m]]
+    summary["sparse_vs_autograd"] = [
+        round(a / b, 2) for a, b in zip(rates["ours_sparse"], rates["ours_autograd"])
+    ]
+    # What the fast path ran on: active codes per row over all its steps (the jumprelu ones
+    # are not fixed), and the steps it handed to the autograd step as too dense (jumprelu).
+    g = sparse.g
+    summary["sparse_l0"] = round(float(g.stats[2].sum()) / g.stat_rows, 1)
+    if hasattr(g, "dense_steps"):
+        summary["sparse_dense_steps"] = g.dense_steps
     ratio = [a / b for a, b in zip(rates["ours_sparse"], rates.get("sparsify", []))]
     if ratio:
         summary["sparse_vs_sparsify"] = [round(v, 2) for v in ratio]
