@@ -10,28 +10,40 @@ probability at least 1 - ``MISS``:
 
 - B: the run's batch (rows per step, all ranks together);
 - r: the rare-kept-latent rate, read from the trained dictionaries on their held-out rows. A
-  dictionary *keeps* its latents when every one of them fired on the held-out rows; per such
-  dictionary take the ``RATE_QUANTILE`` quantile of its latents' firing rates (fires / rows, the
-  quantile so that one or two latents that fired a handful of times do not set it alone); r is
-  the (lower) median of these over the grid: the rate at which a typical fully used dictionary
-  of this grid keeps its rare latents alive, so a window that would call such a latent dead is
-  too short. When no dictionary keeps all its latents, every dictionary counts, over the
-  latents that fired.
-  Revised once, before any calibration grid was read: the first version took the smallest
-  quantile over the grid, and on a development grid (h 64, G 128, 1,500 steps) one oversized
-  dictionary at the lowest L1, whose split latents fired on 1e-4 of rows, set a window of 253
-  batches where the truth's is 3. The median keeps one such dictionary from setting it alone.
+  dictionary *keeps* its latents when every one of them fired at least ``MIN_FIRES`` times on the
+  held-out rows (each latent's rate is then measured, to about +-30% or better). Per knob value,
+  take the largest dictionary that keeps its latents and the ``RATE_QUANTILE`` quantile of its
+  latents' firing rates (fires / rows; the quantile, so that one or two latents do not set it
+  alone); r is the lower median of these over the knob values. The largest dictionary a knob
+  value keeps whole holds the rarest latents that knob value shows to be worth keeping, so a
+  window that would call such a latent dead is too short; the median keeps a knob value whose
+  dictionaries keep everything (a penalty too weak to shed anything) or whose codes collapse from
+  setting the window alone.
+  Revised twice before any calibration grid was read, on a development grid (h 64, G 128, 1,500
+  steps, L1 too low for the data: L0 20-140 where the truth has 5), where the truth's window is 3
+  batches: the smallest quantile over every dictionary let one oversized dictionary's split
+  latents (1e-4 of rows) set 253 batches; the median over every dictionary was set by dense small
+  dictionaries (a window of 1). Neither reads the question the window answers.
 
 Minimum evidence (below it a signal returns "no reading", with the reason; never a bound):
 - the per-latent statistics a run saves beside each dictionary (runs made before them have none);
-- r measured, not guessed: the latent that sets r fired at least ``MIN_FIRES`` times on the
-  held-out rows (a Poisson count of 10 is known to about +-30%); with fewer, held-out rows are too
-  few to see the rare latents and W* would be a guess;
+- r measured, not guessed: some knob value has a dictionary whose every latent fired at least
+  ``MIN_FIRES`` times on the held-out rows (a Poisson count of 10 is known to about +-30%); with
+  none, held-out rows are too few to see the rare latents and W* would be a guess;
 - steps >= ``BURN_IN`` x W*: the last W* batches, over which deaths are read, come after every
   latent has itself trained for W* batches, so a latent silent since its initialisation is not
   read as one the data let die. This is also the least training any count signal is read on: a
   grid shorter than it has not shown its rarest kept latents their features enough times to
   say which latents carry features.
+
+- converged: every dictionary's training reconstruction loss (``train_mse`` in the run's
+  history, logged every ``log_every`` steps), in units of the data's variance (FVU), fell by
+  less than ``CONVERGED_FVU`` (0.01) from the fifth of the run before the last to the last fifth
+  (means over the log points in each): the last fifth of training explained less than 1% more of
+  the variance. Absolute, not relative: a dictionary whose error tends to 0 (a weak penalty)
+  keeps halving it forever without learning anything the count could see. The signals compare
+  dictionaries with each other; one still learning reads as one that has less to learn. A run
+  whose log has no point in either fifth cannot show it, and is not read.
 
 Nothing here uses the truth. On toy data the window the truth would choose (the rarest true
 feature's rate, ``toy.sampling.dead_window_for``) is printed beside W* for comparison only.
@@ -50,6 +62,7 @@ MISS = 1e-3
 RATE_QUANTILE = 0.01
 MIN_FIRES = 10
 BURN_IN = 2
+CONVERGED_FVU = 0.01
 
 
 def window_for_rate(rate: float, batch_size: int, miss: float = MISS) -> int:
@@ -61,12 +74,9 @@ def window_for_rate(rate: float, batch_size: int, miss: float = MISS) -> int:
     return max(1, math.ceil(math.log(1 / miss) / per_batch))
 
 
-def _quantile_fired(fires: torch.Tensor) -> int:
-    """The RATE_QUANTILE quantile (lower) of the fire counts of latents that fired at least once."""
-    live = torch.sort(fires[fires > 0]).values
-    if len(live) == 0:
-        return 0
-    return int(live[int(RATE_QUANTILE * (len(live) - 1))])
+def _quantile(fires: torch.Tensor) -> int:
+    """The RATE_QUANTILE quantile (lower) of a dictionary's latents' fire counts."""
+    return int(torch.sort(fires).values[int(RATE_QUANTILE * (len(fires) - 1))])
 
 
 @dataclass
@@ -81,7 +91,7 @@ class WindowRule:
     batch_size: int | None = None
     heldout_rows: int | None = None
     steps: int | None = None
-    kept_cells: int = 0  # dictionaries that kept every latent
+    kept_cells: int = 0  # dictionaries whose every latent fired MIN_FIRES times or more
     reason: str | None = None
     truth_window: int | None = None  # toy data only: the truth's window, for comparison
     notes: list[str] = field(default_factory=list)
@@ -97,8 +107,8 @@ class WindowRule:
     def record(self) -> dict:
         return {
             "rule": f"W = ceil(ln(1/{MISS:g}) / (-B ln(1 - r))), r the {RATE_QUANTILE:.0%} "
-            "quantile of held-out firing rates in the dictionaries that kept every latent, "
-            "median over the grid",
+            "quantile of held-out firing rates of the largest dictionary whose every latent fired "
+            f"{MIN_FIRES}+ times, median over knob values",
             "window": self.window,
             "rate": self.rate,
             "rate_fires": self.fires,
@@ -120,9 +130,13 @@ def window_rule(
     heldout_rows: int | None,
     steps: int | None,
     truth_window: int | None = None,
+    curves: dict[Key, list[tuple[int, float]]] | None = None,
+    variance: float | None = None,
 ) -> WindowRule:
     """The dead window a grid's own observables call for, and whether the grid is long enough
-    to read any count signal (module docstring)."""
+    to read any count signal (module docstring). ``curves``: each dictionary's training MSE
+    over steps, for the convergence check (None: not checked, a constructed grid), in units of
+    ``variance`` (the data's, per coordinate)."""
     base = dict(
         batch_size=batch_size, heldout_rows=heldout_rows, steps=steps, truth_window=truth_window
     )
@@ -137,36 +151,88 @@ def window_rule(
         return WindowRule(
             None, reason="the run does not record its batch size, steps or held-out rows", **base
         )
-    kept = {k: s for k, s in latents.items() if bool((s["heldout_fires"] > 0).all())}
-    pool = kept or latents
-    rare = sorted(
-        (f, key) for key in pool if (f := _quantile_fired(pool[key]["heldout_fires"])) > 0
-    )
+    kept = {k for k, s in latents.items() if int(s["heldout_fires"].min()) >= MIN_FIRES}
+    rare = []
+    for a in sorted({a for a, _ in latents}):
+        sizes = [n for v, n in kept if v == a]
+        if sizes:
+            cell = (a, max(sizes))
+            rare.append((_quantile(latents[cell]["heldout_fires"]), cell))
     if not rare:
-        return WindowRule(None, reason="no latent fired on the held-out rows", **base)
+        least = min(int(s["heldout_fires"].min()) for s in latents.values())
+        return WindowRule(
+            None,
+            fires=least,
+            reason=f"the rare latents' rates are not measured: no dictionary has every latent "
+            f"firing at least {MIN_FIRES} times on the {heldout_rows:,} held-out rows (the best "
+            f"one's rarest fired {least} time(s)); evaluate on more held-out rows (a larger "
+            "store, or --eval-rows)",
+            **base,
+        )
+    rare.sort()
     fires, cell = rare[(len(rare) - 1) // 2]
     rate = fires / heldout_rows
     window = window_for_rate(rate, batch_size)
     rule = WindowRule(window, rate=rate, fires=fires, cell=cell, kept_cells=len(kept), **base)
-    if not kept:
-        rule.notes.append(
-            "no dictionary kept every latent on the held-out rows: r is read over the latents "
-            "that fired"
-        )
-    if fires < MIN_FIRES:
-        rule.reason = (
-            f"the rare latents' rate is not measured: the latent that sets it fired {fires} "
-            f"time(s) on {heldout_rows:,} held-out rows (at least {MIN_FIRES} are needed); "
-            "evaluate on more held-out rows (a larger store, or --eval-rows)"
-        )
-    elif steps < BURN_IN * window:
+    unconverged = None if curves is None else convergence_reason(curves, steps, variance)
+    if steps < BURN_IN * window:
         rule.reason = (
             f"the grid trained {steps:,} steps; the rule's dead window is {window:,} batches "
             f"of {batch_size:,} (rare kept latents fire on {rate:.2g} of rows), and a count "
             f"needs at least {BURN_IN} windows of training: train at least "
             f"{BURN_IN * window:,} steps"
         )
+    elif unconverged:
+        rule.reason = unconverged
     return rule
+
+
+def still_learning(
+    curves: dict[Key, list[tuple[int, float]]],
+    steps: int,
+    variance: float,
+    fall: float = CONVERGED_FVU,
+) -> tuple[list[tuple[Key, float]], list[Key]]:
+    """([(cell, its FVU's fall over the last fifth)] for the cells still falling by ``fall`` or
+    more, [cells whose log cannot tell]) from {cell: [(step, training MSE per coordinate)]};
+    ``variance``: the data's variance per coordinate (MSE / FVU)."""
+    falling, unknown = [], []
+    for key, curve in sorted(curves.items()):
+        last = [v for t, v in curve if 0.8 * steps < t <= steps]
+        before = [v for t, v in curve if 0.6 * steps < t <= 0.8 * steps]
+        if not last or not before:
+            unknown.append(key)
+            continue
+        drop = (sum(before) / len(before) - sum(last) / len(last)) / variance
+        if drop >= fall:
+            falling.append((key, drop))
+    return falling, unknown
+
+
+def convergence_reason(
+    curves: dict[Key, list[tuple[int, float]]], steps: int, variance: float | None
+) -> str | None:
+    """Why the grid is not shown converged (None: every dictionary is)."""
+    if not curves or not variance:
+        return (
+            "the run's history has no training loss per dictionary (runs made before it was "
+            "logged): convergence cannot be shown; retrain the grid to read it"
+        )
+    falling, unknown = still_learning(curves, steps, variance)
+    if unknown:
+        return (
+            f"the training log of {len(unknown)} dictionar{'y' if len(unknown) == 1 else 'ies'} "
+            f"has no point in the last two fifths of the {steps:,} steps: convergence cannot be "
+            "shown; log more often (--log-every at most a tenth of --steps)"
+        )
+    if falling:
+        worst_key, worst = max(falling, key=lambda kf: kf[1])
+        return (
+            f"{len(falling)} of {len(curves)} dictionaries were still learning: their training "
+            f"FVU fell by {CONVERGED_FVU:g} or more over the last fifth of the {steps:,} steps "
+            f"(most: {worst:.3f}, size {worst_key[1]:,} at knob {worst_key[0]:g}); train longer"
+        )
+    return None
 
 
 def dead_counts(latents: dict[Key, dict[str, torch.Tensor]], window: int) -> dict[Key, int]:

@@ -13,6 +13,7 @@ and logs the same to one W&B run (offline unless asked otherwise) through ``Trac
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +38,8 @@ from unsuperpose.analyze.report_page import render_index
 from unsuperpose.analyze.signals import novel_counts
 from unsuperpose.config import write_json_atomic
 from unsuperpose.tracking import Tracker
-from unsuperpose.train.io import sparsity_of, write_summary
+from unsuperpose.train.io import read_history, sparsity_of, write_summary
+from unsuperpose.train.layout import HISTORY_FILE
 
 # The LM heatmaps: every grid figure except those needing ground truth.
 LM_FIGURES = [f for f in GRID_FIGURES if f[0] not in ("mmcs", "mcc")]
@@ -94,11 +96,28 @@ def grid_rule(grid: Grid, *, truth_size: int | None = None) -> WindowRule:
     rows = [c.metrics.get("heldout_rows") for c in grid.cells.values()]
     rows = [int(r) for r in rows if isinstance(r, (int, float))]
     cells = list(grid.cells.values())
+    curves: dict = {}
+    for set_dir in {c.set_dir for c in cells}:
+        path = set_dir / HISTORY_FILE
+        for rec in read_history(path) if path.exists() else []:
+            key = (rec.get("sparsity", rec.get("l1")), rec.get("dict_size"))
+            if "train_mse" in rec and key in grid.cells and grid.cells[key].set_dir == set_dir:
+                curves.setdefault(key, []).append((int(rec["step"]), float(rec["train_mse"])))
+    if set(curves) != set(grid.cells):
+        curves = {}
+    # the data's variance per coordinate, as each cell's held-out MSE over its FVU has it
+    ratios = [
+        c.metrics["heldout_mse"] / c.metrics["heldout_fvu"]
+        for c in cells
+        if c.metrics.get("heldout_fvu") and c.metrics.get("heldout_mse") is not None
+    ]
     return window_rule(
         latents,
         batch_size=cells[0].identity.get("batch_size") if cells else None,
         heldout_rows=min(rows) if rows else None,
         steps=min(c.steps for c in cells) if cells else None,
+        curves=curves,
+        variance=statistics.median(ratios) if ratios else None,
         # toy runs are trained at the window the truth derives (``unsuperpose toy``); shown beside
         truth_window=grid.dead_window if truth_size else None,
     )

@@ -16,7 +16,10 @@ minimum evidence, every signal.
 Records: one ``calibration`` line per grid (every signal's pointer, steps off the truth, the
 window by the rule and by the truth, CPU seconds), appended to ``runs/bench/calibration.jsonl``
 as each grid finishes; a rerun skips the grids already there (same cell, same settings), so the
-table can be built across sessions. ``CAL_QUICK=1``: a smoke subset (h 64, G 64 and 128, relu and
+table can be built across sessions. Each grid's run folder stays under
+``runs/bench/calibration/`` (about 100 MB at G 512): ``CAL_REREAD=1`` reads every finished folder
+again without training, so a change to the analysis is measured on the same dictionaries.
+``CAL_QUICK=1``: a smoke subset (h 64, G 64 and 128, relu and
 topk, 600 steps) into its own file. ``CAL_CELLS=core`` (or robust, reach) picks a part.
 At the end, ``calibration_table`` per (architecture, signal): cells within one grid step of G.
 """
@@ -25,7 +28,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,6 +37,7 @@ from unsuperpose.commands._grid import train_and_save
 from unsuperpose.commands.toy import JUMPRELU_OPTIONS
 from unsuperpose.toy import ToyConfig, ToySource
 from unsuperpose.train import SAETrainConfig, parse_dict_sizes
+from unsuperpose.train.layout import is_finished
 
 ARCHS = ("relu", "topk", "batchtopk", "matryoshka", "jumprelu")
 KNOBS = {
@@ -79,6 +82,10 @@ def key(cell: dict) -> str:
     return json.dumps({k: cell[k] for k in sorted(cell) if k != "part"}, sort_keys=True)
 
 
+def folder_name(cell: dict) -> str:
+    return "-".join(f"{k}{cell[k]}" for k in ("arch", "G", "h", "data", "seed", "steps"))
+
+
 def train_cell(cell: dict, folder: Path) -> dict:
     src = ToySource(toy_config(cell))
     G = cell["G"]
@@ -91,24 +98,25 @@ def train_cell(cell: dict, folder: Path) -> dict:
         data_seed=cell["seed"],
         dead_window=src.dead_window(256),  # the truth's window: training only (AuxK's)
         eval_rows=262_144 if cell["h"] >= 256 else 65_536,
-        log_every=1000,
+        log_every=max(1, cell["steps"] // 50),  # enough points to show convergence
         **KNOBS[cell["arch"]],
     )
     t0, cpu0 = time.perf_counter(), time.process_time()
-    train_and_save(
-        src,
-        cfg,
-        folder,
-        size_labels={n: f"{n / G:g}x" for n in sizes},
-        size_base=G,
-        size_axis="x G",
-        ground_truth=src.features,
-        progress=False,
-        run_name=folder.name,
-        source_info=src.describe(),
-        checkpoint_every=10**9,
-        wandb_mode="disabled",
-    )
+    if not is_finished(folder):  # a finished folder is only read again
+        train_and_save(
+            src,
+            cfg,
+            folder,
+            size_labels={n: f"{n / G:g}x" for n in sizes},
+            size_base=G,
+            size_axis="x G",
+            ground_truth=src.features,
+            progress=False,
+            run_name=folder.name,
+            source_info=src.describe(),
+            checkpoint_every=500,
+            wandb_mode="disabled",
+        )
     rec = toy_record(folder, G)
     pointers = {
         p["diagnostic"]: {
@@ -162,6 +170,10 @@ def run() -> Iterator[dict]:
         os.environ.get("CAL_FILE", f"runs/bench/calibration{'-quick' if quick else ''}.jsonl")
     )
     path.parent.mkdir(parents=True, exist_ok=True)
+    runs = path.parent / path.stem
+    reread = os.environ.get("CAL_REREAD") == "1"
+    if reread:
+        path.unlink(missing_ok=True)
     done = {}
     if path.exists():
         for line in path.read_text().splitlines():
@@ -175,8 +187,10 @@ def run() -> Iterator[dict]:
             records.append(done[k])
             yield {**done[k], "resumed": True}
             continue
-        with tempfile.TemporaryDirectory(prefix="calibration-") as tmp:
-            rec = {**train_cell(cell, Path(tmp) / "run"), "key": k}
+        folder = runs / folder_name(cell)
+        if reread and not is_finished(folder):
+            continue
+        rec = {**train_cell(cell, folder), "key": k}
         with path.open("a") as f:
             f.write(json.dumps(rec) + "\n")
         records.append(rec)

@@ -11,8 +11,10 @@ from unsuperpose.analyze.diagnostics import DEAD, LIVE, diagnose, diagnosis_reco
 from unsuperpose.analyze.evidence import (
     BURN_IN,
     MIN_FIRES,
+    convergence_reason,
     dead_counts,
     live_masks,
+    still_learning,
     window_for_rate,
     window_rule,
 )
@@ -46,24 +48,31 @@ def test_the_window_is_the_batches_a_latent_at_the_rate_needs_to_fire_once_with_
     assert window_for_rate(0.001, 512) == math.ceil(window_for_rate(0.001, 256) / 2)
 
 
-def test_the_rule_reads_the_median_kept_dictionarys_rare_latents_and_ignores_unkept_ones():
+def test_the_rule_reads_each_knobs_largest_kept_dictionary_and_takes_the_median():
     rows = 100_000
     latents = {
-        # kept (every latent fired): the 1% quantile of 100 latents is the smallest here
-        (1.0, 100): stats([200] + [5_000] * 99),
+        # knob 1: both sizes keep every latent (each fired MIN_FIRES+ times): the larger counts;
+        # its 1% quantile of 200 latents is the second smallest count
+        (1.0, 100): stats([900] + [5_000] * 99),
+        (1.0, 200): stats([30, 50] + [5_000] * 198),
+        # knob 2: the larger dictionary has a latent fired 5 times (not measured): not kept
         (2.0, 100): stats([100] + [5_000] * 99),
+        (2.0, 200): stats([5] + [5_000] * 199),
+        # knob 3
         (3.0, 100): stats([400] + [5_000] * 99),
-        # not kept (a latent never fired): its rare latents do not set the rate
-        (1.0, 200): stats([0, 11] + [5_000] * 198),
     }
     rule = window_rule(latents, batch_size=256, heldout_rows=rows, steps=10_000)
-    assert rule.readable and rule.kept_cells == 3
-    assert rule.fires == 200 and rule.cell == (1.0, 100)
-    assert rule.rate == 200 / rows
-    assert rule.window == window_for_rate(200 / rows, 256)
-    # a fourth kept dictionary with much rarer latents moves the median by one place only
+    assert rule.readable and rule.kept_cells == 4
+    assert (rule.fires, rule.cell) == (100, (2.0, 100))  # the median of 50, 100 and 400
+    assert rule.rate == 100 / rows
+    assert rule.window == window_for_rate(100 / rows, 256)
+    # a fourth knob value moves the median by one place at most
     latents[(4.0, 100)] = stats([12] + [5_000] * 99)
-    assert window_rule(latents, batch_size=256, heldout_rows=rows, steps=10_000).fires == 100
+    assert window_rule(latents, batch_size=256, heldout_rows=rows, steps=10_000).fires == 50
+    # a larger size at knob 3 that keeps its latents replaces knob 3's entry (400 -> 1,000) only
+    latents[(3.0, 400)] = stats([1_000] * 400)
+    rule = window_rule(latents, batch_size=256, heldout_rows=rows, steps=10_000)
+    assert (rule.fires, rule.cell) == (50, (1.0, 200))
 
 
 def test_a_grid_shorter_than_the_rule_asks_gets_no_reading_naming_steps_and_window():
@@ -81,7 +90,8 @@ def test_a_grid_shorter_than_the_rule_asks_gets_no_reading_naming_steps_and_wind
 def test_a_rate_seen_fewer_than_min_fires_times_is_not_measured():
     latents = {(1.0, 64): stats([MIN_FIRES - 1] + [1_000] * 63)}
     rule = window_rule(latents, batch_size=256, heldout_rows=4_096, steps=10**9)
-    assert not rule.readable and "more held-out rows" in rule.reason
+    assert not rule.readable and rule.window is None
+    assert f"fired {MIN_FIRES - 1} time(s)" in rule.reason and "more held-out rows" in rule.reason
 
 
 def test_a_run_without_per_latent_statistics_gets_no_reading():
@@ -202,3 +212,44 @@ def test_the_prefix_knee_through_diagnose_from_prefix_columns_scored_off_axis():
     d = diagnose(columns, truth_size=G, arch="matryoshka")
     knee = next(p for p in d.pointers if p.diagnostic == KNEE)
     assert knee.size == 512 and knee.match["size_steps_off"] == 0
+
+
+# -- convergence ----------------------------------------------------------------------------------
+
+
+def curve(steps: int, every: int, fall_last_fifth: float) -> list[tuple[int, float]]:
+    """A training loss flat at 1 until 0.8 * steps, then lower by ``fall_last_fifth``."""
+    return [
+        (t, 1.0 if t <= 0.8 * steps else 1.0 - fall_last_fifth)
+        for t in range(every, steps + 1, every)
+    ]
+
+
+def test_a_dictionary_whose_fvu_still_falls_by_001_over_the_last_fifth_is_learning():
+    # losses in units of a variance of 2: a fall of 0.04 is 0.02 of FVU, of 0.01 is 0.005
+    curves = {(1.0, 64): curve(1000, 50, 0.04), (1.0, 128): curve(1000, 50, 0.01)}
+    falling, unknown = still_learning(curves, 1000, variance=2.0)
+    assert [k for k, _ in falling] == [(1.0, 64)] and unknown == []
+    assert abs(falling[0][1] - 0.02) < 1e-9
+    reason = convergence_reason(curves, 1000, 2.0)
+    assert "1 of 2 dictionaries were still learning" in reason and "size 64" in reason
+    assert convergence_reason({(1.0, 128): curve(1000, 50, 0.01)}, 1000, 2.0) is None
+    # the same fall read against a smaller variance is a larger share of it
+    assert convergence_reason({(1.0, 128): curve(1000, 50, 0.01)}, 1000, 0.5) is not None
+
+
+def test_a_log_too_coarse_to_show_convergence_is_not_read():
+    # a 250-step run logged every 100 steps: points at 100 and 200 (and 250 at the end)
+    curves = {(1.0, 64): [(100, 1.0), (200, 0.9)]}
+    assert still_learning(curves, 250, 1.0) == ([], [(1.0, 64)])
+    assert "--log-every" in convergence_reason(curves, 250, 1.0)
+    assert "no training loss" in convergence_reason({}, 250, 1.0)
+
+
+def test_an_unconverged_grid_gets_no_reading_even_when_long_enough_for_its_window():
+    latents = {(1.0, 64): stats([1_000] * 64)}
+    curves = {(1.0, 64): curve(5000, 100, 0.2)}
+    kw = dict(batch_size=256, heldout_rows=65_536, steps=5000, variance=1.0)
+    rule = window_rule(latents, curves=curves, **kw)
+    assert rule.window is not None and not rule.readable and "still learning" in rule.reason
+    assert window_rule(latents, curves={(1.0, 64): curve(5000, 100, 0.0)}, **kw).readable

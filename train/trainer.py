@@ -283,6 +283,16 @@ def train_steps(
                 now = time.perf_counter()
                 rate = (state.step - step_last) * cfg.batch_size / max(now - t_last, 1e-9)
                 t_last, step_last = now, state.step
+                # the training loss per dictionary, kept with the run: whether it has stopped
+                # falling is evidence analysis needs (analyze.evidence, convergence)
+                add_history(
+                    state,
+                    {
+                        (v, g.n): {"train_mse": float(st["mse"][s])}
+                        for g, st in zip(state.groups, stats, strict=True)
+                        for s, v in enumerate(g.values)
+                    },
+                )
                 row = _log_row(state, stats, rate)
                 bar.set_postfix(samples_s=f"{row['samples_per_s']:,.0f}")
                 if on_log and distributed.is_main():
@@ -395,9 +405,26 @@ def _run_callbacks(state: GridState, callbacks: list[Callback], force: bool = Fa
     for cb in due:
         for key, values in cb.fn(state.step, dicts).items():
             merged.setdefault(key, {}).update(values)
+    add_history(state, merged)
+
+
+def add_history(state: GridState, values: dict[tuple[float, int], dict]) -> None:
+    """One history record per (step, knob value, size): values logged at a step that already
+    has the cell's record join it, so a grid split over ranks and one process write the same
+    history (records sorted by step, then size, then knob value)."""
+    this_step = {}
+    for rec in reversed(state.history):
+        if rec["step"] != state.step:
+            break
+        this_step[(rec["sparsity"], rec["dict_size"])] = rec
     knob = state.family.sparsity_name
-    for (v, n), values in merged.items():
-        state.history.append({"step": state.step, knob: v, "sparsity": v, "dict_size": n, **values})
+    for (v, n), vals in values.items():
+        if (v, n) in this_step:
+            this_step[(v, n)].update(vals)
+        else:
+            state.history.append(
+                {"step": state.step, knob: v, "sparsity": v, "dict_size": n, **vals}
+            )
 
 
 # Windows (in batches) at which the final metrics also count dead latents: dead_w<W> columns.
