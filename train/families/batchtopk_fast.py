@@ -20,11 +20,13 @@ Devices: on any device other than the CPU the group runs ``BatchTopKGroup``'s au
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import torch
 
 from unsuperpose.train.families.batchtopk import BatchTopKGroup
 from unsuperpose.train.families.sparse_step import (
+    SMALL_STEP,
     bag_step,
     encode_into,
     one_thread,
@@ -88,25 +90,37 @@ class BatchTopKFastGroup(BatchTopKGroup):
         norms = self.W_dec.norm(dim=-1, keepdim=True)
         dn = self.W_dec / norms  # (S, n, d)
         pre = encode_into(self, x, buf["pre"])  # (B, S, n): the one dense GEMM
-        rows, bags, vals, smallest = [], [], [], []
-        for s, k in enumerate(self.k):
-            idx, v = self.select(pre[:, s], k)
+        with one_thread() if pre.numel() < SMALL_STEP else nullcontext():
+            rows, bags, vals, smallest = [], [], [], []
+            for s, k in enumerate(self.k):
+                idx, v = self.select(pre[:, s], k)
+                with one_thread():
+                    v.clamp_(min=0)  # ReLU after the selection: the same codes
+                    rows.append(idx % n + s * n)
+                    bags.append(idx // n + s * B)
+                    vals.append(v)
+                    smallest.append(torch.where(v > 0, v, torch.inf).amin())
+            # The smallest positive code kept this step per dictionary (inf: none); combined over
+            # ranks with "min" and read by ``after_step``.
+            self.kept_min = torch.stack(smallest)
             with one_thread():
-                v.clamp_(min=0)  # ReLU after the selection: the same codes
-                rows.append(idx % n + s * n)
-                bags.append(idx // n + s * B)
-                vals.append(v)
-                smallest.append(torch.where(v > 0, v, torch.inf).amin())
-        # The smallest positive code kept this step per dictionary (inf: none); combined over
-        # ranks with "min" and read by ``after_step``.
-        self.kept_min = torch.stack(smallest)
-        with one_thread():
-            rows, bags, v = torch.cat(rows), torch.cat(bags), torch.cat(vals)
-            active = v > 0
-        _, fired = bag_step(
-            self, x, pre, norms, dn, rows, bags, v, active, buf, auxk=True, prefixes=self.prefixes()
-        )
-        return {"fired": (fired, "sum"), **self.step_reductions()}
+                rows, bags, v = torch.cat(rows), torch.cat(bags), torch.cat(vals)
+                active = v > 0
+            _, fired = bag_step(
+                self,
+                x,
+                pre,
+                norms,
+                dn,
+                rows,
+                bags,
+                v,
+                active,
+                buf,
+                auxk=True,
+                prefixes=self.prefixes(),
+            )
+            return {"fired": (fired, "sum"), **self.step_reductions()}
 
     def prefixes(self) -> list[int] | None:
         """The nested prefixes whose reconstructions the loss counts (Matryoshka); None: only

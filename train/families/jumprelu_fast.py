@@ -28,10 +28,13 @@ Devices: on any device other than the CPU the group runs ``JumpReLUGroup``'s aut
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 
 from unsuperpose.train.families.jumprelu import JumpReLUGroup
 from unsuperpose.train.families.sparse_step import (
+    SMALL_STEP,
     bag_step,
     encode_into,
     one_thread,
@@ -69,28 +72,29 @@ class JumpReLUFastGroup(JumpReLUGroup):
         if int(above.sum()) > DENSE_ABOVE * pre.numel():  # counted before any index is made
             self.dense_steps += 1
             return self._dense_step(x, pre, theta, norms, dn)
-        found = []
-        for s in range(S):
-            flat = above[:, s].reshape(-1).nonzero().squeeze(1)  # b*n + j, ascending
-            found.append((flat, torch.take(pre[:, s], flat)))
-        with one_thread():
-            rows = torch.cat([flat % n + s * n for s, (flat, _) in enumerate(found)])
-            bags = torch.cat([flat // n + s * B for s, (flat, _) in enumerate(found)])
-            p = torch.cat([vals for _, vals in found])
-            th = theta.view(-1)[rows]
-            active = p > th
-            window = ((p - th) / eps).abs() < 0.5  # the reference's rectangle, as it writes it
-            keep = (active | window).nonzero().squeeze(1)
-            rows, bags, p, th = rows[keep], bags[keep], p[keep], th[keep]
-            active, window = active[keep], window[keep]
-            v = p * active
-        dots, fired = bag_step(self, x, pre, norms, dn, rows, bags, v, active, buf, auxk=False)
-        with one_thread():
-            coef = self.l0_coef[rows // n]
-            d_theta = torch.where(window, -(th / eps) * dots - coef / (eps * B), 0.0)
-            d_theta = torch.zeros(S * n, device=x.device).index_add_(0, rows, d_theta)
-            self.extra["log_threshold"].grad.copy_(d_theta.mul_(theta.view(-1)))
-        return {"fired": (fired, "sum"), **self.step_reductions()}
+        with one_thread() if pre.numel() < SMALL_STEP else nullcontext():
+            found = []
+            for s in range(S):
+                flat = above[:, s].reshape(-1).nonzero().squeeze(1)  # b*n + j, ascending
+                found.append((flat, torch.take(pre[:, s], flat)))
+            with one_thread():
+                rows = torch.cat([flat % n + s * n for s, (flat, _) in enumerate(found)])
+                bags = torch.cat([flat // n + s * B for s, (flat, _) in enumerate(found)])
+                p = torch.cat([vals for _, vals in found])
+                th = theta.view(-1)[rows]
+                active = p > th
+                window = ((p - th) / eps).abs() < 0.5  # the reference's rectangle, as it writes it
+                keep = (active | window).nonzero().squeeze(1)
+                rows, bags, p, th = rows[keep], bags[keep], p[keep], th[keep]
+                active, window = active[keep], window[keep]
+                v = p * active
+            dots, fired = bag_step(self, x, pre, norms, dn, rows, bags, v, active, buf, auxk=False)
+            with one_thread():
+                coef = self.l0_coef[rows // n]
+                d_theta = torch.where(window, -(th / eps) * dots - coef / (eps * B), 0.0)
+                d_theta = torch.zeros(S * n, device=x.device).index_add_(0, rows, d_theta)
+                self.extra["log_threshold"].grad.copy_(d_theta.mul_(theta.view(-1)))
+            return {"fired": (fired, "sum"), **self.step_reductions()}
 
     def _dense_step(self, x, pre, theta, norms, dn) -> Reductions:
         """The same gradients with dense codes (batched GEMMs), from the step's pre-activations:
