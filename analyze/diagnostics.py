@@ -379,7 +379,9 @@ class Diagnosis:
         read = [p for p in used if p.reading]
         empty = {"more_than": None, "low": None, "high": None, "median": None, "sizes": []}
         if not read:
-            reasons = sorted({p.why for p in used}) or ["no signal applies to this grid"]
+            reasons = sorted({p.why.removeprefix("no reading: ") for p in used}) or [
+                "no signal applies to this grid"
+            ]
             return {**empty, "no_estimate": reasons, "basis": list(self.basis)}
         points = sorted(p.size for p in read if p.size is not None and not p.lower_bound)
         bounds = [p.size for p in read if p.lower_bound and p.size is not None]

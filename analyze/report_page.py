@@ -137,12 +137,16 @@ def window_text(diagnosis) -> str:
         if rule.truth_window
         else ""
     )
-    head = (
+    return (
         f"Dead window {rule.window:,} batches of {rule.batch_size:,} (the rule: rare kept "
         f"latents fire on {rule.rate:.2g} of {rule.heldout_rows:,} held-out rows){truth}; "
-        f"the grid trained {rule.steps:,} steps"
+        f"the grid trained {rule.steps:,} steps, at least {rule.steps_needed:,} needed."
     )
-    return head + (f": no reading ({rule.reason})." if rule.reason else ".")
+
+
+def below_evidence(diagnosis) -> bool:
+    """The grid is below the minimum evidence: what is printed of it is for reference only."""
+    return diagnosis.rule is not None and not diagnosis.rule.readable
 
 
 def sensitivity_text(diagnosis) -> str:
@@ -200,12 +204,15 @@ def summary_html(report) -> str:
         if report_ssll
         else " SSLL read with the report's grid-wide z-scores: no basin."
     )
+    beside = (
+        ""
+        if below_evidence(lm.diagnosis)
+        else f" {esc(sensitivity_text(lm.diagnosis))}{esc(ssll_note)}"
+    )
     parts = [
         "<p><b>Estimate.</b> "
         + esc(estimate_text(lm.diagnosis.estimate(), lm.base, lm.name, lm.grid.knob_label))
-        + " "
-        f"{esc(window_text(lm.diagnosis))} "
-        f"{esc(sensitivity_text(lm.diagnosis))}{esc(ssll_note)}</p>"
+        + f" {esc(window_text(lm.diagnosis))}{beside}</p>"
     ]
     ablation = ablation_text(lm.grid.rows(), lm.name, lm.grid.source.get("hook"))
     if ablation:
@@ -258,6 +265,12 @@ def dead_table(report) -> str:
         if side is None:
             continue
         d = side.diagnosis.dead
+        if below_evidence(side.diagnosis):
+            out.append(
+                f"<p><i>{esc(side.name)}: below the minimum evidence ("
+                f"{esc(side.diagnosis.rule.reason)}); the tables below are for reference, "
+                "not a reading.</i></p>"
+            )
         rows = [
             [
                 f"{a:g}",

@@ -468,7 +468,12 @@ def run(args: argparse.Namespace) -> int:
         names.forget()
     for note in report.notes:
         print(f"note: {in_flags(names.show(note), FLAGS)}")
-    from unsuperpose.analyze.report_page import estimate_text, sensitivity_text, window_text
+    from unsuperpose.analyze.report_page import (
+        below_evidence,
+        estimate_text,
+        sensitivity_text,
+        window_text,
+    )
 
     print(
         "estimate: "
@@ -483,7 +488,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {p.diagnostic}{' (default)' if p.default else ''}: {_pointed(p)}")
     if window_text(report.lm.diagnosis):
         print(window_text(report.lm.diagnosis))
-    if sensitivity_text(report.lm.diagnosis):
+    if sensitivity_text(report.lm.diagnosis) and not below_evidence(report.lm.diagnosis):
         print(sensitivity_text(report.lm.diagnosis))
     print(f"report: {names.show(report.index)}")
     return 0
