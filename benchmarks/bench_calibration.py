@@ -196,3 +196,68 @@ def run() -> Iterator[dict]:
         records.append(rec)
         yield rec
     yield from table(records)
+
+
+SIGNALS = (
+    "dead neurons",
+    "loss stickiness (SSLL)",
+    "MMCS with larger dictionaries",
+    "live latents",
+    "novel latents",
+    "Matryoshka prefix knee",
+)
+
+
+def _cell_text(p: dict | None) -> str:
+    if p is None:
+        return "–"
+    if not p["reading"]:
+        return "no reading"
+    if p["size"] is None:
+        return "none"
+    at = f"{'>' if p['lower_bound'] else ''}{p['ratio']:g}x"
+    return f"**{at}**" if p["steps_off"] == 0 else at
+
+
+def markdown(records: list[dict]) -> str:
+    """The README's table: one row per grid, each signal's pointer as a ratio of G (bold: at
+    the truth; '>': a lower bound), the default reading marked, the windows and the cost."""
+    head = [
+        "arch",
+        "G",
+        "data, seed",
+        "window: rule / truth",
+        *SIGNALS,
+        "best MMCS (at)",
+        "CPU min",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in records:
+        cells = []
+        for name in SIGNALS:
+            text = _cell_text(r["pointers"].get(name))
+            cells.append(f"{text} (default)" if name == r["default"] else text)
+        window = f"{r['window_rule'] or '–'} / {r['window_truth']}"
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    r["arch"],
+                    f"{r['G']:,}",
+                    f"{r['data']}, {r['seed']}",
+                    window,
+                    *cells,
+                    f"{r['best_mmcs']:.3f} ({r['best_at_ratio']:g}x)",
+                    f"{r['cpu_s'] / 60:.0f}",
+                ]
+            )
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # print the README's table from the records so far
+    import sys
+
+    file = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/bench/calibration.jsonl")
+    print(markdown([json.loads(line) for line in file.read_text().splitlines() if line.strip()]))
