@@ -1,4 +1,4 @@
-"""What the sparse CPU steps share (``topk_fast``, ``batchtopk_fast``, ``matryoshka``'s and
+"""What the sparse CPU steps share (``topk_fast``, ``batchtopk_fast``, ``matryoshka_fast`` and
 ``jumprelu_fast``): after the encoder GEMM, a step touches only the active codes.
 
 Codes are a flat list of entries: entry e is code value ``v[e]`` of stacked latent ``rows[e]``
@@ -15,6 +15,8 @@ JumpReLU a varying number. With g = dL/dx_hat per bag and Dn the unit decoder ro
   dW_dec = (dDn - Dn <dDn, Dn>_row) / ||W_dec||_row            ``write_grads``
 
 AuxK (``auxk.py``) is the same computation on its own sparse codes (``auxk_grads``).
+``bag_step`` is the whole step for codes with any number of entries per bag (BatchTopK,
+JumpReLU), and with Matryoshka's nested prefixes; TopK keeps its fixed (B, k) layout.
 
 This is for the CPU, where a host read costs nothing and torch's sparse CSR kernels are MKL's;
 the groups run their autograd step on any other device.
