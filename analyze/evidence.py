@@ -9,12 +9,13 @@ probability at least 1 - ``MISS``:
     W* = ceil( ln(1 / MISS) / (-B * ln(1 - r)) )
 
 - B: the run's batch (rows per step, all ranks together);
-- r: the rare-kept-latent rate, read from the trained dictionaries on their held-out rows. A
-  dictionary *keeps* its latents when every one of them fired at least ``MIN_FIRES`` times on the
-  held-out rows (each latent's rate is then measured, to about +-30% or better). Per knob value,
-  take the largest dictionary that keeps its latents and the ``RATE_QUANTILE`` quantile of its
-  latents' firing rates (fires / rows; the quantile, so that one or two latents do not set it
-  alone); r is the lower median of these over the knob values. The largest dictionary a knob
+- r: the rare-kept-latent rate, read from the trained dictionaries on their held-out rows. Per
+  dictionary, the ``RATE_QUANTILE`` quantile of its latents' firing rates (fires / rows; the
+  quantile, so that one or two latents do not set it alone); the dictionary *keeps* its
+  latents when that quantile is measured: the latent at it fired at least ``MIN_FIRES`` times
+  on the held-out rows (to about +-30%), so fewer than 1% of its latents are rarer than that.
+  Per knob value, take the largest dictionary that keeps its latents; r is the lower median of
+  their quantile rates over the knob values. The largest dictionary a knob
   value keeps whole holds the rarest latents that knob value shows to be worth keeping, so a
   window that would call such a latent dead is too short; the median keeps a knob value whose
   dictionaries keep everything (a penalty too weak to shed anything) or whose codes collapse from
@@ -23,13 +24,18 @@ probability at least 1 - ``MISS``:
   steps, L1 too low for the data: L0 20-140 where the truth has 5), where the truth's window is 3
   batches: the smallest quantile over every dictionary let one oversized dictionary's split
   latents (1e-4 of rows) set 253 batches; the median over every dictionary was set by dense small
-  dictionaries (a window of 1). Neither reads the question the window answers.
+  dictionaries (a window of 1). Neither reads the question the window answers. Revised a third
+  time after the first calibration grid (relu, G 256) had been read, for a reason outside it:
+  the tiny LM's grids have a dead latent or two in nearly every dictionary, and requiring every
+  latent to fire 10 times left no dictionary to read; now the quantile that sets r must be
+  measured, not every latent. The calibration grids kept their run folders and were all read
+  again under the final rule (``CAL_REREAD=1``).
 
 Minimum evidence (below it a signal returns "no reading", with the reason; never a bound):
 - the per-latent statistics a run saves beside each dictionary (runs made before them have none);
-- r measured, not guessed: some knob value has a dictionary whose every latent fired at least
-  ``MIN_FIRES`` times on the held-out rows (a Poisson count of 10 is known to about +-30%); with
-  none, held-out rows are too few to see the rare latents and W* would be a guess;
+- r measured, not guessed: some dictionary's quantile latent fired at least ``MIN_FIRES`` times
+  on the held-out rows (a Poisson count of 10 is known to about +-30%); with none, held-out rows
+  are too few to see the rare latents and W* would be a guess;
 - steps >= ``BURN_IN`` x W*: the last W* batches, over which deaths are read, come after every
   latent has itself trained for W* batches, so a latent silent since its initialisation is not
   read as one the data let die. This is also the least training any count signal is read on: a
@@ -91,7 +97,7 @@ class WindowRule:
     batch_size: int | None = None
     heldout_rows: int | None = None
     steps: int | None = None
-    kept_cells: int = 0  # dictionaries whose every latent fired MIN_FIRES times or more
+    kept_cells: int = 0  # dictionaries whose quantile latent fired MIN_FIRES times or more
     reason: str | None = None
     truth_window: int | None = None  # toy data only: the truth's window, for comparison
     notes: list[str] = field(default_factory=list)
@@ -107,8 +113,8 @@ class WindowRule:
     def record(self) -> dict:
         return {
             "rule": f"W = ceil(ln(1/{MISS:g}) / (-B ln(1 - r))), r the {RATE_QUANTILE:.0%} "
-            "quantile of held-out firing rates of the largest dictionary whose every latent fired "
-            f"{MIN_FIRES}+ times, median over knob values",
+            "quantile of held-out firing rates of the largest dictionary whose quantile latent "
+            f"fired {MIN_FIRES}+ times, median over knob values",
             "window": self.window,
             "rate": self.rate,
             "rate_fires": self.fires,
@@ -151,22 +157,23 @@ def window_rule(
         return WindowRule(
             None, reason="the run does not record its batch size, steps or held-out rows", **base
         )
-    kept = {k for k, s in latents.items() if int(s["heldout_fires"].min()) >= MIN_FIRES}
+    quantile = {k: _quantile(s["heldout_fires"]) for k, s in latents.items()}
+    kept = {k for k, f in quantile.items() if f >= MIN_FIRES}
     rare = []
     for a in sorted({a for a, _ in latents}):
         sizes = [n for v, n in kept if v == a]
         if sizes:
             cell = (a, max(sizes))
-            rare.append((_quantile(latents[cell]["heldout_fires"]), cell))
+            rare.append((quantile[cell], cell))
     if not rare:
-        least = min(int(s["heldout_fires"].min()) for s in latents.values())
+        best = max(quantile.values())
         return WindowRule(
             None,
-            fires=least,
-            reason=f"the rare latents' rates are not measured: no dictionary has every latent "
-            f"firing at least {MIN_FIRES} times on the {heldout_rows:,} held-out rows (the best "
-            f"one's rarest fired {least} time(s)); evaluate on more held-out rows (a larger "
-            "store, or --eval-rows)",
+            fires=best,
+            reason=f"the rare latents' rates are not measured: in no dictionary did the latent "
+            f"at the {RATE_QUANTILE:.0%} quantile fire {MIN_FIRES} times or more on the "
+            f"{heldout_rows:,} held-out rows (at most {best}); evaluate on more held-out rows "
+            "(a larger store, or --eval-rows), or train until fewer latents are that rare",
             **base,
         )
     rare.sort()

@@ -172,8 +172,12 @@ def run() -> Iterator[dict]:
     path.parent.mkdir(parents=True, exist_ok=True)
     runs = path.parent / path.stem
     reread = os.environ.get("CAL_REREAD") == "1"
-    if reread:
-        path.unlink(missing_ok=True)
+    cost = {}  # a re-read keeps what training the grid cost
+    if reread and path.exists():
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            cost[rec["key"]] = {k: rec[k] for k in ("wall_s", "cpu_s")}
+        path.unlink()
     done = {}
     if path.exists():
         for line in path.read_text().splitlines():
@@ -190,7 +194,7 @@ def run() -> Iterator[dict]:
         folder = runs / folder_name(cell)
         if reread and not is_finished(folder):
             continue
-        rec = {**train_cell(cell, folder), "key": k}
+        rec = {**train_cell(cell, folder), **cost.get(k, {}), "key": k}
         with path.open("a") as f:
             f.write(json.dumps(rec) + "\n")
         records.append(rec)

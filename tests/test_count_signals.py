@@ -55,9 +55,10 @@ def test_the_rule_reads_each_knobs_largest_kept_dictionary_and_takes_the_median(
         # its 1% quantile of 200 latents is the second smallest count
         (1.0, 100): stats([900] + [5_000] * 99),
         (1.0, 200): stats([30, 50] + [5_000] * 198),
-        # knob 2: the larger dictionary has a latent fired 5 times (not measured): not kept
+        # knob 2: the larger dictionary's quantile latent (the second rarest of 200) fired 6
+        # times, not measured: not kept
         (2.0, 100): stats([100] + [5_000] * 99),
-        (2.0, 200): stats([5] + [5_000] * 199),
+        (2.0, 200): stats([5, 6] + [5_000] * 198),
         # knob 3
         (3.0, 100): stats([400] + [5_000] * 99),
     }
@@ -91,7 +92,12 @@ def test_a_rate_seen_fewer_than_min_fires_times_is_not_measured():
     latents = {(1.0, 64): stats([MIN_FIRES - 1] + [1_000] * 63)}
     rule = window_rule(latents, batch_size=256, heldout_rows=4_096, steps=10**9)
     assert not rule.readable and rule.window is None
-    assert f"fired {MIN_FIRES - 1} time(s)" in rule.reason and "more held-out rows" in rule.reason
+    assert f"(at most {MIN_FIRES - 1})" in rule.reason and "more held-out rows" in rule.reason
+    # one latent of 200 that rare does not stop the dictionary from being read: its 1% quantile
+    # is the second rarest
+    latents = {(1.0, 200): stats([0, 40] + [1_000] * 198)}
+    rule = window_rule(latents, batch_size=256, heldout_rows=4_096, steps=10**9)
+    assert rule.readable and rule.fires == 40
 
 
 def test_a_run_without_per_latent_statistics_gets_no_reading():

@@ -166,7 +166,7 @@ def test_two_trains_into_one_folder_one_is_refused_and_the_other_equals_a_lone_r
     assert train_cli(toy_store, tmp_path / "lone") == 0
     mine, lone = files(shared / "1x+2x"), files(tmp_path / "lone" / "1x+2x")
     weights = [k for k in lone if k.endswith(".safetensors")]
-    assert len(weights) == 8  # 4 SAEs and their SAELens exports
+    assert len(weights) == 12  # 4 SAEs, their per-latent statistics and SAELens exports
     for k in weights + ["summary.csv", "history.jsonl"]:
         assert mine[k] == lone[k], k
     assert not list(tmp_path.glob("**/.*.lock"))

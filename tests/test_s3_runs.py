@@ -180,7 +180,7 @@ def test_two_torchrun_ranks_on_one_node_write_one_process_bytes_to_s3(s3, cache,
         for k in mine
         if k.endswith(".safetensors") or k in ("summary.csv", "history.jsonl", "diagnosis.json")
     ]
-    assert len(same) == 4 + 3
+    assert len(same) == 4 + 4 + 3  # SAEs, their per-latent statistics, the three files
     for k in same:
         assert remote[k] == mine[k], k
 
