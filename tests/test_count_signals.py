@@ -197,6 +197,15 @@ def test_novel_latents_count_directions_the_smaller_dictionary_lacks():
     d = diagnose(cols)
     novel = next(p for p in d.pointers if p.diagnostic == NOVEL)
     assert (novel.size, novel.lower_bound) == (64, False)
+    # a larger size that brings nothing new (the same 48 directions, duplicated) moves nothing
+    atoms[(1.0, 256)] = torch.cat([truth] * 5 + [truth[:16]])
+    live[(1.0, 256)] = torch.ones(256, dtype=torch.bool)
+    wider = novel_counts(atoms, live)
+    assert wider[(1.0, 128)] == 0 and {k: wider[k] for k in counts} == counts
+    cols["novel_next"] = {k: float(v) for k, v in wider.items()}
+    cols["heldout_mse"][(1.0, 256)] = 1.0
+    again = next(p for p in diagnose(cols).pointers if p.diagnostic == NOVEL)
+    assert (again.size, again.lower_bound) == (64, False)
 
 
 # -- Matryoshka's prefix knee ---------------------------------------------------------------------
@@ -208,6 +217,9 @@ def test_the_prefix_knee_is_where_a_longer_prefix_stops_cutting_the_fvu():
     assert knee_per_knob(prefixes) == {5.0: (512, False)}
     still = {(5.0, 2048): {128: 0.4, 256: 0.3, 512: 0.2, 1024: 0.1, 2048: 0.05}}
     assert knee_per_knob(still) == {5.0: (1024, True)}
+    # a larger dictionary whose new prefix adds nothing keeps the knee where it was
+    prefixes[(5.0, 4096)] = {**fvu, 4096: 0.0097}
+    assert knee_per_knob(prefixes) == {5.0: (512, False)}
 
 
 def test_the_prefix_knee_through_diagnose_from_prefix_columns_scored_off_axis():
