@@ -71,8 +71,11 @@ def _star(ax, values: dict[Key, float], key: Key | None) -> None:
 
 
 def mark(ax, diagnostic: str, values: dict[Key, float], diag: Diagnosis) -> None:
-    """Box what ``diagnostic`` points to in this panel; star the ground-truth optimum if any."""
-    if diagnostic == "dead":
+    """Box what ``diagnostic`` points to in this panel (nothing below the minimum evidence: there
+    is no reading to box); star the ground-truth optimum if any."""
+    if diag.rule is not None and not diag.rule.readable:
+        pass
+    elif diagnostic == "dead":
         for a, n in diag.dead.per_l1.items():
             _box(ax, values, (a, n) if n is not None else None, "cyan", lw=1.8)
     else:

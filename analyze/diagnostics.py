@@ -560,6 +560,9 @@ def diagnose(
         *_signal_pointers(columns),
     ]
     if rule is not None and not rule.readable:
+        # novel latents need the window to tell live latents; the pointer is there all the same
+        if dead and not any(p.diagnostic == NOVEL for p in pointers):
+            pointers.append(no_reading(NOVEL, ""))
         pointers = [no_reading(p.diagnostic, rule.reason or "no dead window") for p in pointers]
     for p in pointers:
         p.default = p.diagnostic == default

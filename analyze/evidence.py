@@ -15,11 +15,12 @@ probability at least 1 - ``MISS``:
   latents when that quantile is measured: the latent at it fired at least ``MIN_FIRES`` times
   on the held-out rows (to about +-30%), so fewer than 1% of its latents are rarer than that.
   Per knob value, take the largest dictionary that keeps its latents; r is the lower median of
-  their quantile rates over the knob values. The largest dictionary a knob
-  value keeps whole holds the rarest latents that knob value shows to be worth keeping, so a
-  window that would call such a latent dead is too short; the median keeps a knob value whose
-  dictionaries keep everything (a penalty too weak to shed anything) or whose codes collapse from
-  setting the window alone.
+  their quantile rates over the knob values (each rate over the rows that dictionary was
+  evaluated on). In a dictionary of at most 100 latents the quantile is its rarest latent. The
+  largest dictionary a knob value keeps holds the rarest latents that knob value shows to be
+  worth keeping, so a window that would call such a latent dead is too short; the median keeps
+  a knob value whose dictionaries keep everything (a penalty too weak to shed anything) or whose
+  codes collapse from setting the window alone.
   Revised twice before any calibration grid was read, on a development grid (h 64, G 128, 1,500
   steps, L1 too low for the data: L0 20-140 where the truth has 5), where the truth's window is 3
   batches: the smallest quantile over every dictionary let one oversized dictionary's split
@@ -114,7 +115,7 @@ class WindowRule:
         return {
             "rule": f"W = ceil(ln(1/{MISS:g}) / (-B ln(1 - r))), r the {RATE_QUANTILE:.0%} "
             "quantile of held-out firing rates of the largest dictionary whose quantile latent "
-            f"fired {MIN_FIRES}+ times, median over knob values",
+            f"fired {MIN_FIRES}+ times, lower median over knob values",
             "window": self.window,
             "rate": self.rate,
             "rate_fires": self.fires,
@@ -133,7 +134,7 @@ def window_rule(
     latents: dict[Key, dict[str, torch.Tensor]],
     *,
     batch_size: int | None,
-    heldout_rows: int | None,
+    heldout_rows: int | dict[Key, int] | None,
     steps: int | None,
     truth_window: int | None = None,
     curves: dict[Key, list[tuple[int, float]]] | None = None,
@@ -143,8 +144,14 @@ def window_rule(
     to read any count signal (module docstring). ``curves``: each dictionary's training MSE
     over steps, for the convergence check (None: not checked, a constructed grid), in units of
     ``variance`` (the data's, per coordinate)."""
+    rows_of = (
+        heldout_rows if isinstance(heldout_rows, dict) else dict.fromkeys(latents, heldout_rows)
+    )
     base = dict(
-        batch_size=batch_size, heldout_rows=heldout_rows, steps=steps, truth_window=truth_window
+        batch_size=batch_size,
+        heldout_rows=min(rows_of.values()) if rows_of and all(rows_of.values()) else None,
+        steps=steps,
+        truth_window=truth_window,
     )
     if not latents:
         return WindowRule(
@@ -153,7 +160,7 @@ def window_rule(
             "dictionary; runs made before they existed have none): retrain the grid to read it",
             **base,
         )
-    if not batch_size or not heldout_rows or steps is None:
+    if not batch_size or base["heldout_rows"] is None or steps is None:
         return WindowRule(
             None, reason="the run does not record its batch size, steps or held-out rows", **base
         )
@@ -164,7 +171,7 @@ def window_rule(
         sizes = [n for v, n in kept if v == a]
         if sizes:
             cell = (a, max(sizes))
-            rare.append((quantile[cell], cell))
+            rare.append((quantile[cell] / rows_of[cell], quantile[cell], cell))
     if not rare:
         best = max(quantile.values())
         return WindowRule(
@@ -172,14 +179,15 @@ def window_rule(
             fires=best,
             reason=f"the rare latents' rates are not measured: in no dictionary did the latent "
             f"at the {RATE_QUANTILE:.0%} quantile fire {MIN_FIRES} times or more on the "
-            f"{heldout_rows:,} held-out rows (at most {best}); evaluate on more held-out rows "
+            f"{base['heldout_rows']:,}+ held-out rows (at most {best}); evaluate on more "
+            "held-out rows "
             "(a larger store, or --eval-rows), or train until fewer latents are that rare",
             **base,
         )
     rare.sort()
-    fires, cell = rare[(len(rare) - 1) // 2]
-    rate = fires / heldout_rows
+    rate, fires, cell = rare[(len(rare) - 1) // 2]  # the lower median over knob values
     window = window_for_rate(rate, batch_size)
+    base["heldout_rows"] = rows_of[cell]  # the rows the rate was measured on
     rule = WindowRule(window, rate=rate, fires=fires, cell=cell, kept_cells=len(kept), **base)
     unconverged = None if curves is None else convergence_reason(curves, steps, variance)
     if steps < BURN_IN * window:
@@ -211,7 +219,9 @@ def still_learning(
             unknown.append(key)
             continue
         drop = (sum(before) / len(before) - sum(last) / len(last)) / variance
-        if drop >= fall:
+        if not math.isfinite(drop):
+            unknown.append(key)
+        elif drop >= fall:
             falling.append((key, drop))
     return falling, unknown
 

@@ -93,8 +93,11 @@ def grid_rule(grid: Grid, *, truth_size: int | None = None) -> WindowRule:
     latents = {key: cell.latent_stats() for key, cell in grid.cells.items()}
     if any(v is None for v in latents.values()):
         latents = {}
-    rows = [c.metrics.get("heldout_rows") for c in grid.cells.values()]
-    rows = [int(r) for r in rows if isinstance(r, (int, float))]
+    rows = {
+        key: int(c.metrics["heldout_rows"])
+        for key, c in grid.cells.items()
+        if isinstance(c.metrics.get("heldout_rows"), (int, float))
+    }
     cells = list(grid.cells.values())
     curves: dict = {}
     for set_dir in {c.set_dir for c in cells}:
@@ -109,12 +112,15 @@ def grid_rule(grid: Grid, *, truth_size: int | None = None) -> WindowRule:
     ratios = [
         c.metrics["heldout_mse"] / c.metrics["heldout_fvu"]
         for c in cells
-        if c.metrics.get("heldout_fvu") and c.metrics.get("heldout_mse") is not None
+        if isinstance(c.metrics.get("heldout_fvu"), (int, float))
+        and math.isfinite(c.metrics["heldout_fvu"])
+        and c.metrics["heldout_fvu"] > 0
+        and c.metrics.get("heldout_mse") is not None
     ]
     return window_rule(
         latents,
         batch_size=cells[0].identity.get("batch_size") if cells else None,
-        heldout_rows=min(rows) if rows else None,
+        heldout_rows=rows if len(rows) == len(grid.cells) else None,
         steps=min(c.steps for c in cells) if cells else None,
         curves=curves,
         variance=statistics.median(ratios) if ratios else None,
@@ -143,6 +149,12 @@ def diagnose_grid(grid: Grid, *, truth_size: int | None, tolerance: float) -> Di
             columns.setdefault(f"dead_w{window}", columns["dead"])
         window = rule.window
         columns["dead"] = {k: float(v) for k, v in dead_counts(latents, window).items()}
+        # the figures, the tables and lm_grid.csv show the counts the reading used; the count
+        # at the training window stays beside them as dead_w<its window>
+        for key, cell in grid.cells.items():
+            if window is not None and "dead" in cell.metrics:
+                cell.metrics.setdefault(f"dead_w{grid.dead_window}", cell.metrics["dead"])
+            cell.metrics["dead"] = int(columns["dead"][key])
         columns["novel_next"] = {
             k: float(v)
             for k, v in novel_counts(grid.dictionaries(), live_masks(latents, window)).items()

@@ -133,7 +133,8 @@ def window_text(diagnosis) -> str:
     if rule.window is None:
         return f"Dead window: none ({rule.reason})."
     truth = (
-        f"; the window the truth derives, for comparison: {rule.truth_window:,}"
+        f"; the training window (the truth's unless --dead-window set it), for comparison: "
+        f"{rule.truth_window:,}"
         if rule.truth_window
         else ""
     )
@@ -241,15 +242,17 @@ def diagnostics_table(report) -> str:
     lm, toy = report.lm, report.toy
     rows = []
     toy_by = {q.diagnostic: q for q in toy.diagnosis.pointers} if toy else {}
-    for p in lm.diagnosis.pointers:
-        tp = toy_by.get(p.diagnostic)
+    lm_by = {q.diagnostic: q for q in lm.diagnosis.pointers}
+    names = list(lm_by) + [n for n in toy_by if n not in lm_by]
+    for name in names:
+        p, tp = lm_by.get(name), toy_by.get(name)
         rows.append(
             [
-                p.diagnostic + (" (default)" if p.default else ""),
+                name + (" (default)" if p is not None and p.default else ""),
                 _where(tp, toy.base, toy.grid.knob_label) if tp else "-",
-                _verdict(tp.match) if tp else "-",
-                _where(p, lm.base, lm.grid.knob_label),
-                p.why,
+                (_verdict(tp.match) if tp.reading else "-") if tp else "-",
+                _where(p, lm.base, lm.grid.knob_label) if p else "-",
+                p.why if p else tp.why,
             ]
         )
     return table(

@@ -23,9 +23,9 @@ something; the knob values are then pooled by the median (``pool``).
   dictionary of each knob value, the pointer is the smallest prefix m_j whose next prefix cuts
   its held-out FVU by less than ``KNEE_GAIN`` (10%).
 
-A knob value whose sequence never stops growing says only "more than" its last size that did
-grow (a lower bound). ``pool`` takes the lower median over knob values, an open value counting
-as beyond every closed one: a pooled pointer is a lower bound when the median is open.
+A knob value whose sequence never stops growing says only "more than" the size whose step still
+grew (a lower bound). ``pool`` takes the lower median over knob values, an open value at its
+bound: a pooled pointer is a lower bound when some open bound could still move it.
 """
 
 from __future__ import annotations
@@ -59,7 +59,8 @@ def per_knob(keys) -> dict[float, list[int]]:
 
 def live_per_knob(live: dict[Key, float]) -> dict[float, tuple[int | None, bool]]:
     """Per knob value: (pointed size, open). Open: every step kept half its added latents or
-    more; the size is then the last size that grew (a lower bound). Needs two sizes."""
+    more; the size is then the second-largest, whose step to the largest still grew (a lower
+    bound). Needs two sizes."""
     out = {}
     for a, sizes in per_knob(live).items():
         if len(sizes) < 2:
@@ -126,7 +127,7 @@ def knee_per_knob(prefixes: dict[Key, dict[int, float]], gain: float = KNEE_GAIN
         if len(fvu) < 2:
             continue
         knee = next(
-            (fvu[j][0] for j in range(len(fvu) - 1) if fvu[j + 1][1] > (1 - gain) * fvu[j][1]),
+            (fvu[j][0] for j in range(len(fvu) - 1) if fvu[j + 1][1] >= (1 - gain) * fvu[j][1]),
             None,
         )
         out[a] = (knee, False) if knee is not None else (fvu[-2][0], True)
@@ -134,13 +135,13 @@ def knee_per_knob(prefixes: dict[Key, dict[int, float]], gain: float = KNEE_GAIN
 
 
 def pool(per: dict[float, tuple[int | None, bool]]) -> tuple[float | None, int | None, bool]:
-    """(knob value, size, lower bound): the lower median over knob values, open ones counting as
-    beyond every closed one; an open median is the smallest open bound (the most it claims)."""
+    """(knob value, size, lower bound): the lower median over knob values, an open value taken at
+    its bound (the least it can be). That median is a lower bound of the true one; it is closed
+    only when every open bound is above it, so no open value can move it (in a grid whose knob
+    values were trained to different sizes, an open bound may lie below a closed value)."""
     if not per:
         return None, None, False
-    closed = sorted((n, a) for a, (n, o) in per.items() if not o)
-    opened = sorted((n, a) for a, (n, o) in per.items() if o)
-    order = closed + opened
-    n, a = order[(len(order) - 1) // 2]
-    is_open = (n, a) in opened and per[a][1]
+    order = sorted((n, o, a) for a, (n, o) in per.items())  # closed before open at equal n
+    n, _, a = order[(len(order) - 1) // 2]
+    is_open = any(o and m <= n for m, o, _ in order)
     return a, n, is_open

@@ -133,7 +133,9 @@ def train_cell(cell: dict, folder: Path) -> dict:
         **cell,
         "pointers": pointers,
         "default": rec["default_reading"]["diagnostic"],
-        "estimate": {k: rec["estimate"].get(k) for k in ("median", "more_than", "no_estimate")},
+        "estimate": {
+            k: (rec.get("estimate") or {}).get(k) for k in ("median", "more_than", "no_estimate")
+        },
         "window_rule": rec["window_rule"]["window"],
         "window_truth": rec["window_rule"]["truth_window"],
         "rule_reason": rec["window_rule"]["reason"],
@@ -172,18 +174,22 @@ def run() -> Iterator[dict]:
     path.parent.mkdir(parents=True, exist_ok=True)
     runs = path.parent / path.stem
     reread = os.environ.get("CAL_REREAD") == "1"
-    cost = {}  # a re-read keeps what training the grid cost
+    todo = [c for c in cells(quick) if not parts or c["part"] in parts.split(",")]
+    cost = {}  # a re-read keeps what training the grid cost, and every record it does not redo
     if reread and path.exists():
+        redo = {key(c) for c in todo if is_finished(runs / folder_name(c))}
+        kept = []
         for line in path.read_text().splitlines():
             rec = json.loads(line)
             cost[rec["key"]] = {k: rec[k] for k in ("wall_s", "cpu_s")}
-        path.unlink()
+            if rec["key"] not in redo:
+                kept.append(line + "\n")
+        path.write_text("".join(kept))
     done = {}
     if path.exists():
         for line in path.read_text().splitlines():
             rec = json.loads(line)
             done[rec["key"]] = rec
-    todo = [c for c in cells(quick) if not parts or c["part"] in parts.split(",")]
     records = []
     for cell in todo:
         k = key(cell)

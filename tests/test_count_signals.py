@@ -76,6 +76,15 @@ def test_the_rule_reads_each_knobs_largest_kept_dictionary_and_takes_the_median(
     assert (rule.fires, rule.cell) == (50, (1.0, 200))
 
 
+def test_each_dictionarys_rate_is_over_the_rows_it_was_evaluated_on():
+    # merged sets evaluated on different held-out rows: 100 fires in 100,000 rows is a rate of
+    # 1e-3, in 10,000 rows 1e-2; each cell's own rows set its rate
+    latents = {(1.0, 100): stats([100] + [5_000] * 99), (2.0, 100): stats([100] + [5_000] * 99)}
+    rows = {(1.0, 100): 100_000, (2.0, 100): 10_000}
+    rule = window_rule(latents, batch_size=256, heldout_rows=rows, steps=10**6)
+    assert (rule.rate, rule.cell, rule.heldout_rows) == (100 / 100_000, (1.0, 100), 100_000)
+
+
 def test_a_grid_shorter_than_the_rule_asks_gets_no_reading_naming_steps_and_window():
     rows = 65_536
     fires = 20  # rate 3e-4 -> a window of ~90 batches of 256
@@ -161,6 +170,9 @@ def test_a_grid_whose_live_count_still_grows_at_the_largest_size_is_a_lower_boun
 def test_the_pool_is_the_lower_median_and_open_only_when_the_median_is_open():
     assert pool({1.0: (256, False), 2.0: (512, False), 3.0: (1024, True)}) == (2.0, 512, False)
     assert pool({1.0: (256, False), 2.0: (1024, True), 3.0: (2048, True)}) == (2.0, 1024, True)
+    # ragged: knob 3 trained only to small sizes is open at 50, below the closed values: its true
+    # value could be anywhere above 50, so the median (at least 100) is only a lower bound
+    assert pool({1.0: (100, False), 2.0: (200, False), 3.0: (50, True)}) == (1.0, 100, True)
 
 
 def test_live_latents_through_diagnose_from_the_dead_column():

@@ -171,8 +171,10 @@ def _run(args: argparse.Namespace) -> int:
     diagnosis: dict = {}
 
     def diagnose_saved(state, out) -> None:  # rank 0, once the grid is saved, before any upload
-        if not cfg.fitted:
+        try:
             diagnosis.update(write_diagnosis(out, toy.G))
+        except Exception as exc:  # the dictionaries are saved: an analysis fault must not undo that
+            print(f"warning: the count signals could not be read ({exc}); the run is kept")
 
     rows = train_and_save(
         source,
@@ -209,17 +211,18 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if not diagnosis:  # a finished run, not retrained: its folder (on S3: the record it kept)
         if storage.is_remote(args.out):
-            diagnosis.update(storage.read_json(args.out / DIAGNOSIS_FILE))
+            if storage.exists(args.out / DIAGNOSIS_FILE):
+                diagnosis.update(storage.read_json(args.out / DIAGNOSIS_FILE))
         else:
             diagnosis.update(write_diagnosis(args.out, toy.G))
     rule = diagnosis.get("window_rule") or {}
     if rule.get("window"):
         print(
-            f"dead window {rule['window']:,} batches by the rule (the truth's: "
-            f"{rule['truth_window']:,}); {rule['steps']:,} steps trained, "
-            f"{rule['steps_needed']:,} needed"
+            f"dead window {rule['window']:,} batches by the rule (the training window, the "
+            f"truth's unless --dead-window set it: {rule['truth_window']:,}); "
+            f"{rule['steps']:,} steps trained, {rule['steps_needed']:,} needed"
         )
-    for p in diagnosis["pointers"]:
+    for p in diagnosis.get("pointers", []):
         where = (
             p["why"]
             if not p.get("reading", True)
