@@ -96,12 +96,17 @@ def estimate_text(est: dict | None, base: int, name: str, knob: str = "L1") -> s
             if est["sizes"]
             else ""
         )
+        basis = est.get("basis") or []
+        if basis and "dead neurons" not in basis:
+            why = f"{', '.join(basis)} still grow at the largest sizes trained"
+            grow = "the grid must grow until they stop"
+        else:
+            why = f"at some {knob} even the largest dictionary trained there keeps its latents"
+            grow = f"the grid must grow at that {knob} until latents die"
         return (
             f"{name}: more than {est['more_than']:,} features "
-            f"({ratio_label(est['more_than'], base)} of {base}): at some {knob} even the largest "
-            "dictionary trained there keeps its latents, "
-            f"so nothing bounds the number from above{pointed}; the grid must grow at that {knob} "
-            "until latents die."
+            f"({ratio_label(est['more_than'], base)} of {base}): {why}, "
+            f"so nothing bounds the number from above{pointed}; {grow}."
         )
     same = est["low"] == est["high"]
     rng = f"{est['low']:,}" if same else f"{est['low']:,}–{est['high']:,}"

@@ -283,3 +283,16 @@ def test_an_unconverged_grid_gets_no_reading_even_when_long_enough_for_its_windo
     rule = window_rule(latents, curves=curves, **kw)
     assert rule.window is not None and not rule.readable and "still learning" in rule.reason
     assert window_rule(latents, curves={(1.0, 64): curve(5000, 100, 0.0)}, **kw).readable
+
+
+def test_an_open_estimate_says_which_signal_still_grows():
+    from unsuperpose.analyze.report_page import estimate_text
+
+    est = {"more_than": 1024, "low": None, "high": None, "median": None, "sizes": []}
+    live = estimate_text({**est, "basis": [LIVE]}, 64, "tiny layer 1", "k")
+    assert "more than 1,024 features" in live and "live latents still grow" in live
+    assert "keeps its latents" not in live
+    dead = estimate_text({**est, "basis": [DEAD]}, 64, "tiny layer 1", "L1")
+    assert "even the largest dictionary trained there keeps its latents" in dead
+    none = estimate_text({**est, "no_estimate": ["the grid trained 250 steps"]}, 64, "x", "L1")
+    assert none == "x: no estimate: the grid trained 250 steps."
