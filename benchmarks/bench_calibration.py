@@ -5,7 +5,10 @@ Every cell below was fixed before any of them was read (seeds no test uses):
   (threshold copula, rho 0.5), seed 303 (15 grids);
 - robustness at G 512: the report's correlation recipe and independent features for every
   architecture (seed 303), and a second seed (404) on the copula (15 grids);
-- reach: G 2,048 for relu and topk (2 grids).
+- reach: G 2,048 for relu and topk (2 grids);
+- zipf: G 512, Zipfian frequencies after SynthSAEBench (p 0.4 down to 5e-4, exponent 0.5: 9.1
+  features active on average, so k 5, 10, 20 for topk), relu and topk (2 grids; added with the
+  data kind, before any of its grids was read).
 Each grid: h 256, sizes 1/4x..4x of G, 5,000 steps of 256, three knob values where the range is
 known (relu: L1 1e-4, 3.2e-4, 1e-3, sum convention; the k-architectures: k 3, 5, 8 with AuxK;
 jumprelu: L0 coefficients 6e-3, 1e-2, 2e-2), 262,144 held-out rows (so the window rule can
@@ -47,6 +50,8 @@ KNOBS = {
     "matryoshka": dict(top_k=[3, 5, 8]),
     "jumprelu": dict(l0_coef=[6e-3, 1e-2, 2e-2], jumprelu=JUMPRELU_OPTIONS),
 }
+# Zipfian data has ~9 features active on average at G 512: k values around it, not around 5
+ZIPF_KNOBS = {"topk": dict(top_k=[5, 10, 20])}
 SIZES = "1/4x,1/2x,1x,2x,4x"
 
 
@@ -66,6 +71,7 @@ def cells(quick: bool) -> list[dict]:
     out += [dict(part="robust", arch=a, G=512, data="independent", seed=303) for a in ARCHS]
     out += [dict(part="robust", arch=a, G=512, data="copula", seed=404) for a in ARCHS]
     out += [dict(part="reach", arch=a, G=2048, data="copula", seed=303) for a in ("relu", "topk")]
+    out += [dict(part="zipf", arch=a, G=512, data="zipf", seed=303) for a in ("relu", "topk")]
     return [{"h": 256, "steps": 5000, **c} for c in out]
 
 
@@ -74,6 +80,7 @@ def toy_config(cell: dict) -> ToyConfig:
         "copula": {},
         "report": {"correlation_recipe": "report"},
         "independent": {"correlation": 0.0},
+        "zipf": {"frequencies": "zipf"},
     }[cell["data"]]
     return ToyConfig(h=cell["h"], G=cell["G"], seed=cell["seed"], **data)
 
@@ -99,7 +106,9 @@ def train_cell(cell: dict, folder: Path) -> dict:
         dead_window=src.dead_window(256),  # the truth's window: training only (AuxK's)
         eval_rows=262_144 if cell["h"] >= 256 else 65_536,
         log_every=max(1, cell["steps"] // 50),  # enough points to show convergence
-        **KNOBS[cell["arch"]],
+        **{**KNOBS[cell["arch"]], **ZIPF_KNOBS.get(cell["arch"], {})}
+        if cell["data"] == "zipf"
+        else KNOBS[cell["arch"]],
     )
     t0, cpu0 = time.perf_counter(), time.process_time()
     if not is_finished(folder):  # a finished folder is only read again

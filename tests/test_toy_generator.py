@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from unsuperpose.toy import ToyConfig, ToySource
-from unsuperpose.toy.sampling import feature_probabilities
+from unsuperpose.toy.sampling import dead_window_for, feature_probabilities, zipf_probabilities
 
 
 def _codes(src: ToySource, n: int) -> torch.Tensor:
@@ -193,3 +193,32 @@ def test_the_dead_window_follows_the_rarest_features_rate():
     assert w == 183 and (1 - rate) ** (256 * w) <= 1e-3 < (1 - rate) ** (256 * (w - 1))
     assert src.dead_window(512) == math.ceil(w / 2) or src.dead_window(512) == w // 2 + 1
     assert ToySource(ToyConfig(k=10)).dead_window(256) < w  # commoner features, shorter window
+
+
+def test_zipfian_frequencies_run_from_p_max_to_p_min_and_the_samples_follow_them():
+    p = zipf_probabilities(512, 0.5, 0.4, 5e-4)
+    assert math.isclose(float(p[0]), 0.4) and math.isclose(float(p[-1]), 5e-4)
+    assert bool((p[1:] < p[:-1]).all())
+    # the Zipf shape: (p_i - p_min) is affine in (i + 1)^-0.5
+    ranks = torch.arange(1, 513, dtype=torch.float64) ** -0.5
+    fit = np.polyfit(ranks.numpy(), p.numpy(), 1)
+    assert np.abs(np.polyval(fit, ranks.numpy()) - p.numpy()).max() < 1e-12
+    src = ToySource(ToyConfig(G=512, frequencies="zipf", correlation=0.0, seed=3))
+    assert torch.equal(src.probs, p)
+    _, codes = src.sample(200_000, seed=1)
+    rates = (codes > 0).double().mean(0)
+    assert abs(float(rates[0]) - 0.4) < 0.01 and abs(float(rates.sum()) - float(p.sum())) < 0.1
+    # the dead window the truth derives follows the rarest feature: p_min
+    assert src.dead_window(256) == dead_window_for(p, 256)
+
+
+def test_zipfian_frequencies_are_part_of_the_datas_identity_and_decay_keeps_old_fingerprints():
+    decay = ToySource(ToyConfig(G=64, h=16)).describe()
+    assert "frequencies" not in decay and "p_min" not in decay  # old fingerprints unchanged
+    zipf = ToySource(ToyConfig(G=64, h=16, frequencies="zipf")).describe()
+    assert zipf["frequencies"] == "zipf" and "k" not in zipf and "decay" not in zipf
+    assert zipf["fingerprint"] != decay["fingerprint"]
+    other = ToySource(ToyConfig(G=64, h=16, frequencies="zipf", p_min=1e-3)).describe()
+    assert other["fingerprint"] != zipf["fingerprint"]
+    with pytest.raises(ValueError, match="p_min and p_max"):
+        ToyConfig(frequencies="zipf", p_min=0.5, p_max=0.4)

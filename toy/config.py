@@ -34,6 +34,16 @@ class ToyConfig:
         help="features per correlated group; groups are a random partition "
         "of the features, fixed by the seed",
     )
+    frequencies: Literal["decay", "zipf"] = field(
+        "decay",
+        help="how often each feature fires: 'decay' = proportional to decay**i, scaled so k are "
+        "active on average (the report); 'zipf' = Zipfian after SynthSAEBench (Chanin & "
+        "Garriga-Alonso 2026): from p_max down to p_min with exponent zipf_exponent, so "
+        "k and decay are unused (see the README)",
+    )
+    zipf_exponent: float = field(0.5, help="--frequencies zipf: the exponent (SynthSAEBench: 0.5)")
+    p_max: float = field(0.4, help="--frequencies zipf: the commonest feature's probability")
+    p_min: float = field(5e-4, help="--frequencies zipf: the rarest feature's probability")
     noise: float = field(0.0, help="std of isotropic Gaussian noise added to each sample")
     seed: int = field(0, help="seed of the features, probabilities and covariance")
 
@@ -56,6 +66,15 @@ class ToyConfig:
                 f"correlation_recipe must be 'threshold' or 'report' (got "
                 f"{self.correlation_recipe!r})"
             )
+        if self.frequencies not in ("decay", "zipf"):
+            problems.append(f"frequencies must be 'decay' or 'zipf' (got {self.frequencies!r})")
+        if not 0 < self.p_min <= self.p_max <= 1:
+            problems.append(
+                f"p_min and p_max must satisfy 0 < p_min <= p_max <= 1 (got {self.p_min}, "
+                f"{self.p_max})"
+            )
+        if not self.zipf_exponent > 0:
+            problems.append(f"zipf_exponent must be > 0 (got {self.zipf_exponent})")
         if self.noise < 0:
             problems.append(f"noise must be >= 0 (got {self.noise})")
         if problems:

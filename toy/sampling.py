@@ -58,6 +58,20 @@ def feature_probabilities(G: int, k: float, decay: float) -> torch.Tensor:
     return torch.from_numpy(np.minimum(p, 1.0))
 
 
+def zipf_probabilities(G: int, exponent: float, p_max: float, p_min: float) -> torch.Tensor:
+    """p_i from p_max (i = 0) down to p_min (i = G - 1) with a Zipfian shape:
+    p_i = p_min + (p_max - p_min) * ((i + 1)^-a - G^-a) / (1 - G^-a).
+
+    Our reading of SynthSAEBench's "Zipfian, exponent 0.5, p_max 0.4, p_min 5e-4": a plain
+    p_max * (i + 1)^-a reaches p_min only at G = (p_max / p_min)^(1/a) features (640,000 for
+    theirs), so the Zipf curve is mapped affinely onto [p_min, p_max] for any G.
+    """
+    ranks = np.arange(1, G + 1, dtype=np.float64) ** -exponent
+    tail = float(G) ** -exponent
+    shape = (ranks - tail) / (1 - tail) if G > 1 else np.ones(1)
+    return torch.from_numpy(p_min + (p_max - p_min) * shape)
+
+
 def random_groups(G: int, group_size: int, gen: torch.Generator) -> torch.Tensor:
     """A random partition of the G features into groups of ``group_size`` (the last may be
     smaller): (G,) group index per feature, independent of the features' frequency ranks."""

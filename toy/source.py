@@ -16,6 +16,7 @@ from unsuperpose.toy.sampling import (
     random_groups,
     sample_codes,
     unit_features,
+    zipf_probabilities,
 )
 
 # Separate random streams so that training batches, evaluation samples and the fixed
@@ -50,7 +51,11 @@ class ToySource:
         c = self.config
         gen = seeded_generator(c.seed, _STREAM_STRUCTURE)
         self.features = unit_features(c.G, c.h, gen)
-        self.probs = feature_probabilities(c.G, c.k, c.decay)
+        self.probs = (
+            zipf_probabilities(c.G, c.zipf_exponent, c.p_max, c.p_min)
+            if c.frequencies == "zipf"
+            else feature_probabilities(c.G, c.k, c.decay)
+        )
         if c.correlation_recipe == "report" and c.correlation > 0 and float(self.probs.max()) > 0.5:
             raise ValueError(
                 f"the report's correlation recipe keeps the mean number active at k only while "
@@ -133,6 +138,10 @@ class ToySource:
         info = {"kind": "toy", **vars(self.config)}
         if info["correlation_recipe"] == "threshold":  # the original recipe: fingerprints unchanged
             del info["correlation_recipe"]
+        zipf = ("zipf_exponent", "p_max", "p_min")
+        # the report's frequencies: fingerprints unchanged; Zipfian ones: k and decay are unused
+        for name in ("frequencies", *zipf) if info["frequencies"] == "decay" else ("k", "decay"):
+            del info[name]
         if self.rng_device.type == "cuda":  # another generator, other batches (CPU runs: unchanged)
             # CUDA's random streams depend on the GPU's multiprocessor count, so name the model.
             props = torch.cuda.get_device_properties(self.rng_device)

@@ -165,7 +165,14 @@ def _run(args: argparse.Namespace) -> int:
         rng_device="cpu" if args.data_rng == "cpu" else placement.device,
     )
     print(
-        f"toy data: h={toy.h}, G={toy.G}, k={toy.k}; {grid_size_text(cfg)}, "
+        f"toy data: h={toy.h}, G={toy.G}, "
+        + (
+            f"Zipfian frequencies {toy.p_max:g}..{toy.p_min:g} (exponent {toy.zipf_exponent:g}), "
+            f"{float(source.probs.sum()):.1f} active on average"
+            if toy.frequencies == "zipf"
+            else f"k={toy.k}"
+        )
+        + f"; {grid_size_text(cfg)}, "
         f"{cfg.steps} steps of {cfg.batch_size}"
     )
     diagnosis: dict = {}
