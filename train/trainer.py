@@ -411,7 +411,7 @@ def _run_callbacks(state: GridState, callbacks: list[Callback], force: bool = Fa
 def add_history(state: GridState, values: dict[tuple[float, int], dict]) -> None:
     """One history record per (step, knob value, size): values logged at a step that already
     has the cell's record join it, so a grid split over ranks and one process write the same
-    history (records sorted by step, then size, then knob value)."""
+    history (records ordered by step, then size, then the knob values' order in the config)."""
     this_step = {}
     for rec in reversed(state.history):
         if rec["step"] != state.step:
