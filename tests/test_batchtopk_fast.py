@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from unsuperpose.toy import ToyConfig, ToySource
+from fast_paths import SRC, assert_off_the_cpu_it_is_autograd, perturb, record_steps
 from unsuperpose.train import FAMILIES, SAETrainConfig, get_family, new_state, train_steps
 from unsuperpose.train.config import AuxKOptions, BatchTopKOptions
 from unsuperpose.train.families.auxk import dead_for_auxk
@@ -20,9 +20,7 @@ from unsuperpose.train.families.batchtopk_fast import BatchTopKFastGroup
 from unsuperpose.train.families.matryoshka import MatryoshkaGroup
 from unsuperpose.train.families.matryoshka_fast import MatryoshkaFastGroup
 
-SRC = ToySource(ToyConfig(h=16, G=32, k=3, decay=0.95, seed=0))
 N, B, STEPS, VALUES = 24, 32, 30, [2, 5, 3]
-SILENT = [0, 3, 7, 11, 19]  # latents planted dead in every dictionary
 GROUPS = {
     "batchtopk": (BatchTopKFastGroup, BatchTopKGroup),
     "matryoshka": (MatryoshkaFastGroup, MatryoshkaGroup),
@@ -41,35 +39,12 @@ def make(arch, fast, values=VALUES, plant=False, **options):
         **options,
     )
     g = GROUPS[arch][0 if fast else 1](SRC.d, N, values, cfg, seed=0)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # every dictionary different, b_dec nonzero, decoder rows off norm
-        g.W_enc.add_(0.1 * torch.randn(g.W_enc.shape, generator=gen))
-        g.b_enc.add_(0.05 * torch.randn(g.b_enc.shape, generator=gen))
-        g.W_dec.mul_(1 + 0.2 * torch.rand(g.S, g.n, 1, generator=gen))
-        g.b_dec.add_(0.1 * torch.randn(g.b_dec.shape, generator=gen))
-        if plant:  # weak: below the batch top k, so dead, but with ReLU(pre) > 0 for AuxK
-            g.W_enc.view(-1, g.S, N)[:, :, SILENT] *= 0.1
-            g.b_enc.view(g.S, N)[:, SILENT] = -0.02
+    perturb(g, plant)
     return g
 
 
 def run(g, steps=STEPS):
-    """``steps`` trainer steps; every step's gradients and reductions, and the optimiser."""
-    opt = torch.optim.Adam(g.parameters(), lr=g.config.lr, fused=True)
-    it = SRC.batches(B, seed=0)
-    record = []
-    for step in range(1, steps + 1):
-        red = g.forward_backward(next(it))
-        record.append(
-            {
-                **{f"{k} grad": t.grad.clone() for k, t in g.named_parameters().items()},
-                **{f"{k} reduction": t.clone() for k, (t, _) in red.items()},
-            }
-        )
-        g.finish_step(red, step)
-        opt.step()
-        g.post_step()
-    return record, opt
+    return record_steps(g, B, steps)
 
 
 def assert_same_training(arch, values, plant, options):
@@ -168,14 +143,7 @@ def test_the_family_trains_the_fast_group_and_tests_it_against_autograd(arch):
 
 @pytest.mark.parametrize("arch", list(GROUPS))
 def test_off_the_cpu_the_group_is_the_autograd_step(arch, monkeypatch):
-    g, ref = make(arch, True), make(arch, False)
-    g.fast = False  # what a CUDA group is
-    x = next(SRC.batches(B, seed=0))
-    monkeypatch.setattr(torch.sparse, "sampled_addmm", None)  # the sparse path is not taken
-    g.forward_backward(x)
-    ref.forward_backward(x)
-    for name, t in ref.named_parameters().items():
-        assert torch.equal(g.named_parameters()[name].grad, t.grad)
+    assert_off_the_cpu_it_is_autograd(make(arch, True), make(arch, False), B, monkeypatch)
 
 
 @pytest.mark.parametrize("arch", list(GROUPS))

@@ -12,14 +12,13 @@ import torch
 from torch.testing import assert_close
 
 import unsuperpose.train.families.jumprelu_fast as jumprelu_fast
-from unsuperpose.toy import ToyConfig, ToySource
+from fast_paths import SRC, assert_off_the_cpu_it_is_autograd, perturb, record_steps
 from unsuperpose.train import FAMILIES, SAETrainConfig, get_family, new_state, train_steps
 from unsuperpose.train.checkpoint import Checkpointer, load_checkpoint
 from unsuperpose.train.config import JumpReLUOptions
 from unsuperpose.train.families.jumprelu import JumpReLUGroup
 from unsuperpose.train.families.jumprelu_fast import JumpReLUFastGroup
 
-SRC = ToySource(ToyConfig(h=16, G=32, k=3, decay=0.95, seed=0))
 N, B, STEPS = 24, 32, 30
 TOL = dict(atol=2e-5, rtol=1e-4)
 # pre-activations here have a spread of ~0.2: thresholds at each latent's 85th percentile fire
@@ -32,12 +31,8 @@ def make(cls, values, eps, quantile=0.85):
     cfg = SAETrainConfig(arch="jumprelu", l0_coef=values, dict_sizes=[N], batch_size=B, lr=3e-3)
     cfg.jumprelu = JumpReLUOptions(bandwidth=eps, init_threshold=0.1)
     g = cls(SRC.d, N, values, cfg, seed=0)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # every dictionary different, b_dec nonzero, decoder rows off norm
-        g.W_enc.add_(0.1 * torch.randn(g.W_enc.shape, generator=gen))
-        g.b_enc.add_(0.05 * torch.randn(g.b_enc.shape, generator=gen))
-        g.W_dec.mul_(1 + 0.2 * torch.rand(g.S, g.n, 1, generator=gen))
-        g.b_dec.add_(0.1 * torch.randn(g.b_dec.shape, generator=gen))
+    perturb(g)
+    with torch.no_grad():
         pre = g.pre_activations(next(SRC.batches(4 * B, seed=1)), g.dictionaries())
         theta = pre.quantile(quantile, dim=0).clamp(min=1e-3)  # (S, n), every latent its own
         g.extra["log_threshold"].copy_(theta.log().view(-1))
@@ -45,22 +40,7 @@ def make(cls, values, eps, quantile=0.85):
 
 
 def run(g, steps=STEPS):
-    """``steps`` trainer steps; every step's gradients and reductions, and the optimiser."""
-    opt = torch.optim.Adam(g.parameters(), lr=g.config.lr, fused=True)
-    it = SRC.batches(B, seed=0)
-    record = []
-    for step in range(1, steps + 1):
-        red = g.forward_backward(next(it))
-        record.append(
-            {
-                **{f"{k} grad": t.grad.clone() for k, t in g.named_parameters().items()},
-                **{f"{k} reduction": t.clone() for k, (t, _) in red.items()},
-            }
-        )
-        g.finish_step(red, step)
-        opt.step()
-        g.post_step()
-    return record, opt
+    return record_steps(g, B, steps)
 
 
 def assert_same_training(fast, slow):
@@ -132,13 +112,7 @@ def test_the_family_trains_the_fast_group_and_tests_it_against_autograd():
 
 def test_off_the_cpu_the_group_is_the_autograd_step(monkeypatch):
     g, ref = make(JumpReLUFastGroup, [0.01], 0.05), make(JumpReLUGroup, [0.01], 0.05)
-    g.fast = False  # what a CUDA group is
-    x = next(SRC.batches(B, seed=0))
-    monkeypatch.setattr(torch.sparse, "sampled_addmm", None)  # the sparse path is not taken
-    g.forward_backward(x)
-    ref.forward_backward(x)
-    for name, t in ref.named_parameters().items():
-        assert torch.equal(g.named_parameters()[name].grad, t.grad)
+    assert_off_the_cpu_it_is_autograd(g, ref, B, monkeypatch)
 
 
 def trainer_config() -> SAETrainConfig:

@@ -7,15 +7,13 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from unsuperpose.toy import ToyConfig, ToySource
+from fast_paths import SRC, assert_off_the_cpu_it_is_autograd, perturb
 from unsuperpose.train import SAETrainConfig, get_family
 from unsuperpose.train.config import AuxKOptions
 from unsuperpose.train.families.topk import TopKGroup
 from unsuperpose.train.families.topk_fast import TopKFastGroup
 
-SRC = ToySource(ToyConfig(h=16, G=32, k=3, decay=0.95, seed=0))
 N, B, VALUES = 24, 32, [2, 5, 3]
-SILENT = [0, 3, 7, 11, 19]  # latents planted dead in every dictionary
 
 
 def make(cls, values=VALUES, plant=False, **options):
@@ -23,15 +21,7 @@ def make(cls, values=VALUES, plant=False, **options):
         arch="topk", top_k=values, dict_sizes=[N], batch_size=B, lr=3e-3, **options
     )
     g = cls(SRC.d, N, values, cfg, seed=0)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # every dictionary different, b_dec nonzero, decoder rows off norm
-        g.W_enc.add_(0.1 * torch.randn(g.W_enc.shape, generator=gen))
-        g.b_enc.add_(0.05 * torch.randn(g.b_enc.shape, generator=gen))
-        g.W_dec.mul_(1 + 0.2 * torch.rand(g.S, g.n, 1, generator=gen))
-        g.b_dec.add_(0.1 * torch.randn(g.b_dec.shape, generator=gen))
-        if plant:  # weak: below the top k, so dead, but with ReLU(pre) > 0 for AuxK to use
-            g.W_enc.view(-1, g.S, N)[:, :, SILENT] *= 0.1
-            g.b_enc.view(g.S, N)[:, SILENT] = -0.02
+    perturb(g, plant)
     return g
 
 
@@ -103,11 +93,4 @@ def test_the_family_trains_the_fast_group_and_tests_it_against_autograd():
 
 
 def test_off_the_cpu_the_group_is_the_autograd_step(monkeypatch):
-    g, ref = make(TopKFastGroup), make(TopKGroup)
-    g.fast = False  # what a CUDA group is
-    x = next(SRC.batches(B, seed=0))
-    monkeypatch.setattr(torch.sparse, "sampled_addmm", None)  # the sparse path is not taken
-    g.forward_backward(x)
-    ref.forward_backward(x)
-    for name, t in ref.named_parameters().items():
-        assert torch.equal(g.named_parameters()[name].grad, t.grad)
+    assert_off_the_cpu_it_is_autograd(make(TopKFastGroup), make(TopKGroup), B, monkeypatch)
