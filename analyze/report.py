@@ -87,12 +87,20 @@ def rescore(grid: Grid) -> None:
 DIAGNOSIS_COLUMNS = ("dead", "heldout_mse", "heldout_l1_loss", "heldout_l0", "mmcs_larger", "ssll")
 
 
-def grid_rule(grid: Grid, *, truth_size: int | None = None) -> WindowRule:
-    """The window rule (``analyze.evidence``) from what the grid's run saved: its batch, steps,
-    held-out rows and each dictionary's per-latent statistics (all of them, or none is used)."""
+def grid_latents(grid: Grid) -> dict:
+    """Each dictionary's per-latent statistics, read once: all of them, or none ({}) when some
+    dictionary was saved before they existed."""
     latents = {key: cell.latent_stats() for key, cell in grid.cells.items()}
-    if any(v is None for v in latents.values()):
-        latents = {}
+    return {} if any(v is None for v in latents.values()) else latents
+
+
+def grid_rule(
+    grid: Grid, *, truth_size: int | None = None, latents: dict | None = None
+) -> WindowRule:
+    """The window rule (``analyze.evidence``) from what the grid's run saved: its batch, steps,
+    held-out rows and each dictionary's per-latent statistics (``grid_latents``, read here
+    unless given)."""
+    latents = grid_latents(grid) if latents is None else latents
     rows = {
         key: int(c.metrics["heldout_rows"])
         for key, c in grid.cells.items()
@@ -141,10 +149,10 @@ def diagnose_grid(grid: Grid, *, truth_size: int | None, tolerance: float) -> Di
     if truth_size:
         names.add("mmcs")
     columns = {c: grid.values(c) for c in names}
-    rule = grid_rule(grid, truth_size=truth_size)
+    latents = grid_latents(grid)
+    rule = grid_rule(grid, truth_size=truth_size, latents=latents)
     window = grid.dead_window
     if rule.readable:
-        latents = {key: cell.latent_stats() for key, cell in grid.cells.items()}
         if window is not None and columns.get("dead"):
             columns.setdefault(f"dead_w{window}", columns["dead"])
         window = rule.window
@@ -152,7 +160,7 @@ def diagnose_grid(grid: Grid, *, truth_size: int | None, tolerance: float) -> Di
         # the figures, the tables and lm_grid.csv show the counts the reading used; the count
         # at the training window stays beside them as dead_w<its window>
         for key, cell in grid.cells.items():
-            if window is not None and "dead" in cell.metrics:
+            if grid.dead_window is not None and "dead" in cell.metrics:
                 cell.metrics.setdefault(f"dead_w{grid.dead_window}", cell.metrics["dead"])
             cell.metrics["dead"] = int(columns["dead"][key])
         columns["novel_next"] = {
