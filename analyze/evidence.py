@@ -3,40 +3,52 @@ minimum evidence below which no count signal is read.
 
 The rule (written down before it was measured; the same for toy data and an LM). A latent is
 dead when it has not fired in the last W training batches. W must be long enough that a latent
-firing as rarely as the grid's rare *kept* latents fires at least once in W batches with
+firing as rarely as the grid's rarest *measured* latents fires at least once in W batches with
 probability at least 1 - ``MISS``:
 
     W* = ceil( ln(1 / MISS) / (-B * ln(1 - r)) )
 
 - B: the run's batch (rows per step, all ranks together);
-- r: the rare-kept-latent rate, read from the trained dictionaries on their held-out rows. Per
-  dictionary, the ``RATE_QUANTILE`` quantile of its latents' firing rates (fires / rows; the
-  quantile, so that one or two latents do not set it alone); the dictionary *keeps* its
-  latents when that quantile is measured: the latent at it fired at least ``MIN_FIRES`` times
-  on the held-out rows (to about +-30%), so fewer than 1% of its latents are rarer than that.
-  Per knob value, take the largest dictionary that keeps its latents; r is the lower median of
-  their quantile rates over the knob values (each rate over the rows that dictionary was
-  evaluated on). In a dictionary of at most 100 latents the quantile is its rarest latent. The
-  largest dictionary a knob value keeps holds the rarest latents that knob value shows to be
-  worth keeping, so a window that would call such a latent dead is too short; the median keeps
-  a knob value whose dictionaries keep everything (a penalty too weak to shed anything) or whose
-  codes collapse from setting the window alone.
-  Revised twice before any calibration grid was read, on a development grid (h 64, G 128, 1,500
-  steps, L1 too low for the data: L0 20-140 where the truth has 5), where the truth's window is 3
+- r: the rare-latent rate, read from the trained dictionaries on their held-out rows. A latent's
+  rate is *measured* when it fired at least ``MIN_FIRES`` times on the held-out rows (a Poisson
+  count of 10 is known to about +-30%). Per knob value, take the largest dictionary (it holds the
+  rarest latents that knob value trains) and the ``RATE_QUANTILE`` quantile of its measured
+  latents' rates (the quantile, so that one or two latents do not set it alone; with at most 100
+  measured latents, the rarest). r is the lower median of these over the knob values (each rate
+  over the rows that dictionary was evaluated on); the median keeps a knob value whose
+  dictionaries keep everything (a penalty too weak to shed anything) or whose codes collapse
+  from setting the window alone.
+- So r is never below ``MIN_FIRES`` / held-out rows: what a count reads is the latents, and so
+  the features, that fire at least about that often. A latent rarer than the held-out rows can
+  measure is called dead when it has been silent for W* batches; a larger held-out set lets the
+  rule protect rarer latents.
+
+Revisions, all recorded here; the calibration grids keep their run folders and are read again
+under each (``CAL_REREAD=1``), and the README shows the readings of the last two rules.
+- Twice before any calibration grid was read, on a development grid (h 64, G 128, 1,500 steps,
+  L1 too low for the data: L0 20-140 where the truth has 5), where the truth's window is 3
   batches: the smallest quantile over every dictionary let one oversized dictionary's split
-  latents (1e-4 of rows) set 253 batches; the median over every dictionary was set by dense small
-  dictionaries (a window of 1). Neither reads the question the window answers. Revised a third
-  time after the first calibration grid (relu, G 256) had been read, for a reason outside it:
-  the tiny LM's grids have a dead latent or two in nearly every dictionary, and requiring every
-  latent to fire 10 times left no dictionary to read; now the quantile that sets r must be
-  measured, not every latent. The calibration grids kept their run folders and were all read
-  again under the final rule (``CAL_REREAD=1``).
+  latents (1e-4 of rows) set 253 batches; the median over every dictionary was set by dense
+  small dictionaries (a window of 1).
+- Third, after the first calibration grid (relu, G 256), for a reason outside it: the tiny LM's
+  grids have a dead latent or two in nearly every dictionary, and requiring every latent to fire
+  10 times left no dictionary to read; the 1% quantile over *all* latents had to be measured.
+- Fourth (this rule), after the G 512 calibration grids showed rule three failing for TopK and
+  BatchTopK (a window of 2 batches where the truth's is 183, and live latents at 1/2x): rule
+  three took, per knob value, the largest dictionary whose 1%-quantile latent over all its
+  latents was measured, so any dictionary with more than 1% silent latents was passed over. Above
+  the count (and for TopK already at 1x) a dictionary has many silent latents, the very thing
+  its live count reads, so only the 1/4x dictionary, whose every latent merges several features
+  and fires often, set r. A latent that fired fewer than ``MIN_FIRES`` times tells nothing about
+  how rare a kept latent can be, so it now neither sets r nor disqualifies its dictionary. This
+  is the measurement rule applied per latent instead of per dictionary, not a value fitted to
+  the failed cells; every grid, the ones rule three read well included, is reported under both.
 
 Minimum evidence (below it a signal returns "no reading", with the reason; never a bound):
 - the per-latent statistics a run saves beside each dictionary (runs made before them have none);
-- r measured, not guessed: some dictionary's quantile latent fired at least ``MIN_FIRES`` times
-  on the held-out rows (a Poisson count of 10 is known to about +-30%); with none, held-out rows
-  are too few to see the rare latents and W* would be a guess;
+- r measured, not guessed: some latent of a knob value's largest dictionary fired at least
+  ``MIN_FIRES`` times on the held-out rows; with none, held-out rows are too few to see any
+  rate and W* would be a guess;
 - steps >= ``BURN_IN`` x W*: the last W* batches, over which deaths are read, come after every
   latent has itself trained for W* batches, so a latent silent since its initialisation is not
   read as one the data let die. This is also the least training any count signal is read on: a
@@ -70,6 +82,7 @@ RATE_QUANTILE = 0.01
 MIN_FIRES = 10
 BURN_IN = 2
 CONVERGED_FVU = 0.01
+RULE_VERSION = 4  # the revisions in the module docstring; records say which rule read them
 
 
 def window_for_rate(rate: float, batch_size: int, miss: float = MISS) -> int:
@@ -81,9 +94,13 @@ def window_for_rate(rate: float, batch_size: int, miss: float = MISS) -> int:
     return max(1, math.ceil(math.log(1 / miss) / per_batch))
 
 
-def _quantile(fires: torch.Tensor) -> int:
-    """The RATE_QUANTILE quantile (lower) of a dictionary's latents' fire counts."""
-    return int(torch.sort(fires).values[int(RATE_QUANTILE * (len(fires) - 1))])
+def _measured_quantile(fires: torch.Tensor) -> int | None:
+    """The RATE_QUANTILE quantile (lower) of the fire counts of a dictionary's measured latents
+    (those that fired MIN_FIRES times or more); None when it has none."""
+    measured = torch.sort(fires[fires >= MIN_FIRES]).values
+    if not len(measured):
+        return None
+    return int(measured[int(RATE_QUANTILE * (len(measured) - 1))])
 
 
 @dataclass
@@ -98,7 +115,7 @@ class WindowRule:
     batch_size: int | None = None
     heldout_rows: int | None = None
     steps: int | None = None
-    kept_cells: int = 0  # dictionaries whose quantile latent fired MIN_FIRES times or more
+    measured: int = 0  # latents of the dictionary that set r with MIN_FIRES+ held-out fires
     reason: str | None = None
     truth_window: int | None = None  # toy data only: the truth's window, for comparison
     notes: list[str] = field(default_factory=list)
@@ -114,12 +131,14 @@ class WindowRule:
     def record(self) -> dict:
         return {
             "rule": f"W = ceil(ln(1/{MISS:g}) / (-B ln(1 - r))), r the {RATE_QUANTILE:.0%} "
-            "quantile of held-out firing rates of the largest dictionary whose quantile latent "
-            f"fired {MIN_FIRES}+ times, lower median over knob values",
+            "quantile of the held-out firing rates of each knob value's largest dictionary's "
+            f"latents that fired {MIN_FIRES}+ times, lower median over knob values",
+            "rule_version": RULE_VERSION,
             "window": self.window,
             "rate": self.rate,
             "rate_fires": self.fires,
             "rate_cell": list(self.cell) if self.cell else None,
+            "rate_measured_latents": self.measured,
             "batch_size": self.batch_size,
             "heldout_rows": self.heldout_rows,
             "steps": self.steps,
@@ -164,36 +183,34 @@ def window_rule(
         return WindowRule(
             None, reason="the run does not record its batch size, steps or held-out rows", **base
         )
-    quantile = {k: _quantile(s["heldout_fires"]) for k, s in latents.items()}
-    kept = {k for k, f in quantile.items() if f >= MIN_FIRES}
     rare = []
-    for a in sorted({a for a, _ in latents}):
-        sizes = [n for v, n in kept if v == a]
-        if sizes:
-            cell = (a, max(sizes))
-            rare.append((quantile[cell] / rows_of[cell], quantile[cell], cell))
+    largest = [(a, max(n for v, n in latents if v == a)) for a in sorted({a for a, _ in latents})]
+    for cell in largest:
+        fires = latents[cell]["heldout_fires"]
+        q = _measured_quantile(fires)
+        if q is not None:
+            rare.append((q / rows_of[cell], q, cell, int((fires >= MIN_FIRES).sum())))
     if not rare:
-        best = max(quantile.values())
+        best = max(int(latents[c]["heldout_fires"].max()) for c in largest)
         return WindowRule(
             None,
             fires=best,
-            reason=f"the rare latents' rates are not measured: in no dictionary did the latent "
-            f"at the {RATE_QUANTILE:.0%} quantile fire {MIN_FIRES} times or more on the "
-            f"{base['heldout_rows']:,}+ held-out rows (at most {best}); evaluate on more "
-            "held-out rows "
-            "(a larger store, or --eval-rows), or train until fewer latents are that rare",
+            reason=f"no latent's rate is measured: in no knob value's largest dictionary did a "
+            f"latent fire {MIN_FIRES} times or more on the {base['heldout_rows']:,}+ held-out "
+            f"rows (at most {best}); evaluate on more held-out rows (a larger store, or "
+            "--eval-rows)",
             **base,
         )
     rare.sort()
-    rate, fires, cell = rare[(len(rare) - 1) // 2]  # the lower median over knob values
+    rate, fires, cell, measured = rare[(len(rare) - 1) // 2]  # the lower median over knobs
     window = window_for_rate(rate, batch_size)
     base["heldout_rows"] = rows_of[cell]  # the rows the rate was measured on
-    rule = WindowRule(window, rate=rate, fires=fires, cell=cell, kept_cells=len(kept), **base)
+    rule = WindowRule(window, rate=rate, fires=fires, cell=cell, measured=measured, **base)
     unconverged = None if curves is None else convergence_reason(curves, steps, variance)
     if steps < BURN_IN * window:
         rule.reason = (
             f"the grid trained {steps:,} steps; the rule's dead window is {window:,} batches "
-            f"of {batch_size:,} (rare kept latents fire on {rate:.2g} of rows), and a count "
+            f"of {batch_size:,} (rare measured latents fire on {rate:.2g} of rows), and a count "
             f"needs at least {BURN_IN} windows of training: train at least "
             f"{BURN_IN * window:,} steps"
         )

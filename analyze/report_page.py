@@ -144,8 +144,9 @@ def window_text(diagnosis) -> str:
         else ""
     )
     return (
-        f"Dead window {rule.window:,} batches of {rule.batch_size:,} (the rule: rare kept "
-        f"latents fire on {rule.rate:.2g} of {rule.heldout_rows:,} held-out rows){truth}; "
+        f"Dead window {rule.window:,} batches of {rule.batch_size:,} (the rule: rare measured "
+        f"latents fire on {rule.rate:.2g} of {rule.heldout_rows:,} held-out rows, so the "
+        f"count reads features at least about that frequent){truth}; "
         f"the grid trained {rule.steps:,} steps, at least {rule.steps_needed:,} needed."
     )
 

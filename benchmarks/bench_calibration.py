@@ -24,7 +24,10 @@ table can be built across sessions. Each grid's run folder stays under
 again without training, so a change to the analysis is measured on the same dictionaries.
 ``CAL_QUICK=1``: a smoke subset (h 64, G 64 and 128, relu and
 topk, 600 steps) into its own file. ``CAL_CELLS=core`` (or robust, reach) picks a part.
-At the end, ``calibration_table`` per (architecture, signal): cells within one grid step of G.
+At the end, ``calibration_table`` per (architecture, signal): cells within one grid step of G,
+and the plot of pointer against G (``calibration.png`` beside the records).
+``python -m benchmarks.bench_calibration [records] [--previous older-records] [--plot PNG]``
+prints the README's table from the records (with an earlier rule's readings beside them).
 """
 
 from __future__ import annotations
@@ -145,6 +148,7 @@ def train_cell(cell: dict, folder: Path) -> dict:
         "estimate": {
             k: (rec.get("estimate") or {}).get(k) for k in ("median", "more_than", "no_estimate")
         },
+        "rule_version": rec["window_rule"].get("rule_version"),
         "window_rule": rec["window_rule"]["window"],
         "window_truth": rec["window_rule"]["truth_window"],
         "rule_reason": rec["window_rule"]["reason"],
@@ -215,6 +219,7 @@ def run() -> Iterator[dict]:
         records.append(rec)
         yield rec
     yield from table(records)
+    yield {"figure": "calibration_plot", "path": str(plot(records, path.with_suffix(".png")))}
 
 
 SIGNALS = (
@@ -238,15 +243,19 @@ def _cell_text(p: dict | None) -> str:
     return f"**{at}**" if p["steps_off"] == 0 else at
 
 
-def markdown(records: list[dict]) -> str:
+def markdown(records: list[dict], previous: list[dict] | None = None) -> str:
     """The README's table: one row per grid, each signal's pointer as a ratio of G (bold: at
-    the truth; '>': a lower bound), the default reading marked, the windows and the cost."""
+    the truth; '>': a lower bound), the default reading marked, the windows and the cost.
+    ``previous``: the same grids read under an earlier window rule, shown as one more column
+    (its window and its default reading) so a revision's effect is visible cell by cell."""
+    before = {r["key"]: r for r in previous or []}
     head = [
         "arch",
         "G",
         "data, seed",
         "window: rule / truth",
         *SIGNALS,
+        *(["earlier rule: window, default"] if previous else []),
         "best MMCS (at)",
         "CPU min",
     ]
@@ -257,6 +266,13 @@ def markdown(records: list[dict]) -> str:
             text = _cell_text(r["pointers"].get(name))
             cells.append(f"{text} (default)" if name == r["default"] else text)
         window = f"{r['window_rule'] or '–'} / {r['window_truth']}"
+        if previous:
+            old = before.get(r["key"])
+            cells.append(
+                f"{old['window_rule'] or '–'}, {_cell_text(old['pointers'].get(old['default']))}"
+                if old
+                else "not read"
+            )
         lines.append(
             "| "
             + " | ".join(
@@ -275,8 +291,68 @@ def markdown(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # print the README's table from the records so far
-    import sys
+def plot(records: list[dict], path: Path) -> Path:
+    """Pointer against G, one panel per architecture, on the core cells (copula, one seed):
+    every signal's pointer (hollow: a lower bound), the default reading joined by a line, the
+    truth as the diagonal. A pointer that follows the truth lies on it at every G."""
+    from unsuperpose.analyze.figures import plt, save_figure
 
-    file = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/bench/calibration.jsonl")
-    print(markdown([json.loads(line) for line in file.read_text().splitlines() if line.strip()]))
+    core = [r for r in records if r.get("part") == "core"]
+    archs = [a for a in ARCHS if any(r["arch"] == a for r in core)]
+    if not archs:
+        return path
+    fig, axes = plt.subplots(1, len(archs), figsize=(3.1 * len(archs), 3.2), squeeze=False)
+    markers = dict(zip(SIGNALS, "osD^vP", strict=True))
+    for ax, arch in zip(axes[0], archs, strict=True):
+        rows = sorted((r for r in core if r["arch"] == arch), key=lambda r: r["G"])
+        gs = [r["G"] for r in rows]
+        ax.plot([min(gs) / 4, max(gs) * 4], [min(gs) / 4, max(gs) * 4], color="0.8", lw=1)
+        for i, name in enumerate(SIGNALS):
+            pts = [(r["G"], r["pointers"].get(name), r["default"] == name) for r in rows]
+            pts = [(g, p, d) for g, p, d in pts if p and p["reading"] and p["size"]]
+            if not pts:
+                continue
+            jitter = 1 + 0.04 * (i - len(SIGNALS) / 2)  # signals at one G side by side
+            for g, p, _ in pts:
+                ax.scatter(
+                    g * jitter,
+                    p["size"],
+                    marker=markers[name],
+                    s=28,
+                    facecolors="none" if p["lower_bound"] else f"C{i}",
+                    edgecolors=f"C{i}",
+                    label=name,
+                )
+            default = [(g, p["size"]) for g, p, d in pts if d]
+            if default:
+                ax.plot(*zip(*default, strict=True), color="k", lw=1.2, alpha=0.7)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log", base=2)
+        ax.set_title(arch)
+        ax.set_xlabel("G (the truth)")
+    axes[0][0].set_ylabel("pointer (dictionary size)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    for ax in axes[0][1:]:
+        h, lab = ax.get_legend_handles_labels()
+        handles, labels = handles + h, labels + lab
+    seen = dict(zip(labels, handles, strict=True))
+    fig.legend(seen.values(), seen.keys(), loc="lower center", ncol=len(seen), fontsize=7)
+    return save_figure(fig, path, rect=(0, 0.1, 1, 1))
+
+
+if __name__ == "__main__":  # the README's table (and, with --plot PATH, its figure)
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("file", nargs="?", default="runs/bench/calibration.jsonl")
+    parser.add_argument("--previous", help="records of the same grids under an earlier rule")
+    parser.add_argument("--plot", help="write the pointer-against-G figure here (PNG)")
+    args = parser.parse_args()
+
+    def load(file: str) -> list[dict]:
+        return [json.loads(line) for line in Path(file).read_text().splitlines() if line.strip()]
+
+    recs = load(args.file)
+    print(markdown(recs, load(args.previous) if args.previous else None))
+    if args.plot:
+        print(f"figure: {plot(recs, Path(args.plot))}")

@@ -48,32 +48,46 @@ def test_the_window_is_the_batches_a_latent_at_the_rate_needs_to_fire_once_with_
     assert window_for_rate(0.001, 512) == math.ceil(window_for_rate(0.001, 256) / 2)
 
 
-def test_the_rule_reads_each_knobs_largest_kept_dictionary_and_takes_the_median():
+def test_the_rule_reads_each_knobs_largest_dictionarys_measured_latents_and_takes_the_median():
     rows = 100_000
     latents = {
-        # knob 1: both sizes keep every latent (each fired MIN_FIRES+ times): the larger counts;
-        # its 1% quantile of 200 latents is the second smallest count
-        (1.0, 100): stats([900] + [5_000] * 99),
+        # knob 1: the larger dictionary counts, the smaller is not read at all; its 1% quantile
+        # of 200 measured latents is the second smallest count
+        (1.0, 100): stats([12] + [5_000] * 99),
         (1.0, 200): stats([30, 50] + [5_000] * 198),
-        # knob 2: the larger dictionary's quantile latent (the second rarest of 200) fired 6
-        # times, not measured: not kept
-        (2.0, 100): stats([100] + [5_000] * 99),
-        (2.0, 200): stats([5, 6] + [5_000] * 198),
+        # knob 2: latents that fired fewer than MIN_FIRES times are not measured: they neither
+        # set the rate nor stop the dictionary being read, however many there are (here half)
+        (2.0, 100): stats([11] + [5_000] * 99),
+        (2.0, 200): stats([0] * 60 + [MIN_FIRES - 1] * 40 + [100] + [5_000] * 99),
         # knob 3
         (3.0, 100): stats([400] + [5_000] * 99),
     }
     rule = window_rule(latents, batch_size=256, heldout_rows=rows, steps=10_000)
-    assert rule.readable and rule.kept_cells == 4
-    assert (rule.fires, rule.cell) == (100, (2.0, 100))  # the median of 50, 100 and 400
+    assert rule.readable
+    # the median of 50, 100 and 400
+    assert (rule.fires, rule.cell, rule.measured) == (100, (2.0, 200), 100)
     assert rule.rate == 100 / rows
     assert rule.window == window_for_rate(100 / rows, 256)
     # a fourth knob value moves the median by one place at most
     latents[(4.0, 100)] = stats([12] + [5_000] * 99)
     assert window_rule(latents, batch_size=256, heldout_rows=rows, steps=10_000).fires == 50
-    # a larger size at knob 3 that keeps its latents replaces knob 3's entry (400 -> 1,000) only
+    # a larger size at knob 3 replaces knob 3's entry (400 -> 1,000) only
     latents[(3.0, 400)] = stats([1_000] * 400)
     rule = window_rule(latents, batch_size=256, heldout_rows=rows, steps=10_000)
     assert (rule.fires, rule.cell) == (50, (1.0, 200))
+
+
+def test_the_rate_is_never_below_what_the_heldout_rows_measure():
+    # a dictionary of many barely measured latents: r is the MIN_FIRES floor, not lower
+    rows = 262_144
+    latents = {(1.0, 2048): stats([0] * 1000 + [MIN_FIRES] * 500 + [10_000] * 548)}
+    rule = window_rule(latents, batch_size=256, heldout_rows=rows, steps=10**6)
+    assert rule.rate == MIN_FIRES / rows
+    assert rule.window == window_for_rate(MIN_FIRES / rows, 256)
+    # four times the rows: a four times rarer latent is measured and protected
+    latents = {(1.0, 2048): stats([0] * 1000 + [MIN_FIRES] * 500 + [40_000] * 548)}
+    longer = window_rule(latents, batch_size=256, heldout_rows=4 * rows, steps=10**6)
+    assert longer.window > 3 * rule.window
 
 
 def test_each_dictionarys_rate_is_over_the_rows_it_was_evaluated_on():
@@ -98,15 +112,15 @@ def test_a_grid_shorter_than_the_rule_asks_gets_no_reading_naming_steps_and_wind
 
 
 def test_a_rate_seen_fewer_than_min_fires_times_is_not_measured():
-    latents = {(1.0, 64): stats([MIN_FIRES - 1] + [1_000] * 63)}
+    latents = {(1.0, 64): stats([MIN_FIRES - 1] * 64), (1.0, 32): stats([1_000] * 32)}
     rule = window_rule(latents, batch_size=256, heldout_rows=4_096, steps=10**9)
+    # only the knob value's largest dictionary is read, and none of its latents is measured
     assert not rule.readable and rule.window is None
     assert f"(at most {MIN_FIRES - 1})" in rule.reason and "more held-out rows" in rule.reason
-    # one latent of 200 that rare does not stop the dictionary from being read: its 1% quantile
-    # is the second rarest
-    latents = {(1.0, 200): stats([0, 40] + [1_000] * 198)}
+    # one measured latent is enough
+    latents = {(1.0, 200): stats([0] * 199 + [40])}
     rule = window_rule(latents, batch_size=256, heldout_rows=4_096, steps=10**9)
-    assert rule.readable and rule.fires == 40
+    assert rule.readable and (rule.fires, rule.measured) == (40, 1)
 
 
 def test_a_run_without_per_latent_statistics_gets_no_reading():
