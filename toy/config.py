@@ -44,6 +44,37 @@ class ToyConfig:
     zipf_exponent: float = field(0.5, help="--frequencies zipf: the exponent (SynthSAEBench: 0.5)")
     p_max: float = field(0.4, help="--frequencies zipf: the commonest feature's probability")
     p_min: float = field(5e-4, help="--frequencies zipf: the rarest feature's probability")
+    correlation_structure: Literal["blocks", "lowrank"] = field(
+        "blocks",
+        help="the copula's correlation matrix: 'blocks' = --correlation within random groups of "
+        "--group-size; 'lowrank' = SynthSAEBench's F F^T + diag(1 - |F_i|^2), F a G x "
+        "--lowrank-rank matrix of N(0, --lowrank-scale^2) entries (correlation and group_size "
+        "are then unused)",
+    )
+    lowrank_rank: int = field(25, help="--correlation-structure lowrank: rank (SynthSAEBench: 25)")
+    lowrank_scale: float = field(
+        0.1, help="--correlation-structure lowrank: std of the factor's entries (SynthSAEBench 0.1)"
+    )
+    hierarchy: bool = field(
+        False,
+        help="arrange the commonest features as trees after SynthSAEBench: a child fires only "
+        "with its parent, at most one sibling fires, and a child's coefficient is scaled by its "
+        "parent's. Deviations (README, 'Rare features'): one draw per sibling group picks the "
+        "child, so each marginal is exactly its parent's times its conditional probability, "
+        "and siblings whose targets outweigh their parent share its rate in their targets' "
+        "proportions; children are drawn apart from the copula, which drives roots and free "
+        "features",
+    )
+    hierarchy_roots: int = field(
+        4,
+        help="--hierarchy: number of trees; they take features 0, 1, ... (the commonest) "
+        "breadth-first until G runs out. 4 trees of branching 4, depth 3 hold 340 of 512 "
+        "features, SynthSAEBench-16k's share (128 roots over 16,384)",
+    )
+    hierarchy_branching: int = field(4, help="--hierarchy: children per parent (SynthSAEBench: 4)")
+    hierarchy_depth: int = field(
+        3, help="--hierarchy: levels below a root (SynthSAEBench: 3; 1 = roots and leaves)"
+    )
     noise: float = field(0.0, help="std of isotropic Gaussian noise added to each sample")
     seed: int = field(0, help="seed of the features, probabilities and covariance")
 
@@ -75,6 +106,21 @@ class ToyConfig:
             )
         if not self.zipf_exponent > 0:
             problems.append(f"zipf_exponent must be > 0 (got {self.zipf_exponent})")
+        if self.correlation_structure not in ("blocks", "lowrank"):
+            problems.append(
+                f"correlation_structure must be 'blocks' or 'lowrank' (got "
+                f"{self.correlation_structure!r})"
+            )
+        if self.lowrank_rank < 1:
+            problems.append(f"lowrank_rank must be >= 1 (got {self.lowrank_rank})")
+        if self.lowrank_scale < 0:
+            problems.append(f"lowrank_scale must be >= 0 (got {self.lowrank_scale})")
+        if self.hierarchy_roots < 1:
+            problems.append(f"hierarchy_roots must be >= 1 (got {self.hierarchy_roots})")
+        if self.hierarchy_branching < 2:
+            problems.append(f"hierarchy_branching must be >= 2 (got {self.hierarchy_branching})")
+        if self.hierarchy_depth < 1:
+            problems.append(f"hierarchy_depth must be >= 1 (got {self.hierarchy_depth})")
         if self.noise < 0:
             problems.append(f"noise must be >= 0 (got {self.noise})")
         if problems:

@@ -15,7 +15,9 @@ Two ways to correlate which features are on (``ToyConfig.correlation_recipe``):
   mixtures, so "MMCS with larger dictionaries" points below the truth (README: "The count,
   whichever grid you draw", where both are compared).
 
-The covariance is the same in both: the report only says "random"; we use blocks (below).
+The covariance is the same in both: the report only says "random"; we use blocks (below), or
+SynthSAEBench's low-rank matrix (``lowrank_factor``). With ``ToyConfig.hierarchy`` the copula
+draws the roots and the free features; children are drawn given their parents (``hierarchy``).
 Where the public replication differs from the description, both recipes follow the description:
 - one correlated normal draw per datapoint (the replication drew one per batch, so every sample
   in a batch shared its correlation pattern);
@@ -30,6 +32,8 @@ import math
 
 import numpy as np
 import torch
+
+from unsuperpose.toy.hierarchy import Forest, draw_children, scale_children
 
 RECIPES = ("threshold", "report")
 
@@ -102,6 +106,35 @@ def copula_normals(
     return shared.mul_(correlation**0.5).add_(private, alpha=(1 - correlation) ** 0.5)
 
 
+def lowrank_factor(
+    G: int, rank: int, scale: float, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SynthSAEBench's low-rank correlation: the copula's normals have correlation matrix
+    F F^T + diag(1 - |F_i|^2), F a G x rank matrix of N(0, scale^2) entries. Returns F and each
+    feature's private standard deviation sqrt(1 - |F_i|^2) (float32, for ``lowrank_normals``).
+
+    As there, a feature must keep at least 1% private variance: if a row's squared norm would
+    pass 0.99, the whole of F is scaled down until none does. O(n G rank) per batch, no G x G
+    matrix, so it scales to any G.
+    """
+    f = torch.randn(G, rank, generator=gen, dtype=torch.float64) * scale
+    shared = (f**2).sum(1)
+    if float(shared.max()) > 0.99:
+        f *= (0.99 / shared.max()).sqrt()
+        shared = (f**2).sum(1)
+    return f.float(), (1 - shared).sqrt().float()
+
+
+def lowrank_normals(
+    n: int, factor: torch.Tensor, private_sd: torch.Tensor, gen: torch.Generator
+) -> torch.Tensor:
+    """n x G standard normals with correlation F F^T + diag(private_sd^2) (``lowrank_factor``):
+    rank shared normals through F plus a private normal per feature."""
+    z = torch.randn(n, factor.shape[1], generator=gen, device=gen.device) @ factor.T
+    private = torch.randn(n, factor.shape[0], generator=gen, device=gen.device)
+    return z.addcmul_(private, private_sd)
+
+
 def sample_codes(
     n: int,
     probs: torch.Tensor,
@@ -110,29 +143,44 @@ def sample_codes(
     gen: torch.Generator,
     n_groups: int | None = None,
     recipe: str = "threshold",
+    *,
+    lowrank: tuple[torch.Tensor, torch.Tensor] | None = None,
+    forest: Forest | None = None,
 ) -> torch.Tensor:
     """n x G sparse codes: feature i is active with probability probs[i], coefficient U(0, 1).
 
     With ``correlation`` > 0 the activations are correlated through ``recipe`` (module
-    docstring), driven by a correlated standard-normal vector per sample (``copula_normals``);
+    docstring), driven by a correlated standard-normal vector per sample (``copula_normals``, or
+    ``lowrank_normals`` when ``lowrank`` gives its factor, which then replaces the blocks);
     either way each feature keeps its probability and the mean number active stays k. Without
-    correlation both recipes are independent Bernoulli draws (the same draws).
+    correlation both recipes are independent Bernoulli draws (the same draws). ``forest``: the
+    children's columns are then drawn given their parents and scaled by them (``hierarchy``);
+    ``probs`` must hold the forest's marginals, of which only the roots' and free features'
+    are read here.
     """
     G = probs.shape[0]
-    if groups is None or correlation == 0:
+    if lowrank is None and (groups is None or correlation == 0):
         u = torch.rand(n, G, generator=gen, device=gen.device)
         active = u < probs.float()
-    elif recipe == "threshold":
-        u = torch.special.ndtr(copula_normals(n, groups, correlation, gen, n_groups))
-        active = u < probs.float()
-    elif recipe == "report":
-        scaled = torch.special.ndtr(copula_normals(n, groups, correlation, gen, n_groups))
-        scaled.mul_(2 * probs.float())
-        active = torch.rand(n, G, generator=gen, device=gen.device) < scaled
-    else:
+    elif recipe not in RECIPES:
         raise ValueError(f"unknown correlation recipe {recipe!r}; choose one of {RECIPES}")
+    else:
+        z = (
+            copula_normals(n, groups, correlation, gen, n_groups)
+            if lowrank is None
+            else lowrank_normals(n, *lowrank, gen)
+        )
+        if recipe == "threshold":
+            active = torch.special.ndtr(z) < probs.float()
+        else:
+            scaled = torch.special.ndtr(z)
+            scaled.mul_(2 * probs.float())
+            active = torch.rand(n, G, generator=gen, device=gen.device) < scaled
+    if forest is not None:
+        active = draw_children(active, forest, gen)
     coef = torch.rand(n, G, generator=gen, device=gen.device)
-    return coef * active
+    codes = coef * active
+    return codes if forest is None else scale_children(codes, forest)
 
 
 def dead_window_for(

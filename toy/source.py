@@ -10,9 +10,11 @@ from unsuperpose.distributed import with_index
 from unsuperpose.hashing import json_sha256
 from unsuperpose.seeding import seeded_generator
 from unsuperpose.toy.config import ToyConfig
+from unsuperpose.toy.hierarchy import build_forest
 from unsuperpose.toy.sampling import (
     dead_window_for,
     feature_probabilities,
+    lowrank_factor,
     random_groups,
     sample_codes,
     unit_features,
@@ -32,12 +34,17 @@ class ToySource:
     seed (config seed, stream seed, i), so a stream can restart at any batch in O(1) — that is
     what lets a training run resume exactly.
 
+    ``probs`` are the features' true firing probabilities: with ``hierarchy``, a child's is its
+    parent's times its conditional one (``toy.hierarchy``), not the ``frequencies`` target;
+    ``forest`` is then the trees (else None), and ``lowrank`` the low-rank correlation's factor
+    and private standard deviations (else None).
+
     ``device``: where the data is used. Batches are drawn with the generator of ``rng_device``
     (default: ``device``) and yielded there; the trainer moves them. The ground truth (features,
-    probabilities, groups) is always drawn on the CPU, so it is the same on every device; a
-    GPU's batches are not the CPU's (another generator), which ``describe`` records as part of
-    the data's identity. ``rng_device="cpu"`` draws the CPU's very batches for a GPU run, to
-    compare it with a CPU run of the same seed.
+    probabilities, groups, trees, factor) is always drawn on the CPU, so it is the same on every
+    device; a GPU's batches are not the CPU's (another generator), which ``describe`` records as
+    part of the data's identity. ``rng_device="cpu"`` draws the CPU's very batches for a GPU
+    run, to compare it with a CPU run of the same seed.
     """
 
     def __init__(
@@ -56,14 +63,27 @@ class ToySource:
             if c.frequencies == "zipf"
             else feature_probabilities(c.G, c.k, c.decay)
         )
-        if c.correlation_recipe == "report" and c.correlation > 0 and float(self.probs.max()) > 0.5:
+        self.forest = None
+        if c.hierarchy:
+            self.forest, self.probs = build_forest(
+                c.G, c.hierarchy_roots, c.hierarchy_branching, c.hierarchy_depth, self.probs
+            )
+        # the copula draws every feature but the children
+        drawn = self.probs if self.forest is None else self.probs[self.forest.parent < 0]
+        correlated = c.correlation_structure == "lowrank" or c.correlation > 0
+        if c.correlation_recipe == "report" and correlated and float(drawn.max()) > 0.5:
             raise ValueError(
                 f"the report's correlation recipe keeps the mean number active at k only while "
                 f"every feature's probability is at most 1/2 (the commonest is "
-                f"{float(self.probs.max()):.2f} at k {c.k}, decay {c.decay}): lower k, raise the "
+                f"{float(drawn.max()):.2f} at k {c.k}, decay {c.decay}): lower k, raise the "
                 "decay towards 1, or use correlation_recipe='threshold'"
             )
         self.groups = random_groups(c.G, c.group_size, gen)
+        self.lowrank = (
+            lowrank_factor(c.G, c.lowrank_rank, c.lowrank_scale, gen)
+            if c.correlation_structure == "lowrank"
+            else None
+        )
         self.device = with_index(device)
         self.rng_device = with_index(rng_device) if rng_device is not None else self.device
         self._n_groups = int(self.groups.max()) + 1
@@ -71,6 +91,8 @@ class ToySource:
         self._features, self._probs, self._groups = (
             t.to(on) for t in (self.features, self.probs, self.groups)
         )
+        self._forest = self.forest.to(on) if self.forest is not None else None
+        self._lowrank = None if self.lowrank is None else tuple(t.to(on) for t in self.lowrank)
 
     @property
     def d(self) -> int:
@@ -87,6 +109,8 @@ class ToySource:
             gen,
             self._n_groups,
             self.config.correlation_recipe,
+            lowrank=self._lowrank,
+            forest=self._forest,
         )
         x = codes @ self._features
         if self.config.noise > 0:
@@ -141,6 +165,14 @@ class ToySource:
         zipf = ("zipf_exponent", "p_max", "p_min")
         # the report's frequencies: fingerprints unchanged; Zipfian ones: k and decay are unused
         for name in ("frequencies", *zipf) if info["frequencies"] == "decay" else ("k", "decay"):
+            del info[name]
+        # no trees and the block copula: fingerprints unchanged; else what those leave unused
+        if not info["hierarchy"]:
+            for name in ("hierarchy", "hierarchy_roots", "hierarchy_branching", "hierarchy_depth"):
+                del info[name]
+        lowrank = ("correlation_structure", "lowrank_rank", "lowrank_scale")
+        blocks = ("correlation", "group_size")
+        for name in lowrank if info["correlation_structure"] == "blocks" else blocks:
             del info[name]
         if self.rng_device.type == "cuda":  # another generator, other batches (CPU runs: unchanged)
             # CUDA's random streams depend on the GPU's multiprocessor count, so name the model.

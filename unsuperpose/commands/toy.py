@@ -164,15 +164,22 @@ def _run(args: argparse.Namespace) -> int:
         device=placement.device,
         rng_device="cpu" if args.data_rng == "cpu" else placement.device,
     )
-    print(
-        f"toy data: h={toy.h}, G={toy.G}, "
-        + (
-            f"Zipfian frequencies {toy.p_max:g}..{toy.p_min:g} (exponent {toy.zipf_exponent:g}), "
-            f"{float(source.probs.sum()):.1f} active on average"
-            if toy.frequencies == "zipf"
-            else f"k={toy.k}"
+    forest = source.forest
+    parts = [
+        f"Zipfian frequencies {toy.p_max:g}..{toy.p_min:g} (exponent {toy.zipf_exponent:g})"
+        if toy.frequencies == "zipf"
+        else f"k={toy.k}"
+    ]
+    if forest is not None:
+        parts.append(
+            f"{int((forest.depth >= 0).sum())} features in {int((forest.depth == 0).sum())} trees"
         )
-        + f"; {grid_size_text(cfg)}, "
+    if toy.correlation_structure == "lowrank":
+        parts.append(f"low-rank correlation (rank {toy.lowrank_rank}, scale {toy.lowrank_scale:g})")
+    if toy.frequencies == "zipf" or forest is not None:  # k no longer says how many are active
+        parts.append(f"{float(source.probs.sum()):.1f} active on average")
+    print(
+        f"toy data: h={toy.h}, G={toy.G}, {', '.join(parts)}; {grid_size_text(cfg)}, "
         f"{cfg.steps} steps of {cfg.batch_size}"
     )
     diagnosis: dict = {}
