@@ -46,16 +46,18 @@ def boot(path: Path):
     return TransformerBridge.boot_transformers(str(path), device="cpu", dtype=torch.float32)
 
 
-def random_blocks(n_tokens: int) -> np.ndarray:
-    return np.random.default_rng(0).integers(0, 50257, (n_tokens // N_CTX, N_CTX)).astype(np.uint16)
+def random_blocks(n_tokens: int, vocab: int = 50257, n_ctx: int = N_CTX) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, vocab, (n_tokens // n_ctx, n_ctx)).astype(np.uint16)
 
 
-def harvest_into(bridge, blocks: np.ndarray, out: Path) -> Path:
+def harvest_into(
+    bridge, blocks: np.ndarray, out: Path, *, layer: int = LAYER, batch: int = BATCH
+) -> Path:
     [path] = harvest(
         bridge,
         blocks,
         out,
-        HarvestConfig(layer=str(LAYER), batch_size=BATCH),
+        HarvestConfig(layer=str(layer), batch_size=batch),
         model_dir="random-gpt2-small",
         weights_sha256="random",
         corpus_fingerprint="random",

@@ -53,9 +53,11 @@ TOY = [
 ]  # CPU processes (gloo), also on a GPU machine
 
 
-def _run(cmd: list[str], env: dict) -> tuple[float, subprocess.CompletedProcess]:
+def _run(
+    cmd: list[str], env: dict, timeout: float | None = None
+) -> tuple[float, subprocess.CompletedProcess]:
     t = time.perf_counter()
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
     return time.perf_counter() - t, done
@@ -178,92 +180,134 @@ def gpu_step(b: int = 4096, d: int = 1024, n: int = 8192) -> list[dict]:
     return records
 
 
-def gpu_paper_toy() -> list[dict]:
+PAPER_STEPS = 20_000  # what `toy --grid paper` trains unless --steps says otherwise
+
+
+def paper_toy(device: str = "cuda", extra: tuple[str, ...] = (), timeout: float | None = None):
+    """Wall time of ``unsuperpose toy --grid paper`` (``extra`` flags added) on ``device``.
+
+    With ``timeout``: a run still training then is stopped, and the record says the step its
+    log reached and the training time projected from it to the last step, so a budget that is
+    too short still gives a figure (marked ``projected``)."""
+    steps = int(extra[extra.index("--steps") + 1]) if "--steps" in extra else PAPER_STEPS
+    cmd = [sys.executable, "-m", "unsuperpose", "toy", "--grid", "paper", "--device", device]
+    cmd += ["--no-progress", "--wandb", "disabled", *extra]
     with tempfile.TemporaryDirectory() as tmp:
-        wall, done = _run(
-            [
-                sys.executable,
-                "-m",
-                "unsuperpose",
-                "toy",
-                "--grid",
-                "paper",
-                "--device",
-                "cuda",
-                "--no-progress",
-                "--wandb",
-                "disabled",
-                "--out",
-                f"{tmp}/paper",
-            ],
-            {**os.environ, "WANDB_MODE": "disabled"},
-        )
-        best = [
+        out = Path(tmp) / "paper"
+        t = time.perf_counter()
+        try:
+            wall, done = _run(
+                cmd + ["--out", str(out)], {**os.environ, "WANDB_MODE": "disabled"}, timeout
+            )
+        except subprocess.TimeoutExpired:
+            wall = time.perf_counter() - t
+            log = out / "log.jsonl"
+            rows = [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
+            reached = max((r["step"] for r in rows if "step" in r), default=0)
+            return {
+                "wall_s": round(wall, 1),
+                "finished": False,
+                "step_reached": reached,
+                "steps": steps,
+                "projected_training_s": round(wall * steps / reached, 1) if reached else None,
+            }
+        printed = [
             line
             for line in done.stdout.splitlines()
             if line.startswith(("best MMCS", "dead", "loss", "MMCS"))
         ]
+    return {"wall_s": round(wall, 1), "finished": True, "steps": steps, "printed": printed}
+
+
+def gpu_paper_toy() -> list[dict]:
+    rec = paper_toy("cuda")
     return [
         {
             "what": "GPU: unsuperpose toy --grid paper (17 L1 x 9 sizes, 20,000 steps)",
-            "wall_s": round(wall, 1),
-            "wall_min": round(wall / 60, 2),
-            "printed": best,
+            "wall_s": rec["wall_s"],
+            "wall_min": round(rec["wall_s"] / 60, 2),
+            "printed": rec["printed"],
             "device": torch.cuda.get_device_name(),
         }
     ]
 
 
-def cpu_vs_gpu() -> list[dict]:
-    args = [
-        "toy",
-        "--h",
-        "64",
-        "--G",
-        "128",
-        "--dict-ratios",
-        "1/2x,1x,2x",
-        "--l1",
-        "1e-4,1e-3",
-        "--steps",
-        "1000",
-        "--no-progress",
-        "--wandb",
-        "disabled",
-        "--data-rng",
-        "cpu",
-    ]
+SAME_SEED_TOY = (
+    "toy",
+    "--h",
+    "64",
+    "--G",
+    "128",
+    "--dict-ratios",
+    "1/2x,1x,2x",
+    "--l1",
+    "1e-4,1e-3",
+    "--no-progress",
+    "--wandb",
+    "disabled",
+    "--data-rng",
+    "cpu",
+)
+
+
+def same_seed(
+    devices: tuple[str, ...] = ("cpu", "cuda"),
+    steps: int = 1000,
+    toy: tuple[str, ...] = SAME_SEED_TOY,
+    rtol: float = 0.0,
+    atol: float = 0.0,
+) -> dict:
+    """One toy grid of one seed trained by one process per entry of ``devices`` (toy batches
+    drawn on the CPU for all), each saved dictionary compared with the first run's: the largest
+    weight difference, and whether every tensor is within ``atol + rtol * |first|``."""
     env = {**os.environ, "WANDB_MODE": "disabled"}
     with tempfile.TemporaryDirectory() as tmp:
-        walls, rows = {}, {}
-        for dev in ("cpu", "cuda"):
-            walls[dev], _ = _run(
-                [
-                    sys.executable,
-                    "-m",
-                    "unsuperpose",
-                    *args,
-                    "--device",
-                    dev,
-                    "--out",
-                    f"{tmp}/{dev}",
+        walls, rows, weights = [], [], []
+        for i, dev in enumerate(devices):
+            out = Path(tmp) / f"run{i}"
+            cmd = [sys.executable, "-m", "unsuperpose", *toy, "--steps", str(steps)]
+            wall, _ = _run(cmd + ["--device", dev, "--out", str(out)], env)
+            walls.append(round(wall, 1))
+            rows.append((out / "summary.csv").read_text().splitlines())
+            weights.append(_weights(out))
+    ref = weights[0]
+    col = rows[0][0].split(",").index("mmcs")
+    compared = []
+    for other, table in zip(weights[1:], rows[1:]):
+        excess = max(
+            float(((ref[s][k] - other[s][k]).abs() - atol - rtol * ref[s][k].abs()).max())
+            for s in ref
+            for k in ref[s]
+        )
+        compared.append(
+            {
+                "max_abs_weight_diff": _max_diff(ref, other),
+                "within_tolerance": excess <= 0,
+                "l1_size_mmcs": [
+                    (r.split(",")[0], r.split(",")[1], r.split(",")[col], o.split(",")[col])
+                    for r, o in zip(rows[0][1:], table[1:])
                 ],
-                env,
-            )
-            rows[dev] = (Path(tmp) / dev / "summary.csv").read_text().splitlines()
-        diff = _max_diff(_weights(Path(tmp) / "cpu"), _weights(Path(tmp) / "cuda"))
-    col = rows["cpu"][0].split(",").index("mmcs")
-    side = [
-        (r.split(",")[0], r.split(",")[1], r.split(",")[col], g.split(",")[col])
-        for r, g in zip(rows["cpu"][1:], rows["cuda"][1:])
-    ]
+            }
+        )
+    return {
+        "devices": list(devices),
+        "wall_s": walls,
+        "rtol": rtol,
+        "atol": atol,
+        "vs_first": compared,
+    }
+
+
+def cpu_vs_gpu() -> list[dict]:
+    rec = same_seed(("cpu", "cuda"))
+    [vs] = rec["vs_first"]
     return [
         {
             "what": "same seed, CPU vs GPU (toy batches drawn on the CPU for both), 1,000 steps",
-            "max_abs_weight_diff": diff,
-            "wall_s_cpu": round(walls["cpu"], 1),
-            "wall_s_gpu": round(walls["cuda"], 1),
-            "l1_size_mmcs_cpu_mmcs_gpu": side,
+            "max_abs_weight_diff": vs["max_abs_weight_diff"],
+            "wall_s_cpu": rec["wall_s"][0],
+            "wall_s_gpu": rec["wall_s"][1],
+            "l1_size_mmcs_cpu_mmcs_gpu": vs["l1_size_mmcs"],
         }
     ]
 

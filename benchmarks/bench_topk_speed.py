@@ -122,43 +122,57 @@ class _Sparsify:
         self.proc.wait(timeout=60)
 
 
-class _Ours:
-    """One group of one dictionary and the trainer's step on it."""
+class OursStep:
+    """One group of one dictionary and the trainer's step on it, on the batches' device.
 
-    def __init__(self, arch: str, cls, xs: list[torch.Tensor]):
+    ``n`` and ``k`` default to this bench's shape; the batch size and width are the batches'.
+    With ``bf16`` the group's ``forward_backward`` runs under ``torch.autocast(bfloat16)`` (the
+    parameters and Adam stay float32): the trainer has no such option; benchmarks/gpu_check.py
+    reads what it would gain."""
+
+    def __init__(self, arch: str, cls, xs: list[torch.Tensor], *, n: int = N, k: int = K):
         family = get_family(arch)
-        value = 1e-3 if arch == "jumprelu" else K
+        b, d = xs[0].shape
+        value = 1e-3 if arch == "jumprelu" else k
         cfg = SAETrainConfig(
             arch=arch,
-            dict_sizes=[N],
-            batch_size=B,
+            dict_sizes=[n],
+            batch_size=b,
             lr=1e-3,
             **{family.sparsity_field: [value]},
         )
-        self.g = cls(D, N, [value], cfg, seed=0)
-        if arch == "jumprelu":  # each latent fires on 16 of the first batch's 4096 rows
+        self.g = cls(d, n, [value], cfg, seed=0, device=xs[0].device)
+        if arch == "jumprelu":  # each latent fires on b*k/n of the first batch's b rows
             with torch.no_grad():
-                pre = self.g.pre_activations(xs[0], self.g.dictionaries())[:, 0]  # (B, N)
-                theta = pre.kthvalue(B - B * K // N, dim=0).values
+                pre = self.g.pre_activations(xs[0], self.g.dictionaries())[:, 0]  # (b, n)
+                theta = pre.kthvalue(b - b * k // n, dim=0).values
                 self.g.extra["log_threshold"].copy_(theta.clamp(min=1e-6).log())
         self.opt = torch.optim.Adam(
             self.g.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True
         )
-        self.xs, self.i = xs, 0
+        self.xs, self.i, self.bf16 = xs, 0, False
         self.step()  # warm-up
 
     def step(self) -> None:  # train_steps' inner loop
         x = self.xs[self.i % len(self.xs)]
         self.i += 1
-        self.g.finish_step(self.g.forward_backward(x), self.i)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            reductions = self.g.forward_backward(x)
+        self.g.finish_step(reductions, self.i)
         self.opt.step()
         self.g.post_step()
 
     def rate(self, steps: int) -> float:
+        """Samples/s over ``steps`` steps (a GPU's queue drained before and after)."""
+        cuda = self.xs[0].device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize()
         t = time.perf_counter()
         for _ in range(steps):
             self.step()
-        return steps * B / (time.perf_counter() - t)
+        if cuda:
+            torch.cuda.synchronize()
+        return steps * len(self.xs[0]) / (time.perf_counter() - t)
 
 
 def run():
@@ -184,8 +198,11 @@ def _run(arch: str, rounds: int, steps: int):
     peer = _Sparsify(exe) if exe else None
     if peer is None and arch == "topk":
         yield {"note": "sparsify skipped: no $PEERS_PYTHON or /tmp/peers/bin/python"}
-    sparse = _Ours(arch, family.group, xs)
-    methods = {"ours_sparse": sparse.rate, "ours_autograd": _Ours(arch, family.reference, xs).rate}
+    sparse = OursStep(arch, family.group, xs)
+    methods = {
+        "ours_sparse": sparse.rate,
+        "ours_autograd": OursStep(arch, family.reference, xs).rate,
+    }
     if peer:
         methods["sparsify"] = peer.rate
     flops = 10 * B * D * N  # per step, the yardstick
