@@ -8,7 +8,12 @@ Every cell below was fixed before any of them was read (seeds no test uses):
 - reach: G 2,048 for relu and topk (2 grids);
 - zipf: G 512, Zipfian frequencies after SynthSAEBench (p 0.4 down to 5e-4, exponent 0.5: 9.1
   features active on average, so k 5, 10, 20 for topk), relu and topk (2 grids; added with the
-  data kind, before any of its grids was read).
+  data kind, before any of its grids was read);
+- hierarchy: G 512, the zipf cells' data with SynthSAEBench's trees on top (``--hierarchy``: 4
+  roots, branching 4, depth 3, so 340 features in trees and 172 free; every sibling group there
+  outweighs its parent, so a root's firing carries one whole root-to-leaf chain and 4.8 features
+  are active on average: the core's k 3, 5, 8 for topk), relu and topk (2 grids; added with the
+  data kind, before any of its grids was read). The truth is G, every node of every tree.
 Each grid: h 256, sizes 1/4x..4x of G, 5,000 steps of 256, three knob values where the range is
 known (relu: L1 1e-4, 3.2e-4, 1e-3, sum convention; the k-architectures: k 3, 5, 8 with AuxK;
 jumprelu: L0 coefficients 6e-3, 1e-2, 2e-2), 262,144 held-out rows (so the window rule can
@@ -22,8 +27,8 @@ as each grid finishes; a rerun skips the grids already there (same cell, same se
 table can be built across sessions. Each grid's run folder stays under
 ``runs/bench/calibration/`` (about 100 MB at G 512): ``CAL_REREAD=1`` reads every finished folder
 again without training, so a change to the analysis is measured on the same dictionaries.
-``CAL_QUICK=1``: a smoke subset (h 64, G 64 and 128, relu and
-topk, 600 steps) into its own file. ``CAL_CELLS=core`` (or robust, reach) picks a part.
+``CAL_QUICK=1``: a smoke subset (h 64, G 64 and 128, relu and topk, 600 steps) into its own
+file. ``CAL_CELLS=core`` (or robust, reach, zipf, hierarchy) picks a part.
 At the end, ``calibration_table`` per (architecture, signal): cells within one grid step of G,
 and the plot of pointer against G (``calibration.png`` beside the records).
 ``python -m benchmarks.bench_calibration [records] [--previous older-records] [--plot PNG]``
@@ -75,6 +80,9 @@ def cells(quick: bool) -> list[dict]:
     out += [dict(part="robust", arch=a, G=512, data="copula", seed=404) for a in ARCHS]
     out += [dict(part="reach", arch=a, G=2048, data="copula", seed=303) for a in ("relu", "topk")]
     out += [dict(part="zipf", arch=a, G=512, data="zipf", seed=303) for a in ("relu", "topk")]
+    out += [
+        dict(part="hierarchy", arch=a, G=512, data="hierarchy", seed=303) for a in ("relu", "topk")
+    ]
     return [{"h": 256, "steps": 5000, **c} for c in out]
 
 
@@ -84,6 +92,9 @@ def toy_config(cell: dict) -> ToyConfig:
         "report": {"correlation_recipe": "report"},
         "independent": {"correlation": 0.0},
         "zipf": {"frequencies": "zipf"},
+        # the zipf cells plus the trees alone (the block copula kept), so the two parts differ
+        # by the hierarchy only
+        "hierarchy": {"frequencies": "zipf", "hierarchy": True},
     }[cell["data"]]
     return ToyConfig(h=cell["h"], G=cell["G"], seed=cell["seed"], **data)
 
