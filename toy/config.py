@@ -59,11 +59,11 @@ class ToyConfig:
         False,
         help="arrange the commonest features as trees after SynthSAEBench: a child fires only "
         "with its parent, at most one sibling fires, and a child's coefficient is scaled by its "
-        "parent's. Deviations (README, 'Rare features'): one draw per sibling group picks the "
-        "child, so each marginal is exactly its parent's times its conditional probability, "
-        "and siblings whose targets outweigh their parent share its rate in their targets' "
-        "proportions; children are drawn apart from the copula, which drives roots and free "
-        "features",
+        "parent's. Deviations: one draw per sibling group picks the child, so each marginal is "
+        "exactly its parent's times its conditional probability, and siblings whose targets "
+        "outweigh their parent share its rate in their targets' proportions; children are "
+        "drawn apart from the copula, which drives roots and free features (README, 'Features "
+        "in trees')",
     )
     hierarchy_roots: int = field(
         4,
@@ -71,7 +71,9 @@ class ToyConfig:
         "breadth-first until G runs out. 4 trees of branching 4, depth 3 hold 340 of 512 "
         "features, SynthSAEBench-16k's share (128 roots over 16,384)",
     )
-    hierarchy_branching: int = field(4, help="--hierarchy: children per parent (SynthSAEBench: 4)")
+    hierarchy_branching: int = field(
+        4, help="--hierarchy: children per parent (SynthSAEBench: 4; it also allows a random range)"
+    )
     hierarchy_depth: int = field(
         3, help="--hierarchy: levels below a root (SynthSAEBench: 3; 1 = roots and leaves)"
     )
