@@ -34,11 +34,10 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-from benchmarks.common import gemm_peak
+from benchmarks.common import gemm_peak, peers_python, set_l0_thresholds
 from unsuperpose.train import SAETrainConfig, get_family
 
 B, D, N, K = 4096, 1024, 8192, 32
@@ -87,11 +86,6 @@ for line in sys.stdin:
         step()
     print("RESULT " + json.dumps({"samples_s": steps * B / (time.perf_counter() - t)}), flush=True)
 """
-
-
-def _peers_python() -> str | None:
-    exe = os.environ.get("PEERS_PYTHON") or "/tmp/peers/bin/python"
-    return exe if Path(exe).exists() else None
 
 
 class _Sparsify:
@@ -143,10 +137,7 @@ class OursStep:
         )
         self.g = cls(d, n, [value], cfg, seed=0, device=xs[0].device)
         if arch == "jumprelu":  # each latent fires on b*k/n of the first batch's b rows
-            with torch.no_grad():
-                pre = self.g.pre_activations(xs[0], self.g.dictionaries())[:, 0]  # (b, n)
-                theta = pre.kthvalue(b - b * k // n, dim=0).values
-                self.g.extra["log_threshold"].copy_(theta.clamp(min=1e-6).log())
+            set_l0_thresholds(self.g, xs[0], k)
         self.opt = torch.optim.Adam(
             self.g.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True
         )
@@ -194,7 +185,7 @@ def _run(arch: str, rounds: int, steps: int):
         raise ValueError(f"{arch} has no fast path to compare with its autograd group")
     torch.manual_seed(0)
     xs = [torch.randn(B, D) for _ in range(2)]  # the subprocess draws the same two
-    exe = _peers_python() if arch == "topk" else None
+    exe = peers_python() if arch == "topk" else None
     peer = _Sparsify(exe) if exe else None
     if peer is None and arch == "topk":
         yield {"note": "sparsify skipped: no $PEERS_PYTHON or /tmp/peers/bin/python"}

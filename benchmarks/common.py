@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 
 import torch
 
@@ -15,6 +17,25 @@ def gemm_peak(m: int = 2048, k: int = 1024, n: int = 4096, reps: int = 3) -> flo
     for _ in range(reps):
         a @ b
     return 2 * m * k * n * reps / (time.perf_counter() - t) / 1e9
+
+
+def peers_python() -> str | None:
+    """The interpreter of the peers' venv (SAELens, dictionary_learning, sparsify):
+    ``$PEERS_PYTHON``, else /tmp/peers/bin/python; None when neither exists (the peers' figures
+    are then skipped)."""
+    exe = os.environ.get("PEERS_PYTHON") or "/tmp/peers/bin/python"
+    return exe if Path(exe).exists() else None
+
+
+@torch.no_grad()
+def set_l0_thresholds(group, x: torch.Tensor, l0: int) -> None:
+    """Start a JumpReLU group's thresholds where each latent fires on ``l0 / n`` of the rows of
+    ``x``: an average L0 of ``l0`` per row, as a trained JumpReLU SAE runs (its default 1e-3
+    thresholds let about half the latents through, a dense start no trained SAE has)."""
+    B, n = len(x), group.n
+    pre = group.pre_activations(x, group.dictionaries())[:, 0]  # (B, n), the first dictionary
+    theta = pre.kthvalue(B - B * l0 // n, dim=0).values
+    group.extra["log_threshold"].copy_(theta.clamp(min=1e-6).log())
 
 
 class RamSource:
