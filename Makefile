@@ -13,7 +13,7 @@ LM ?= tiny
 LAYER ?= 1
 DICT ?= 8x
 
-.PHONY: install toy test test-fast lint bench demo real clean lm harvest train analyze replicate-update
+.PHONY: install toy test test-fast lint bench gpu-check demo real clean lm harvest train analyze replicate-update
 
 install: $(STAMP)
 
@@ -82,6 +82,12 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks $(ARGS)
+
+# One table of the figures a GPU session measures (benchmarks/gpu_check.sh): the full size on a
+# CUDA machine (within 8 minutes on one H100, by the script's FLOP estimate), else the same checks
+# on the CPU at a reduced size, said so in the table. GPU_CHECK_DEVICE= / GPU_CHECK_SIZE= choose.
+gpu-check: $(STAMP)
+	PYTHON=$(BIN)/python benchmarks/gpu_check.sh
 
 demo: $(STAMP)
 	$(BIN)/unsuperpose demo $(RUNS_FLAG) $(ARGS)
