@@ -47,7 +47,8 @@ JumpReLU), and every reading is defined as above, unchanged:
 README ("Dictionary architectures") has where each pointed on toy data.
 
 Beyond the report's three, ``analyze.signals`` defines the signals for the dictionaries
-researchers train now (live latents, novel latents, Matryoshka's prefix knee); they go through
+researchers train now (live latents, measured latents, novel latents, Matryoshka's prefix
+knee); they go through
 the same pointers, record and pages. No signal is read without its minimum evidence
 (``analyze.evidence``: the dead window a run's own observables call for, and training at least
 twice that long); below it a pointer is "no reading", with the reason, never a bound. Each
@@ -70,6 +71,7 @@ from unsuperpose.analyze.evidence import WindowRule
 from unsuperpose.analyze.signals import (
     KNEE,
     LIVE,
+    MEASURED,
     NOVEL,
     knee_per_knob,
     live_per_knob,
@@ -490,6 +492,16 @@ def _signal_pointers(columns: dict[str, dict[Key, float]]) -> list[Pointer]:
                 "the smallest size whose next size keeps fewer than half its added latents alive",
             )
         )
+    measured = columns.get("measured") or {}
+    if measured:
+        out.append(
+            _pooled_pointer(
+                MEASURED,
+                live_per_knob(measured),
+                "the smallest size whose next size keeps fewer than half its added latents "
+                "measured (10+ fires on the held-out rows)",
+            )
+        )
     novel = columns.get("novel_next") or {}
     if novel:
         sizes = per_knob(set(dead) | set(novel) | set(columns.get("heldout_mse") or {}))
@@ -561,8 +573,9 @@ def diagnose(
     ]
     if rule is not None and not rule.readable:
         # novel latents need the window to tell live latents; the pointer is there all the same
-        if dead and not any(p.diagnostic == NOVEL for p in pointers):
-            pointers.append(no_reading(NOVEL, ""))
+        for name in (MEASURED, NOVEL):
+            if dead and not any(p.diagnostic == name for p in pointers):
+                pointers.append(no_reading(name, ""))
         pointers = [no_reading(p.diagnostic, rule.reason or "no dead window") for p in pointers]
     for p in pointers:
         p.default = p.diagnostic == default

@@ -30,7 +30,13 @@ from unsuperpose.analyze.diagnostics import (
     diagnose,
     diagnosis_record,
 )
-from unsuperpose.analyze.evidence import WindowRule, dead_counts, live_masks, window_rule
+from unsuperpose.analyze.evidence import (
+    MIN_FIRES,
+    WindowRule,
+    dead_counts,
+    live_masks,
+    window_rule,
+)
 from unsuperpose.analyze.figures import frontier, heatmap
 from unsuperpose.analyze.grid import GRID_FIGURES
 from unsuperpose.analyze.metrics import mmcs_with_larger, ssll
@@ -152,6 +158,10 @@ def diagnose_grid(grid: Grid, *, truth_size: int | None, tolerance: float) -> Di
     latents = grid_latents(grid)
     rule = grid_rule(grid, truth_size=truth_size, latents=latents)
     window = grid.dead_window
+    if latents:
+        columns["measured"] = {
+            k: float((s["heldout_fires"] >= MIN_FIRES).sum()) for k, s in latents.items()
+        }
     if rule.readable:
         if window is not None and columns.get("dead"):
             columns.setdefault(f"dead_w{window}", columns["dead"])

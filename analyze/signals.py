@@ -10,6 +10,15 @@ something; the knob values are then pooled by the median (``pool``).
   dead even though AuxK keeps trying to revive them, so live(n) ~ min(n, count). Per knob value,
   the pointer is the smallest size n_i whose step to the next size n_{i+1} keeps fewer than half
   of the added latents alive: live(n_{i+1}) - live(n_i) < (n_{i+1} - n_i) / 2.
+- **measured latents** (added with the fourth window rule, ``analyze.evidence``, before the
+  G 1,024, second-seed and independent-feature calibration grids were read): live latents judged
+  on the held-out rows instead of the training window. A latent counts when it fired at least
+  ``MIN_FIRES`` times there, the criterion the window rule uses to call a rate measured, so it
+  counts exactly the latents at or above the rate the count claims to read (10 per held-out
+  rows), whatever the window. The training window's live count also keeps latents several times
+  rarer than r (a latent at r / 7 fires in W* batches with probability 0.63), and a JumpReLU
+  dictionary larger than the count keeps hundreds of such sporadic latents. Pointer as for live
+  latents.
 - **novel latents** (Leask et al. 2025, "Sparse autoencoders do not find canonical units of
   analysis", arXiv 2502.04878; Bussmann & Leask, "Stitching SAEs of different sizes"): a larger
   dictionary's live latents split into reconstruction latents (near a latent of the smaller one)
@@ -37,6 +46,7 @@ import torch
 Key = tuple[float, int]
 
 LIVE, NOVEL, KNEE = "live latents", "novel latents", "Matryoshka prefix knee"
+MEASURED = "measured latents"
 NOVEL_COSINE = 0.7
 KNEE_GAIN = 0.10
 

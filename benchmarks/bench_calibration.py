@@ -238,6 +238,7 @@ SIGNALS = (
     "loss stickiness (SSLL)",
     "MMCS with larger dictionaries",
     "live latents",
+    "measured latents",
     "novel latents",
     "Matryoshka prefix knee",
 )
@@ -313,7 +314,7 @@ def plot(records: list[dict], path: Path) -> Path:
     if not archs:
         return path
     fig, axes = plt.subplots(1, len(archs), figsize=(3.1 * len(archs), 3.2), squeeze=False)
-    markers = dict(zip(SIGNALS, "osD^vP", strict=True))
+    markers = dict(zip(SIGNALS, "osD^XvP", strict=True))
     for ax, arch in zip(axes[0], archs, strict=True):
         rows = sorted((r for r in core if r["arch"] == arch), key=lambda r: r["G"])
         gs = [r["G"] for r in rows]

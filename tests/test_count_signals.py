@@ -20,6 +20,7 @@ from unsuperpose.analyze.evidence import (
 )
 from unsuperpose.analyze.signals import (
     KNEE,
+    MEASURED,
     NOVEL,
     knee_per_knob,
     live_per_knob,
@@ -197,6 +198,30 @@ def test_live_latents_through_diagnose_from_the_dead_column():
     assert d.estimate()["basis"] == [LIVE] and d.estimate()["median"] == G
     dead_pointer = next(p for p in d.pointers if p.diagnostic == DEAD)
     assert not dead_pointer.default
+
+
+def test_measured_latents_ignore_sporadic_latents_the_training_window_keeps_alive():
+    # past G, each larger dictionary keeps a third of its extra latents firing now and then
+    # (alive in the training window) but under 10 times on the held-out rows: live latents
+    # still grow, measured latents stop at G
+    dead = {(a, n): n - min(n, G) - (n - min(n, G)) * 2 // 3 for a in (1, 2, 3) for n in SIZES}
+    measured = {(a, n): float(min(n, G)) for a in (1, 2, 3) for n in SIZES}
+    d = diagnose({"dead": dead, "measured": measured}, truth_size=G, arch="jumprelu")
+    by = {p.diagnostic: p for p in d.pointers}
+    assert by[MEASURED].size == G and by[MEASURED].match["size_steps_off"] == 0
+    assert by[LIVE].lower_bound  # the sporadic latents keep the live count growing
+    # a larger size whose added latents are all unmeasured does not move it
+    measured.update({(a, 4096): float(G) for a in (1, 2, 3)})
+    dead.update({(a, 4096): 0 for a in (1, 2, 3)})
+    d = diagnose({"dead": dead, "measured": measured}, truth_size=G, arch="jumprelu")
+    assert next(p for p in d.pointers if p.diagnostic == MEASURED).size == G
+
+
+def test_below_the_evidence_measured_latents_are_no_reading_too():
+    latents = {(1.0, 64): stats([12] + [1_000] * 63)}
+    rule = window_rule(latents, batch_size=256, heldout_rows=65_536, steps=250)
+    d = diagnose({"dead": {(1.0, 64): 0.0, (1.0, 128): 0.0}}, rule=rule, arch="jumprelu")
+    assert not next(p for p in d.pointers if p.diagnostic == MEASURED).reading
 
 
 # -- novel latents --------------------------------------------------------------------------------
