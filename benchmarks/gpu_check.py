@@ -84,11 +84,11 @@ SIZES = {
         harvest_batch=32,
         same_seed=_toy(64, 128, "1/2x,1x,2x", "1e-4,1e-3"),
         same_seed_steps=200,
-        budget={"paper": 300, "speed": 60, "harvest": 70, "same-seed": 45},
+        budget={"paper": 295, "speed": 60, "harvest": 70, "same-seed": 45},
     ),
-    # The CPU stand-in that keeps every path running, ~6 min on 2 busy cores (load 5-7): the
-    # paper grid's 17 x 9 shape, small (at h 32, G 64, 200 steps it took 237 s of a 300 s
-    # budget at load 5.4).
+    # The CPU stand-in that keeps every path running: 4 min on 2 busy cores (load 7-9), the
+    # paper grid's 17 x 9 shape at a small size (95 s; at h 32, G 64, 200 steps it took 237 s of
+    # its 300 s budget at load 5.4) and SmolLM2 adopted (~60 s).
     "reduced": Size(
         paper=tuple("--h 16 --G 32 --steps 100 --eval-every 50".split()),
         paper_what="17 L1 x 9 sizes (1/8x..32x) at h 16, G 32, 100 steps",

@@ -22,7 +22,7 @@
 # - paper grid: 17 L1 x 9 sizes (Σ 32,704 latents per L1), h 256, batch 256, 20,000 steps:
 #   10 * 256 * 256 * 17 * 32,704 = 3.6e11 FLOPs a step, 7.3e15 in all: ~180-210 s, plus ~1 ms
 #   a step of kernel launches for 9 groups (~20 s) and start-up, evaluation and saving 153
-#   dictionaries (1.1 GB, ~30 s): ~4-4.5 min. Budget 300 s; past 285 s the run is stopped and
+#   dictionaries (1.1 GB, ~30 s): ~4-4.5 min. Budget 295 s; past 280 s the run is stopped and
 #   the row gives the step reached and a projection (marked FAILED).
 # - TopK and BatchTopK at 2048 -> 65,536, k 64, batch 4,096: on CUDA the registered groups run
 #   their autograd step (the sparse step is CPU-only), ~7 GEMMs of 2 * 4096 * 2048 * 65,536 =
@@ -33,7 +33,8 @@
 #   ~40 s on a 2-core CPU) and compressing 0.8 GB of bf16 rows (~5 s). Budget 70 s.
 # - same seed: three toy runs (cpu, cuda, cpu) of 6 dictionaries, h 64, 200 steps, ~10 s each
 #   with start-up. Budget 45 s.
-# Expected ~6 min; the budgets add up to 475 s, so the script ends within 8 minutes.
+# Expected ~6 min; the budgets add up to 470 s, and resolving the device and printing the table
+# take a few seconds more, so the script ends within 8 minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
