@@ -6,6 +6,7 @@ with the ratio the user gave (e.g. '1/8x' of G for toy data, '8x' of d for an LM
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
@@ -15,18 +16,20 @@ matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from unsuperpose.config import write_bytes_atomic  # noqa: E402
 from unsuperpose.train.io import sparsity_of  # noqa: E402
 
 
 def save_figure(fig, path: str | Path, rect: tuple | None = None) -> Path:
-    """Write ``fig`` as PNG (creating folders) and free it: figures are many, memory is not.
-    ``rect``: the area tight_layout may fill (room left for a footnote)."""
+    """Write ``fig`` as PNG, or the format the suffix names (creating folders), and free it:
+    figures are many, memory is not. ``rect``: the area tight_layout may fill (room left for a
+    footnote)."""
     fig.tight_layout(rect=rect)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, format=Path(path).suffix.lstrip(".") or "png", dpi=110)
     plt.close(fig)
-    return path
+    # Whole or not at all, as every other file: a full disk must not leave half a PNG behind.
+    return write_bytes_atomic(path, buf.getvalue())
 
 
 def grid_matrix(

@@ -10,7 +10,7 @@ package registers the ``bfloat16`` zarr data type, so plain ``zarr.open`` works 
 from .bf16 import BFloat16, bf16_to_torch, register as register_bfloat16
 from .loop import DEFAULT_HOOK, HarvestConfig, HarvestError, harvest, planned_stores, store_name
 from .reader import ActivationStore
-from .store import StoreError
+from .store import StoreError, kept_rows
 
 __all__ = [
     "ActivationStore",
@@ -20,6 +20,7 @@ __all__ = [
     "HarvestError",
     "bf16_to_torch",
     "harvest",
+    "kept_rows",
     "planned_stores",
     "register_bfloat16",
     "StoreError",

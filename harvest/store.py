@@ -40,7 +40,7 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
-from unsuperpose import __version__, storage
+from unsuperpose import __version__, faults, storage
 
 from . import bf16  # noqa: F401  (registers the "bfloat16" zarr data type)
 
@@ -148,13 +148,19 @@ def create(
     """
     if storage.is_remote(path):
         storage.remove_tree(path, first="zarr.json")
-        _build(path, prov, rows, chunk_rows, batch_size)
+        with faults.writing(path):
+            _build(path, prov, rows, chunk_rows, batch_size)
         return storage.open_zarr_group(path, mode="r+", zarr_format=3)
     tmp = path.with_name(f".{path.name}.creating")
     for stale in (tmp, path):
         if stale.exists():
             shutil.rmtree(stale)
-    _build(tmp, prov, rows, chunk_rows, batch_size)
+    try:
+        with faults.writing(path):
+            _build(tmp, prov, rows, chunk_rows, batch_size)
+    except Exception:
+        shutil.rmtree(tmp, ignore_errors=True)  # never a store; the next harvest builds anew
+        raise
     tmp.rename(path)
     return zarr.open_group(path, mode="r+", zarr_format=3)
 
@@ -234,6 +240,8 @@ def open_group(path: storage.Location, mode: str = "r") -> zarr.Group:
     # zarr and json raise these families for unreadable metadata (zarr's errors are ValueErrors);
     # object storage's own failures already come with their message and pass through.
     except (ValueError, LookupError, TypeError, OSError) as exc:
+        if faults.classify(exc) is not None:  # a full disk or a denied read: not the store's
+            raise
         raise StoreError(
             f"{path} cannot be opened as a zarr v3 group ({exc}); delete it and harvest again"
         ) from exc
@@ -269,6 +277,15 @@ def has_heldout(group: zarr.Group) -> bool:
 def progress(group: zarr.Group) -> Progress:
     attrs = dict(group.attrs)
     return Progress(**{f.name: attrs[f.name] for f in dataclasses.fields(Progress)})
+
+
+def kept_rows(path: storage.Location) -> Progress | None:
+    """How far the store at ``path`` is valid (its recorded progress), None when there is none:
+    what a harvest cut short keeps (a rerun continues after ``rows_written``)."""
+    path = storage.location(path)
+    if not storage.exists(path / "zarr.json"):
+        return None
+    return progress(storage.open_zarr_group(path, mode="r", zarr_format=3))
 
 
 # zarr's local store writes a chunk to "<key>.<uuid4 hex>.partial" and renames it into place.

@@ -14,6 +14,8 @@ import threading
 import numpy as np
 import zarr
 
+from unsuperpose import faults
+
 from . import store
 from .bf16 import BF16
 
@@ -152,9 +154,22 @@ class ChunkWriter:
                 if self.record_progress:
                     store.record_progress(self.group, hi, complete=hi == self.end)
             except BaseException as exc:  # surfaced to the producer by add()/close()
+                faults.mark(exc, _where(self.group))  # a failed write() names no file
                 self._error = exc
             finally:
                 self._free.put(chunk)
                 with self._done:
                     self._written += 1
                     self._done.notify_all()
+
+
+def _where(group: zarr.Group) -> str:
+    """The store's folder or URL, as the user gave it (not zarr's file:// form)."""
+    st = group.store
+    root = getattr(st, "root", None)  # a LocalStore
+    if root is not None:
+        return str(root)
+    protocol = getattr(getattr(st, "fs", None), "protocol", None)
+    protocol = protocol[0] if isinstance(protocol, (tuple, list)) else protocol
+    path = getattr(st, "path", None)
+    return f"{protocol}://{path}" if protocol and path else str(st)

@@ -28,7 +28,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from unsuperpose import distributed
+from unsuperpose import distributed, faults
 from unsuperpose.config import from_dict, to_dict, write_json_atomic
 from unsuperpose.train.config import SAETrainConfig, irrelevant_fields
 from unsuperpose.train.trainer import check_finite_parameters, new_state
@@ -37,11 +37,17 @@ from unsuperpose.train.trainer import check_finite_parameters, new_state
 # Not the budget (steps): the resampling schedule follows it, and a run asked for 5,000 steps
 # is not the run that was planned for 10,000.
 MAY_CHANGE = {"log_every", "eval_rows"}
+WEIGHTS = "state.safetensors"
+META = "state.json"  # written last: a folder without it is half written
 STOP_CHECK_EVERY = 10  # steps between the ranks' agreement on a stop request (torchrun only)
 
 
 class CheckpointMismatch(ValueError):
     """The checkpoint on disk was made by a different run than the one asked for."""
+
+
+class CheckpointDamaged(ValueError):
+    """The checkpoint on disk is not whole (its weights file is not the length it recorded)."""
 
 
 def _param_names(state) -> list[str]:
@@ -114,20 +120,29 @@ def _write(state, whole: tuple[dict[str, torch.Tensor], list[dict]], directory: 
     tensors, history = whole
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(tensors, str(tmp / "state.safetensors"))
-    write_json_atomic(
-        tmp / "state.json",
-        {
-            "step": state.step,
-            "d": state.d,
-            "sizes": sorted(state.config.dict_sizes),
-            "config": to_dict(state.config),
-            "param_groups": _param_groups(state),
-            "source_fingerprint": state.source_fingerprint,
-            "history": history,
-        },
-    )
+    try:
+        with faults.writing(tmp):
+            tmp.mkdir(parents=True)
+            save_file(tensors, str(tmp / WEIGHTS))
+            write_json_atomic(
+                tmp / META,
+                {
+                    "step": state.step,
+                    "d": state.d,
+                    "sizes": sorted(state.config.dict_sizes),
+                    "config": to_dict(state.config),
+                    "param_groups": _param_groups(state),
+                    "source_fingerprint": state.source_fingerprint,
+                    "history": history,
+                    # A weights file of another length was cut short: never resumed from.
+                    "weights_bytes": (tmp / WEIGHTS).stat().st_size,
+                },
+            )
+    except Exception:
+        # Half a checkpoint is never read (it has no state.json); on a full disk the space it
+        # holds is what the user needs back.
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     old = directory.with_name(directory.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if directory.exists():
@@ -146,17 +161,41 @@ def recover_checkpoint(directory: str | Path) -> None:
         return
     tmp = directory.with_name(directory.name + ".tmp")
     old = directory.with_name(directory.name + ".old")
-    if (tmp / "state.json").exists():
+    if (tmp / META).exists():
         tmp.rename(directory)
         shutil.rmtree(old, ignore_errors=True)
-    elif (old / "state.json").exists():
+    elif (old / META).exists():
         old.rename(directory)
 
 
 def read_checkpoint_meta(directory: str | Path) -> dict | None:
     recover_checkpoint(directory)
-    path = Path(directory) / "state.json"
+    path = Path(directory) / META
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def peek_checkpoint(directory: str | Path) -> tuple[Path, dict] | None:
+    """(folder, state.json) of the checkpoint the next run would resume, changing nothing
+    (``recover_checkpoint``'s choice, read only): for saying what a fault left."""
+    directory = Path(directory)
+    tmp = directory.with_name(directory.name + ".tmp")
+    old = directory.with_name(directory.name + ".old")
+    candidates = [directory] if directory.exists() else [tmp, old]
+    for folder in candidates:
+        if (folder / META).exists():
+            return folder, json.loads((folder / META).read_text())
+    return None
+
+
+def check_whole(directory: str | Path, meta: dict) -> None:
+    """CheckpointDamaged if the weights file is missing or not the length state.json recorded
+    (checkpoints from before the length was recorded are trusted as they are)."""
+    path = Path(directory) / WEIGHTS
+    want = meta.get("weights_bytes")
+    have = path.stat().st_size if path.exists() else None
+    if have is None or (want is not None and have != want):
+        found = "is missing" if have is None else f"has {have:,} bytes, not the {want:,} written"
+        raise CheckpointDamaged(f"the checkpoint {directory}: {WEIGHTS} {found}")
 
 
 def config_differences(
@@ -204,11 +243,12 @@ def load_checkpoint(state, directory: str | Path, source_info: dict | None = Non
     if meta is None:
         raise FileNotFoundError(f"no checkpoint in {directory}")
     check_compatible(meta, state.config, state.d, source_info)
+    check_whole(directory, meta)
     # Each rank reads only its share (eight ranks on a node would otherwise hold eight copies).
     wanted = {f"group{gid}." for gid in state.group_ids} | {
         f"adam.group{gid}." for gid in state.group_ids
     }
-    with safe_open(str(Path(directory) / "state.safetensors"), framework="pt") as f:
+    with safe_open(str(Path(directory) / WEIGHTS), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys() if k.startswith(tuple(wanted))}
     restore(state, tensors, int(meta["step"]), meta["history"], meta["param_groups"])
 

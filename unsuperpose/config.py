@@ -17,6 +17,8 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
+from unsuperpose import faults
+
 T = TypeVar("T")
 
 
@@ -189,8 +191,9 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        faults.mark(exc, path)  # a failed write() names no file; the one-line error should
         raise
     return path
 

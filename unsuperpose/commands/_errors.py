@@ -17,6 +17,7 @@ import shlex
 from collections.abc import Iterator, Mapping
 
 from unsuperpose.errors import UserError
+from unsuperpose.faults import Fault
 
 # A keyword and its value as messages write them: 'text', "text", or a bare word (a trailing
 # full stop ends the sentence, not the value).
@@ -67,3 +68,28 @@ def stage_errors(
         yield
     except kinds as exc:
         raise UserError(in_flags(str(exc), flags or {}) + hint) from None
+
+
+# What the user does about each kind of fault before running the command again.
+_FIXES = {
+    "disk-full": "free some space there (or write elsewhere)",
+    "permission": "make it writable for this user (or write elsewhere)",
+    "read-only": "make that file system writable (or write elsewhere)",
+    "io": "check that disk (or write elsewhere)",
+    "unreachable": "once the object store answers again",
+    "refusing": "once the object store answers again",
+    "credentials": "set valid credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+    "or AWS_PROFILE)",
+    "denied": "grant these credentials access to the bucket (or write elsewhere)",
+}
+
+
+def fault_line(fault: Fault, kept: str | None, command: str) -> str:
+    """The one line an I/O fault ends in: what happened and where, what was kept, and the
+    command to run again (``command``, shell-quoted already)."""
+    where = f" at {fault.path}" if fault.path else ""
+    detail = f" ({fault.detail})" if fault.kind == "unreachable" else ""
+    kept = kept or "nothing written so far is trusted unless it is whole"
+    fix = _FIXES[fault.kind]
+    then = f"{fix}, run `{command}`" if fault.passing else f"{fix}, then run `{command}`"
+    return f"{fault.cause}{where}{detail}; kept: {kept}; {then} again"

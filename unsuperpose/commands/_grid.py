@@ -36,11 +36,13 @@ from unsuperpose.train import (
     train_steps,
 )
 from unsuperpose.train.checkpoint import (
+    CheckpointDamaged,
     Checkpointer,
     CheckpointMismatch,
     check_compatible,
     config_differences,
     load_checkpoint,
+    peek_checkpoint,
     read_checkpoint_meta,
     recover_checkpoint,
     whole_state,
@@ -336,7 +338,13 @@ def _prepare(
         )
     state = new_state(source, cfg, device=placement.device, sharding=sharding)
     if meta is not None:
-        load_checkpoint(state, ckpt, source_info)
+        try:
+            load_checkpoint(state, ckpt, source_info)
+        except CheckpointDamaged as exc:
+            raise UserError(
+                f"{exc}: it is not whole, so it is not resumed from; add --force to start "
+                "over (or restore it from a copy)"
+            ) from None
         print(f"resuming from the checkpoint at step {state.step:,} of {cfg.steps:,}")
     elif distributed.is_main():
         write_source_file(out, source_info)
@@ -360,6 +368,28 @@ def _describe_split(
     for r in range(sharding.world_size):
         mine = [sizes[i] for i in range(len(sizes)) if owner[i] == r]
         print(f"rank {r}: dictionary sizes {mine} ({len(mine) * len(cfg.sparsity)} SAEs)")
+
+
+def grid_kept(out) -> str:
+    """What a grid's run folder ``out`` keeps across an I/O fault, for the one-line error
+    (reads only: the fault may still be there)."""
+    if storage.is_remote(out):
+        return (
+            f"the last checkpoint copied up to {out / CHECKPOINT_DIR} (copied after each "
+            "save, state.json last); the rerun resumes from it"
+        )
+    found = peek_checkpoint(Path(out) / CHECKPOINT_DIR)
+    if found is not None:
+        _, meta = found
+        steps = meta.get("config", {}).get("steps")
+        of = f" of {steps:,}" if isinstance(steps, int) else ""
+        return (
+            f"the checkpoint at step {meta['step']:,}{of} in {Path(out) / CHECKPOINT_DIR}; "
+            "the rerun resumes there"
+        )
+    if layout.is_finished(out):
+        return f"the finished grid in {out}"
+    return f"no checkpoint had been saved in {out} yet, so the rerun starts the grid over"
 
 
 def check_run_folder(out) -> None:

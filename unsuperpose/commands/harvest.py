@@ -11,11 +11,18 @@ import argparse
 import contextlib
 import dataclasses
 
-from unsuperpose import distributed, locking, storage
+from unsuperpose import distributed, faults, locking, storage
 from unsuperpose.commands._errors import flags_of, stage_errors
 from unsuperpose.config import add_arguments, from_args, to_dict
 from unsuperpose.errors import UserError
-from unsuperpose.harvest import HarvestConfig, HarvestError, StoreError, harvest, planned_stores
+from unsuperpose.harvest import (
+    HarvestConfig,
+    HarvestError,
+    StoreError,
+    harvest,
+    kept_rows,
+    planned_stores,
+)
 from unsuperpose.lm import (
     CorpusConfig,
     CorpusError,
@@ -82,6 +89,27 @@ def _corpus(args: argparse.Namespace, info: dict) -> CorpusConfig:
 FLAGS = flags_of(HarvestConfig, CorpusConfig, n_ctx="--n-ctx")
 
 
+def kept(args: argparse.Namespace) -> str:
+    """What the stores keep across an I/O fault (the CLI's one-line error says it): each store's
+    rows up to its recorded progress, whole chunks that the rerun continues after."""
+    if storage.is_remote(args.out):  # the endpoint may be the fault: ask it nothing now
+        return (
+            f"in each store under {args.out}, the rows its zarr.json records as written "
+            "(whole chunks); the rerun continues after them"
+        )
+    paths = planned_stores(from_args(HarvestConfig, args), model_info(args.lm)["n_layer"], args.out)
+    parts = []
+    for path in paths:
+        prog = kept_rows(path)
+        if prog is None:
+            parts.append(f"{path.name} not started")
+        elif prog.complete:
+            parts.append(f"{path.name} complete")
+        else:
+            parts.append(f"{path.name} {prog.rows_written:,} of {prog.rows_planned:,} rows")
+    return f"{', '.join(parts)} in {args.out} (whole chunks); the rerun continues after them"
+
+
 def run(args: argparse.Namespace) -> int:
     cfg = from_args(HarvestConfig, args)
     placement = distributed.setup(cfg.device)  # under torchrun: joins the other ranks
@@ -109,18 +137,20 @@ def _harvest(
             corpus, n_ctx, split=cfg.split, cache_dir=args.cache_dir, tokenizer=tokenizer
         )
     )
-    paths = harvest(
-        load_bridge(args.lm, device=placement.device),
-        blocks.blocks,
-        args.out,
-        cfg,
-        model_dir=info["path"],
-        weights_sha256=info["weights_sha256"],
-        corpus_fingerprint=blocks.fingerprint,
-        corpus={**to_dict(corpus), "tokenizer": tokenizer.tag},
-        heldout=blocks.val_mask,
-        progress=not args.no_progress,
-    )
+    bridge = load_bridge(args.lm, device=placement.device)
+    with faults.writing(args.out):  # a fault no nearer code names happened under --out
+        paths = harvest(
+            bridge,
+            blocks.blocks,
+            args.out,
+            cfg,
+            model_dir=info["path"],
+            weights_sha256=info["weights_sha256"],
+            corpus_fingerprint=blocks.fingerprint,
+            corpus={**to_dict(corpus), "tokenizer": tokenizer.tag},
+            heldout=blocks.val_mask,
+            progress=not args.no_progress,
+        )
     for path in paths if distributed.is_main() else []:
         print(f"harvest: wrote {path}")
     return 0

@@ -15,6 +15,7 @@ from unsuperpose.commands._grid import (
     add_run_arguments,
     add_sae_arguments,
     check_run_folder,
+    grid_kept,
     grid_size_text,
     knob_text,
     locked_run,
@@ -128,6 +129,11 @@ def write_diagnosis(out: Path, G: int) -> dict:
     record = toy_record(out, G)
     write_json_atomic(Path(out) / DIAGNOSIS_FILE, record)
     return record
+
+
+def kept(args: argparse.Namespace) -> str:
+    """What the run folder keeps across an I/O fault (the CLI's one-line error says it)."""
+    return grid_kept(args.out)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -17,6 +17,7 @@ from unsuperpose.commands._grid import (
     JUMPRELU_OPTIONS,
     add_run_arguments,
     add_sae_arguments,
+    grid_kept,
     grid_size_text,
     knob_text,
     locked_run,
@@ -105,6 +106,12 @@ def dict_folder(spec: str, arch: str = "relu") -> str:
     the others, so grids of two architectures never share a folder."""
     folder = spec.replace(",", "+").replace("/", "_")
     return folder if arch == "relu" else f"{arch}-{folder}"
+
+
+def kept(args: argparse.Namespace) -> str:
+    """What the grid's folder keeps across an I/O fault (the CLI's one-line error says it)."""
+    spec = getattr(args, "dict", None) or DEFAULT_DICT
+    return grid_kept(args.out / dict_folder(spec, getattr(args, "arch", "relu")))
 
 
 def run(args: argparse.Namespace) -> int:
