@@ -379,3 +379,54 @@ def test_a_checkpoint_cut_short_is_never_resumed(harvested, trained, tmp_path, m
     )
     assert main([*args, "--force"]) == 0
     assert_same_grid(out, trained)
+
+
+# -- W&B: a copy for convenience, never the end of a run ---------------------------------------
+
+
+class _FullWandbRun:
+    """A W&B run whose files are on a full disk: it fails from its ``n``-th log call on."""
+
+    id = "fullrun1"
+
+    def __init__(self, n: int):
+        self.n, self.calls, self.finished = n, 0, False
+        self.summary = self
+
+    def log(self, *args, **kw):
+        self.calls += 1
+        if self.calls >= self.n:
+            raise OSError(errno.ENOSPC, "No space left on device", "wandb/run-x/run-x.wandb")
+
+    def update(self, values):
+        raise AssertionError("W&B is no longer called once it has failed")
+
+    def finish(self, exit_code=None, quiet=None):
+        self.finished = True
+
+
+@pytest.mark.parametrize("at", ["init", "log"])
+def test_a_full_disk_under_wandb_warns_and_training_goes_on(
+    at, harvested, trained, tmp_path, monkeypatch, capsys
+):
+    import wandb
+
+    run = _FullWandbRun(n=2)
+
+    def init(**kw):
+        if at == "init":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return run
+
+    monkeypatch.setattr(wandb, "init", init)
+    args = [a if a != "disabled" else "offline" for a in train_args(harvested, tmp_path)]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    where = "wandb/run-x/run-x.wandb" if at == "log" else f"{tmp_path / '1x+2x' / 'wandb'}"
+    assert one_line(err) == (
+        f"unsuperpose: warning: W&B stopped: the disk is full at {where}; the run goes on, "
+        f"logging to {tmp_path / '1x+2x' / 'log.jsonl'} alone"
+    )
+    assert at == "init" or (run.finished and run.calls == 2)
+    (tmp_path / "1x+2x" / "wandb_run_id").unlink(missing_ok=True)
+    assert_same_grid(tmp_path / "1x+2x", trained)

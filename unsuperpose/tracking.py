@@ -3,15 +3,22 @@
 W&B must work with no account: the default mode is ``offline`` (files under ``<dir>/wandb``,
 syncable later with ``wandb sync``); ``online`` needs a login; ``disabled`` writes nothing to W&B.
 The JSONL log is the record we rely on ourselves, so it is written whatever the W&B mode.
+
+W&B is a copy for convenience, so an I/O fault in it (its files under ``<dir>/wandb`` on a full
+disk) never ends a run: the tracker warns once and logs to the JSONL file alone from then on.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
+
+from unsuperpose import faults
 
 WandbMode = Literal["offline", "online", "disabled"]
 
@@ -45,17 +52,41 @@ class Tracker:
         if self.mode != "disabled":
             import wandb
 
-            self.run = wandb.init(
-                project=project,
-                name=name,
-                config=config or {},
-                mode=self.mode,
-                dir=str(self.dir),
-                id=resume_id,
-                resume="allow" if resume_id else None,
-                group=group,
-                reinit="finish_previous",
+            self.run = self._wandb(
+                lambda: wandb.init(
+                    project=project,
+                    name=name,
+                    config=config or {},
+                    mode=self.mode,
+                    dir=str(self.dir),
+                    id=resume_id,
+                    resume="allow" if resume_id else None,
+                    group=group,
+                    reinit="finish_previous",
+                )
             )
+
+    def _wandb(self, call: Callable[[], Any]) -> Any:
+        """``call()`` into W&B; after an I/O fault, a warning and no more W&B (None)."""
+        try:
+            return call()
+        except Exception as exc:
+            fault = faults.classify(exc)
+            if fault is None:
+                raise
+        where = fault.path or self.dir / "wandb"
+        print(
+            f"unsuperpose: warning: W&B stopped: {fault.cause} at {where}; the run goes on, "
+            f"logging to {self.dir / 'log.jsonl'} alone",
+            file=sys.stderr,
+        )
+        run, self.run = self.run, None
+        if run is not None:
+            try:
+                run.finish(exit_code=1, quiet=True)
+            except Exception:  # noqa: BLE001 (it is being let go because it cannot write)
+                pass
+        return None
 
     @property
     def run_id(self) -> str | None:
@@ -69,28 +100,28 @@ class Tracker:
         }
         self._log.write(json.dumps(record, default=float) + "\n")
         if self.run is not None:
-            self.run.log(metrics, step=step)
+            self._wandb(lambda: self.run.log(metrics, step=step))
 
     def log_table(self, key: str, columns: list[str], rows: list[list[Any]]) -> None:
         if self.run is not None:
             import wandb
 
-            self.run.log({key: wandb.Table(columns=columns, data=rows)})
+            self._wandb(lambda: self.run.log({key: wandb.Table(columns=columns, data=rows)}))
 
     def log_images(self, images: dict[str, str | Path]) -> None:
         if self.run is not None:
             import wandb
 
-            self.run.log({k: wandb.Image(str(v)) for k, v in images.items()})
+            self._wandb(lambda: self.run.log({k: wandb.Image(str(v)) for k, v in images.items()}))
 
     def summary(self, values: dict[str, Any]) -> None:
         self._log.write(json.dumps({"summary": values}, default=float) + "\n")
         if self.run is not None:
-            self.run.summary.update(values)
+            self._wandb(lambda: self.run.summary.update(values))
 
     def finish(self) -> None:
         if self.run is not None:
-            self.run.finish()
+            self._wandb(self.run.finish)
             self.run = None
         if not self._log.closed:
             self._log.close()
