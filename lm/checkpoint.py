@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from unsuperpose import faults
 from unsuperpose.lm.errors import RunExists
 
 CHECKPOINT = "checkpoint.pt"
@@ -60,8 +61,9 @@ def save_checkpoint(
         with os.fdopen(fd, "wb") as fh:
             torch.save(state, fh)
         os.replace(tmp, out_dir / CHECKPOINT)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        faults.mark(exc, out_dir / CHECKPOINT)  # torch.save's failed write names no file
         raise
 
 

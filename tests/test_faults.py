@@ -31,9 +31,14 @@ class BadDisk:
     """Writes under ``root`` fail from the ``n``-th write of a file whose path matches ``when``
     (a regular expression) on: every write, of any file there, once it has begun."""
 
-    def __init__(self, root: Path, n: int = 1, when: str = "", err: int = errno.ENOSPC):
+    def __init__(
+        self, root: Path, n: int = 1, when: str = "", err: int = errno.ENOSPC, per: str = "write"
+    ):
+        """``per="file"``: the n-th matching file opened for writing, not the n-th write (one
+        torch.save is many writes)."""
         self.root, self.n, self.when, self.err = str(Path(root).resolve()), n, when, err
-        self.seen = 0  # writes of matching files so far
+        self.per = per
+        self.seen = 0  # writes (or files) of matching files so far
         self.failed = 0
         self.broken = False
         self._open = io.open
@@ -47,7 +52,7 @@ class BadDisk:
 
         def save_file(tensors, filename, *a, **kw):
             if self._ours(filename):
-                self._tick(filename)
+                self._tick(filename, opening=self.per == "file")
                 if self.broken:
                     Path(filename).write_bytes(b"\0" * 64)  # a file cut short by the fault
                     from safetensors import SafetensorError
@@ -69,7 +74,9 @@ class BadDisk:
                 return False
         return os.path.abspath(os.fspath(name)).startswith(self.root + os.sep)
 
-    def _tick(self, name) -> None:
+    def _tick(self, name, opening: bool = False) -> None:
+        if opening != (self.per == "file"):
+            return
         if isinstance(name, int):
             name = os.readlink(f"/proc/self/fd/{name}")
         if re.search(self.when, os.fspath(name)):
@@ -84,12 +91,13 @@ class BadDisk:
             raise OSError(self.err, os.strerror(self.err), os.fspath(file))
         fh = self._open(file, mode, *args, **kw)
         if writing and self.err == errno.ENOSPC and self._ours(file):
+            self._tick(file if not isinstance(file, int) else fh.name, opening=True)
             return _Faulty(fh, self, file if not isinstance(file, int) else fh.name)
         return fh
 
     def _matches(self, name) -> bool:
         """For faults at open: the n-th open of a matching file on."""
-        self._tick(name)
+        self._tick(name, opening=self.per == "file")
         return self.broken
 
 
@@ -320,15 +328,16 @@ CKPT = r"/checkpoint\.tmp/"  # the files of a checkpoint being written
 _NOT_RESULTS = {"log.jsonl"}
 
 
+def files_under(root: Path, skip: set[str] = frozenset()) -> list[str]:
+    found = (p for p in root.rglob("*") if p.is_file() and p.name not in skip)
+    return sorted(p.relative_to(root).as_posix() for p in found)
+
+
 def assert_same_grid(a: Path, b: Path) -> None:
-    files = lambda root: sorted(  # noqa: E731
-        p.relative_to(root).as_posix()
-        for p in root.rglob("*")
-        if p.is_file() and p.name not in _NOT_RESULTS
-    )
-    assert files(a) == files(b)
-    assert "checkpoint/state.json" not in files(a)  # a finished grid keeps no checkpoint
-    for rel in files(a):
+    files = files_under(a, _NOT_RESULTS)
+    assert files == files_under(b, _NOT_RESULTS)
+    assert "checkpoint/state.json" not in files  # a finished grid keeps no checkpoint
+    for rel in files:
         assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
 
 
@@ -339,6 +348,7 @@ def assert_same_grid(a: Path, b: Path) -> None:
         (4, CKPT, "the checkpoint at step 10 of 40"),  # the 2nd checkpoint's state.json
         (1, "saes/", "the checkpoint at step 40 of 40"),  # the final save
         (2, "summary.csv|figures/", "the checkpoint at step 40 of 40"),  # the end of it
+        (1, "saelens/", "the checkpoint at step 40 of 40"),  # the SAELens export
     ],
 )
 def test_training_on_a_disk_that_fills_up(
@@ -430,3 +440,163 @@ def test_a_full_disk_under_wandb_warns_and_training_goes_on(
     assert at == "init" or (run.finished and run.calls == 2)
     (tmp_path / "1x+2x" / "wandb_run_id").unlink(missing_ok=True)
     assert_same_grid(tmp_path / "1x+2x", trained)
+
+
+# -- analyze, lm, toy ------------------------------------------------------------------------
+
+
+def report_args(runs: Path, out: Path) -> list[str]:
+    return [
+        "analyze",
+        "report",
+        "--runs",
+        str(runs),
+        "--lm",
+        "tiny",
+        "--layer",
+        "1",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--top",
+        "5",
+    ]
+
+
+def same_files(a: Path, b: Path, differ=lambda rel, x, y: x == y) -> None:
+    assert files_under(a) == files_under(b)
+    for rel in files_under(a):
+        assert differ(rel, (a / rel).read_bytes(), (b / rel).read_bytes()), rel
+
+
+@pytest.fixture(scope="module")
+def report(analyze_runs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("undisturbed-report")
+    assert main(report_args(analyze_runs, out)) == 0
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n", [2, 9])  # the first figures; the feature browser's pages
+def test_a_report_on_a_disk_that_fills_up(n, analyze_runs, report, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "report"
+    args = report_args(analyze_runs, out)
+    with monkeypatch.context() as m:
+        disk = BadDisk(out, n=n).install(m)
+        assert main(args) == EXIT_IO
+    assert disk.failed >= 1
+    line = one_line(capsys.readouterr().err)
+    assert line.startswith(f"unsuperpose analyze: error: the disk is full at {out}/")
+    assert f"kept: every run it reads, unchanged (analysis only reads them); of {out}, " in line
+    assert not list(out.rglob(".*.tmp"))  # only whole files are left
+    assert main(args) == 0
+    # the pages name their own folder; everything else is byte for byte the same
+    same_files(
+        out, report, lambda rel, x, y: x.replace(str(out).encode(), str(report).encode()) == y
+    )
+
+
+def lm_args(corpus: str, out: Path, cache: Path) -> list[str]:
+    return [
+        "lm",
+        "train",
+        "--preset",
+        "tiny",
+        "--out",
+        str(out),
+        "--n-layer",
+        "1",
+        "--d-model",
+        "8",
+        "--n-head",
+        "2",
+        "--d-mlp",
+        "16",
+        "--n-ctx",
+        "16",
+        "--tokens",
+        "512",
+        "--batch-size",
+        "4",
+        "--micro-batch",
+        "2",
+        "--checkpoint-every",
+        "2",
+        "--corpus",
+        corpus,
+        "--val-fraction",
+        "0.2",
+        "--token-cache",
+        str(cache),
+        "--threads",
+        "1",
+        "--wandb",
+        "disabled",
+        "--no-progress",
+    ]
+
+
+@pytest.mark.parametrize("n, when", [(2, r"checkpoint\.pt"), (1, r"\.saving-")])  # 2nd ckpt; end
+def test_lm_training_on_a_disk_that_fills_up(n, when, tiny_corpus, tmp_path, monkeypatch, capsys):
+    cache = tmp_path / "cache"
+    undisturbed = tmp_path / "undisturbed"
+    assert main(lm_args(tiny_corpus.corpus, undisturbed, cache)) == 0
+    out = tmp_path / "lm"
+    args = lm_args(tiny_corpus.corpus, out, cache)
+    capsys.readouterr()
+    with monkeypatch.context() as m:
+        disk = BadDisk(out, n=n, when=when, per="file").install(m)
+        assert main(args) == EXIT_IO
+    assert disk.failed >= 1
+    line = one_line(capsys.readouterr().err)
+    assert line.startswith(f"unsuperpose lm: error: the disk is full at {out}")
+    assert (
+        f"kept: the last checkpoint, {out}/checkpoint.pt (written whole); the rerun resumes" in line
+    )
+    assert not (out / "model.safetensors").exists()  # a model folder is whole or not a model
+    assert main(args) == 0
+    for name in ("model.safetensors", "config.json", "tokenizer.json"):
+        assert (out / name).read_bytes() == (undisturbed / name).read_bytes(), name
+
+
+def toy_args(out: Path) -> list[str]:
+    return [
+        "toy",
+        "--out",
+        str(out),
+        "--h",
+        "16",
+        "--G",
+        "32",
+        "--k",
+        "2",
+        "--steps",
+        "40",
+        "--batch-size",
+        "64",
+        "--l1",
+        "1e-3,1e-2",
+        "--dict-ratios",
+        "1x,2x",
+        "--eval-every",
+        "20",
+        "--checkpoint-every",
+        "10",
+        "--wandb",
+        "disabled",
+        "--no-progress",
+    ]
+
+
+def test_a_toy_grid_on_a_disk_that_fills_up(tmp_path, monkeypatch, capsys):
+    undisturbed = tmp_path / "undisturbed"
+    assert main(toy_args(undisturbed)) == 0
+    out = tmp_path / "toy"
+    with monkeypatch.context() as m:
+        BadDisk(out, n=5, when=CKPT).install(m)  # the third checkpoint's weights
+        assert main(toy_args(out)) == EXIT_IO
+    line = one_line(capsys.readouterr().err)
+    assert line.startswith(f"unsuperpose toy: error: the disk is full at {out}/checkpoint.tmp; ")
+    assert f"kept: the checkpoint at step 20 of 40 in {out}/checkpoint; the rerun resumes" in line
+    assert main(toy_args(out)) == 0
+    assert_same_grid(out, undisturbed)

@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 
 from unsuperpose import distributed, faults
 from unsuperpose.config import from_dict, to_dict, write_json_atomic
+from unsuperpose.train import parallel
 from unsuperpose.train.config import SAETrainConfig, irrelevant_fields
 from unsuperpose.train.trainer import check_finite_parameters, new_state
 
@@ -65,6 +66,7 @@ def local_tensors(state) -> dict[str, torch.Tensor]:
     for gid, g in zip(state.group_ids, state.groups):
         for name, t in g.state_dict().items():
             tensors[f"group{gid}.{name}"] = t.contiguous().cpu()
+        tensors.update(_stat_tensors(gid, g.stats, g.stat_rows))
     names = _param_names(state)
     for pid, st in state.optimizer.state_dict()["state"].items():
         for name, v in st.items():
@@ -74,6 +76,15 @@ def local_tensors(state) -> dict[str, torch.Tensor]:
                 else v.contiguous().cpu()
             )
     return tensors
+
+
+def _stat_tensors(gid: int, sums: torch.Tensor, rows: int) -> dict[str, torch.Tensor]:
+    """The training scalars summed since the last log: the next logged mean must be the one an
+    uninterrupted run logs, wherever the checkpoint falls between two logs."""
+    return {
+        f"stats.group{gid}.sums": sums.detach().contiguous().cpu().clone(),
+        f"stats.group{gid}.rows": torch.tensor([int(rows)], dtype=torch.int64),
+    }
 
 
 def _history_order(state):
@@ -109,8 +120,21 @@ def _param_groups(state) -> list[dict]:
 def save_checkpoint(state, directory: str | Path) -> Path:
     """Every rank calls this at the same step; rank 0 writes the whole grid's checkpoint."""
     directory = Path(directory)
+    sh = state.sharding
+    # Data parallel, each rank sums the scalars of its slice of the batch: the checkpoint keeps
+    # the whole batch's (every rank calls this at the same step, so the sum is a collective).
+    summed = (
+        {
+            gid: (parallel.sum_over_ranks(g.stats), g.stat_rows * sh.world_size)
+            for gid, g in zip(state.group_ids, state.groups)
+        }
+        if sh is not None and sh.data_parallel and not sh.single
+        else None
+    )
     whole = gather_whole(state)
     if whole is not None:
+        for gid, (sums, rows) in (summed or {}).items():
+            whole[0].update(_stat_tensors(gid, sums, rows))
         _write(state, whole, directory)
     distributed.barrier()
     return directory
@@ -245,8 +269,8 @@ def load_checkpoint(state, directory: str | Path, source_info: dict | None = Non
     check_compatible(meta, state.config, state.d, source_info)
     check_whole(directory, meta)
     # Each rank reads only its share (eight ranks on a node would otherwise hold eight copies).
-    wanted = {f"group{gid}." for gid in state.group_ids} | {
-        f"adam.group{gid}." for gid in state.group_ids
+    wanted = {
+        f"{kind}group{gid}." for gid in state.group_ids for kind in ("", "adam.", "stats.")
     }
     with safe_open(str(Path(directory) / WEIGHTS), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys() if k.startswith(tuple(wanted))}
@@ -272,9 +296,16 @@ def restore(
     param_groups: list[dict] | None = None,
 ) -> None:
     """Put this state's share of a whole-grid checkpoint (``tensors``) into it."""
+    sh = state.sharding
+    # Data parallel, rank 0 carries the whole batch's sums (the others add their slices' to it).
+    takes_stats = sh is None or not sh.data_parallel or sh.rank == 0
     for gid, g in zip(state.group_ids, state.groups):
         prefix = f"group{gid}."
         g.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+        sums = tensors.get(f"stats.group{gid}.sums")
+        if sums is not None and takes_stats:  # absent from checkpoints of older versions
+            g.stats = sums.to(device=g.stats.device, dtype=g.stats.dtype).clone()
+            g.stat_rows = int(tensors[f"stats.group{gid}.rows"].item())
     if param_groups is not None:
         local = {name: lp for lp, name in enumerate(_param_names(state))}
         opt_state: dict[int, dict] = {}

@@ -212,6 +212,27 @@ FLAGS = {
 }
 
 
+def _output(args: argparse.Namespace):
+    """Where this analysis writes (the defaults of ``run``, ``_run_methods`` and the splice)."""
+    if args.analyze_command == "features":
+        return args.out or args.dict_path / "features"
+    if args.analyze_command == "splice":
+        return args.out or storage.location(args.dict_path) / "splice.json"
+    if args.analyze_command == "methods":
+        return args.out or args.runs / "report" / f"{args.lm}-layer{args.layer}-methods"
+    suffix = "" if args.arch == "relu" else f"-{args.arch}"
+    return args.out or args.runs / "report" / f"{args.lm}-layer{args.layer}{suffix}"
+
+
+def kept(args: argparse.Namespace) -> str:
+    """What an analysis keeps across an I/O fault (the CLI's one-line error says it): it only
+    reads the runs, and writes each of its own files whole, so the rerun writes them again."""
+    return (
+        "every run it reads, unchanged (analysis only reads them); of "
+        f"{_output(args)}, only whole files, which the rerun writes again"
+    )
+
+
 def _run_splice(args: argparse.Namespace) -> int:
     from unsuperpose.commands._splice import run_splice
     from unsuperpose.harvest import StoreError

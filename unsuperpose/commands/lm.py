@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from unsuperpose import faults
 from unsuperpose.commands._errors import flags_of, stage_errors
 from unsuperpose.config import add_arguments, from_args
 from unsuperpose.errors import UserError
@@ -181,6 +182,7 @@ def _train(args: argparse.Namespace) -> int:
         locking.hold(args.out, what=f"the model folder {args.out}"),
         stage_errors((ModelError, CorpusError), flags),
         stage_errors(RunExists, flags, " (--out)"),
+        faults.writing(args.out),  # a fault no nearer code names happened in the model folder
     ):
         result = train_lm(
             lm,
@@ -207,6 +209,25 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def kept(args: argparse.Namespace) -> str | None:
+    """What the model folder keeps across an I/O fault (the CLI's one-line error says it)."""
+    from pathlib import Path
+
+    from unsuperpose.lm.checkpoint import CHECKPOINT
+
+    if args.lm_command == "train":
+        ckpt = Path(args.out) / CHECKPOINT
+        if ckpt.is_file():
+            return f"the last checkpoint, {ckpt} (written whole); the rerun resumes from it"
+        return f"no checkpoint had been saved in {args.out} yet, so the rerun trains from the start"
+    if args.lm_command == "adopt":
+        return (
+            f"no model yet: {args.out} gets its weights file only once the rest is written; "
+            "the rerun converts the model again"
+        )
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     from unsuperpose import locking
     from unsuperpose.lm import (
@@ -226,7 +247,10 @@ def run(args: argparse.Namespace) -> int:
         corpus = _corpus(args) if args.lm_command in ("adopt", "tokens") else None
     with stage_errors((ModelError, CorpusError), flags):
         if args.lm_command == "adopt":
-            with locking.hold(args.out, what=f"the model folder {args.out}"):
+            with (
+                locking.hold(args.out, what=f"the model folder {args.out}"),
+                faults.writing(args.out),
+            ):
                 out = adopt_model(args.init_from, args.out, corpus=corpus)
             print(f"adopted {args.init_from} as {out}")
         elif args.lm_command == "info":
