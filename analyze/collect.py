@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from unsuperpose.train.config import OPTION_GROUPS
+from unsuperpose.train.config import option_groups
 from unsuperpose.train.io import read_latent_stats, sparsity_of
 from unsuperpose.train.layout import (
     DICT_CONFIG_FILE,
@@ -29,6 +29,7 @@ from unsuperpose.train.layout import (
     dictionary_dirs,
     holds_dictionaries,
 )
+from unsuperpose.train.registry import get_family
 
 
 class GridError(ValueError):
@@ -86,9 +87,7 @@ class Grid:
     def knob_label(self) -> str:
         """How the grid's sparsity knob is written ("L1", "k", "L0 coefficient"); the cells'
         ``l1`` field holds the knob's value whatever the architecture."""
-        from unsuperpose.train.families import get_family
-
-        return get_family(self.arch).knob_label
+        return get_family(self.arch).knob.label
 
     @property
     def dead_window(self) -> int | None:
@@ -194,7 +193,7 @@ def merge_identity(cfg: dict) -> dict:
     arch = cfg.get("arch", "relu")
     ident = {"arch": arch}
     ident.update((k, training.get(k)) for k in _TRAINING_IDENTITY)
-    for group in OPTION_GROUPS.get(arch, ()):  # the architecture's own options (AuxK, ...)
+    for group in option_groups(arch):  # the architecture's own options (AuxK, ...)
         ident[group] = json.dumps(training.get(group), sort_keys=True)  # hashable, comparable
     ident["l1_norm"] = cfg.get("l1_norm", training.get("l1_norm"))
     if training.get("resample_every"):

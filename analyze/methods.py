@@ -37,7 +37,6 @@ from unsuperpose.analyze.figures import save_figure  # noqa: E402
 from unsuperpose.analyze.html import Raw, esc, image, page, table, write  # noqa: E402
 from unsuperpose.config import write_json_atomic  # noqa: E402
 from unsuperpose.train.dictionary import read_config  # noqa: E402
-from unsuperpose.train.families import FAMILIES, get_family  # noqa: E402
 from unsuperpose.train.io import read_summary, sparsity_of, write_summary  # noqa: E402
 from unsuperpose.train.layout import (  # noqa: E402
     SUMMARY_FILE,
@@ -45,6 +44,7 @@ from unsuperpose.train.layout import (  # noqa: E402
     dictionary_dirs,
     knob_value_text,
 )
+from unsuperpose.train.registry import FAMILIES, get_family  # noqa: E402
 
 NEURONS_PAGE = "neurons"  # the browser's page of the store's raw neurons
 

@@ -9,8 +9,9 @@ from pathlib import Path
 
 from unsuperpose.analyze.compare import ratio_label
 from unsuperpose.analyze.html import Raw, esc, fmt, image, page, table, write
-from unsuperpose.train.families import get_family
+from unsuperpose.train.config import SAETrainConfig
 from unsuperpose.train.layout import CONFIG_FILE
+from unsuperpose.train.registry import DEFAULT_ARCH, get_family
 
 GRID_COLUMNS = [
     "l1",
@@ -371,10 +372,11 @@ def commands(report, command: str | None) -> list[str]:
 
 def knob_flags(cfg: dict) -> str:
     """' --l1 1e-3,3e-3' for a relu run's train_config, ' --arch topk --topk 8,16' for others."""
-    family = get_family(cfg.get("arch", "relu"))
-    values = ",".join(f"{a:g}" for a in cfg.get(family.sparsity_field, []))
-    arch = f" --arch {family.name}" if family.name != "relu" else ""
-    return f"{arch} {family.flag} {values}"
+    saved = SAETrainConfig.upgrade_saved(dict(cfg))  # older files: one field per knob
+    family = get_family(saved.get("arch", DEFAULT_ARCH))
+    values = ",".join(family.knob.text(a) for a in saved.get("sparsity") or [])
+    arch = f" --arch {family.name}" if family.name != DEFAULT_ARCH else ""
+    return f"{arch} {family.knob.flag} {values}"
 
 
 def provenance(report) -> str:

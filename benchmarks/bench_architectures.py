@@ -37,13 +37,13 @@ STEPS = int(os.environ.get("ARCH_STEPS", "5000"))
 SIZES = "1/4x,1/2x,1x,2x"
 TARGET_L0 = (3, 5, 8)
 VARIANTS = {
-    "relu": dict(arch="relu", l1=DEFAULT_L1),
-    "topk": dict(arch="topk", top_k=[3, 5, 8]),
-    "topk-noauxk": dict(arch="topk", top_k=[3, 5, 8], auxk=AuxKOptions(coef=0.0)),
-    "batchtopk": dict(arch="batchtopk", top_k=[3, 5, 8]),
-    "matryoshka": dict(arch="matryoshka", top_k=[3, 5, 8]),
+    "relu": dict(arch="relu", sparsity=DEFAULT_L1),
+    "topk": dict(arch="topk", sparsity=[3, 5, 8]),
+    "topk-noauxk": dict(arch="topk", sparsity=[3, 5, 8], auxk=AuxKOptions(coef=0.0)),
+    "batchtopk": dict(arch="batchtopk", sparsity=[3, 5, 8]),
+    "matryoshka": dict(arch="matryoshka", sparsity=[3, 5, 8]),
     "jumprelu": dict(
-        arch="jumprelu", l0_coef=[3e-3, 6e-3, 1e-2, 2e-2, 4e-2], jumprelu=JUMPRELU_OPTIONS
+        arch="jumprelu", sparsity=[3e-3, 6e-3, 1e-2, 2e-2, 4e-2], jumprelu=JUMPRELU_OPTIONS
     ),
 }
 KEYS = (
@@ -84,7 +84,7 @@ def grid(name: str, settings: dict) -> list[dict]:
     rate = STEPS * cfg.batch_size / (time.perf_counter() - t0)
     metrics = evaluate(state, src)
     scores = score_grid(state.dictionaries(), metrics, src.features)
-    knob = state.family.sparsity_name
+    knob = state.family.knob.name
     rows = []
     for (v, n), m in sorted(metrics.items()):
         row = {"sparsity": v, "dict_size": n, "ratio": n / G, **m, **scores[(v, n)]}

@@ -28,8 +28,8 @@ from unsuperpose.analyze import score_grid
 from unsuperpose.commands.toy import DEFAULT_L1
 from unsuperpose.toy import ToyConfig, ToySource
 from unsuperpose.train import SAETrainConfig, evaluate, new_state, parse_dict_sizes, train_steps
-from unsuperpose.train.config import TOPK_ALL
 from unsuperpose.train.fitted import evaluate_dictionaries, fit_grid
+from unsuperpose.train.knobs import TOPK_ALL
 
 SEED = int(os.environ.get("BASELINE_SEED", "101"))
 STEPS = int(os.environ.get("BASELINE_STEPS", "5000"))
@@ -37,13 +37,13 @@ SC_STEPS = int(os.environ.get("SC_STEPS", "480"))
 TARGET_L0 = 5
 KS = [3, 5, 8, TOPK_ALL]
 METHODS = {
-    "neurons": dict(arch="neurons", sizes="1/2x", top_k=KS),
-    "pca": dict(arch="pca", sizes="1/2x", top_k=KS),
-    "ica": dict(arch="ica", sizes="1/2x", top_k=KS),
-    "random": dict(arch="random", sizes="1/2x,1x", top_k=KS),
-    "sparse-coding": dict(arch="sparse-coding", sizes="1x,2x", l1=[0.05, 0.1, 0.2]),
-    "relu": dict(arch="relu", sizes="1x,2x", l1=DEFAULT_L1),
-    "topk": dict(arch="topk", sizes="1x,2x", top_k=[3, 5, 8]),
+    "neurons": dict(arch="neurons", sizes="1/2x", sparsity=KS),
+    "pca": dict(arch="pca", sizes="1/2x", sparsity=KS),
+    "ica": dict(arch="ica", sizes="1/2x", sparsity=KS),
+    "random": dict(arch="random", sizes="1/2x,1x", sparsity=KS),
+    "sparse-coding": dict(arch="sparse-coding", sizes="1x,2x", sparsity=[0.05, 0.1, 0.2]),
+    "relu": dict(arch="relu", sizes="1x,2x", sparsity=DEFAULT_L1),
+    "topk": dict(arch="topk", sizes="1x,2x", sparsity=[3, 5, 8]),
 }
 KEYS = ("heldout_l0", "heldout_fvu", "mmcs", "mcc", "fit_rows", "fit_seconds", "dead")
 

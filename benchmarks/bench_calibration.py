@@ -52,14 +52,14 @@ from unsuperpose.train.layout import is_finished
 
 ARCHS = ("relu", "topk", "batchtopk", "matryoshka", "jumprelu")
 KNOBS = {
-    "relu": dict(l1=[1e-4, 3.1623e-4, 1e-3]),
-    "topk": dict(top_k=[3, 5, 8]),
-    "batchtopk": dict(top_k=[3, 5, 8]),
-    "matryoshka": dict(top_k=[3, 5, 8]),
-    "jumprelu": dict(l0_coef=[6e-3, 1e-2, 2e-2], jumprelu=JUMPRELU_OPTIONS),
+    "relu": dict(sparsity=[1e-4, 3.1623e-4, 1e-3]),
+    "topk": dict(sparsity=[3, 5, 8]),
+    "batchtopk": dict(sparsity=[3, 5, 8]),
+    "matryoshka": dict(sparsity=[3, 5, 8]),
+    "jumprelu": dict(sparsity=[6e-3, 1e-2, 2e-2], jumprelu=JUMPRELU_OPTIONS),
 }
 # Zipfian data has ~9 features active on average at G 512: k values around it, not around 5
-ZIPF_KNOBS = {"topk": dict(top_k=[5, 10, 20])}
+ZIPF_KNOBS = {"topk": dict(sparsity=[5, 10, 20])}
 SIZES = "1/4x,1/2x,1x,2x,4x"
 
 

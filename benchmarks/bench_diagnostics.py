@@ -99,7 +99,7 @@ def study(seed: int, name: str, settings: dict) -> Iterator[dict]:
     l1s = ([EXTRA_L1] if name == DEFAULT_DATA else []) + DEFAULT_L1
     window = src.dead_window(256)
     cfg = SAETrainConfig(
-        l1=l1s,
+        sparsity=l1s,
         dict_sizes=sizes,
         steps=READ_AT[-1],
         dead_window=window,

@@ -54,7 +54,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import RamSource, gemm_peak, peers_python, set_l0_thresholds
-from unsuperpose.train import SAETrainConfig, get_family, new_state, train_steps
+from unsuperpose.train import SAETrainConfig, new_state, train_steps
 from unsuperpose.train.config import AuxKOptions
 from unsuperpose.train.families.auxk import dead_for_auxk
 from unsuperpose.train.families.matryoshka import prefix_sizes
@@ -105,7 +105,6 @@ class Ours:
     """One SAE of ours, trained by our trainer on the two batches; ``rate(steps)`` times it."""
 
     def __init__(self, arch: str, xs: list[torch.Tensor], n: int, k: int, dead: int, **overrides):
-        family = get_family(arch)
         value = 1e-3 if arch in ("relu", "jumprelu") else k
         self.B = len(xs[0])
         cfg = SAETrainConfig(
@@ -116,7 +115,7 @@ class Ours:
             # timed step, as in most of a run; nothing else reads it
             steps=10,
             log_every=10**9,  # the trainer logs at the end of every timed call only
-            **{family.sparsity_field: [value]},
+            sparsity=[value],
             **overrides,
         )
         self.src = RamSource(xs)

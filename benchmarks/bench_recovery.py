@@ -35,7 +35,7 @@ def recovery(name: str, l1: list[float], renormalise: bool = True, **overrides) 
     # at 1x, and resampling would have nothing to act on.
     cfg = apply_preset(
         SAETrainConfig(
-            l1=l1,
+            sparsity=l1,
             dict_sizes=[512],
             steps=5000,
             log_every=1000,

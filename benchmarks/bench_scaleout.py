@@ -151,7 +151,7 @@ def gpu_step(b: int = 4096, d: int = 1024, n: int = 8192) -> list[dict]:
     records = []
     for n_l1 in (1, 4):
         cfg = SAETrainConfig(
-            l1=[10 ** -(3 + i / 2) for i in range(n_l1)],
+            sparsity=[10 ** -(3 + i / 2) for i in range(n_l1)],
             dict_sizes=[n],
             batch_size=b,
             steps=10_000,

@@ -125,7 +125,6 @@ class OursStep:
     reads what it would gain."""
 
     def __init__(self, arch: str, cls, xs: list[torch.Tensor], *, n: int = N, k: int = K):
-        family = get_family(arch)
         b, d = xs[0].shape
         value = 1e-3 if arch == "jumprelu" else k
         cfg = SAETrainConfig(
@@ -133,7 +132,7 @@ class OursStep:
             dict_sizes=[n],
             batch_size=b,
             lr=1e-3,
-            **{family.sparsity_field: [value]},
+            sparsity=[value],
         )
         self.g = cls(d, n, [value], cfg, seed=0, device=xs[0].device)
         if arch == "jumprelu":  # each latent fires on b*k/n of the first batch's b rows

@@ -26,7 +26,7 @@ def grid_throughput(
     # grid: n_l1 SAEs of one size in one pass (the batches are ready in RAM: this measures the
     # trainer)
     cfg = SAETrainConfig(
-        l1=[10 ** (-4 + i / 4) for i in range(n_l1)],
+        sparsity=[10 ** (-4 + i / 4) for i in range(n_l1)],
         dict_sizes=[n],
         steps=steps,
         batch_size=batch,
@@ -41,7 +41,7 @@ def grid_throughput(
     grid_rate = n_l1 * (steps - 5) / grid_s
     # the same SAEs one after another, each a plain autograd module + Adam
     t = time.perf_counter()
-    for l1 in cfg.l1:
+    for l1 in cfg.sparsity:
         sae = SAE(d, n, params=init_params(d, n, seed=0))
         opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
         for x in xs[: steps - 5]:

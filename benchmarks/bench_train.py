@@ -46,7 +46,7 @@ def dense_and_sparse(b: int = 4096, d: int = 1024, n: int = 8192, steps: int = 3
     flops = 10 * d * n  # per sample
     peak = gemm_peak(b, d, n)
     cfg = SAETrainConfig(
-        l1=[1e-3],
+        sparsity=[1e-3],
         dict_sizes=[n],
         batch_size=b,
         steps=10_000,
@@ -129,10 +129,10 @@ def grid_vs_sequential(
     )
     grids, seqs = [], []
     for _ in range(2):  # interleaved repeats, best of each: the machine is shared
-        grids.append(_trainer_rate(src, SAETrainConfig(l1=l1s, **base), 3, steps)[0])
+        grids.append(_trainer_rate(src, SAETrainConfig(sparsity=l1s, **base), 3, steps)[0])
         seq_time = 0.0
         for a in l1s:
-            rate, _ = _trainer_rate(src, SAETrainConfig(l1=[a], **base), 3, steps)
+            rate, _ = _trainer_rate(src, SAETrainConfig(sparsity=[a], **base), 3, steps)
             seq_time += steps * b / rate
         seqs.append(steps * b / seq_time)
     grid, seq = max(grids), max(seqs)
@@ -171,7 +171,7 @@ def store_vs_ram(d: int = 256, n: int = 2048, b: int = 1024, steps: int = 30) ->
         writer.close()
         zsrc = ActivationStore(Path(tmp) / "s.zarr")
         cfg = SAETrainConfig(
-            l1=[1e-4, 3e-4, 1e-3, 3e-3],
+            sparsity=[1e-4, 3e-4, 1e-3, 3e-3],
             dict_sizes=[n],
             batch_size=b,
             steps=10_000,

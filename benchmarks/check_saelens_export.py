@@ -59,11 +59,11 @@ def make(directory: Path) -> None:
             batch_size=256,
             seed=0,
             jumprelu=JUMPRELU_OPTIONS,
-            **{family.sparsity_field: values},
+            sparsity=values,
         )
         state = train_steps(new_state(source, cfg), source, progress=False)
         (value, n), dictionary = next(iter(state.saes().items()))
-        picked[arch] = (dictionary, {"arch": arch, family.sparsity_name: value})
+        picked[arch] = (dictionary, {"arch": arch, family.knob.name: value})
         if arch == "batchtopk":
             fresh = new_state(source, cfg)  # never trained: threshold still -1
             picked["batchtopk-unset"] = (next(iter(fresh.saes().values())), {"arch": arch})

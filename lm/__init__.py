@@ -6,12 +6,12 @@ blocks (the very blocks harvesting streams), and a model directory that plain tr
 TransformerLens both load offline.
 """
 
+from unsuperpose.lm.adopt import adopt_model
 from unsuperpose.lm.config import PRESETS, LMConfig, TrainLMConfig, preset
 from unsuperpose.lm.corpus import CorpusConfig, iter_documents
 from unsuperpose.lm.errors import CorpusError, ModelError, RunExists
 from unsuperpose.lm.loss import chunked_lm_loss, model_loss
 from unsuperpose.lm.model import (
-    adopt_model,
     build_model,
     check_n_ctx,
     load_bridge,

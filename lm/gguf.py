@@ -31,6 +31,8 @@ import torch
 from unsuperpose.hashing import file_sha256
 from unsuperpose.lm.corpus import CorpusConfig
 from unsuperpose.lm.errors import ModelError
+from unsuperpose.lm.model import save_model
+from unsuperpose.lm.tokenizer import load_tokenizer
 
 PREFIX = "gguf:"
 
@@ -192,9 +194,6 @@ def adopt_gguf(
 ) -> Path:
     """Save the GGUF ``spec`` names as a pipeline model folder (float32 safetensors, its own
     tokenizer, and in ``lm_config.json`` the file's hash, quantisation and provenance)."""
-    from unsuperpose.lm.model import save_model
-    from unsuperpose.lm.tokenizer import load_tokenizer
-
     path, package = resolve_gguf(spec)
     meta = gguf_metadata(path)
     model, hf_tokenizer = load_gguf(path)

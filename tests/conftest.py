@@ -93,7 +93,7 @@ def analyze_runs(tmp_path_factory, tiny_lm_dir, tiny_corpus):
     store = ActivationStore(path)
     assert store.describe()["heldout_rule"] == "documents"
     cfg = SAETrainConfig(
-        l1=[1e-3, 1e-2],
+        sparsity=[1e-3, 1e-2],
         dict_sizes=[64, 128],
         steps=60,
         batch_size=64,
@@ -117,7 +117,12 @@ def analyze_runs(tmp_path_factory, tiny_lm_dir, tiny_corpus):
     )
     toy = ToySource(ToyConfig(h=16, G=32, k=2, decay=0.95, seed=0))
     cfg = SAETrainConfig(
-        l1=[1e-3, 1e-2], dict_sizes=[32, 64], steps=100, batch_size=64, log_every=50, dead_window=20
+        sparsity=[1e-3, 1e-2],
+        dict_sizes=[32, 64],
+        steps=100,
+        batch_size=64,
+        log_every=50,
+        dead_window=20,
     )
     train_and_save(
         toy,

@@ -34,7 +34,6 @@ KNOBS["jumprelu"] = [1e-3, 1e-2]
 
 
 def config(arch: str, **kw) -> SAETrainConfig:
-    family = FAMILIES[arch]
     base = dict(
         arch=arch,
         dict_sizes=[16, 32],
@@ -42,7 +41,7 @@ def config(arch: str, **kw) -> SAETrainConfig:
         batch_size=64,
         dead_window=5,
         log_every=10,
-        **{family.sparsity_field: KNOBS[arch]},
+        sparsity=KNOBS[arch],
     )
     if arch == "jumprelu":  # thresholds that move in 40 steps (see commands/toy.py)
         base["jumprelu"] = {"bandwidth": 0.05, "init_threshold": 0.05}
@@ -56,7 +55,7 @@ def config(arch: str, **kw) -> SAETrainConfig:
 
 
 def test_every_architecture_is_registered_with_its_knob():
-    assert {a: f.sparsity_name for a, f in FAMILIES.items()} == {
+    assert {a: f.knob.name for a, f in FAMILIES.items()} == {
         "relu": "l1",
         "topk": "k",
         "batchtopk": "k",
@@ -83,7 +82,7 @@ def test_grid_trains_evaluates_saves_and_loads_back(arch, tmp_path):
     for m in metrics.values():
         assert m["heldout_rows"] > 0 and 0 <= m["heldout_fvu"] < 2 and m["heldout_l0"] > 0
     rows = save_grid(state, metrics, tmp_path)
-    knob = FAMILIES[arch].sparsity_name
+    knob = FAMILIES[arch].knob.name
     with open(tmp_path / "summary.csv", newline="") as fh:
         written = list(csv.DictReader(fh))
     assert {(r["arch"], r["sparsity_name"]) for r in written} == {(arch, knob)}

@@ -20,10 +20,10 @@ from unsuperpose.analyze.splice import splice_eval
 from unsuperpose.cli import main
 from unsuperpose.lm import load_bridge, token_blocks
 from unsuperpose.train import SAETrainConfig, load_dictionary
-from unsuperpose.train.config import TOPK_ALL
-from unsuperpose.train.families import FAMILIES, fitted_families, get_family
 from unsuperpose.train.families.basis import keep_largest
 from unsuperpose.train.fitted import FitData, evaluate_dictionaries, fit_grid
+from unsuperpose.train.knobs import TOPK_ALL
+from unsuperpose.train.registry import FAMILIES, fitted_families, get_family
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -62,7 +62,7 @@ def planted(rows: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def config(arch: str, sizes: list[int], ks=(TOPK_ALL,), **kw) -> SAETrainConfig:
     kw = {"steps": 40, "batch_size": 128, **kw}
-    return SAETrainConfig(arch=arch, dict_sizes=sizes, top_k=list(ks), **kw)
+    return SAETrainConfig(arch=arch, dict_sizes=sizes, sparsity=list(ks), **kw)
 
 
 def test_every_baseline_is_a_fitted_family_with_the_topk_knob_but_sparse_coding():
@@ -70,7 +70,7 @@ def test_every_baseline_is_a_fitted_family_with_the_topk_knob_but_sparse_coding(
     assert {"neurons", "pca", "ica", "random"} <= names
     for name in ("neurons", "pca", "ica", "random"):
         fam = FAMILIES[name]
-        assert fam.fitted and fam.group is None and fam.sparsity_field == "top_k"
+        assert fam.fitted and fam.group is None and fam.knob.name == "k"
     assert not get_family("relu").fitted
 
 

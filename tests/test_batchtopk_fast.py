@@ -31,7 +31,7 @@ TOL = dict(atol=2e-5, rtol=1e-4)
 def make(arch, fast, values=VALUES, plant=False, **options):
     cfg = SAETrainConfig(
         arch=arch,
-        top_k=values,
+        sparsity=values,
         dict_sizes=[N],
         batch_size=B,
         lr=3e-3,
@@ -154,7 +154,7 @@ def test_the_trainer_trains_the_fast_group_like_the_autograd_one(arch, monkeypat
     rounding noise and Adam's normalisation blows that noise up to lr-sized steps.)"""
     cfg = SAETrainConfig(
         arch=arch,
-        top_k=[2, 4],
+        sparsity=[2, 4],
         dict_sizes=[24, 48],
         steps=40,
         batch_size=64,

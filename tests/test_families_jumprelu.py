@@ -15,9 +15,9 @@ import torch
 import unsuperpose.train.families.jumprelu_fast as jumprelu_fast
 from unsuperpose.train import load_dictionary
 from unsuperpose.train.config import JumpReLUOptions, SAETrainConfig
-from unsuperpose.train.families import get_family
 from unsuperpose.train.families.jumprelu import JumpReLUGroup, JumpReLUSAE
 from unsuperpose.train.families.jumprelu_fast import JumpReLUFastGroup
+from unsuperpose.train.registry import get_family
 
 
 def sparse_data(rows: int, d: int, G: int, p: float, seed: int) -> torch.Tensor:
@@ -30,7 +30,7 @@ def sparse_data(rows: int, d: int, G: int, p: float, seed: int) -> torch.Tensor:
 
 
 def config(values, n, **changes) -> SAETrainConfig:
-    return SAETrainConfig(arch="jumprelu", l0_coef=values, dict_sizes=[n], **changes)
+    return SAETrainConfig(arch="jumprelu", sparsity=values, dict_sizes=[n], **changes)
 
 
 def reference_params(g: JumpReLUGroup, s: int) -> dict[str, torch.Tensor]:
@@ -229,10 +229,10 @@ def test_family_registration():
     fam = get_family("jumprelu")
     # trained through its sparse fast path (tests/test_jumprelu_fast.py)
     assert fam.group is JumpReLUFastGroup and fam.reference is JumpReLUGroup
-    assert fam.dictionary is JumpReLUSAE and not fam.denser_with_larger_knob
-    assert (fam.sparsity_name, fam.sparsity_field, fam.flag) == ("l0_coef", "l0_coef", "--l0-coef")
+    assert fam.dictionary is JumpReLUSAE and not fam.knob.denser_when_larger
+    assert (fam.knob.name, fam.knob.field, fam.knob.flag) == ("l0_coef", "l0_coef", "--l0-coef")
     cfg = config([1e-3, 2e-3], 8)
-    assert fam.values(cfg) == [1e-3, 2e-3]
+    assert cfg.sparsity == [1e-3, 2e-3]
     with pytest.raises(ValueError, match="init_threshold"):
         bad = dataclasses.replace(cfg, jumprelu=JumpReLUOptions(init_threshold=0.0))
         JumpReLUGroup(4, 8, [1e-3], bad)

@@ -29,7 +29,7 @@ VALUES = [2, 5, 3]
 
 
 def make_group(arch, values=VALUES, *, n=N, d=D, seed=0, cls=None, **overrides):
-    cfg = SAETrainConfig(arch=arch, top_k=values, dict_sizes=[n], batch_size=B, **overrides)
+    cfg = SAETrainConfig(arch=arch, sparsity=values, dict_sizes=[n], batch_size=B, **overrides)
     return (cls or GROUPS[arch])(d, n, values, cfg, seed=seed)
 
 
@@ -237,8 +237,8 @@ def test_classes():
         # (tests/test_topk_fast.py; tests/test_batchtopk_fast.py for batchtopk and matryoshka)
         assert fam.group is FAST.get(arch, GROUPS[arch])
         assert issubclass(fam.group, GROUPS[arch])
-        assert (fam.sparsity_name, fam.sparsity_field, fam.flag) == ("k", "top_k", "--topk")
-        assert fam.denser_with_larger_knob
+        assert (fam.knob.name, fam.knob.field, fam.knob.flag) == ("k", "top_k", "--topk")
+        assert fam.knob.denser_when_larger
     assert prefix_sizes([0.0625, 0.125, 0.25, 0.5, 1.0], 8) == [1, 2, 4, 8]
     assert prefix_sizes([0.0625, 0.125, 0.25, 0.5, 1.0], 4096) == [256, 512, 1024, 2048, 4096]
 
@@ -290,7 +290,7 @@ def test_trained_batchtopk_inference_l0_is_close_to_k():
     batch = _sparse_data(gen, 256)
     opts = BatchTopKOptions(threshold_momentum=0.9, threshold_from=0.5)
     cfg = SAETrainConfig(
-        arch="batchtopk", top_k=[k], dict_sizes=[64], batch_size=256, steps=steps, batchtopk=opts
+        arch="batchtopk", sparsity=[k], dict_sizes=[64], batch_size=256, steps=steps, batchtopk=opts
     )
     g = BatchTopKGroup(32, 64, [k], cfg, seed=0)
     opt = adam(g.parameters(), cfg)

@@ -28,7 +28,7 @@ BANDWIDTHS = {"narrow window": 0.02, "wide window": 0.1}
 
 
 def make(cls, values, eps, quantile=0.85):
-    cfg = SAETrainConfig(arch="jumprelu", l0_coef=values, dict_sizes=[N], batch_size=B, lr=3e-3)
+    cfg = SAETrainConfig(arch="jumprelu", sparsity=values, dict_sizes=[N], batch_size=B, lr=3e-3)
     cfg.jumprelu = JumpReLUOptions(bandwidth=eps, init_threshold=0.1)
     g = cls(SRC.d, N, values, cfg, seed=0)
     perturb(g)
@@ -120,7 +120,7 @@ def trainer_config() -> SAETrainConfig:
     some sparse, some dense (over the cutoff), so both kinds and the switch are trained."""
     cfg = SAETrainConfig(
         arch="jumprelu",
-        l0_coef=[1e-3, 1e-2],
+        sparsity=[1e-3, 1e-2],
         dict_sizes=[24, 48],
         steps=40,
         batch_size=64,

@@ -63,14 +63,14 @@ def test_finished_grid_with_another_budget_is_refused(tmp_path, capsys):
 
 def test_a_checkpoint_never_resumes_on_other_data_or_budget(tmp_path):
     src = ToySource(ToyConfig(h=16, G=32, k=2, seed=0))
-    cfg = SAETrainConfig(l1=[1e-3], dict_sizes=[16], steps=40, batch_size=32)
+    cfg = SAETrainConfig(sparsity=[1e-3], dict_sizes=[16], steps=40, batch_size=32)
     state = new_state(src, cfg)
     train_steps(state, src, until=10, progress=False)
     save_checkpoint(state, tmp_path / CHECKPOINT_DIR)
     other = ToySource(ToyConfig(h=16, G=32, k=3, seed=0))  # same width, other data
     with pytest.raises(CheckpointMismatch, match="fingerprint"):
         load_checkpoint(new_state(other, cfg), tmp_path / CHECKPOINT_DIR, other.describe())
-    longer = SAETrainConfig(l1=[1e-3], dict_sizes=[16], steps=80, batch_size=32)
+    longer = SAETrainConfig(sparsity=[1e-3], dict_sizes=[16], steps=80, batch_size=32)
     with pytest.raises(CheckpointMismatch, match="steps: 40 then, 80 now"):
         load_checkpoint(new_state(src, longer), tmp_path / CHECKPOINT_DIR, src.describe())
     load_checkpoint(new_state(src, cfg), tmp_path / CHECKPOINT_DIR, src.describe())  # same: fine
@@ -78,7 +78,7 @@ def test_a_checkpoint_never_resumes_on_other_data_or_budget(tmp_path):
 
 def test_a_kill_between_the_two_renames_of_a_checkpoint_swap_is_recovered(tmp_path):
     src = ToySource(ToyConfig(h=16, G=32, k=2, seed=0))
-    cfg = SAETrainConfig(l1=[1e-3], dict_sizes=[16], steps=40, batch_size=32)
+    cfg = SAETrainConfig(sparsity=[1e-3], dict_sizes=[16], steps=40, batch_size=32)
     state = new_state(src, cfg)
     ckpt = tmp_path / CHECKPOINT_DIR
     train_steps(state, src, until=10, progress=False)
@@ -188,14 +188,14 @@ def test_report_preset_converts_the_default_l1_values_to_its_convention(tmp_path
     from unsuperpose.commands.toy import DEFAULT_L1
 
     assert cfg["l1_norm"] == "per_latent"
-    assert cfg["l1"] == pytest.approx([a * 32 for a in DEFAULT_L1], rel=1e-5)
+    assert cfg["sparsity"] == pytest.approx([a * 32 for a in DEFAULT_L1], rel=1e-5)
     assert "converted" in capsys.readouterr().out
     assert convert_l1([0.1], have="per_latent", want="sum", base=10) == [0.01]
 
 
 def test_a_checkpoint_of_another_version_is_refused_with_a_message(tmp_path):
     src = ToySource(ToyConfig(h=16, G=32, k=2, seed=0))
-    cfg = SAETrainConfig(l1=[1e-3], dict_sizes=[16], steps=40, batch_size=32)
+    cfg = SAETrainConfig(sparsity=[1e-3], dict_sizes=[16], steps=40, batch_size=32)
     state = new_state(src, cfg)
     save_checkpoint(state, tmp_path / CHECKPOINT_DIR)
     meta_path = tmp_path / CHECKPOINT_DIR / "state.json"

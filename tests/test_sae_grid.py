@@ -25,7 +25,7 @@ SMALL = ToyConfig(h=16, G=32, k=2, decay=0.95, seed=0)
 def test_grid_equals_each_sae_trained_alone(options):
     src = ToySource(SMALL)
     cfg = SAETrainConfig(
-        l1=[1e-3, 1e-2],
+        sparsity=[1e-3, 1e-2],
         dict_sizes=[16, 48],
         steps=40,
         batch_size=32,
@@ -44,7 +44,7 @@ def test_grid_equals_each_sae_trained_alone(options):
 def test_recovers_ground_truth_on_a_small_problem():
     src = ToySource(ToyConfig(h=32, G=64, k=3, decay=0.99, seed=1))
     cfg = SAETrainConfig(
-        l1=[3e-3, 1e-2], dict_sizes=[64], steps=1500, batch_size=256, lr=3e-3, log_every=500
+        sparsity=[3e-3, 1e-2], dict_sizes=[64], steps=1500, batch_size=256, lr=3e-3, log_every=500
     )
     state = train_steps(new_state(src, cfg), src, progress=False)
     best = max(mmcs(src.features, d) for d in state.dictionaries().values())
@@ -54,7 +54,7 @@ def test_recovers_ground_truth_on_a_small_problem():
 @pytest.mark.slow
 def test_a_planted_never_firing_latent_counts_as_dead():
     src = ToySource(SMALL)
-    cfg = SAETrainConfig(l1=[1e-3], dict_sizes=[16], steps=30, batch_size=32, dead_window=10)
+    cfg = SAETrainConfig(sparsity=[1e-3], dict_sizes=[16], steps=30, batch_size=32, dead_window=10)
     state = new_state(src, cfg)
     g = state.groups[0]
     g.b_enc[5] = -1e4  # pre-activation always negative: gets no gradient, never fires
@@ -66,7 +66,7 @@ def test_a_planted_never_firing_latent_counts_as_dead():
 def test_dead_latents_are_also_counted_at_the_ladders_windows():
     # The dead-neuron reading's sensitivity to the window is read from these columns afterwards.
     src = ToySource(SMALL)
-    cfg = SAETrainConfig(l1=[1e-3], dict_sizes=[16], steps=60, batch_size=32, dead_window=10)
+    cfg = SAETrainConfig(sparsity=[1e-3], dict_sizes=[16], steps=60, batch_size=32, dead_window=10)
     state = new_state(src, cfg)
     g = state.groups[0]
     g.b_enc[5] = -1e4  # never fires
@@ -86,7 +86,7 @@ def test_resampling_revives_only_dead_latents():
 
     def run(resample_every):
         cfg = SAETrainConfig(
-            l1=[1e-3, 1e-2],
+            sparsity=[1e-3, 1e-2],
             dict_sizes=[16],
             steps=20,
             batch_size=32,
@@ -121,7 +121,7 @@ def test_resampling_revives_only_dead_latents():
 def test_stopping_and_continuing_equals_one_run():
     src = ToySource(SMALL)
     cfg = SAETrainConfig(
-        l1=[1e-3], dict_sizes=[16], steps=30, batch_size=32, dead_window=5, resample_every=10
+        sparsity=[1e-3], dict_sizes=[16], steps=30, batch_size=32, dead_window=5, resample_every=10
     )
     one = train_steps(new_state(src, cfg), src, progress=False)
     two = new_state(src, cfg)
@@ -133,7 +133,7 @@ def test_stopping_and_continuing_equals_one_run():
 
 def test_evaluate_reports_sane_reconstruction_metrics():
     src = ToySource(SMALL)
-    cfg = SAETrainConfig(l1=[0.0, 1.0], dict_sizes=[32], steps=200, batch_size=64)
+    cfg = SAETrainConfig(sparsity=[0.0, 1.0], dict_sizes=[32], steps=200, batch_size=64)
     state = train_steps(new_state(src, cfg), src, progress=False)
     m = evaluate(state, src)
     assert m[(0.0, 32)]["heldout_fvu"] < 0.1  # no sparsity pressure: near-perfect reconstruction
@@ -152,7 +152,7 @@ class _NaNSource:
 
 
 def test_non_finite_loss_names_the_sae_and_step():
-    cfg = SAETrainConfig(l1=[1e-3], dict_sizes=[8], steps=20, batch_size=16, log_every=5)
+    cfg = SAETrainConfig(sparsity=[1e-3], dict_sizes=[8], steps=20, batch_size=16, log_every=5)
     with pytest.raises(NonFiniteLoss, match=r"L1 0\.001 and 8 latents.*step 5"):
         train_steps(new_state(_NaNSource(), cfg), _NaNSource(), progress=False)
 
@@ -175,9 +175,9 @@ def test_the_relu_fast_path_equals_the_autograd_group(options):
     """The hand-written step (dense, and the sparse CSR path with sparse_below=1) is a fast path
     of the relu family's autograd group: same parameters, dead counters and statistics."""
     src = ToySource(SMALL)
-    cfg = SAETrainConfig(l1=[1e-3, 3e-2], dict_sizes=[24], batch_size=32, lr=3e-3, **options)
-    fast = _steps(ReluFastGroup(src.d, 24, cfg.l1, cfg, seed=0), src, cfg, 30)
-    slow = _steps(ReluGroup(src.d, 24, cfg.l1, cfg, seed=0), src, cfg, 30)
+    cfg = SAETrainConfig(sparsity=[1e-3, 3e-2], dict_sizes=[24], batch_size=32, lr=3e-3, **options)
+    fast = _steps(ReluFastGroup(src.d, 24, cfg.sparsity, cfg, seed=0), src, cfg, 30)
+    slow = _steps(ReluGroup(src.d, 24, cfg.sparsity, cfg, seed=0), src, cfg, 30)
     if options.get("sparse_below") == 1.0:
         assert fast.sparse_steps == 30
     for name, t in slow.named_parameters().items():
@@ -209,7 +209,7 @@ def test_saved_sae_round_trips(tmp_path):
 def test_sparse_steps_give_the_dense_results(tied):
     src = ToySource(ToyConfig(h=32, G=64, k=2, seed=3))
     base = dict(
-        l1=[1e-3, 3e-2],
+        sparsity=[1e-3, 3e-2],
         dict_sizes=[64, 128],
         steps=25,
         batch_size=64,
@@ -234,7 +234,7 @@ def test_decoder_rows_stay_unit_norm_under_adam():
     # Without renormalising after each step the raw norms drift (max ~1.27 after 1,500 steps at
     # h 32), which scales every atom's effective learning rate by 1 / norm.
     src = ToySource(ToyConfig(h=32, G=64, k=3, seed=1))
-    cfg = SAETrainConfig(l1=[3e-3], dict_sizes=[64], steps=300, batch_size=128, lr=3e-3)
+    cfg = SAETrainConfig(sparsity=[3e-3], dict_sizes=[64], steps=300, batch_size=128, lr=3e-3)
     state = train_steps(new_state(src, cfg), src, progress=False)
     norms = state.groups[0].W_dec.norm(dim=-1)
     torch.testing.assert_close(norms, torch.ones_like(norms), atol=1e-5, rtol=0)
@@ -245,7 +245,7 @@ def test_resampling_many_dead_latents_gives_distinct_atoms():
     # new atoms do not repeat.
     src = ToySource(ToyConfig(h=16, G=64, k=3, seed=2))
     cfg = SAETrainConfig(
-        l1=[1e-3],
+        sparsity=[1e-3],
         dict_sizes=[256],
         steps=10,
         batch_size=32,

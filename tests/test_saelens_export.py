@@ -37,7 +37,7 @@ from test_train_store import TOY, write_store  # a toy store, as `unsuperpose ha
 from unsuperpose.cli import main
 from unsuperpose.toy import ToySource
 from unsuperpose.train import SAETrainConfig, load_dictionary
-from unsuperpose.train.families import FAMILIES
+from unsuperpose.train.registry import FAMILIES
 from unsuperpose.train.saelens import CONFIG, WEIGHTS, export_saelens, saelens_architecture
 
 D, N = 12, 40
@@ -82,7 +82,7 @@ def make_dictionary(arch: str, s: int = 1, seed: int = 0):
     """Dictionary ``s`` of a fresh group of ``arch``, its weights perturbed so that every tensor
     matters (nonzero biases, encoder off the decoder's transpose)."""
     family = FAMILIES[arch]
-    cfg = SAETrainConfig(arch=arch, dict_sizes=[N], **{family.sparsity_field: VALUES[arch]})
+    cfg = SAETrainConfig(arch=arch, dict_sizes=[N], sparsity=VALUES[arch])
     group = family.group(D, N, VALUES[arch], cfg, seed=seed)
     dictionary = group.dictionary(s)
     gen = torch.Generator().manual_seed(seed + 1)

@@ -12,13 +12,13 @@ from unsuperpose.seeding import seeded_generator
 from unsuperpose.train import SAETrainConfig
 from unsuperpose.train.config import SparseCodingOptions
 from unsuperpose.train.dictionary import load_dictionary
-from unsuperpose.train.families import get_family
 from unsuperpose.train.families.sparse_coding import (
     OnlineDictionaryLearner,
     SparseCodingDictionary,
     fista,
 )
 from unsuperpose.train.fitted import FitData
+from unsuperpose.train.registry import get_family
 
 
 @pytest.fixture(autouse=True)
@@ -69,7 +69,7 @@ def planted(d=24, G=32, seed=3):
 def fit(source, n, l1, steps=150, batch_size=128, **options):
     cfg = SAETrainConfig(
         arch="sparse-coding",
-        l1=l1,
+        sparsity=l1,
         dict_sizes=[n],
         steps=steps,
         batch_size=batch_size,

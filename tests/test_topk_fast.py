@@ -18,7 +18,7 @@ N, B, VALUES = 24, 32, [2, 5, 3]
 
 def make(cls, values=VALUES, plant=False, **options):
     cfg = SAETrainConfig(
-        arch="topk", top_k=values, dict_sizes=[N], batch_size=B, lr=3e-3, **options
+        arch="topk", sparsity=values, dict_sizes=[N], batch_size=B, lr=3e-3, **options
     )
     g = cls(SRC.d, N, values, cfg, seed=0)
     perturb(g, plant)

@@ -224,7 +224,7 @@ def test_cuda_on_a_machine_without_one_is_one_clear_error(tmp_path):
 def _toy_state(device: str, data_rng: str | None = None):
     source = ToySource(ToyConfig(h=16, G=32, seed=3), device=device, rng_device=data_rng)
     cfg = SAETrainConfig(
-        l1=[1e-4, 1e-3],
+        sparsity=[1e-4, 1e-3],
         dict_sizes=[16, 32],
         steps=60,
         batch_size=64,

@@ -84,7 +84,7 @@ def train_cli(store_path: Path, out: Path, *extra: str) -> int:
 def test_grid_on_a_store_equals_each_sae_trained_alone(toy_store):
     src = ActivationStore(toy_store)
     cfg = SAETrainConfig(
-        l1=[1e-3, 1e-2], dict_sizes=[16, 32], steps=30, batch_size=64, resample_every=0
+        sparsity=[1e-3, 1e-2], dict_sizes=[16, 32], steps=30, batch_size=64, resample_every=0
     )
     state = train_steps(new_state(src, cfg), src, progress=False)
     for g in state.groups:
@@ -142,7 +142,7 @@ def test_saelens_export_encodes_and_decodes_like_ours(toy_store, tmp_path):
 def test_interrupted_and_resumed_equals_uninterrupted_bitwise(toy_store, tmp_path):
     src = ActivationStore(toy_store)
     cfg = SAETrainConfig(
-        l1=[1e-3, 1e-2],
+        sparsity=[1e-3, 1e-2],
         dict_sizes=[16, 32],
         steps=40,
         batch_size=64,
@@ -274,7 +274,7 @@ def test_missing_and_incomplete_stores_are_refused(tmp_path, capsys):
 
 def test_a_store_of_other_width_than_the_checkpoint_is_refused(toy_store, tmp_path, capsys):
     src = ActivationStore(toy_store)
-    cfg = SAETrainConfig(l1=[1e-3], dict_sizes=[16], steps=40, batch_size=64)
+    cfg = SAETrainConfig(sparsity=[1e-3], dict_sizes=[16], steps=40, batch_size=64)
     from unsuperpose.train.checkpoint import save_checkpoint
 
     state = new_state(src, cfg)
@@ -350,7 +350,7 @@ def test_a_checkpoint_is_never_written_from_non_finite_weights(toy_store, tmp_pa
 
     src = ActivationStore(toy_store)
     state = new_state(
-        src, SAETrainConfig(l1=[1e-3, 1e-2], dict_sizes=[16], steps=10, batch_size=64)
+        src, SAETrainConfig(sparsity=[1e-3, 1e-2], dict_sizes=[16], steps=10, batch_size=64)
     )
     state.groups[0].W_dec[1, 3, 0] = float("nan")  # the SAE with L1 0.01
     with pytest.raises(NonFiniteLoss, match=r"L1 0\.01 and 16 latents"):

@@ -4,42 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import typing
 from dataclasses import dataclass
 from typing import Literal
 
 from unsuperpose.config import field
+from unsuperpose.train.knobs import L1
+from unsuperpose.train.registry import DEFAULT_ARCH, FAMILIES, Family, family_names, get_family
 
 L1Norm = Literal["sum", "per_latent"]
-Arch = Literal[
-    "relu",
-    "topk",
-    "batchtopk",
-    "jumprelu",
-    "matryoshka",
-    "neurons",
-    "pca",
-    "ica",
-    "random",
-    "sparse-coding",
-]
-# Which knob field each architecture's grid sweeps (the families registry says the same; kept
-# here so a config can be checked without importing the families).
-KNOB_FIELD = {
-    "relu": "l1",
-    "topk": "top_k",
-    "batchtopk": "top_k",
-    "matryoshka": "top_k",
-    "jumprelu": "l0_coef",
-    # the fitted baselines (train/families/basis.py, sparse_coding.py): k = 0 keeps every
-    # coefficient (`--topk all`)
-    "neurons": "top_k",
-    "pca": "top_k",
-    "ica": "top_k",
-    "random": "top_k",
-    "sparse-coding": "l1",
-}
-FITTED = ("neurons", "pca", "ica", "random", "sparse-coding")
-TOPK_ALL = 0  # the top_k value of `--topk all`: a basis keeps every coefficient
+# The fields configs had before the knob was one list (one per knob); ``upgrade_saved`` reads
+# the architecture's own from older train_config.json files and checkpoints.
+OLD_KNOB_FIELDS = ("l1", "top_k", "l0_coef")
 # What only SGD training reads: a fitted baseline's result does not depend on these.
 SGD_ONLY = {
     "lr",
@@ -56,19 +32,6 @@ SGD_ONLY = {
     "tf32",
     "tied",
     "l1_norm",
-}
-# Option groups each architecture reads; the others' do not change what a run computes.
-OPTION_GROUPS = {
-    "relu": (),
-    "topk": ("auxk",),
-    "batchtopk": ("auxk", "batchtopk"),
-    "matryoshka": ("auxk", "batchtopk", "matryoshka"),
-    "jumprelu": ("jumprelu",),
-    "neurons": (),
-    "pca": (),
-    "ica": ("ica",),
-    "random": (),
-    "sparse-coding": ("sparse_coding",),
 }
 
 
@@ -162,21 +125,17 @@ class SparseCodingOptions:
 class SAETrainConfig:
     """Training settings shared by every SAE of a grid (sparsity values x dictionary sizes)."""
 
-    arch: Arch = field(
-        "relu",
+    arch: str = field(
+        DEFAULT_ARCH,
         help="the dictionary method: an SAE architecture, relu (the report's ReLU + L1), "
         "topk, batchtopk, jumprelu or matryoshka; or a fitted baseline, neurons, pca, ica, "
-        "random or sparse-coding",
+        "random or sparse-coding (and any architecture registered with train.register)",
+        choices=family_names,
     )
-    l1: list[float] = field(
-        default_factory=lambda: [1e-3], help="L1 coefficients (relu's knob), comma-separated"
-    )
-    top_k: list[int] = field(
-        default_factory=lambda: [32],
-        help="active latents per row (the knob of topk, batchtopk and matryoshka)",
-    )
-    l0_coef: list[float] = field(
-        default_factory=lambda: [1e-3], help="L0 penalty coefficients (jumprelu's knob)"
+    sparsity: list | None = field(
+        None,
+        help="the values of the architecture's sparsity knob (relu's L1 coefficients, topk's "
+        "k, ...), one dictionary per value and size, of the knob's type; None: its defaults",
     )
     dict_sizes: list[int] = field(default_factory=lambda: [512], help="dictionary sizes (latents)")
     l1_norm: L1Norm = field(
@@ -257,47 +216,44 @@ class SAETrainConfig:
     )
 
     @property
+    def family(self) -> Family:
+        """The architecture's record (``train.registry``): its knob, options, groups."""
+        return get_family(self.arch)
+
+    @property
     def fitted(self) -> bool:
         """A baseline fitted from the training rows, not an SAE trained by SGD."""
-        return self.arch in FITTED
+        return self.family.fitted
 
-    @property
-    def knob_field(self) -> str:
-        return KNOB_FIELD[self.arch]
-
-    @property
-    def sparsity(self) -> list:
-        """The values of this architecture's sparsity knob: one dictionary per value and size."""
-        return list(getattr(self, self.knob_field))
+    @classmethod
+    def upgrade_saved(cls, data: dict) -> dict:
+        """A saved config as this version takes it: older ones kept the knob's values in one
+        field per knob (l1, top_k, l0_coef); the architecture's own becomes ``sparsity``."""
+        old = {k: data.pop(k) for k in OLD_KNOB_FIELDS if k in data}
+        if "sparsity" not in data and old:
+            field_name = get_family(data.get("arch", DEFAULT_ARCH)).knob.field
+            if field_name in old:
+                data["sparsity"] = old[field_name]
+        return data
 
     def __post_init__(self) -> None:
-        self.l1 = [float(v) for v in self.l1]
-        self.top_k = [int(v) for v in self.top_k]
-        self.l0_coef = [float(v) for v in self.l0_coef]
-        self.dict_sizes = [int(v) for v in self.dict_sizes]
+        family = get_family(self.arch)  # ValueError naming the known ones
+        knob = family.knob
         problems = []
-        if self.arch not in KNOB_FIELD:
-            problems.append(f"unknown architecture {self.arch!r}; choose one of {list(KNOB_FIELD)}")
-            raise ValueError("; ".join(problems))
-        for name in ("l1", "top_k", "l0_coef"):
-            values = getattr(self, name)
-            if not values or any(not v >= 0 for v in values):
-                problems.append(f"{name} must be a non-empty list of numbers >= 0 (got {values})")
-            if len(set(values)) != len(values):
-                problems.append(f"{name} values repeat: {values}")
-        lowest = TOPK_ALL if self.arch in FITTED else 1
-        if any(k < lowest for k in self.top_k):
-            problems.append(f"top_k values must be >= 1 (got {self.top_k})")
+        values = list(family.defaults if self.sparsity is None else self.sparsity)
+        try:
+            self.sparsity = knob.convert(values)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{self.arch}: {exc}") from None
+        self.dict_sizes = [int(v) for v in self.dict_sizes]
+        problems += knob.problems(self.sparsity)
         sc = self.sparse_coding
         if min(self.ica.rows, self.ica.max_iter, sc.iters, sc.resample_rows) < 1 or sc.forget < 0:
             problems.append(
                 "ica.rows, ica.max_iter, sparse_coding.iters and sparse_coding.resample_rows "
                 "must be >= 1, sparse_coding.forget >= 0"
             )
-        if self.arch != "relu" and (self.tied or self.l1_norm != "sum"):
-            problems.append(
-                f"tied and l1_norm are options of the relu architecture, not {self.arch}"
-            )
+        problems += _refused_settings(self)
         prefixes = self.matryoshka.prefixes
         if (
             not prefixes
@@ -332,15 +288,55 @@ class SAETrainConfig:
             raise ValueError("; ".join(problems))
 
 
+# Settings that choose how a step is computed, never what it computes ("same results"): another
+# architecture ignores them rather than refusing them.
+HOW_ONLY = {"sparse_below"}
+
+
+def _settings_of_others(family: Family) -> set[str]:
+    """Top-level settings other families declare as their own (relu's tied, l1_norm)."""
+    return {s for f in FAMILIES.values() for s in f.settings} - set(family.settings)
+
+
+def _refused_settings(config: SAETrainConfig) -> list[str]:
+    """Another family's own settings set away from their defaults: refused, not ignored."""
+    problems = []
+    defaults = SAETrainConfig.__dataclass_fields__
+    for name in sorted(_settings_of_others(config.family) - HOW_ONLY):
+        if getattr(config, name) != defaults[name].default:
+            owners = " and ".join(f.name for f in FAMILIES.values() if name in f.settings)
+            problems.append(f"{name} is a setting of {owners}, not of {config.arch}")
+    return problems
+
+
 def irrelevant_fields(config: SAETrainConfig) -> set[str]:
-    """Fields that cannot change what a run of ``config.arch`` computes: the other
-    architectures' knobs and option groups (and relu's own settings for the others, which
-    ``__post_init__`` keeps at their defaults anyway)."""
-    knobs = set(KNOB_FIELD.values()) - {config.knob_field}
-    groups = {g for gs in OPTION_GROUPS.values() for g in gs} - set(OPTION_GROUPS[config.arch])
-    relu_only = set() if config.arch == "relu" else {"sparse_below"}
-    sgd_only = SGD_ONLY if config.fitted else set()
-    return knobs | groups | relu_only | sgd_only
+    """Fields that cannot change what a run of ``config.arch`` computes: the option groups
+    its family does not read, the other families' own settings (``__post_init__`` keeps most at
+    their defaults anyway), and for a fitted baseline what only SGD reads."""
+    family = config.family
+    fields = _option_fields()
+    mine = {fields[o] for o in family.options}
+    groups = set(fields.values()) - mine
+    sgd_only = SGD_ONLY if family.fitted else set()
+    return groups | _settings_of_others(family) | sgd_only
+
+
+def option_groups(arch: str) -> tuple[str, ...]:
+    """The SAETrainConfig fields holding the options ``arch``'s family reads ("auxk", ...);
+    none for an architecture this version does not know."""
+    family = FAMILIES.get(arch)
+    fields = _option_fields()
+    return tuple(fields[o] for o in family.options) if family else ()
+
+
+def _option_fields() -> dict[type, str]:
+    """Each option dataclass -> the SAETrainConfig field holding it (``auxk``, ...)."""
+    hints = typing.get_type_hints(SAETrainConfig)
+    return {
+        hints[f.name]: f.name
+        for f in dataclasses.fields(SAETrainConfig)
+        if dataclasses.is_dataclass(hints[f.name])
+    }
 
 
 PRESETS: dict[str, dict] = {
@@ -368,16 +364,7 @@ def apply_preset(config: SAETrainConfig, preset: str | None) -> SAETrainConfig:
 
 def parse_l1_list(text: str) -> list[float]:
     """'1e-3,3e-3' -> [0.001, 0.003]; a clear error for anything that is not a list of numbers."""
-    try:
-        values = [float(p) for p in text.split(",") if p.strip()]
-    except ValueError:
-        raise ValueError(
-            f"cannot parse L1 list {text!r}: expected numbers separated by commas, "
-            "e.g. 1e-4,3e-4,1e-3"
-        ) from None
-    if not values or any(not v >= 0 for v in values):
-        raise ValueError(f"L1 list {text!r} must hold numbers >= 0, e.g. 1e-4,3e-4,1e-3")
-    return values
+    return L1.parse(text)
 
 
 _SIZE = re.compile(r"^(?:(\d+(?:\.\d+)?|\d+/\d+)x|(\d+(?:\.\d+)?|\d+/\d+))$")

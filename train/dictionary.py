@@ -4,7 +4,8 @@ A dictionary maps activations x (…, d_in) to codes (…, d_sae) with ``encode`
 ``decode``; ``atoms()`` are its unit decoder directions (d_sae, d_in), what MMCS, MCC and the
 browser compare. On disk it is a folder: ``sae.safetensors`` (named tensors, never pickles) and
 ``config.json`` whose ``arch`` tag names the class that reads it back. ``load_dictionary`` finds
-that class in ``DICTIONARIES``; a folder written before the tag existed is a ReLU SAE.
+that class in the registry (``train.registry``: the family of that name); a folder written before
+the tag existed is a ReLU SAE.
 
 The SAEs with a decoder bias (every architecture but the report's ReLU + L1 one) share
 ``AffineSAE``: codes = act((x - b_dec) @ W_enc + b_enc), x_hat = codes @ W_dec + b_dec, the
@@ -22,10 +23,10 @@ from safetensors.torch import load_file, save as safetensors_bytes
 from torch import nn
 
 from unsuperpose.config import write_bytes_atomic, write_json_atomic
+from unsuperpose.train.registry import DEFAULT_ARCH, FAMILIES
 
 WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "config.json"
-DEFAULT_ARCH = "relu"  # what a folder without an ``arch`` tag holds (written before tags)
 
 
 @runtime_checkable
@@ -44,17 +45,6 @@ class Dictionary(Protocol):
     def save(self, directory: str | Path, config: dict | None = None) -> Path: ...
 
 
-DICTIONARIES: dict[str, type] = {}
-
-
-def register_dictionary(cls: type) -> type:
-    """Class decorator: ``cls.arch`` becomes a tag ``load_dictionary`` understands."""
-    if cls.arch in DICTIONARIES and DICTIONARIES[cls.arch] is not cls:
-        raise ValueError(f"two dictionary classes claim the tag {cls.arch!r}")
-    DICTIONARIES[cls.arch] = cls
-    return cls
-
-
 def read_config(directory: str | Path) -> dict:
     directory = Path(directory)
     if not (directory / WEIGHTS_FILE).exists() or not (directory / CONFIG_FILE).exists():
@@ -67,17 +57,15 @@ def read_config(directory: str | Path) -> dict:
 
 def load_dictionary(directory: str | Path):
     """Any saved dictionary, as the class its ``arch`` tag names (``encode``, ``decode``,
-    ``atoms``)."""
-    import unsuperpose.train.families  # noqa: F401  (registers every architecture's class)
-
+    ``atoms``): the dictionary class of the registered family of that name."""
     config = read_config(directory)
     arch = config.get("arch", DEFAULT_ARCH)
-    if arch not in DICTIONARIES:
+    if arch not in FAMILIES:
         raise ValueError(
             f"{directory} holds a dictionary of architecture {arch!r}, which this version of "
-            f"unsuperpose does not know (it knows {sorted(DICTIONARIES)})"
+            f"unsuperpose does not know (it knows {sorted(FAMILIES)})"
         )
-    return DICTIONARIES[arch].load(directory)
+    return FAMILIES[arch].dictionary.load(directory)
 
 
 def write_dictionary(directory: str | Path, tensors: dict[str, torch.Tensor], config: dict) -> Path:

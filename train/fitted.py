@@ -26,7 +26,7 @@ import torch
 
 from unsuperpose import distributed
 from unsuperpose.train.config import SAETrainConfig
-from unsuperpose.train.families import get_family
+from unsuperpose.train.registry import get_family
 from unsuperpose.train.source import ActivationSource, check_source
 
 

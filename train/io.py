@@ -23,7 +23,6 @@ from unsuperpose.config import (
 )
 from unsuperpose.train.config import SAETrainConfig
 from unsuperpose.train.dictionary import load_dictionary
-from unsuperpose.train.families import get_family
 from unsuperpose.train.layout import (
     CONFIG_FILE,
     HISTORY_FILE,
@@ -34,6 +33,7 @@ from unsuperpose.train.layout import (
     dict_dirname,
     dictionary_dirs,
 )
+from unsuperpose.train.registry import DEFAULT_ARCH
 
 # Provenance that may differ between two reads of the same data (where it lies, how it is read).
 _NOT_IDENTITY = {"path"}
@@ -92,8 +92,11 @@ def save_grid(
     """
     out = Path(out)
     cfg = state.config
-    knob = get_family(cfg.arch).sparsity_name
+    knob = cfg.family.knob.name
     write_train_config(out, cfg, run_info)
+    # What runs wrote before architectures existed (every one of them relu): the l1 column and
+    # keys, kept for relu so that readers of those runs read these alike.
+    before_archs = cfg.arch == DEFAULT_ARCH
     rows = []
     for (value, n), sae in state.saes().items():
         key = (value, n)
@@ -101,7 +104,7 @@ def save_grid(
             "arch": cfg.arch,
             "sparsity_name": knob,
             "sparsity": value,
-            **({"l1": value} if cfg.arch == "relu" else {}),
+            **({"l1": value} if before_archs else {}),
             "dict_size": n,
             "dict_label": (labels or {}).get(n, str(n)),
             "steps": state.step,
@@ -115,7 +118,7 @@ def save_grid(
                 "arch": cfg.arch,
                 "sparsity_name": knob,
                 "sparsity": value,
-                **({"l1": value, "l1_norm": cfg.l1_norm} if cfg.arch == "relu" else {}),
+                **({"l1": value, "l1_norm": cfg.l1_norm} if before_archs else {}),
                 "training": to_dict(cfg),
                 "metrics": row,
                 "source": source_info or {},

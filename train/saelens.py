@@ -9,7 +9,9 @@ and normalize_activations "none" (``SAE.process_sae_in``: sae_in = x - b_dec):
     pre   = (x - b_dec) @ W_enc + b_enc                         every architecture
     x_hat = codes @ W_dec + b_dec                               every architecture
 
-which is our ``AffineSAE`` layout. How ``codes`` follow from ``pre``, per architecture:
+which is our ``AffineSAE`` layout. How ``codes`` follow from ``pre``, per architecture (the row an
+architecture takes is its family's ``saelens`` record, ``train.registry.SAELens``; a family
+without one is refused with its ``saelens_refusal``):
 
     ours        SAELens "architecture"       SAELens codes                 ours
     relu        standard                     ReLU(pre)                     ReLU(x @ W_enc + b_enc)
@@ -52,32 +54,26 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 
 from unsuperpose.config import write_bytes_atomic, write_json_atomic
+from unsuperpose.train.registry import FAMILIES, SAELens
 
 WEIGHTS = "sae_weights.safetensors"
 CONFIG = "cfg.json"
 # The SAELens release whose format this writes (read from its source and checked by loading).
 SAELENS_VERSION = "6.54.12"
-# Our architecture -> the SAELens inference architecture it is written as (batchtopk and
-# matryoshka: "topk" instead while their threshold is unset, see ``saelens_architecture``).
-SAELENS_ARCHITECTURES = {
-    "relu": "standard",
-    "topk": "topk",
-    "batchtopk": "jumprelu",
-    "matryoshka": "jumprelu",
-    "jumprelu": "jumprelu",
-}
-# What SAELens calls the training architecture of those it saves as another one.
-TRAINING_ARCHITECTURES = {"batchtopk": "batchtopk", "matryoshka": "matryoshka_batchtopk"}
 
 
-def _arch(dictionary) -> str:
+def _mapping(dictionary) -> tuple[str, SAELens]:
+    """(architecture, its family's SAELens mapping); ValueError with the family's refusal when
+    it has none."""
     arch = getattr(dictionary, "arch", "relu")
-    if arch not in SAELENS_ARCHITECTURES:
+    family = FAMILIES.get(arch)
+    if family is None or family.saelens is None:
+        exportable = sorted(a for a, f in FAMILIES.items() if f.saelens is not None)
+        why = "" if family is None else f": {family.saelens_refusal}"
         raise ValueError(
-            f"no SAELens export for architecture {arch!r} (exportable: "
-            f"{sorted(SAELENS_ARCHITECTURES)})"
+            f"no SAELens export for architecture {arch!r}{why} (exportable: {exportable})"
         )
-    return arch
+    return arch, family.saelens
 
 
 def _threshold_unset(dictionary) -> bool:
@@ -87,10 +83,10 @@ def _threshold_unset(dictionary) -> bool:
 
 def saelens_architecture(dictionary) -> str:
     """The SAELens architecture ``dictionary`` is exported as."""
-    arch = _arch(dictionary)
-    if arch in TRAINING_ARCHITECTURES and _threshold_unset(dictionary):
+    _, mapping = _mapping(dictionary)
+    if mapping.topk_while_unset and _threshold_unset(dictionary):
         return "topk"
-    return SAELENS_ARCHITECTURES[arch]
+    return mapping.architecture
 
 
 def _cpu(t: torch.Tensor) -> torch.Tensor:
@@ -98,16 +94,17 @@ def _cpu(t: torch.Tensor) -> torch.Tensor:
 
 
 def export_saelens(dictionary, directory: str | Path, *, metadata: dict | None = None) -> Path:
-    """Write ``dictionary`` (any architecture, dispatched on ``dictionary.arch``) to
-    ``directory`` in SAELens's format; ``metadata`` goes into cfg.json's metadata block."""
-    arch = _arch(dictionary)
+    """Write ``dictionary`` to ``directory`` in SAELens's format, as its family's SAELens
+    mapping says (``Family.saelens``); ``metadata`` goes into cfg.json's metadata block. A family
+    without one is refused with its reason (``Family.saelens_refusal``)."""
+    arch, mapping = _mapping(dictionary)
     target = saelens_architecture(dictionary)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     fields: dict = {}
     extra_meta: dict = {"sae_lens_version": SAELENS_VERSION, "arch": arch}
     with torch.no_grad():
-        if arch == "relu":
+        if not hasattr(dictionary, "b_dec"):  # the report's layout: no decoder bias
             tensors = {
                 "W_enc": _cpu(dictionary.encoder_weight()),
                 "b_enc": _cpu(dictionary.b_enc),
@@ -118,11 +115,11 @@ def export_saelens(dictionary, directory: str | Path, *, metadata: dict | None =
             tensors = {
                 k: _cpu(getattr(dictionary, k)) for k in ("W_enc", "b_enc", "W_dec", "b_dec")
             }
-        if arch in TRAINING_ARCHITECTURES:
+        if mapping.training_architecture is not None:
             details = {"k": int(dictionary.config["k"])}
             if "prefix_sizes" in dictionary.config:
                 details["matryoshka_widths"] = [int(m) for m in dictionary.config["prefix_sizes"]]
-            extra_meta["training_architecture"] = TRAINING_ARCHITECTURES[arch]
+            extra_meta["training_architecture"] = mapping.training_architecture
             extra_meta["training_architecture_details"] = details
         if target == "topk":
             fields = {

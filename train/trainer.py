@@ -31,9 +31,9 @@ from tqdm.auto import tqdm
 from unsuperpose import distributed
 from unsuperpose.train import parallel
 from unsuperpose.train.config import SAETrainConfig
-from unsuperpose.train.families import Family, get_family
 from unsuperpose.train.families.stacked import StackedGroup
 from unsuperpose.train.losses import l1_divisor
+from unsuperpose.train.registry import Family, get_family
 from unsuperpose.train.resample import resample_dead, resample_generator
 from unsuperpose.train.source import ActivationSource, check_source
 
@@ -173,7 +173,7 @@ def _raise_if_bad(g: StackedGroup, bad: torch.Tensor, what: str) -> None:
     """``bad``: (S,) flags of group ``g``; the error names the first flagged SAE."""
     if bad.any():
         value = g.values[int(bad.nonzero()[0, 0])]
-        knob = get_family(g.arch).knob_label
+        knob = get_family(g.arch).knob.label
         raise NonFiniteLoss(
             f"{g.arch} SAE with {knob} {value:g} and {g.n} latents {what}; try a lower learning "
             "rate or check the data for NaN/Inf"
@@ -370,7 +370,7 @@ def _log_row(state: GridState, stats: list[dict[str, torch.Tensor]], rate: float
         dead = g.dead_mask(state.config.dead_window, state.step).sum(dim=1).tolist()
         values = {k: v.tolist() for k, v in st.items()}
         items = {}
-        knob = get_family(g.arch).sparsity_name
+        knob = get_family(g.arch).knob.name
         for s, v in enumerate(g.values):
             tag = f"{knob}={v:g}/n={g.n}"
             items.update(
@@ -417,7 +417,7 @@ def add_history(state: GridState, values: dict[tuple[float, int], dict]) -> None
         if rec["step"] != state.step:
             break
         this_step[(rec["sparsity"], rec["dict_size"])] = rec
-    knob = state.family.sparsity_name
+    knob = state.family.knob.name
     for (v, n), vals in values.items():
         if (v, n) in this_step:
             this_step[(v, n)].update(vals)

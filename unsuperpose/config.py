@@ -22,9 +22,18 @@ from unsuperpose import faults
 T = TypeVar("T")
 
 
-def field(default: Any = dataclasses.MISSING, *, help: str, **kw: Any) -> Any:
-    """A dataclass field with its CLI help text; lists/dicts need ``default_factory``."""
-    return dataclasses.field(default=default, metadata={"help": help}, **kw)
+def field(
+    default: Any = dataclasses.MISSING,
+    *,
+    help: str,
+    choices: typing.Callable[[], list] | None = None,
+    **kw: Any,
+) -> Any:
+    """A dataclass field with its CLI help text; lists/dicts need ``default_factory``.
+    ``choices``: a function giving the flag's allowed values when the parser is built (a list
+    that grows after import, such as the registered architectures)."""
+    metadata = {"help": help, **({"choices": choices} if choices is not None else {})}
+    return dataclasses.field(default=default, metadata=metadata, **kw)
 
 
 def _flag(name: str) -> str:
@@ -116,6 +125,10 @@ def add_arguments(
         elif typing.get_origin(tp) is typing.Literal:
             kw["choices"] = list(typing.get_args(tp))
             shown = default
+        elif "choices" in f.metadata:
+            kw["choices"] = list(f.metadata["choices"]())
+            kw["type"] = str
+            shown = default
         else:
             kw["type"] = tp if tp in (int, float, str) else str
             shown = default
@@ -138,7 +151,12 @@ def to_dict(obj: Any) -> dict:
 
 
 def from_dict(cls: type[T], data: dict) -> T:
-    """Inverse of :func:`to_dict`; unknown keys are an error so stale JSON is noticed."""
+    """Inverse of :func:`to_dict`; unknown keys are an error so stale JSON is noticed. A class
+    whose saved form changed gives ``upgrade_saved(data) -> data``, which turns what older
+    versions wrote into what it takes now."""
+    upgrade = getattr(cls, "upgrade_saved", None)
+    if upgrade is not None:
+        data = upgrade(dict(data))
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - names
     if unknown:

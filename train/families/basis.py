@@ -36,9 +36,10 @@ import numpy as np
 import torch
 
 from unsuperpose.seeding import seeded_generator
-from unsuperpose.train.config import TOPK_ALL, SAETrainConfig
-from unsuperpose.train.dictionary import StoredDictionary, register_dictionary
-from unsuperpose.train.families import Family, register
+from unsuperpose.train.config import ICAOptions, SAETrainConfig
+from unsuperpose.train.dictionary import StoredDictionary
+from unsuperpose.train.knobs import K_OR_ALL, TOPK_ALL
+from unsuperpose.train.registry import Family, register
 
 _RANDOM_STREAM = 7_001  # the random basis's key beside the run's seed and the size
 
@@ -80,22 +81,18 @@ class LinearBasis(StoredDictionary):
         return {**super().identity(), "k": self.k}
 
 
-@register_dictionary
 class NeuronBasis(LinearBasis):
     arch = "neurons"
 
 
-@register_dictionary
 class PCABasis(LinearBasis):
     arch = "pca"
 
 
-@register_dictionary
 class ICABasis(LinearBasis):
     arch = "ica"
 
 
-@register_dictionary
 class RandomBasis(LinearBasis):
     arch = "random"
 
@@ -122,7 +119,7 @@ def orient(data, encoder: torch.Tensor, W_dec: torch.Tensor, mean: torch.Tensor)
 
 def _bases(cls, config: SAETrainConfig, tensors: dict, meta: dict) -> dict[int, LinearBasis]:
     """One dictionary per k of the grid, sharing the fitted tensors."""
-    return {k: cls(tensors, {**meta, "k": k}) for k in config.top_k}
+    return {k: cls(tensors, {**meta, "k": k}) for k in config.sparsity}
 
 
 def fit_neurons(data, config: SAETrainConfig, n: int) -> dict[int, LinearBasis]:
@@ -213,12 +210,9 @@ def _at_most_d(method: str):
 
 
 _COMMON = dict(
-    sparsity_name="k",
-    sparsity_field="top_k",
-    flag="--topk",
-    group=None,
-    reference=None,
-    denser_with_larger_knob=True,
+    knob=K_OR_ALL,
+    saelens_refusal="a fitted basis is not an SAE (SAELens loads SAEs: an encoder, a "
+    "nonlinearity and a decoder)",
 )
 
 register(
@@ -248,6 +242,7 @@ register(
         source="FastICA, Hyvarinen 1999, scikit-learn's (Cunningham et al. 2023)",
         fit=fit_ica,
         check_sizes=_at_most_d("ICA"),
+        options=(ICAOptions,),
         **_COMMON,
     )
 )

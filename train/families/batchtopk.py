@@ -32,13 +32,14 @@ from __future__ import annotations
 
 import torch
 
-from unsuperpose.train.dictionary import AffineSAE, register_dictionary
-from unsuperpose.train.families import Family, register
+from unsuperpose.train.config import AuxKOptions, BatchTopKOptions
+from unsuperpose.train.dictionary import AffineSAE
 from unsuperpose.train.families.stacked import Reductions
 from unsuperpose.train.families.topk import TopKGroup, row_topk
+from unsuperpose.train.knobs import K
+from unsuperpose.train.registry import Family, SAELens, register
 
 
-@register_dictionary
 class BatchTopKSAE(AffineSAE):
     """codes = ReLU(pre) * (pre > threshold); ``threshold`` (d_sae,) holds the dictionary's one
     learnt threshold in every entry. A threshold still at -1 (never estimated) means the per-row
@@ -114,19 +115,15 @@ class BatchTopKGroup(TopKGroup):
         return t
 
 
-# After BatchTopKGroup exists: the fast path subclasses it.
-from unsuperpose.train.families.batchtopk_fast import BatchTopKFastGroup  # noqa: E402
-
 BATCHTOPK = register(
     Family(
         name="batchtopk",
-        sparsity_name="k",
-        sparsity_field="top_k",
-        flag="--topk",
-        group=BatchTopKFastGroup,
-        reference=BatchTopKGroup,
         dictionary=BatchTopKSAE,
-        denser_with_larger_knob=True,
+        knob=K,
+        group=BatchTopKGroup,
+        options=(AuxKOptions, BatchTopKOptions),
+        # SAELens's own BatchTopK saves as JumpReLU with the threshold repeated (train.saelens)
+        saelens=SAELens("jumprelu", training_architecture="batchtopk", topk_while_unset=True),
         source="Bussmann, Leask & Nanda 2024, 'BatchTopK Sparse Autoencoders' (AuxK from "
         "Gao et al. 2024); peer: dictionary_learning's BatchTopKSAE",
     )

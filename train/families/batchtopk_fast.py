@@ -33,6 +33,7 @@ from unsuperpose.train.families.sparse_step import (
     work_buffers,
 )
 from unsuperpose.train.families.stacked import Reductions
+from unsuperpose.train.registry import register_fast_path
 
 SAMPLE_KEPT = 2048  # codes the sampled rows keep, at k per row: the floor's sample size
 MARGIN = 1.25  # the floor aims at MARGIN * B*k candidates (plus 4 standard deviations)
@@ -126,3 +127,6 @@ class BatchTopKFastGroup(BatchTopKGroup):
         """The nested prefixes whose reconstructions the loss counts (Matryoshka); None: only
         the whole dictionary's."""
         return None
+
+
+register_fast_path("batchtopk", BatchTopKFastGroup)

@@ -66,12 +66,13 @@ from typing import ClassVar
 
 import torch
 
-from unsuperpose.train.dictionary import AffineSAE, register_dictionary
-from unsuperpose.train.families import Family, register
+from unsuperpose.train.config import JumpReLUOptions
+from unsuperpose.train.dictionary import AffineSAE
 from unsuperpose.train.families.stacked import StackedGroup
+from unsuperpose.train.knobs import L0_COEF
+from unsuperpose.train.registry import Family, SAELens, register
 
 
-@register_dictionary
 class JumpReLUSAE(AffineSAE):
     """codes = pre * (pre > threshold), one threshold per latent."""
 
@@ -175,19 +176,14 @@ class JumpReLUGroup(StackedGroup):
         return t
 
 
-# After JumpReLUGroup exists: the fast path subclasses it.
-from unsuperpose.train.families.jumprelu_fast import JumpReLUFastGroup  # noqa: E402
-
 JUMPRELU = register(
     Family(
         name="jumprelu",
-        sparsity_name="l0_coef",
-        sparsity_field="l0_coef",
-        flag="--l0-coef",
-        group=JumpReLUFastGroup,
-        reference=JumpReLUGroup,
         dictionary=JumpReLUSAE,
-        denser_with_larger_knob=False,
+        knob=L0_COEF,
+        group=JumpReLUGroup,
+        options=(JumpReLUOptions,),
+        saelens=SAELens("jumprelu"),
         source=(
             "Rajamanoharan et al. 2024, 'Jumping ahead: improving reconstruction fidelity with "
             "JumpReLU sparse autoencoders'; peers: SAELens's JumpReLU training SAE, "

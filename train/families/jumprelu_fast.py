@@ -42,6 +42,7 @@ from unsuperpose.train.families.sparse_step import (
     write_grads,
 )
 from unsuperpose.train.families.stacked import Reductions
+from unsuperpose.train.registry import register_fast_path
 
 DENSE_ABOVE = 0.1  # fraction of the (B, S*n) entries above theta - eps beyond which it is dense
 
@@ -121,3 +122,6 @@ class JumpReLUFastGroup(JumpReLUGroup):
         d_w.sub_(self.b_dec.T.unsqueeze(-1) * db_enc.view(1, S, n))
         write_grads(self, g, d_dn.view(S * n, d), d_w.view(d, S * n).T, db_enc, norms, dn)
         return {"fired": (fired, "sum"), **self.step_reductions()}
+
+
+register_fast_path("jumprelu", JumpReLUFastGroup)

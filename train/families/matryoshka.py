@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import torch
 
-from unsuperpose.train.dictionary import register_dictionary
-from unsuperpose.train.families import Family, register
+from unsuperpose.train.config import AuxKOptions, BatchTopKOptions, MatryoshkaOptions
 from unsuperpose.train.families.batchtopk import BatchTopKGroup, BatchTopKSAE
+from unsuperpose.train.knobs import K
+from unsuperpose.train.registry import Family, SAELens, register
 
 
-@register_dictionary
 class MatryoshkaSAE(BatchTopKSAE):
     """Encodes and decodes as a BatchTopK SAE; its config records the prefix sizes it was
     trained with (``prefix_sizes``), in latents, the last being ``d_sae``."""
@@ -72,19 +72,16 @@ class MatryoshkaGroup(BatchTopKGroup):
         return {**super().dictionary_config(s), "prefix_sizes": list(self.prefix_sizes)}
 
 
-# After MatryoshkaGroup exists: the fast path subclasses it.
-from unsuperpose.train.families.matryoshka_fast import MatryoshkaFastGroup  # noqa: E402
-
 MATRYOSHKA = register(
     Family(
         name="matryoshka",
-        sparsity_name="k",
-        sparsity_field="top_k",
-        flag="--topk",
-        group=MatryoshkaFastGroup,
-        reference=MatryoshkaGroup,
         dictionary=MatryoshkaSAE,
-        denser_with_larger_knob=True,
+        knob=K,
+        group=MatryoshkaGroup,
+        options=(AuxKOptions, BatchTopKOptions, MatryoshkaOptions),
+        saelens=SAELens(
+            "jumprelu", training_architecture="matryoshka_batchtopk", topk_while_unset=True
+        ),
         source="Bussmann et al. 2025, 'Learning multi-level features with Matryoshka SAEs' "
         "(BatchTopK codes, AuxK); Nabeshima 2024; peers: bartbussmann/matryoshka_sae, "
         "dictionary_learning's MatryoshkaBatchTopKSAE",

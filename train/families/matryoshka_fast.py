@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from unsuperpose.train.families.batchtopk_fast import BatchTopKFastGroup
 from unsuperpose.train.families.matryoshka import MatryoshkaGroup
+from unsuperpose.train.registry import register_fast_path
 
 
 class MatryoshkaFastGroup(BatchTopKFastGroup, MatryoshkaGroup):
@@ -25,3 +26,6 @@ class MatryoshkaFastGroup(BatchTopKFastGroup, MatryoshkaGroup):
         """Every distinct prefix size, increasing, the whole dictionary last (counted once, as
         ``MatryoshkaGroup.extra_loss`` leaves it to ``recon_loss``)."""
         return sorted(set(self.prefix_sizes) | {self.n})
+
+
+register_fast_path("matryoshka", MatryoshkaFastGroup)

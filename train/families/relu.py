@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import torch
 
-from unsuperpose.train.dictionary import register_dictionary
-from unsuperpose.train.families import Family, register
 from unsuperpose.train.families.stacked import StackedGroup
+from unsuperpose.train.knobs import L1
 from unsuperpose.train.losses import l1_divisor
+from unsuperpose.train.registry import Family, SAELens, register
 from unsuperpose.train.sae import SAE
-
-register_dictionary(SAE)
 
 
 class ReluGroup(StackedGroup):
@@ -54,19 +52,15 @@ class ReluGroup(StackedGroup):
         return SAE(self.d, self.n, tied=self.tied, params=params)
 
 
-# After ReluGroup exists: the fast path subclasses it.
-from unsuperpose.train.families.relu_fast import ReluFastGroup  # noqa: E402
-
 RELU = register(
     Family(
         name="relu",
-        sparsity_name="l1",
-        sparsity_field="l1",
-        flag="--l1",
-        group=ReluFastGroup,
-        reference=ReluGroup,
+        knob=L1,
+        group=ReluGroup,
         dictionary=SAE,
-        denser_with_larger_knob=False,
+        # its own: the report's L1 convention, the tied encoder, the fast path's sparse backward
+        settings=("tied", "l1_norm", "sparse_below"),
+        saelens=SAELens("standard"),
         source="Sharkey et al. 2022 (the report), tied option from Cunningham et al. 2023",
     )
 )

@@ -30,6 +30,7 @@ import torch
 from unsuperpose.train import sparse
 from unsuperpose.train.families.relu import ReluGroup
 from unsuperpose.train.families.stacked import Reductions
+from unsuperpose.train.registry import register_fast_path
 
 
 class ReluFastGroup(ReluGroup):
@@ -112,3 +113,6 @@ class ReluFastGroup(ReluGroup):
         radial = (d_dn * dn).sum(dim=-1, keepdim=True)
         torch.div(d_dn.sub_(dn * radial), norms, out=self.W_dec.grad)
         return {"fired": (fired, "sum")}
+
+
+register_fast_path("relu", ReluFastGroup)

@@ -66,9 +66,10 @@ from typing import ClassVar
 import torch
 
 from unsuperpose.seeding import seeded_generator
-from unsuperpose.train.config import SAETrainConfig
-from unsuperpose.train.dictionary import StoredDictionary, register_dictionary
-from unsuperpose.train.families import Family, register
+from unsuperpose.train.config import SAETrainConfig, SparseCodingOptions
+from unsuperpose.train.dictionary import StoredDictionary
+from unsuperpose.train.knobs import L1
+from unsuperpose.train.registry import Family, register
 
 _INIT_STREAM = 7_101  # the initialisation's key beside the run's seed and the size
 _RESAMPLE_STREAM = 7_102  # the resampling draws' key
@@ -269,7 +270,6 @@ def learn_dictionaries(
     return learner.D, learner.rows
 
 
-@register_dictionary
 class SparseCodingDictionary(StoredDictionary):
     """A learnt dictionary whose codes are FISTA's lasso solution (see the module docstring):
 
@@ -310,14 +310,15 @@ class SparseCodingDictionary(StoredDictionary):
 
 
 def fit_sparse_coding(data, config: SAETrainConfig, n: int) -> dict[float, SparseCodingDictionary]:
-    """One dictionary of n atoms per alpha in ``config.l1``, all from one pass over the budget."""
+    """One dictionary of n atoms per alpha in ``config.sparsity``, all from one pass over the
+    budget."""
     opts = config.sparse_coding
     mean64, cov = data.moments()
     scale64 = torch.sqrt(torch.trace(cov).clamp_min(0.0))
     if float(scale64) <= 0:
         raise ValueError("the training rows are all equal: sparse coding has nothing to fit")
     mean, scale = mean64.float(), scale64.float()
-    alphas = [float(a) for a in config.l1]
+    alphas = [float(a) for a in config.sparsity]
     atoms, rows = learn_dictionaries(
         ((x - mean) / scale for x in data.stream()),
         n,
@@ -330,7 +331,7 @@ def fit_sparse_coding(data, config: SAETrainConfig, n: int) -> dict[float, Spars
         device=data.device,
     )
     out = {}
-    for s, alpha in enumerate(config.l1):
+    for s, alpha in enumerate(config.sparsity):
         meta = {
             "alpha": alphas[s],
             "iters": opts.iters,
@@ -347,18 +348,16 @@ def fit_sparse_coding(data, config: SAETrainConfig, n: int) -> dict[float, Spars
 SPARSE_CODING = register(
     Family(
         name="sparse-coding",
-        sparsity_name="l1",
-        sparsity_field="l1",
-        flag="--l1",
-        group=None,
-        reference=None,
+        knob=L1,
         dictionary=SparseCodingDictionary,
-        denser_with_larger_knob=False,
         source="Olshausen & Field 1996; online dictionary learning, Mairal et al. 2009; FISTA, "
         "Beck & Teboulle 2009 (peer: scikit-learn's MiniBatchDictionaryLearning)",
         fit=fit_sparse_coding,
+        options=(SparseCodingOptions,),
         # on data scaled to unit mean squared norm: the useful range on toy data (0.03-0.2);
         # relu's L1 grid (another scale) would give nearly dense codes
         default_values=(0.05, 0.1, 0.2),
+        saelens_refusal="its codes come from FISTA's iterations, not from one encoder layer "
+        "SAELens could compute",
     )
 )

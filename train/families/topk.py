@@ -28,10 +28,12 @@ from __future__ import annotations
 
 import torch
 
-from unsuperpose.train.dictionary import AffineSAE, register_dictionary
-from unsuperpose.train.families import Family, register
+from unsuperpose.train.config import AuxKOptions
+from unsuperpose.train.dictionary import AffineSAE
 from unsuperpose.train.families.auxk import auxk_loss
 from unsuperpose.train.families.stacked import StackedGroup
+from unsuperpose.train.knobs import K
+from unsuperpose.train.registry import Family, SAELens, register
 
 
 def row_topk(act: torch.Tensor, k: int) -> torch.Tensor:
@@ -40,7 +42,6 @@ def row_topk(act: torch.Tensor, k: int) -> torch.Tensor:
     return torch.zeros_like(act).scatter(-1, idx, vals)
 
 
-@register_dictionary
 class TopKSAE(AffineSAE):
     """codes = the top ``config["k"]`` of ReLU(pre) in every row."""
 
@@ -81,19 +82,14 @@ class TopKGroup(StackedGroup):
         return {"k": self.k[s]}
 
 
-# After TopKGroup exists: the fast path subclasses it.
-from unsuperpose.train.families.topk_fast import TopKFastGroup  # noqa: E402
-
 TOPK = register(
     Family(
         name="topk",
-        sparsity_name="k",
-        sparsity_field="top_k",
-        flag="--topk",
-        group=TopKFastGroup,
-        reference=TopKGroup,
+        knob=K,
+        group=TopKGroup,
         dictionary=TopKSAE,
-        denser_with_larger_knob=True,
+        options=(AuxKOptions,),
+        saelens=SAELens("topk"),
         source="Gao et al. 2024, 'Scaling and evaluating sparse autoencoders' (TopK, AuxK); "
         "peer: EleutherAI sparsify",
     )

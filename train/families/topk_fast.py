@@ -48,6 +48,7 @@ from unsuperpose.train.families.sparse_step import (
 )
 from unsuperpose.train.families.stacked import Reductions
 from unsuperpose.train.families.topk import TopKGroup
+from unsuperpose.train.registry import register_fast_path
 
 
 class TopKFastGroup(TopKGroup):
@@ -122,3 +123,6 @@ class TopKFastGroup(TopKGroup):
         add_auxk(aux, n, db_enc, d_dn, d_wt)
         write_grads(self, g.view(S, B, d), d_dn, d_wt, db_enc, norms, dn)
         return {"fired": (fired, "sum"), **self.step_reductions()}
+
+
+register_fast_path("topk", TopKFastGroup)

@@ -20,17 +20,18 @@ from unsuperpose.config import add_arguments, replace_from_args, to_dict, write_
 from unsuperpose.errors import UserError
 from unsuperpose.tracking import Tracker
 from unsuperpose.train import (
+    FAMILIES,
     PRESETS,
     Callback,
     NonFiniteLoss,
     SAETrainConfig,
     apply_preset,
     evaluate,
+    get_family,
     layout,
     new_state,
     parallel,
     parse_dict_sizes,
-    parse_l1_list,
     read_summary,
     save_grid,
     train_steps,
@@ -47,8 +48,7 @@ from unsuperpose.train.checkpoint import (
     recover_checkpoint,
     whole_state,
 )
-from unsuperpose.train.config import KNOB_FIELD, TOPK_ALL, JumpReLUOptions
-from unsuperpose.train.families import FAMILIES, get_family
+from unsuperpose.train.config import JumpReLUOptions
 from unsuperpose.train.fitted import evaluate_dictionaries, fit_grid
 from unsuperpose.train.io import (
     SOURCE_FILE,
@@ -58,12 +58,11 @@ from unsuperpose.train.io import (
     write_source_file,
 )
 from unsuperpose.train.layout import CHECKPOINT_DIR
+from unsuperpose.train.registry import knobs
 
-# Parsed from --l1 / --topk / --l0-coef / --dict, so that ratios and lists get clear errors and
-# a knob given to the wrong architecture is refused.
-SKIP = ("l1", "top_k", "l0_coef", "dict_sizes")
-# {"l1": "--l1", "top_k": "--topk", "l0_coef": "--l0-coef"}, from the families' registry
-KNOB_FLAGS = {f.sparsity_field: f.flag for f in FAMILIES.values()}
+# Parsed from the knobs' flags (--l1, --topk, ...: the registered families') and --dict, so that
+# ratios and lists get clear errors and a knob given to the wrong architecture is refused.
+SKIP = ("sparsity", "dict_sizes")
 # What `toy` and `train` use for JumpReLU unless told otherwise. The paper's bandwidth and initial
 # threshold (1e-3, for activations scaled to unit mean squared norm) leave JumpReLU inert in a
 # 3,000-step toy run: only pre-activations within 5e-4 of a threshold move it, so it stays near
@@ -79,33 +78,23 @@ def add_sae_arguments(
     dict_flag: str,
     dict_help: str,
     defaults: SAETrainConfig,
+    knob_defaults: dict[str, list],
     skip: tuple[str, ...] = (),
 ) -> None:
-    """The SAE flags; ``--help`` shows ``defaults``, the command's own (not the dataclass's)."""
-    shown = ",".join(f"{a:.3g}" for a in defaults.l1)
-    parser.add_argument(
-        "--l1",
-        type=str,
-        default=argparse.SUPPRESS,
-        help=f"L1 coefficients, comma-separated, in the --l1-norm convention "
-        f"(default: {shown}, {defaults.l1_norm} convention)",
-    )
-    parser.add_argument(
-        "--topk",
-        dest="top_k",
-        type=str,
-        default=argparse.SUPPRESS,
-        help="active latents per row, comma-separated: the knob of --arch topk, batchtopk and "
-        f"matryoshka (default: {','.join(str(k) for k in defaults.top_k)})",
-    )
-    parser.add_argument(
-        "--l0-coef",
-        dest="l0_coef",
-        type=str,
-        default=argparse.SUPPRESS,
-        help="L0 penalty coefficients, comma-separated: the knob of --arch jumprelu "
-        f"(default: {','.join(f'{a:.3g}' for a in defaults.l0_coef)})",
-    )
+    """The SAE flags; ``--help`` shows ``defaults`` and ``knob_defaults`` (by knob name), the
+    command's own (not the dataclass's). One flag per registered knob: architectures sharing a
+    knob share its flag."""
+    for flag, knob in knobs().items():
+        archs = [f.name for f in FAMILIES.values() if f.knob.flag == flag]
+        shown = ",".join(knob.text(v) for v in knob_defaults.get(knob.name, knob.defaults))
+        parser.add_argument(
+            flag,
+            dest=knob_dest(knob),
+            metavar=knob.name.upper(),
+            type=str,
+            default=argparse.SUPPRESS,
+            help=f"{knob.help}: the knob of --arch {', '.join(archs)} (default: {shown})",
+        )
     parser.add_argument(dict_flag, dest="dict", type=str, default=argparse.SUPPRESS, help=dict_help)
     parser.add_argument(
         "--preset",
@@ -137,42 +126,53 @@ def convert_l1(values: list[float], *, have: str, want: str, base: int) -> list[
     return [float(f"{a * factor:.6g}") for a in values]
 
 
+def knob_dest(knob) -> str:
+    """Where argparse keeps a knob flag's text: --l0-coef -> knob_l0_coef."""
+    return "knob_" + knob.flag.lstrip("-").replace("-", "_")
+
+
 def sae_config(
     args: argparse.Namespace,
     *,
     base: SAETrainConfig,
     dict_base: int,
-    default_l1: list[float],
+    knob_defaults: dict[str, list],
     default_dict: str,
     bare: str = "absolute",
 ) -> tuple[SAETrainConfig, dict[int, str]]:
     """Defaults < preset < explicit flags; returns the config and each size's label.
 
-    ``default_l1`` is in ``base.l1_norm``'s convention; when a preset or flag switches the
-    convention and no --l1 is given, the defaults are converted (at 1x of ``dict_base``) and the
-    run says so, rather than reading sum-convention values as per-latent ones.
+    The knob's values: its flag, else the family's own defaults where it has them (another
+    scale than the command's), else the command's ``knob_defaults`` for the knob's name, else
+    the knob's. Default L1 values are in ``base.l1_norm``'s convention; when a preset or flag
+    switches the convention and no --l1 is given, they are converted (at 1x of ``dict_base``)
+    and the run says so, rather than reading sum-convention values as per-latent ones.
     """
     try:
         sizes = parse_dict_sizes(getattr(args, "dict", None) or default_dict, dict_base, bare=bare)
+        arch = getattr(args, "arch", base.arch)
+        family = get_family(arch)
+        knob = family.knob
+        refuse_other_knobs(args, arch)
+        # the base's values are its own architecture's knob: this one's come below
+        base = dataclasses.replace(base, arch=arch, sparsity=None)
         cfg = replace_from_args(apply_preset(base, args.preset), args, skip=SKIP)
-        knobs = knob_values(args, cfg.arch)
-        family = get_family(cfg.arch)
-        if family.fitted and family.sparsity_field == "top_k" and "top_k" not in knobs:
-            # a basis's default sweep: the command's k values, and every coefficient
-            knobs["top_k"] = [*cfg.top_k, TOPK_ALL]
-        cfg = dataclasses.replace(cfg, **knobs)
-        if getattr(args, "l1", None):
-            l1 = parse_l1_list(args.l1)
-        elif family.default_values is not None and family.sparsity_field == "l1":
-            l1 = list(family.default_values)  # its penalty is not relu's L1 (another scale)
+        given = getattr(args, knob_dest(knob), None)
+        if given:
+            values = knob.parse(given)
+        elif family.default_values is not None:
+            values = list(family.default_values)  # its scale is not the command's
         else:
-            l1 = convert_l1(default_l1, have=base.l1_norm, want=cfg.l1_norm, base=dict_base)
-            if cfg.l1_norm != base.l1_norm:
+            values = list(knob_defaults.get(knob.name, knob.defaults))
+            if knob.all_value is not None:  # a basis's default sweep: and every coefficient
+                values.append(knob.all_value)
+            if "l1_norm" in family.settings and cfg.l1_norm != base.l1_norm:
+                values = convert_l1(values, have=base.l1_norm, want=cfg.l1_norm, base=dict_base)
                 print(
                     f"L1 convention {cfg.l1_norm}: default L1 values converted from the "
-                    f"{base.l1_norm} convention at {dict_base} latents: {l1}"
+                    f"{base.l1_norm} convention at {dict_base} latents: {values}"
                 )
-        cfg = dataclasses.replace(cfg, l1=l1, dict_sizes=[n for _, n in sizes])
+        cfg = dataclasses.replace(cfg, sparsity=values, dict_sizes=[n for _, n in sizes])
     except ValueError as exc:
         raise UserError(str(exc)) from None
     return cfg, {n: label for label, n in sizes}
@@ -180,68 +180,33 @@ def sae_config(
 
 def grid_size_text(cfg: SAETrainConfig) -> str:
     """e.g. '4 L1 x 3 sizes = 12 relu SAEs' or '3 k x 2 sizes = 6 topk SAEs'."""
-    knob = get_family(cfg.arch).knob_label
+    knob = cfg.family.knob.label
     n_knob, n_size = len(cfg.sparsity), len(cfg.dict_sizes)
     return f"{n_knob} {knob} x {n_size} sizes = {n_knob * n_size} {cfg.arch} SAEs"
 
 
 def knob_text(row: dict) -> str:
-    """A summary row's knob as messages write it: 'L1 0.001' or 'topk k 8'."""
+    """A summary row's knob as messages write it: 'L1 0.001' or 'topk k 8' (the report's
+    architecture, relu, goes without its name, as it always has)."""
     arch = row.get("arch", "relu")
-    family = get_family(arch)
-    value = layout.knob_value_text(family.sparsity_name, row.get("sparsity", row.get("l1")))
-    return (
-        f"{family.knob_label} {value}" if arch == "relu" else f"{arch} {family.knob_label} {value}"
-    )
+    knob = get_family(arch).knob
+    value = knob.text(row.get("sparsity", row.get("l1")))
+    return f"{knob.label} {value}" if arch == "relu" else f"{arch} {knob.label} {value}"
 
 
-def knob_values(args: argparse.Namespace, arch: str) -> dict[str, list]:
-    """The non-L1 knob lists the user gave (--topk, --l0-coef), parsed; a knob of another
-    architecture than ``arch`` is refused rather than silently ignored."""
-    mine = KNOB_FIELD[arch]
-    for name, flag in KNOB_FLAGS.items():
-        if name != mine and getattr(args, name, None):
-            wanted = KNOB_FLAGS[mine]
+def refuse_other_knobs(args: argparse.Namespace, arch: str) -> None:
+    """A knob flag of another architecture than ``arch`` is refused rather than silently
+    ignored."""
+    mine = get_family(arch).knob
+    for flag, knob in knobs().items():
+        if flag != mine.flag and getattr(args, knob_dest(knob), None):
             takes = "; ".join(
-                f"{fl}: {', '.join(a for a, f in FAMILIES.items() if f.flag == fl)}"
-                for fl in dict.fromkeys(f.flag for f in FAMILIES.values())
+                f"{fl}: {', '.join(a for a, f in FAMILIES.items() if f.knob.flag == fl)}"
+                for fl in knobs()
             )
             raise ValueError(
-                f"{flag} is not a knob of --arch {arch}; its knob is {wanted} ({takes})"
+                f"{flag} is not a knob of --arch {arch}; its knob is {mine.flag} ({takes})"
             )
-    out: dict[str, list] = {}
-    fitted = get_family(arch).fitted
-    if getattr(args, "top_k", None):
-        out["top_k"] = parse_int_list(args.top_k, "--topk", allow_all=fitted)
-    if getattr(args, "l0_coef", None):
-        out["l0_coef"] = parse_float_list(args.l0_coef, "--l0-coef")
-    return out
-
-
-def parse_int_list(text: str, flag: str, *, allow_all: bool = False) -> list[int]:
-    """Whole numbers >= 1; with ``allow_all`` also 'all' (TOPK_ALL: a basis keeps every
-    coefficient)."""
-    parts = [p.strip() for p in text.split(",") if p.strip()]
-    try:
-        values = [TOPK_ALL if allow_all and p == "all" else int(p) for p in parts]
-    except ValueError:
-        also = " or 'all'" if allow_all else ""
-        raise ValueError(
-            f"{flag} {text!r}: expected whole numbers{also} separated by commas"
-        ) from None
-    if not values or any(v < 1 and not (allow_all and v == TOPK_ALL) for v in values):
-        raise ValueError(f"{flag} {text!r}: expected whole numbers >= 1, e.g. 8,16,32")
-    return values
-
-
-def parse_float_list(text: str, flag: str) -> list[float]:
-    try:
-        values = [float(p) for p in text.split(",") if p.strip()]
-    except ValueError:
-        raise ValueError(f"{flag} {text!r}: expected numbers separated by commas") from None
-    if not values or any(not v >= 0 for v in values):
-        raise ValueError(f"{flag} {text!r}: expected numbers >= 0, e.g. 1e-3,3e-3")
-    return values
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:

@@ -19,7 +19,7 @@ from unsuperpose.analyze.diagnostics import DEFAULT_TOLERANCE
 from unsuperpose.commands._errors import in_flags, stage_errors
 from unsuperpose.commands._remote import Names
 from unsuperpose.errors import UserError
-from unsuperpose.train.families import FAMILIES, get_family
+from unsuperpose.train.registry import FAMILIES, get_family
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

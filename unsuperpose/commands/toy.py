@@ -91,6 +91,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         dict_help=f"dictionary sizes as ratios of G (1/8x..32x; a bare number is a "
         f"ratio too: 1 means 1x); default {DEFAULT_DICT}",
         defaults=default_config(),
+        knob_defaults=knob_defaults(),
         skip=("seed", "data_seed"),
     )
     for action in p._actions:
@@ -108,17 +109,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def default_config(grid: str = "default") -> SAETrainConfig:
     """The SAE settings of a toy grid before any flag (what --help shows for the default grid)."""
     if grid == "paper":
-        return SAETrainConfig(
-            steps=20_000, l1_norm="per_latent", dead_window=TOY_DEAD_WINDOW, l1=PAPER_L1
-        )
+        return SAETrainConfig(steps=20_000, l1_norm="per_latent", dead_window=TOY_DEAD_WINDOW)
     return SAETrainConfig(
         steps=DEFAULT_STEPS,
         dead_window=TOY_DEAD_WINDOW,
-        l1=DEFAULT_L1,
-        top_k=DEFAULT_TOPK,
-        l0_coef=DEFAULT_L0_COEF,
         jumprelu=JUMPRELU_OPTIONS,
     )
+
+
+def knob_defaults(grid: str = "default") -> dict[str, list]:
+    """The grid's knob values by knob name, before any flag (the paper grid sweeps only L1;
+    the other knobs take their architecture's defaults there)."""
+    if grid == "paper":
+        return {"l1": PAPER_L1}
+    return {"l1": DEFAULT_L1, "k": DEFAULT_TOPK, "l0_coef": DEFAULT_L0_COEF}
 
 
 DIAGNOSIS_FILE = "diagnosis.json"
@@ -157,7 +161,7 @@ def _run(args: argparse.Namespace) -> int:
         args,
         base=base,
         dict_base=toy.G,
-        default_l1=base.l1,
+        knob_defaults=knob_defaults(args.grid),
         default_dict=default_dict,
         bare="ratio",
     )

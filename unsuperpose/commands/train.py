@@ -37,6 +37,9 @@ DEFAULT_DICT = "8x"
 # 80 active latents per token on the tiny LM's layer 1).
 DEFAULT_TOPK = [8, 16, 32, 64]
 DEFAULT_L0_COEF = [1e-3, 3e-3, 1e-2, 3e-2]
+# The grid's knob values by knob name (an architecture whose knob is not here, or whose values
+# live on another scale, brings its own: ``Family.default_values``, ``Knob.defaults``).
+DEFAULT_KNOBS = {"l1": DEFAULT_L1, "k": DEFAULT_TOPK, "l0_coef": DEFAULT_L0_COEF}
 DEFAULT_STEPS = 10_000
 
 
@@ -85,6 +88,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         dict_help=f"dictionary sizes: ratios of the store width d (e.g. 8x or "
         f"1x,2x,4x,8x) or absolute latents (4096); default {DEFAULT_DICT}",
         defaults=default_config(),
+        knob_defaults=DEFAULT_KNOBS,
     )
     add_run_arguments(p)
     p.set_defaults(func=run)
@@ -94,9 +98,6 @@ def default_config() -> SAETrainConfig:
     """The SAE settings of `unsuperpose train` before any flag (what --help shows)."""
     return SAETrainConfig(
         steps=DEFAULT_STEPS,
-        l1=DEFAULT_L1,
-        top_k=DEFAULT_TOPK,
-        l0_coef=DEFAULT_L0_COEF,
         jumprelu=JUMPRELU_OPTIONS,
     )
 
@@ -129,9 +130,12 @@ def run(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace, out, placement: distributed.Placement) -> int:
     store = ActivationStore(args.store, allow_incomplete=args.allow_incomplete)
-    base = default_config()
     cfg, labels = sae_config(
-        args, base=base, dict_base=store.d, default_l1=base.l1, default_dict=DEFAULT_DICT
+        args,
+        base=default_config(),
+        dict_base=store.d,
+        knob_defaults=DEFAULT_KNOBS,
+        default_dict=DEFAULT_DICT,
     )
     if args.tokens is not None:
         if args.tokens < cfg.batch_size:
@@ -147,14 +151,16 @@ def _train(args: argparse.Namespace, out, placement: distributed.Placement) -> i
     )
 
     def export(state, folder: Path) -> None:
-        from unsuperpose.train import get_family
-
+        family = cfg.family
+        if family.saelens is None:
+            print(f"no SAELens export for {cfg.arch}: {family.saelens_refusal}")
+            return
         meta = {
             k: info.get(k) for k in ("hook", "layer", "model_dir", "weights_sha256") if k in info
         }
-        knob = get_family(cfg.arch).sparsity_name
+        knob = family.knob.name
         meta.update(hook_name=info.get("hook"), arch=cfg.arch, sparsity_name=knob)
-        if cfg.arch == "relu":
+        if "l1_norm" in family.settings:
             meta["l1_norm"] = cfg.l1_norm
         for (value, n), dictionary in state.saes().items():
             export_saelens(
@@ -197,7 +203,7 @@ def _train(args: argparse.Namespace, out, placement: distributed.Placement) -> i
     )
     best = min(rows, key=lambda r: r["heldout_fvu"])
     dead = f"{best['dead']} dead" if "dead" in best else f"{best['heldout_dead']} silent held out"
-    wrote = "summary.csv, figures/, saes/" + ("" if cfg.fitted else ", saelens/")
+    wrote = "summary.csv, figures/, saes/" + (", saelens/" if cfg.family.saelens else "")
     print(
         f"lowest held-out FVU {best['heldout_fvu']:.4f} on {best['heldout_rows']:,} rows "
         f"({knob_text(best)}, {best['dict_label']}, L0 {best['heldout_l0']:.1f}, "
