@@ -1,10 +1,17 @@
-"""The harvest loop: stream token blocks through a TransformerLens bridge into activation stores.
+"""The harvest loop: stream token blocks through an LM into activation stores.
 
-One forward pass serves every requested hook (one store each) and stops after the last block
-any of them needs. Forward batches are always the same fixed slices of the blocks
+Hook points are named as TransformerLens names them, and read on the plain Hugging Face model
+the bridge wraps (``direct.py``: the bridge's own components add work to every batch), where the
+bridge's value is simply an HF module's input or output; other hooks go through the bridge. One
+forward pass serves every requested hook (one store each) and stops as soon as the last one is
+read (through the bridge: after the last block any of them needs).
+
+Forward batches are always the same fixed slices of the blocks
 (``[k*batch_size, (k+1)*batch_size)``), also when resuming, so a resumed store gets bit-for-bit
 the rows an uninterrupted run computes. Stores started with different batch sizes therefore
-cannot share a pass: each batch size gets its own.
+cannot share a pass: each batch size gets its own. (A store begun before the plain-model path
+existed was computed through the bridge; its resumed rows agree with its first ones to float
+rounding, not bit for bit, on models whose bridge computes attention itself, like GPT-2's.)
 
 Under torchrun the rows are cut into work units of whole chunks of every store (``work_unit``);
 in round j rank r harvests unit j*W+r, computing the forward batches that overlap it (a batch
@@ -19,6 +26,7 @@ import contextlib
 import difflib
 import hashlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -32,6 +40,7 @@ from unsuperpose.config import field, to_dict
 
 from . import ranks, store
 from .bf16 import torch_to_bf16
+from .direct import DirectForward, disagreeing
 from .store import StoreError
 from .writer import ChunkWriter
 
@@ -39,6 +48,7 @@ DEFAULT_HOOK = "blocks.{layer}.mlp.hook_post"
 CONFIG_FILE = "harvest_config.json"  # the HarvestConfig of the latest run, inside each store
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 _EMBED = ("hook_embed", "hook_pos_embed", "embed.", "pos_embed.")
+PROBE_TOKENS = 16  # tokens of the first block that tell each hook's width before a harvest
 
 
 class HarvestError(ValueError):
@@ -213,6 +223,33 @@ def _forward(
     *,
     device: torch.device | None = None,
     precision: str = "fp32",
+    direct: Callable[[torch.Tensor], dict] | None = None,
+) -> dict[str, torch.Tensor]:
+    """{hook: activation} of one batch: read on the plain HF model by ``direct``
+    (:meth:`DirectForward.route`) when given, else through the bridge's hooks up to ``stop``."""
+    ids, cast = _inputs(tokens, device, precision)
+    with torch.inference_mode(), cast:
+        if direct is not None:
+            return direct(ids)
+        return _bridge_forward(bridge, ids, hooks, stop)
+
+
+def _inputs(tokens: np.ndarray, device: torch.device | None, precision: str) -> tuple:
+    """(token ids on ``device``, the autocast context of ``precision``)."""
+    ids = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
+    if device is not None and device.type != "cpu":
+        ids = ids.to(device, non_blocking=True)
+    # fp32 enters no autocast context at all, so the CPU path is exactly what it always was.
+    cast = (
+        torch.autocast(ids.device.type, dtype=torch.bfloat16)
+        if precision == "bf16"
+        else contextlib.nullcontext()
+    )
+    return ids, cast
+
+
+def _bridge_forward(
+    bridge: Any, ids: torch.Tensor, hooks: list[str], stop: str | None
 ) -> dict[str, torch.Tensor]:
     got: dict[str, torch.Tensor] = {}
 
@@ -228,21 +265,42 @@ def _forward(
 
     # Registered after the captures, so a capture on the stop point itself still runs first.
     fwd_hooks = [(h, capture(h)) for h in hooks] + ([(stop, halt)] if stop else [])
-    ids = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
-    if device is not None and device.type != "cpu":
-        ids = ids.to(device, non_blocking=True)
-    # fp32 enters no autocast context at all, so the CPU path is exactly what it always was.
-    cast = (
-        torch.autocast(ids.device.type, dtype=torch.bfloat16)
-        if precision == "bf16"
-        else contextlib.nullcontext()
-    )
-    with torch.inference_mode(), cast:
-        try:
-            bridge.run_with_hooks(ids, fwd_hooks=fwd_hooks)
-        except _StopForward:
-            pass
+    try:
+        bridge.run_with_hooks(ids, fwd_hooks=fwd_hooks)
+    except _StopForward:
+        pass
     return got
+
+
+def _probe(
+    bridge: Any,
+    tokens: np.ndarray,
+    hooks: list[str],
+    stop: str | None,
+    device: torch.device,
+    precision: str,
+    viewer: DirectForward | None,
+) -> tuple[dict[str, int], bool]:
+    """(width of each hook, whether the harvest reads them on the plain HF model).
+
+    The direct path is taken only where it gives the bridge's activations on these tokens: the
+    bridge defines what a hook name means, the HF modules only compute it.
+    """
+    route = viewer.route(hooks) if viewer is not None else None
+    got = _forward(bridge, tokens, hooks, stop, device=device, precision=precision, direct=route)
+    if route is not None:
+        ids, cast = _inputs(tokens, device, precision)
+        with torch.inference_mode(), cast:  # not through _forward: that is one call per batch
+            ref = _bridge_forward(bridge, ids, hooks, stop)
+        bad = disagreeing(got, ref, precision)
+        if bad:
+            if distributed.is_main():
+                print(
+                    f"harvest: {', '.join(bad)} on the plain model differ from the bridge's; "
+                    "reading every hook through the TransformerLens bridge (slower)"
+                )
+            got, route = ref, None
+    return {h: int(a.shape[-1]) for h, a in got.items()}, route is not None
 
 
 def _host_batches(
@@ -254,6 +312,7 @@ def _host_batches(
     stop: str | None,
     device: torch.device,
     precision: str,
+    direct: Callable[[torch.Tensor], dict] | None = None,
 ):
     """(b, {hook: bfloat16 NumPy (rows, d)}) for each forward batch b of ``batch_ids``, in order.
 
@@ -271,6 +330,7 @@ def _host_batches(
             stop,
             device=device,
             precision=precision,
+            direct=direct,
         )
         return {h: a.reshape(-1, a.shape[-1]).to(torch.bfloat16) for h, a in acts.items()}
 
@@ -522,12 +582,12 @@ def harvest(
     stop = stop_hook(targets)
     device = model_device(bridge)
     precision = resolve_precision(cfg.precision, device)
-    widths = {
-        h: int(a.shape[-1])
-        for h, a in _forward(
-            bridge, blocks[:1], hooks, stop, device=device, precision=precision
-        ).items()
-    }
+    viewer = DirectForward.of(bridge)
+    # A few tokens tell the widths and whether both paths agree; a whole block would be a
+    # fixed cost that small harvests of a large model notice.
+    widths, use_direct = _probe(
+        bridge, blocks[:1, :PROBE_TOKENS], hooks, stop, device, precision, viewer
+    )
 
     heldout_fp = mask_fingerprint(heldout)
     distributed.check_same_everywhere(
@@ -547,6 +607,7 @@ def harvest(
         "world_size": distributed.world_size(),
         "device": str(device),
         "device_name": distributed.device_name(device),
+        "forward": "hf" if use_direct else "bridge",
     }  # rank 0's; each rank's is in the runs
     work = ranks.shared_plan(
         targets,
@@ -580,6 +641,7 @@ def harvest(
             stop_hook([t for t, _, _ in ws]),
             progress,
             device,
+            viewer.route([t.hook for t, _, _ in ws]) if use_direct else None,
         )
         shares = distributed.all_gather_objects(shares)
         if distributed.is_main():
@@ -619,6 +681,7 @@ def _stream(
     stop: str | None,
     show: bool,
     device: torch.device,
+    direct: Callable[[torch.Tensor], dict] | None = None,
 ) -> dict:
     """Compute and write this rank's share of ``work``; returns what it did (for the record)."""
     n_ctx = blocks.shape[1]
@@ -673,6 +736,7 @@ def _stream(
         stop,
         device,
         precision,
+        direct,
     )
     ended, have, acts = 0, None, {}
     try:

@@ -218,12 +218,13 @@ def test_other_hook_points_and_all_layers(bridge, blocks, tmp_path):
     )
 
 
-def test_the_forward_pass_stops_after_the_last_needed_block(bridge, blocks, tmp_path):
-    ran = []
+def test_the_bridge_forward_stops_after_the_last_needed_block(bridge, blocks, tmp_path):
+    """A hook only the bridge computes (the plain model's path: test_harvest_direct.py)."""
+    ran, hook = [], "blocks.{layer}.ln2.hook_normalized"
     for L in range(3):
         bridge.hook_dict[f"blocks.{L}.hook_in"].add_hook(lambda x, hook: ran.append(hook.name))
     try:
-        run(bridge, blocks[:3], tmp_path, layer="1")
+        run(bridge, blocks[:3], tmp_path, layer="1", hook=hook)
     finally:
         bridge.reset_hooks()
     assert set(ran) == {"blocks.0.hook_in", "blocks.1.hook_in"}
@@ -232,7 +233,7 @@ def test_the_forward_pass_stops_after_the_last_needed_block(bridge, blocks, tmp_
         bridge.hook_dict[f"blocks.{L}.hook_in"].add_hook(lambda x, hook: ran.append(hook.name))
     bridge.hook_dict["unembed.hook_in"].add_hook(lambda x, hook: ran.append(hook.name))
     try:
-        run(bridge, blocks[:3], tmp_path / "last", layer="2")
+        run(bridge, blocks[:3], tmp_path / "last", layer="2", hook=hook)
     finally:
         bridge.reset_hooks()
     assert (
