@@ -58,7 +58,7 @@ def test_our_side_runs_and_every_peer_reads_na_without_a_venv():
     summaries = _by(records, "peers_summary")
     assert [s["arch"] for s in summaries] == list(bp.OURS)
     for s in summaries:
-        assert s["rounds"] == 2 and s["fastest_peer"] is None
+        assert s["rounds"] == 2 and s["fastest_peer"] is None and s["weakest_vs"] is None
         assert s["goal_1_5x_fastest_peer"] is None  # not judged without a peer
         if s["arch"] in bp.K_ARCHS:
             assert isinstance(s["goal_within_2x_encoder_gemm"], bool)
@@ -104,3 +104,5 @@ def test_every_peer_runs_on_the_same_batches():
             assert r["dead"][peer] == (DEAD if auxk else 0), (peer, r["dead"])
     for s in _by(records, "peers_summary"):
         assert isinstance(s["goal_1_5x_fastest_peer"], bool) and s["fastest_peer"]
+        peer, lead = s["weakest_vs"]
+        assert lead == min(s["ours_vs"].values()) and (lead >= 1.5) == s["goal_1_5x_fastest_peer"]
