@@ -29,7 +29,7 @@ from unsuperpose.train.layout import (
     dictionary_dirs,
     holds_dictionaries,
 )
-from unsuperpose.train.registry import get_family
+from unsuperpose.train.registry import DEFAULT_ARCH, get_family
 
 
 class GridError(ValueError):
@@ -37,15 +37,16 @@ class GridError(ValueError):
     a set or an architecture that is not there."""
 
 
-Key = tuple[float, int]
+Key = tuple[float, int]  # (the knob's value, the dictionary size)
 SAES = SAES_DIR
 
 
 @dataclass
 class Cell:
-    """One trained SAE: its grid position, final metrics and where it lies."""
+    """One trained SAE: its grid position (its knob's value and size), final metrics and where
+    it lies."""
 
-    l1: float
+    knob: float
     n: int
     d_in: int
     metrics: dict
@@ -56,11 +57,16 @@ class Cell:
     mtime: float
     identity: dict = field(default_factory=dict)
 
-    arch: str = "relu"
+    arch: str = DEFAULT_ARCH
 
     @property
     def key(self) -> Key:
-        return (self.l1, self.n)
+        return (self.knob, self.n)
+
+    @property
+    def l1(self) -> float:
+        """The knob's value under the name it had when the knob was always L1 (deprecated)."""
+        return self.knob
 
     def latent_stats(self) -> dict[str, torch.Tensor] | None:
         """Per latent: held-out fires and training steps since it last fired (None: a run made
@@ -81,12 +87,11 @@ class Grid:
     @property
     def arch(self) -> str:
         """The one architecture of the grid (sets of two are never merged)."""
-        return next(iter(self.cells.values())).arch if self.cells else "relu"
+        return next(iter(self.cells.values())).arch if self.cells else DEFAULT_ARCH
 
     @property
     def knob_label(self) -> str:
-        """How the grid's sparsity knob is written ("L1", "k", "L0 coefficient"); the cells'
-        ``l1`` field holds the knob's value whatever the architecture."""
+        """How the grid's sparsity knob is written ("L1", "k", "L0 coefficient")."""
         return get_family(self.arch).knob.label
 
     @property
@@ -101,22 +106,24 @@ class Grid:
         out = []
         for key in sorted(self.cells):
             c = self.cells[key]
-            # The saved metrics' "l1" is the codes' L1 norm; keep it under a name that says so.
-            row = {"l1": c.l1, "dict_size": c.n, "arch": c.arch, "sparsity": c.l1}
+            # The knob's value as "sparsity", and as "l1", the column these rows have always had
+            # (lm_grid.csv). The saved metrics' "l1" is the codes' L1 norm; keep it under a name
+            # that says so.
+            row = {"l1": c.knob, "dict_size": c.n, "arch": c.arch, "sparsity": c.knob}
             row.update((k, v) for k, v in c.metrics.items() if k not in row)
-            if "l1" in c.metrics and c.metrics["l1"] != c.l1:
+            if "l1" in c.metrics and c.metrics["l1"] != c.knob:
                 row["l1_codes"] = c.metrics["l1"]
             row.update(steps=c.steps, samples=c.samples, set=c.set_dir.name)
             out.append(row)
         return out
 
     def values(self, column: str) -> dict[Key, float]:
-        """{(l1, n): value} of one metric, for the cells that have a finite one."""
+        """{(knob, n): value} of one metric, for the cells that have a finite one."""
         out = {}
         for row in self.rows():
             v = row.get(column)
             if isinstance(v, (int, float)) and math.isfinite(v):
-                out[(row["l1"], row["dict_size"])] = float(v)
+                out[(row["sparsity"], row["dict_size"])] = float(v)
         return out
 
     def dictionaries(self) -> dict[Key, torch.Tensor]:
@@ -133,7 +140,7 @@ def is_set(path: Path) -> bool:
 def set_arch(path: Path) -> str:
     """The architecture of a dictionary set (its first dictionary's tag; untagged: relu)."""
     first = dictionary_dirs(path)[0]
-    return json.loads((first / DICT_CONFIG_FILE).read_text()).get("arch", "relu")
+    return json.loads((first / DICT_CONFIG_FILE).read_text()).get("arch", DEFAULT_ARCH)
 
 
 def read_set(set_dir: str | Path) -> dict[Key, Cell]:
@@ -149,7 +156,7 @@ def read_set(set_dir: str | Path) -> dict[Key, Cell]:
         steps = int(metrics.get("steps", training.get("steps", 0)))
         samples = int(metrics.get("samples", steps * int(training.get("batch_size", 1))))
         cell = Cell(
-            l1=float(sparsity_of(cfg)),
+            knob=float(sparsity_of(cfg)),
             n=int(cfg["d_sae"]),
             d_in=int(cfg["d_in"]),
             metrics=metrics,
@@ -159,7 +166,7 @@ def read_set(set_dir: str | Path) -> dict[Key, Cell]:
             samples=samples,
             mtime=cfg_path.stat().st_mtime,
             identity=merge_identity(cfg),
-            arch=cfg.get("arch", "relu"),
+            arch=cfg.get("arch", DEFAULT_ARCH),
         )
         cells[cell.key] = cell
     return cells
@@ -190,7 +197,7 @@ _SOURCE_IDENTITY = ("fingerprint", "weights_sha256", "corpus_fingerprint", "hook
 def merge_identity(cfg: dict) -> dict:
     training = cfg.get("training") or {}
     source = cfg.get("source") or {}
-    arch = cfg.get("arch", "relu")
+    arch = cfg.get("arch", DEFAULT_ARCH)
     ident = {"arch": arch}
     ident.update((k, training.get(k)) for k in _TRAINING_IDENTITY)
     for group in option_groups(arch):  # the architecture's own options (AuxK, ...)
@@ -287,7 +294,7 @@ def collect_lm(
     lm: str,
     layer: int | str,
     sets: list[str] | None = None,
-    arch: str = "relu",
+    arch: str = DEFAULT_ARCH,
 ) -> Grid:
     """Every dictionary set trained on ``<runs>/acts/<lm>/layer<L>.zarr`` (or only the ``sets``
     named), merged into one grid.

@@ -76,14 +76,14 @@ def mark(ax, diagnostic: str, values: dict[Key, float], diag: Diagnosis) -> None
     if diag.rule is not None and not diag.rule.readable:
         pass
     elif diagnostic == "dead":
-        for a, n in diag.dead.per_l1.items():
+        for a, n in diag.dead.per_knob.items():
             _box(ax, values, (a, n) if n is not None else None, "cyan", lw=1.8)
     else:
         name = {"ssll": "loss stickiness (SSLL)", "mmcs_larger": "MMCS with larger dictionaries"}[
             diagnostic
         ]
         p = next(p for p in diag.pointers if p.diagnostic == name)
-        _box(ax, values, (p.l1, p.size) if p.size is not None else None, "cyan")
+        _box(ax, values, (p.knob, p.size) if p.size is not None else None, "cyan")
     _star(ax, values, diag.optimum)
 
 

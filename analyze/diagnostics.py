@@ -1,6 +1,6 @@
 """Where each of the report's three diagnostics points in a (knob x dictionary size) grid.
 
-Pure functions of {(l1, size): value} dicts, so they can be tested on constructed grids. Each
+Pure functions of {(knob, size): value} dicts, so they can be tested on constructed grids. Each
 reading is taken from the report (``shared/SCIENCE.md``), serves toy data and the LM alike, and
 is built so that widening the grid moves it only when the new cells carry new evidence:
 
@@ -34,8 +34,8 @@ is built so that widening the grid moves it only when the new cells carry new ev
   dictionary at the same L1, i.e. where that MMCS peaks (undefined for the largest size).
 
 Other architectures (``train.families``): the grid's own sparsity knob takes L1's place (the
-``l1`` of a key is the knob's value: k for TopK, BatchTopK and Matryoshka, the L0 coefficient for
-JumpReLU), and every reading is defined as above, unchanged:
+``knob`` of a key is the knob's value: k for TopK, BatchTopK and Matryoshka, the L0 coefficient
+for JumpReLU), and every reading is defined as above, unchanged:
 - dead neurons, per knob value. A TopK latent dies when the k winners of every row are others,
   which happens to surplus latents as to an L1 SAE's, so dying latents remain the signal without
   AuxK. AuxK exists to revive latents dead for its window (the run's dead window by default) by
@@ -80,8 +80,9 @@ from unsuperpose.analyze.signals import (
     pool,
     prefix_columns,
 )
+from unsuperpose.train.registry import DEFAULT_ARCH
 
-Key = tuple[float, int]
+Key = tuple[float, int]  # (the knob's value, the dictionary size)
 
 DEAD, SSLL, LARGER = "dead neurons", "loss stickiness (SSLL)", "MMCS with larger dictionaries"
 
@@ -105,10 +106,11 @@ ESTIMATE_SIGNALS = {
     "matryoshka": (LIVE,),
     "jumprelu": (LIVE,),
 }
+# Why each default reading is the default (keyed by the reading).
 WHY_DEFAULT = {
-    "relu": "the report's own reading for an L1 SAE; its three diagnostics were argued and "
+    DEAD: "the report's own reading for an L1 SAE; its three diagnostics were argued and "
     "calibrated for a varied L1 penalty",
-    "k": "k fixes L0, so surplus latents are not priced out by the knob; with AuxK reviving what "
+    LIVE: "k fixes L0, so surplus latents are not priced out by the knob; with AuxK reviving what "
     "has something to learn, the live count of a dictionary larger than the count is the signal",
 }
 
@@ -161,15 +163,19 @@ def largest_alive(dead: dict[Key, float], tolerance: float = 0.0) -> dict[float,
 
 @dataclass
 class DeadBoundary:
-    per_l1: dict[float, int | None]
-    size: int | None  # the largest boundary over L1 (a lower bound if ``open``)
-    l1: float | None  # the largest L1 whose boundary is ``size``
+    per_knob: dict[float, int | None]  # the largest dictionary alive, per knob value
+    size: int | None  # the largest boundary over the knob (a lower bound if ``open``)
+    knob: float | None  # the largest knob value whose boundary is ``size``
     open: bool  # an L1 that keeps its largest dictionary alive reaches ``size``
     inside: list[float]  # L1 values whose boundary is inside their sizes
     all_alive: list[float]  # L1 values whose largest dictionary passes (open-ended there)
     none_alive: list[float]  # L1 values where even the smallest fails
     largest: dict[float, int] = field(default_factory=dict)  # the largest size trained per L1
     tolerance: float = 0.0
+
+    # The names these had when the knob was always L1 (deprecated).
+    per_l1 = property(lambda self: self.per_knob)
+    l1 = property(lambda self: self.knob)
 
 
 def dead_boundary(dead: dict[Key, float], tolerance: float = 0.0) -> DeadBoundary:
@@ -184,12 +190,12 @@ def dead_boundary(dead: dict[Key, float], tolerance: float = 0.0) -> DeadBoundar
     all_alive = [a for a, n in per.items() if n is not None and n == largest[a]]
     inside = [a for a, n in per.items() if n is not None and n < largest[a]]
     found = [(n, a) for a, n in per.items() if n is not None]
-    size, l1 = max(found) if found else (None, None)
+    size, knob = max(found) if found else (None, None)
     is_open = size is not None and any(largest[a] >= size for a in all_alive)
     return DeadBoundary(
-        per_l1=per,
+        per_knob=per,
         size=size,
-        l1=l1,
+        knob=knob,
         open=is_open,
         inside=inside,
         all_alive=all_alive,
@@ -213,7 +219,7 @@ def dead_sensitivity(
                     "window": window,
                     "tolerance": t,
                     "size": db.size,
-                    "l1": db.l1,
+                    "knob": db.knob,
                     "lower_bound": db.open,
                 }
             )
@@ -287,13 +293,15 @@ class Pointer:
     """
 
     diagnostic: str
-    l1: float | None
+    knob: float | None  # the knob value of the cell pointed to (None: only a size)
     size: int | None
     why: str
     lower_bound: bool = False
     match: dict = field(default_factory=dict)  # against the truth and the optimum, toy only
     reading: bool = True  # False: below the signal's minimum evidence; ``why`` says what is missing
     default: bool = False  # the architecture's default reading
+
+    l1 = property(lambda self: self.knob)  # its name when the knob was always L1 (deprecated)
 
 
 def no_reading(diagnostic: str, reason: str) -> Pointer:
@@ -320,7 +328,7 @@ def size_steps_between(a, b, sizes: list[int]) -> int | None:
 
 
 def compare(
-    p: Pointer, optimum: Key | None, truth_size: int | None, l1s: list[float], sizes: list[int]
+    p: Pointer, optimum: Key | None, truth_size: int | None, knobs: list[float], sizes: list[int]
 ) -> dict:
     """Grid steps from the true number of features (size) and from the MMCS optimum (cell).
 
@@ -332,11 +340,11 @@ def compare(
         out.update(size_steps_off=off, size_matches_truth=off == 0)
     if optimum is not None:
         size_off = None if p.lower_bound else size_steps_between(p.size, optimum[1], sizes)
-        l1_off = None if p.l1 is None else steps_between(p.l1, optimum[0], l1s)
+        knob_off = None if p.knob is None else steps_between(p.knob, optimum[0], knobs)
         out.update(
             optimum_size_steps_off=size_off,
-            optimum_l1_steps_off=l1_off,
-            matches_optimum=size_off == 0 and (l1_off is None or l1_off == 0),
+            optimum_knob_steps_off=knob_off,
+            matches_optimum=size_off == 0 and (knob_off is None or knob_off == 0),
         )
     return out
 
@@ -349,7 +357,7 @@ def _whole(v: float) -> int | float:
 class Diagnosis:
     pointers: list[Pointer]
     dead: DeadBoundary
-    l1s: list[float]
+    knobs: list[float]
     sizes: list[int]
     basins: dict[int, float | None] = field(default_factory=dict)
     report_basins: dict[int, float | None] = field(default_factory=dict)  # grid-wide SSLL
@@ -358,7 +366,7 @@ class Diagnosis:
     truth_size: int | None = None  # toy: the number of true features
     window: int | None = None  # the dead window of the default reading (batches)
     sensitivity: list[dict] = field(default_factory=list)  # dead_sensitivity rows
-    arch: str = "relu"
+    arch: str = DEFAULT_ARCH
     rule: WindowRule | None = None  # the window rule and the minimum evidence (None: not checked)
 
     @property
@@ -417,7 +425,7 @@ def _dead_pointer(db: DeadBoundary) -> Pointer:
         at = ", ".join(f"{a:g}" for a in db.all_alive if db.largest[a] >= db.size)
         return Pointer(
             DEAD,
-            db.l1,
+            db.knob,
             db.size,
             lower_bound=True,
             why=f"at L1 {at} the largest dictionary trained ({db.size:,} latents) "
@@ -425,7 +433,7 @@ def _dead_pointer(db: DeadBoundary) -> Pointer:
             "dictionaries at that L1 until latents die",
         )
     why = (
-        f"the largest dictionary that passes ({tol}): {db.size:,} latents, at L1 {db.l1:g}, "
+        f"the largest dictionary that passes ({tol}): {db.size:,} latents, at L1 {db.knob:g}, "
         "the largest L1 that keeps it"
     )
     short = [a for a in db.all_alive if db.largest[a] < db.size]
@@ -434,7 +442,7 @@ def _dead_pointer(db: DeadBoundary) -> Pointer:
             f"; L1 {', '.join(f'{a:g}' for a in short)} kept every size it was trained at, "
             "all below this one"
         )
-    return Pointer(DEAD, db.l1, db.size, why)
+    return Pointer(DEAD, db.knob, db.size, why)
 
 
 def _ssll_pointer(basins: dict[int, float | None]) -> Pointer:
@@ -533,7 +541,7 @@ def diagnose(
     tolerance: float = DEFAULT_TOLERANCE,
     window: int | None = None,
     rule: WindowRule | None = None,
-    arch: str = "relu",
+    arch: str = DEFAULT_ARCH,
 ) -> Diagnosis:
     """Where every count signal points, and with ground truth how far from it each is.
 
@@ -551,7 +559,7 @@ def diagnose(
 
     dead, recon, l1_loss = col("dead"), col("heldout_mse"), col("heldout_l1_loss")
     keys = set(dead) | set(recon) | set(col("mmcs_larger"))
-    l1s = sorted({k[0] for k in keys})
+    knobs = sorted({k[0] for k in keys})
     sizes = sorted({k[1] for k in keys})
     db = dead_boundary(dead, tolerance)
     basins = ssll_basins(recon, l1_loss, columns.get("heldout_l0"))
@@ -583,7 +591,7 @@ def diagnose(
     diag = Diagnosis(
         pointers=pointers,
         dead=db,
-        l1s=l1s,
+        knobs=knobs,
         sizes=sizes,
         basins=basins,
         report_basins=report_basins,
@@ -600,8 +608,40 @@ def diagnose(
             diag.optimum_mmcs = float(mmcs_truth[diag.optimum])
     if diag.optimum is not None or truth_size is not None:
         for p in pointers:
-            p.match = compare(p, diag.optimum, truth_size, l1s, sizes)
+            p.match = compare(p, diag.optimum, truth_size, knobs, sizes)
     return diag
+
+
+def read_record(rec: dict) -> dict:
+    """A diagnosis record (a grid's, or a report's ``{"lm": ..., "toy": ...}``) in today's names,
+    whichever version wrote it: records written when the knob was always L1 name its value
+    ``l1`` (pointers, optimum, dead_sensitivity, the literal dead rule), and say
+    ``optimum_l1_steps_off`` and ``largest_alive_per_l1``."""
+    rec = dict(rec)
+    for side in ("lm", "toy"):
+        if isinstance(rec.get(side), dict):
+            rec[side] = read_record(rec[side])
+
+    def knob(entry: dict) -> dict:
+        entry = dict(entry)
+        if "l1" in entry and "knob" not in entry:
+            entry["knob"] = entry.pop("l1")
+        if "optimum_l1_steps_off" in entry:
+            entry["optimum_knob_steps_off"] = entry.pop("optimum_l1_steps_off")
+        return entry
+
+    if "pointers" in rec:
+        rec["pointers"] = [knob(p) for p in rec["pointers"]]
+    if isinstance(rec.get("optimum"), dict):
+        rec["optimum"] = knob(rec["optimum"])
+    if isinstance(rec.get("dead_sensitivity"), list):
+        rec["dead_sensitivity"] = [knob(s) for s in rec["dead_sensitivity"]]
+    literal = (rec.get("dead_reading") or {}).get("literal_rule")
+    if isinstance(literal, dict):
+        rec["dead_reading"] = {**rec["dead_reading"], "literal_rule": knob(literal)}
+    if "largest_alive_per_l1" in rec:
+        rec["largest_alive_per_knob"] = rec.pop("largest_alive_per_l1")
+    return rec
 
 
 def diagnosis_record(d: Diagnosis, base: int, base_name: str) -> dict:
@@ -612,7 +652,7 @@ def diagnosis_record(d: Diagnosis, base: int, base_name: str) -> dict:
         "pointers": [
             {
                 "diagnostic": p.diagnostic,
-                "l1": p.l1,
+                "knob": p.knob,
                 "size": p.size,
                 "ratio": (p.size / base) if p.size else None,
                 "lower_bound": p.lower_bound,
@@ -626,7 +666,7 @@ def diagnosis_record(d: Diagnosis, base: int, base_name: str) -> dict:
         "arch": d.arch,
         "default_reading": {
             "diagnostic": DEFAULT_READING.get(d.arch, DEAD),
-            "why": WHY_DEFAULT["relu" if d.arch == "relu" else "k"],
+            "why": WHY_DEFAULT[DEFAULT_READING.get(d.arch, DEAD)],
             "estimate_signals": list(d.basis),
         },
         "window_rule": d.rule.record() if d.rule is not None else None,
@@ -636,7 +676,7 @@ def diagnosis_record(d: Diagnosis, base: int, base_name: str) -> dict:
             "literal_rule": d.literal(),
         },
         "dead_sensitivity": d.sensitivity,
-        "largest_alive_per_l1": {f"{a:g}": n for a, n in d.dead.per_l1.items()},
+        "largest_alive_per_knob": {f"{a:g}": n for a, n in d.dead.per_knob.items()},
         "ssll_basin_per_size": {str(n): a for n, a in d.basins.items()},
         # the report's grid-wide z-scores read the same way: grid-dependent, shown beside ours
         "ssll_report_weights": {
@@ -648,7 +688,7 @@ def diagnosis_record(d: Diagnosis, base: int, base_name: str) -> dict:
         rec["truth"] = {"size": d.truth_size, "ratio": d.truth_size / base}
     if d.optimum is not None:
         rec["optimum"] = {
-            "l1": d.optimum[0],
+            "knob": d.optimum[0],
             "size": d.optimum[1],
             "mmcs": d.optimum_mmcs,
             "ratio": d.optimum[1] / base,

@@ -16,6 +16,7 @@ from unsuperpose.analyze.monosemantic import summary as concentration_summary
 from unsuperpose.config import write_json_atomic
 from unsuperpose.train import SAE, load_dictionary
 from unsuperpose.train.layout import DICT_WEIGHTS_FILE, dictionary_dirs
+from unsuperpose.train.registry import DEFAULT_ARCH
 
 NEURONS = "neurons"
 
@@ -107,7 +108,7 @@ def build_browser(
             **common,
             "dictionary": str(dirs[name]),
             "latents": sae.d_sae,
-            "architecture": sae.config.get("arch", "relu"),
+            "architecture": sae.config.get("arch", DEFAULT_ARCH),
             "sparsity knob": f"{sae.config.get('sparsity_name', 'l1')} "
             f"{sae.config.get('sparsity', sae.config.get('l1', '?'))}",
         }

@@ -44,7 +44,7 @@ from unsuperpose.train.layout import (  # noqa: E402
     dictionary_dirs,
     knob_value_text,
 )
-from unsuperpose.train.registry import FAMILIES, get_family  # noqa: E402
+from unsuperpose.train.registry import DEFAULT_ARCH, FAMILIES, get_family  # noqa: E402
 
 NEURONS_PAGE = "neurons"  # the browser's page of the store's raw neurons
 
@@ -113,7 +113,7 @@ def collect_points(runs: str | Path, lm: str, layer: int | str) -> list[Point]:
             cfg = read_config(d)
             folders[(sparsity_of(cfg), int(cfg.get("d_sae", 0)))] = d
         for r in read_summary(s / SUMMARY_FILE):
-            arch = r.get("arch", "relu")
+            arch = r.get("arch", DEFAULT_ARCH)
             if arch not in FAMILIES:
                 continue
             knob = r.get("sparsity_name", "l1")

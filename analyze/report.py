@@ -45,7 +45,8 @@ from unsuperpose.analyze.signals import novel_counts
 from unsuperpose.config import write_json_atomic
 from unsuperpose.tracking import Tracker
 from unsuperpose.train.io import read_history, sparsity_of, write_summary
-from unsuperpose.train.layout import HISTORY_FILE
+from unsuperpose.train.layout import HISTORY_FILE, report_dirname
+from unsuperpose.train.registry import DEFAULT_ARCH
 
 # The LM heatmaps: every grid figure except those needing ground truth.
 LM_FIGURES = [f for f in GRID_FIGURES if f[0] not in ("mmcs", "mcc")]
@@ -206,7 +207,7 @@ def rows_diagnosis(
     A run folder is read with ``toy_record``, which applies the window rule."""
     names = {c for r in rows for c in r}
     columns = {c: {(sparsity_of(r), r["dict_size"]): r[c] for r in rows if c in r} for c in names}
-    arch = rows[0].get("arch", "relu") if rows else "relu"
+    arch = rows[0].get("arch", DEFAULT_ARCH) if rows else DEFAULT_ARCH
     diag = diagnose(columns, truth_size=G, tolerance=tolerance, window=window, arch=arch)
     return diagnosis_record(diag, G, "G (ground-truth features)")
 
@@ -319,7 +320,7 @@ def build_report(
     toy: str | Path | None = None,
     tolerance: float = DEFAULT_TOLERANCE,
     sets: list[str] | None = None,
-    arch: str = "relu",
+    arch: str = DEFAULT_ARCH,
     wandb_mode: str | None = None,
     browse: Callable[[Path, Path], dict[str, Path]] | None = None,
     command: str | None = None,
@@ -329,8 +330,7 @@ def build_report(
     it raises ``BrowserError``, the report notes why and goes on without one). A toy run that
     cannot be read is noted too; the LM's grid must be readable (else ``GridError``)."""
     runs = Path(runs)
-    suffix = "" if arch == "relu" else f"-{arch}"
-    out = Path(out) if out else runs / "report" / f"{lm}-layer{layer}{suffix}"
+    out = Path(out) if out else runs / "report" / report_dirname(lm, layer, arch)
     toy_path = Path(toy) if toy else runs / "toy"
     lm_grid = collect_lm(runs, lm, layer, sets=sets, arch=arch)
     rescore(lm_grid)
@@ -393,8 +393,8 @@ def pick_dictionary(side: Side):
     minimum evidence), the largest dictionary at the middle knob value."""
     three = [p for p in side.diagnosis.pointers if p.diagnostic in (DEAD, SSLL, LARGER)]
     for p in reversed(three):
-        if p.reading and p.l1 is not None and (p.l1, p.size) in side.grid.cells:
-            return (p.l1, p.size)
+        if p.reading and p.knob is not None and (p.knob, p.size) in side.grid.cells:
+            return (p.knob, p.size)
     if not side.grid.cells:
         return None
     values = sorted({a for a, _ in side.grid.cells})
@@ -422,7 +422,7 @@ def _track(report: Report, record: dict, mode: str | None) -> None:
                 [
                     [
                         p.diagnostic,
-                        p.l1,
+                        p.knob,
                         p.size,
                         ratio_label(p.size, side.base) if p.size else None,
                         p.lower_bound,

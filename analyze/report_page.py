@@ -10,7 +10,7 @@ from pathlib import Path
 from unsuperpose.analyze.compare import ratio_label
 from unsuperpose.analyze.html import Raw, esc, fmt, image, page, table, write
 from unsuperpose.train.config import SAETrainConfig
-from unsuperpose.train.layout import CONFIG_FILE
+from unsuperpose.train.layout import CONFIG_FILE, set_dict_spec
 from unsuperpose.train.registry import DEFAULT_ARCH, get_family
 
 GRID_COLUMNS = [
@@ -62,7 +62,7 @@ def _where(p, base: int, knob: str = "L1") -> str:
         return (
             f"more than {ratio_label(p.size, base)} (more than {p.size:,} latents): grow the grid"
         )
-    at = f"{knob} {p.l1:g}, " if p.l1 is not None else ""
+    at = f"{knob} {p.knob:g}, " if p.knob is not None else ""
     return f"{at}{ratio_label(p.size, base)} ({p.size:,} latents)"
 
 
@@ -288,7 +288,7 @@ def dead_table(report) -> str:
                 f"{ratio_label(d.largest[a], side.base)} ({d.largest[a]:,})",
                 "yes" if a in d.all_alive else "no",
             ]
-            for a, n in d.per_l1.items()
+            for a, n in d.per_knob.items()
         ]
         out.append(
             f"<h3>{esc(side.name)}</h3>"
@@ -342,11 +342,10 @@ def commands(report, command: str | None) -> list[str]:
     for s in report.lm.grid.sets:
         cfg_path = s / CONFIG_FILE
         cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
-        arch = cfg.get("arch", "relu")
-        dict_spec = s.name.removeprefix(f"{arch}-") if arch != "relu" else s.name
+        dict_spec = set_dict_spec(s.name, cfg.get("arch", DEFAULT_ARCH))
         cmds.append(
             f"unsuperpose train --store {q(src.get('path', '?'))} "
-            f"--dict {q(dict_spec.replace('+', ','))} --out {q(str(s.parent))}"
+            f"--dict {q(dict_spec)} --out {q(str(s.parent))}"
             + (
                 f"{knob_flags(cfg)} --steps {cfg.get('steps')} --batch-size {cfg.get('batch_size')}"
                 if cfg

@@ -151,7 +151,7 @@ def study(seed: int, name: str, settings: dict) -> Iterator[dict]:
                 "size_steps_off": [p.get("size_steps_off") for p in rec["pointers"]],
                 "literal_dead_rule": _where(_ratio(rec["dead_reading"]["literal_rule"], G)),
                 "best_mmcs": round(rec["optimum"]["mmcs"], 4),
-                "best_at": f"L1 {rec['optimum']['l1']:g}, {rec['optimum']['ratio']:g}x",
+                "best_at": f"L1 {rec['optimum']['knob']:g}, {rec['optimum']['ratio']:g}x",
                 "best_mmcs_1x": round(at_1x, 4),
                 "heldout_rows": rows[0]["heldout_rows"],
                 "window": window,

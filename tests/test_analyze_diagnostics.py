@@ -7,12 +7,15 @@ import math
 import pytest
 
 from unsuperpose.analyze.diagnostics import (
+    DEAD,
+    Pointer,
     dead_boundary,
     dead_sensitivity,
     diagnose,
     diagnosis_record,
     largest_alive,
     peak,
+    read_record,
     ssll_basins,
 )
 
@@ -61,7 +64,7 @@ REPORTS_THREE = ("dead neurons", "loss stickiness (SSLL)", "MMCS with larger dic
 
 def cells(d):
     """Where the report's three point (the other signals have tests of their own)."""
-    return [(p.l1, p.size, p.lower_bound) for p in d.pointers if p.diagnostic in REPORTS_THREE]
+    return [(p.knob, p.size, p.lower_bound) for p in d.pointers if p.diagnostic in REPORTS_THREE]
 
 
 # -- dead neurons ---------------------------------------------------------------------------------
@@ -89,8 +92,8 @@ def test_dead_pointer_is_the_largest_boundary_at_the_largest_l1_reaching_it():
         for n in SIZES:
             dead[(a, n)] = 0 if boundary is not None and n <= boundary else 70
     db = dead_boundary(dead)
-    assert db.per_l1 == {1: 512, 2: 1024, 3: 1024, 4: None}
-    assert (db.size, db.l1, db.open) == (1024, 3, False)
+    assert db.per_knob == {1: 512, 2: 1024, 3: 1024, 4: None}
+    assert (db.size, db.knob, db.open) == (1024, 3, False)
     assert db.inside == [1, 2, 3] and db.none_alive == [4] and db.all_alive == []
 
 
@@ -128,7 +131,7 @@ def test_a_ragged_grid_bounds_at_the_largest_size_alive_at_the_open_l1():
         **{(1e-2, n): (0 if n <= 128 else n // 10) for n in (64, 128, 256, 512, 1024)},
     }
     p = by_name(diagnose({"dead": dead}))["dead"]
-    assert (p.size, p.lower_bound, p.l1) == (512, True, 1e-4)
+    assert (p.size, p.lower_bound, p.knob) == (512, True, 1e-4)
     assert "more than 512" in p.why and "1,024" not in p.why
 
 
@@ -166,7 +169,7 @@ def test_one_straggling_dead_latent_does_not_decide_the_default_reading():
         "window": 1000,
         "tolerance": 0.0,
         "size": 512,
-        "l1": 1e-3,
+        "knob": 1e-3,
         "lower_bound": False,
     }
     table = {(r["window"], r["tolerance"]): r["size"] for r in d.sensitivity}
@@ -225,7 +228,7 @@ def test_a_size_without_a_basin_cannot_unmake_another_sizes_basin():
         with_256["heldout_mse"][(a, 256)] = 10.0 ** (6 * L1S.index(a))
         with_256["heldout_l1_loss"][(a, 256)] = 10.0 ** (-6 * L1S.index(a))
     both = by_name(diagnose(with_256))["loss"]
-    assert (alone.l1, alone.size) == (both.l1, both.size) == (3e-4, 512)
+    assert (alone.knob, alone.size) == (both.knob, both.size) == (3e-4, 512)
 
 
 @pytest.mark.parametrize("collapsed_l1_loss", [0.0, 1e-9])
@@ -301,9 +304,9 @@ def test_on_the_planted_grid_every_diagnostic_points_to_the_truth():
     d = diagnose(planted(), truth_size=512)
     assert d.optimum == TRUE
     p = by_name(d)
-    assert (p["dead"].l1, p["dead"].size) == (3e-4, 512) and not p["dead"].lower_bound
-    assert (p["loss"].l1, p["loss"].size) == TRUE
-    assert (p["MMCS"].l1, p["MMCS"].size) == TRUE
+    assert (p["dead"].knob, p["dead"].size) == (3e-4, 512) and not p["dead"].lower_bound
+    assert (p["loss"].knob, p["loss"].size) == TRUE
+    assert (p["MMCS"].knob, p["MMCS"].size) == TRUE
     assert all(
         q.match["size_steps_off"] == 0 and q.match["matches_optimum"]
         for q in d.pointers
@@ -331,7 +334,7 @@ def test_a_diagnostic_that_misses_says_by_how_many_grid_steps():
         "size_steps_off": 1,
         "size_matches_truth": False,
         "optimum_size_steps_off": 1,
-        "optimum_l1_steps_off": 1,
+        "optimum_knob_steps_off": 1,
         "matches_optimum": False,
     }
     assert d.estimate()["sizes"] == [512, 512, 1024] and d.estimate()["median"] == 512
@@ -360,3 +363,22 @@ def test_the_reports_grid_wide_ssll_is_read_beside_ours():
     assert rec["ssll_report_weights"]["size"] == 256
     assert rec["ssll_report_weights"]["basin_per_size"]["256"] == 3e-4
     assert rec["ssll_report_weights"]["basin_per_size"]["128"] is None
+
+
+def test_records_and_names_from_when_the_knob_was_always_l1_still_read():
+    old = {
+        "pointers": [{"diagnostic": DEAD, "l1": 3e-4, "size": 512, "optimum_l1_steps_off": 1}],
+        "optimum": {"l1": 1e-3, "size": 512, "mmcs": 0.9},
+        "largest_alive_per_l1": {"0.001": 512},
+        "dead_sensitivity": [{"window": 100, "tolerance": 0.0, "l1": 1e-3, "size": 512}],
+        "dead_reading": {"tolerance": 0.0, "literal_rule": {"l1": 1e-3, "size": 512}},
+    }
+    for rec in (read_record(old), read_record({"lm": old, "toy": old})["toy"]):
+        p = rec["pointers"][0]
+        assert (p["knob"], p["optimum_knob_steps_off"]) == (3e-4, 1) and "l1" not in p
+        assert rec["optimum"]["knob"] == 1e-3 and rec["dead_sensitivity"][0]["knob"] == 1e-3
+        assert rec["largest_alive_per_knob"] == {"0.001": 512}
+        assert rec["dead_reading"]["literal_rule"] == {"knob": 1e-3, "size": 512}
+    db = dead_boundary({(1e-3, 8): 0, (1e-3, 16): 5})
+    assert (db.l1, db.per_l1) == (db.knob, db.per_knob) == (1e-3, {1e-3: 8})
+    assert Pointer(DEAD, 2.0, 8, "why").l1 == 2.0

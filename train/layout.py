@@ -13,6 +13,13 @@
                            training steps since it last fired; runs before it have none)
   saelens/<same name>/     the same dictionaries in SAELens's format (LM runs)
 
+`unsuperpose train` keeps each grid of a store in a set folder named for its --dict, and the
+report of a store's sets in a folder named for the LM and layer; both carry the architecture as
+a suffix, except for relu's (``registry.DEFAULT_ARCH``), named as they were before there were
+others:
+  <runs>/sae/<lm>/layer<L>/<DICT>/ and <arch>-<DICT>/      (``set_dirname``)
+  <runs>/report/<lm>-layer<L>/ and <lm>-layer<L>-<arch>/   (``report_dirname``)
+
 Runs written before architectures existed name their dictionaries ``n<size>-l1_<value>``; they
 are found by the same glob (a folder under saes/ holding both files) and read as ReLU SAEs.
 """
@@ -25,6 +32,7 @@ from unsuperpose.train.dictionary import (
     CONFIG_FILE as DICT_CONFIG_FILE,
     WEIGHTS_FILE as DICT_WEIGHTS_FILE,
 )
+from unsuperpose.train.registry import DEFAULT_ARCH
 
 CONFIG_FILE = "train_config.json"
 SOURCE_FILE = "source.json"
@@ -55,6 +63,9 @@ __all__ = [
     "holds_dictionaries",
     "is_finished",
     "knob_value_text",
+    "report_dirname",
+    "set_dict_spec",
+    "set_dirname",
 ]
 
 
@@ -68,6 +79,26 @@ def dict_dirname(arch: str, knob: str, value: float, n: int) -> str:
     """The folder of one dictionary: architecture, size, knob and value, e.g. topk-n1024-k_32,
     pca-n256-k_all."""
     return f"{arch}-n{n}-{knob}_{knob_value_text(knob, value)}"
+
+
+def set_dirname(dict_spec: str, arch: str) -> str:
+    """The set folder of a grid trained with --dict ``dict_spec``: '1x,2x' -> '1x+2x' for relu,
+    'topk-1x+2x' for topk (so grids of two architectures never share a folder)."""
+    folder = dict_spec.replace(",", "+").replace("/", "_")
+    return folder if arch == DEFAULT_ARCH else f"{arch}-{folder}"
+
+
+def set_dict_spec(dirname: str, arch: str) -> str:
+    """The --dict a set folder was named for ('topk-1x+2x' -> '1x,2x'; a ratio's '/' written
+    '_' in the name stays so)."""
+    spec = dirname if arch == DEFAULT_ARCH else dirname.removeprefix(f"{arch}-")
+    return spec.replace("+", ",")
+
+
+def report_dirname(lm: str, layer, arch: str) -> str:
+    """The report folder of a store's sets of one architecture: 'tiny-layer1' for relu,
+    'tiny-layer1-topk' for topk."""
+    return f"{lm}-layer{layer}" + ("" if arch == DEFAULT_ARCH else f"-{arch}")
 
 
 def dictionary_dirs(out: str | Path) -> list[Path]:

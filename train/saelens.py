@@ -54,7 +54,7 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 
 from unsuperpose.config import write_bytes_atomic, write_json_atomic
-from unsuperpose.train.registry import FAMILIES, SAELens
+from unsuperpose.train.registry import DEFAULT_ARCH, FAMILIES, SAELens
 
 WEIGHTS = "sae_weights.safetensors"
 CONFIG = "cfg.json"
@@ -65,7 +65,7 @@ SAELENS_VERSION = "6.54.12"
 def _mapping(dictionary) -> tuple[str, SAELens]:
     """(architecture, its family's SAELens mapping); ValueError with the family's refusal when
     it has none."""
-    arch = getattr(dictionary, "arch", "relu")
+    arch = getattr(dictionary, "arch", DEFAULT_ARCH)
     family = FAMILIES.get(arch)
     if family is None or family.saelens is None:
         exportable = sorted(a for a, f in FAMILIES.items() if f.saelens is not None)

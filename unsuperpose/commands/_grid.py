@@ -58,7 +58,7 @@ from unsuperpose.train.io import (
     write_source_file,
 )
 from unsuperpose.train.layout import CHECKPOINT_DIR
-from unsuperpose.train.registry import knobs
+from unsuperpose.train.registry import DEFAULT_ARCH, knobs
 
 # Parsed from the knobs' flags (--l1, --topk, ...: the registered families') and --dict, so that
 # ratios and lists get clear errors and a knob given to the wrong architecture is refused.
@@ -186,12 +186,12 @@ def grid_size_text(cfg: SAETrainConfig) -> str:
 
 
 def knob_text(row: dict) -> str:
-    """A summary row's knob as messages write it: 'L1 0.001' or 'topk k 8' (the report's
-    architecture, relu, goes without its name, as it always has)."""
-    arch = row.get("arch", "relu")
+    """A summary row's knob as messages write it: 'L1 0.001' or 'topk k 8' (the default
+    architecture, the report's relu, goes without its name, as it always has)."""
+    arch = row.get("arch", DEFAULT_ARCH)
     knob = get_family(arch).knob
     value = knob.text(row.get("sparsity", row.get("l1")))
-    return f"{knob.label} {value}" if arch == "relu" else f"{arch} {knob.label} {value}"
+    return f"{knob.label} {value}" if arch == DEFAULT_ARCH else f"{arch} {knob.label} {value}"
 
 
 def refuse_other_knobs(args: argparse.Namespace, arch: str) -> None:

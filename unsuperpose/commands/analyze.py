@@ -19,7 +19,8 @@ from unsuperpose.analyze.diagnostics import DEFAULT_TOLERANCE
 from unsuperpose.commands._errors import in_flags, stage_errors
 from unsuperpose.commands._remote import Names
 from unsuperpose.errors import UserError
-from unsuperpose.train.registry import FAMILIES, get_family
+from unsuperpose.train.layout import report_dirname
+from unsuperpose.train.registry import DEFAULT_ARCH, FAMILIES, get_family
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -69,7 +70,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     r.add_argument(
         "--arch",
-        default="relu",
+        default=DEFAULT_ARCH,
         choices=sorted(FAMILIES),
         help="read the dictionary sets of this architecture (a grid is one architecture); "
         "the report goes to RUNS/report/LM-layerL-ARCH for any but relu",
@@ -220,8 +221,7 @@ def _output(args: argparse.Namespace):
         return args.out or storage.location(args.dict_path) / "splice.json"
     if args.analyze_command == "methods":
         return args.out or args.runs / "report" / f"{args.lm}-layer{args.layer}-methods"
-    suffix = "" if args.arch == "relu" else f"-{args.arch}"
-    return args.out or args.runs / "report" / f"{args.lm}-layer{args.layer}{suffix}"
+    return args.out or args.runs / "report" / report_dirname(args.lm, args.layer, args.arch)
 
 
 def kept(args: argparse.Namespace) -> str:
@@ -430,7 +430,7 @@ def _report_command(args) -> str:
     for flag, value in (("--toy", args.toy), ("--out", args.out), ("--max-rows", args.max_rows)):
         if value is not None:
             cmd += f" {flag} {q(str(value))}"
-    if args.arch != "relu":
+    if args.arch != DEFAULT_ARCH:
         cmd += f" --arch {args.arch}"
     if args.sets:
         cmd += f" --sets {q(','.join(args.sets))}"
@@ -471,8 +471,7 @@ def run(args: argparse.Namespace) -> int:
         )
     browse = _report_browser(args) if args.features else None
     # The report's folder (build_report's default) is locked as its writer's; the runs read are not.
-    suffix = "" if args.arch == "relu" else f"-{args.arch}"
-    out = args.out or args.runs / "report" / f"{args.lm}-layer{args.layer}{suffix}"
+    out = args.out or args.runs / "report" / report_dirname(args.lm, args.layer, args.arch)
     names = Names()  # runs on S3 are read from a local copy, a report for S3 written in one
     try:
         with locking.hold(out, what=f"the report folder {out}"):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from unsuperpose import distributed, storage
 from unsuperpose.analyze import ground_truth_callback
+from unsuperpose.analyze.diagnostics import read_record
 from unsuperpose.analyze.report import toy_record
 from unsuperpose.commands._errors import flags_of, stage_errors
 from unsuperpose.commands._grid import (
@@ -236,7 +237,7 @@ def _run(args: argparse.Namespace) -> int:
     if not diagnosis:  # a finished run, not retrained: its folder (on S3: the record it kept)
         if storage.is_remote(args.out):
             if storage.exists(args.out / DIAGNOSIS_FILE):
-                diagnosis.update(storage.read_json(args.out / DIAGNOSIS_FILE))
+                diagnosis.update(read_record(storage.read_json(args.out / DIAGNOSIS_FILE)))
         else:
             diagnosis.update(write_diagnosis(args.out, toy.G))
     rule = diagnosis.get("window_rule") or {}

@@ -27,7 +27,8 @@ from unsuperpose.commands._grid import (
 from unsuperpose.errors import UserError
 from unsuperpose.harvest import ActivationStore, StoreError
 from unsuperpose.train import SAETrainConfig
-from unsuperpose.train.layout import SAELENS_DIR, dict_dirname
+from unsuperpose.train.layout import SAELENS_DIR, dict_dirname, set_dirname
+from unsuperpose.train.registry import DEFAULT_ARCH
 from unsuperpose.train.saelens import export_saelens
 
 # Measured on the tiny LM's layer-1 MLP: 1e-4 leaves 40-80 latents active per token, 3e-3 about 7.
@@ -102,24 +103,23 @@ def default_config() -> SAETrainConfig:
     )
 
 
-def dict_folder(spec: str, arch: str = "relu") -> str:
+def dict_folder(spec: str, arch: str = DEFAULT_ARCH) -> str:
     """<DICT> for the default architecture (as runs have always been named), <arch>-<DICT> for
     the others, so grids of two architectures never share a folder."""
-    folder = spec.replace(",", "+").replace("/", "_")
-    return folder if arch == "relu" else f"{arch}-{folder}"
+    return set_dirname(spec, arch)
 
 
 def kept(args: argparse.Namespace) -> str:
     """What the grid's folder keeps across an I/O fault (the CLI's one-line error says it)."""
     spec = getattr(args, "dict", None) or DEFAULT_DICT
-    return grid_kept(args.out / dict_folder(spec, getattr(args, "arch", "relu")))
+    return grid_kept(args.out / dict_folder(spec, getattr(args, "arch", DEFAULT_ARCH)))
 
 
 def run(args: argparse.Namespace) -> int:
     if not storage.exists(args.store):
         raise UserError(f"no store at {args.store}: harvest one first, e.g. `make harvest LAYER=1`")
     spec = getattr(args, "dict", None) or DEFAULT_DICT
-    out = args.out / dict_folder(spec, getattr(args, "arch", "relu"))
+    out = args.out / dict_folder(spec, getattr(args, "arch", DEFAULT_ARCH))
     # A store that cannot be read (unfinished, corrupt, all held out) is said as the store says it.
     with (
         locked_run(out, args.device) as placement,
