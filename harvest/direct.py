@@ -2,8 +2,9 @@
 
 ``TransformerBridge`` puts its components into the HF model's own module tree, so every forward
 of that model runs through them, and some add work to every batch. In transformer_lens 4.3 each
-RMSNorm and LayerNorm is computed twice (``NormalizationBridge`` normalises the input itself for
-``hook_scale`` and ``hook_normalized``, then calls the HF module), and attention rebuilds its mask.
+RMSNorm is computed twice (``NormalizationBridge`` normalises the input itself for ``hook_scale``
+and ``hook_normalized``, then calls the HF module), attention rebuilds its mask, and the bridge
+runs eager attention.
 
 Most hook points a harvest wants are simply the input or the output of a module HF calls anyway:
 ``blocks.L.mlp.hook_post`` is the input of the MLP's down projection (``down_proj``, GPT-2's
@@ -15,8 +16,8 @@ The forward ends the moment the last hook point has been read, so nothing past i
 harvesting ``mlp.hook_post`` of layer L does not even run layer L's down projection.
 
 The bridge stays the authority on names: a hook point's meaning comes from the bridge's own
-alias table, and the harvest compares both paths (:func:`disagreeing`) on a few tokens before a
-harvest relies on this one.
+alias table, and before relying on this path a harvest compares the two on a few tokens
+(:func:`disagreeing`).
 """
 
 from __future__ import annotations
@@ -54,8 +55,9 @@ class DirectForward:
         model = bridge.original_model
         self._shared = getattr(model, "config", None)
         # The bridge sets eager attention on the config it shares with the HF modules; the view
-        # gets its own copy with PyTorch's fused attention, HF's own default, which runs 1.2x
-        # (SmolLM2) to 3x (the tiny GPT-2) faster here and agrees with eager to float rounding.
+        # gets its own copy with PyTorch's fused attention, HF's own default: it made the forward
+        # up to the harvested layer 1.2x (SmolLM2, layer 2) to 3x (the tiny GPT-2, layer 1)
+        # faster here, and agrees with eager to float rounding.
         self.config = copy.copy(self._shared)
         if self.config is not None and getattr(type(model), "_supports_sdpa", False):
             self.config._attn_implementation = "sdpa"
@@ -174,8 +176,8 @@ def disagreeing(direct: dict, bridged: dict, precision: str) -> list[str]:
     """Hook names whose direct activations differ from the bridge's beyond rounding (or that one
     of the two paths did not produce).
 
-    fp32: the same HF modules run in both, so they agree to float precision (bit for bit on
-    Llama; GPT-2's bridge computes attention its own way, ~1e-6 apart). bf16 autocast: to bf16's.
+    fp32: the same weights and HF modules, only attention's kernel differs (sdpa here, eager in
+    the bridge): float rounding apart, ~1e-6 relative. bf16 autocast: bf16's rounding apart.
     """
     tol = 1e-4 if precision == "fp32" else 2e-2
     bad = []

@@ -10,8 +10,8 @@ Forward batches are always the same fixed slices of the blocks
 (``[k*batch_size, (k+1)*batch_size)``), also when resuming, so a resumed store gets bit-for-bit
 the rows an uninterrupted run computes. Stores started with different batch sizes therefore
 cannot share a pass: each batch size gets its own. (A store begun before the plain-model path
-existed was computed through the bridge; its resumed rows agree with its first ones to float
-rounding, not bit for bit, on models whose bridge computes attention itself, like GPT-2's.)
+existed was computed through the bridge, with eager attention; its resumed rows agree with its
+first ones to float rounding, not bit for bit.)
 
 Under torchrun the rows are cut into work units of whole chunks of every store (``work_unit``);
 in round j rank r harvests unit j*W+r, computing the forward batches that overlap it (a batch
