@@ -11,7 +11,15 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from fast_paths import SRC, assert_off_the_cpu_it_is_autograd, perturb, record_steps
+from fast_paths import (
+    AUXK_REGIMES,
+    SRC,
+    assert_auxk_regime,
+    assert_off_the_cpu_it_is_autograd,
+    perturb,
+    record_steps,
+    watch_auxk,
+)
 from unsuperpose.train import FAMILIES, SAETrainConfig, get_family, new_state, train_steps
 from unsuperpose.train.config import AuxKOptions, BatchTopKOptions
 from unsuperpose.train.families.auxk import dead_for_auxk
@@ -105,6 +113,16 @@ def test_the_sparse_step_equals_the_autograd_group(arch, case, values):
         for r in rec
     ]
     assert (sum(silent_grad) > 0) == ("dead" in case)
+
+
+@pytest.mark.parametrize("regime", list(AUXK_REGIMES))
+@pytest.mark.parametrize("arch", list(GROUPS))
+def test_auxk_on_the_dead_block_equals_the_autograd_group(arch, regime, monkeypatch):
+    """Planted dead latents, AuxK's gradient large (coefficient 0.5-1): step by step the same
+    training (gradients, parameters, Adam moments, threshold), whichever way AuxK went."""
+    seen = watch_auxk(monkeypatch, regime)
+    assert_same_training(arch, VALUES, True, dict(AUXK_REGIMES[regime][0], dead_window=2))
+    assert_auxk_regime(seen, regime)
 
 
 @pytest.mark.parametrize("arch", list(GROUPS))

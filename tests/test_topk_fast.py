@@ -7,7 +7,15 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from fast_paths import SRC, assert_off_the_cpu_it_is_autograd, perturb
+from fast_paths import (
+    AUXK_REGIMES,
+    SRC,
+    assert_auxk_regime,
+    assert_off_the_cpu_it_is_autograd,
+    perturb,
+    record_steps,
+    watch_auxk,
+)
 from unsuperpose.train import SAETrainConfig, get_family
 from unsuperpose.train.config import AuxKOptions
 from unsuperpose.train.families.topk import TopKGroup
@@ -85,6 +93,29 @@ def test_the_sparse_step_equals_the_autograd_group(case, values):
         for grad, fired in zip(grads, fired_slow)
     ]
     assert (sum(silent_grad) > 0) == ("dead" in case)
+
+
+@pytest.mark.parametrize("regime", list(AUXK_REGIMES))
+def test_auxk_on_the_dead_block_equals_the_autograd_group(regime, monkeypatch):
+    """Planted dead latents, AuxK's gradient large (coefficient 0.5-1): step by step the same
+    gradients and, after Adam, parameters and moments, whichever way AuxK went."""
+    seen = watch_auxk(monkeypatch, regime)
+    options = dict(AUXK_REGIMES[regime][0], dead_window=2)
+    fast, slow = make(TopKFastGroup, plant=True, **options), make(TopKGroup, plant=True, **options)
+    rec_fast, opt_fast = record_steps(fast, B, 20)
+    rec_slow, opt_slow = record_steps(slow, B, 20)
+    assert_auxk_regime(seen, regime)
+    for step, (a, b) in enumerate(zip(rec_fast, rec_slow, strict=True), 1):
+        for name in b:
+            where = f"{name}, step {step}"
+            assert_close(a[name], b[name], atol=2e-5, rtol=1e-4, msg=lambda m, w=where: f"{w}: {m}")
+    for name, t in slow.named_parameters().items():
+        mine = fast.named_parameters()[name]
+        assert_close(mine, t, atol=2e-5, rtol=1e-4, msg=name)
+        for moment in ("exp_avg", "exp_avg_sq"):
+            got, want = opt_fast.state[mine][moment], opt_slow.state[t][moment]
+            assert_close(got, want, atol=2e-5, rtol=1e-4, msg=f"{name} {moment}")
+    assert torch.equal(fast.since_fired, slow.since_fired)
 
 
 def test_the_family_trains_the_fast_group_and_tests_it_against_autograd():

@@ -14,7 +14,9 @@ JumpReLU a varying number. With g = dL/dx_hat per bag and Dn the unit decoder ro
   db_enc = sum of dpre per latent,  db_dec = sum_b g - W_enc @ db_enc
   dW_dec = (dDn - Dn <dDn, Dn>_row) / ||W_dec||_row            ``write_grads``
 
-AuxK (``auxk.py``) is the same computation on its own sparse codes (``auxk_grads``).
+AuxK (``auxk.py``) works on the block of dead latents alone (``auxk_grads``): as dense GEMMs
+over it while it is small next to k_aux (with at most k_aux dead latents its codes are simply
+their ReLU'd pre-activations), as the same sparse computation on its own entries beyond.
 ``bag_step`` is the whole step for codes with any number of entries per bag (BatchTopK,
 JumpReLU), and with Matryoshka's nested prefixes; TopK keeps its fixed (B, k) layout.
 
@@ -41,8 +43,12 @@ warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta 
 # samples/s with two threads throughout).
 SMALL_STEP = 2**22
 
-# dictionary s -> (latents of its AuxK entries, dDn (n, d), dW_enc^T (n, d), dpre of the entries)
+# dictionary s -> (its dead latents (m,), their dDn (m, d), dW_enc^T (m, d) and db_enc (m,))
 AuxGrads = dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
+
+# AuxK runs as dense GEMMs on the block of dead latents while they number at most this many
+# times k_aux (``dense_auxk``), as sparse entries beyond (``sparse_auxk``).
+DENSE_AUXK = 8
 
 
 @contextmanager
@@ -171,10 +177,14 @@ def write_grads(
 def auxk_grads(
     group, pre: torch.Tensor, err: torch.Tensor, dn: torch.Tensor, xc: torch.Tensor
 ) -> AuxGrads:
-    """AuxK's gradient, sparse, for each dictionary of ``group`` with dead latents (``auxk.py``
-    defines it). pre (B, S, n), err (S, B, d) = x_hat - x of the full reconstruction, dn
-    (S, n, d), xc (S, B, d) the encoder's input. Which latents are dead is read on the host, so
-    a step with none dead skips AuxK (its loss and gradient are exactly 0 there)."""
+    """AuxK's gradient for each dictionary of ``group`` with dead latents (``auxk.py`` defines
+    it), on the block of its dead latents only. pre (B, S, n), err (S, B, d) = x_hat - x of the
+    full reconstruction, dn (S, n, d), xc (S, B, d) the encoder's input. Which latents are dead
+    is read on the host, so a step with none dead skips AuxK (its loss and gradient are exactly
+    0 there).
+
+    With at most ``DENSE_AUXK`` * k_aux dead latents the codes are a dense (B, n_dead) block
+    (``dense_auxk``), else a list of B*k_aux entries (``sparse_auxk``)."""
     coef = group.config.auxk.coef
     if coef == 0:
         return {}
@@ -183,44 +193,71 @@ def auxk_grads(
     if not any(n_dead):
         return {}
     k_aux = auxk_k(group)
-    e = -err  # the residual the live latents left, (S, B, d)
-    denom = (e - e.mean(dim=1, keepdim=True)).pow(2).sum(dim=(1, 2)).tolist()
-    B, d = e.shape[1:]
-    n = group.n
+    # The residual the live latents left is e = -err; its variance once per step, from err.
+    denom = (err - err.mean(dim=1, keepdim=True)).pow(2).sum(dim=(1, 2)).tolist()
     out = {}
     for s in range(group.S):
         if n_dead[s] == 0 or denom[s] <= 0:
             continue
         cols = dead[s].nonzero().squeeze(1)
         cand = pre[:, s].index_select(1, cols)  # (B, n_dead): only dead latents compete
+        dd = dn[s].index_select(0, cols)  # (n_dead, d): their unit decoder rows
         ka = min(k_aux, n_dead[s])  # the rest of the reference's top k_aux are zeros
-        av, ai = cand.topk(ka, dim=-1, sorted=False)
-        with one_thread():
-            av = av.clamp_(min=0).reshape(-1)
-            rows_a = cols[ai].reshape(-1)
-            bags_a = torch.arange(B, device=pre.device).repeat_interleave(ka)
-            tr = Transposed(rows_a, bags_a, n, B)
-            codes_t = tr.lay(av)
-        e_hat = F.embedding_bag(
-            rows_a.view(B, ka), dn[s], per_sample_weights=av.view(B, ka), mode="sum"
-        )
-        scale = min(n_dead[s] / k_aux, 1.0)
-        ga = e_hat.sub_(e[s]).mul_(2 * coef * scale / denom[s])  # dL_aux / de_hat
-        crow = fixed_offsets(B, ka, pre.device)
-        dpre_a = sampled_dots(crow, rows_a, ga, dn[s]).mul_(av > 0)
-        d_dn_a = mm_into(codes_t, ga, torch.empty(n, d, device=pre.device))
-        d_wt_a = mm_into(tr.lay(dpre_a), xc[s], torch.empty(n, d, device=pre.device))
-        out[s] = (rows_a, d_dn_a, d_wt_a, dpre_a)
+        # dL_aux / de_hat = c * (e_hat - e) = c * (e_hat + err)
+        c = 2 * coef * min(n_dead[s] / k_aux, 1.0) / denom[s]
+        step = dense_auxk if n_dead[s] <= DENSE_AUXK * k_aux else sparse_auxk
+        out[s] = (cols, *step(cand, ka, dd, err[s], xc[s], c))
     return out
+
+
+def dense_auxk(cand, ka, dd, err, xc, c):
+    """AuxK's (dDn, dW_enc^T, db_enc) on the dead latents, their codes a dense (B, n_dead)
+    block: four GEMMs of B*n_dead*d (decode, the codes' gradient, the decoder's and the
+    encoder's), the pre-activations already the encoder GEMM's. Where n_dead <= k_aux every dead
+    latent is among each row's top k_aux, so the codes are the block's ReLU, no top-k at all.
+    Measured at 4096 rows, d 1024, load 9-10 on 2 cores (``sparse_auxk`` against this): 512
+    dead, k_aux 512: 12-15 s against 0.7 s (MKL's sparse products are slow per entry); 4,096
+    dead, k_aux 512 (1/8): 5.1-6.9 s against 4.6-5.7; 8,192 dead (1/16): 6.2-9.3 s against
+    7.7-10.3; 4,096 dead, k_aux 128: 1.8-2.0 s against 5.7-5.8. Hence ``DENSE_AUXK`` 8."""
+    if ka < cand.shape[1]:
+        av, ai = cand.topk(ka, dim=-1, sorted=False)
+        codes = torch.zeros_like(cand).scatter_(1, ai, av.clamp_(min=0))
+    else:
+        codes = cand.clamp_(min=0)  # cand is index_select's copy: pre is untouched
+    ga = torch.addmm(err, codes, dd).mul_(c)  # e_hat + err, scaled
+    dpre = (ga @ dd.T).mul_(codes > 0)  # ReLU's and the selection's gradient mask
+    return codes.T @ ga, dpre.T @ xc, dpre.sum(dim=0)
+
+
+def sparse_auxk(cand, ka, dd, err, xc, c):
+    """AuxK's (dDn, dW_enc^T, db_enc) on the dead latents, their codes each row's top k_aux as
+    B*k_aux entries: the sparse step of ``sparse_step``'s docstring on the dead block."""
+    B, m = cand.shape
+    av, ai = cand.topk(ka, dim=-1, sorted=False)
+    with one_thread():
+        av = av.clamp_(min=0).reshape(-1)
+        rows = ai.reshape(-1)  # latents numbered within the dead block
+        bags = torch.arange(B, device=cand.device).repeat_interleave(ka)
+        tr = Transposed(rows, bags, m, B)
+        codes_t = tr.lay(av)
+    e_hat = F.embedding_bag(rows.view(B, ka), dd, per_sample_weights=av.view(B, ka), mode="sum")
+    ga = e_hat.add_(err).mul_(c)
+    dpre = sampled_dots(fixed_offsets(B, ka, cand.device), rows, ga, dd).mul_(av > 0)
+    d_dn = mm_into(codes_t, ga, torch.empty(m, dd.shape[1], device=cand.device))
+    d_wt = mm_into(tr.lay(dpre), xc, torch.empty(m, dd.shape[1], device=cand.device))
+    with one_thread():
+        db = torch.zeros(m, device=cand.device).index_add_(0, rows, dpre)
+    return d_dn, d_wt, db
 
 
 def add_auxk(aux: AuxGrads, n: int, db_enc, d_dn, d_wt) -> None:
     """AuxK's gradients added into the step's (stacked) db_enc, dDn and dW_enc^T."""
-    for s, (rows_a, d_dn_a, d_wt_a, dpre_a) in aux.items():
+    for s, (cols, d_dn_a, d_wt_a, db_a) in aux.items():
+        rows = cols + s * n
+        d_dn.index_add_(0, rows, d_dn_a)
+        d_wt.index_add_(0, rows, d_wt_a)
         with one_thread():
-            db_enc[s * n : (s + 1) * n].index_add_(0, rows_a, dpre_a)
-        d_dn[s * n : (s + 1) * n] += d_dn_a
-        d_wt[s * n : (s + 1) * n] += d_wt_a
+            db_enc.index_add_(0, rows, db_a)
 
 
 def bag_step(

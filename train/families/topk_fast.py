@@ -18,10 +18,10 @@ dictionary s (all S at once: latent j of s is row s*n + j of the stacked decoder
   dW_dec = (dDn - Dn * <dDn, Dn>_row) / ||W_dec||_row        rows no code touched get 0
 
 C^T is built once per step (a stable sort of the latent indices) and serves both dDn and dW_enc.
-AuxK (``auxk.py``) is the same computation on its own sparse codes: each row's top k_aux of
-ReLU(pre) among the dead latents, reconstructing the residual; its dpre joins the encoder
-gradient and its codes the decoder gradient. Which latents are dead is read on the host, so a
-step with none dead skips AuxK (its loss and gradient are exactly 0 there).
+AuxK (``auxk.py``: each row's top k_aux of ReLU(pre) among the dead latents, reconstructing the
+residual) runs on the dead latents' block only (``sparse_step.auxk_grads``); its gradients join
+the encoder's, the decoder's and the encoder bias's. Which latents are dead is read on the host,
+so a step with none dead skips AuxK (its loss and gradient are exactly 0 there).
 
 The pieces every sparse step shares are in ``sparse_step.py``.
 
