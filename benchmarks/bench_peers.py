@@ -53,7 +53,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import RamSource, gemm_peak, peers_python, set_l0_thresholds
+from benchmarks.common import RamSource, gemm_peak, hold_dead, peers_python, set_l0_thresholds
 from unsuperpose.train import SAETrainConfig, new_state, train_steps
 from unsuperpose.train.config import AuxKOptions
 from unsuperpose.train.families.auxk import dead_for_auxk
@@ -124,9 +124,7 @@ class Ours:
         if arch == "jumprelu":
             set_l0_thresholds(g, xs[0], k)
         if arch in K_ARCHS and cfg.auxk.coef > 0 and dead:
-            with torch.no_grad():  # the module docstring's dead latents
-                g.b_enc.view(g.S, n)[:, n - dead :] = -30.0
-                g.since_fired[:, n - dead :] = cfg.dead_window + 1
+            hold_dead(g, dead)  # the module docstring's dead latents
         self.step_s = self._time(1)  # warm-up (the first step allocates)
         self.step_s = self._time(1)
 

@@ -25,6 +25,10 @@ picks the architectures, each measured in its own rounds; sparsify (a TopK SAE) 
 topk only. JumpReLU has no k: its thresholds start at each latent's 16th largest
 pre-activation on the first batch, i.e. 32 active codes per row on average, with the paper's
 bandwidth 0.001 and an L0 coefficient of 0.001.
+
+``TOPK_BENCH_DEAD`` (default 0) holds that many of the last latents dead in ours, as bench_peers
+does (``common.hold_dead``), so that the k-architectures' AuxK works every step. With none dead
+the fast paths skip AuxK, while the autograd groups compute it (as zeros) every step.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import time
 
 import torch
 
-from benchmarks.common import gemm_peak, peers_python, set_l0_thresholds
+from benchmarks.common import gemm_peak, hold_dead, peers_python, set_l0_thresholds
 from unsuperpose.train import SAETrainConfig, get_family
 
 B, D, N, K = 4096, 1024, 8192, 32
@@ -120,11 +124,14 @@ class OursStep:
     """One group of one dictionary and the trainer's step on it, on the batches' device.
 
     ``n`` and ``k`` default to this bench's shape; the batch size and width are the batches'.
+    ``dead``: the last latents held dead (``common.hold_dead``; not for jumprelu, it has no AuxK).
     With ``bf16`` the group's ``forward_backward`` runs under ``torch.autocast(bfloat16)`` (the
     parameters and Adam stay float32): the trainer has no such option; benchmarks/gpu_check.py
     reads what it would gain."""
 
-    def __init__(self, arch: str, cls, xs: list[torch.Tensor], *, n: int = N, k: int = K):
+    def __init__(
+        self, arch: str, cls, xs: list[torch.Tensor], *, n: int = N, k: int = K, dead: int = 0
+    ):
         b, d = xs[0].shape
         value = 1e-3 if arch == "jumprelu" else k
         cfg = SAETrainConfig(
@@ -137,6 +144,8 @@ class OursStep:
         self.g = cls(d, n, [value], cfg, seed=0, device=xs[0].device)
         if arch == "jumprelu":  # each latent fires on b*k/n of the first batch's b rows
             set_l0_thresholds(self.g, xs[0], k)
+        elif dead:
+            hold_dead(self.g, dead)
         self.opt = torch.optim.Adam(
             self.g.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True
         )
@@ -188,10 +197,11 @@ def _run(arch: str, rounds: int, steps: int):
     peer = _Sparsify(exe) if exe else None
     if peer is None and arch == "topk":
         yield {"note": "sparsify skipped: no $PEERS_PYTHON or /tmp/peers/bin/python"}
-    sparse = OursStep(arch, family.group, xs)
+    dead = 0 if arch == "jumprelu" else int(os.environ.get("TOPK_BENCH_DEAD", 0))
+    sparse = OursStep(arch, family.group, xs, dead=dead)
     methods = {
         "ours_sparse": sparse.rate,
-        "ours_autograd": OursStep(arch, family.reference, xs).rate,
+        "ours_autograd": OursStep(arch, family.reference, xs, dead=dead).rate,
     }
     if peer:
         methods["sparsify"] = peer.rate
@@ -225,6 +235,7 @@ def _run(arch: str, rounds: int, steps: int):
     summary = {
         "arch": arch,
         "shape": f"{D}->{N}, batch {B}, {knob}",
+        "dead_latents_held": dead,
         "rounds": rounds,
         "gemm_peak_gflops": [round(p, 1) for p in peaks],
     }

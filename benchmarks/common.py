@@ -38,6 +38,16 @@ def set_l0_thresholds(group, x: torch.Tensor, l0: int) -> None:
     group.extra["log_threshold"].copy_(theta.clamp(min=1e-6).log())
 
 
+@torch.no_grad()
+def hold_dead(group, dead: int) -> None:
+    """The last ``dead`` latents of every dictionary of a k-architecture's group held dead, so
+    that AuxK works every step, as in a real run: an encoder bias of -30 keeps them out of every
+    top-k, and their counters start past the group's dead threshold."""
+    n = group.n
+    group.b_enc.view(group.S, n)[:, n - dead :] = -30.0
+    group.since_fired[:, n - dead :] = group.config.dead_window + 1
+
+
 class RamSource:
     """Pre-made batches cycled from memory: measures the trainer, not data generation."""
 
