@@ -17,7 +17,6 @@ one pass, not worth splitting.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ import torch
 
 from unsuperpose import distributed
 from unsuperpose.train.config import SAETrainConfig
+from unsuperpose.train.heldout import heldout_rows, one, score
 from unsuperpose.train.registry import get_family
 from unsuperpose.train.source import ActivationSource, check_source
 
@@ -142,39 +142,8 @@ def evaluate_dictionaries(
     config: SAETrainConfig,
     device: torch.device | str = "cpu",
 ) -> dict[tuple[float, int], dict]:
-    """The trainer's held-out metrics (``trainer.evaluate``) for any dictionaries, one by one.
-
-    The same definitions: heldout_mse per coordinate, heldout_fvu against the held-out variance,
-    heldout_l0 = mean count of non-zero codes per row, heldout_mean_l1 = mean sum of |codes|,
-    heldout_dead = latents zero on every held-out row. A fitted method has no training window,
-    so ``dead`` (the training-time count) is not defined for it and left out.
-    """
-    device = torch.device(device)
-    xs = [x.to(device) for x in source.heldout_batches(config.batch_size, config.eval_rows)]
-    if not xs:
-        raise ValueError("the source has no held-out rows to evaluate on")
-    x_all = torch.cat(xs)
-    rows = len(x_all)
-    total_var = float((x_all.double() - x_all.double().mean(0)).pow(2).sum())
-    out = {}
-    for key, sae in saes.items():
-        sq = l1 = l0 = 0.0
-        fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=device)
-        for x in xs:
-            codes = sae.encode(x)
-            err = sae.decode(codes) - x
-            sq += float(err.pow(2).sum(dtype=torch.float64))
-            l1 += float(codes.abs().sum(dtype=torch.float64))
-            nonzero = codes != 0
-            l0 += float(nonzero.sum(dtype=torch.float64))
-            fired |= nonzero.any(0)
-        out[key] = {
-            "heldout_mse": sq / (rows * x_all.shape[1]),
-            "heldout_fvu": sq / total_var if total_var > 0 else math.nan,
-            "heldout_mean_l1": l1 / rows,
-            "heldout_l1_loss": l1 / rows,
-            "heldout_l0": l0 / rows,
-            "heldout_rows": rows,
-            "heldout_dead": int((~fired).sum()),
-        }
-    return out
+    """The held-out metrics (``heldout.score``, the trainer's too) of any dictionaries, one by
+    one. A fitted method has no training window, so ``dead`` (the training-time count) is not
+    defined for it and left out."""
+    held = heldout_rows(source, config.batch_size, config.eval_rows, torch.device(device))
+    return {key: score(held, one(sae), 1, sae.d_sae)[0][0] for key, sae in saes.items()}

@@ -32,6 +32,8 @@ from unsuperpose import distributed
 from unsuperpose.train import parallel
 from unsuperpose.train.config import SAETrainConfig
 from unsuperpose.train.families.stacked import StackedGroup
+from unsuperpose.train.fitted import evaluate_dictionaries
+from unsuperpose.train.heldout import heldout_rows, score
 from unsuperpose.train.losses import l1_divisor
 from unsuperpose.train.registry import Family, get_family
 from unsuperpose.train.resample import resample_dead, resample_generator
@@ -442,75 +444,53 @@ def dead_column(window: int) -> str:
 
 
 @torch.no_grad()
-def evaluate(
-    state: GridState, source: ActivationSource
-) -> dict[tuple[float, int], dict[str, float]]:
-    """Metrics of every SAE on the source's held-out rows (never in a training batch).
+def evaluate(state, source: ActivationSource) -> dict[tuple[float, int], dict[str, float]]:
+    """Metrics of every dictionary of a trained grid (or a fitted one: ``fitted.FittedGrid``)
+    on the source's held-out rows (never in a training batch): ``heldout.score``'s columns, the
+    one definition trained and fitted dictionaries share.
 
-    Columns say so: heldout_mse (mean squared error per coordinate), heldout_fvu (squared
-    error over the total variance around the held-out mean), heldout_mean_l1 (mean sum of codes
-    per row), heldout_l1_loss (that in the run's L1 convention, without the coefficient),
-    heldout_l0 (mean active latents per row), heldout_rows, heldout_dead (latents silent on
-    every held-out row; ``fitted.evaluate_dictionaries`` computes the same for baselines); dead
-    comes from training (latents silent in the last ``dead_window`` training batches), and
-    dead_w<W> counts the same at each window W of ``DEAD_WINDOWS`` the run is long enough for.
-    A group with nested prefixes (Matryoshka) adds heldout_fvu_m<m>: the FVU of its first m
-    latents alone, for each prefix size m it trained. Per latent, ``state.latents`` gets the
-    held-out fire counts and the steps since each latent last fired in training.
+    A trained grid adds what training leaves: dead (latents silent in the last ``dead_window``
+    training batches), and dead_w<W>, the same count at each window W of ``DEAD_WINDOWS`` the
+    run is long enough for. A group with nested prefixes (Matryoshka) adds heldout_fvu_m<m>: the
+    FVU of its first m latents alone, for each prefix size m it trained. Per latent,
+    ``state.latents`` gets the held-out fire counts and the steps since each latent last fired.
     """
     cfg = state.config
-    if not hasattr(source, "heldout_batches"):
-        raise TypeError(
-            f"{type(source).__name__} has no held-out rows (heldout_batches): the "
-            "final metrics are only ever computed on data training never saw"
-        )
-    xs = [x.to(state.device) for x in source.heldout_batches(cfg.batch_size, cfg.eval_rows)]
-    if not xs:
-        raise ValueError("the source has no held-out rows to evaluate on")
-    x_all = torch.cat(xs)
-    rows = len(x_all)
-    total_var = float((x_all.double() - x_all.double().mean(0)).pow(2).sum())
+    if not isinstance(state, GridState):  # fitted: its dictionaries one by one
+        return evaluate_dictionaries(state.saes(), source, cfg, device=state.device)
+    held = heldout_rows(source, cfg.batch_size, cfg.eval_rows, state.device)
     results = {}
     for g in state.groups:
         dn = g.dictionaries()
-        sq, l1, l0 = torch.zeros(3, g.S, dtype=torch.float64, device=state.device)
-        fires = torch.zeros(g.S, g.n, dtype=torch.int64, device=state.device)
         prefixes = [m for m in getattr(g, "prefix_sizes", ()) if m < g.n]
         prefix_sq = torch.zeros(len(prefixes), g.S, dtype=torch.float64, device=state.device)
-        for x in xs:
-            codes, x_hat = g.reconstruct(x, dn)
-            err = x_hat - x
-            sq += err.pow(2).sum(dim=(1, 2), dtype=torch.float64)
-            # |codes| and != 0: the definitions fitted baselines (signed codes) share
-            l1 += codes.abs().sum(dim=(0, 2), dtype=torch.float64)
-            nonzero = codes != 0
-            l0 += nonzero.sum(dim=(0, 2), dtype=torch.float64)
-            fires += nonzero.sum(dim=0)  # (S, n)
+
+        def add_prefixes(x, codes, g=g, dn=dn, prefixes=prefixes, prefix_sq=prefix_sq):
             if prefixes:
                 prefix_sq += prefix_squared_errors(g, x, codes, dn, prefixes)
-        fired = fires > 0
+
+        columns, fires = score(
+            held,
+            lambda x, g=g, dn=dn: g.reconstruct(x, dn),
+            g.S,
+            g.n,
+            l1_divisor=l1_divisor(cfg.l1_norm, g.n),
+            each_batch=add_prefixes,
+        )
         dead = g.dead_mask(cfg.dead_window, state.step).sum(dim=1)
         # The same counter read at other windows, so the dead-neuron reading's sensitivity to the
         # window can be measured after the fact (analyze re-reads "dead" at any of these).
         ladder = {
             w: g.dead_mask(w, state.step).sum(dim=1).tolist() for w in dead_windows(state.step)
         }
-        divisor = l1_divisor(cfg.l1_norm, g.n)
+        var = held.total_var
         for s, a in enumerate(g.values):
             results[(a, g.n)] = {
-                "heldout_mse": float(sq[s]) / (rows * state.d),
-                "heldout_fvu": float(sq[s]) / total_var if total_var > 0 else math.nan,
-                "heldout_mean_l1": float(l1[s]) / rows,
-                "heldout_l1_loss": float(l1[s]) / rows / divisor,
-                "heldout_l0": float(l0[s]) / rows,
-                "heldout_rows": rows,
-                "heldout_dead": int((~fired[s]).sum()),
+                **columns[s],
                 "dead": int(dead[s]),
                 **{dead_column(w): int(v[s]) for w, v in ladder.items()},
                 **{
-                    prefix_column(m): float(prefix_sq[p, s]) / total_var
-                    if total_var > 0
-                    else math.nan
+                    prefix_column(m): float(prefix_sq[p, s]) / var if var > 0 else math.nan
                     for p, m in enumerate(prefixes)
                 },
             }

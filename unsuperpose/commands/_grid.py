@@ -49,7 +49,7 @@ from unsuperpose.train.checkpoint import (
     whole_state,
 )
 from unsuperpose.train.config import JumpReLUOptions
-from unsuperpose.train.fitted import evaluate_dictionaries, fit_grid
+from unsuperpose.train.fitted import fit_grid
 from unsuperpose.train.io import (
     SOURCE_FILE,
     read_source_file,
@@ -748,7 +748,7 @@ def _fit_and_save(
         state = fit_grid(source, cfg, device=placement.device, progress=progress)
         rows = _score_and_save(
             state,
-            evaluate_dictionaries(state.saes(), source, cfg, device=state.device),
+            evaluate(state, source),
             out,
             tracker,
             ground_truth=ground_truth,
