@@ -58,8 +58,13 @@ class DirectForward:
         # gets its own copy with PyTorch's fused attention, HF's own default: it made the forward
         # up to the harvested layer 1.2x (SmolLM2, layer 2) to 3x (the tiny GPT-2, layer 1)
         # faster here, and agrees with eager to float rounding.
-        self.config = copy.copy(self._shared)
-        if self.config is not None and getattr(type(model), "_supports_sdpa", False):
+        # A model with sub-configs (whose modules would still read the bridge's) keeps eager.
+        self.config = copy.deepcopy(self._shared)
+        if (
+            self.config is not None
+            and not getattr(self.config, "sub_configs", None)
+            and getattr(type(model), "_supports_sdpa", False)
+        ):
             self.config._attn_implementation = "sdpa"
         self._views: dict[int, torch.nn.Module] = {}  # id(HF module) -> its module in the view
         self.model = self._view(model)
