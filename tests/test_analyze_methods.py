@@ -59,10 +59,17 @@ def test_methods_page_compares_saes_with_baselines_and_the_neurons(analyze_runs,
     layer = runs / "sae" / "tiny" / "layer1"
     shutil.copytree(analyze_runs / "sae" / "tiny" / "layer1" / "1x+2x", layer / "1x+2x")
     store = analyze_runs / "acts" / "tiny" / "layer1.zarr"
-    for arch in ("pca", "neurons"):
+    # a TopK set beside the ReLU grid under the same layer folder (as `make real` trains one),
+    # and the baselines at the same k
+    for arch, size, ks in (
+        ("topk", "2x", "4,16"),
+        ("pca", "1x", "4,16,all"),
+        ("neurons", "1x", "4,16,all"),
+    ):
         args = ["train", "--store", str(store), "--out", str(layer), "--arch", arch, "--dict"]
-        args += ["1x", "--topk", "4,16,all", "--steps", "20", "--batch-size", "64"]
+        args += [size, "--topk", ks, "--steps", "20", "--batch-size", "64"]
         assert main([*args, "--splice-tokens", "60", "--wandb", "disabled", "--no-progress"]) == 0
+    assert (layer / "topk-2x" / "summary.csv").exists()
     capsys.readouterr()
     out = tmp_path / "methods"
     args = ["analyze", "methods", "--runs", str(runs), "--lm", "tiny", "--layer", "1"]
@@ -70,18 +77,26 @@ def test_methods_page_compares_saes_with_baselines_and_the_neurons(analyze_runs,
     printed = capsys.readouterr().out
     assert "token concentration, store neurons" in printed and f"methods: {out}" in printed
     rows = list(csv.DictReader(open(out / "methods.csv")))
-    assert {r["arch"] for r in rows} == {"relu", "pca", "neurons"}
-    assert {r["kind"] for r in rows if r["arch"] != "relu"} == {"baseline"}
+    assert {r["arch"] for r in rows} == {"relu", "topk", "pca", "neurons"}
+    assert {r["kind"] for r in rows if r["arch"] in ("pca", "neurons")} == {"baseline"}
+    assert {r["kind"] for r in rows if r["arch"] == "topk"} == {"SAE"}
+    # TopK's held-out L0 is its k: it sits at the baselines' budgets, matched
+    topk_l0 = sorted(float(r["heldout_l0"]) for r in rows if r["arch"] == "topk")
+    assert len(topk_l0) == 2 and topk_l0[0] <= 4 and 4 < topk_l0[1] <= 16
     record = json.loads((out / "methods.json").read_text())
     assert record["d"] == 64 and record["target_l0"] == 8
-    assert set(record["picked"]) == {"relu", "pca", "neurons"}
-    assert {"relu", "pca", "neurons", "store neurons"} <= set(record["concentration"])
+    assert set(record["picked"]) == {"relu", "topk", "pca", "neurons"}
+    assert {"relu", "topk", "pca", "neurons", "store neurons"} <= set(record["concentration"])
+    # every budget that the baselines and the SAEs share is read, TopK among the SAEs
+    assert any(line.startswith("L0 ≤ 16:") for line in record["fidelity"])
     # the neuron basis with every coefficient is the store's neurons: the same score
     for arch, c in record["concentration"].items():
         assert c["scored"] >= 0 and (c["mean"] is None or 0 < c["mean"] <= 1), arch
     page = (out / "index.html").read_text()
     assert "Interpretability at matched L0" in page and "Lowest held-out FVU" in page
-    assert len(list((out / "features").glob("*.html"))) == 5  # 3 picks + neurons + index
+    matched = page[page.index("Lowest ΔCE (nats) at L0 ≤ budget") :]
+    assert '<td class="l">topk</td>' in matched and " ± " in matched  # ΔCE with its SE
+    assert len(list((out / "features").glob("*.html"))) == 6  # 4 picks + neurons + index
 
 
 def test_the_report_refuses_a_baseline_and_points_to_methods(analyze_runs, capsys):

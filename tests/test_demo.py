@@ -219,22 +219,30 @@ def test_make_real_runs_the_smollm2_demo_offline_and_full_is_one_flag_away():
 
 
 def test_the_smollm2_demo_adopts_harvests_layer_2_trains_every_method_and_reports(tmp_path):
-    adopt, harvest, grid, neurons, pca, report, methods = demo.plan(tmp_path, lm="smollm2")
+    steps = demo.plan(tmp_path, lm="smollm2")
+    adopt, harvest, grid, topk, neurons, pca, report, methods = steps
     assert adopt.argv[:4] == ["lm", "adopt", "--from", "smollm2"]
-    steps = (adopt, harvest, grid, neurons, pca, report, methods)
     arg = {s.name: dict(zip(s.argv, s.argv[1:], strict=False)) for s in steps}
     assert arg["harvest layer 2"]["--lm"] == str(adopt.output)
     assert arg["harvest layer 2"]["--layer"] == "2" and arg["harvest layer 2"]["--n-ctx"] == "256"
+    assert "--tokens" not in harvest.argv  # the whole embedded corpus
     assert harvest.output == tmp_path / "acts" / "smollm2" / "layer2.zarr"
-    for step in (grid, neurons, pca):
+    for step in (grid, topk, neurons, pca):
         a = arg[step.name]
-        assert a["--store"] == str(harvest.output) and a["--steps"] == "250"
-        assert a["--splice-tokens"] == "1024"  # every method spliced in on the same tokens
+        assert a["--store"] == str(harvest.output)
+        assert a["--splice-tokens"] == str(demo.REAL["splice_tokens"])  # the same tokens for all
         assert step.output.parent == tmp_path / "sae" / "smollm2" / "layer2"
+    # the report's ReLU grid: short, at the default batch
     assert arg["SAE grid"]["--l1"] == "1e-4,3e-4,1e-3" and grid.output.name == "0.5x+1x+2x"
+    assert arg["SAE grid"]["--steps"] == "250" and "--batch-size" not in grid.argv
+    # TopK through its fast path at k spanning L0 16..128, for the run's training budget
+    assert arg["TopK SAEs"]["--arch"] == "topk" and topk.output.name == "topk-4x"
+    assert arg["TopK SAEs"]["--topk"] == "16,32,64,128"
+    assert int(arg["TopK SAEs"]["--steps"]) * int(arg["TopK SAEs"]["--batch-size"]) > 10**6
     assert arg["neuron basis"]["--arch"] == "neurons" and neurons.output.name == "neurons-1x"
     assert arg["PCA"]["--arch"] == "pca" and pca.output.name == "pca-1x"
-    assert arg["neuron basis"]["--topk"] == arg["PCA"]["--topk"] == "8,32,all"
+    # the baselines at the TopK grid's k (matched L0 on the methods page), and dense
+    assert arg["neuron basis"]["--topk"] == arg["PCA"]["--topk"] == "16,32,64,128,all"
     assert report.argv[:2] == ["analyze", "report"] and methods.argv[:2] == ["analyze", "methods"]
     for step in (report, methods):
         assert arg[step.name]["--lm"] == "smollm2" and arg[step.name]["--layer"] == "2"
@@ -254,6 +262,13 @@ def test_the_smollm2_quick_and_full_runs_differ_only_in_size(tmp_path):
     grid = next(s for s in full if s.name == "SAE grid")
     assert grid.argv[grid.argv.index("--dict") + 1] == "1x,2x,4x,8x,16x"
     assert grid.argv[grid.argv.index("--steps") + 1] == "10000"
+    # the smoke run stays a smoke run: a small store, every training step a few thousand rows
+    qharvest = next(s for s in quick if s.name.startswith("harvest"))
+    assert int(qharvest.argv[qharvest.argv.index("--tokens") + 1]) <= 16_384
+    for step in quick:
+        if step.argv[0] == "train":
+            a = dict(zip(step.argv, step.argv[1:], strict=False))
+            assert int(a["--steps"]) * int(a.get("--batch-size", 256)) <= 16_384, step.name
     for step in quick + full:
         build_parser().parse_args(step.argv)
 
@@ -279,8 +294,11 @@ def test_the_smollm2_demo_runs_in_order_resumes_and_refuses_another_model(
                 f"relu,{a},{n},{n // 20 * (n > 1536)}" for a in (3e-4, 3e-3) for n in (768, 3072)
             ]
             (step.output / "summary.csv").write_text("arch,l1,dict_size,dead\n" + "\n".join(rows))
-        elif step.name in ("neuron basis", "PCA"):  # no L1: never read as the ReLU grid
-            (step.output / "summary.csv").write_text("arch,top_k,dict_size,dead\npca,8,1536,0\n")
+        elif step.name in ("TopK SAEs", "neuron basis", "PCA"):  # never read as the ReLU grid
+            arch = step.argv[step.argv.index("--arch") + 1]
+            (step.output / "summary.csv").write_text(
+                f"arch,top_k,dict_size,dead\n{arch},16,1536,0\n"
+            )
         return 0
 
     monkeypatch.setattr(demo, "cli_main", fake_main)
@@ -291,6 +309,7 @@ def test_the_smollm2_demo_runs_in_order_resumes_and_refuses_another_model(
         "adopt smollm2",
         "harvest layer 2",
         "SAE grid",
+        "TopK SAEs",
         "neuron basis",
         "PCA",
         "report",

