@@ -84,7 +84,7 @@ def record_run(group: Any, made: dict, precision: str, start: int, rows: int) ->
     (a resume with another world size or device shows there)."""
     runs = list(group.attrs.get("harvest_runs") or [])[-(MAX_RUNS - 1) :]
     runs.append({**made, "precision": precision, "rows_from": int(start), "rows_to": int(rows)})
-    group.attrs.update({**made, "precision": precision, "harvest_runs": runs})
+    group.update_attributes({**made, "precision": precision, "harvest_runs": runs})  # one write
 
 
 def record_shares(groups: list, shares: list[dict]) -> None:
@@ -93,7 +93,7 @@ def record_shares(groups: list, shares: list[dict]) -> None:
         runs = list(group.attrs.get("harvest_runs") or [])
         if runs:
             runs[-1] = {**runs[-1], "ranks": shares}
-            group.attrs.update({"harvest_runs": runs})
+            group.update_attributes({"harvest_runs": runs})
     if len(shares) > 1:
         for s in shares:
             print(

@@ -190,7 +190,9 @@ def _build(
             **_codecs(),
         )
     progress = Progress(rows, 0, False, chunk_rows, batch_size)
-    group.attrs.update(
+    # One write of zarr.json (``attrs.update`` would write it once per key: an object store
+    # failing in between would leave a store with half its attributes).
+    group.update_attributes(
         {
             "format": FORMAT,
             "unsuperpose_version": __version__,
@@ -306,7 +308,7 @@ def remove_interrupted_writes(path: storage.Location) -> int:
 
 
 def record_progress(group: zarr.Group, rows_written: int, complete: bool) -> None:
-    group.attrs.update({"rows_written": int(rows_written), "complete": bool(complete)})
+    group.update_attributes({"rows_written": int(rows_written), "complete": bool(complete)})
 
 
 def check_same_source(path: storage.Location, have: Provenance, want: Provenance) -> None:
@@ -333,7 +335,7 @@ def grow(group: zarr.Group, rows: int) -> None:
     for name in (ACTS, *ROW_ARRAYS):
         arr = group[name]
         arr.resize((rows,) + arr.shape[1:])
-    group.attrs.update({"rows_planned": int(rows), "complete": False})
+    group.update_attributes({"rows_planned": int(rows), "complete": False})
 
 
 def resume_row(prog: Progress) -> int:

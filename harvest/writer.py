@@ -14,7 +14,7 @@ import threading
 import numpy as np
 import zarr
 
-from unsuperpose import faults
+from unsuperpose import faults, locking
 
 from . import store
 from .bf16 import BF16
@@ -118,10 +118,13 @@ class ChunkWriter:
         self._raise_if_failed()
 
     def abort(self) -> None:
-        """Stop after the chunks already queued (on interrupt): they are complete, keep them."""
+        """Stop after the chunks already queued (on interrupt): they are complete, keep them.
+        After a lost lease, at once: another run may own the store by now, so the writes in
+        flight must end with this process, not land later."""
         self._current = None
         self._full.put(None)
-        self._thread.join()
+        if not locking.lost():
+            self._thread.join()
 
     def _take_free(self) -> _Chunk:
         while True:
@@ -138,10 +141,16 @@ class ChunkWriter:
             raise RuntimeError(f"writing {self.group.store} failed: {self._error}") from self._error
 
     def _write_loop(self) -> None:
-        acts, tokens, positions, heldout = (
-            store.writable(self.group, n) for n in (store.ACTS, *store.ROW_ARRAYS)
-        )
+        try:  # opening the arrays reads their metadata: on object storage that can fail too
+            acts, tokens, positions, heldout = (
+                store.writable(self.group, n) for n in (store.ACTS, *store.ROW_ARRAYS)
+            )
+        except BaseException as exc:  # the producer must hear of it, not wait for a free buffer
+            faults.mark(exc, _where(self.group))
+            self._error = exc
         while (chunk := self._full.get()) is not None:
+            if self._error is None and locking.lost():  # the store may be another run's now
+                self._error = RuntimeError("; ".join(locking.lost()))
             if self._error is not None:
                 continue  # drain without writing: rows after a failed chunk must not land
             try:

@@ -14,7 +14,7 @@ import shlex
 import sys
 import traceback
 
-from unsuperpose import __version__, distributed, faults
+from unsuperpose import __version__, distributed, faults, locking
 from unsuperpose.commands._errors import fault_line
 from unsuperpose.errors import UserError
 
@@ -62,6 +62,15 @@ def _resume_command(argv: list[str]) -> str:
     return shlex.join(["unsuperpose", *(a for a in argv if a != "--debug")])
 
 
+def _lost_line(args: argparse.Namespace, argv: list[str]) -> str:
+    """The one line of a run stopped because its lease on object storage was lost."""
+    kept = _kept(args) or "what was written before, each object whole"
+    return (
+        f"{'; '.join(locking.lost())}; stopped so that no two runs write it; kept: {kept}; "
+        f"once the object store answers, run `{_resume_command(argv)}` again"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -71,24 +80,33 @@ def main(argv: list[str] | None = None) -> int:
         # Under torchrun rank 0 speaks for the job; the others print only their errors.
         sys.stdout = open(os.devnull, "w")
     code = 1  # an exception that escapes below
+    locking.forget_lost()
     try:
         code = int(args.func(args) or 0)
-    except UserError as exc:
-        print(f"unsuperpose {args.command}: error: {exc}", file=sys.stderr)
-        code = 2
-    except KeyboardInterrupt:
-        print(
-            f"\nunsuperpose {args.command}: interrupted; run the same command again to resume.",
-            file=sys.stderr,
-        )
-        code = 130
+    except (UserError, KeyboardInterrupt) as exc:
+        if locking.lost():  # the lease's thread stopped this run: an outage, not Ctrl-C
+            print(f"unsuperpose {args.command}: error: {_lost_line(args, argv)}", file=sys.stderr)
+            code = EXIT_IO
+        elif isinstance(exc, UserError):
+            print(f"unsuperpose {args.command}: error: {exc}", file=sys.stderr)
+            code = 2
+        else:
+            print(
+                f"\nunsuperpose {args.command}: interrupted; run the same command again to resume.",
+                file=sys.stderr,
+            )
+            code = 130
     except Exception as exc:
         fault = faults.classify(exc)
-        if fault is None:
+        # A lost lease is why the run stopped, whatever failed after it.
+        if fault is None and not locking.lost():
             raise  # a bug: its traceback is what helps
         if debug:
             traceback.print_exc()
-        line = fault_line(fault, _kept(args), _resume_command(argv))
+        if locking.lost():
+            line = _lost_line(args, argv)
+        else:
+            line = fault_line(fault, _kept(args), _resume_command(argv))
         print(f"unsuperpose {args.command}: error: {line}", file=sys.stderr)
         code = EXIT_IO
     finally:

@@ -67,9 +67,13 @@ from pathlib import Path
 from unsuperpose import distributed, storage
 from unsuperpose.errors import UserError
 
-LEASE_SECONDS = 60.0  # an S3 lease not renewed for this long is expired
-RENEW_SECONDS = 20.0  # how often the holder renews it
-_LOST: set[str] = set()  # the leases this process has lost (see check_held)
+# An S3 lease not renewed for this long is expired. Its holder renews it every RENEW_SECONDS, and
+# retries a renewal that fails every few seconds; so an outage of the object store shorter than
+# about LEASE_SECONDS - 3 x the lease client's timeout (150 s) is ridden out, and a longer one
+# stops the holder before its lease can expire (``_Lease._renew``).
+LEASE_SECONDS = 180.0
+RENEW_SECONDS = 20.0
+_LOST: dict[str, str] = {}  # the leases this process has lost -> why (see check_held, lost)
 
 
 @dataclass(frozen=True)
@@ -286,6 +290,18 @@ class _Lease:
         self.lease_s, self.renew_s = float(lease_s), float(renew_s)
         self.on_lost = on_lost or _thread.interrupt_main
         self.fs = storage._filesystem(loc)  # the same client as the rest of the run
+        # Renewals go through a client of their own that answers within ``attempt_s`` (one try,
+        # short timeouts), so the renewing thread always knows in time whether it still holds
+        # the lease; the run's client may spend minutes retrying one request.
+        timeout = max(0.5, min(10.0, (self.lease_s - self.renew_s) / 4))
+        self.attempt_s = 3 * timeout  # connecting, sending, waiting for the answer
+        self.renew_fs = storage._filesystem(
+            loc,
+            tries=1,
+            connect_timeout=timeout,
+            read_timeout=timeout,
+            user_agent_extra="unsuperpose-lease",  # never the run's client, whatever its timeouts
+        )
         self.bucket, self.key = loc.key.split("/", 1)
         self.etag: str | None = None
         self.renewals = 0
@@ -303,8 +319,8 @@ class _Lease:
             }
         ).encode()
 
-    def _put(self, **condition: str) -> str:
-        return self.fs.call_s3(
+    def _put(self, fs=None, **condition: str) -> str:
+        return (fs or self.fs).call_s3(
             "put_object",
             Bucket=self.bucket,
             Key=self.key,
@@ -313,11 +329,12 @@ class _Lease:
             **condition,
         )["ETag"]
 
-    def read(self) -> tuple[Holder | None, str, float] | None:
+    def read(self, fs=None) -> tuple[Holder | None, str, float] | None:
         """(holder, ETag, seconds left by the server's clock), or None when there is no lease."""
+        fs = fs or self.fs
 
         async def get():
-            resp = await self.fs._call_s3("get_object", Bucket=self.bucket, Key=self.key)
+            resp = await fs._call_s3("get_object", Bucket=self.bucket, Key=self.key)
             try:
                 return await resp["Body"].read(), resp
             finally:
@@ -326,7 +343,7 @@ class _Lease:
         from fsspec.asyn import sync
 
         try:
-            data, resp = sync(self.fs.loop, get)
+            data, resp = sync(fs.loop, get)
         except FileNotFoundError:
             return None
         try:
@@ -340,6 +357,7 @@ class _Lease:
 
     def acquire(self) -> _Lease:
         for _ in range(10):
+            self.sent = time.monotonic()  # its Last-Modified, by the server's clock, is later
             try:
                 self.etag = self._put(IfNoneMatch="*")
                 break
@@ -360,6 +378,7 @@ class _Lease:
                     "and can then be taken over"
                 )
                 raise Locked(self.what, holder, str(self.loc), until)
+            self.sent = time.monotonic()
             try:
                 self.etag = self._put(IfMatch=etag)
             except Exception as exc:  # noqa: BLE001
@@ -378,39 +397,47 @@ class _Lease:
             break
         else:
             raise UserError(f"{self.loc}: the lease changed hands at every try; run again")
-        _LOST.discard(str(self.loc))
+        _LOST.pop(str(self.loc), None)
         self._thread = threading.Thread(target=self._renew, name=f"lease {self.loc}", daemon=True)
         self._thread.start()
         return self
 
     def _renew(self) -> None:
-        renewed = time.monotonic()
-        while not self._stop.wait(self.renew_s):
-            try:
-                self.etag = self._put(IfMatch=self.etag)
-                renewed = time.monotonic()
-                self.renewals += 1
-            except Exception as exc:  # noqa: BLE001 (a passing error: the next tick tries again)
-                taken = _precondition_failed(exc) or isinstance(exc, FileNotFoundError)
-                if taken and self._still_mine():  # a renewal whose answer was lost, retried
+        """Renew every ``renew_s``; after a failure, again every few seconds. The lease expires
+        ``lease_s`` after the server received the last renewal, which was after ``ok`` (when it
+        was sent): a renewal that could end past that is not started, the lease is given up
+        instead, so the holder has stopped before another run can take it over."""
+        ok, failed = self.sent, False
+        while not self._stop.wait(min(self.renew_s, 2.0) if failed else self.renew_s):
+            why = None
+            if time.monotonic() + self.attempt_s > ok + self.lease_s:
+                why = f"it could not be renewed for {time.monotonic() - ok:.0f} s"
+            else:
+                sent = time.monotonic()
+                try:
+                    self.etag = self._put(self.renew_fs, IfMatch=self.etag)
+                    ok, failed = sent, False
+                    self.renewals += 1
                     continue
-                if taken or time.monotonic() - renewed > self.lease_s:
-                    self.lost = True
-                    _LOST.add(str(self.loc))
-                    why = (
-                        "another run took it over" if taken else f"it could not be renewed ({exc})"
-                    )
-                    print(
-                        f"unsuperpose: error: lost the lease {self.loc} on {self.what} ({why}); "
-                        "stopping",
-                        file=sys.stderr,
-                    )
-                    self.on_lost()
-                    return
+                except Exception as exc:  # noqa: BLE001 (judged below; a passing error retries)
+                    taken = _precondition_failed(exc) or isinstance(exc, FileNotFoundError)
+                    if taken and self._still_mine():  # a renewal whose answer was lost
+                        ok, failed = sent, False
+                        continue
+                    failed = True
+                    if taken:
+                        why = "another run took it over"
+                    elif time.monotonic() + self.attempt_s > ok + self.lease_s:
+                        why = f"it could not be renewed for {time.monotonic() - ok:.0f} s ({exc})"
+            if why is not None:
+                self.lost = True
+                _LOST[str(self.loc)] = f"lost the lease {self.loc} on {self.what}: {why}"
+                self.on_lost()
+                return
 
     def _still_mine(self) -> bool:
         try:
-            got = self.read()
+            got = self.read(self.renew_fs)
         except Exception:  # noqa: BLE001 (unknown: not ours)
             return False
         if got is None or got[0] is None or got[0].token != self.holder.token:
@@ -466,6 +493,16 @@ def check_held(output: storage.Location) -> None:
             f"lost the lease {where} on {output}: another run may be writing it now, "
             "so nothing more is written there; run this command again when it is done"
         )
+
+
+def lost() -> list[str]:
+    """Why each lease this process held was lost (empty: none was): a writer stops writing."""
+    return list(_LOST.values())
+
+
+def forget_lost() -> None:
+    """A new command in this process (the CLI called again, as tests do) starts with none lost."""
+    _LOST.clear()
 
 
 def current_holder(output: storage.Location) -> Holder | None:

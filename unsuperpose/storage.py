@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from unsuperpose import faults
 from unsuperpose.config import json_text, write_text_atomic
 from unsuperpose.errors import UserError
 
@@ -104,28 +105,98 @@ def resolved(loc: Location) -> str:
 # -- the filesystem behind a URL -------------------------------------------------------------
 
 
-def storage_options(protocol: str) -> dict[str, Any]:
-    """fsspec options for ``protocol``: no listing cache; for S3 the environment's endpoint."""
+# -- the retry budget of a request to object storage ----------------------------------------
+# Each request (a chunk's PUT, a listing, a read) is tried up to S3_TRIES times, with s3fs's
+# waits between tries: 0.1 s growing 1.7-fold up to 15 s, so 20 tries wait 179 s in all (about
+# three minutes of outage ridden out). A try gives up after S3_CONNECT_S without a connection or
+# S3_READ_S without an answer. What is retried: the endpoint not answering (refused, reset,
+# timed out) and its 5xx answers (500, 502, 503 "SlowDown", 504); a refusal it means (403, 404)
+# is not. botocore itself is told not to retry, so the two never multiply. Once the budget is
+# spent the command ends in one line (exit 74) and a rerun resumes. Environment variables change
+# it (the tests' outages are seconds long).
+S3_TRIES = 20
+S3_CONNECT_S = 10.0
+S3_READ_S = 30.0
+TRIES_ENV, CONNECT_ENV, READ_ENV = (
+    "UNSUPERPOSE_S3_TRIES",
+    "UNSUPERPOSE_S3_CONNECT_TIMEOUT",
+    "UNSUPERPOSE_S3_READ_TIMEOUT",
+)
+
+
+def retry_budget() -> tuple[int, float, float]:
+    """(tries per request, connect timeout s, read timeout s) in force."""
+    return (
+        max(1, int(os.environ.get(TRIES_ENV, S3_TRIES))),
+        float(os.environ.get(CONNECT_ENV, S3_CONNECT_S)),
+        float(os.environ.get(READ_ENV, S3_READ_S)),
+    )
+
+
+def waits(tries: int) -> float:
+    """Seconds s3fs sleeps over ``tries`` failed tries (``s3fs.core._error_wrapper``)."""
+    return sum(min(1.7**i * 0.1, 15) for i in range(tries))
+
+
+def _transient(exc: BaseException) -> bool:
+    """For s3fs: whether a failed try is worth another (an outage, not an answer)."""
+    fault = faults.classify(exc)
+    return fault is not None and fault.passing
+
+
+_RETRIES_SET = False
+
+
+def _retry_transient_errors() -> None:
+    """s3fs retries timeouts and dropped connections itself; with this it also retries a refused
+    connection and the endpoint's 5xx answers (the handler is s3fs's public hook, process-wide)."""
+    global _RETRIES_SET
+    if not _RETRIES_SET:
+        import s3fs.core
+
+        s3fs.core.set_custom_error_handler(_transient)
+        _RETRIES_SET = True
+
+
+def storage_options(protocol: str, **config: Any) -> dict[str, Any]:
+    """fsspec options for ``protocol``: no listing cache; for S3 the environment's endpoint and
+    the timeouts of the retry budget (``config``: other botocore settings, e.g. timeouts)."""
     opts: dict[str, Any] = {}
     if protocol in ("s3", "s3a"):
         opts["use_listings_cache"] = False
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         if endpoint:
             opts["endpoint_url"] = endpoint
+        _, connect_s, read_s = retry_budget()
+        opts["config_kwargs"] = {
+            "connect_timeout": connect_s,
+            "read_timeout": read_s,
+            "retries": {"mode": "standard", "total_max_attempts": 1},  # s3fs retries (above)
+            **config,
+        }
     return opts
 
 
-def _filesystem(loc: ObjectPath, **extra: Any):
+def _filesystem(loc: ObjectPath, tries: int | None = None, **config: Any):
+    """The fsspec filesystem of ``loc``; ``tries`` and ``config`` (botocore settings) for a
+    client that must answer sooner than the retry budget allows (a distinct cached instance)."""
     import fsspec
 
     try:
-        return fsspec.filesystem(loc.protocol, **storage_options(loc.protocol), **extra)
+        fs = fsspec.filesystem(loc.protocol, **storage_options(loc.protocol, **config))
     except ImportError as exc:
         if loc.protocol in ("s3", "s3a"):
             raise UserError(f"{loc} is on S3, which needs s3fs: {INSTALL_HINT}") from exc
         raise UserError(f"{loc}: {exc}") from exc
     except ValueError as exc:  # an unknown protocol
         raise UserError(f"{loc}: {exc}; use a local path or s3://bucket/prefix") from exc
+    if loc.protocol in ("s3", "s3a"):
+        _retry_transient_errors()
+        fs.retries = tries or retry_budget()[0]  # an attribute of s3fs's, not an argument
+    return fs
+
+
+_NO_KEYS = {"NoCredentialsError", "PartialCredentialsError"}
 
 
 def _explain(loc: ObjectPath, exc: BaseException) -> UserError | None:
@@ -133,7 +204,7 @@ def _explain(loc: ObjectPath, exc: BaseException) -> UserError | None:
     names = {t.__name__ for t in type(exc).__mro__}
     endpoint = storage_options(loc.protocol).get("endpoint_url")
     where = f"the endpoint {endpoint} (AWS_ENDPOINT_URL)" if endpoint else "AWS's default endpoint"
-    if names & {"NoCredentialsError", "PartialCredentialsError"}:
+    if names & _NO_KEYS:
         return UserError(
             f"no AWS credentials for {loc}: set AWS_ACCESS_KEY_ID and "
             "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE with ~/.aws/credentials), and "
@@ -157,14 +228,20 @@ def _explain(loc: ObjectPath, exc: BaseException) -> UserError | None:
     return None
 
 
-def _call(loc: ObjectPath, fn, *args: Any, **kw: Any) -> Any:
+def _call(loc: ObjectPath, fn, *args: Any, explain: bool = False, **kw: Any) -> Any:
+    """``fn(*args, **kw)``; missing credentials are said at once. ``explain``: so are an
+    unreachable endpoint and a denied access, as bad settings (``check_access``, before any
+    work); later they are faults of a run under way (``unsuperpose.faults``): the one-line error
+    then says what the run kept, and ``loc`` is marked as where they happened."""
     try:
         return fn(*args, **kw)
     except UserError:
         raise
     except Exception as exc:
         explained = _explain(loc, exc)
-        if explained is None:
+        no_keys = {t.__name__ for t in type(exc).__mro__} & _NO_KEYS
+        if explained is None or not (explain or no_keys):
+            faults.mark(exc, loc)
             raise
         raise explained from exc
 
@@ -177,9 +254,9 @@ def check_access(loc: Location) -> None:
     """
     if not is_remote(loc):
         return
-    fs = _filesystem(loc, config_kwargs={"connect_timeout": 10, "retries": {"max_attempts": 2}})
+    fs = _filesystem(loc, tries=2, connect_timeout=5)
     try:
-        _call(loc, fs.info, loc.bucket)
+        _call(loc, fs.info, loc.bucket, explain=True)
     except FileNotFoundError:
         raise UserError(
             f"the bucket {loc.bucket!r} of {loc} does not exist; create it (e.g. "
@@ -291,10 +368,13 @@ def zarr_store(loc: Location, *, read_only: bool = False) -> Any:
         return loc
     from zarr.storage import FsspecStore
 
-    _filesystem(loc)  # the clear error for a missing s3fs, before zarr's own
-    return FsspecStore.from_url(
+    fs = _filesystem(loc)  # the clear error for a missing s3fs, before zarr's own
+    store = FsspecStore.from_url(
         str(loc), storage_options=storage_options(loc.protocol), read_only=read_only
     )
+    # zarr opens its own, asynchronous instance: the same retry budget for it
+    store.fs.retries = fs.retries
+    return store
 
 
 def open_zarr_group(loc: Location, mode: str = "r", **kw: Any) -> Any:

@@ -116,6 +116,7 @@ def kept(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    storage.check_access(args.store)  # an endpoint that does not answer says so at once
     if not storage.exists(args.store):
         raise UserError(f"no store at {args.store}: harvest one first, e.g. `make harvest LAYER=1`")
     spec = getattr(args, "dict", None) or DEFAULT_DICT
