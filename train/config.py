@@ -1,4 +1,10 @@
-"""What a grid of SAEs is trained with: one dataclass, saved as JSON beside the dictionaries."""
+"""What a grid of SAEs is trained with: one dataclass, saved as JSON beside the dictionaries.
+
+It names no architecture: ``arch`` is a registered family (``train.registry``), ``sparsity``
+holds that family's knob values in its knob's type, and the option groups (AuxK, BatchTopK, ...)
+are fields here so that each is a group of flags and a block of the JSON; which family reads
+which group, and which top-level settings are one family's own, its record says.
+"""
 
 from __future__ import annotations
 
@@ -243,8 +249,10 @@ class SAETrainConfig:
         values = list(family.defaults if self.sparsity is None else self.sparsity)
         try:
             self.sparsity = knob.convert(values)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"{self.arch}: {exc}") from None
+        except (TypeError, ValueError) as exc:  # e.g. another architecture's values kept
+            raise ValueError(
+                f"{self.arch}: {exc} (sparsity holds the values of its knob, {knob.label})"
+            ) from None
         self.dict_sizes = [int(v) for v in self.dict_sizes]
         problems += knob.problems(self.sparsity)
         sc = self.sparse_coding
