@@ -608,7 +608,7 @@ def test_a_toy_grid_on_a_disk_that_fills_up(tmp_path, monkeypatch, capsys):
 
 # -- object storage: an endpoint that stalls, fails or drops connections for a while ----------
 
-S3_SETTINGS = {"UNSUPERPOSE_S3_TRIES": "8", "UNSUPERPOSE_S3_READ_TIMEOUT": "2"}  # 5.7 s of waits
+S3_SETTINGS = {"UNSUPERPOSE_S3_TRIES": "8", "UNSUPERPOSE_S3_READ_TIMEOUT": "2"}  # 9.8 s of waits
 
 
 class FlakyEndpoint:
@@ -828,7 +828,7 @@ def test_an_outage_within_the_retry_budget_is_ridden_out(
     from test_s3 import tree
 
     url = f"{s3}/acts/tiny"
-    flaky.fault(mode, status, after=60, for_s=2.5)  # mid-harvest, shorter than 5.7 s of waits
+    flaky.fault(mode, status, after=60, for_s=2.5)  # mid-harvest, shorter than 9.8 s of waits
     assert main(s3_harvest_args(tiny_lm_dir, url)) == 0
     assert flaky.faulted > 0 and "error" not in capsys.readouterr().err
     assert tree(f"{url}/layer1.zarr") == tree(local_s3_reference)
