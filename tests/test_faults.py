@@ -625,6 +625,7 @@ class FlakyEndpoint:
         self.mode, self.status, self.after = "pass", 0, 0
         self.for_s, self.until = float("inf"), None
         self.hook, self.hook_after = None, 0  # see ``at``
+        self.trigger = None  # see ``after_request``
         self.faulted = 0  # requests answered with a fault
         self.passed = 0
         self.healed = threading.Event()
@@ -672,10 +673,14 @@ class FlakyEndpoint:
                         self.send_response(flaky.status)
                         self.send_header("Content-Length", str(len(text)))
                         self.end_headers()
-                        self.wfile.write(text)
+                        if self.command != "HEAD":  # a HEAD answer has no body
+                            self.wfile.write(text)
                         return
                 flaky.after -= 1
                 flaky.passed += 1
+                then = None
+                if flaky.trigger is not None and flaky.trigger[0](self.command, self.path):
+                    then, flaky.trigger = flaky.trigger[1], None
                 conn = http.client.HTTPConnection(host.hostname, host.port, timeout=60)
                 headers = {
                     k: v for k, v in self.headers.items() if k.lower() != "transfer-encoding"
@@ -694,6 +699,8 @@ class FlakyEndpoint:
                 if self.command != "HEAD":
                     self.wfile.write(data)
                 conn.close()
+                if then is not None:
+                    then()
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
 
@@ -715,6 +722,10 @@ class FlakyEndpoint:
     def at(self, after: int, hook) -> None:
         """Call ``hook()`` when the ``after``-th next request arrives (passed through as usual)."""
         self.hook, self.hook_after = hook, after
+
+    def after_request(self, matches, then) -> None:
+        """Once a request ``matches(method, path)`` has been answered, call ``then()``."""
+        self.trigger = (matches, then)
 
     def heal(self) -> None:
         self.mode, self.until = "pass", None
@@ -930,3 +941,73 @@ def test_a_holder_cut_off_longer_than_its_lease_stops_before_another_run_takes_o
     assert locking.current_holder(out).token == b.holder.token
     b.release()
     assert locking.current_holder(out) is None
+
+
+@pytest.mark.s3
+@pytest.mark.slow
+def test_a_grid_mirrored_to_s3_through_an_outage_ends_in_one_line_and_resumes(
+    flaky, s3, tmp_path, monkeypatch, capsys
+):
+    """A toy grid whose --out is on S3 (worked in a local mirror, copied up after each
+    checkpoint): the store fails for good once the first checkpoint is up; the run stops in one
+    line, and the rerun resumes from the bucket's checkpoint and leaves a local run's bytes."""
+    from test_s3 import tree
+    from unsuperpose import locking
+
+    monkeypatch.setenv("UNSUPERPOSE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("UNSUPERPOSE_S3_TRIES", "3")
+    local = tmp_path / "local"
+    assert main(toy_args(local)) == 0
+    url = f"{s3}/runs/toy"
+    args = toy_args(url)
+    flaky.after_request(
+        lambda method, path: method == "PUT" and path.endswith("/checkpoint/state.json"),
+        lambda: flaky.fault("fail", 503),
+    )
+    assert main(args) == EXIT_IO
+    line = one_line(capsys.readouterr().err)
+    # a HEAD (does state.json exist?) is what fails first: its answer has no body, no code
+    assert line.startswith(
+        f"unsuperpose toy: error: the object store kept failing (HTTP 503) at {url}/checkpoint/"
+    ), line
+    assert f"kept: the last checkpoint copied up to {url}/checkpoint whole" in line
+    flaky.heal()
+    monkeypatch.setattr(locking, "_pid_runs", lambda pid: pid != os.getpid())  # a new process
+    assert main(args) == 0
+    assert "resuming from the checkpoint at step 10 of 40" in capsys.readouterr().out
+    remote, mine = tree(url), tree(local)
+    assert remote.keys() == mine.keys()
+    assert all(remote[k] == mine[k] for k in mine if k != "log.jsonl")
+
+
+@pytest.mark.s3
+@pytest.mark.slow
+def test_a_report_on_s3_through_an_outage_ends_in_one_line_and_the_rerun_writes_it_whole(
+    flaky, s3, analyze_runs, tmp_path, monkeypatch, capsys
+):
+    from test_s3 import tree
+    from unsuperpose import locking, storage
+
+    monkeypatch.setenv("UNSUPERPOSE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("UNSUPERPOSE_S3_TRIES", "3")
+    runs = storage.location(f"{s3}/runs")
+    files = [f for f in storage.list_files(analyze_runs) if not f.startswith("acts/")]
+    storage.upload_tree(analyze_runs, runs, files)
+    base = ["analyze", "report", "--runs", str(runs), "--lm", "tiny", "--layer", "1"]
+    base += ["--no-features", "--no-progress"]
+    undisturbed = f"{runs}/report/undisturbed"
+    assert main([*base, "--out", undisturbed]) == 0
+    out = f"{runs}/report/tiny-layer1"
+    args = [*base, "--out", out]
+    flaky.fault("fail", 500, after=20)  # while it reads the runs
+    assert main(args) == EXIT_IO
+    line = one_line(capsys.readouterr().err)
+    assert line.startswith("unsuperpose analyze: error: the object store kept failing (HTTP 500")
+    assert f"kept: every run it reads, unchanged (analysis only reads them); of {out}, " in line
+    flaky.heal()
+    monkeypatch.setattr(locking, "_pid_runs", lambda pid: pid != os.getpid())  # a new process
+    assert main(args) == 0
+    got, want = tree(out), tree(undisturbed)
+    assert got.keys() == want.keys()
+    for key in set(want) - {"log.jsonl"}:  # the pages name their own folder
+        assert got[key].replace(out.encode(), undisturbed.encode()) == want[key], key

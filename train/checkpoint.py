@@ -269,9 +269,7 @@ def load_checkpoint(state, directory: str | Path, source_info: dict | None = Non
     check_compatible(meta, state.config, state.d, source_info)
     check_whole(directory, meta)
     # Each rank reads only its share (eight ranks on a node would otherwise hold eight copies).
-    wanted = {
-        f"{kind}group{gid}." for gid in state.group_ids for kind in ("", "adam.", "stats.")
-    }
+    wanted = {f"{kind}group{gid}." for gid in state.group_ids for kind in ("", "adam.", "stats.")}
     with safe_open(str(Path(directory) / WEIGHTS), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys() if k.startswith(tuple(wanted))}
     restore(state, tensors, int(meta["step"]), meta["history"], meta["param_groups"])

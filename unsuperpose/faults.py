@@ -133,7 +133,9 @@ def _object_store(exc: BaseException) -> tuple[str, str] | None:
         if code in _DENIED or status == 403:
             return "denied", f"the object store denied access ({code or status})"
         if code in _BUSY or (isinstance(status, int) and status >= 500):
-            return "refusing", f"the object store kept failing (HTTP {status} {code})".rstrip()
+            # an answer without a body (to a HEAD) has only its status for a code
+            code = "" if code == str(status) else f" {code}"
+            return "refusing", f"the object store kept failing (HTTP {status}{code})"
         return None
     if names & _UNREACHABLE:
         return "unreachable", "the object store could not be reached"

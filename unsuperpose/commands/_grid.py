@@ -340,8 +340,9 @@ def grid_kept(out) -> str:
     (reads only: the fault may still be there)."""
     if storage.is_remote(out):
         return (
-            f"the last checkpoint copied up to {out / CHECKPOINT_DIR} (copied after each "
-            "save, state.json last); the rerun resumes from it"
+            f"the last checkpoint copied up to {out / CHECKPOINT_DIR} whole (its state.json is "
+            "copied last and deleted first); the rerun resumes from it, or starts over where "
+            "state.json is missing"
         )
     found = peek_checkpoint(Path(out) / CHECKPOINT_DIR)
     if found is not None:
