@@ -197,6 +197,22 @@ def test_a_run_killed_under_one_world_size_resumes_under_another_bit_identically
     assert_same_bytes(out, straight)
 
 
+@pytest.mark.torchrun
+def test_a_data_parallel_run_killed_between_two_logs_resumes_to_the_same_history(tmp_path):
+    """Logged every 25 steps, checkpointed every 30: the training scalars summed since the last
+    log are in the checkpoint, as the whole batch's (each rank sums only its slice)."""
+    args = TOY + ["--steps", "400", "--checkpoint-every", "30", "--parallel", "data"]
+    straight = two_processes(args, tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr
+    out = tmp_path / "resumed"
+    step = _killed_after_first_checkpoint(torchrun_cmd(args, out), out)
+    assert 0 < step < 400  # 30, 60, 90, 120: between two logs (150 and 300 would be on one)
+    finish = two_processes(args, out)
+    assert finish.returncode == 0, finish.stderr
+    assert f"resuming from the checkpoint at step {step:,}" in finish.stdout
+    assert_same_bytes(out, tmp_path / "straight")
+
+
 # -- devices: the device-agnostic code, run on the CPU here (and on a GPU when one is there) ------
 
 

@@ -295,15 +295,20 @@ def restore(
 ) -> None:
     """Put this state's share of a whole-grid checkpoint (``tensors``) into it."""
     sh = state.sharding
-    # Data parallel, rank 0 carries the whole batch's sums (the others add their slices' to it).
-    takes_stats = sh is None or not sh.data_parallel or sh.rank == 0
+    # The checkpoint holds the whole batch's sums and rows. Data parallel, each rank counts the
+    # rows of its slice (the logged mean multiplies them by the ranks) and rank 0 alone carries
+    # the sums (the others add their slices' to them).
+    split = sh is not None and sh.data_parallel and not sh.single
     for gid, g in zip(state.group_ids, state.groups):
         prefix = f"group{gid}."
         g.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
         sums = tensors.get(f"stats.group{gid}.sums")
-        if sums is not None and takes_stats:  # absent from checkpoints of older versions
+        if sums is not None:  # absent from checkpoints of older versions
+            rows = int(tensors[f"stats.group{gid}.rows"].item())
+            if split and sh.rank != 0:
+                sums = torch.zeros_like(sums)
             g.stats = sums.to(device=g.stats.device, dtype=g.stats.dtype).clone()
-            g.stat_rows = int(tensors[f"stats.group{gid}.rows"].item())
+            g.stat_rows = rows // sh.world_size if split else rows
     if param_groups is not None:
         local = {name: lp for lp, name in enumerate(_param_names(state))}
         opt_state: dict[int, dict] = {}
