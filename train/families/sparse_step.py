@@ -193,15 +193,17 @@ def auxk_grads(
     if not any(n_dead):
         return {}
     k_aux = auxk_k(group)
-    # The residual the live latents left is e = -err; its variance once per step, from err.
-    denom = (err - err.mean(dim=1, keepdim=True)).pow(2).sum(dim=(1, 2)).tolist()
+    with one_thread():
+        # The residual the live latents left is e = -err; its variance once per step, from err.
+        denom = (err - err.mean(dim=1, keepdim=True)).pow(2).sum(dim=(1, 2)).tolist()
     out = {}
     for s in range(group.S):
         if n_dead[s] == 0 or denom[s] <= 0:
             continue
-        cols = dead[s].nonzero().squeeze(1)
-        cand = pre[:, s].index_select(1, cols)  # (B, n_dead): only dead latents compete
-        dd = dn[s].index_select(0, cols)  # (n_dead, d): their unit decoder rows
+        with one_thread():
+            cols = dead[s].nonzero().squeeze(1)
+            cand = pre[:, s].index_select(1, cols)  # (B, n_dead): only dead latents compete
+            dd = dn[s].index_select(0, cols)  # (n_dead, d): their unit decoder rows
         ka = min(k_aux, n_dead[s])  # the rest of the reference's top k_aux are zeros
         # dL_aux / de_hat = c * (e_hat - e) = c * (e_hat + err)
         c = 2 * coef * min(n_dead[s] / k_aux, 1.0) / denom[s]
@@ -218,15 +220,21 @@ def dense_auxk(cand, ka, dd, err, xc, c):
     Measured at 4096 rows, d 1024, load 9-10 on 2 cores (``sparse_auxk`` against this): 512
     dead, k_aux 512: 12-15 s against 0.7 s (MKL's sparse products are slow per entry); 4,096
     dead, k_aux 512 (1/8): 5.1-6.9 s against 4.6-5.7; 8,192 dead (1/16): 6.2-9.3 s against
-    7.7-10.3; 4,096 dead, k_aux 128: 1.8-2.0 s against 5.7-5.8. Hence ``DENSE_AUXK`` 8."""
+    7.7-10.3; 4,096 dead, k_aux 128: 1.8-2.0 s against 5.7-5.8. Hence ``DENSE_AUXK`` 8.
+    The GEMMs run on every thread, the elementwise work on one (see ``one_thread``)."""
     if ka < cand.shape[1]:
         av, ai = cand.topk(ka, dim=-1, sorted=False)
-        codes = torch.zeros_like(cand).scatter_(1, ai, av.clamp_(min=0))
+        with one_thread():
+            codes = torch.zeros_like(cand).scatter_(1, ai, av.clamp_(min=0))
     else:
-        codes = cand.clamp_(min=0)  # cand is index_select's copy: pre is untouched
-    ga = torch.addmm(err, codes, dd).mul_(c)  # e_hat + err, scaled
-    dpre = (ga @ dd.T).mul_(codes > 0)  # ReLU's and the selection's gradient mask
-    return codes.T @ ga, dpre.T @ xc, dpre.sum(dim=0)
+        with one_thread():
+            codes = cand.clamp_(min=0)  # cand is index_select's copy: pre is untouched
+    ga = torch.addmm(err, codes, dd, beta=c, alpha=c)  # c * (e_hat + err)
+    dpre = ga @ dd.T
+    with one_thread():
+        dpre.mul_(codes > 0)  # ReLU's and the selection's gradient mask
+        db = dpre.sum(dim=0)
+    return codes.T @ ga, dpre.T @ xc, db
 
 
 def sparse_auxk(cand, ka, dd, err, xc, c):
@@ -251,12 +259,13 @@ def sparse_auxk(cand, ka, dd, err, xc, c):
 
 
 def add_auxk(aux: AuxGrads, n: int, db_enc, d_dn, d_wt) -> None:
-    """AuxK's gradients added into the step's (stacked) db_enc, dDn and dW_enc^T."""
-    for s, (cols, d_dn_a, d_wt_a, db_a) in aux.items():
-        rows = cols + s * n
-        d_dn.index_add_(0, rows, d_dn_a)
-        d_wt.index_add_(0, rows, d_wt_a)
-        with one_thread():
+    """AuxK's gradients added into the step's (stacked) db_enc, dDn and dW_enc^T, on one thread
+    (512 rows of 1,024 into dDn: 0.1 ms on one thread, 120 ms on two at load 6)."""
+    with one_thread():
+        for s, (cols, d_dn_a, d_wt_a, db_a) in aux.items():
+            rows = cols + s * n
+            d_dn.index_add_(0, rows, d_dn_a)
+            d_wt.index_add_(0, rows, d_wt_a)
             db_enc.index_add_(0, rows, db_a)
 
 
