@@ -162,6 +162,11 @@ def train_cell(cell: dict, folder: Path) -> dict:
         "rule_version": rec["window_rule"].get("rule_version"),
         "window_rule": rec["window_rule"]["window"],
         "window_truth": rec["window_rule"]["truth_window"],
+        # the rule says a count reads the features firing at least about as often as its rate r:
+        # how many true features do (a comparison only; the pointers are scored against G)
+        "features_above_r": int((src.probs >= rec["window_rule"]["rate"]).sum())
+        if rec["window_rule"].get("rate")
+        else None,
         "rule_reason": rec["window_rule"]["reason"],
         "best_mmcs": round(rec["optimum"]["mmcs"], 4),
         "best_at_ratio": rec["optimum"]["ratio"],
@@ -266,6 +271,7 @@ def markdown(records: list[dict], previous: list[dict] | None = None) -> str:
         "G",
         "data, seed",
         "window: rule / truth",
+        "true features above r",
         *SIGNALS,
         *(["earlier rule: window, default"] if previous else []),
         "best MMCS (at)",
@@ -293,6 +299,7 @@ def markdown(records: list[dict], previous: list[dict] | None = None) -> str:
                     f"{r['G']:,}",
                     f"{r['data']}, {r['seed']}",
                     window,
+                    f"{r['features_above_r']:,}" if r.get("features_above_r") else "–",
                     *cells,
                     f"{r['best_mmcs']:.3f} ({r['best_at_ratio']:g}x)",
                     f"{r['cpu_s'] / 60:.0f}",
