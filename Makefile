@@ -13,7 +13,7 @@ LM ?= tiny
 LAYER ?= 1
 DICT ?= 8x
 
-.PHONY: install toy test test-fast lint bench gpu-check demo real clean lm harvest train analyze replicate-update
+.PHONY: install toy test test-fast lint docs bench gpu-check demo real clean lm harvest train analyze replicate-update
 
 install: $(STAMP)
 
@@ -80,6 +80,11 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
+# The docs site (mkdocs-material, config in mkdocs.yml) into site/; open site/index.html.
+# --strict: a broken link or a missing page fails the build (tests/test_docs.py builds it too).
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict --site-dir site
+
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks $(ARGS)
 
@@ -102,4 +107,4 @@ real: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/unsuperpose demo --lm smollm2 $(RUNS_FLAG) $(ARGS)
 
 clean:
-	rm -rf $(RUNS) wandb build *.egg-info .pytest_cache
+	rm -rf $(RUNS) wandb build site *.egg-info .pytest_cache
