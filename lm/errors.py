@@ -1,5 +1,5 @@
 """The lm stage's errors: ValueErrors that say, in the stage's terms, what is wrong and what to
-do. The command line catches them and adds its flags (``unsuperpose/commands/lm.py``)."""
+do. The command line catches them and adds its flags (``commands/lm.py``)."""
 
 
 class ModelError(ValueError):

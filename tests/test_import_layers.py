@@ -2,7 +2,9 @@
 
 Read from the source (``ast``), not by importing: every ``import`` counts, the ones inside
 functions too, since a lazy import that closes a loop is still a loop. The stage folders are
-found through pyproject's package-dir (``train/`` is ``unsuperpose.train``, ...).
+found through pyproject's package-dir (``train/`` is ``unsuperpose.train``, ...), and the folders
+show the layers: ``unsuperpose/`` is the core alone, each stage and the command layer
+(``commands/``) a top-level folder of its own.
 
     unsuperpose (the core) <- lm, harvest, toy <- train <- analyze <- commands
 """
@@ -16,8 +18,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-# The command layer: everything that wires the stages together and parses flags.
+# The command layer: everything that wires the stages together and parses flags. The core's
+# cli.py and __main__.py are its entry points (``unsuperpose.cli:main``, ``python -m``) only.
 COMMANDS = ("unsuperpose.commands", "unsuperpose.cli", "unsuperpose.__main__")
+ENTRY_POINTS = ("unsuperpose.cli", "unsuperpose.__main__")
 # Which stages each stage may import, besides itself. harvest runs the LM; toy and train need
 # nothing of the others (train sees only the activation-source interface, whatever made it).
 MAY_IMPORT = {
@@ -92,6 +96,25 @@ def test_every_stage_imports_only_the_stages_below_it():
         if stage(t) != stage(m) and stage(t) not in MAY_IMPORT[stage(m)]
     )
     assert not wrong, "\n".join(wrong)
+
+
+def test_each_layer_has_a_folder_of_its_own():
+    """unsuperpose/ holds the core's modules and no package; the stages and the command layer are
+    each a top-level folder, installed under unsuperpose."""
+    setup = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {p: f for p, f in setup["package-dir"].items() if p != "unsuperpose"}
+    assert folders == {f"unsuperpose.{s}": s for s in MAY_IMPORT if s != "core"}
+    assert not [p for p in (ROOT / "unsuperpose").iterdir() if (p / "__init__.py").exists()]
+    assert all(MODULES[m].parent == ROOT / "commands" for m in MODULES if m.startswith(COMMANDS[0]))
+
+
+def test_the_core_opens_onto_the_commands_only_through_its_entry_points():
+    """The core's cli.py and __main__.py hand over to ``unsuperpose.commands.cli`` and hold
+    nothing else of the command layer's."""
+    for module in ENTRY_POINTS:
+        assert GRAPH[module] <= {"unsuperpose.commands.cli", "unsuperpose.cli"}, module
+    core = [m for m in MODULES if stage(m) == "core"]
+    assert not [m for m in core if any(stage(t) == "commands" for t in GRAPH[m])]
 
 
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:

@@ -1,6 +1,6 @@
 """The one exception type users see: a message that says what went wrong and what to do.
 
-Only the command layer raises it (``unsuperpose/commands``, and the shared modules beside it).
+Only the command layer raises it (``commands/``, and the shared modules of the core).
 The stage libraries (lm, harvest, toy, train, analyze) raise ordinary exceptions of their own
 (ValueError subclasses such as ``harvest.StoreError``) in their own terms; a command turns them
 into a UserError that names its flags (``unsuperpose.commands._errors.stage_errors``).

@@ -1,0 +1,119 @@
+"""The ``unsuperpose`` command: one subcommand per stage.
+
+This is the only layer that wires stages together. Each subcommand lives in
+``commands/<name>.py`` with ``add_parser(subparsers)`` and ``run(args)``; that keeps
+this file a registry and lets a stage's flags live next to the code that wires it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import shlex
+import sys
+import traceback
+
+from unsuperpose import __version__, distributed, faults, locking
+from unsuperpose.commands._errors import fault_line
+from unsuperpose.errors import UserError
+
+COMMANDS = ["toy", "lm", "harvest", "train", "analyze", "demo"]
+# An I/O fault (a full disk, a denied permission, an object store that is down): nothing kept
+# is lost and the same command resumes. sysexits.h's EX_IOERR, so that a script can tell it
+# from bad input (2) and from a bug (1).
+EXIT_IO = 74
+DEBUG_ENV = "UNSUPERPOSE_DEBUG"
+DEBUG_HELP = f"print the traceback of an I/O fault too (or set {DEBUG_ENV}=1)"
+
+
+def _add_debug(parser: argparse.ArgumentParser) -> None:
+    """``--debug`` on ``parser`` and every subcommand below it, so it may come anywhere."""
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):  # aliases name a parser twice
+                _add_debug(sub)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="unsuperpose",
+        description="Take features out of superposition: LM, harvest, SAE grids, analysis.",
+    )
+    parser.add_argument("--version", action="version", version=f"unsuperpose {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"unsuperpose.commands.{name}").add_parser(sub)
+    _add_debug(parser)
+    return parser
+
+
+def _kept(args: argparse.Namespace) -> str | None:
+    """What the command's stage kept across a fault, as its module says (``kept(args)``)."""
+    module = importlib.import_module(f"unsuperpose.commands.{args.command}")
+    try:
+        return module.kept(args) if hasattr(module, "kept") else None
+    except Exception:  # noqa: BLE001 (the line is still worth printing without it)
+        return None
+
+
+def _resume_command(argv: list[str]) -> str:
+    return shlex.join(["unsuperpose", *(a for a in argv if a != "--debug")])
+
+
+def _lost_line(args: argparse.Namespace, argv: list[str]) -> str:
+    """The one line of a run stopped because its lease on object storage was lost."""
+    kept = _kept(args) or "what was written before, each object whole"
+    return (
+        f"{'; '.join(locking.lost())}; stopped so that no two runs write it; kept: {kept}; "
+        f"once the object store answers, run `{_resume_command(argv)}` again"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    debug = getattr(args, "debug", False) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    if distributed.launched_by_torchrun() and os.environ.get("RANK", "0") != "0":
+        # Under torchrun rank 0 speaks for the job; the others print only their errors.
+        sys.stdout = open(os.devnull, "w")
+    code = 1  # an exception that escapes below
+    locking.forget_lost()
+    try:
+        code = int(args.func(args) or 0)
+    except (UserError, KeyboardInterrupt) as exc:
+        if locking.lost():  # the lease's thread stopped this run: an outage, not Ctrl-C
+            print(f"unsuperpose {args.command}: error: {_lost_line(args, argv)}", file=sys.stderr)
+            code = EXIT_IO
+        elif isinstance(exc, UserError):
+            print(f"unsuperpose {args.command}: error: {exc}", file=sys.stderr)
+            code = 2
+        else:
+            print(
+                f"\nunsuperpose {args.command}: interrupted; run the same command again to resume.",
+                file=sys.stderr,
+            )
+            code = 130
+    except Exception as exc:
+        fault = faults.classify(exc)
+        # A lost lease is why the run stopped, whatever failed after it.
+        if fault is None and not locking.lost():
+            raise  # a bug: its traceback is what helps
+        if debug:
+            traceback.print_exc()
+        if locking.lost():
+            line = _lost_line(args, argv)
+        else:
+            line = fault_line(fault, _kept(args), _resume_command(argv))
+        print(f"unsuperpose {args.command}: error: {line}", file=sys.stderr)
+        code = EXIT_IO
+    finally:
+        distributed.teardown(ok=code == 0)
+    distributed.leave(code)
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,1 +1,0 @@
-"""Subcommands of the unsuperpose CLI, one module each (see unsuperpose/cli.py)."""
