@@ -17,11 +17,13 @@ one pass, not worth splitting.
 
 from __future__ import annotations
 
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
+from tqdm.auto import tqdm
 
 from unsuperpose import distributed
 from unsuperpose.train.config import SAETrainConfig
@@ -38,9 +40,14 @@ class FitData:
     """
 
     def __init__(
-        self, source: ActivationSource, config: SAETrainConfig, device: torch.device | str = "cpu"
+        self,
+        source: ActivationSource,
+        config: SAETrainConfig,
+        device: torch.device | str = "cpu",
+        progress: bool = False,
     ):
         self.source = check_source(source)
+        self.progress = progress
         self.config = config
         self.d = int(source.d)
         self.device = torch.device(device)
@@ -69,7 +76,7 @@ class FitData:
             total = torch.zeros(self.d, dtype=torch.float64, device=self.device)
             outer = torch.zeros(self.d, self.d, dtype=torch.float64, device=self.device)
             n = 0
-            for x in self.stream():
+            for x in self.bar(self.stream(), total=self.config.steps, desc="moments", unit="batch"):
                 x = x.double()
                 total += x.sum(0)
                 outer += x.T @ x
@@ -78,6 +85,19 @@ class FitData:
             cov = outer / n - torch.outer(mean, mean)
             self._moments = (mean, cov)
         return self._moments
+
+    def bar(self, iterable: Iterable | None = None, **kwargs) -> tqdm:
+        """A progress bar for a fit (``total``, ``desc``, ``unit``, as tqdm's), drawn when the grid
+        was asked for progress (commands: unless --no-progress) and only on rank 0; in a log file
+        (no terminal) redrawn at most every 30 s, as the trainer's."""
+        return tqdm(
+            iterable,
+            disable=not self.progress or not distributed.is_main(),
+            dynamic_ncols=True,
+            leave=False,
+            mininterval=0.1 if sys.stderr.isatty() else 30.0,
+            **kwargs,
+        )
 
 
 @dataclass
@@ -117,7 +137,7 @@ def fit_grid(
     family = get_family(config.arch)
     if not family.fitted:
         raise ValueError(f"{config.arch} is trained, not fitted: use train.train_steps")
-    data = FitData(source, config, distributed.with_index(device))
+    data = FitData(source, config, distributed.with_index(device), progress=progress)
     if family.check_sizes is not None:
         family.check_sizes(data.d, sorted(config.dict_sizes))
     grid = FittedGrid(config=config, d=data.d, fitted={}, device=data.device)

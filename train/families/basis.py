@@ -148,18 +148,29 @@ def fit_ica(data, config: SAETrainConfig, n: int) -> dict[int, LinearBasis]:
     import warnings
 
     from sklearn.decomposition import FastICA
+    from sklearn.decomposition._fastica import _logcosh
     from sklearn.exceptions import ConvergenceWarning
 
     opts = config.ica
     x = data.sample(opts.rows)
+    # FastICA has no callback, but its parallel algorithm calls `fun` once per iteration: sklearn's
+    # own logcosh through a callable that counts, so the bar moves with the iterations (up to
+    # max_iter; it stops short where the fit converges) and the fit is unchanged.
+    bar = data.bar(total=opts.max_iter, desc=f"ica n={n}", unit="iter")
+
+    def logcosh(v: np.ndarray, **fun_args):
+        bar.update(1)
+        return _logcosh(v, fun_args)
+
     ica = FastICA(
         n_components=n,
         whiten="unit-variance",
+        fun=logcosh,
         max_iter=opts.max_iter,
         tol=opts.tol,
         random_state=int(np.random.SeedSequence([config.seed, n]).generate_state(1)[0]),
     )
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, bar:
         warnings.simplefilter("always", ConvergenceWarning)
         ica.fit(x.double().cpu().numpy())
     converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)

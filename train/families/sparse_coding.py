@@ -320,7 +320,12 @@ def fit_sparse_coding(data, config: SAETrainConfig, n: int) -> dict[float, Spars
     mean, scale = mean64.float(), scale64.float()
     alphas = [float(a) for a in config.sparsity]
     atoms, rows = learn_dictionaries(
-        ((x - mean) / scale for x in data.stream()),
+        (
+            (x - mean) / scale
+            for x in data.bar(
+                data.stream(), total=config.steps, desc=f"sparse-coding n={n}", unit="batch"
+            )
+        ),
         n,
         alphas,
         iters=opts.iters,
