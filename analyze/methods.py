@@ -36,6 +36,7 @@ from unsuperpose.analyze.collect import GridError, is_set, lm_sets_dir  # noqa: 
 from unsuperpose.analyze.figures import save_figure  # noqa: E402
 from unsuperpose.analyze.html import Raw, esc, image, page, table, write  # noqa: E402
 from unsuperpose.config import write_json_atomic  # noqa: E402
+from unsuperpose.tracking import Tracker  # noqa: E402
 from unsuperpose.train.dictionary import read_config  # noqa: E402
 from unsuperpose.train.io import read_summary, sparsity_of, write_summary  # noqa: E402
 from unsuperpose.train.layout import (  # noqa: E402
@@ -410,7 +411,20 @@ def build_methods(
         },
     )
     write(report.index, render(report, f"{lm} layer {layer}"))
+    _track(report, lm, layer)
     return report
+
+
+def _track(report: MethodsReport, lm: str, layer: int | str) -> None:
+    """The page's table, picks and figures to W&B (mode, project and entity from the command's
+    --wandb flags or W&B's variables) and to ``out/log.jsonl``."""
+    config = {"lm": lm, "layer": layer, "d": report.d, "target_l0": report.target_l0}
+    with Tracker(report.out, name=f"methods-{report.out.name}", config=config) as tracker:
+        rows = [p.row() for p in report.points]
+        cols = [c for c in rows[0] if all(c in r for r in rows)] if rows else []
+        tracker.log_table("methods", cols, [[r[c] for c in cols] for r in rows])
+        tracker.log_images({f"methods_{y}": path for y, path in report.figures.items()})
+        tracker.summary({"picked": {arch: p.name for arch, p in report.picked.items()}})
 
 
 def render(report: MethodsReport, title: str) -> str:

@@ -14,7 +14,7 @@ import shlex
 import sys
 import traceback
 
-from unsuperpose import __version__, distributed, faults, locking
+from unsuperpose import __version__, distributed, faults, locking, tracking
 from unsuperpose.commands._errors import fault_line
 from unsuperpose.errors import UserError
 
@@ -25,6 +25,17 @@ COMMANDS = ["toy", "lm", "harvest", "train", "analyze", "demo"]
 EXIT_IO = 74
 DEBUG_ENV = "UNSUPERPOSE_DEBUG"
 DEBUG_HELP = f"print the traceback of an I/O fault too (or set {DEBUG_ENV}=1)"
+# The commands that run for minutes and log to W&B (their own trackers, or those of the stages a
+# demo runs): each takes --wandb, --wandb-project and --wandb-entity (unsuperpose.tracking).
+LONG_RUNNING = [
+    ("lm", "train"),
+    ("harvest",),
+    ("toy",),
+    ("train",),
+    ("analyze", "report"),
+    ("analyze", "methods"),
+    ("demo",),
+]
 
 
 def _add_debug(parser: argparse.ArgumentParser) -> None:
@@ -36,6 +47,14 @@ def _add_debug(parser: argparse.ArgumentParser) -> None:
                 _add_debug(sub)
 
 
+def subparser(parser: argparse.ArgumentParser, *names: str) -> argparse.ArgumentParser:
+    """The parser of the subcommand ``names`` (e.g. "analyze", "report") below ``parser``."""
+    for name in names:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = sub.choices[name]
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="unsuperpose",
@@ -45,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"unsuperpose.commands.{name}").add_parser(sub)
+    for names in LONG_RUNNING:
+        tracking.add_wandb_arguments(subparser(parser, *names))
     _add_debug(parser)
     return parser
 
@@ -82,7 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     code = 1  # an exception that escapes below
     locking.forget_lost()
     try:
-        code = int(args.func(args) or 0)
+        with tracking.wandb_env(
+            getattr(args, "wandb", None),
+            getattr(args, "wandb_project", None),
+            getattr(args, "wandb_entity", None),
+        ):
+            code = int(args.func(args) or 0)
     except (UserError, KeyboardInterrupt) as exc:
         if locking.lost():  # the lease's thread stopped this run: an outage, not Ctrl-C
             print(f"unsuperpose {args.command}: error: {_lost_line(args, argv)}", file=sys.stderr)

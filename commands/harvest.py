@@ -10,6 +10,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
 
 from unsuperpose import distributed, faults, locking, storage
 from unsuperpose.commands._errors import flags_of, stage_errors
@@ -33,6 +37,7 @@ from unsuperpose.lm import (
     model_tokenizer,
     token_blocks,
 )
+from unsuperpose.tracking import Tracker, default_wandb_mode
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -138,7 +143,10 @@ def _harvest(
         )
     )
     bridge = load_bridge(args.lm, device=placement.device)
-    with faults.writing(args.out):  # a fault no nearer code names happened under --out
+    started = time.perf_counter()
+    config = {"harvest": to_dict(cfg), "lm": info["path"], "corpus": to_dict(corpus)}
+    with faults.writing(args.out), _tracked(args.out, info, config) as tracker:
+        # (a fault no nearer code names happened under --out)
         paths = harvest(
             bridge,
             blocks.blocks,
@@ -151,6 +159,27 @@ def _harvest(
             heldout=blocks.val_mask,
             progress=not args.no_progress,
         )
+        if tracker is not None:
+            seconds = time.perf_counter() - started
+            tracker.summary({"stores": [str(p) for p in paths], "seconds": round(seconds, 1)})
     for path in paths if distributed.is_main() else []:
         print(f"harvest: wrote {path}")
     return 0
+
+
+@contextlib.contextmanager
+def _tracked(out, info: dict, config: dict) -> Iterator[Tracker | None]:
+    """The harvest's W&B run and log.jsonl, in the folder of its stores: its settings, then its
+    stores and wall time. Rank 0 alone. A harvest into object storage has no local folder for
+    them, so it is tracked only when W&B is online (its files then in a temporary folder)."""
+    out = storage.location(out)
+    if not distributed.is_main() or (storage.is_remote(out) and default_wandb_mode() != "online"):
+        yield None
+        return
+    with contextlib.ExitStack() as stack:
+        if storage.is_remote(out):
+            folder = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        else:
+            folder = Path(out)
+        name = f"harvest-{Path(info['path']).name}"
+        yield stack.enter_context(Tracker(folder, name=name, config=config))

@@ -4,28 +4,88 @@ W&B must work with no account: the default mode is ``offline`` (files under ``<d
 syncable later with ``wandb sync``); ``online`` needs a login; ``disabled`` writes nothing to W&B.
 The JSONL log is the record we rely on ourselves, so it is written whatever the W&B mode.
 
+Every long-running command takes ``--wandb MODE``, ``--wandb-project NAME`` and ``--wandb-entity
+NAME`` (``add_wandb_arguments``); the command line sets them for the command's whole run
+(``wandb_env``), so each tracker it opens, and those of the stages a demo runs, reads the same.
+Unset, they are W&B's own variables: ``$WANDB_MODE`` (else offline), ``$WANDB_PROJECT`` (else
+"unsuperpose") and ``$WANDB_ENTITY`` (else the login's default entity).
+
 W&B is a copy for convenience, so an I/O fault in it (its files under ``<dir>/wandb`` on a full
 disk) never ends a run: the tracker warns once and logs to the JSONL file alone from then on.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 from unsuperpose import faults
 
 WandbMode = Literal["offline", "online", "disabled"]
+WANDB_MODES = ("offline", "online", "disabled")
+DEFAULT_PROJECT = "unsuperpose"
 
 
 def default_wandb_mode() -> str:
     """``WANDB_MODE`` from the environment if set, else offline."""
     return os.environ.get("WANDB_MODE", "offline")
+
+
+def wandb_project(project: str | None = None) -> str:
+    """The W&B project: the one given, else ``$WANDB_PROJECT``, else "unsuperpose"."""
+    return project or os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT
+
+
+def add_wandb_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--wandb``, ``--wandb-project`` and ``--wandb-entity`` on ``parser``; a ``--wandb`` the
+    command already has (its own help says what it tracks) is kept."""
+    if not any(a.dest == "wandb" for a in parser._actions):
+        parser.add_argument(
+            "--wandb",
+            choices=WANDB_MODES,
+            default=None,
+            help="W&B mode (default: $WANDB_MODE, else offline: files under the output's "
+            "wandb/ for `wandb sync`; online needs `wandb login`)",
+        )
+    parser.add_argument(
+        "--wandb-project",
+        default=None,
+        metavar="NAME",
+        help=f"W&B project (default: $WANDB_PROJECT, else {DEFAULT_PROJECT})",
+    )
+    parser.add_argument(
+        "--wandb-entity",
+        default=None,
+        metavar="NAME",
+        help="W&B entity, a user or a team (default: $WANDB_ENTITY, else the login's own)",
+    )
+
+
+@contextlib.contextmanager
+def wandb_env(
+    mode: str | None = None, project: str | None = None, entity: str | None = None
+) -> Iterator[None]:
+    """Within: ``$WANDB_MODE``, ``$WANDB_PROJECT`` and ``$WANDB_ENTITY`` set to those given
+    (None leaves one as it is); restored after, so a command run in-process leaves none behind."""
+    given = {"WANDB_MODE": mode, "WANDB_PROJECT": project, "WANDB_ENTITY": entity}
+    given = {k: v for k, v in given.items() if v is not None}
+    before = {k: os.environ.get(k) for k in given}
+    os.environ.update(given)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 class Tracker:
@@ -35,7 +95,8 @@ class Tracker:
         self,
         dir: str | Path,
         *,
-        project: str = "unsuperpose",
+        project: str | None = None,
+        entity: str | None = None,
         name: str | None = None,
         config: dict | None = None,
         mode: str | None = None,
@@ -54,7 +115,8 @@ class Tracker:
 
             self.run = self._wandb(
                 lambda: wandb.init(
-                    project=project,
+                    project=wandb_project(project),
+                    entity=entity or os.environ.get("WANDB_ENTITY") or None,
                     name=name,
                     config=config or {},
                     mode=self.mode,
