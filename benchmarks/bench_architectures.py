@@ -27,10 +27,11 @@ import time
 from benchmarks.common import pointer_where as _where
 from unsuperpose.analyze import score_grid
 from unsuperpose.analyze.report import rows_diagnosis
-from unsuperpose.commands.toy import DEFAULT_L1, JUMPRELU_OPTIONS
 from unsuperpose.toy import ToyConfig, ToySource
+from unsuperpose.toy.defaults import DEFAULT_L1
 from unsuperpose.train import SAETrainConfig, evaluate, new_state, parse_dict_sizes, train_steps
 from unsuperpose.train.config import AuxKOptions
+from unsuperpose.train.grid import JUMPRELU_OPTIONS
 
 SEED = int(os.environ.get("ARCH_SEED", "101"))
 STEPS = int(os.environ.get("ARCH_STEPS", "5000"))

@@ -25,8 +25,8 @@ import os
 import time
 
 from unsuperpose.analyze import score_grid
-from unsuperpose.commands.toy import DEFAULT_L1
 from unsuperpose.toy import ToyConfig, ToySource
+from unsuperpose.toy.defaults import DEFAULT_L1
 from unsuperpose.train import SAETrainConfig, evaluate, new_state, parse_dict_sizes, train_steps
 from unsuperpose.train.fitted import evaluate_dictionaries, fit_grid
 from unsuperpose.train.knobs import TOPK_ALL

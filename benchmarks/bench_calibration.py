@@ -43,11 +43,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from unsuperpose.analyze import grid_figures, score_grid
 from unsuperpose.analyze.report import toy_record
-from unsuperpose.commands._grid import train_and_save
-from unsuperpose.commands.toy import JUMPRELU_OPTIONS
 from unsuperpose.toy import ToyConfig, ToySource
-from unsuperpose.train import SAETrainConfig, parse_dict_sizes
+from unsuperpose.train import SAETrainConfig, parse_dict_sizes, run_grid
+from unsuperpose.train.grid import JUMPRELU_OPTIONS
 from unsuperpose.train.layout import is_finished
 
 ARCHS = ("relu", "topk", "batchtopk", "matryoshka", "jumprelu")
@@ -126,7 +126,7 @@ def train_cell(cell: dict, folder: Path) -> dict:
     )
     t0, cpu0 = time.perf_counter(), time.process_time()
     if not is_finished(folder):  # a finished folder is only read again
-        train_and_save(
+        run_grid(
             src,
             cfg,
             folder,
@@ -139,6 +139,8 @@ def train_cell(cell: dict, folder: Path) -> dict:
             source_info=src.describe(),
             checkpoint_every=500,
             wandb_mode="disabled",
+            score=score_grid,
+            figures=grid_figures,
         )
     rec = toy_record(folder, G)
     pointers = {

@@ -35,8 +35,8 @@ import torch
 from benchmarks.common import pointer_where as _where
 from unsuperpose.analyze import score_grid
 from unsuperpose.analyze.report import rows_diagnosis
-from unsuperpose.commands.toy import DEFAULT_DICT, DEFAULT_L1
 from unsuperpose.toy import ToyConfig, ToySource
+from unsuperpose.toy.defaults import DEFAULT_DICT, DEFAULT_L1
 from unsuperpose.train import SAETrainConfig, evaluate, new_state, parse_dict_sizes, train_steps
 
 SEEDS = (101, 202)  # tests use seeds below 20

@@ -11,8 +11,8 @@ from __future__ import annotations
 import dataclasses
 
 from unsuperpose.analyze import mmcs
-from unsuperpose.commands.toy import TOY_DEAD_WINDOW
 from unsuperpose.toy import ToyConfig, ToySource
+from unsuperpose.toy.defaults import TOY_DEAD_WINDOW
 from unsuperpose.train import Callback, SAETrainConfig, apply_preset, new_state, train_steps
 from unsuperpose.train.families.stacked import StackedGroup
 

@@ -38,9 +38,9 @@ TOLERANCE = 1e-4
 
 
 def make(directory: Path) -> None:
-    from unsuperpose.commands.toy import JUMPRELU_OPTIONS
     from unsuperpose.toy import ToyConfig, ToySource
     from unsuperpose.train import SAETrainConfig, get_family, new_state, train_steps
+    from unsuperpose.train.grid import JUMPRELU_OPTIONS
     from unsuperpose.train.saelens import export_saelens
 
     toy = ToyConfig(h=32, G=64, k=3, seed=11)

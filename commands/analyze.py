@@ -16,8 +16,8 @@ from pathlib import Path
 
 from unsuperpose import distributed, locking, storage
 from unsuperpose.analyze.diagnostics import DEFAULT_TOLERANCE
+from unsuperpose.analyze.remote import Names
 from unsuperpose.commands._errors import in_flags, stage_errors
-from unsuperpose.commands._remote import Names
 from unsuperpose.errors import UserError
 from unsuperpose.train.layout import report_dirname
 from unsuperpose.train.registry import DEFAULT_ARCH, FAMILIES, get_family
@@ -324,36 +324,6 @@ def _autointerp_settings(args):
     )
 
 
-def _decoder(store):
-    """Token ids -> text with the tokenizer of the model the store was harvested from.
-
-    A store records its tokenizer's tag with its corpus (stores from before then are GPT-2's);
-    the model directory's tokenizer must still be that one, else its text would be wrong.
-    """
-    from unsuperpose.lm import ModelError, gpt2_tokenizer, model_tokenizer
-
-    meta = store.metadata
-    tag = (meta.get("corpus") or {}).get("tokenizer", gpt2_tokenizer().tag)
-    model_dir = meta.get("model_dir")
-    try:
-        tok = model_tokenizer(model_dir) if model_dir else None
-    except ModelError as exc:
-        if tag != gpt2_tokenizer().tag:
-            raise UserError(
-                f"{store.path}: its tokens are for the tokenizer of {model_dir}, which cannot be "
-                f"read now ({exc}); put the model back there to see the text"
-            ) from None
-        tok = None
-    if tok is None:
-        tok = gpt2_tokenizer()
-    if tok.tag != tag:
-        raise UserError(
-            f"{store.path}: its tokens were made by tokenizer {tag}, but {model_dir} now holds "
-            f"{tok.tag}; harvest the store again, or restore that model's tokenizer"
-        )
-    return tok.decode
-
-
 def _open_store(path: Path):
     from unsuperpose.harvest import ActivationStore
 
@@ -372,7 +342,7 @@ def _browse(sae_dirs: list[Path], store_path: Path | None, out: Path, args) -> d
     from unsuperpose.analyze.browser import BrowserError
     from unsuperpose.analyze.endpoint import EndpointError
     from unsuperpose.analyze.features import build_browser, store_of
-    from unsuperpose.harvest import StoreError
+    from unsuperpose.harvest import StoreError, store_decoder
     from unsuperpose.lm import ModelError
     from unsuperpose.train import load_dictionary
 
@@ -396,7 +366,7 @@ def _browse(sae_dirs: list[Path], store_path: Path | None, out: Path, args) -> d
             sae_dirs,
             store,
             out,
-            _decoder(store),
+            store_decoder(store),
             top=args.top,
             max_rows=args.max_rows,
             neurons=not args.no_neurons,

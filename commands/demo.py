@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from unsuperpose.analyze.diagnostics import DEFAULT_TOLERANCE, dead_boundary
-from unsuperpose.cli import main as cli_main
+from unsuperpose.commands.cli import main as cli_main
 from unsuperpose.commands.train import dict_folder
 from unsuperpose.errors import UserError
 from unsuperpose.train.io import read_summary

@@ -12,45 +12,29 @@ from unsuperpose.analyze.diagnostics import read_record
 from unsuperpose.analyze.report import toy_record
 from unsuperpose.commands._errors import flags_of, stage_errors
 from unsuperpose.commands._grid import (
-    JUMPRELU_OPTIONS,
     add_run_arguments,
     add_sae_arguments,
-    check_run_folder,
-    grid_kept,
     grid_size_text,
     knob_text,
-    locked_run,
     sae_config,
-    train_and_save,
+    train_grid,
 )
 from unsuperpose.config import add_arguments, from_args, write_json_atomic
 from unsuperpose.errors import UserError
+from unsuperpose.run_folder import check_run_folder, locked_run
 from unsuperpose.toy import ToyConfig, ToySource
+from unsuperpose.toy.defaults import (
+    DEFAULT_DICT,
+    DEFAULT_L0_COEF,
+    DEFAULT_L1,
+    DEFAULT_STEPS,
+    DEFAULT_TOPK,
+    PAPER_DICT,
+    PAPER_L1,
+    TOY_DEAD_WINDOW,
+)
 from unsuperpose.train import Callback, SAETrainConfig
-
-# The default grid brackets the truth on both axes: sizes 1/4x..4x of G; L1 (sum convention)
-# from too low (3.2e-5: 1x recovers 0.65 MMCS) through the Goldilocks zone (1e-4..3.2e-4) to too
-# high (3.2e-3: codes collapse), half decades. 5,000 steps: at 2,000 the dead-neuron and MMCS-
-# with-larger pointers were still moving (README). No resampling (the dead-neuron diagnostic
-# reads deaths). About 8 minutes on the 2-core machine (7.7 measured, quiet).
-DEFAULT_L1 = [round(10 ** (e / 2), 8) for e in range(-9, -4)]  # 3.2e-5 .. 3.2e-3
-DEFAULT_DICT = "1/4x,1/2x,1x,2x,4x"
-# The default data has 5 active features per sample on average: k around it.
-DEFAULT_TOPK = [3, 5, 8]
-DEFAULT_L0_COEF = [3e-3, 1e-2, 3e-2]
-
-DEFAULT_STEPS = 5000
-
-# The report's full grid: 17 L1 values 10^(e/4), e = -8..8, in its per-latent convention;
-# dictionaries 1/8x..32x of G; 20,000 steps of 256. Meant for a GPU.
-PAPER_L1 = [10 ** (e / 4) for e in range(-8, 9)]
-PAPER_DICT = "1/8x,1/4x,1/2x,1x,2x,4x,8x,16x,32x"
-
-# The dead window of the default data and batch (183 batches of 256): derived from the data's
-# firing rates (ToySource.dead_window), so that a latent which learnt the rarest feature (on in
-# ~0.03% of samples) is counted dead by chance with probability below 1e-3. A run on other data
-# (--k, --decay, --G, --batch-size) derives its own unless --dead-window is given.
-TOY_DEAD_WINDOW = ToySource(ToyConfig()).dead_window(256)
+from unsuperpose.train.grid import JUMPRELU_OPTIONS, grid_kept
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -201,7 +185,7 @@ def _run(args: argparse.Namespace) -> int:
         except Exception as exc:  # the dictionaries are saved: an analysis fault must not undo that
             print(f"warning: the count signals could not be read ({exc}); the run is kept")
 
-    rows = train_and_save(
+    rows = train_grid(
         source,
         cfg,
         args.out,

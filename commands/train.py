@@ -14,22 +14,21 @@ from pathlib import Path
 from unsuperpose import distributed, storage
 from unsuperpose.commands._errors import stage_errors
 from unsuperpose.commands._grid import (
-    JUMPRELU_OPTIONS,
     add_run_arguments,
     add_sae_arguments,
-    grid_kept,
     grid_size_text,
     knob_text,
-    locked_run,
     sae_config,
-    train_and_save,
+    train_grid,
 )
 from unsuperpose.errors import UserError
 from unsuperpose.harvest import ActivationStore, StoreError
+from unsuperpose.run_folder import locked_run
 from unsuperpose.train import SAETrainConfig
-from unsuperpose.train.layout import SAELENS_DIR, dict_dirname, set_dirname
+from unsuperpose.train.grid import JUMPRELU_OPTIONS, grid_kept
+from unsuperpose.train.layout import set_dirname
 from unsuperpose.train.registry import DEFAULT_ARCH
-from unsuperpose.train.saelens import export_saelens
+from unsuperpose.train.saelens import export_grid
 
 # Measured on the tiny LM's layer-1 MLP: 1e-4 leaves 40-80 latents active per token, 3e-3 about 7.
 DEFAULT_L1 = [round(10 ** (e / 4), 8) for e in range(-14, -7, 2)]  # 3.2e-4 .. 1e-2, half decades
@@ -152,26 +151,12 @@ def _train(args: argparse.Namespace, out, placement: distributed.Placement) -> i
     )
 
     def export(state, folder: Path) -> None:
-        family = cfg.family
-        if family.saelens is None:
-            print(f"no SAELens export for {cfg.arch}: {family.saelens_refusal}")
-            return
-        meta = {
-            k: info.get(k) for k in ("hook", "layer", "model_dir", "weights_sha256") if k in info
-        }
-        knob = family.knob.name
-        meta.update(hook_name=info.get("hook"), arch=cfg.arch, sparsity_name=knob)
-        if "l1_norm" in family.settings:
-            meta["l1_norm"] = cfg.l1_norm
-        for (value, n), dictionary in state.saes().items():
-            export_saelens(
-                dictionary,
-                folder / SAELENS_DIR / dict_dirname(cfg.arch, knob, value, n),
-                metadata={**meta, "sparsity": value, knob: value},
-            )
+        refused = export_grid(state, folder, cfg, info)
+        if refused:
+            print(refused)
 
     def spliced(state) -> dict:
-        from unsuperpose.commands._splice import splice_columns
+        from unsuperpose.analyze.splice_grid import splice_columns
 
         if args.splice_tokens <= 0:
             return {}
@@ -184,7 +169,7 @@ def _train(args: argparse.Namespace, out, placement: distributed.Placement) -> i
             saes, store, args.splice_tokens, progress=not args.no_progress, device=state.device
         )
 
-    rows = train_and_save(
+    rows = train_grid(
         store,
         cfg,
         out,

@@ -8,6 +8,7 @@ package registers the ``bfloat16`` zarr data type, so plain ``zarr.open`` works 
 """
 
 from .bf16 import BFloat16, bf16_to_torch, register as register_bfloat16
+from .decode import store_decoder
 from .loop import DEFAULT_HOOK, HarvestConfig, HarvestError, harvest, planned_stores, store_name
 from .reader import ActivationStore
 from .store import StoreError, kept_rows
@@ -24,5 +25,6 @@ __all__ = [
     "planned_stores",
     "register_bfloat16",
     "StoreError",
+    "store_decoder",
     "store_name",
 ]

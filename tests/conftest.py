@@ -68,11 +68,11 @@ def analyze_runs(tmp_path_factory, tiny_lm_dir, tiny_corpus):
     2 x 2 toy grid (runs/toy/), each written by the same code the commands use."""
     import torch
 
-    from unsuperpose.commands._grid import train_and_save
+    from unsuperpose.analyze import grid_figures, score_grid
     from unsuperpose.harvest import ActivationStore, HarvestConfig, harvest
     from unsuperpose.lm import load_bridge, model_info, token_blocks
     from unsuperpose.toy import ToyConfig, ToySource
-    from unsuperpose.train import SAETrainConfig
+    from unsuperpose.train import SAETrainConfig, run_grid
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matmuls: thread hand-offs cost more than they save
@@ -101,9 +101,9 @@ def analyze_runs(tmp_path_factory, tiny_lm_dir, tiny_corpus):
         dead_window=20,
         resample_every=0,
     )
-    from unsuperpose.commands._splice import splice_columns
+    from unsuperpose.analyze.splice_grid import splice_columns
 
-    train_and_save(
+    run_grid(
         store,
         cfg,
         runs / "sae" / "tiny" / "layer1" / "1x+2x",
@@ -114,6 +114,8 @@ def analyze_runs(tmp_path_factory, tiny_lm_dir, tiny_corpus):
         run_name="test",
         source_info=store.describe(),
         more_scores=lambda state: splice_columns(state.saes(), store, 64, progress=False),
+        score=score_grid,
+        figures=grid_figures,
     )
     toy = ToySource(ToyConfig(h=16, G=32, k=2, decay=0.95, seed=0))
     cfg = SAETrainConfig(
@@ -124,7 +126,7 @@ def analyze_runs(tmp_path_factory, tiny_lm_dir, tiny_corpus):
         log_every=50,
         dead_window=20,
     )
-    train_and_save(
+    run_grid(
         toy,
         cfg,
         runs / "toy",
@@ -135,6 +137,8 @@ def analyze_runs(tmp_path_factory, tiny_lm_dir, tiny_corpus):
         progress=False,
         run_name="toy",
         source_info=toy.describe(),
+        score=score_grid,
+        figures=grid_figures,
     )
     torch.set_num_threads(threads)
     return runs

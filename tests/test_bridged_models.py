@@ -378,7 +378,7 @@ def _store_corpus(store):
 
 def test_spliced_ce_equals_a_hand_written_hook_on_the_down_projection(pipeline):
     from unsuperpose.analyze.splice import splice_eval
-    from unsuperpose.commands._splice import validation_blocks
+    from unsuperpose.analyze.splice_grid import validation_blocks
     from unsuperpose.lm import load_bridge, load_model, model_tokenizer
     from unsuperpose.train import SAE
 
@@ -468,10 +468,10 @@ def test_train_splices_and_the_report_and_browser_show_the_models_text(pipeline,
     # Phrases of the documents: GPT-2's BPE would decode these small ids as other text entirely.
     assert "walked to the" in html and "followed the" in html
 
-    from unsuperpose.commands.analyze import _decoder
+    from unsuperpose.harvest import store_decoder
 
     store = ActivationStore(pipeline["acts"] / "layer1.zarr")
-    decode = _decoder(store)
+    decode = store_decoder(store)
     first = next(iter(iter_documents(tiny_corpus)))
     text = decode([int(t) for t in store.tokens()[: 2 * N_CTX]])
     assert text.startswith({"neox": first, "llama": "<s> " + first}[arch])
@@ -608,7 +608,7 @@ def test_a_downloaded_model_is_harvested_as_it_is_and_spliced_on_its_stores_corp
     pipeline, tiny_corpus
 ):
     """No adopt: the directory as saved (no lm_config.json, no corpus of its own), with --corpus."""
-    from unsuperpose.commands._splice import validation_blocks
+    from unsuperpose.analyze.splice_grid import validation_blocks
     from unsuperpose.harvest import ActivationStore
 
     out = pipeline["root"] / "direct"

@@ -347,7 +347,7 @@ def test_stored_activations_equal_hooks_on_the_model_transformers_loads(pipeline
 def test_spliced_clean_ce_equals_the_models_own_loss(pipeline, reference, tmp_path):
     """`analyze splice`'s CE clean is the loss transformers' own model computes (labels=) on the
     same validation blocks; so is the clean CE `train` wrote into summary.csv."""
-    from unsuperpose.commands._splice import validation_blocks
+    from unsuperpose.analyze.splice_grid import validation_blocks
 
     out = tmp_path / "splice.json"
     args = ["analyze", "splice", "--dict", str(pipeline["sae"]), "--tokens", "300"]

@@ -7,7 +7,6 @@ import shutil
 import pytest
 
 from unsuperpose.cli import main
-from unsuperpose.commands._grid import convert_l1
 from unsuperpose.toy import ToyConfig, ToySource
 from unsuperpose.train import SAETrainConfig, new_state, train_steps
 from unsuperpose.train.checkpoint import (
@@ -16,6 +15,7 @@ from unsuperpose.train.checkpoint import (
     read_checkpoint_meta,
     save_checkpoint,
 )
+from unsuperpose.train.grid import convert_l1
 from unsuperpose.train.layout import CHECKPOINT_DIR
 
 SMALL = [
@@ -185,7 +185,7 @@ def test_report_preset_converts_the_default_l1_values_to_its_convention(tmp_path
         == 0
     )
     cfg = json.loads((out / "train_config.json").read_text())
-    from unsuperpose.commands.toy import DEFAULT_L1
+    from unsuperpose.toy.defaults import DEFAULT_L1
 
     assert cfg["l1_norm"] == "per_latent"
     assert cfg["sparsity"] == pytest.approx([a * 32 for a in DEFAULT_L1], rel=1e-5)

@@ -13,9 +13,9 @@ pytest.importorskip("moto")
 
 from test_s3 import moto_server, s3, tree  # noqa: E402,F401 (the fixtures, shared)
 from unsuperpose import storage  # noqa: E402
+from unsuperpose.analyze.remote import wanted  # noqa: E402
 from unsuperpose.cli import main  # noqa: E402
-from unsuperpose.commands._grid import RunMirror  # noqa: E402
-from unsuperpose.commands._remote import _wanted  # noqa: E402
+from unsuperpose.train.grid import run_mirror  # noqa: E402
 
 pytestmark = [pytest.mark.s3, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -37,12 +37,12 @@ def runs_url(s3, analyze_runs) -> str:
 
 
 def test_what_a_read_copy_holds():
-    assert _wanted("sae/tiny/layer1/1x/saes/n64-l1_0.001/config.json")
-    assert _wanted("sae/tiny/layer1/2x/checkpoint/state.json")
-    assert not _wanted("sae/tiny/layer1/2x/checkpoint/weights.safetensors")
-    assert not _wanted("sae/tiny/layer1/2x/checkpoint.tmp/state.json")
-    assert not _wanted("toy/wandb/run/files/x.json")
-    assert not _wanted("sae/tiny/layer1/1x/figures/dead.png")
+    assert wanted("sae/tiny/layer1/1x/saes/n64-l1_0.001/config.json")
+    assert wanted("sae/tiny/layer1/2x/checkpoint/state.json")
+    assert not wanted("sae/tiny/layer1/2x/checkpoint/weights.safetensors")
+    assert not wanted("sae/tiny/layer1/2x/checkpoint.tmp/state.json")
+    assert not wanted("toy/wandb/run/files/x.json")
+    assert not wanted("sae/tiny/layer1/1x/figures/dead.png")
 
 
 @pytest.mark.slow
@@ -129,7 +129,7 @@ def test_the_mirror_sends_only_what_changed_and_deletes_what_the_run_removed(
 ):
     url = storage.location(f"{s3}/runs/toy")
     storage.write_text(url / "theirs.txt", "not the run's")  # never the mirror's: left alone
-    mirror = RunMirror(url)
+    mirror = run_mirror(url)
     mirror.pull()
     (mirror.folder / "checkpoint").mkdir()
     for name, text in {"a.txt": "a", "b.txt": "b", "checkpoint/state.json": "{}"}.items():
@@ -164,7 +164,7 @@ def test_the_mirror_sends_only_what_changed_and_deletes_what_the_run_removed(
 
     # A mirror pulled again knows what the URL holds: nothing to send.
     (mirror.folder / "checkpoint").mkdir()
-    mirror2 = RunMirror(url)
+    mirror2 = run_mirror(url)
     mirror2.pull()
     puts.sent.clear()
     mirror2.push()

@@ -21,8 +21,8 @@ pytest.importorskip("moto")
 from test_s3 import moto_server, s3  # noqa: E402,F401 (the fixtures, shared)
 from unsuperpose import locking, storage  # noqa: E402
 from unsuperpose.cli import main  # noqa: E402
-from unsuperpose.commands._grid import RunMirror  # noqa: E402
 from unsuperpose.errors import UserError  # noqa: E402
+from unsuperpose.train.grid import run_mirror  # noqa: E402
 
 pytestmark = [pytest.mark.s3, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -137,7 +137,7 @@ def test_a_holder_whose_lease_was_taken_over_stops_and_leaves_the_new_lease(s3):
     )
     assert lost.wait(timeout=60) and lease.lost
     with pytest.raises(UserError, match="lost the lease"):  # a run's copies up stop here
-        RunMirror(out).upload_checkpoint()
+        run_mirror(out).upload_checkpoint()
     lease.release()
     assert locking.current_holder(out).token == "theirs"
 

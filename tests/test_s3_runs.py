@@ -24,8 +24,8 @@ from test_s3 import moto_server, s3, tree  # noqa: E402,F401 (the fixtures, shar
 from test_train_store import toy_store, train_cli  # noqa: E402,F401
 from unsuperpose import storage  # noqa: E402
 from unsuperpose.cli import main  # noqa: E402
-from unsuperpose.commands._grid import check_run_folder  # noqa: E402
 from unsuperpose.errors import UserError  # noqa: E402
+from unsuperpose.run_folder import check_run_folder  # noqa: E402
 from waiting import kill_when  # noqa: E402
 
 pytestmark = [pytest.mark.s3, pytest.mark.usefixtures("one_torch_thread")]

@@ -16,6 +16,7 @@ from unsuperpose.train.config import (
 )
 from unsuperpose.train.dictionary import AffineSAE, StoredDictionary, load_dictionary
 from unsuperpose.train.families.stacked import StackedGroup
+from unsuperpose.train.grid import GridError, run_grid
 from unsuperpose.train.io import load_saes, read_history, read_summary, save_grid
 from unsuperpose.train.registry import (
     FAMILIES,
@@ -60,6 +61,8 @@ __all__ = [
     "read_history",
     "read_summary",
     "save_grid",
+    "GridError",
+    "run_grid",
     "SAE",
     "ActivationSource",
     "Callback",

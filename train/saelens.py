@@ -54,6 +54,7 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 
 from unsuperpose.config import write_bytes_atomic, write_json_atomic
+from unsuperpose.train.layout import SAELENS_DIR, dict_dirname
 from unsuperpose.train.registry import DEFAULT_ARCH, FAMILIES, SAELens
 
 WEIGHTS = "sae_weights.safetensors"
@@ -151,3 +152,37 @@ def export_saelens(dictionary, directory: str | Path, *, metadata: dict | None =
         },
     )
     return directory
+
+
+def grid_metadata(cfg, source_info: dict) -> dict:
+    """What every SAELens export of a grid trained on an LM store records besides its own knob
+    value: the store's hook, layer and model (``source_info``, the store's ``describe()``), the
+    architecture, the knob's name and the L1 convention where the family has one."""
+    family = cfg.family
+    meta = {
+        k: source_info.get(k)
+        for k in ("hook", "layer", "model_dir", "weights_sha256")
+        if k in source_info
+    }
+    meta.update(hook_name=source_info.get("hook"), arch=cfg.arch, sparsity_name=family.knob.name)
+    if "l1_norm" in family.settings:
+        meta["l1_norm"] = cfg.l1_norm
+    return meta
+
+
+def export_grid(state, folder: str | Path, cfg, source_info: dict) -> str | None:
+    """Every dictionary of a trained grid ``state`` in SAELens's format under
+    ``<folder>/saelens/<dictionary>/``, with ``grid_metadata``. Returns None, or why the
+    architecture has no export (its ``saelens_refusal``; nothing is written then)."""
+    family = cfg.family
+    if family.saelens is None:
+        return f"no SAELens export for {cfg.arch}: {family.saelens_refusal}"
+    meta = grid_metadata(cfg, source_info)
+    knob = family.knob.name
+    for (value, n), dictionary in state.saes().items():
+        export_saelens(
+            dictionary,
+            Path(folder) / SAELENS_DIR / dict_dirname(cfg.arch, knob, value, n),
+            metadata={**meta, "sparsity": value, knob: value},
+        )
+    return None

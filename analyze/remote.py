@@ -13,13 +13,13 @@ Activation stores recorded by a dictionary are read where they are (harvest read
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 from unsuperpose import storage
+from unsuperpose.run_folder import cache_folder
 from unsuperpose.train.layout import CHECKPOINT_DIR
 
 # Folders analyze never reads: W&B's files, figures and browsers written beside a run.
@@ -27,12 +27,8 @@ SKIPPED_FOLDERS = {"wandb", "figures", "features", "report"}
 TEXT_SUFFIXES = (".html", ".json", ".csv", ".txt", ".md")
 
 
-def cache_folder(kind: str, url: storage.ObjectPath) -> Path:
-    root = Path(os.environ.get("UNSUPERPOSE_CACHE", "runs/cache"))
-    return root / kind / hashlib.sha256(str(url).encode()).hexdigest()[:16]
-
-
-def _wanted(rel: str) -> bool:
+def wanted(rel: str) -> bool:
+    """Whether analyze reads the file ``rel`` of a run folder (what ``Names.read_copy`` copies)."""
     parts = rel.split("/")
     for i, part in enumerate(parts[:-1]):
         if part in SKIPPED_FOLDERS:
@@ -62,7 +58,7 @@ class Names:
         for part in parts:
             src = url / part if part else url
             times = storage.modified_times(src)
-            files = sorted(f for f in times if _wanted(f))
+            files = sorted(f for f in times if wanted(f))
             storage.download_tree(src, folder / part, files)
             for f in files:
                 os.utime(folder / part / f, (times[f], times[f]))
