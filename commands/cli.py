@@ -16,6 +16,7 @@ import traceback
 
 from unsuperpose import __version__, distributed, faults, locking, tracking
 from unsuperpose.commands._errors import fault_line
+from unsuperpose.config import states_default
 from unsuperpose.errors import UserError
 
 COMMANDS = ["toy", "lm", "harvest", "train", "analyze", "demo"]
@@ -47,6 +48,47 @@ def _add_debug(parser: argparse.ArgumentParser) -> None:
                 _add_debug(sub)
 
 
+class _DefaultOnce(argparse.HelpFormatter):
+    """Each flag's default said once: "(default: X)" appended only where the help does not say
+    it already, and never for a default of None (the help says what happens then) or a switch."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (
+            "%(default)" in text
+            or states_default(text)
+            or action.default in (None, argparse.SUPPRESS)
+            or action.nargs == 0  # --x / --no-x and store_true: the flag is the value
+            or not action.option_strings
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class HelpFormatter(_DefaultOnce, argparse.HelpFormatter):
+    pass
+
+
+class RawDescriptionHelpFormatter(_DefaultOnce, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def parsers(
+    parser: argparse.ArgumentParser, path: tuple[str, ...] = ()
+) -> list[tuple[tuple[str, ...], argparse.ArgumentParser, str]]:
+    """(path, parser, its one-line help) of every subcommand below ``parser``, depth first."""
+    found = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {a.dest: a.help or "" for a in action._choices_actions}
+            for name, sub in action.choices.items():
+                if any(sub is p for _, p, _ in found):  # an alias names a parser twice
+                    continue
+                found.append(((*path, name), sub, helps.get(name, "")))
+                found += parsers(sub, (*path, name))
+    return found
+
+
 def subparser(parser: argparse.ArgumentParser, *names: str) -> argparse.ArgumentParser:
     """The parser of the subcommand ``names`` (e.g. "analyze", "report") below ``parser``."""
     for name in names:
@@ -67,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     for names in LONG_RUNNING:
         tracking.add_wandb_arguments(subparser(parser, *names))
     _add_debug(parser)
+    for _, sub, _ in [((), parser, ""), *parsers(parser)]:
+        raw = issubclass(sub.formatter_class, argparse.RawDescriptionHelpFormatter)
+        sub.formatter_class = RawDescriptionHelpFormatter if raw else HelpFormatter
     return parser
 
 

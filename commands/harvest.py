@@ -75,7 +75,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_arguments(p, HarvestConfig)
     # Corpus flags override the corpus recorded with the model (all default to it).
-    add_arguments(p, CorpusConfig)
+    add_arguments(p, CorpusConfig, default_text="the model's recorded corpus settings")
     p.set_defaults(func=run)
 
 

@@ -1,6 +1,6 @@
 """``unsuperpose lm``: train the LM, adopt an existing one, describe a model, tokenise a corpus.
 
-    unsuperpose lm train --preset tiny --out runs/lm/tiny     # ~10 min on a 2-core CPU
+    unsuperpose lm train --preset tiny --out runs/lm/tiny     # minutes on a 2-core CPU
     unsuperpose lm train --preset report --out runs/lm/report # the report's recipe (batch 256)
     unsuperpose lm adopt --from path/to/hf-model --out runs/lm/mine --corpus wiki   # any bridged causal LM
     unsuperpose lm adopt --from EleutherAI/pythia-70m --out runs/lm/pythia-70m --corpus wiki  # online
@@ -57,6 +57,24 @@ def _preset_differences() -> str:
     return "; ".join(parts) + "."
 
 
+def _preset_help() -> str:
+    """'tiny = 6 layers x d_model 16, batches of 8 sequences, 2,500,000 tokens, ...', read from
+    the presets themselves, so --help says what each one trains."""
+    from unsuperpose.lm import PRESETS
+
+    parts = []
+    for name, (lm, train) in PRESETS.items():
+        batch = f"batches of {train.batch_size} sequences"
+        if train.micro_batch and train.micro_batch < train.batch_size:
+            batch += f" (accumulated over micro-batches of {train.micro_batch})"
+        threads = f"{train.threads} threads" if train.threads else "torch's threads (all cores)"
+        parts.append(
+            f"{name} = {lm.n_layer} layers x d_model {lm.d_model} (MLP {lm.d_mlp}), {batch}, "
+            f"{train.tokens:,} tokens, lr {train.lr:g}, {threads}"
+        )
+    return "; ".join(parts)
+
+
 def add_parser(subparsers) -> None:
     from unsuperpose.lm import PRESETS, LMConfig, TrainLMConfig
 
@@ -77,12 +95,7 @@ def add_parser(subparsers) -> None:
     train.add_argument(
         "--preset",
         default="tiny",
-        help=f"one of {', '.join(PRESETS)} (default: tiny). tiny = 6 layers x d_model 16 with the "
-        "CPU batch of 8 sequences, 1M tokens, 1 thread "
-        "(the `make lm` default, ~10 min on 2 cores); "
-        "small = the report's 6 x 256 model with the same CPU batch, all cores; "
-        "report = that model with the report's "
-        "batch of 256 sequences (gradient accumulation over micro-batches of 16)",
+        help=f"one of {', '.join(PRESETS)}: {_preset_help()} (`make lm` trains tiny)",
     )
     train.add_argument("--out", required=True, help="model directory to write, e.g. runs/lm/tiny")
     train.add_argument(

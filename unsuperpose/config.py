@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import tempfile
 import typing
 from pathlib import Path
@@ -66,6 +67,24 @@ def _parse_list(item_type: Any):
     return parse
 
 
+# A help text that already says its default ("(default: the GPU when ...)", "by default",
+# "; default: every set there") gets no second "(default: ...)": --help says each default once.
+_STATES_DEFAULT = re.compile(r"([(;,]\s*(the )?default\b)|(\bby default\b)", re.IGNORECASE)
+
+
+def states_default(help_text: str | None) -> bool:
+    """Whether ``help_text`` says its flag's default itself."""
+    return bool(help_text) and _STATES_DEFAULT.search(help_text) is not None
+
+
+def _with_default(help_text: str, shown: Any) -> str:
+    """The help, with "(default: ...)" unless it says its default or has none (None: the help
+    says what happens without the flag)."""
+    if states_default(help_text) or shown is None:
+        return help_text
+    return f"{help_text} (default: {shown})"
+
+
 def _is_nested(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
@@ -77,6 +96,7 @@ def add_arguments(
     skip: tuple[str, ...] = (),
     defaults: Any = None,
     prefix: str = "",
+    default_text: str | None = None,
 ) -> None:
     """Add one ``--flag`` per field of dataclass ``cls`` (bools become --x/--no-x).
 
@@ -85,6 +105,10 @@ def add_arguments(
     without the flag will use. A field that is itself a dataclass (one architecture's options)
     becomes a group of flags named after it: field ``k_aux`` of ``auxk`` is ``--auxk-k-aux``,
     parsed into ``auxk.k_aux`` (see :func:`replace_from_args`).
+
+    ``default_text``: what --help says of every flag's default instead of the field's value, where
+    the command takes the unset fields from elsewhere (harvest: the model's recorded corpus). Each
+    flag keeps the default it shows as ``action.shown_default`` (the CLI reference reads it).
     """
     hints = typing.get_type_hints(cls)
     title = prefix.rstrip(".") or cls.__name__
@@ -103,19 +127,23 @@ def add_arguments(
                 else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
             )
         if _is_nested(tp):
-            add_arguments(parser, tp, defaults=default, prefix=f"{prefix}{f.name}.")
+            add_arguments(
+                parser, tp, defaults=default, prefix=f"{prefix}{f.name}.", default_text=default_text
+            )
             continue
         name = prefix + f.name
         kw: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS}
         if prefix and tp is not bool:
             kw["metavar"] = f.name.upper()
         if tp is bool:
-            group.add_argument(
+            shown = default if default_text is None else default_text
+            action = group.add_argument(
                 _flag(name),
                 action=argparse.BooleanOptionalAction,
-                help=f"{help_text} (default: {default})",
+                help=_with_default(help_text, shown),
                 **kw,
             )
+            action.shown_default = shown
             continue
         origin = typing.get_origin(tp)
         if origin in (list, tuple):
@@ -132,7 +160,9 @@ def add_arguments(
         else:
             kw["type"] = tp if tp in (int, float, str) else str
             shown = default
-        group.add_argument(_flag(name), help=f"{help_text} (default: {shown})", **kw)
+        shown = shown if default_text is None else default_text
+        action = group.add_argument(_flag(name), help=_with_default(help_text, shown), **kw)
+        action.shown_default = shown
 
 
 def from_args(cls: type[T], args: argparse.Namespace, base: T | None = None, **overrides: Any) -> T:

@@ -51,8 +51,8 @@ def add_wandb_arguments(parser: argparse.ArgumentParser) -> None:
             "--wandb",
             choices=WANDB_MODES,
             default=None,
-            help="W&B mode (default: $WANDB_MODE, else offline: files under the output's "
-            "wandb/ for `wandb sync`; online needs `wandb login`)",
+            help="W&B mode; online needs `wandb login` (default: $WANDB_MODE, else offline: "
+            "files under the output's wandb/, for `wandb sync` later)",
         )
     parser.add_argument(
         "--wandb-project",
