@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from unsuperpose.harvest import ActivationStore, HarvestConfig, harvest, loop, store
+from unsuperpose.harvest import ActivationStore, HarvestConfig, harvest, hooks, store, stream
 from unsuperpose.harvest.writer import ChunkWriter
 
 N_CTX, BATCH, LAYER = 256, 32, 1
@@ -67,8 +67,8 @@ def harvest_into(
 
 
 def _timed_forward(spent: list[float]):
-    """loop._forward, adding its wall time to spent[0] (to see what the harvest adds around it)."""
-    real = loop._forward
+    """stream.forward, adding its wall time to spent[0] (to see what the harvest adds around it)."""
+    real = stream.forward
 
     def forward(*args, **kw):
         t = time.perf_counter()
@@ -83,22 +83,22 @@ def _timed_forward(spent: list[float]):
 def harvest_overhead(bridge, work: Path) -> tuple[list[dict], Path]:
     blocks = random_blocks(4 * BATCH * N_CTX)  # 4 forward batches, 32k tokens
     hook = f"blocks.{LAYER}.mlp.hook_post"
-    stop = loop.stop_hook([loop._Target(hook, LAYER, work)])
-    loop._forward(bridge, blocks[:BATCH], [hook], stop)  # warm-up
+    stop = hooks.stop_hook([hooks.Target(hook, LAYER, work)])
+    stream.forward(bridge, blocks[:BATCH], [hook], stop)  # warm-up
     fwd, hv, inside, spent, path = [], [], [], [0.0], None
     real, timed = _timed_forward(spent)
     for rep in range(3):  # interleaved pairs, median: the machine is shared
         t = time.perf_counter()
         for b in range(0, len(blocks), BATCH):
-            loop._forward(bridge, blocks[b : b + BATCH], [hook], stop)
+            stream.forward(bridge, blocks[b : b + BATCH], [hook], stop)
         fwd.append(time.perf_counter() - t)
-        spent[0], loop._forward = 0.0, timed
+        spent[0], stream.forward = 0.0, timed
         try:
             t = time.perf_counter()
             path = harvest_into(bridge, blocks, work / f"run{rep}")
             hv.append(time.perf_counter() - t)
         finally:
-            loop._forward = real
+            stream.forward = real
         inside.append(spent[0] / hv[-1])
     f, h = float(np.median(fwd)), float(np.median(hv))
     acts_bytes = sum(p.stat().st_size for p in (path / store.ACTS).rglob("*") if p.is_file())

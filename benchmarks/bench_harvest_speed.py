@@ -9,14 +9,14 @@ token ids, blocks of 256.
 What is timed, on the same batches:
 - ``hf``: transformers' model loaded on its own with its default attention, a forward pre-hook on
   layer L's MLP down projection that keeps the input and raises (the independent reference);
-- ``model``: the harvest's per-batch model work (``loop._host_batches``: the forward on the plain
+- ``model``: the harvest's per-batch model work (``stream.host_batches``: the forward on the plain
   model, harvest/direct.py, and the rows in bfloat16 on the host), no store;
 - ``bridge``: the same through the TransformerLens bridge's ``run_with_hooks``, stopped after
   block L: how the harvest read activations before;
 - ``harvest``: the whole ``harvest()`` of all the batches into a fresh local store (chunks of one
   forward batch), one-off costs included (a few-token probe of both paths and the store's
   creation; ``one_off_s``): they weigh on these small harvests, not on real ones;
-- ``stream``: the part of that harvest that streams the batches (``loop._stream``: forwards,
+- ``stream``: the part of that harvest that streams the batches (``stream.stream_rows``: forwards,
   bf16 rows, Zstd, writes), what a long harvest spends nearly all its time in.
 
 Torch runs one thread here: on a shared machine a two-thread GEMM stalls whenever either thread
@@ -47,7 +47,7 @@ import torch
 import zarr
 from transformers import AutoModelForCausalLM
 
-from unsuperpose.harvest import HarvestConfig, harvest, loop
+from unsuperpose.harvest import HarvestConfig, harvest, hooks, stream
 from unsuperpose.harvest.direct import DirectForward
 from unsuperpose.lm import adopt_model, build_model, load_bridge, preset, save_model
 
@@ -96,16 +96,16 @@ def hf_stopped(model, layer: int, batch: np.ndarray) -> None:
 def model_work(bridge, layer: int, batch: np.ndarray, direct) -> None:
     """The harvest's model work for one batch; ``direct`` None: through the bridge."""
     hook = f"blocks.{layer}.mlp.hook_post"
-    stop = loop.stop_hook([loop._Target(hook, layer, None)])
+    stop = hooks.stop_hook([hooks.Target(hook, layer, None)])
     cpu = torch.device("cpu")
-    for _ in loop._host_batches(bridge, batch, [0], len(batch), [hook], stop, cpu, "fp32", direct):
+    for _ in stream.host_batches(bridge, batch, [0], len(batch), [hook], stop, cpu, "fp32", direct):
         pass
 
 
 def full_harvest(bridge, layer: int, blocks: np.ndarray, batch: int, out: Path) -> float:
     """Harvest ``blocks`` into a fresh store; returns the seconds spent streaming the batches
-    (``loop._stream``: forwards, bf16 rows, Zstd, writes), i.e. without the one-off costs."""
-    real, streamed = loop._stream, [0.0]
+    (``stream.stream_rows``: forwards, bf16 rows, Zstd, writes), i.e. without the one-off costs."""
+    real, streamed = stream.stream_rows, [0.0]
 
     def timed(*args, **kw):
         t = time.perf_counter()
@@ -114,7 +114,7 @@ def full_harvest(bridge, layer: int, blocks: np.ndarray, batch: int, out: Path) 
         finally:
             streamed[0] += time.perf_counter() - t
 
-    loop._stream = timed
+    stream.stream_rows = timed
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # its plan lines, not figures
             [path] = harvest(
@@ -131,7 +131,7 @@ def full_harvest(bridge, layer: int, blocks: np.ndarray, batch: int, out: Path) 
                 progress=False,
             )
     finally:
-        loop._stream = real
+        stream.stream_rows = real
     assert zarr.open_group(path).attrs["forward"] == "hf"
     return streamed[0]
 

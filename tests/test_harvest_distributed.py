@@ -20,7 +20,7 @@ import torch
 import zarr
 
 from unsuperpose.cli import main
-from unsuperpose.harvest import loop, ranks, store
+from unsuperpose.harvest import loop, ranks, store, stream
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -33,19 +33,19 @@ ALIGNED = ["--chunk-rows", "64", "--batch-size", "2"]
 # Chunks of 100 rows, batches of 96: units of 4 chunks, and batches straddling two units.
 STRADDLING = ["--chunk-rows", "100", "--batch-size", "3"]
 
-# Runs the CLI with loop._forward wrapped: counts calls, and on rank $KILL_RANK kills its own
+# Runs the CLI with stream.forward wrapped: counts calls, and on rank $KILL_RANK kills its own
 # process with SIGKILL after $KILL_AFTER calls (a crash torchrun sees, not a clean exit).
 LAUNCHER = textwrap.dedent("""
     import os, signal, sys
-    from unsuperpose.harvest import loop
-    real, calls = loop._forward, [0]
+    from unsuperpose.harvest import stream
+    real, calls = stream.forward, [0]
     def forward(*args, **kw):
         calls[0] += 1
         if (os.environ.get("RANK") == os.environ.get("KILL_RANK")
                 and calls[0] > int(os.environ["KILL_AFTER"])):
             os.kill(os.getpid(), signal.SIGKILL)
         return real(*args, **kw)
-    loop._forward = forward
+    stream.forward = forward
     argv = sys.argv[1:]
     if os.environ.get("RANK") == "1":
         argv += os.environ.get("RANK1_EXTRA", "").split()
@@ -246,7 +246,7 @@ def test_one_process_interrupted_resumes_with_two_ranks_batches_straddling_units
     tiny_lm_dir, reference, tmp_path, monkeypatch
 ):
     out = tmp_path / "cut"
-    real, calls = loop._forward, [0]
+    real, calls = stream.forward, [0]
 
     def forward(*args, **kw):
         calls[0] += 1
@@ -254,7 +254,7 @@ def test_one_process_interrupted_resumes_with_two_ranks_batches_straddling_units
             raise KeyboardInterrupt
         return real(*args, **kw)
 
-    monkeypatch.setattr(loop, "_forward", forward)
+    monkeypatch.setattr(stream, "forward", forward)
     assert main(harvest_args(tiny_lm_dir, out, STRADDLING)) == 130
     monkeypatch.undo()
     written = attrs(out)["rows_written"]

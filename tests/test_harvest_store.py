@@ -22,6 +22,7 @@ from unsuperpose.harvest import (
     harvest,
     loop,
     store,
+    stream,
 )
 from waiting import wait_until
 
@@ -246,7 +247,7 @@ def test_the_bridge_forward_stops_after_the_last_needed_block(bridge, blocks, tm
 
 def _interrupt_after(monkeypatch, calls: int) -> None:
     """Make the forward pass raise KeyboardInterrupt on its ``calls``-th call (a Ctrl-C)."""
-    real, seen = loop._forward, []
+    real, seen = stream.forward, []
 
     def forward(*args, **kw):
         seen.append(1)
@@ -254,7 +255,7 @@ def _interrupt_after(monkeypatch, calls: int) -> None:
             raise KeyboardInterrupt
         return real(*args, **kw)
 
-    monkeypatch.setattr(loop, "_forward", forward)
+    monkeypatch.setattr(stream, "forward", forward)
 
 
 def test_interrupted_harvest_resumes_to_an_identical_store(bridge, blocks, tmp_path, monkeypatch):
@@ -321,13 +322,13 @@ def test_stores_started_with_different_batch_sizes_each_resume_with_their_own(
         with pytest.raises(KeyboardInterrupt):
             run(bridge, blocks, out, layer=layer, batch_size=batch)
         monkeypatch.undo()
-    real, seen = loop._forward, []
+    real, seen = stream.forward, []
 
     def forward(bridge, tokens, hooks, stop, **kw):
         seen.append((len(tokens), tuple(hooks)))
         return real(bridge, tokens, hooks, stop, **kw)
 
-    monkeypatch.setattr(loop, "_forward", forward)
+    monkeypatch.setattr(stream, "forward", forward)
     run(bridge, blocks, out, layer="0,1", batch_size=4)
     sizes = {
         h: {n for n, hooks in seen[1:] if h in hooks}
@@ -377,13 +378,13 @@ import sys, time, numpy as np, torch
 from test_harvest_store import MARKS
 from transformer_lens.model_bridge import TransformerBridge
 from unsuperpose.harvest import HarvestConfig, harvest
-from unsuperpose.harvest import loop
+from unsuperpose.harvest import stream
 torch.set_num_threads(1)
-real = loop._forward
+real = stream.forward
 def slow(*a, **k):
     time.sleep(0.05)
     return real(*a, **k)
-loop._forward = slow
+stream.forward = slow
 bridge = TransformerBridge.boot_transformers(sys.argv[1], device="cpu", dtype=torch.float32)
 blocks = np.random.default_rng(0).integers(0, 100, (40, 32)).astype(np.uint16)
 harvest(bridge, blocks, sys.argv[2], HarvestConfig(layer="1", chunk_rows=96, batch_size=3),

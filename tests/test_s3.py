@@ -244,12 +244,12 @@ def test_harvest_train_analyze_on_s3_equal_the_same_run_on_local_files(
 
 KILLABLE = """
 import sys, time
-from unsuperpose.harvest import loop
-real = loop._forward
+from unsuperpose.harvest import stream
+real = stream.forward
 def slow(*a, **k):
     time.sleep(0.1)
     return real(*a, **k)
-loop._forward = slow
+stream.forward = slow
 from unsuperpose.cli import main
 sys.exit(main(sys.argv[1:]))
 """
