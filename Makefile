@@ -74,7 +74,7 @@ $(STORE_DIR)/layer$(LAYER).zarr/zarr.json: | $(LM_DIR)/model.safetensors
 	$(BIN)/unsuperpose harvest --lm $(LM_DIR) --layer $(LAYER) --out $(STORE_DIR) $(if $(HARVEST_TOKENS),--tokens $(HARVEST_TOKENS))
 
 train: $(STAMP) $(STORE_DIR)/layer$(LAYER).zarr/zarr.json
-	$(BIN)/unsuperpose train --store $(STORE_DIR)/layer$(LAYER).zarr --dict $(DICT) \
+	$(BIN)/unsuperpose train --store $(STORE_DIR)/layer$(LAYER).zarr --dict-sizes $(DICT) \
 	  --out $(RUNS)/sae/$(LM)/layer$(LAYER) $(if $(L1),--l1 $(L1)) $(if $(STEPS),--steps $(STEPS)) \
 	  $(if $(TOKENS),--tokens $(TOKENS)) \
 	  $(if $(BATCH),--batch-size $(BATCH)) $(if $(LR),--lr $(LR)) $(ARGS)

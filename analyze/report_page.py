@@ -345,7 +345,7 @@ def commands(report, command: str | None) -> list[str]:
         dict_spec = set_dict_spec(s.name, cfg.get("arch", DEFAULT_ARCH))
         cmds.append(
             f"unsuperpose train --store {q(src.get('path', '?'))} "
-            f"--dict {q(dict_spec)} --out {q(str(s.parent))}"
+            f"--dict-sizes {q(dict_spec)} --out {q(str(s.parent))}"
             + (
                 f"{knob_flags(cfg)} --steps {cfg.get('steps')} --batch-size {cfg.get('batch_size')}"
                 if cfg
@@ -362,8 +362,8 @@ def commands(report, command: str | None) -> list[str]:
         )
         cmds.append(
             f"unsuperpose toy --out {q(str(report.toy.grid.sets[0]))} "
-            f"--h {t.get('h')} --G {t.get('G')} --k {t.get('k')} --steps {cfg.get('steps')}"
-            f"{knob_flags(cfg)} --dict-ratios {sizes}"
+            f"--h {t.get('h')} --g {t.get('G')} --k {t.get('k')} --steps {cfg.get('steps')}"
+            f"{knob_flags(cfg)} --dict-sizes {sizes}"
         )
     cmds.append(command or "unsuperpose analyze report")
     return cmds

@@ -1,8 +1,8 @@
 """`unsuperpose analyze`: the report over an LM store's dictionaries, and the feature browser.
 
     unsuperpose analyze report --runs runs --lm tiny --layer 1
-    unsuperpose analyze features --dict runs/sae/tiny/layer1/8x/saes/relu-n512-l1_0.001 --top 20
-    unsuperpose analyze splice --dict runs/sae/tiny/layer1/1x+2x+4x+8x [--corpus FILE] [--tokens N]
+    unsuperpose analyze features --dictionary runs/sae/tiny/layer1/8x/saes/relu-n512-l1_0.001
+    unsuperpose analyze splice --dictionary runs/sae/tiny/layer1/1x+2x+4x+8x [--tokens N]
 
 The glue between ``analyze`` (which reads dictionaries and stores) and ``lm`` (the tokenizer that
 turns a store's token ids back into text: its model's own) lives here.
@@ -18,6 +18,7 @@ from unsuperpose import distributed, locking, storage
 from unsuperpose.analyze.diagnostics import DEFAULT_TOLERANCE
 from unsuperpose.analyze.remote import Names
 from unsuperpose.commands._errors import in_flags, stage_errors
+from unsuperpose.commands._flags import alias
 from unsuperpose.errors import UserError
 from unsuperpose.train.layout import report_dirname
 from unsuperpose.train.registry import DEFAULT_ARCH, FAMILIES, get_family
@@ -249,13 +250,14 @@ def _run_splice(args: argparse.Namespace) -> int:
 
 def _dict_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--dict",
+        "--dictionary",
         dest="dict_path",
         type=storage.location,
         required=True,
         help="one dictionary folder (saes/<arch>-n<size>-<knob>_<value>) or a dictionary set "
         "(a folder with saes/); a folder or s3://...",
     )
+    alias(p, "--dict", "--dictionary")  # --dict-sizes are sizes in train and toy
 
 
 def _browser_arguments(p: argparse.ArgumentParser) -> None:

@@ -56,7 +56,8 @@ def split_default(action: argparse.Action, help_text: str) -> tuple[str, str]:
         return help_text, value
     if tail:
         return help_text[: tail.start()].rstrip(), tail.group(1)
-    return help_text, "required" if action.required else "—"
+    required = action.required or getattr(action, "required_one_of", False)
+    return help_text, "required" if required else "—"
 
 
 def flag_rows(parser: argparse.ArgumentParser) -> Iterator[tuple[str, str, str, str]]:
@@ -97,13 +98,32 @@ def render() -> str:
             names = ", ".join(f"`{' '.join(c)}`" for c in children if len(c) == 1)
             out += [f"Subcommands: {names}.", ""]
         rows = list(flag_rows(sub))
+        old = getattr(sub, "deprecated", [])
+        if old:
+            spelled = ", ".join(f"`{o}` (now `{n}`)" for o, n in old)
+            out += [f"Old spellings, kept for one release with a warning: {spelled}.", ""]
         if not rows:
             continue
         out += ["| flag | default | meaning |", "| --- | --- | --- |"]
         for _, flag, default, meaning in rows:
             out.append(f"| `{_cell(flag)}` | {_cell(default)} | {_cell(meaning)} |")
         out.append("")
+    out += _index(parser)
     return "\n".join(out).rstrip() + "\n"
+
+
+def _index(parser: argparse.ArgumentParser) -> list[str]:
+    """Every flag once, with the commands that take it: a flag means one thing in all of them."""
+    where: dict[str, list[str]] = {}
+    for path, sub, _ in parsers(parser):
+        for _, flag, _, _ in flag_rows(sub):
+            for option in flag.split(", "):
+                where.setdefault(option.split(" ")[0], []).append(" ".join(path))
+    out = ["## Every flag, and the commands that take it", ""]
+    out += ["| flag | commands |", "| --- | --- |"]
+    for flag in sorted(where, key=lambda f: f.lstrip("-").lower()):
+        out.append(f"| `{flag}` | {', '.join(where[flag])} |")
+    return [*out, ""]
 
 
 def main(argv: list[str] | None = None) -> int:

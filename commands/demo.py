@@ -67,7 +67,7 @@ QUICK = dict(
     sae_steps=400,
     grow=["8x"],
     splice_tokens=1024,
-    toy=["--h", "64", "--G", "128", "--steps", "500", "--dict-ratios", "1/4x,1/2x,1x,2x,4x"],
+    toy=["--h", "64", "--g", "128", "--steps", "500", "--dict-sizes", "1/4x,1/2x,1x,2x,4x"],
     toy_dir="toy-demo",
 )
 QUICK_RUNS = Path("runs/quick")
@@ -286,7 +286,7 @@ def _train_step_maker(store: Path, sae_out: Path, s: dict, quiet: list[str]):
     ) -> Step:
         arch = knob[1] if knob[0] == "--arch" else "relu"
         folder = sae_out / dict_folder(spec, arch)
-        argv = ["train", "--store", str(store), "--dict", spec, "--out", str(sae_out)]
+        argv = ["train", "--store", str(store), "--dict-sizes", spec, "--out", str(sae_out)]
         budget = ["--steps", str(steps or s["sae_steps"])]
         budget += ["--batch-size", str(batch)] if batch else []
         return Step(

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from unsuperpose import distributed, faults, locking, storage
 from unsuperpose.commands._errors import flags_of, stage_errors
+from unsuperpose.commands._flags import rename
 from unsuperpose.config import add_arguments, from_args, to_dict
 from unsuperpose.errors import UserError
 from unsuperpose.harvest import (
@@ -76,6 +77,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_arguments(p, HarvestConfig)
     # Corpus flags override the corpus recorded with the model (all default to it).
     add_arguments(p, CorpusConfig, default_text="the model's recorded corpus settings")
+    rename(p, "--seed", "--split-seed")  # as in `lm`, where --seed is the training seed
     p.set_defaults(func=run)
 
 
@@ -91,7 +93,7 @@ def _corpus(args: argparse.Namespace, info: dict) -> CorpusConfig:
 
 
 # The keywords the stages' messages write (``layer='7'``, ``force=True``) -> this command's flags.
-FLAGS = flags_of(HarvestConfig, CorpusConfig, n_ctx="--n-ctx")
+FLAGS = flags_of(HarvestConfig, CorpusConfig, n_ctx="--n-ctx", seed="--split-seed")
 
 
 def kept(args: argparse.Namespace) -> str:

@@ -18,6 +18,7 @@ import json
 
 from unsuperpose import faults
 from unsuperpose.commands._errors import flags_of, stage_errors
+from unsuperpose.commands._flags import alias
 from unsuperpose.config import add_arguments, from_args
 from unsuperpose.errors import UserError
 
@@ -106,8 +107,12 @@ def add_parser(subparsers) -> None:
         "instead of a random init; --preset then only chooses the training recipe",
     )
     train.add_argument(
-        "--overwrite", action="store_true", help="discard a finished model or checkpoint in --out"
+        "--force",
+        dest="overwrite",
+        action="store_true",
+        help="discard a finished model or checkpoint in --out and train anew",
     )
+    alias(train, "--overwrite", "--force")  # force is --force in every command
     train.add_argument(
         "--no-progress", dest="progress", action="store_false", help="do not show the progress bar"
     )
@@ -160,7 +165,7 @@ def _flags() -> dict[str, str]:
     """The keywords the lm stage's messages write (``n_ctx=300``) -> the flags that set them."""
     from unsuperpose.lm import CorpusConfig, LMConfig, TrainLMConfig
 
-    return flags_of(LMConfig, TrainLMConfig, CorpusConfig, skip=("seed",), overwrite="--overwrite")
+    return flags_of(LMConfig, TrainLMConfig, CorpusConfig, skip=("seed",), overwrite="--force")
 
 
 def _train(args: argparse.Namespace) -> int:

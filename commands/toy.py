@@ -11,6 +11,7 @@ from unsuperpose.analyze import ground_truth_callback
 from unsuperpose.analyze.diagnostics import read_record
 from unsuperpose.analyze.report import toy_record
 from unsuperpose.commands._errors import flags_of, stage_errors
+from unsuperpose.commands._flags import alias, rename
 from unsuperpose.commands._grid import (
     add_run_arguments,
     add_sae_arguments,
@@ -72,7 +73,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     # One --seed (the toy data's) also seeds the SAE inits and the batch stream.
     add_sae_arguments(
         p,
-        dict_flag="--dict-ratios",
+        dict_flag="--dict-sizes",
         dict_help=f"dictionary sizes as ratios of G (1/8x..32x; a bare number is a "
         f"ratio too: 1 means 1x); default {DEFAULT_DICT}",
         defaults=default_config(),
@@ -88,6 +89,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                 f"{TOY_DEAD_WINDOW} for the default data and batch)"
             )
     add_run_arguments(p)
+    alias(p, "--dict-ratios", "--dict-sizes")  # sizes are --dict-sizes in train and toy
+    rename(p, "--G", "--g")  # flags are lower-case
     p.set_defaults(func=run)
 
 

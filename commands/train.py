@@ -13,6 +13,7 @@ from pathlib import Path
 
 from unsuperpose import distributed, storage
 from unsuperpose.commands._errors import stage_errors
+from unsuperpose.commands._flags import alias
 from unsuperpose.commands._grid import (
     add_run_arguments,
     add_sae_arguments,
@@ -84,13 +85,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     add_sae_arguments(
         p,
-        dict_flag="--dict",
+        dict_flag="--dict-sizes",
         dict_help=f"dictionary sizes: ratios of the store width d (e.g. 8x or "
         f"1x,2x,4x,8x) or absolute latents (4096); default {DEFAULT_DICT}",
         defaults=default_config(),
         knob_defaults=DEFAULT_KNOBS,
     )
     add_run_arguments(p)
+    alias(p, "--dict", "--dict-sizes")  # --dict is a saved dictionary's folder in analyze
     p.set_defaults(func=run)
 
 

@@ -23,7 +23,7 @@ def fake_outputs(runs, step, dead_at=None, stragglers=False):
         (step.output / "zarr.json").write_text(json.dumps({"attributes": {"complete": True}}))
     elif step.name.startswith("SAE grid"):
         step.output.mkdir(parents=True, exist_ok=True)
-        spec = step.argv[step.argv.index("--dict") + 1]
+        spec = step.argv[step.argv.index("--dict-sizes") + 1]
         sizes = [int(float(r.rstrip("x")) * 64) for r in spec.split(",")]
 
         def dead(n):
@@ -41,7 +41,8 @@ def run_demo(runs, monkeypatch, *extra, dead_at=128, stragglers=False):
     steps = {tuple(s.argv): s for s in demo.plan(runs, "--quick" in extra, progress=False)}
 
     def fake_main(argv):
-        ran.append(argv[:2] if argv[0] != "train" else argv[:2] + [argv[argv.index("--dict") + 1]])
+        sizes = [argv[argv.index("--dict-sizes") + 1]] if argv[0] == "train" else []
+        ran.append(argv[:2] + sizes)
         fake_outputs(runs, steps[tuple(argv)], dead_at, stragglers)
         return 0
 
@@ -91,7 +92,7 @@ def test_the_steps_feed_each_other(tmp_path):
     )
     assert harvest.argv[harvest.argv.index("--lm") + 1] == str(lm.output)
     assert train.argv[train.argv.index("--store") + 1] == str(harvest.output)
-    assert train.output.name == train.argv[train.argv.index("--dict") + 1].replace(",", "+")
+    assert train.output.name == train.argv[train.argv.index("--dict-sizes") + 1].replace(",", "+")
     assert report.output == tmp_path / "report" / "tiny-layer1" / "index.html"
     # Every command line parses with the real CLI.
     for step in (lm, harvest, train, *grow, toy, report):
@@ -167,7 +168,7 @@ def test_quick_writes_to_its_own_folder_and_a_quick_lm_is_never_taken_for_the_fu
 def test_the_update_replication_is_layer_3_with_1x_to_32x_beside_the_full_toy_grid(tmp_path):
     lm, harvest, train, toy, report = demo.plan(tmp_path, update=True)
     assert harvest.argv[harvest.argv.index("--layer") + 1] == "3" and "--tokens" not in harvest.argv
-    assert train.argv[train.argv.index("--dict") + 1] == "1x,2x,4x,8x,16x,32x"
+    assert train.argv[train.argv.index("--dict-sizes") + 1] == "1x,2x,4x,8x,16x,32x"
     assert train.argv[train.argv.index("--steps") + 1] == "10000"
     assert toy.output == tmp_path / "toy" and "--l1" not in toy.argv  # `make toy`'s own grid
     assert report.argv[report.argv.index("--layer") + 1] == "3"
@@ -260,7 +261,7 @@ def test_the_smollm2_quick_and_full_runs_differ_only_in_size(tmp_path):
     harvest = next(s for s in full if s.name.startswith("harvest"))
     assert "--tokens" not in harvest.argv  # the whole corpus
     grid = next(s for s in full if s.name == "SAE grid")
-    assert grid.argv[grid.argv.index("--dict") + 1] == "1x,2x,4x,8x,16x"
+    assert grid.argv[grid.argv.index("--dict-sizes") + 1] == "1x,2x,4x,8x,16x"
     assert grid.argv[grid.argv.index("--steps") + 1] == "10000"
     # the smoke run stays a smoke run: a small store, every training step a few thousand rows
     qharvest = next(s for s in quick if s.name.startswith("harvest"))

@@ -47,9 +47,9 @@ def test_train_through_the_cli(tmp_path, tiny_corpus, capsys):
     info = json.loads(capsys.readouterr().out)
     assert (info["d_model"], info["n_ctx"], info["corpus"]["corpus"]) == (8, 16, tiny_corpus.corpus)
     assert info["extra"]["train"]["tokens"] == 256
-    assert main(argv) == 2  # a finished model is not trained over without --overwrite
+    assert main(argv) == 2  # a finished model is not trained over without --force
     err = capsys.readouterr().err
-    assert "already holds a trained model; train it again with --overwrite, or into another " in err
+    assert "already holds a trained model; train it again with --force, or into another " in err
     assert err.rstrip().endswith("(--out)") and "overwrite=True" not in err
 
 
