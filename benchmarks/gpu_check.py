@@ -67,7 +67,7 @@ class Size:
 
 
 def _toy(h: int, G: int, ratios: str, l1: str) -> tuple[str, ...]:
-    flags = f"--h {h} --G {G} --dict-ratios {ratios} --l1 {l1} --no-progress --wandb disabled"
+    flags = f"--h {h} --g {G} --dict-sizes {ratios} --l1 {l1} --no-progress --wandb disabled"
     return ("toy", *flags.split(), "--data-rng", "cpu")
 
 
@@ -90,7 +90,7 @@ SIZES = {
     # paper grid's 17 x 9 shape at a small size (95 s; at h 32, G 64, 200 steps it took 237 s of
     # its 300 s budget at load 5.4) and SmolLM2 adopted (~60 s).
     "reduced": Size(
-        paper=tuple("--h 16 --G 32 --steps 100 --eval-every 50".split()),
+        paper=tuple("--h 16 --g 32 --steps 100 --eval-every 50".split()),
         paper_what="17 L1 x 9 sizes (1/8x..32x) at h 16, G 32, 100 steps",
         speed=(512, 256, 8192, 64),
         speed_steps=2,
@@ -107,7 +107,7 @@ SIZES = {
     # core), and the harvest runs a random tiny GPT-2, since adopting SmolLM2 alone takes ~40 s.
     "tiny": Size(
         paper=tuple(
-            "--h 16 --G 32 --steps 20 --eval-every 10 --dict-ratios 1/8x,32x --l1 0.1,1".split()
+            "--h 16 --g 32 --steps 20 --eval-every 10 --dict-sizes 1/8x,32x --l1 0.1,1".split()
         ),
         paper_what="2 of its L1 values x 1/8x, 32x at h 16, G 32, 20 steps",
         speed=(256, 64, 1024, 16),
