@@ -10,6 +10,7 @@ names a local file.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ import numpy as np
 from unsuperpose import distributed, storage
 from unsuperpose.analyze.splice_grid import SpliceError, store_mean, validation_blocks
 from unsuperpose.commands._errors import stage_errors
+from unsuperpose.commands._flags import FlagDeprecation
 from unsuperpose.config import write_json_atomic
 from unsuperpose.errors import UserError
 
@@ -100,7 +102,7 @@ def run_splice(args, local=None, show=str) -> int:
         device=str(device),
         dictionaries={k: show(p) for k, p in zip(saes, sae_dirs)},
     )
-    out = args.out or (storage.location(args.dict_path) / "splice.json")
+    out = splice_file(args.out, args.dict_path, warn=True)
     if storage.is_remote(out):
         storage.write_json(out, result)
     else:
@@ -121,3 +123,21 @@ def run_splice(args, local=None, show=str) -> int:
         )
     print(f"wrote {out}")
     return 0
+
+
+def splice_file(out, dict_path, *, warn: bool = False):
+    """Where the record goes: splice.json in the folder ``--out`` (default: the dictionary's
+    folder), as every command's --out is the folder it writes. An --out naming a .json file, its
+    old meaning, still names that file for one release, with a warning when ``warn``."""
+    if out is None:
+        return storage.location(dict_path) / "splice.json"
+    if str(out).endswith(".json"):
+        if warn:
+            warnings.warn(
+                f"--out {out}: a .json file is deprecated; --out is the folder splice.json is "
+                "written into (the old meaning goes after the next release)",
+                FlagDeprecation,
+                stacklevel=2,
+            )
+        return out
+    return out / "splice.json"  # (a local folder is made by write_json_atomic)

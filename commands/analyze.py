@@ -192,7 +192,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--out",
         type=storage.location,
         default=None,
-        help="JSON file, local or s3://... (default DICT/splice.json)",
+        help="output folder for splice.json, a folder or s3://... (default: the dictionary's "
+        "folder); a path ending in .json is still read as the file itself, with a warning",
     )
     sp.add_argument("--no-progress", action="store_true", help="no progress bar")
     sp.set_defaults(func=_run_splice)
@@ -219,7 +220,9 @@ def _output(args: argparse.Namespace):
     if args.analyze_command == "features":
         return args.out or args.dict_path / "features"
     if args.analyze_command == "splice":
-        return args.out or storage.location(args.dict_path) / "splice.json"
+        from unsuperpose.commands._splice import splice_file
+
+        return splice_file(args.out, args.dict_path)
     if args.analyze_command == "methods":
         return args.out or args.runs / "report" / f"{args.lm}-layer{args.layer}-methods"
     return args.out or args.runs / "report" / report_dirname(args.lm, args.layer, args.arch)

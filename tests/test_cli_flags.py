@@ -116,3 +116,14 @@ def test_the_make_targets_pass_the_new_spellings(target, want):
     ).stdout
     line = next(x for x in out.splitlines() if "unsuperpose " + target.split()[0] in x)
     assert want in line
+
+
+def test_splice_out_is_the_folder_it_writes_and_a_json_file_still_works(tmp_path):
+    from unsuperpose.commands._splice import splice_file
+
+    d = tmp_path / "set"
+    assert splice_file(None, d) == d / "splice.json"
+    with warnings_as_errors():
+        assert splice_file(tmp_path / "out", d, warn=True) == tmp_path / "out" / "splice.json"
+    with pytest.warns(FlagDeprecation, match="--out is the folder splice.json is written into"):
+        assert splice_file(tmp_path / "x.json", d, warn=True) == tmp_path / "x.json"
