@@ -18,7 +18,8 @@ is compared, and how it is read:
   beside the raw neuron basis of the same store.
 
 ΔCE carries the standard error the splice computed over tokens; FVU is a held-out figure whose
-row count is printed with it.
+row count is printed with it. This module collects and compares; ``methods_page.py`` draws the
+figures and writes the page.
 """
 
 from __future__ import annotations
@@ -27,25 +28,24 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from unsuperpose.analyze.collect import GridError, is_set, lm_sets_dir  # noqa: E402
-from unsuperpose.analyze.figures import save_figure  # noqa: E402
-from unsuperpose.analyze.html import Raw, esc, image, page, table, write  # noqa: E402
-from unsuperpose.config import write_json_atomic  # noqa: E402
-from unsuperpose.tracking import Tracker  # noqa: E402
-from unsuperpose.train.dictionary import read_config  # noqa: E402
-from unsuperpose.train.io import read_summary, sparsity_of, write_summary  # noqa: E402
-from unsuperpose.train.layout import (  # noqa: E402
+from unsuperpose.analyze.collect import GridError, is_set, lm_sets_dir
+from unsuperpose.analyze.html import write
+from unsuperpose.analyze.methods_page import (  # the page's; importable from here as before
+    difference_text,  # noqa: F401
+    frontier_figure,
+    render,
+)
+from unsuperpose.config import write_json_atomic
+from unsuperpose.tracking import Tracker
+from unsuperpose.train.dictionary import read_config
+from unsuperpose.train.io import read_summary, sparsity_of, write_summary
+from unsuperpose.train.layout import (
     SUMMARY_FILE,
     dict_dirname,
     dictionary_dirs,
     knob_value_text,
 )
-from unsuperpose.train.registry import DEFAULT_ARCH, FAMILIES, get_family  # noqa: E402
+from unsuperpose.train.registry import DEFAULT_ARCH, FAMILIES, get_family
 
 NEURONS_PAGE = "neurons"  # the browser's page of the store's raw neurons
 
@@ -231,48 +231,6 @@ def width(points: list[Point]) -> int:
     return int(read_config(points[0].sae_dir)["d_in"])
 
 
-def frontier_figure(
-    points: list[Point], y: str, path: Path, *, title: str, ylabel: str
-) -> Path | None:
-    have = [p for p in points if getattr(p, y) is not None]
-    if not have:
-        return None
-    fig, ax = plt.subplots(figsize=(7.2, 4.8))
-    cmap = plt.get_cmap("tab10")
-    for i, arch in enumerate(methods_of(have)):
-        mine = [p for p in have if p.arch == arch]
-        colour = cmap(i % 10)
-        style = "--" if get_family(arch).fitted else "-"
-        ax.scatter(
-            [max(p.l0, 0.5) for p in mine],
-            [getattr(p, y) for p in mine],
-            s=12,
-            alpha=0.35,
-            color=colour,
-        )
-        front = pareto(mine, y)
-        ax.plot(
-            [max(p.l0, 0.5) for p in front],
-            [getattr(p, y) for p in front],
-            style,
-            marker="o",
-            ms=4,
-            color=colour,
-            label=arch + (" (baseline)" if get_family(arch).fitted else ""),
-        )
-    ax.set_xscale("log")
-    if y == "fvu":
-        ax.set_yscale("log")
-    elif y == "delta_ce":
-        ax.set_yscale("symlog", linthresh=1e-3)
-    ax.set_xlabel("L0: non-zero codes per token (held-out; log scale)")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    return save_figure(fig, path)
-
-
 @dataclass
 class Concentration:
     """Token concentration of one page's units: mean with its standard error, and the median."""
@@ -309,13 +267,6 @@ class MethodsReport:
     @property
     def index(self) -> Path:
         return self.out / "index.html"
-
-
-def difference_text(a: Concentration, b: Concentration) -> str:
-    """'0.31 ± 0.04 (SE)' for a.mean - b.mean, or '' when either is missing."""
-    if None in (a.mean, b.mean, a.se, b.se):
-        return ""
-    return f"{a.mean - b.mean:+.3f} ± {math.hypot(a.se, b.se):.3f}"
 
 
 def fidelity_verdicts(points: list[Point], d: int) -> list[str]:
@@ -370,8 +321,14 @@ def build_methods(
     figdir = out / "figures"
     figures = {}
     for y, label in (("fvu", "held-out FVU (log)"), ("delta_ce", "ΔCE spliced in (nats)")):
+        have = [p for p in points if getattr(p, y) is not None]
+        series = [
+            (arch, mine, pareto(mine, y), get_family(arch).fitted)
+            for arch in methods_of(have)
+            for mine in [[p for p in have if p.arch == arch]]
+        ]
         f = frontier_figure(
-            points,
+            series,
             y,
             figdir / f"methods_{y}.png",
             title=f"{lm} layer {layer}: {label} against L0",
@@ -410,7 +367,9 @@ def build_methods(
             "notes": report.notes,
         },
     )
-    write(report.index, render(report, f"{lm} layer {layer}"))
+    matched = {y: matched_rows(points, d, y, with_se=True) for y in ("fvu", "delta_ce")}
+    verdicts = fidelity_verdicts(points, d)
+    write(report.index, render(report, f"{lm} layer {layer}", matched, verdicts))
     _track(report, lm, layer)
     return report
 
@@ -425,121 +384,3 @@ def _track(report: MethodsReport, lm: str, layer: int | str) -> None:
         tracker.log_table("methods", cols, [[r[c] for c in cols] for r in rows])
         tracker.log_images({f"methods_{y}": path for y, path in report.figures.items()})
         tracker.summary({"picked": {arch: p.name for arch, p in report.picked.items()}})
-
-
-def render(report: MethodsReport, title: str) -> str:
-    pts = report.points
-    parts = [
-        f"<h1>Methods compared: {esc(title)}</h1>",
-        "<p>Every dictionary set of this layer, SAE architectures and fitted baselines, on "
-        "the same held-out rows. L0 is the mean number of non-zero codes per token for every "
-        f"method. Width d = {report.d}.</p>",
-    ]
-    for y in ("fvu", "delta_ce"):
-        if y in report.figures:
-            parts.append(image(report.figures[y], f"methods {y}"))
-    rows_of = {p.heldout_rows for p in pts}
-    said = {
-        "fvu": f"on {', '.join(f'{r:,}' for r in sorted(rows_of))} held-out rows",
-        "delta_ce": "± its standard error over the spliced tokens",
-    }
-    for y, what in (("fvu", "held-out FVU"), ("delta_ce", "ΔCE (nats)")):
-        bs, rows = matched_rows(pts, report.d, y, with_se=True)
-        if bs and any(any(v is not None for v in r[1:]) for r in rows):
-            parts.append(f"<h2>Lowest {what} at L0 ≤ budget</h2>")
-            parts.append(
-                f"<p>Per method, its best dictionary with held-out L0 at most the budget "
-                f"({said[y]}); '-': nothing that sparse.</p>"
-            )
-            parts.append(table(["method", *[f"L0 ≤ {b}" for b in bs]], rows))
-    verdicts = fidelity_verdicts(pts, report.d)
-    if verdicts:
-        parts.append(
-            "<h2>SAEs against baselines</h2><ul>"
-            + "".join(f"<li>{esc(v)}</li>" for v in verdicts)
-            + "</ul>"
-        )
-    parts.append(
-        f"<h2>Interpretability at matched L0 (target {report.target_l0:g})</h2>"
-        "<p>Per method, the dictionary whose held-out L0 is nearest the target (log scale; a "
-        "tie goes to the larger one), chosen before its units were looked at. Token "
-        "concentration: the share of a unit's top activations on its most common token "
-        "(analyze/monosemantic.py); mean ± standard error over the units with enough firing "
-        "rows. The store's own neurons are the reference.</p>"
-    )
-    ref = report.concentration.get("store neurons")
-    rows = []
-    for arch, p in report.picked.items():
-        c = report.concentration.get(arch)
-        link = report.browser.get(p.sae_dir.name)
-        cell = (
-            Raw(f'<a href="{esc(Path(link).relative_to(report.out))}">{esc(p.name)}</a>')
-            if link
-            else p.name
-        )
-        rows.append(
-            [
-                arch,
-                cell,
-                p.l0,
-                p.fvu,
-                p.delta_ce,
-                c.scored if c else None,
-                c.mean if c else None,
-                c.se if c else None,
-                c.median if c else None,
-                difference_text(c, ref) if c and ref else "",
-            ]
-        )
-    if ref is not None:
-        rows.append(
-            [
-                "store neurons",
-                "the raw MLP neurons",
-                None,
-                None,
-                None,
-                ref.scored,
-                ref.mean,
-                ref.se,
-                ref.median,
-                "",
-            ]
-        )
-    cols = [
-        "method",
-        "dictionary",
-        "L0",
-        "FVU",
-        "ΔCE",
-        "units scored",
-        "token conc. mean",
-        "SE",
-        "median",
-        "minus neurons",
-    ]
-    parts.append(table(cols, rows, left=2))
-    parts.append("<h2>Every dictionary</h2>")
-    keys = [
-        "arch",
-        "set",
-        "dict_label",
-        "sparsity_name",
-        "sparsity",
-        "heldout_l0",
-        "heldout_fvu",
-        "heldout_rows",
-        "delta_ce",
-        "delta_ce_se",
-        "ce_loss_recovered",
-    ]
-    parts.append(
-        table(
-            keys,
-            [[p.row()[k] for k in keys] for p in sorted(pts, key=lambda p: (p.arch, p.size, p.l0))],
-            left=4,
-        )
-    )
-    for n in report.notes:
-        parts.append(f'<p class="note">{esc(n)}</p>')
-    return page(f"methods compared: {title}", "\n".join(parts))

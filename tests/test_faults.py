@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import zarr
 
-from unsuperpose import faults
+from unsuperpose import faults, lock_holder
 from unsuperpose.cli import EXIT_IO, main
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -873,9 +873,9 @@ def test_an_outage_longer_than_the_retry_budget_is_one_line_and_the_rerun_comple
     flaky.heal()
     # Its lease could not be deleted in the outage; a rerun takes over the lease of a run that
     # ended on this machine at once. The rerun here is this same process: say it has ended.
-    from unsuperpose import locking
+    from unsuperpose import lock_holder
 
-    monkeypatch.setattr(locking, "_pid_runs", lambda pid: pid != os.getpid())
+    monkeypatch.setattr(lock_holder, "pid_runs", lambda pid: pid != os.getpid())
     assert main(args) == 0
     assert "took over the lock" in capsys.readouterr().err
     assert_same_s3_store(f"{url}/layer1.zarr", local_s3_reference)
@@ -952,7 +952,7 @@ def test_a_grid_mirrored_to_s3_through_an_outage_ends_in_one_line_and_resumes(
     checkpoint): the store fails for good once the first checkpoint is up; the run stops in one
     line, and the rerun resumes from the bucket's checkpoint and leaves a local run's bytes."""
     from test_s3 import tree
-    from unsuperpose import locking
+    from unsuperpose import lock_holder
 
     monkeypatch.setenv("UNSUPERPOSE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("UNSUPERPOSE_S3_TRIES", "3")
@@ -972,7 +972,7 @@ def test_a_grid_mirrored_to_s3_through_an_outage_ends_in_one_line_and_resumes(
     ), line
     assert f"kept: the last checkpoint copied up to {url}/checkpoint whole" in line
     flaky.heal()
-    monkeypatch.setattr(locking, "_pid_runs", lambda pid: pid != os.getpid())  # a new process
+    monkeypatch.setattr(lock_holder, "pid_runs", lambda pid: pid != os.getpid())  # a new process
     assert main(args) == 0
     assert "resuming from the checkpoint at step 10 of 40" in capsys.readouterr().out
     remote, mine = tree(url), tree(local)
@@ -986,7 +986,7 @@ def test_a_report_on_s3_through_an_outage_ends_in_one_line_and_the_rerun_writes_
     flaky, s3, analyze_runs, tmp_path, monkeypatch, capsys
 ):
     from test_s3 import tree
-    from unsuperpose import locking, storage
+    from unsuperpose import storage
 
     monkeypatch.setenv("UNSUPERPOSE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("UNSUPERPOSE_S3_TRIES", "3")
@@ -1005,7 +1005,7 @@ def test_a_report_on_s3_through_an_outage_ends_in_one_line_and_the_rerun_writes_
     assert line.startswith("unsuperpose analyze: error: the object store kept failing (HTTP 500")
     assert f"kept: every run it reads, unchanged (analysis only reads them); of {out}, " in line
     flaky.heal()
-    monkeypatch.setattr(locking, "_pid_runs", lambda pid: pid != os.getpid())  # a new process
+    monkeypatch.setattr(lock_holder, "pid_runs", lambda pid: pid != os.getpid())  # a new process
     assert main(args) == 0
     got, want = tree(out), tree(undisturbed)
     assert got.keys() == want.keys()

@@ -14,13 +14,15 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from unsuperpose.train.dictionary import WEIGHTS_FILE, read_config, write_dictionary
+from unsuperpose.train.dictionary import WEIGHTS_FILE, StoredDictionary, read_config
 from unsuperpose.train.init import init_params
 from unsuperpose.train.losses import l1_penalty, reconstruction_mse
 
 
-class SAE(nn.Module):
-    """The ``relu`` architecture's dictionary (``train.dictionary.Dictionary``)."""
+class SAE(StoredDictionary):
+    """The ``relu`` architecture's dictionary: a ``StoredDictionary`` whose saved tensors are its
+    effective weights (unit-norm decoder, an explicit encoder even when tied), so that it reads
+    back, and exports, as any other dictionary."""
 
     arch = "relu"
 
@@ -51,7 +53,8 @@ class SAE(nn.Module):
 
         The forward pass uses W_dec / ||W_dec|| either way, but Adam's step has a fixed size in
         the raw coordinates, so an atom whose raw norm drifted to r moves by lr / r on the
-        sphere: without this, atoms learn at different speeds (see ``SAEGroup.renormalise_``).
+        sphere: without this, atoms learn at different speeds (the grid trainer does the same:
+        ``StackedGroup.post_step``).
         """
         self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True))
 
@@ -67,26 +70,18 @@ class SAE(nn.Module):
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         return codes @ self.dictionary()
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        codes = self.encode(x)
-        return self.decode(codes), codes
-
     def loss(self, x: torch.Tensor, l1: float, l1_norm: str = "sum") -> torch.Tensor:
         x_hat, codes = self(x)
         return reconstruction_mse(x_hat, x) + l1 * l1_penalty(codes, l1_norm)
 
-    # -- storage: safetensors + JSON, never pickles -------------------------------------------
-    def save(self, directory: str | Path, config: dict | None = None) -> Path:
-        """Write the effective weights (normalised decoder, explicit encoder even when tied)."""
+    # -- storage: safetensors + JSON, never pickles (StoredDictionary.save) -------------------
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The effective weights: the normalised decoder, an explicit encoder even when tied."""
         with torch.no_grad():
-            tensors = {
-                "W_enc": self.encoder_weight(),
-                "b_enc": self.b_enc,
-                "W_dec": self.dictionary(),
-            }
-        meta = {**self.config, **(config or {})}
-        meta.update(arch=self.arch, d_in=self.d_in, d_sae=self.d_sae, tied=self.tied)
-        return write_dictionary(directory, tensors, meta)
+            return {"W_enc": self.encoder_weight(), "b_enc": self.b_enc, "W_dec": self.dictionary()}
+
+    def identity(self) -> dict:
+        return {**super().identity(), "tied": self.tied}
 
     @classmethod
     def load(cls, directory: str | Path) -> SAE:
