@@ -8,7 +8,7 @@ import dataclasses
 
 from unsuperpose import distributed
 from unsuperpose.analyze import grid_figures, score_grid
-from unsuperpose.commands._errors import stage_errors
+from unsuperpose.commands.errors import stage_errors
 from unsuperpose.config import add_arguments, replace_from_args
 from unsuperpose.errors import UserError
 from unsuperpose.train import (

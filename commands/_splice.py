@@ -17,8 +17,8 @@ import numpy as np
 
 from unsuperpose import distributed, storage
 from unsuperpose.analyze.splice_grid import SpliceError, store_mean, validation_blocks
-from unsuperpose.commands._errors import stage_errors
 from unsuperpose.commands._flags import FlagDeprecation
+from unsuperpose.commands.errors import stage_errors
 from unsuperpose.config import write_json_atomic
 from unsuperpose.errors import UserError
 

@@ -17,8 +17,8 @@ from pathlib import Path
 from unsuperpose import distributed, locking, storage
 from unsuperpose.analyze.diagnostics import DEFAULT_TOLERANCE
 from unsuperpose.analyze.remote import Names
-from unsuperpose.commands._errors import in_flags, stage_errors
 from unsuperpose.commands._flags import alias
+from unsuperpose.commands.errors import in_flags, stage_errors
 from unsuperpose.errors import UserError
 from unsuperpose.train.layout import report_dirname
 from unsuperpose.train.registry import DEFAULT_ARCH, FAMILIES, get_family

@@ -15,7 +15,7 @@ import sys
 import traceback
 
 from unsuperpose import __version__, distributed, faults, locking, tracking
-from unsuperpose.commands._errors import fault_line
+from unsuperpose.commands.errors import fault_line
 from unsuperpose.config import states_default
 from unsuperpose.errors import UserError
 

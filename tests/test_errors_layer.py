@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from unsuperpose import distributed
-from unsuperpose.commands._errors import flags_of, in_flags, stage_errors
+from unsuperpose.commands.errors import flags_of, in_flags, stage_errors
 from unsuperpose.errors import UserError
 from unsuperpose.harvest import HarvestConfig, HarvestError, StoreError
 from unsuperpose.lm import CorpusConfig, CorpusError, ModelError, RunExists

@@ -3,7 +3,7 @@
 Only the command layer raises it (``commands/``, and the shared modules of the core).
 The stage libraries (lm, harvest, toy, train, analyze) raise ordinary exceptions of their own
 (ValueError subclasses such as ``harvest.StoreError``) in their own terms; a command turns them
-into a UserError that names its flags (``unsuperpose.commands._errors.stage_errors``).
+into a UserError that names its flags (``unsuperpose.commands.errors.stage_errors``).
 """
 
 

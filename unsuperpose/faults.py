@@ -7,7 +7,7 @@ only once their chunks are down, a checkpoint is swapped in only once it is whol
 error deserves one line that says so, not a traceback. ``classify(exc)`` finds the fault
 anywhere in an exception's chain (zarr, safetensors, s3fs and the harvest's writer thread each
 wrap the ``OSError`` or the botocore error in one of their own) and says what it was; the command
-layer turns it into that line (``unsuperpose.commands._errors.fault_line``).
+layer turns it into that line (``unsuperpose.commands.errors.fault_line``).
 
 ``writing(path)`` names the path for errors that carry none: a failed ``write()`` has no file
 name, a safetensors error has neither a name nor an errno, only "(os error 28)" in its text.
