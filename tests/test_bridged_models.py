@@ -17,7 +17,6 @@ import torch
 
 from conftest import tiny_documents
 from unsuperpose.cli import main
-from unsuperpose.errors import UserError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -608,7 +607,7 @@ def test_a_downloaded_model_is_harvested_as_it_is_and_spliced_on_its_stores_corp
     pipeline, tiny_corpus
 ):
     """No adopt: the directory as saved (no lm_config.json, no corpus of its own), with --corpus."""
-    from unsuperpose.analyze.splice_grid import validation_blocks
+    from unsuperpose.analyze.splice_grid import SpliceError, validation_blocks
     from unsuperpose.harvest import ActivationStore
 
     out = pipeline["root"] / "direct"
@@ -642,7 +641,7 @@ def test_a_downloaded_model_is_harvested_as_it_is_and_spliced_on_its_stores_corp
         direct.read_rows(0, direct.rows).view(np.uint16),
         adopted.read_rows(0, adopted.rows).view(np.uint16),
     )
-    with pytest.raises(UserError, match="does not record the corpus"):
+    with pytest.raises(SpliceError, match="does not record the corpus"):
         validation_blocks(pipeline["raw"], N_CTX, 100)
     blocks, _ = validation_blocks(pipeline["raw"], N_CTX, 100, direct.provenance.corpus)
     want, _ = validation_blocks(pipeline["lm"], N_CTX, 100)
