@@ -7,8 +7,9 @@ A page asks for a table with a marker on a line of its own, e.g.
 
 and the hook replaces it with the table the benchmark's own renderer prints from the records
 (for the calibration: ``benchmarks.bench_calibration.markdown``, the same function
-``python -m benchmarks.bench_calibration`` calls). An unknown marker or missing records fail the
-build.
+``python -m benchmarks.bench_calibration`` calls; for a run of the peers benchmark,
+``bench_peers-<commit>``: ``benchmarks.bench_peers.table``, the table ``python -m benchmarks
+bench_peers`` prints at its end). An unknown marker or missing records fail the build.
 """
 
 from __future__ import annotations
@@ -28,15 +29,36 @@ def _records(name: str) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _calibration() -> str:
+def _importable() -> None:
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
+
+
+def _calibration() -> str:
+    _importable()
     from benchmarks.bench_calibration import markdown
 
     return markdown(_records("calibration"), _records("calibration-rule3"))
 
 
-TABLES = {"calibration": _calibration}
+def _bench_peers(name: str):
+    """The summary table of one bench_peers run, from its records ``<name>.jsonl``."""
+
+    def render() -> str:
+        _importable()
+        from benchmarks.bench_peers import table
+
+        return table(_records(name))
+
+    return render
+
+
+TABLES = {
+    "calibration": _calibration,
+    # the first full run (both shapes, all five architectures; load 7-12) and the
+    # k-architectures after AuxK moved onto the dead latents' block
+    **{name: _bench_peers(name) for name in ("bench_peers-0ff23dc", "bench_peers-df6fade")},
+}
 
 
 def on_page_markdown(markdown: str, page, config, files) -> str:

@@ -4,6 +4,8 @@ that is not in it."""
 
 from __future__ import annotations
 
+import html
+import json
 import os
 import re
 import subprocess
@@ -14,6 +16,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 README_MAX_LINES = 200
+# the bench_peers runs whose records (docs/results/data/<run>.jsonl) the speed page renders
+PEERS_RUNS = ("bench_peers-0ff23dc", "bench_peers-df6fade")
 # where a path names a file of this repository: the stage folders, the package, the benchmarks,
 # the tests and the docs themselves (commands/ too, where the command modules live)
 TOP = "lm|harvest|toy|train|analyze|commands|unsuperpose|benchmarks|tests|docs"
@@ -41,6 +45,8 @@ def named_paths(text: str) -> set[str]:
 
 
 def test_mkdocs_build_strict(tmp_path):
+    from benchmarks.bench_peers import table  # imports torch: only where the build is checked
+
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
     out = tmp_path / "site"
     proc = subprocess.run(
@@ -57,6 +63,20 @@ def test_mkdocs_build_strict(tmp_path):
     page = (out / "results" / "calibration" / "index.html").read_text()
     assert "bench-table" not in page
     assert page.count("<tr>") >= 10
+    # so are the bench_peers summaries on the speed page: the page asks for them by marker, and
+    # every row the bench's own table() prints from the committed records is in its HTML
+    source = (ROOT / "docs" / "results" / "speed.md").read_text()
+    speed = re.sub(r">\s+<", "><", (out / "results" / "speed" / "index.html").read_text())
+    assert "bench-table" not in speed
+    for run in PEERS_RUNS:
+        assert f"<!-- bench-table: {run} -->" in source.splitlines()
+        lines = (ROOT / "docs" / "results" / "data" / f"{run}.jsonl").read_text().splitlines()
+        records = [json.loads(line) for line in lines if line.strip()]
+        rows = table(records).splitlines()[2:]
+        assert len(rows) == sum(r.get("figure") == "peers_summary" for r in records) >= 3
+        for row in rows:
+            cells = (html.escape(c.strip(), quote=False) for c in row.strip("|").split("|"))
+            assert "<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>" in speed, row
 
 
 def test_readme_python_example_runs(tmp_path):
