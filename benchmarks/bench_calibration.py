@@ -43,6 +43,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from benchmarks.common import git_commit
 from unsuperpose.analyze import grid_figures, score_grid
 from unsuperpose.analyze.report import toy_record
 from unsuperpose.toy import ToyConfig, ToySource
@@ -174,6 +175,8 @@ def train_cell(cell: dict, folder: Path) -> dict:
         "best_at_ratio": rec["optimum"]["ratio"],
         "wall_s": round(time.perf_counter() - t0, 1),
         "cpu_s": round(time.process_time() - cpu0, 1),
+        # the code that read the grid (and trained it, unless it resumed across commits)
+        "commit": git_commit(),
     }
 
 

@@ -53,7 +53,14 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import RamSource, gemm_peak, hold_dead, peers_python, set_l0_thresholds
+from benchmarks.common import (
+    RamSource,
+    gemm_peak,
+    git_commit,
+    hold_dead,
+    peers_python,
+    set_l0_thresholds,
+)
 from unsuperpose.train import SAETrainConfig, new_state, train_steps
 from unsuperpose.train.config import AuxKOptions
 from unsuperpose.train.families.auxk import dead_for_auxk
@@ -181,20 +188,6 @@ def _load() -> list[float]:
     return [round(v, 2) for v in os.getloadavg()]
 
 
-def _commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=Path(__file__).parent,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        return out.stdout.strip() or None
-    except OSError:
-        return None
-
-
 def run_shape(
     shape: str,
     B: int,
@@ -243,7 +236,7 @@ def run_shape(
         yield {
             "figure": "peers_setup",
             "shape": f"{D}->{N}, batch {B}, k {k}",
-            "commit": _commit(),
+            "commit": git_commit(),
             "threads": torch.get_num_threads(),
             "dead_latents_held": dead,
             "matryoshka_widths": widths,

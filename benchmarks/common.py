@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -17,6 +18,24 @@ def gemm_peak(m: int = 2048, k: int = 1024, n: int = 4096, reps: int = 3) -> flo
     for _ in range(reps):
         a @ b
     return 2 * m * k * n * reps / (time.perf_counter() - t) / 1e9
+
+
+def git_commit() -> str | None:
+    """The checkout's short commit, with "-dirty" when tracked files differ from it: a record
+    names the code that made it. None outside a git checkout."""
+    here = Path(__file__).parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=here, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired):
+        return None
+    return f"{commit}-dirty" if dirty else commit or None
 
 
 def peers_python() -> str | None:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -315,15 +314,6 @@ def _mode(device: str, size: str) -> str:
     )
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def _figure(rec: dict) -> str:
     if "na" in rec:
         return f"n/a: {rec['na']}"
@@ -358,10 +348,12 @@ def table(folder: Path, device: str, size: str, wall: float) -> tuple[str, bool]
                 if line.strip():
                     rec = json.loads(line)
                     got[rec["row"]] = rec
+    from benchmarks.common import git_commit  # imports torch, which the table needs not
+
     budget = SIZES[size].budget
     lines = [
         f"GPU check: {_mode(device, size)}",
-        f"commit {_commit()}, torch {version('torch')}, {wall:.0f} s in all"
+        f"commit {git_commit() or 'unknown'}, torch {version('torch')}, {wall:.0f} s in all"
         + (" (over the 8-minute budget)" if size == "full" and wall > 480 else "")
         + f", load now {' / '.join(f'{x:.1f}' for x in os.getloadavg())}",
         "",
