@@ -4,16 +4,21 @@ plus the MLP neurons as the baseline, from one pass over the store."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from unsuperpose.analyze.autointerp import AutointerpSettings, run_autointerp
+from unsuperpose import distributed, storage
+from unsuperpose.analyze.autointerp import AutointerpError, AutointerpSettings, run_autointerp
 from unsuperpose.analyze.browser import BrowserError, contexts, firing_summary, scan, token_arrays
 from unsuperpose.analyze.browser_page import render, write_index
+from unsuperpose.analyze.endpoint import EndpointError
 from unsuperpose.analyze.html import write
 from unsuperpose.analyze.monosemantic import summary as concentration_summary
 from unsuperpose.config import write_json_atomic
+from unsuperpose.harvest import ActivationStore, StoreError, store_decoder
+from unsuperpose.lm import ModelError
 from unsuperpose.train import SAE, load_dictionary
 from unsuperpose.train.layout import DICT_WEIGHTS_FILE, dictionary_dirs
 from unsuperpose.train.registry import DEFAULT_ARCH
@@ -146,3 +151,113 @@ def build_browser(
     }
     write(out / "summary.txt", "".join(f"{k}: {v}\n" for k, v in summaries.items()))
     return pages
+
+
+# What ``browse`` raises when no browser can be built (the command names them in one line).
+BROWSE_ERRORS = (BrowserError, StoreError, ModelError, EndpointError, AutointerpError)
+
+
+@dataclass(frozen=True)
+class BrowseSettings:
+    """How ``browse`` builds a feature browser: ``build_browser``'s settings, the device by name
+    (``distributed.resolve_device``) and the LLM judge's (``endpoint`` None: none is asked)."""
+
+    top: int = 20
+    max_rows: int | None = None
+    neurons: bool = True
+    progress: bool = True
+    device: str = "cpu"
+    endpoint: str | None = None
+    model: str | None = None
+    key_env: str = "OPENAI_API_KEY"
+    units: int = 20
+    explain: int = 10
+    score: int = 6
+
+    def autointerp(self) -> AutointerpSettings | None:
+        """The judge's settings, or None when no endpoint is named; a ``BrowserError`` when
+        only one of the endpoint and the model is."""
+        if self.endpoint is None:
+            if self.model is not None:
+                raise BrowserError(
+                    "--autointerp-model needs --autointerp-endpoint URL: the server to ask"
+                )
+            return None
+        if self.model is None:
+            raise BrowserError(
+                "--autointerp-endpoint needs --autointerp-model NAME: the model the server "
+                "should use"
+            )
+        return AutointerpSettings(
+            endpoint=self.endpoint,
+            model=self.model,
+            key_env=self.key_env,
+            units=self.units,
+            explain=self.explain,
+            score=self.score,
+        )
+
+
+def open_store(path: str | Path) -> ActivationStore:
+    """The activation store at ``path`` (a folder or s3://...); a ``BrowserError`` if none."""
+    path = storage.location(path)
+    if not storage.exists(path):
+        raise BrowserError(
+            f"activation store {path} does not exist; pass the store the dictionary was "
+            "trained on with --store, or harvest it (`make harvest`)"
+        )
+    return ActivationStore(path)
+
+
+def browse(
+    sae_dirs: list[Path],
+    out: str | Path,
+    settings: BrowseSettings,
+    store: str | Path | None = None,
+) -> dict[str, Path]:
+    """The feature browser of ``sae_dirs`` in ``out`` (``build_browser``), read from ``store``
+    (default: the one the first dictionary was trained on); one of ``BROWSE_ERRORS`` says why
+    there is none."""
+    if store is None:
+        recorded = store_of(load_dictionary(sae_dirs[0]))
+        if recorded is None:
+            raise BrowserError(
+                f"{sae_dirs[0]} was not trained on an activation store (toy data has no "
+                "tokens to show); pass one with --store"
+            )
+        store = storage.location(recorded)
+    if settings.top < 1:
+        raise BrowserError("--top must be at least 1")
+    autointerp = settings.autointerp()
+    if autointerp is not None:
+        autointerp.check()
+    opened = open_store(store)
+    return build_browser(
+        sae_dirs,
+        opened,
+        out,
+        store_decoder(opened),
+        top=settings.top,
+        max_rows=settings.max_rows,
+        neurons=settings.neurons,
+        progress=settings.progress,
+        device=distributed.resolve_device(settings.device),
+        autointerp=autointerp,
+    )
+
+
+def noting_browser(
+    settings: BrowseSettings, words: Callable[[str], str] = str
+) -> Callable[[Path | list[Path], Path], dict[str, Path]]:
+    """``browse`` for ``build_report`` (one dictionary) and ``build_methods`` (a list): any of
+    ``BROWSE_ERRORS`` becomes a ``BrowserError`` in ``words`` (e.g. the command's flags), which
+    the page notes before going on without a browser."""
+
+    def browser(sae_dirs: Path | list[Path], out: Path) -> dict[str, Path]:
+        dirs = list(sae_dirs) if isinstance(sae_dirs, list) else [sae_dirs]
+        try:
+            return browse(dirs, out, settings)
+        except BROWSE_ERRORS as exc:
+            raise BrowserError(words(str(exc))) from None
+
+    return browser

@@ -305,23 +305,18 @@ def _browser_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _autointerp_settings(args):
-    """The settings of --autointerp-*, or None when no endpoint is named."""
-    from unsuperpose.analyze.autointerp import AutointerpSettings
+def _browse_settings(args: argparse.Namespace):
+    """The feature browser's settings, as --top, --max-rows, ... and --autointerp-* set them."""
+    from unsuperpose.analyze.features import BrowseSettings
 
-    endpoint = getattr(args, "autointerp_endpoint", None)
-    model = getattr(args, "autointerp_model", None)
-    if endpoint is None:
-        if model is not None:
-            raise UserError("--autointerp-model needs --autointerp-endpoint URL: the server to ask")
-        return None
-    if model is None:
-        raise UserError(
-            "--autointerp-endpoint needs --autointerp-model NAME: the model the server should use"
-        )
-    return AutointerpSettings(
-        endpoint=endpoint,
-        model=model,
+    return BrowseSettings(
+        top=args.top,
+        max_rows=args.max_rows,
+        neurons=not args.no_neurons,
+        progress=not args.no_progress,
+        device=getattr(args, "device", "cpu"),
+        endpoint=getattr(args, "autointerp_endpoint", None),
+        model=getattr(args, "autointerp_model", None),
         key_env=args.autointerp_key_env,
         units=args.autointerp_units,
         explain=args.autointerp_explain,
@@ -329,70 +324,11 @@ def _autointerp_settings(args):
     )
 
 
-def _open_store(path: Path):
-    from unsuperpose.harvest import ActivationStore
+def _noting_browser(args: argparse.Namespace):
+    """The browser the report and the methods page build (or note why not), in flags' words."""
+    from unsuperpose.analyze.features import noting_browser
 
-    path = storage.location(path)
-    if not storage.exists(path):
-        raise UserError(
-            f"activation store {path} does not exist; pass the store the dictionary was "
-            "trained on with --store, or harvest it (`make harvest`)"
-        )
-    return ActivationStore(path)
-
-
-def _browse(sae_dirs: list[Path], store_path: Path | None, out: Path, args) -> dict[str, Path]:
-    """The feature browser of ``sae_dirs`` in ``out``; a UserError says why there is none."""
-    from unsuperpose.analyze.autointerp import AutointerpError
-    from unsuperpose.analyze.browser import BrowserError
-    from unsuperpose.analyze.endpoint import EndpointError
-    from unsuperpose.analyze.features import build_browser, store_of
-    from unsuperpose.harvest import StoreError, store_decoder
-    from unsuperpose.lm import ModelError
-    from unsuperpose.train import load_dictionary
-
-    if store_path is None:
-        recorded = store_of(load_dictionary(sae_dirs[0]))
-        if recorded is None:
-            raise UserError(
-                f"{sae_dirs[0]} was not trained on an activation store (toy data has no "
-                "tokens to show); pass one with --store"
-            )
-        store_path = storage.location(recorded)
-    if args.top < 1:
-        raise UserError("--top must be at least 1")
-    autointerp = _autointerp_settings(args)
-    kinds = (BrowserError, StoreError, ModelError, EndpointError, AutointerpError)
-    with stage_errors(kinds, FLAGS):
-        if autointerp is not None:
-            autointerp.check()
-        store = _open_store(store_path)
-        return build_browser(
-            sae_dirs,
-            store,
-            out,
-            store_decoder(store),
-            top=args.top,
-            max_rows=args.max_rows,
-            neurons=not args.no_neurons,
-            progress=not args.no_progress,
-            device=distributed.resolve_device(getattr(args, "device", "cpu")),
-            autointerp=autointerp,
-        )
-
-
-def _report_browser(args):
-    """``browse`` for the report: the browser of one dictionary, or a BrowserError saying why
-    there is none (the report notes it and goes on)."""
-    from unsuperpose.analyze.browser import BrowserError
-
-    def browse(sae_dir: Path, out: Path) -> dict[str, Path]:
-        try:
-            return _browse([sae_dir], None, out, args)
-        except UserError as exc:
-            raise BrowserError(str(exc)) from None
-
-    return browse
+    return noting_browser(_browse_settings(args), lambda message: in_flags(message, FLAGS))
 
 
 def _report_command(args) -> str:
@@ -416,7 +352,7 @@ def _report_command(args) -> str:
 
 def run(args: argparse.Namespace) -> int:
     if args.analyze_command == "features":
-        from unsuperpose.analyze.features import find_saes
+        from unsuperpose.analyze.features import BROWSE_ERRORS, browse, find_saes
 
         names = Names()
         try:
@@ -426,8 +362,8 @@ def run(args: argparse.Namespace) -> int:
             # The browser's folder is locked as its writer's; the runs and stores read are not.
             with locking.hold(out, what=f"the feature browser {out}"):
                 local = names.out_folder(out)
-                with names.messages():
-                    pages = _browse(saes, args.store, local, args)
+                with names.messages(), stage_errors(BROWSE_ERRORS, FLAGS):
+                    pages = browse(saes, local, _browse_settings(args), store=args.store)
                 names.upload(local, out)
         finally:
             names.forget()
@@ -444,7 +380,7 @@ def run(args: argparse.Namespace) -> int:
             f"read it; compare it with `unsuperpose analyze methods --lm {args.lm} "
             f"--layer {args.layer}`"
         )
-    browse = _report_browser(args) if args.features else None
+    browse = _noting_browser(args) if args.features else None
     # The report's folder (build_report's default) is locked as its writer's; the runs read are not.
     out = args.out or args.runs / "report" / report_dirname(args.lm, args.layer, args.arch)
     names = Names()  # runs on S3 are read from a local copy, a report for S3 written in one
@@ -501,14 +437,6 @@ def _run_methods(args) -> int:
     from unsuperpose.analyze.collect import GridError
     from unsuperpose.analyze.methods import build_methods
 
-    def browse(sae_dirs: list[Path], out: Path) -> dict[str, Path]:
-        from unsuperpose.analyze.browser import BrowserError
-
-        try:
-            return _browse(sae_dirs, None, out, args)
-        except UserError as exc:
-            raise BrowserError(str(exc)) from None
-
     out = args.out or args.runs / "report" / f"{args.lm}-layer{args.layer}-methods"
     names = Names()
     try:
@@ -524,7 +452,7 @@ def _run_methods(args) -> int:
                     args.layer,
                     local,
                     target_l0=args.target_l0,
-                    browse=browse if args.features else None,
+                    browse=_noting_browser(args) if args.features else None,
                 )
             names.upload(local, out)
     finally:
