@@ -28,6 +28,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from unsuperpose import locking, storage
 from unsuperpose.analyze.collect import GridError, is_set, lm_sets_dir
 from unsuperpose.analyze.html import write
 from unsuperpose.analyze.methods_page import (  # the page's; importable from here as before
@@ -35,6 +36,7 @@ from unsuperpose.analyze.methods_page import (  # the page's; importable from he
     frontier_figure,
     render,
 )
+from unsuperpose.analyze.remote import Names
 from unsuperpose.config import write_json_atomic
 from unsuperpose.tracking import Tracker
 from unsuperpose.train.dictionary import read_config
@@ -372,6 +374,34 @@ def build_methods(
     write(report.index, render(report, f"{lm} layer {layer}", matched, verdicts))
     _track(report, lm, layer)
     return report
+
+
+def write_methods(
+    runs: storage.Location,
+    lm: str,
+    layer: int | str,
+    out: storage.Location | None = None,
+    *,
+    target_l0: float | None = None,
+    browse=None,
+) -> tuple[MethodsReport, Names]:
+    """``build_methods`` where ``runs`` and ``out`` (default RUNS/report/LM-layerL-methods) may
+    be on object storage: the page's folder is locked as its writer's, runs on S3 read from a
+    local copy and a page for S3 written in one, then copied up. Returns the page's report and
+    the ``Names`` that show its local paths as their URLs."""
+    out = out or runs / "report" / f"{lm}-layer{layer}-methods"
+    names = Names()
+    try:
+        with locking.hold(out, what=f"the methods page {out}"):
+            if storage.is_remote(runs):
+                runs = names.read_copy(runs, (f"sae/{lm}/layer{layer}",))
+            local = names.out_folder(out)
+            with names.messages():
+                report = build_methods(runs, lm, layer, local, target_l0=target_l0, browse=browse)
+            names.upload(local, out)
+    finally:
+        names.forget()
+    return report, names
 
 
 def _track(report: MethodsReport, lm: str, layer: int | str) -> None:

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from unsuperpose import locking, storage
 from unsuperpose.analyze.browser import BrowserError
 from unsuperpose.analyze.collect import Grid, GridError, collect_lm, collect_toy
 from unsuperpose.analyze.compare import COMPARISONS, ratio_label, side_by_side, size_labels
@@ -40,13 +41,14 @@ from unsuperpose.analyze.evidence import (
 from unsuperpose.analyze.figures import frontier, heatmap
 from unsuperpose.analyze.grid import GRID_FIGURES
 from unsuperpose.analyze.metrics import mmcs_with_larger, ssll
+from unsuperpose.analyze.remote import Names
 from unsuperpose.analyze.report_page import render_index
 from unsuperpose.analyze.signals import novel_counts
 from unsuperpose.config import write_json_atomic
 from unsuperpose.tracking import Tracker
 from unsuperpose.train.io import read_history, sparsity_of, write_summary
 from unsuperpose.train.layout import HISTORY_FILE, report_dirname
-from unsuperpose.train.registry import DEFAULT_ARCH
+from unsuperpose.train.registry import DEFAULT_ARCH, get_family
 
 # The LM heatmaps: every grid figure except those needing ground truth.
 LM_FIGURES = [f for f in GRID_FIGURES if f[0] not in ("mmcs", "mcc")]
@@ -385,6 +387,60 @@ def build_report(
     render_index(report, command=command)
     _track(report, record, wandb_mode)
     return report
+
+
+def write_report(
+    runs: storage.Location,
+    lm: str,
+    layer: int | str,
+    *,
+    out: storage.Location | None = None,
+    toy: storage.Location | None = None,
+    tolerance: float = DEFAULT_TOLERANCE,
+    sets: list[str] | None = None,
+    arch: str = DEFAULT_ARCH,
+    wandb_mode: str | None = None,
+    browse: Callable[[Path, Path], dict[str, Path]] | None = None,
+    command: str | None = None,
+) -> tuple[Report, Names]:
+    """``build_report`` where ``runs``, ``toy`` and ``out`` may be on object storage: the report
+    folder is locked as its writer's (the runs read are not), runs on S3 are read from a local
+    copy and a report for S3 written in one, then copied up. Returns the report and the
+    ``Names`` that show its local paths as their URLs. A fitted baseline's ``arch`` is no grid:
+    ``GridError``."""
+    if get_family(arch).fitted:
+        raise GridError(
+            f"{arch} is a fitted baseline, not an SAE grid: the report's diagnostics do not "
+            f"read it; compare it with `unsuperpose analyze methods --lm {lm} "
+            f"--layer {layer}`"
+        )
+    out = out or runs / "report" / report_dirname(lm, layer, arch)
+    names = Names()
+    try:
+        with locking.hold(out, what=f"the report folder {out}"):
+            toy = names.read_copy(toy) if toy is not None else None
+            if storage.is_remote(runs):
+                parts = [f"sae/{lm}/layer{layer}"] + ([] if toy else ["toy"])
+                runs = names.read_copy(runs, tuple(parts))
+            local = names.out_folder(out)
+            with names.messages():
+                report = build_report(
+                    runs,
+                    lm,
+                    layer,
+                    out=local,
+                    toy=toy,
+                    tolerance=tolerance,
+                    sets=sets,
+                    arch=arch,
+                    wandb_mode=wandb_mode,
+                    browse=browse,
+                    command=command,
+                )
+            names.upload(local, out)
+    finally:
+        names.forget()
+    return report, names
 
 
 def pick_dictionary(side: Side):

@@ -19,9 +19,8 @@ from unsuperpose.analyze.diagnostics import DEFAULT_TOLERANCE
 from unsuperpose.analyze.remote import Names
 from unsuperpose.commands._flags import alias
 from unsuperpose.commands.errors import in_flags, stage_errors
-from unsuperpose.errors import UserError
 from unsuperpose.train.layout import report_dirname
-from unsuperpose.train.registry import DEFAULT_ARCH, FAMILIES, get_family
+from unsuperpose.train.registry import DEFAULT_ARCH, FAMILIES
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -371,32 +370,24 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     from unsuperpose.analyze.collect import GridError
+    from unsuperpose.analyze.report import write_report
 
     if args.analyze_command == "methods":
         return _run_methods(args)
-    if get_family(args.arch).fitted:
-        raise UserError(
-            f"{args.arch} is a fitted baseline, not an SAE grid: the report's diagnostics do not "
-            f"read it; compare it with `unsuperpose analyze methods --lm {args.lm} "
-            f"--layer {args.layer}`"
+    with stage_errors(GridError, FLAGS):
+        report, names = write_report(
+            args.runs,
+            args.lm,
+            args.layer,
+            out=args.out,
+            toy=args.toy,
+            tolerance=args.dead_tolerance,
+            sets=args.sets,
+            arch=args.arch,
+            wandb_mode=args.wandb,
+            browse=_noting_browser(args) if args.features else None,
+            command=_report_command(args),
         )
-    browse = _noting_browser(args) if args.features else None
-    # The report's folder (build_report's default) is locked as its writer's; the runs read are not.
-    out = args.out or args.runs / "report" / report_dirname(args.lm, args.layer, args.arch)
-    names = Names()  # runs on S3 are read from a local copy, a report for S3 written in one
-    try:
-        with locking.hold(out, what=f"the report folder {out}"):
-            runs = args.runs
-            toy = names.read_copy(args.toy) if args.toy is not None else None
-            if storage.is_remote(runs):
-                parts = [f"sae/{args.lm}/layer{args.layer}"] + ([] if toy else ["toy"])
-                runs = names.read_copy(runs, tuple(parts))
-            local = names.out_folder(out)
-            with names.messages(), stage_errors(GridError, FLAGS):
-                report = _build_report(args, runs, local, toy, browse)
-            names.upload(local, out)
-    finally:
-        names.forget()
     for note in report.notes:
         print(f"note: {in_flags(names.show(note), FLAGS)}")
     from unsuperpose.analyze.report_page import (
@@ -435,28 +426,17 @@ def _pointed(p) -> str:
 
 def _run_methods(args) -> int:
     from unsuperpose.analyze.collect import GridError
-    from unsuperpose.analyze.methods import build_methods
+    from unsuperpose.analyze.methods import write_methods
 
-    out = args.out or args.runs / "report" / f"{args.lm}-layer{args.layer}-methods"
-    names = Names()
-    try:
-        with locking.hold(out, what=f"the methods page {out}"):
-            runs = args.runs
-            if storage.is_remote(runs):
-                runs = names.read_copy(runs, (f"sae/{args.lm}/layer{args.layer}",))
-            local = names.out_folder(out)
-            with names.messages(), stage_errors(GridError, FLAGS):
-                report = build_methods(
-                    runs,
-                    args.lm,
-                    args.layer,
-                    local,
-                    target_l0=args.target_l0,
-                    browse=_noting_browser(args) if args.features else None,
-                )
-            names.upload(local, out)
-    finally:
-        names.forget()
+    with stage_errors(GridError, FLAGS):
+        report, names = write_methods(
+            args.runs,
+            args.lm,
+            args.layer,
+            args.out,
+            target_l0=args.target_l0,
+            browse=_noting_browser(args) if args.features else None,
+        )
     for note in report.notes:
         print(f"note: {names.show(note)}")
     from unsuperpose.analyze.methods import fidelity_verdicts
@@ -469,21 +449,3 @@ def _run_methods(args) -> int:
             print(f"token concentration, {arch}: {c.mean:.3f}{se} over {c.scored} units")
     print(f"methods: {names.show(report.index)}")
     return 0
-
-
-def _build_report(args, runs, out, toy, browse):
-    from unsuperpose.analyze.report import build_report
-
-    return build_report(
-        runs,
-        args.lm,
-        args.layer,
-        out=out,
-        toy=toy,
-        tolerance=args.dead_tolerance,
-        sets=args.sets,
-        arch=args.arch,
-        wandb_mode=args.wandb,
-        browse=browse,
-        command=_report_command(args),
-    )
