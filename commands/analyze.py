@@ -14,7 +14,7 @@ import argparse
 import shlex
 from pathlib import Path
 
-from unsuperpose import distributed, locking, storage
+from unsuperpose import distributed, storage
 from unsuperpose.analyze.diagnostics import DEFAULT_TOLERANCE
 from unsuperpose.analyze.remote import Names
 from unsuperpose.commands._flags import alias
@@ -351,21 +351,12 @@ def _report_command(args) -> str:
 
 def run(args: argparse.Namespace) -> int:
     if args.analyze_command == "features":
-        from unsuperpose.analyze.features import BROWSE_ERRORS, browse, find_saes
+        from unsuperpose.analyze.features import BROWSE_ERRORS, write_browser
 
-        names = Names()
-        try:
-            with names.messages(), stage_errors(FileNotFoundError):  # no dictionary there
-                saes = find_saes(names.read_copy(args.dict_path))
-            out = args.out or args.dict_path / "features"
-            # The browser's folder is locked as its writer's; the runs and stores read are not.
-            with locking.hold(out, what=f"the feature browser {out}"):
-                local = names.out_folder(out)
-                with names.messages(), stage_errors(BROWSE_ERRORS, FLAGS):
-                    pages = browse(saes, local, _browse_settings(args), store=args.store)
-                names.upload(local, out)
-        finally:
-            names.forget()
+        with stage_errors(BROWSE_ERRORS, FLAGS):
+            pages, names = write_browser(
+                args.dict_path, _browse_settings(args), out=args.out, store=args.store
+            )
         print(f"feature browser: {names.show(pages['index'])} ({len(pages) - 1} pages)")
         return 0
 
