@@ -10,12 +10,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from unsuperpose import distributed, storage
 from unsuperpose.analyze.splice import splice_eval
+from unsuperpose.config import write_json_atomic
+
+DEFAULT_TOKENS = 16_384  # predicted tokens: delta CE's standard error is then ~1e-3 nats (README)
 
 
 class SpliceError(ValueError):
     """No text to splice on: the LM records no corpus, or held out no documents (the message
-    says to pass a text file instead, ``--corpus`` on the command line)."""
+    says to pass a text file instead, ``--corpus`` on the command line), the text file is
+    missing or too short, or the dictionaries have no LM to splice into."""
 
 
 def validation_blocks(
@@ -109,3 +114,103 @@ def splice_columns(
         "ce_mean": res["ce_mean"],
     }
     return {k: {**{c: res["saes"][names[k]][c] for c in SUMMARY_COLUMNS}, **base} for k in saes}
+
+
+def read_text_blocks(path: Path, n_ctx: int, tokenizer=None) -> list[np.ndarray]:
+    """A local text file, documents separated by blank lines: each document packed as the LM's
+    corpus is (``tokenizer``'s BOS, its tokens, its end-of-text; GPT-2's <|endoftext|> when
+    None), concatenated, cut into blocks of ``n_ctx`` (the last one shorter)."""
+    from unsuperpose.lm import gpt2_tokenizer
+
+    if not path.is_file():
+        raise SpliceError(
+            f"--corpus {path}: no such file (a text file, documents separated by blank lines)"
+        )
+    docs = [d.strip() for d in path.read_text(encoding="utf-8").split("\n\n") if d.strip()]
+    if not docs:
+        raise SpliceError(f"--corpus {path} holds no text")
+    stream = [i for ids in (tokenizer or gpt2_tokenizer()).encode_documents(docs) for i in ids]
+    blocks = [
+        np.asarray(stream[i : i + n_ctx], dtype=np.int64) for i in range(0, len(stream), n_ctx)
+    ]
+    blocks = [b for b in blocks if len(b) >= 2]  # a block of one token predicts nothing
+    if not blocks:
+        raise SpliceError(f"--corpus {path} has fewer than two tokens")
+    return blocks
+
+
+def splice_dictionaries(
+    dictionary: storage.Location,
+    *,
+    corpus: Path | None = None,
+    tokens: int | None = None,
+    batch_size: int = 4,
+    progress: bool = True,
+    device: str = "cpu",
+    show=str,
+) -> dict:
+    """``splice_eval`` of one dictionary or a dictionary set (a local folder) in the LM, hook and
+    store its config.json recorded, on ``corpus`` (a local text file, used whole) or the LM's
+    validation documents (``tokens`` predicted tokens, default ``DEFAULT_TOKENS``). Returns the
+    record splice.json holds, its dictionaries' paths written by ``show``. A ``SpliceError``
+    says why there is none (a folder without a dictionary, toy dictionaries, no text)."""
+    from unsuperpose.analyze.features import find_saes
+    from unsuperpose.harvest import ActivationStore
+    from unsuperpose.lm import load_bridge
+    from unsuperpose.train import load_dictionary
+
+    try:
+        sae_dirs = find_saes(dictionary)
+    except FileNotFoundError as exc:  # no dictionary there
+        raise SpliceError(str(exc)) from None
+    saes = {p.name: load_dictionary(p) for p in sae_dirs}
+    sources = {(s.config.get("source") or {}).get("path") for s in saes.values()}
+    first = next(iter(saes.values())).config.get("source") or {}
+    if first.get("kind") != "activation_store" or len(sources) != 1:
+        raise SpliceError(
+            f"{dictionary}: the spliced-in evaluation needs dictionaries trained on one "
+            "LM activation store (toy dictionaries have no LM)"
+        )
+    if tokens is not None and tokens < 1:
+        raise SpliceError("--tokens must be at least 1")
+    model_dir = Path(first["model_dir"])
+    store = ActivationStore(first["path"])
+    hook, n_ctx = store.provenance.hook, int(store.provenance.n_ctx)
+    if corpus is not None:
+        from unsuperpose.lm import model_tokenizer
+
+        blocks = read_text_blocks(corpus, n_ctx, model_tokenizer(model_dir))
+        text = {"file": str(corpus.resolve())}
+    else:
+        blocks, text = validation_blocks(
+            model_dir, n_ctx, tokens or DEFAULT_TOKENS, store.provenance.corpus
+        )
+    resolved = distributed.resolve_device(device)
+    bridge = load_bridge(model_dir, device=resolved)
+    result = splice_eval(
+        bridge,
+        hook,
+        blocks,
+        {k: (lambda x, s=s.to(resolved): s(x)[0]) for k, s in saes.items()},  # noqa: B008 (binds each SAE)
+        mean=store_mean(store),
+        batch_size=batch_size,
+        progress=progress,
+        device=resolved,
+    )
+    result.update(
+        model_dir=str(model_dir),
+        hook=hook,
+        store=str(store.path),
+        text=text,
+        device=str(resolved),
+        dictionaries={k: show(p) for k, p in zip(saes, sae_dirs)},
+    )
+    return result
+
+
+def write_splice(out: storage.Location, result: dict) -> None:
+    """``splice_dictionaries``' record written whole to ``out`` (a file or s3://...)."""
+    if storage.is_remote(out):
+        storage.write_json(out, result)
+    else:
+        write_json_atomic(out, result)

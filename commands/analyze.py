@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import warnings
 from pathlib import Path
 
 from unsuperpose import distributed, storage
 from unsuperpose.analyze.diagnostics import DEFAULT_TOLERANCE
 from unsuperpose.analyze.remote import Names
-from unsuperpose.commands._flags import alias
+from unsuperpose.commands._flags import FlagDeprecation, alias
 from unsuperpose.commands.errors import in_flags, stage_errors
 from unsuperpose.train.layout import report_dirname
 from unsuperpose.train.registry import DEFAULT_ARCH, FAMILIES
@@ -219,8 +220,6 @@ def _output(args: argparse.Namespace):
     if args.analyze_command == "features":
         return args.out or args.dict_path / "features"
     if args.analyze_command == "splice":
-        from unsuperpose.commands._splice import splice_file
-
         return splice_file(args.out, args.dict_path)
     if args.analyze_command == "methods":
         return args.out or args.runs / "report" / f"{args.lm}-layer{args.layer}-methods"
@@ -237,17 +236,62 @@ def kept(args: argparse.Namespace) -> str:
 
 
 def _run_splice(args: argparse.Namespace) -> int:
-    from unsuperpose.commands._splice import run_splice
+    from unsuperpose.analyze.splice_grid import SpliceError, splice_dictionaries, write_splice
     from unsuperpose.harvest import StoreError
     from unsuperpose.lm import CorpusError, ModelError
 
     # Its model and corpus are the ones the dictionary recorded, not flags: said as they are.
     names = Names()  # a dictionary on S3 is read from a local copy
     try:
-        with names.messages(), stage_errors((ModelError, CorpusError, StoreError)):
-            return run_splice(args, names.read_copy(args.dict_path), names.show)
+        with names.messages(), stage_errors((ModelError, CorpusError, StoreError, SpliceError)):
+            result = splice_dictionaries(
+                names.read_copy(args.dict_path),
+                corpus=args.corpus,
+                tokens=args.tokens,
+                batch_size=args.batch_size,
+                progress=not args.no_progress,
+                device=getattr(args, "device", "cpu"),
+                show=names.show,
+            )
+            out = splice_file(args.out, args.dict_path, warn=True)
+            write_splice(out, result)
     finally:
         names.forget()
+    text = result["text"]
+    print(
+        f"spliced into {result['model_dir']} at {result['hook']}, {result['tokens']:,} predicted "
+        f"tokens ({'file ' + text['file'] if 'file' in text else 'the LM validation documents'}): "
+        f"CE clean {result['ce_clean']:.4f}, zero-ablated {result['ce_zero']:.4f}, "
+        f"mean-ablated {result['ce_mean']:.4f} nats"
+    )
+    for name, r in result["saes"].items():
+        print(
+            f"  {name}: CE {r['ce_sae']:.4f}, "
+            f"delta {r['delta_ce']:+.4f} ± {r['delta_ce_se']:.4f} nats, "
+            f"recovered {r['ce_loss_recovered']:.3f} "
+            f"(vs mean ablation {r['ce_loss_recovered_mean']:.3f}), "
+            f"KL {r['kl']:.4f}, |x_hat|/|x| {r['norm_ratio']:.3f}"
+        )
+    print(f"wrote {out}")
+    return 0
+
+
+def splice_file(out, dict_path, *, warn: bool = False):
+    """Where the record goes: splice.json in the folder ``--out`` (default: the dictionary's
+    folder), as every command's --out is the folder it writes. An --out naming a .json file, its
+    old meaning, still names that file for one release, with a warning when ``warn``."""
+    if out is None:
+        return storage.location(dict_path) / "splice.json"
+    if str(out).endswith(".json"):
+        if warn:
+            warnings.warn(
+                f"--out {out}: a .json file is deprecated; --out is the folder splice.json is "
+                "written into (the old meaning goes after the next release)",
+                FlagDeprecation,
+                stacklevel=2,
+            )
+        return out
+    return out / "splice.json"  # (a local folder is made by write_json_atomic)
 
 
 def _dict_argument(p: argparse.ArgumentParser) -> None:

@@ -119,7 +119,7 @@ def test_the_make_targets_pass_the_new_spellings(target, want):
 
 
 def test_splice_out_is_the_folder_it_writes_and_a_json_file_still_works(tmp_path):
-    from unsuperpose.commands._splice import splice_file
+    from unsuperpose.commands.analyze import splice_file
 
     d = tmp_path / "set"
     assert splice_file(None, d) == d / "splice.json"
