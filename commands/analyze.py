@@ -4,8 +4,9 @@
     unsuperpose analyze features --dictionary runs/sae/tiny/layer1/8x/saes/relu-n512-l1_0.001
     unsuperpose analyze splice --dictionary runs/sae/tiny/layer1/1x+2x+4x+8x [--tokens N]
 
-The glue between ``analyze`` (which reads dictionaries and stores) and ``lm`` (the tokenizer that
-turns a store's token ids back into text: its model's own) lives here.
+The feature browser turns a store's token ids back into text with the tokenizer of the model that
+was harvested (recorded with the store). Each subcommand parses its flags, calls one function of
+``unsuperpose.analyze`` and prints what it wrote.
 """
 
 from __future__ import annotations
