@@ -1,7 +1,7 @@
-"""`unsuperpose train`: a grid of SAEs (L1 values x dictionary sizes) on a harvested store.
+"""`unsuperpose train`: a grid of SAEs (knob values x dictionary sizes) on a harvested store.
 
 One pass over the data trains every SAE of the grid. Output:
-<out>/<DICT>/ with the layout of unsuperpose.train.io, plus saelens/<sae>/ exports. Rerunning the
+<out>/<DICT_SIZES>/ with the layout of unsuperpose.train.io, plus saelens/<sae>/ exports. Rerunning the
 same command after an interruption resumes from the last checkpoint.
 """
 
@@ -61,8 +61,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--out",
         type=storage.location,
         required=True,
-        help="parent folder or s3://bucket/prefix; the grid goes to <out>/<DICT> (commas "
-        "in DICT become '+'); on S3 the run works in a local mirror copied up after "
+        help="parent folder or s3://bucket/prefix; the grid goes to <out>/<DICT_SIZES> "
+        "(commas in --dict-sizes become '+'); on S3 the run works in a local mirror copied up after "
         "every checkpoint and at the end",
     )
     p.add_argument(
