@@ -1,8 +1,8 @@
 """`unsuperpose train`: a grid of SAEs (knob values x dictionary sizes) on a harvested store.
 
 One pass over the data trains every SAE of the grid. Output:
-<out>/<DICT_SIZES>/ with the layout of unsuperpose.train.io, plus saelens/<sae>/ exports. Rerunning the
-same command after an interruption resumes from the last checkpoint.
+<out>/<DICT_SIZES>/ with the layout of unsuperpose.train.io, plus saelens/<sae>/ exports.
+Rerunning the same command after an interruption resumes from the last checkpoint.
 """
 
 from __future__ import annotations
@@ -62,8 +62,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         type=storage.location,
         required=True,
         help="parent folder or s3://bucket/prefix; the grid goes to <out>/<DICT_SIZES> "
-        "(commas in --dict-sizes become '+'); on S3 the run works in a local mirror copied up after "
-        "every checkpoint and at the end",
+        "(commas in --dict-sizes become '+'); on S3 the run works in a local mirror copied "
+        "up after every checkpoint and at the end",
     )
     p.add_argument(
         "--tokens",
