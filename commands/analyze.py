@@ -19,8 +19,8 @@ from pathlib import Path
 from unsuperpose import distributed, storage
 from unsuperpose.analyze.diagnostics import DEFAULT_TOLERANCE
 from unsuperpose.analyze.remote import Names
-from unsuperpose.commands._flags import FlagDeprecation, alias
 from unsuperpose.commands.errors import in_flags, stage_errors
+from unsuperpose.commands.flags import FlagDeprecation, alias
 from unsuperpose.train.layout import report_dirname
 from unsuperpose.train.registry import DEFAULT_ARCH, FAMILIES
 

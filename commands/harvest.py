@@ -16,8 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from unsuperpose import distributed, faults, locking, storage
-from unsuperpose.commands._flags import rename
 from unsuperpose.commands.errors import flags_of, stage_errors
+from unsuperpose.commands.flags import rename
 from unsuperpose.config import add_arguments, from_args, to_dict
 from unsuperpose.errors import UserError
 from unsuperpose.harvest import (

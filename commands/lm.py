@@ -17,8 +17,8 @@ import argparse
 import json
 
 from unsuperpose import faults
-from unsuperpose.commands._flags import alias
 from unsuperpose.commands.errors import flags_of, stage_errors
+from unsuperpose.commands.flags import alias
 from unsuperpose.config import add_arguments, from_args
 from unsuperpose.errors import UserError
 

@@ -10,7 +10,6 @@ from unsuperpose import distributed, storage
 from unsuperpose.analyze import ground_truth_callback
 from unsuperpose.analyze.diagnostics import read_record
 from unsuperpose.analyze.report import toy_record
-from unsuperpose.commands._flags import alias, rename
 from unsuperpose.commands._grid import (
     add_run_arguments,
     add_sae_arguments,
@@ -20,6 +19,7 @@ from unsuperpose.commands._grid import (
     train_grid,
 )
 from unsuperpose.commands.errors import flags_of, stage_errors
+from unsuperpose.commands.flags import alias, rename
 from unsuperpose.config import add_arguments, from_args, write_json_atomic
 from unsuperpose.errors import UserError
 from unsuperpose.run_folder import check_run_folder, locked_run

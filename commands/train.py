@@ -12,7 +12,6 @@ import math
 from pathlib import Path
 
 from unsuperpose import distributed, storage
-from unsuperpose.commands._flags import alias
 from unsuperpose.commands._grid import (
     add_run_arguments,
     add_sae_arguments,
@@ -22,6 +21,7 @@ from unsuperpose.commands._grid import (
     train_grid,
 )
 from unsuperpose.commands.errors import stage_errors
+from unsuperpose.commands.flags import alias
 from unsuperpose.errors import UserError
 from unsuperpose.harvest import ActivationStore, StoreError
 from unsuperpose.run_folder import locked_run

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from unsuperpose.commands import cli_reference
-from unsuperpose.commands._flags import FlagDeprecation
 from unsuperpose.commands.cli import build_parser, parsers
+from unsuperpose.commands.flags import FlagDeprecation
 
 ROOT = Path(__file__).resolve().parent.parent
 PARSER = build_parser()
