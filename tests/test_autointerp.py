@@ -12,14 +12,14 @@ import json
 import random
 import re
 import socket
-import threading
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import numpy as np
 import pytest
 import torch
 
+from local_http import LocalServer
 from test_analyze_browser import N_CTX, write_store
 from unsuperpose.analyze.autointerp import AutointerpSettings, parse_numbers
 from unsuperpose.analyze.features import build_browser
@@ -36,7 +36,7 @@ FILL = [TOK.encode(w)[0] for w in FILLER]
 ROWS = 6000
 
 
-class Judge:
+class Judge(LocalServer):
     """An OpenAI-compatible /v1/chat/completions on 127.0.0.1; ``answer(system, lines)`` decides.
     Every request is kept (body and headers) for the tests to read."""
 
@@ -72,17 +72,7 @@ class Judge:
             def log_message(self, *args):
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(Handler)
 
 
 def oracle(system: str, lines: list[str]) -> str:

@@ -7,19 +7,19 @@ sleep is recorded instead of slept, so the waits are read exactly and the tests 
 from __future__ import annotations
 
 import json
-import threading
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
+from local_http import LocalServer
 from unsuperpose.analyze.endpoint import ChatEndpoint, EndpointError, backoff, retry_after
 
 OK = (200, {}, json.dumps({"choices": [{"message": {"content": "an answer"}}]}))
 
 
-class Stub:
+class Stub(LocalServer):
     """Answers the i-th POST with script[i] (status, headers, body); the last one repeats."""
 
     def __init__(self, script):
@@ -42,18 +42,7 @@ class Stub:
             def log_message(self, *args):
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=10)
+        super().__init__(Handler)
 
 
 def client(url, **kw):
