@@ -125,6 +125,23 @@ def estimate_text(est: dict | None, base: int, name: str, knob: str = "L1") -> s
     )
 
 
+def lm_estimate_line(report_dir: str | Path) -> str | None:
+    """The LM's estimate as a written report's ``diagnosis.json`` has it (its window rule and
+    minimum evidence applied), in one line; None when no report is there."""
+    path = Path(report_dir) / "diagnosis.json"
+    if not path.exists():
+        return None
+    lm = json.loads(path.read_text())["lm"]
+    rule = lm.get("window_rule") or {}
+    text = "LM estimate: " + estimate_text(lm.get("estimate"), lm["base"], path.parent.name)
+    if rule.get("window"):
+        text += (
+            f" Dead window by the rule: {rule['window']:,} batches; "
+            f"{rule['steps']:,} steps trained, {rule['steps_needed']:,} needed."
+        )
+    return text
+
+
 def _reading(row: dict | None) -> str:
     if row is None or row["size"] is None:
         return "none"

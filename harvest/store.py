@@ -290,6 +290,13 @@ def kept_rows(path: storage.Location) -> Progress | None:
     return progress(storage.open_zarr_group(path, mode="r", zarr_format=3))
 
 
+def is_complete(path: storage.Location) -> bool:
+    """Whether the store at ``path`` was harvested to the end (not planned, growing or cut
+    short)."""
+    kept = kept_rows(path)
+    return bool(kept and kept.complete)
+
+
 # zarr's local store writes a chunk to "<key>.<uuid4 hex>.partial" and renames it into place.
 _INTERRUPTED_WRITE = re.compile(r"\.[0-9a-f]{32}\.partial$")
 

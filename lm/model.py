@@ -352,6 +352,16 @@ def model_info(model_dir: str | Path) -> dict:
     }
 
 
+def saved_extra(model_dir: str | Path) -> dict | None:
+    """What ``lm_config.json`` records of how a saved model was made (``train``: its budget,
+    ``adopted_from``: where it was adopted from); None when no model is saved there."""
+    path = Path(model_dir)
+    if not (path / "model.safetensors").exists():
+        return None
+    meta = json.loads((path / META).read_text()) if (path / META).is_file() else {}
+    return meta.get("extra") or {}
+
+
 def check_n_ctx(info: dict, n_ctx: int) -> None:
     """ModelError unless blocks of ``n_ctx`` tokens fit the model's learned positions."""
     if n_ctx > info["n_ctx"]:

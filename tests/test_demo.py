@@ -5,9 +5,18 @@ import json
 
 import pytest
 
+from unsuperpose.analyze import growth
 from unsuperpose.cli import build_parser
-from unsuperpose.commands import demo
+from unsuperpose.commands import demo, demo_plan
 from unsuperpose.errors import UserError
+from unsuperpose.train.layout import CHECKPOINT_DIR
+
+
+def complete_store(path):
+    """A store's zarr.json as a harvest that ran to the end leaves it (its progress)."""
+    path.mkdir(parents=True, exist_ok=True)
+    progress = dict(rows_planned=8, rows_written=8, complete=True, chunk_rows=8, batch_size=8)
+    (path / "zarr.json").write_text(json.dumps({"attributes": progress}))
 
 
 def fake_outputs(runs, step, dead_at=None, stragglers=False):
@@ -19,8 +28,7 @@ def fake_outputs(runs, step, dead_at=None, stragglers=False):
         step.output.mkdir(parents=True, exist_ok=True)
         (step.output / "model.safetensors").write_bytes(b"")
     elif step.name.startswith("harvest"):
-        step.output.mkdir(parents=True, exist_ok=True)
-        (step.output / "zarr.json").write_text(json.dumps({"attributes": {"complete": True}}))
+        complete_store(step.output)
     elif step.name.startswith("SAE grid"):
         step.output.mkdir(parents=True, exist_ok=True)
         spec = step.argv[step.argv.index("--dict-sizes") + 1]
@@ -31,14 +39,16 @@ def fake_outputs(runs, step, dead_at=None, stragglers=False):
 
         rows = [f"{a},{n},{dead(n)}" for a in (1e-3, 1e-2) for n in sizes]
         (step.output / "summary.csv").write_text("l1,dict_size,dead\n" + "\n".join(rows) + "\n")
+        (step.output / "train_config.json").write_text("{}")
     elif step.name == "toy replication":
         step.output.mkdir(parents=True, exist_ok=True)
         (step.output / "summary.csv").write_text("l1\n")
+        (step.output / "train_config.json").write_text("{}")
 
 
 def run_demo(runs, monkeypatch, *extra, dead_at=128, stragglers=False):
     ran = []
-    steps = {tuple(s.argv): s for s in demo.plan(runs, "--quick" in extra, progress=False)}
+    steps = {tuple(s.argv): s for s in demo_plan.plan(runs, "--quick" in extra, progress=False)}
 
     def fake_main(argv):
         sizes = [argv[argv.index("--dict-sizes") + 1]] if argv[0] == "train" else []
@@ -76,8 +86,8 @@ def test_a_rerun_skips_every_complete_step_but_the_report(tmp_path, monkeypatch,
 
 def test_an_unfinished_grid_is_run_again_so_it_resumes(tmp_path, monkeypatch):
     run_demo(tmp_path, monkeypatch, "--quick")
-    grid = demo.plan(tmp_path, True)[2].output
-    (grid / demo.CHECKPOINT_DIR).mkdir()
+    grid = demo_plan.plan(tmp_path, True)[2].output
+    (grid / CHECKPOINT_DIR).mkdir()
     assert run_demo(tmp_path, monkeypatch, "--quick") == [
         ["train", "--store", "1x,2x,4x"],
         ["analyze", "report"],
@@ -85,7 +95,7 @@ def test_an_unfinished_grid_is_run_again_so_it_resumes(tmp_path, monkeypatch):
 
 
 def test_the_steps_feed_each_other(tmp_path):
-    lm, harvest, train, *grow, toy, report = demo.plan(tmp_path)
+    lm, harvest, train, *grow, toy, report = demo_plan.plan(tmp_path)
     assert [g.output.name for g in grow] == ["16x", "32x"] and all(g.grow for g in grow)
     assert all(
         g.argv[g.argv.index("--l1") + 1] == train.argv[train.argv.index("--l1") + 1] for g in grow
@@ -124,7 +134,7 @@ def test_the_growth_follows_the_default_dead_neuron_reading(tmp_path, monkeypatc
     ran = run_demo(tmp_path / "literal", monkeypatch, dead_at=None, stragglers=True)
     assert [r[2] for r in ran if r[0] == "train"] == ["1x,2x,4x,8x", "16x"]
     assert "the largest dictionary has dead latents at every L1" in capsys.readouterr().out
-    monkeypatch.setattr(demo, "DEFAULT_TOLERANCE", 0.01)
+    monkeypatch.setattr(growth, "DEFAULT_TOLERANCE", 0.01)
     ran = run_demo(tmp_path / "tolerant", monkeypatch, dead_at=None, stragglers=True)
     assert [r[2] for r in ran if r[0] == "train"] == ["1x,2x,4x,8x", "16x", "32x"]
     assert "keeps at least 99.0% of its latents" in capsys.readouterr().out
@@ -139,14 +149,14 @@ def test_when_no_latent_ever_dies_the_demo_says_the_budget_ended_first(
 
 
 def test_the_demo_prints_the_reports_estimate_or_no_estimate_with_its_reasons(tmp_path, capsys):
-    steps = demo.plan(tmp_path, quick=False)
+    steps = demo_plan.plan(tmp_path, quick=False)
     report = next(s for s in steps if s.name == "report")
     report.output.parent.mkdir(parents=True)
     rule = {"window": 148, "steps": 250, "steps_needed": 296}
     estimate = {"no_estimate": ["the grid trained 250 steps; train at least 296 steps"]}
     lm = {"base": 64, "estimate": estimate, "window_rule": rule}
     (report.output.parent / "diagnosis.json").write_text(json.dumps({"lm": lm}))
-    text = demo._report_estimate(steps)
+    text = demo.report_estimate(steps)
     assert "no estimate: the grid trained 250 steps; train at least 296 steps" in text
     assert "148 batches; 250 steps trained, 296 needed" in text
 
@@ -157,7 +167,7 @@ def test_quick_writes_to_its_own_folder_and_a_quick_lm_is_never_taken_for_the_fu
     monkeypatch.chdir(tmp_path)
     args = build_parser().parse_args(["demo", "--quick"])
     assert args.runs is None  # resolved to runs/quick by the command
-    lm = demo.plan(tmp_path, quick=False)[0]
+    lm = demo_plan.plan(tmp_path, quick=False)[0]
     lm.output.mkdir(parents=True)
     (lm.output / "model.safetensors").write_bytes(b"")
     (lm.output / "lm_config.json").write_text(json.dumps({"extra": {"train": {"tokens": 65_536}}}))
@@ -166,7 +176,7 @@ def test_quick_writes_to_its_own_folder_and_a_quick_lm_is_never_taken_for_the_fu
 
 
 def test_the_update_replication_is_layer_3_with_1x_to_32x_beside_the_full_toy_grid(tmp_path):
-    lm, harvest, train, toy, report = demo.plan(tmp_path, update=True)
+    lm, harvest, train, toy, report = demo_plan.plan(tmp_path, update=True)
     assert harvest.argv[harvest.argv.index("--layer") + 1] == "3" and "--tokens" not in harvest.argv
     assert train.argv[train.argv.index("--dict-sizes") + 1] == "1x,2x,4x,8x,16x,32x"
     assert train.argv[train.argv.index("--steps") + 1] == "10000"
@@ -220,7 +230,7 @@ def test_make_real_runs_the_smollm2_demo_offline_and_full_is_one_flag_away():
 
 
 def test_the_smollm2_demo_adopts_harvests_layer_2_trains_every_method_and_reports(tmp_path):
-    steps = demo.plan(tmp_path, lm="smollm2")
+    steps = demo_plan.plan(tmp_path, lm="smollm2")
     adopt, harvest, grid, topk, neurons, pca, report, methods = steps
     assert adopt.argv[:4] == ["lm", "adopt", "--from", "smollm2"]
     arg = {s.name: dict(zip(s.argv, s.argv[1:], strict=False)) for s in steps}
@@ -231,7 +241,8 @@ def test_the_smollm2_demo_adopts_harvests_layer_2_trains_every_method_and_report
     for step in (grid, topk, neurons, pca):
         a = arg[step.name]
         assert a["--store"] == str(harvest.output)
-        assert a["--splice-tokens"] == str(demo.REAL["splice_tokens"])  # the same tokens for all
+        # the same tokens for all
+        assert a["--splice-tokens"] == str(demo_plan.REAL["splice_tokens"])
         assert step.output.parent == tmp_path / "sae" / "smollm2" / "layer2"
     # the report's ReLU grid: short, at the default batch
     assert arg["SAE grid"]["--l1"] == "1e-4,3e-4,1e-3" and grid.output.name == "0.5x+1x+2x"
@@ -254,9 +265,9 @@ def test_the_smollm2_demo_adopts_harvests_layer_2_trains_every_method_and_report
 
 
 def test_the_smollm2_quick_and_full_runs_differ_only_in_size(tmp_path):
-    quick = demo.plan(tmp_path, quick=True, lm="smollm2")
-    full = demo.plan(tmp_path, lm="smollm2", full=True)
-    assert [s.name for s in quick] == [s.name for s in demo.plan(tmp_path, lm="smollm2")]
+    quick = demo_plan.plan(tmp_path, quick=True, lm="smollm2")
+    full = demo_plan.plan(tmp_path, lm="smollm2", full=True)
+    assert [s.name for s in quick] == [s.name for s in demo_plan.plan(tmp_path, lm="smollm2")]
     assert [s.name for s in full if s.grow] == ["SAE grid, grown to 32x"]
     harvest = next(s for s in full if s.name.startswith("harvest"))
     assert "--tokens" not in harvest.argv  # the whole corpus
@@ -277,7 +288,7 @@ def test_the_smollm2_quick_and_full_runs_differ_only_in_size(tmp_path):
 def test_the_smollm2_demo_runs_in_order_resumes_and_refuses_another_model(
     tmp_path, monkeypatch, capsys
 ):
-    steps = {tuple(s.argv): s for s in demo.plan(tmp_path, lm="smollm2", progress=False)}
+    steps = {tuple(s.argv): s for s in demo_plan.plan(tmp_path, lm="smollm2", progress=False)}
     ran = []
 
     def fake_main(argv):
@@ -289,17 +300,19 @@ def test_the_smollm2_demo_runs_in_order_resumes_and_refuses_another_model(
             meta = {"extra": {"adopted_from": "smollm2"}}
             (step.output / "lm_config.json").write_text(json.dumps(meta))
         elif step.name.startswith("harvest"):
-            (step.output / "zarr.json").write_text(json.dumps({"attributes": {"complete": True}}))
+            complete_store(step.output)
         elif step.name == "SAE grid":  # 2x (3,072 latents) loses latents at every L1
             rows = [
                 f"relu,{a},{n},{n // 20 * (n > 1536)}" for a in (3e-4, 3e-3) for n in (768, 3072)
             ]
             (step.output / "summary.csv").write_text("arch,l1,dict_size,dead\n" + "\n".join(rows))
+            (step.output / "train_config.json").write_text("{}")
         elif step.name in ("TopK SAEs", "neuron basis", "PCA"):  # never read as the ReLU grid
             arch = step.argv[step.argv.index("--arch") + 1]
             (step.output / "summary.csv").write_text(
                 f"arch,top_k,dict_size,dead\n{arch},16,1536,0\n"
             )
+            (step.output / "train_config.json").write_text("{}")
         return 0
 
     monkeypatch.setattr(demo, "cli_main", fake_main)

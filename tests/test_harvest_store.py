@@ -266,6 +266,8 @@ def test_interrupted_harvest_resumes_to_an_identical_store(bridge, blocks, tmp_p
     cut = tmp_path / "cut" / "layer0.zarr"
     prog = store.progress(zarr.open_group(cut))
     assert not prog.complete and prog.rows_written == 4 * 96
+    assert not store.is_complete(cut) and store.is_complete(ref)
+    assert not store.is_complete(tmp_path / "none.zarr")
     with pytest.raises(StoreError, match="incomplete"):
         ActivationStore(cut)
     partial = ActivationStore(cut, allow_incomplete=True)

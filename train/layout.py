@@ -61,6 +61,7 @@ __all__ = [
     "dict_dirname",
     "dictionary_dirs",
     "holds_dictionaries",
+    "is_complete",
     "is_finished",
     "knob_value_text",
     "report_dirname",
@@ -121,3 +122,9 @@ def is_finished(out: str | Path) -> bool:
     """A grid folder whose summary and settings are written (its dictionaries with them)."""
     out = Path(out)
     return (out / SUMMARY_FILE).exists() and (out / CONFIG_FILE).exists()
+
+
+def is_complete(out: str | Path) -> bool:
+    """A finished grid folder with no checkpoint left: a rerun of its command has nothing to
+    resume (a checkpoint beside a summary is a run that was grown or restarted, and wins)."""
+    return is_finished(out) and not (Path(out) / CHECKPOINT_DIR).exists()
