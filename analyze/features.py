@@ -180,14 +180,11 @@ class BrowseSettings:
         only one of the endpoint and the model is."""
         if self.endpoint is None:
             if self.model is not None:
-                raise BrowserError(
-                    "--autointerp-model needs --autointerp-endpoint URL: the server to ask"
-                )
+                raise BrowserError(f"model={self.model!r} needs endpoint=URL: the server to ask")
             return None
         if self.model is None:
             raise BrowserError(
-                "--autointerp-endpoint needs --autointerp-model NAME: the model the server "
-                "should use"
+                f"endpoint={self.endpoint!r} needs model=NAME: the model the server should use"
             )
         return AutointerpSettings(
             endpoint=self.endpoint,
@@ -205,7 +202,7 @@ def open_store(path: str | Path) -> ActivationStore:
     if not storage.exists(path):
         raise BrowserError(
             f"activation store {path} does not exist; pass the store the dictionary was "
-            "trained on with --store, or harvest it (`make harvest`)"
+            "trained on as store=PATH, or harvest it (`make harvest`)"
         )
     return ActivationStore(path)
 
@@ -224,11 +221,11 @@ def browse(
         if recorded is None:
             raise BrowserError(
                 f"{sae_dirs[0]} was not trained on an activation store (toy data has no "
-                "tokens to show); pass one with --store"
+                "tokens to show); pass one as store=PATH"
             )
         store = storage.location(recorded)
     if settings.top < 1:
-        raise BrowserError("--top must be at least 1")
+        raise BrowserError(f"top={settings.top} must be at least 1")
     autointerp = settings.autointerp()
     if autointerp is not None:
         autointerp.check()

@@ -38,13 +38,13 @@ def validation_blocks(
     if not corpus:
         raise SpliceError(
             f"{model_dir} does not record the corpus it was trained on, so its validation "
-            "documents are unknown; pass a text file with --corpus"
+            "documents are unknown; pass a text file as corpus=PATH"
         )
     cfg = CorpusConfig(**corpus)
     if cfg.val_fraction == 0:
         raise SpliceError(
-            f"{model_dir} was trained with --val-fraction 0 (no held-out documents); pass "
-            "a text file with --corpus"
+            f"{model_dir} was trained with no held-out documents (val_fraction 0); pass "
+            "a text file as corpus=PATH"
         )
     val = token_blocks(cfg, n_ctx, "val", tokenizer=model_tokenizer(model_dir))
     n = min(len(val), math.ceil(tokens / (n_ctx - 1)))
@@ -124,18 +124,18 @@ def read_text_blocks(path: Path, n_ctx: int, tokenizer=None) -> list[np.ndarray]
 
     if not path.is_file():
         raise SpliceError(
-            f"--corpus {path}: no such file (a text file, documents separated by blank lines)"
+            f"corpus={str(path)!r}: no such file (a text file, documents separated by blank lines)"
         )
     docs = [d.strip() for d in path.read_text(encoding="utf-8").split("\n\n") if d.strip()]
     if not docs:
-        raise SpliceError(f"--corpus {path} holds no text")
+        raise SpliceError(f"corpus={str(path)!r} holds no text")
     stream = [i for ids in (tokenizer or gpt2_tokenizer()).encode_documents(docs) for i in ids]
     blocks = [
         np.asarray(stream[i : i + n_ctx], dtype=np.int64) for i in range(0, len(stream), n_ctx)
     ]
     blocks = [b for b in blocks if len(b) >= 2]  # a block of one token predicts nothing
     if not blocks:
-        raise SpliceError(f"--corpus {path} has fewer than two tokens")
+        raise SpliceError(f"corpus={str(path)!r} has fewer than two tokens")
     return blocks
 
 
@@ -172,7 +172,7 @@ def splice_dictionaries(
             "LM activation store (toy dictionaries have no LM)"
         )
     if tokens is not None and tokens < 1:
-        raise SpliceError("--tokens must be at least 1")
+        raise SpliceError(f"tokens={tokens} must be at least 1")
     model_dir = Path(first["model_dir"])
     store = ActivationStore(first["path"])
     hook, n_ctx = store.provenance.hook, int(store.provenance.n_ctx)

@@ -178,5 +178,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 def train_grid(source, cfg: SAETrainConfig, out, **kw) -> list[dict]:
     """``train.run_grid`` as the commands run it: scored and drawn by ``analyze``, its errors
     the command's (``--parallel`` for the sharding's ``mode``)."""
-    with stage_errors(parallel.ShardingError, {"mode": "--parallel"}), stage_errors(GridError):
+    with (
+        stage_errors(parallel.ShardingError, {"mode": "--parallel"}),
+        stage_errors(GridError, {"force": "--force"}),
+    ):
         return run_grid(source, cfg, out, score=score_grid, figures=grid_figures, **kw)

@@ -214,6 +214,9 @@ FLAGS = {
     "explain": "--autointerp-explain",
     "score": "--autointerp-score",
 }
+# The splice's own settings; the model and corpus errors speak of the ones the dictionary
+# recorded, which no flag of it sets.
+SPLICE_FLAGS = {"corpus": "--corpus", "tokens": "--tokens"}
 
 
 def _output(args: argparse.Namespace):
@@ -244,7 +247,11 @@ def _run_splice(args: argparse.Namespace) -> int:
     # Its model and corpus are the ones the dictionary recorded, not flags: said as they are.
     names = Names()  # a dictionary on S3 is read from a local copy
     try:
-        with names.messages(), stage_errors((ModelError, CorpusError, StoreError, SpliceError)):
+        with (
+            names.messages(),
+            stage_errors((ModelError, CorpusError, StoreError)),
+            stage_errors(SpliceError, SPLICE_FLAGS),
+        ):
             result = splice_dictionaries(
                 names.read_copy(args.dict_path),
                 corpus=args.corpus,
@@ -398,7 +405,7 @@ def run(args: argparse.Namespace) -> int:
     if args.analyze_command == "features":
         from unsuperpose.analyze.features import BROWSE_ERRORS, write_browser
 
-        with stage_errors(BROWSE_ERRORS, FLAGS):
+        with stage_errors(BROWSE_ERRORS, {**FLAGS, "model": "--autointerp-model"}):
             pages, names = write_browser(
                 args.dict_path, _browse_settings(args), out=args.out, store=args.store
             )

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from unsuperpose.analyze.browser import BrowserError, contexts, scan
-from unsuperpose.analyze.features import build_browser, find_saes
+from unsuperpose.analyze.features import BrowseSettings, browse, build_browser, find_saes
 from unsuperpose.cli import main
 from unsuperpose.harvest import ActivationStore, store
 from unsuperpose.harvest.bf16 import BF16
@@ -109,7 +109,7 @@ def test_cli_writes_one_page_per_dictionary_of_a_set(planted, tmp_path):
         [
             "analyze",
             "features",
-            "--dict",
+            "--dictionary",
             str(root),
             "--out",
             str(tmp_path),
@@ -132,7 +132,15 @@ def test_a_dictionary_of_another_width_is_refused(planted, tmp_path):
 def test_the_cli_names_the_store_flag_for_a_dictionary_of_another_width(planted, tmp_path, capsys):
     _, path, _, _ = planted
     other = SAE(D + 1, 4, tied=True).save(tmp_path / "saes" / "n4-l1_1", {"l1": 1.0})
-    argv = ["analyze", "features", "--dict", str(other), "--store", str(path), "--no-progress"]
+    argv = [
+        "analyze",
+        "features",
+        "--dictionary",
+        str(other),
+        "--store",
+        str(path),
+        "--no-progress",
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "width 17 " in err and "trained on, --store PATH" in err and "store=" not in err
@@ -154,8 +162,30 @@ def test_a_toy_dictionary_needs_a_store(tmp_path, capsys):
     sae = SAE(4, 4, tied=True).save(
         tmp_path / "saes" / "n4-l1_1", {"l1": 1.0, "source": {"kind": "toy"}}
     )
-    assert main(["analyze", "features", "--dict", str(sae)]) == 2
-    assert "--store" in capsys.readouterr().err
+    assert main(["analyze", "features", "--dictionary", str(sae)]) == 2
+    err = capsys.readouterr().err
+    assert "pass one as --store PATH" in err and "store=" not in err
+
+
+def test_the_library_names_its_keyword_and_the_cli_its_flag(planted, tmp_path, capsys):
+    _, path, _, sae_dir = planted
+    with pytest.raises(BrowserError, match=r"^top=0 must be at least 1$"):
+        browse([sae_dir], tmp_path / "out", BrowseSettings(top=0), store=path)
+    with pytest.raises(BrowserError, match=r"^model='m' needs endpoint=URL"):
+        BrowseSettings(model="m").autointerp()
+    argv = [
+        "analyze",
+        "features",
+        "--dictionary",
+        str(sae_dir),
+        "--store",
+        str(path),
+        "--no-progress",
+    ]
+    assert main([*argv, "--top", "0"]) == 2
+    assert "error: --top 0 must be at least 1" in capsys.readouterr().err
+    assert main([*argv, "--autointerp-model", "m"]) == 2
+    assert "error: --autointerp-model m needs --autointerp-endpoint URL" in capsys.readouterr().err
 
 
 def test_token_concentration_is_the_share_of_the_commonest_token_among_the_top_rows():
@@ -192,7 +222,7 @@ def test_the_index_compares_concentration_of_latents_and_neurons(tmp_path, analy
             [
                 "analyze",
                 "features",
-                "--dict",
+                "--dictionary",
                 str(grid),
                 "--out",
                 str(out),

@@ -66,7 +66,7 @@ def test_methods_page_compares_saes_with_baselines_and_the_neurons(analyze_runs,
         ("pca", "1x", "4,16,all"),
         ("neurons", "1x", "4,16,all"),
     ):
-        args = ["train", "--store", str(store), "--out", str(layer), "--arch", arch, "--dict"]
+        args = ["train", "--store", str(store), "--out", str(layer), "--arch", arch, "--dict-sizes"]
         args += [size, "--topk", ks, "--steps", "20", "--batch-size", "64"]
         assert main([*args, "--splice-tokens", "60", "--wandb", "disabled", "--no-progress"]) == 0
     assert (layer / "topk-2x" / "summary.csv").exists()

@@ -189,7 +189,7 @@ def test_a_topk_grid_beside_the_relu_one_is_trained_reported_and_browsed(
     store = runs / "acts" / "tiny" / "layer1.zarr"
     common = ["--store", str(store), "--out", str(runs / "sae" / "tiny" / "layer1"), "--wandb"]
     common += ["disabled", "--no-progress", "--steps", "60", "--batch-size", "64"]
-    assert main(["train", *common, "--arch", "topk", "--topk", "4,8", "--dict", "1x,2x"]) == 0
+    assert main(["train", *common, "--arch", "topk", "--topk", "4,8", "--dict-sizes", "1x,2x"]) == 0
     topk_set = runs / "sae" / "tiny" / "layer1" / "topk-1x+2x"
     assert (topk_set / "saes" / "topk-n64-k_4" / "sae.safetensors").exists()
     rows = (topk_set / "summary.csv").read_text().splitlines()

@@ -113,18 +113,18 @@ def test_spliced_ce_equals_a_hand_written_hf_hook_and_saelens_formula(
 
 def test_splice_command_on_validation_documents_and_on_a_text_file(analyze_runs, tmp_path, capsys):
     grid = analyze_runs / "sae" / "tiny" / "layer1" / "1x+2x"
-    out = tmp_path / "splice.json"
+    out = tmp_path / "splice" / "splice.json"
     assert (
         main(
             [
                 "analyze",
                 "splice",
-                "--dict",
+                "--dictionary",
                 str(grid),
                 "--tokens",
                 "100",
                 "--out",
-                str(out),
+                str(out.parent),
                 "--no-progress",
             ]
         )
@@ -154,18 +154,18 @@ def test_splice_command_on_validation_documents_and_on_a_text_file(analyze_runs,
     text.write_text(
         "The cat sat on the mat.\n\nA second document, a little longer than the first one.\n"
     )
-    out2 = tmp_path / "file.json"
+    out2 = tmp_path / "file" / "splice.json"
     assert (
         main(
             [
                 "analyze",
                 "splice",
-                "--dict",
+                "--dictionary",
                 str(grid / "saes" / "relu-n64-l1_0.001"),
                 "--corpus",
                 str(text),
                 "--out",
-                str(out2),
+                str(out2.parent),
                 "--no-progress",
             ]
         )
@@ -181,8 +181,25 @@ def test_splice_command_on_validation_documents_and_on_a_text_file(analyze_runs,
     assert list(rec2["saes"]) == ["relu-n64-l1_0.001"]
 
 
+def test_a_missing_corpus_is_named_by_keyword_and_by_flag(analyze_runs, tmp_path, capsys):
+    from unsuperpose.analyze.splice_grid import SpliceError, read_text_blocks
+
+    missing = tmp_path / "none.txt"
+    with pytest.raises(SpliceError, match=rf"^corpus='{missing}': no such file"):
+        read_text_blocks(missing, 16)
+    sae = analyze_runs / "sae" / "tiny" / "layer1"
+    sae = next(sae.glob("*/saes/*"))
+    argv = ["analyze", "splice", "--dictionary", str(sae), "--no-progress"]
+    assert main([*argv, "--corpus", str(missing)]) == 2
+    assert f"error: --corpus {missing}: no such file" in capsys.readouterr().err
+    assert main([*argv, "--tokens", "0"]) == 2
+    assert "error: --tokens 0 must be at least 1" in capsys.readouterr().err
+
+
 def test_splice_refuses_toy_dictionaries(analyze_runs, capsys):
-    assert main(["analyze", "splice", "--dict", str(analyze_runs / "toy"), "--no-progress"]) == 2
+    assert (
+        main(["analyze", "splice", "--dictionary", str(analyze_runs / "toy"), "--no-progress"]) == 2
+    )
     assert "LM activation store" in capsys.readouterr().err
 
 
@@ -198,7 +215,7 @@ def test_train_puts_the_spliced_figures_in_summary_csv(analyze_runs, tmp_path):
                 str(store),
                 "--out",
                 str(tmp_path),
-                "--dict",
+                "--dict-sizes",
                 "1x",
                 "--l1",
                 "1e-3,1e-1",

@@ -146,8 +146,8 @@ def _toy(args, out, **kw):
     )
 
 
-TOY_ARGS = ["--h", "16", "--G", "32", "--steps", "30", "--batch-size", "64", "--no-progress"]
-TOY_ARGS += ["--wandb", "disabled", "--dict-ratios", "1x"]
+TOY_ARGS = ["--h", "16", "--g", "32", "--steps", "30", "--batch-size", "64", "--no-progress"]
+TOY_ARGS += ["--wandb", "disabled", "--dict-sizes", "1x"]
 
 
 @pytest.mark.slow
@@ -176,7 +176,7 @@ def test_toy_cli_trains_another_architecture_and_refuses_a_foreign_knob(tmp_path
 # row-local, so data parallelism must equal one process within float tolerance; AuxK normalises
 # by each rank's own residual variance and BatchTopK selects within each rank's slice (their
 # docstrings), so for them only the grid split is exact.
-DIST_TOY = ["toy", *TOY_ARGS[:-2], "--dict-ratios", "1/2x,1x", "--steps", "60", "--log-every", "20"]
+DIST_TOY = ["toy", *TOY_ARGS[:-2], "--dict-sizes", "1/2x,1x", "--steps", "60", "--log-every", "20"]
 
 
 @pytest.mark.torchrun

@@ -193,7 +193,15 @@ def test_the_cli_judges_only_when_asked_and_sends_the_key_from_the_environment(
     planted, tmp_path, capsys, monkeypatch
 ):
     _, path, sae_dir = planted
-    base = ["analyze", "features", "--dict", str(sae_dir), "--store", str(path), "--no-progress"]
+    base = [
+        "analyze",
+        "features",
+        "--dictionary",
+        str(sae_dir),
+        "--store",
+        str(path),
+        "--no-progress",
+    ]
     with Judge(oracle, key="sk-test") as judge:
         assert main([*base, "--out", str(tmp_path / "plain")]) == 0
         assert not (tmp_path / "plain" / "autointerp").exists() and judge.requests == []
@@ -221,7 +229,8 @@ def test_the_cli_judges_only_when_asked_and_sends_the_key_from_the_environment(
         assert "sk-test" not in (out / "autointerp" / "neurons.jsonl").read_text()
 
     assert main([*base, "--out", str(tmp_path / "x"), "--autointerp-endpoint", judge.url]) == 2
-    assert "--autointerp-endpoint needs --autointerp-model NAME" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"--autointerp-endpoint {judge.url} needs --autointerp-model NAME" in err
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

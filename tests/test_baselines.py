@@ -163,7 +163,7 @@ def test_sizes_a_method_cannot_have_are_refused_before_any_work():
 
 def test_toy_fits_a_baseline_with_topk_all(tmp_path, capsys):
     out = tmp_path / "ica"
-    args = ["toy", "--arch", "ica", "--h", "8", "--G", "16", "--k", "2", "--dict-ratios"]
+    args = ["toy", "--arch", "ica", "--h", "8", "--g", "16", "--k", "2", "--dict-sizes"]
     args += ["1/4x,1/2x", "--topk", "2,all", "--steps", "30", "--batch-size", "64"]
     assert main([*args, "--out", str(out), "--wandb", "disabled", "--no-progress"]) == 0
     rows = list(csv.DictReader(open(out / "summary.csv")))
@@ -188,7 +188,7 @@ def test_train_fits_pca_on_a_store_and_full_rank_bases_splice_in_exactly(
     analyze_runs, tiny_corpus, tiny_lm_dir, tmp_path
 ):
     store = analyze_runs / "acts" / "tiny" / "layer1.zarr"
-    common = ["--store", str(store), "--out", str(tmp_path), "--dict", "1x", "--steps", "20"]
+    common = ["--store", str(store), "--out", str(tmp_path), "--dict-sizes", "1x", "--steps", "20"]
     common += ["--batch-size", "64", "--splice-tokens", "60", "--wandb", "disabled"]
     fitted = {}
     for arch in ("pca", "neurons"):

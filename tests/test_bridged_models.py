@@ -139,7 +139,7 @@ def pipeline(request, tmp_path_factory, tiny_corpus):
                 str(acts / "layer1.zarr"),
                 "--out",
                 str(sae),
-                "--dict",
+                "--dict-sizes",
                 "1x,2x",
                 "--l1",
                 "1e-3,1e-2",
@@ -481,18 +481,18 @@ def test_splice_command_packs_a_text_file_with_the_models_bos_and_eos(pipeline, 
 
     text = tmp_path / "docs.txt"
     text.write_text("The cat walked to the river.\n\nThe owl rested in the forest for 3 hours.\n")
-    out = tmp_path / "s.json"
+    out = tmp_path / "s" / "splice.json"
     assert (
         main(
             [
                 "analyze",
                 "splice",
-                "--dict",
+                "--dictionary",
                 str(pipeline["sae"]),
                 "--corpus",
                 str(text),
                 "--out",
-                str(out),
+                str(out.parent),
                 "--no-progress",
             ]
         )

@@ -314,7 +314,7 @@ def train_args(store: Path, out: Path) -> list[str]:
         str(store),
         "--out",
         str(out),
-        "--dict",
+        "--dict-sizes",
         "1x,2x",
         "--l1",
         "1e-3,1e-2",
@@ -402,8 +402,8 @@ def test_a_checkpoint_cut_short_is_never_resumed(harvested, trained, tmp_path, m
     assert line == (
         f"unsuperpose train: error: the checkpoint {out}/checkpoint: state.safetensors has "
         f"{weights.stat().st_size:,} bytes, not the {weights.stat().st_size + 100:,} written: "
-        "it is not whole, so it is not resumed from; add --force to start over (or restore it "
-        "from a copy)"
+        "it is not whole, so it is not resumed from; start over with --force, or restore it "
+        "from a copy"
     )
     assert main([*args, "--force"]) == 0
     assert_same_grid(out, trained)
@@ -584,7 +584,7 @@ def toy_args(out: Path) -> list[str]:
         str(out),
         "--h",
         "16",
-        "--G",
+        "--g",
         "32",
         "--k",
         "2",
@@ -594,7 +594,7 @@ def toy_args(out: Path) -> list[str]:
         "64",
         "--l1",
         "1e-3,1e-2",
-        "--dict-ratios",
+        "--dict-sizes",
         "1x,2x",
         "--eval-every",
         "20",

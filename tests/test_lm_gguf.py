@@ -229,7 +229,7 @@ def pipeline(tmp_path_factory, tiny_corpus):
         str(acts / "layer1.zarr"),
         "--out",
         str(sae),
-        "--dict",
+        "--dict-sizes",
         "1x,2x",
         "--l1",
         "1e-3",
@@ -349,9 +349,9 @@ def test_spliced_clean_ce_equals_the_models_own_loss(pipeline, reference, tmp_pa
     same validation blocks; so is the clean CE `train` wrote into summary.csv."""
     from unsuperpose.analyze.splice_grid import validation_blocks
 
-    out = tmp_path / "splice.json"
-    args = ["analyze", "splice", "--dict", str(pipeline["sae"]), "--tokens", "300"]
-    assert main([*args, "--out", str(out), "--no-progress"]) == 0
+    out = tmp_path / "splice" / "splice.json"
+    args = ["analyze", "splice", "--dictionary", str(pipeline["sae"]), "--tokens", "300"]
+    assert main([*args, "--out", str(out.parent), "--no-progress"]) == 0
     result = json.loads(out.read_text())
     blocks, _ = validation_blocks(pipeline["lm"], N_CTX, 300)
     model, _ = reference

@@ -132,8 +132,8 @@ def test_its_knob_is_a_flag_and_a_wrong_one_is_refused(registered, tmp_path, cap
 
 
 def _toy_grid(out):
-    toy = ["toy", "--h", "16", "--G", "32", "--k", "2", "--decay", "0.95", "--seed", "0"]
-    grid = ["--arch", ARCH, "--penalty", "1e-3,1e-2", "--dict-ratios", "1x,2x"]
+    toy = ["toy", "--h", "16", "--g", "32", "--k", "2", "--decay", "0.95", "--seed", "0"]
+    grid = ["--arch", ARCH, "--penalty", "1e-3,1e-2", "--dict-sizes", "1x,2x"]
     run = ["--steps", "100", "--batch-size", "64", "--log-every", "10", "--eval-every", "50"]
     return main([*toy, *grid, *run, "--out", str(out), "--no-progress", "--wandb", "disabled"])
 
@@ -152,7 +152,7 @@ def test_the_commands_train_it_and_the_report_reads_it(
     shutil.copytree(analyze_runs, runs)
     store = runs / "acts" / "tiny" / "layer1.zarr"
     train = ["train", "--store", str(store), "--arch", ARCH, "--penalty", "1e-3,1e-2"]
-    grid = ["--dict", "1x,2x", "--steps", "60", "--batch-size", "64", "--log-every", "20"]
+    grid = ["--dict-sizes", "1x,2x", "--steps", "60", "--batch-size", "64", "--log-every", "20"]
     rest = ["--dead-window", "20", "--splice-tokens", "64", "--no-progress", "--wandb", "disabled"]
     out = runs / "sae" / "tiny" / "layer1"
     assert main([*train, *grid, *rest, "--out", str(out)]) == 0

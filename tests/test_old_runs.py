@@ -19,8 +19,8 @@ from unsuperpose.train import load_saes
 from unsuperpose.train.io import read_train_config
 
 OLD = Path(__file__).parent / "fixtures" / "old_runs"
-TOY = ["toy", "--h", "8", "--G", "16", "--k", "2", "--decay", "0.95", "--seed", "0"]
-RUN = ["--dict-ratios", "1x,2x", "--steps", "20", "--batch-size", "32", "--log-every", "5"]
+TOY = ["toy", "--h", "8", "--g", "16", "--k", "2", "--decay", "0.95", "--seed", "0"]
+RUN = ["--dict-sizes", "1x,2x", "--steps", "20", "--batch-size", "32", "--log-every", "5"]
 RUN += ["--eval-every", "10", "--no-progress", "--wandb", "disabled"]
 KNOBS = {"relu": ["--l1", "1e-3,1e-2"], "topk": ["--arch", "topk", "--topk", "2,4"]}
 

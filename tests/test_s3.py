@@ -50,7 +50,7 @@ HARVEST = [
     "cpu",
 ]
 TRAIN = [
-    "--dict",
+    "--dict-sizes",
     "1x",
     "--l1",
     "1e-3,1e-2",
@@ -230,7 +230,10 @@ def test_harvest_train_analyze_on_s3_equal_the_same_run_on_local_files(
     sets = {"local": runs_local / "sae/tiny/layer1/1x", "s3": runs_s3 / "sae/tiny/layer1/1x"}
     for folder in sets.values():
         assert (
-            main(["analyze", "features", "--dict", str(folder), "--top", "3", "--no-progress"]) == 0
+            main(
+                ["analyze", "features", "--dictionary", str(folder), "--top", "3", "--no-progress"]
+            )
+            == 0
         )
     pages = {k: sorted((f / "features").glob("*.html")) for k, f in sets.items()}
     assert [p.name for p in pages["s3"]] == [p.name for p in pages["local"]] and pages["s3"]

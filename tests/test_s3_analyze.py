@@ -90,7 +90,7 @@ def test_features_reads_a_dictionary_on_s3_and_writes_the_browser_beside_it(
     sae = sorted(f for f in storage.list_files(sets) if f.endswith("/config.json"))[0]
     dict_url = f"{sets}/{sae.rsplit('/', 1)[0]}"
     capsys.readouterr()
-    argv = ["analyze", "features", "--dict", dict_url, "--top", "3", "--no-progress"]
+    argv = ["analyze", "features", "--dictionary", dict_url, "--top", "3", "--no-progress"]
     assert main(argv + ["--max-rows", "256", "--no-neurons"]) == 0
     printed = capsys.readouterr().out
     assert f"feature browser: {dict_url}/features/index.html" in printed
@@ -102,7 +102,7 @@ def test_features_reads_a_dictionary_on_s3_and_writes_the_browser_beside_it(
 def test_splice_reads_a_dictionary_set_on_s3_and_writes_its_json_beside_it(runs_url, cache, capsys):
     grid = f"{runs_url}/sae/tiny/layer1/1x+2x"
     capsys.readouterr()
-    argv = ["analyze", "splice", "--dict", grid, "--tokens", "100", "--no-progress"]
+    argv = ["analyze", "splice", "--dictionary", grid, "--tokens", "100", "--no-progress"]
     assert main(argv) == 0
     assert f"wrote {grid}/splice.json" in capsys.readouterr().out
     rec = storage.read_json(storage.location(f"{grid}/splice.json"))

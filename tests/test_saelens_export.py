@@ -193,7 +193,7 @@ def test_negative_jumprelu_threshold_and_unknown_architecture_are_refused(tmp_pa
 def test_train_cli_exports_another_architecture_with_its_knob(tmp_path):
     x = ToySource(TOY).sample(2048, seed=1)[0].numpy()
     store = write_store(tmp_path / "toy.zarr", x)
-    args = ["train", "--store", str(store), "--out", str(tmp_path / "runs"), "--dict", "2x"]
+    args = ["train", "--store", str(store), "--out", str(tmp_path / "runs"), "--dict-sizes", "2x"]
     args += ["--arch", "batchtopk", "--topk", "2,4", "--steps", "30", "--batch-size", "64"]
     args += ["--splice-tokens", "0", "--wandb", "disabled", "--no-progress"]
     assert main(args) == 0

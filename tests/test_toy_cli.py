@@ -17,7 +17,7 @@ def test_toy_cli_writes_summary_dictionaries_and_figures(tmp_path):
             str(out),
             "--h",
             "16",
-            "--G",
+            "--g",
             "32",
             "--k",
             "2",
@@ -27,7 +27,7 @@ def test_toy_cli_writes_summary_dictionaries_and_figures(tmp_path):
             "64",
             "--l1",
             "1e-3,1e-2",
-            "--dict-ratios",
+            "--dict-sizes",
             "1/2x,1x,2x",
             "--eval-every",
             "20",
@@ -95,12 +95,12 @@ def test_l1_list_that_does_not_parse_raises():
 
 
 def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
-    code = main(["toy", "--out", str(tmp_path), "--dict-ratios", "8y", "--wandb", "disabled"])
+    code = main(["toy", "--out", str(tmp_path), "--dict-sizes", "8y", "--wandb", "disabled"])
     assert code == 2
     err = capsys.readouterr().err
     assert "8y" in err and "Traceback" not in err
     assert main(["toy", "--out", str(tmp_path), "--k", "600", "--wandb", "disabled"]) == 2
-    recipe = ["--G", "16", "--h", "8", "--k", "4", "--decay", "0.5"]
+    recipe = ["--g", "16", "--h", "8", "--k", "4", "--decay", "0.5"]
     recipe += ["--correlation-recipe", "report", "--wandb", "disabled"]
     assert main(["toy", "--out", str(tmp_path), *recipe]) == 2
     err = capsys.readouterr().err

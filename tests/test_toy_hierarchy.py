@@ -230,10 +230,10 @@ def test_toy_cli_runs_on_hierarchical_lowrank_data(tmp_path, capsys):
     import json
 
     out = tmp_path / "toy"
-    argv = ["toy", "--out", str(out), "--h", "16", "--G", "32", "--frequencies", "zipf"]
+    argv = ["toy", "--out", str(out), "--h", "16", "--g", "32", "--frequencies", "zipf"]
     argv += ["--hierarchy", "--hierarchy-roots", "2", "--correlation-structure", "lowrank"]
     argv += ["--steps", "40", "--batch-size", "64", "--l1", "1e-3,1e-2"]
-    argv += ["--dict-ratios", "1/2x,1x", "--eval-every", "20", "--wandb", "disabled"]
+    argv += ["--dict-sizes", "1/2x,1x", "--eval-every", "20", "--wandb", "disabled"]
     assert main([*argv, "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "32 features in 2 trees" in printed and "low-rank correlation (rank 25" in printed

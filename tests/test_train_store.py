@@ -63,7 +63,7 @@ def train_cli(store_path: Path, out: Path, *extra: str) -> int:
             str(store_path),
             "--out",
             str(out),
-            "--dict",
+            "--dict-sizes",
             "1x,2x",
             "--l1",
             "1e-3,1e-2",
@@ -177,7 +177,7 @@ def test_sigterm_then_rerun_finishes_with_the_weights_of_an_uninterrupted_run(to
     args = [
         "--store",
         str(toy_store),
-        "--dict",
+        "--dict-sizes",
         "2x",
         "--l1",
         "1e-3",
@@ -247,9 +247,9 @@ def test_rerunning_a_finished_grid_does_nothing_and_other_settings_are_refused(
 @pytest.mark.parametrize(
     "flags, words",
     [
-        (["--dict", "8y"], "8y"),
-        (["--dict", "0x"], "0x"),
-        (["--dict", "-1"], "-1"),
+        (["--dict-sizes", "8y"], "8y"),
+        (["--dict-sizes", "0x"], "0x"),
+        (["--dict-sizes", "-1"], "-1"),
         (["--l1", "1e-3,abc"], "cannot parse L1"),
     ],
 )
@@ -288,7 +288,7 @@ def test_a_store_of_other_width_than_the_checkpoint_is_refused(toy_store, tmp_pa
             str(narrow),
             "--out",
             str(tmp_path),
-            "--dict",
+            "--dict-sizes",
             "16",
             "--l1",
             "1e-3",
@@ -320,7 +320,7 @@ def test_nan_in_the_data_stops_naming_the_sae_and_keeps_the_last_good_checkpoint
             str(bad),
             "--out",
             str(tmp_path),
-            "--dict",
+            "--dict-sizes",
             "2x",
             "--l1",
             "1e-3",

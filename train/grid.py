@@ -115,7 +115,7 @@ def _prepare(
     finished = layout.is_finished(out)
     # Across nodes every rank must see rank 0's --out (it resumes from the checkpoint there).
     distributed.check_same_everywhere(
-        f"what {shown} holds (every node must see the same --out folder)",
+        f"what {shown} holds (every node must see the same output folder)",
         (None if meta is None else meta["step"], finished),
     )
     if force:
@@ -126,20 +126,20 @@ def _prepare(
         except CheckpointMismatch as exc:
             raise GridError(
                 f"{shown} holds an unfinished run made otherwise ({exc}); rerun with "
-                "its settings and data to resume it, choose another --out, or add "
-                "--force to start over"
+                "its settings and data to resume it, choose another output folder, or "
+                "start over with force=True"
             ) from None
     elif finished:
         problems = _finished_differences(out, cfg, source_info)
         if not problems:
             print(
                 f"{shown} already holds this grid (same settings, data and budget), finished; "
-                "add --force to train it again"
+                "force=True (--force) trains it again"
             )
             return None, read_summary(out / layout.SUMMARY_FILE)
         raise GridError(
             f"{shown} holds a finished grid made otherwise: {'; '.join(problems)}. "
-            "Choose another --out, or add --force to replace it"
+            "Choose another output folder, or replace it with force=True"
         )
     state = new_state(source, cfg, device=placement.device, sharding=sharding)
     if meta is not None:
@@ -147,8 +147,8 @@ def _prepare(
             load_checkpoint(state, ckpt, source_info)
         except CheckpointDamaged as exc:
             raise GridError(
-                f"{exc}: it is not whole, so it is not resumed from; add --force to start "
-                "over (or restore it from a copy)"
+                f"{exc}: it is not whole, so it is not resumed from; start over with "
+                "force=True, or restore it from a copy"
             ) from None
         print(f"resuming from the checkpoint at step {state.step:,} of {cfg.steps:,}")
     elif distributed.is_main():
@@ -504,18 +504,19 @@ def _fit_and_save(
         try:
             family.check_sizes(int(source.d), sorted(cfg.dict_sizes))
         except ValueError as exc:
-            raise GridError(
-                f"{exc}: choose smaller dictionary sizes for --arch {cfg.arch}"
-            ) from None
+            raise GridError(f"{exc}: choose smaller dictionary sizes for {cfg.arch}") from None
     out.mkdir(parents=True, exist_ok=True)
     if layout.is_finished(out) and not force:
         problems = _finished_differences(out, cfg, source_info)
         if not problems:
-            print(f"{shown} already holds this fit (same settings, data and budget); add --force")
+            print(
+                f"{shown} already holds this fit (same settings, data and budget); "
+                "force=True (--force) fits it again"
+            )
             return read_summary(out / layout.SUMMARY_FILE)
         raise GridError(
             f"{shown} holds a finished grid made otherwise: {'; '.join(problems)}. "
-            "Choose another --out, or add --force to replace it"
+            "Choose another output folder, or replace it with force=True"
         )
     if not distributed.is_main():
         return distributed.broadcast_object(None)
