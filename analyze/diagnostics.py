@@ -92,13 +92,14 @@ DEAD, SSLL, LARGER = "dead neurons", "loss stickiness (SSLL)", "MMCS with larger
 # fix or penalise L0 instead, so their extra latents are not priced out by the knob, but with AuxK
 # on, a latent with something to learn is revived and one with nothing stays dead: the live count
 # of a dictionary larger than the count is the signal their training makes.
-DEFAULT_READING = {
+DECLARED_READING = {
     "relu": DEAD,
     "topk": LIVE,
     "batchtopk": LIVE,
     "matryoshka": LIVE,
     "jumprelu": LIVE,
 }
+DEFAULT_READING = dict(DECLARED_READING)
 ESTIMATE_SIGNALS = {
     "relu": (DEAD, SSLL, LARGER),
     "topk": (LIVE,),
