@@ -8,6 +8,7 @@ mirror of a folder on object storage, the tracker, and the summary, dictionaries
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -198,6 +199,20 @@ def grid_kept(out) -> str:
     return f"no checkpoint had been saved in {out} yet, so the rerun starts the grid over"
 
 
+@dataclass(frozen=True)
+class _Scoring:
+    """How a finished grid is scored, named and saved (``run_grid``'s arguments of that kind,
+    with their defaults filled in), the same for a trained grid and a fitted one."""
+
+    size_labels: dict[int, str]
+    size_base: int
+    size_axis: str
+    ground_truth: object
+    source_info: dict
+    analysis: tuple  # (score, figures): run_grid's analysis callables, or None
+    more_scores: object
+
+
 def run_grid(
     source,
     cfg: SAETrainConfig,
@@ -252,20 +267,22 @@ def run_grid(
     if isinstance(out, str):
         out = storage.location(out)
     kw = dict(
-        size_labels=size_labels or {n: str(n) for n in cfg.dict_sizes},
-        size_base=int(source.d) if size_base is None else size_base,
-        size_axis=size_axis,
-        ground_truth=ground_truth,
+        scoring=_Scoring(
+            size_labels=size_labels or {n: str(n) for n in cfg.dict_sizes},
+            size_base=int(source.d) if size_base is None else size_base,
+            size_axis=size_axis,
+            ground_truth=ground_truth,
+            source_info=source.describe() if source_info is None else source_info,
+            analysis=(score, figures),
+            more_scores=more_scores,
+        ),
         callbacks=callbacks,
         wandb_mode=wandb_mode,
         progress=progress,
         run_name=run_name or out.name,
-        source_info=source.describe() if source_info is None else source_info,
         checkpoint_every=checkpoint_every,
         force=force,
         export=export,
-        analysis=(score, figures),
-        more_scores=more_scores,
         placement=placement,
         parallel_mode=parallel_mode,
     )
@@ -295,22 +312,16 @@ def _run_grid(
     cfg: SAETrainConfig,
     out: Path,
     *,
-    size_labels: dict[int, str],
-    size_base: int,
-    size_axis: str,
-    ground_truth=None,
+    scoring: _Scoring,
     callbacks: list[Callback] = (),
     wandb_mode: str | None = None,
     progress: bool = True,
     run_name: str,
-    source_info: dict,
     checkpoint_every: int = 1000,
     force: bool = False,
     export=None,
-    more_scores=None,
     placement: distributed.Placement | None = None,
     parallel_mode: str = "grid",
-    analysis=(None, None),
     mirror: RunMirror | None = None,
 ) -> list[dict]:
     """``run_grid`` into the local folder ``out`` (a URL's mirror when ``mirror`` is given)."""
@@ -320,17 +331,11 @@ def _run_grid(
             source,
             cfg,
             out,
-            size_labels=size_labels,
-            size_base=size_base,
-            size_axis=size_axis,
-            ground_truth=ground_truth,
+            scoring=scoring,
             wandb_mode=wandb_mode,
             progress=progress,
             run_name=run_name,
-            source_info=source_info,
             force=force,
-            more_scores=more_scores,
-            analysis=analysis,
             placement=placement,
             mirror=mirror,
         )
@@ -343,6 +348,7 @@ def _run_grid(
     run_info = {**placement.describe(), **sharding.describe()}
     out.mkdir(parents=True, exist_ok=True)
     shown = out if mirror is None else mirror.url  # what messages call the run folder
+    source_info = scoring.source_info
     state, done = _prepare(out, cfg, source, source_info, force, placement, sharding, shown=shown)
     if done is not None:
         return done
@@ -393,16 +399,10 @@ def _run_grid(
             evaluate(state, source),
             out,
             tracker,
-            ground_truth=ground_truth,
-            size_base=size_base,
-            more_scores=more_scores,
-            analysis=analysis,
+            scoring,
+            run_info,
             export=export,
             history=state.history,
-            size_labels=size_labels,
-            size_axis=size_axis,
-            source_info=source_info,
-            run_info=run_info,
         )
         tracker.summary({"steps": state.step})
     # The dictionaries and summary are written; the checkpoint's weights and Adam state would only
@@ -418,42 +418,35 @@ def _score_and_save(
     metrics: dict,
     out: Path,
     tracker: Tracker,
-    *,
-    ground_truth,
-    size_base: int,
-    more_scores,
-    size_labels: dict[int, str],
-    size_axis: str,
-    source_info: dict,
+    scoring: _Scoring,
     run_info: dict,
-    analysis=(None, None),
+    *,
     info: dict | None = None,
     export=None,
     history=(),
 ) -> list[dict]:
     """Rank 0, once a grid is trained or fitted and evaluated: score every dictionary (against
-    ``ground_truth`` when given), add ``info`` and ``more_scores(state)``'s columns per key,
-    write the dictionaries, summary and figures (``export`` may add formats), and hand the
-    summary and figures to the tracker. ``analysis``: ``run_grid``'s ``(score, figures)``.
-    Returns the summary's rows."""
-    score, draw = analysis
+    the ground truth when there is one), add ``info`` and ``more_scores(state)``'s columns per
+    key, write the dictionaries, summary and figures (``export`` may add formats), and hand the
+    summary and figures to the tracker. Returns the summary's rows."""
+    score, draw = scoring.analysis
     dictionaries = state.dictionaries()
     if score is None:
         scores = {key: {} for key in dictionaries}
     else:
-        scores = score(dictionaries, metrics, ground_truth)
+        scores = score(dictionaries, metrics, scoring.ground_truth)
     for key, s in scores.items():
-        s.update((info or {}).get(key, {}), dict_ratio=key[1] / size_base)
-    if more_scores is not None:
-        for key, extra in more_scores(state).items():
+        s.update((info or {}).get(key, {}), dict_ratio=key[1] / scoring.size_base)
+    if scoring.more_scores is not None:
+        for key, extra in scoring.more_scores(state).items():
             scores[key].update(extra)
     rows = save_grid(
         state,
         metrics,
         out,
         extra=scores,
-        labels=size_labels,
-        source_info=source_info,
+        labels=scoring.size_labels,
+        source_info=scoring.source_info,
         run_info=run_info,
     )
     if export is not None:
@@ -464,8 +457,8 @@ def _score_and_save(
             rows,
             list(history),
             out / layout.FIGURES_DIR,
-            size_axis=size_axis,
-            size_labels=size_labels,
+            size_axis=scoring.size_axis,
+            size_labels=scoring.size_labels,
         )
     columns = list(rows[0])
     tracker.log_table("summary", columns, [[r.get(c) for c in columns] for r in rows])
@@ -478,18 +471,12 @@ def _fit_and_save(
     cfg: SAETrainConfig,
     out: Path,
     *,
-    size_labels: dict[int, str],
-    size_base: int,
-    size_axis: str,
-    ground_truth,
+    scoring: _Scoring,
     wandb_mode: str | None,
     progress: bool,
     run_name: str,
-    source_info: dict,
     force: bool,
-    more_scores,
     placement: distributed.Placement,
-    analysis,
     mirror: RunMirror | None,
 ) -> list[dict]:
     """``_run_grid`` for a fitted baseline (``train.fitted``): no steps, no checkpoint.
@@ -499,6 +486,7 @@ def _fit_and_save(
     writes; the other ranks get its rows.
     """
     shown = out if mirror is None else mirror.url
+    source_info = scoring.source_info
     family = get_family(cfg.arch)
     if family.check_sizes is not None:  # before anything is written
         try:
@@ -534,19 +522,7 @@ def _fit_and_save(
     ) as tracker:
         state = fit_grid(source, cfg, device=placement.device, progress=progress)
         rows = _score_and_save(
-            state,
-            evaluate(state, source),
-            out,
-            tracker,
-            ground_truth=ground_truth,
-            size_base=size_base,
-            more_scores=more_scores,
-            analysis=analysis,
-            info=state.info,
-            size_labels=size_labels,
-            size_axis=size_axis,
-            source_info=source_info,
-            run_info=run_info,
+            state, evaluate(state, source), out, tracker, scoring, run_info, info=state.info
         )
     if mirror is not None:
         mirror.push()
