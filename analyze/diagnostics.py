@@ -115,6 +115,69 @@ WHY_DEFAULT = {
     "has something to learn, the live count of a dictionary larger than the count is the signal",
 }
 
+# How each architecture's default reading fared on the toy calibration (``make bench
+# ARGS=bench_calibration``; the docs' "Counting features" page has every cell): its grids, how
+# many it read within one grid step of the true G and at G, and each miss. Kept equal to the
+# committed bench records by tests/test_bench_calibration.py. An architecture absent here has
+# not been calibrated.
+CALIBRATION: dict[str, dict] = {
+    "batchtopk": {
+        "reading": "live latents",
+        "grids": 5,
+        "within_one_step": 5,
+        "at_truth": 4,
+        "misses": [],
+    },
+    "jumprelu": {
+        "reading": "live latents",
+        "grids": 5,
+        "within_one_step": 2,
+        "at_truth": 2,
+        "misses": [
+            "G 512, copula, seed 303: more than 2x",
+            "G 1,024, copula, seed 303: more than 2x",
+            "G 512, independent, seed 303: more than 2x",
+        ],
+    },
+    "matryoshka": {
+        "reading": "live latents",
+        "grids": 5,
+        "within_one_step": 5,
+        "at_truth": 4,
+        "misses": [],
+    },
+    "relu": {
+        "reading": "dead neurons",
+        "grids": 8,
+        "within_one_step": 8,
+        "at_truth": 6,
+        "misses": [],
+    },
+    "topk": {
+        "reading": "live latents",
+        "grids": 6,
+        "within_one_step": 5,
+        "at_truth": 5,
+        "misses": ["G 1,024, copula, seed 303: 1/4x"],
+    },
+}
+
+
+def calibration_text(arch: str) -> str:
+    """One sentence: how far this architecture's default reading is calibrated."""
+    c = CALIBRATION.get(arch)
+    if c is None:
+        return f"{arch}'s default reading has not been calibrated on toy data."
+    text = (
+        f"On toy data with a known number of features G, {arch}'s default reading "
+        f"({c['reading']}) landed within one grid step of G in {c['within_one_step']} of "
+        f"{c['grids']} calibration grids (at G in {c['at_truth']})"
+    )
+    if c["misses"]:
+        return text + "; it missed at " + "; ".join(c["misses"]) + "."
+    return text + "."
+
+
 DEFAULT_TOLERANCE = 0.0
 SENSITIVITY_TOLERANCES = (0.0, 0.005, 0.01)
 COLLAPSED_L0 = 0.01  # fewer than one active latent per hundred rows: the codes have collapsed
@@ -669,6 +732,8 @@ def diagnosis_record(d: Diagnosis, base: int, base_name: str) -> dict:
             "diagnostic": DEFAULT_READING.get(d.arch, DEAD),
             "why": WHY_DEFAULT[DEFAULT_READING.get(d.arch, DEAD)],
             "estimate_signals": list(d.basis),
+            "calibration": CALIBRATION.get(d.arch),
+            "calibration_text": calibration_text(d.arch),
         },
         "window_rule": d.rule.record() if d.rule is not None else None,
         "dead_reading": {

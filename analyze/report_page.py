@@ -8,6 +8,7 @@ import shlex
 from pathlib import Path
 
 from unsuperpose.analyze.compare import ratio_label
+from unsuperpose.analyze.diagnostics import calibration_text
 from unsuperpose.analyze.html import Raw, esc, fmt, image, page, table, write
 from unsuperpose.train.config import SAETrainConfig
 from unsuperpose.train.layout import CONFIG_FILE, set_dict_spec
@@ -139,7 +140,8 @@ def lm_estimate_line(report_dir: str | Path) -> str | None:
             f" Dead window by the rule: {rule['window']:,} batches; "
             f"{rule['steps']:,} steps trained, {rule['steps_needed']:,} needed."
         )
-    return text
+    calibration = (lm.get("default_reading") or {}).get("calibration_text")
+    return f"{text}\n{calibration}" if calibration else text
 
 
 def _reading(row: dict | None) -> str:
@@ -237,7 +239,8 @@ def summary_html(report) -> str:
     parts = [
         "<p><b>Estimate.</b> "
         + esc(estimate_text(lm.diagnosis.estimate(), lm.base, lm.name, lm.grid.knob_label))
-        + f" {esc(window_text(lm.diagnosis))}{beside}</p>"
+        + f" {esc(window_text(lm.diagnosis))}{beside}</p>",
+        f"<p><b>Calibration.</b> {esc(calibration_text(lm.grid.arch))}</p>",
     ]
     ablation = ablation_text(lm.grid.rows(), lm.name, lm.grid.source.get("hook"))
     if ablation:

@@ -47,6 +47,7 @@ from pathlib import Path
 
 from benchmarks.common import git_commit
 from unsuperpose.analyze import grid_figures, score_grid
+from unsuperpose.analyze.compare import ratio_label
 from unsuperpose.analyze.diagnostics import DECLARED_READING
 from unsuperpose.analyze.report import toy_record
 from unsuperpose.toy import ToyConfig, ToySource
@@ -365,6 +366,34 @@ def decide_defaults(records: list[dict], declared: dict[str, str]) -> dict[str, 
             "signals": signals,
         }
     return out
+
+
+def calibration_summary(records: list[dict], defaults: dict[str, str]) -> dict[str, dict]:
+    """How each architecture's default reading (``defaults``) fared, in the form
+    ``analyze.diagnostics.CALIBRATION`` keeps and the report prints: its grids, how many it read
+    within one grid step of G and at G, and each miss ("G 1,024, copula, seed 303: 1/4x")."""
+    out = {}
+    for r in records:
+        name = defaults[r["arch"]]
+        p = r["pointers"][name]
+        c = out.setdefault(
+            r["arch"],
+            {"reading": name, "grids": 0, "within_one_step": 0, "at_truth": 0, "misses": []},
+        )
+        c["grids"] += 1
+        off = p["steps_off"]
+        c["within_one_step"] += off is not None and off <= 1
+        c["at_truth"] += off == 0
+        if off is None or off > 1:
+            said = (
+                "no reading"
+                if not p["reading"]
+                else "none"
+                if p["ratio"] is None
+                else f"{'more than ' if p['lower_bound'] else ''}{ratio_label(p['size'], r['G'])}"
+            )
+            c["misses"].append(f"G {r['G']:,}, {r['data']}, seed {r['seed']}: {said}")
+    return dict(sorted(out.items()))
 
 
 def decision_markdown(decision: dict[str, dict]) -> str:

@@ -17,7 +17,7 @@ import warnings
 from pathlib import Path
 
 from unsuperpose import distributed, storage
-from unsuperpose.analyze.diagnostics import DEFAULT_TOLERANCE
+from unsuperpose.analyze.diagnostics import DEFAULT_TOLERANCE, calibration_text
 from unsuperpose.analyze.remote import Names
 from unsuperpose.commands.errors import in_flags, stage_errors
 from unsuperpose.commands.flags import FlagDeprecation, alias
@@ -451,6 +451,7 @@ def run(args: argparse.Namespace) -> int:
     )
     for p in report.lm.diagnosis.pointers:
         print(f"  {p.diagnostic}{' (default)' if p.default else ''}: {_pointed(p)}")
+    print(calibration_text(report.lm.grid.arch))
     if window_text(report.lm.diagnosis):
         print(window_text(report.lm.diagnosis))
     if sensitivity_text(report.lm.diagnosis) and not below_evidence(report.lm.diagnosis):

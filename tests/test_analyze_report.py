@@ -105,6 +105,13 @@ def test_the_page_says_where_each_diagnostic_points_and_where_the_data_came_from
     assert all("size_steps_off" in p and "matches_optimum" in p for p in rec["toy"]["pointers"])
     assert rec["toy"]["truth"] == {"size": 32, "ratio": 1.0}
     assert rec["lm"]["base"] == 64 and "estimate" in rec["lm"]
+    # how far the relu default reading is calibrated, beside the estimate
+    from unsuperpose.analyze.diagnostics import CALIBRATION, calibration_text
+
+    default = rec["lm"]["default_reading"]
+    assert default["calibration"] == CALIBRATION["relu"]
+    assert default["calibration_text"] == calibration_text("relu")
+    assert "<b>Calibration.</b> On toy data with a known number of features G, relu" in html
     rows = (report / "lm_grid.csv").read_text().splitlines()
     assert len(rows) == 1 + 4
 
@@ -199,7 +206,11 @@ def test_a_topk_grid_beside_the_relu_one_is_trained_reported_and_browsed(
 
     out = tmp_path / "report"
     args = ["analyze", "report", "--runs", str(runs), "--lm", "tiny", "--layer", "1"]
+    capsys.readouterr()
     assert main([*args, "--arch", "topk", "--out", str(out), "--no-progress", "--top", "5"]) == 0
+    from unsuperpose.analyze.diagnostics import calibration_text
+
+    assert calibration_text("topk") in capsys.readouterr().out  # printed beside the estimate
     html = (out / "index.html").read_text()
     assert "(topk dictionaries)" in html and "per k</h3>" in html
     assert "--arch topk --topk 4,8" in html  # the reproduction command

@@ -47,3 +47,29 @@ def test_a_signal_missing_from_a_grid_cannot_be_chosen():
     records = [rec("d", dead=2, live=0), rec("d", dead=2)]
     d = decide_defaults(records, DECLARED)["d"]
     assert LIVE not in d["signals"] and d["default"] == DEAD and not d["calibrated"]
+
+
+def test_the_calibration_the_report_prints_is_the_committed_records():
+    """``CALIBRATION`` (printed by the report beside every estimate) is what the bench records
+    committed with the docs say of each architecture's default reading."""
+    import json
+    from pathlib import Path
+
+    from benchmarks.bench_calibration import calibration_summary
+    from unsuperpose.analyze.diagnostics import CALIBRATION, DEFAULT_READING, calibration_text
+
+    data = Path(__file__).resolve().parent.parent / "docs/results/data/calibration.jsonl"
+    records = [json.loads(line) for line in data.read_text().splitlines() if line.strip()]
+    assert CALIBRATION == calibration_summary(records, DEFAULT_READING)
+    assert set(CALIBRATION) == set(DEFAULT_READING)
+    for arch, c in CALIBRATION.items():
+        text = calibration_text(arch)
+        assert f"in {c['within_one_step']} of {c['grids']} calibration grids" in text
+        assert all(miss in text for miss in c["misses"])
+    assert calibration_text("ica") == "ica's default reading has not been calibrated on toy data."
+
+
+def test_the_rule_for_defaults_decides_nothing_but_a_calibrated_reading():
+    records = [rec("a", live=3, measured=0), rec("a", live=0, measured=None)]
+    d = decide_defaults(records, DECLARED)["a"]
+    assert d["default"] == LIVE and not d["calibrated"]

@@ -159,6 +159,12 @@ def test_the_demo_prints_the_reports_estimate_or_no_estimate_with_its_reasons(tm
     text = demo.report_estimate(steps)
     assert "no estimate: the grid trained 250 steps; train at least 296 steps" in text
     assert "148 batches; 250 steps trained, 296 needed" in text
+    assert "\n" not in text  # no calibration line in a diagnosis without one
+    lm["default_reading"] = {"calibration_text": "On toy data ... 8 of 8 calibration grids."}
+    (report.output.parent / "diagnosis.json").write_text(json.dumps({"lm": lm}))
+    assert demo.report_estimate(steps).endswith(
+        "296 needed.\nOn toy data ... 8 of 8 calibration grids."
+    )
 
 
 def test_quick_writes_to_its_own_folder_and_a_quick_lm_is_never_taken_for_the_full_one(
