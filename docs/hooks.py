@@ -41,6 +41,16 @@ def _calibration() -> str:
     return markdown(_records("calibration"), _records("calibration-rule3"))
 
 
+def _calibration_decision() -> str:
+    """The pre-registered rule for defaults applied to the committed records: declared and
+    resulting default per architecture (``benchmarks.bench_calibration.decide_defaults``)."""
+    _importable()
+    from benchmarks.bench_calibration import decide_defaults, decision_markdown
+    from unsuperpose.analyze.diagnostics import DECLARED_READING
+
+    return decision_markdown(decide_defaults(_records("calibration"), DECLARED_READING))
+
+
 def _bench_peers(name: str):
     """The summary table of one bench_peers run, from its records ``<name>.jsonl``."""
 
@@ -55,6 +65,7 @@ def _bench_peers(name: str):
 
 TABLES = {
     "calibration": _calibration,
+    "calibration-decision": _calibration_decision,
     # the first full run (both shapes, all five architectures; load 7-12) and the
     # k-architectures after AuxK moved onto the dead latents' block
     **{name: _bench_peers(name) for name in ("bench_peers-0ff23dc", "bench_peers-df6fade")},
