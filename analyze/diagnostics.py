@@ -86,12 +86,12 @@ Key = tuple[float, int]  # (the knob's value, the dictionary size)
 
 DEAD, SSLL, LARGER = "dead neurons", "loss stickiness (SSLL)", "MMCS with larger dictionaries"
 
-# The reading each architecture's count rests on, and why (declared before the calibration of
-# ``benchmarks/bench_calibration.py`` was read; README "Counting features" has its table). The
-# report's three were argued for an L1 penalty that is varied; the k-architectures and JumpReLU
-# fix or penalise L0 instead, so their extra latents are not priced out by the knob, but with AuxK
-# on, a latent with something to learn is revived and one with nothing stays dead: the live count
-# of a dictionary larger than the count is the signal their training makes.
+# The reading each architecture's count rests on, as declared before the calibration of
+# ``benchmarks/bench_calibration.py`` was read (the docs' "Counting features" page has its
+# table). The report's three were argued for an L1 penalty that is varied; the k-architectures
+# and JumpReLU fix or penalise L0 instead, so their extra latents are not priced out by the knob,
+# but with AuxK on, a latent with something to learn is revived and one with nothing stays dead:
+# the live count of a dictionary larger than the count is the signal their training makes.
 DECLARED_READING = {
     "relu": DEAD,
     "topk": LIVE,
@@ -99,13 +99,20 @@ DECLARED_READING = {
     "matryoshka": LIVE,
     "jumprelu": LIVE,
 }
-DEFAULT_READING = dict(DECLARED_READING)
+# The defaults after the calibration, by the rule written before its full table was read
+# (``bench_calibration.decide_defaults``: keep the declared reading where it landed within one
+# grid step of G in every grid, else take a signal that did): JumpReLU's live latents said "more
+# than 2x" in 4 of its 6 grids, its measured latents landed within one step in all 6, so they
+# are its default. The others keep theirs; topk and batchtopk have no signal that landed within
+# one step everywhere (both read 1/4x at G 2,048, topk also at G 1,024), so theirs stays as
+# declared and CALIBRATION says where it missed.
+DEFAULT_READING = {**DECLARED_READING, "jumprelu": MEASURED}
 ESTIMATE_SIGNALS = {
     "relu": (DEAD, SSLL, LARGER),
     "topk": (LIVE,),
     "batchtopk": (LIVE,),
     "matryoshka": (LIVE,),
-    "jumprelu": (LIVE,),
+    "jumprelu": (MEASURED,),
 }
 # Why each default reading is the default (keyed by the reading).
 WHY_DEFAULT = {
@@ -113,6 +120,10 @@ WHY_DEFAULT = {
     "calibrated for a varied L1 penalty",
     LIVE: "k fixes L0, so surplus latents are not priced out by the knob; with AuxK reviving what "
     "has something to learn, the live count of a dictionary larger than the count is the signal",
+    MEASURED: "the live count, with a latent counted when it fired often enough on the held-out "
+    "rows for its rate to be measured: JumpReLU's larger dictionaries keep hundreds of sporadic "
+    "latents alive within the training window, which the live count reads as more features; "
+    "chosen by the calibration (within one grid step of G in every toy grid)",
 }
 
 # How each architecture's default reading fared on the toy calibration (``make bench
@@ -123,42 +134,38 @@ WHY_DEFAULT = {
 CALIBRATION: dict[str, dict] = {
     "batchtopk": {
         "reading": "live latents",
-        "grids": 5,
-        "within_one_step": 5,
-        "at_truth": 4,
-        "misses": [],
+        "grids": 7,
+        "within_one_step": 6,
+        "at_truth": 5,
+        "misses": ["G 2,048, copula, seed 303: 1/4x"],
     },
     "jumprelu": {
-        "reading": "live latents",
-        "grids": 5,
-        "within_one_step": 2,
-        "at_truth": 2,
-        "misses": [
-            "G 512, copula, seed 303: more than 2x",
-            "G 1,024, copula, seed 303: more than 2x",
-            "G 512, independent, seed 303: more than 2x",
-        ],
+        "reading": "measured latents",
+        "grids": 6,
+        "within_one_step": 6,
+        "at_truth": 5,
+        "misses": [],
     },
     "matryoshka": {
         "reading": "live latents",
-        "grids": 5,
-        "within_one_step": 5,
-        "at_truth": 4,
+        "grids": 6,
+        "within_one_step": 6,
+        "at_truth": 5,
         "misses": [],
     },
     "relu": {
         "reading": "dead neurons",
-        "grids": 8,
-        "within_one_step": 8,
-        "at_truth": 6,
+        "grids": 9,
+        "within_one_step": 9,
+        "at_truth": 7,
         "misses": [],
     },
     "topk": {
         "reading": "live latents",
-        "grids": 6,
-        "within_one_step": 5,
-        "at_truth": 5,
-        "misses": ["G 1,024, copula, seed 303: 1/4x"],
+        "grids": 9,
+        "within_one_step": 7,
+        "at_truth": 7,
+        "misses": ["G 1,024, copula, seed 303: 1/4x", "G 2,048, copula, seed 303: 1/4x"],
     },
 }
 

@@ -48,7 +48,7 @@ from pathlib import Path
 from benchmarks.common import git_commit
 from unsuperpose.analyze import grid_figures, score_grid
 from unsuperpose.analyze.compare import ratio_label
-from unsuperpose.analyze.diagnostics import DECLARED_READING
+from unsuperpose.analyze.diagnostics import DECLARED_READING, DEFAULT_READING
 from unsuperpose.analyze.report import toy_record
 from unsuperpose.toy import ToyConfig, ToySource
 from unsuperpose.train import SAETrainConfig, parse_dict_sizes, run_grid
@@ -298,7 +298,7 @@ def markdown(records: list[dict], previous: list[dict] | None = None) -> str:
         cells = []
         for name in SIGNALS:
             text = _cell_text(r["pointers"].get(name))
-            cells.append(f"{text} (default)" if name == r["default"] else text)
+            cells.append(f"{text} (default)" if name == DEFAULT_READING[r["arch"]] else text)
         window = f"{r['window_rule'] or '–'} / {r['window_truth']}"
         if previous:
             old = before.get(r["key"])
@@ -418,12 +418,13 @@ def decision_markdown(decision: dict[str, dict]) -> str:
 
 
 def plot(records: list[dict], path: Path) -> Path:
-    """Pointer against G, one panel per architecture, on the core cells (copula, one seed):
-    every signal's pointer (hollow: a lower bound), the default reading joined by a line, the
-    truth as the diagonal. A pointer that follows the truth lies on it at every G."""
+    """Pointer against G, one panel per architecture, on the core and reach cells (copula, one
+    seed, G 256 to 2,048): every signal's pointer (hollow: a lower bound), the default reading
+    (``DEFAULT_READING``, after the calibration's decision) joined by a line, the truth as the
+    diagonal. A pointer that follows the truth lies on it at every G."""
     from unsuperpose.analyze.figures import plt, save_figure
 
-    core = [r for r in records if r.get("part") == "core"]
+    core = [r for r in records if r.get("part") in ("core", "reach")]  # copula, seed 303
     archs = [a for a in ARCHS if any(r["arch"] == a for r in core)]
     if not archs:
         return path
@@ -434,7 +435,7 @@ def plot(records: list[dict], path: Path) -> Path:
         gs = [r["G"] for r in rows]
         ax.plot([min(gs) / 4, max(gs) * 4], [min(gs) / 4, max(gs) * 4], color="0.8", lw=1)
         for i, name in enumerate(SIGNALS):
-            pts = [(r["G"], r["pointers"].get(name), r["default"] == name) for r in rows]
+            pts = [(r["G"], r["pointers"].get(name), DEFAULT_READING[arch] == name) for r in rows]
             pts = [(g, p, d) for g, p, d in pts if p and p["reading"] and p["size"]]
             if not pts:
                 continue

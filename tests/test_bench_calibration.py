@@ -73,3 +73,21 @@ def test_the_rule_for_defaults_decides_nothing_but_a_calibrated_reading():
     records = [rec("a", live=3, measured=0), rec("a", live=0, measured=None)]
     d = decide_defaults(records, DECLARED)["a"]
     assert d["default"] == LIVE and not d["calibrated"]
+
+
+def test_the_defaults_are_what_the_rule_decides_on_the_committed_records():
+    import json
+    from pathlib import Path
+
+    from unsuperpose.analyze.diagnostics import (
+        DECLARED_READING,
+        DEFAULT_READING,
+        ESTIMATE_SIGNALS,
+    )
+
+    data = Path(__file__).resolve().parent.parent / "docs/results/data/calibration.jsonl"
+    records = [json.loads(line) for line in data.read_text().splitlines() if line.strip()]
+    decision = decide_defaults(records, DECLARED_READING)
+    assert {arch: d["default"] for arch, d in decision.items()} == DEFAULT_READING
+    for arch, reading in DEFAULT_READING.items():
+        assert reading in ESTIMATE_SIGNALS[arch]  # the estimate rests on the default reading
