@@ -66,9 +66,8 @@ def _bench_peers(name: str):
 TABLES = {
     "calibration": _calibration,
     "calibration-decision": _calibration_decision,
-    # the first full run (both shapes, all five architectures; load 7-12) and the
-    # k-architectures after AuxK moved onto the dead latents' block
-    **{name: _bench_peers(name) for name in ("bench_peers-0ff23dc", "bench_peers-df6fade")},
+    # the run on a quiet machine (both shapes, all five architectures)
+    "bench_peers-6f7984d": _bench_peers("bench_peers-6f7984d"),
 }
 
 

@@ -17,7 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 README_MAX_LINES = 200
 # the bench_peers runs whose records (docs/results/data/<run>.jsonl) the speed page renders
-PEERS_RUNS = ("bench_peers-0ff23dc", "bench_peers-df6fade")
+PEERS_RUNS = ("bench_peers-6f7984d",)
 # where a path names a file of this repository: the stage folders, the package, the benchmarks,
 # the tests and the docs themselves (commands/ too, where the command modules live)
 TOP = "lm|harvest|toy|train|analyze|commands|unsuperpose|benchmarks|tests|docs"
@@ -63,6 +63,9 @@ def test_mkdocs_build_strict(tmp_path):
     page = (out / "results" / "calibration" / "index.html").read_text()
     assert "bench-table" not in page
     assert page.count("<tr>") >= 10
+    # and the decision on defaults under it, with jumprelu's change
+    flat = re.sub(r">\s+<", "><", page)
+    assert "<td>jumprelu</td><td>6</td><td>live latents: 2, 2</td><td>measured latents</td>" in flat
     # so are the bench_peers summaries on the speed page: the page asks for them by marker, and
     # every row the bench's own table() prints from the committed records is in its HTML
     source = (ROOT / "docs" / "results" / "speed.md").read_text()
