@@ -191,6 +191,12 @@ def train_cell(cell: dict, folder: Path) -> dict:
     }
 
 
+def within_one_step(steps_off: int | None) -> bool:
+    """A pointer that lands within one grid step of G (a bound or no reading has no steps off,
+    so it does not)."""
+    return steps_off is not None and steps_off <= 1
+
+
 def table(records: list[dict]) -> Iterator[dict]:
     by: dict[tuple[str, str], list] = {}
     for r in records:
@@ -204,7 +210,7 @@ def table(records: list[dict]) -> Iterator[dict]:
             "signal": name,
             "grids": len(ps),
             "at_truth": sum(o == 0 for o in offs),
-            "within_one_step": sum(o is not None and o <= 1 for o in offs),
+            "within_one_step": sum(map(within_one_step, offs)),
             "no_reading": sum(not p["reading"] for p in ps),
             "bounds": sum(p["lower_bound"] for p in ps),
         }
@@ -346,7 +352,7 @@ def decide_defaults(records: list[dict], declared: dict[str, str]) -> dict[str, 
             offs = [r["pointers"][name]["steps_off"] for r in recs if name in r["pointers"]]
             if len(offs) == len(recs):  # a signal read in every grid of the architecture
                 signals[name] = {
-                    "within_one_step": sum(o is not None and o <= 1 for o in offs),
+                    "within_one_step": sum(map(within_one_step, offs)),
                     "at_truth": sum(o == 0 for o in offs),
                 }
         every = [n for n, c in signals.items() if c["within_one_step"] == len(recs)]
@@ -382,9 +388,9 @@ def calibration_summary(records: list[dict], defaults: dict[str, str]) -> dict[s
         )
         c["grids"] += 1
         off = p["steps_off"]
-        c["within_one_step"] += off is not None and off <= 1
+        c["within_one_step"] += within_one_step(off)
         c["at_truth"] += off == 0
-        if off is None or off > 1:
+        if not within_one_step(off):
             said = (
                 "no reading"
                 if not p["reading"]
