@@ -4,7 +4,8 @@ run, in one run (`make bench ARGS=bench_peers`).
 Peers, each driven through its own trainer by ``benchmarks/peers_worker.py`` in the interpreter
 ``$PEERS_PYTHON`` (default /tmp/peers/bin/python; a venv with sae-lens, dictionary-learning and
 eai-sparsify; without one only our side runs and every peer reads "n/a"):
-- relu: SAELens standard, dictionary_learning's standard trainer;
+- relu: SAELens standard, dictionary_learning's standard trainer, twice: from a fresh SAE
+  (``relu``) and from a trained SAE's sparsity (``relu-sparse``, below);
 - topk: sparsify with AuxK (1/32) and without (its default), SAELens TopK, dictionary_learning TopK;
 - batchtopk: SAELens BatchTopK, dictionary_learning BatchTopK;
 - matryoshka: SAELens Matryoshka BatchTopK, dictionary_learning's Matryoshka trainer;
@@ -19,6 +20,18 @@ dead threshold) so that AuxK works every step, as in a real run; JumpReLU's thre
 each latent fires on 32/n of the first batch's rows (L0 32), in every implementation; matryoshka's
 prefixes ours (1/16, 1/8, 1/4, 1/2, 1 of n) in all three. Each side uses ``THREADS`` torch threads,
 and only one side computes at a time.
+
+Why ReLU runs twice: a fresh ReLU SAE lets about half its latents through, so its first steps are
+dense on every side, and a dense ReLU step is five encoder-sized GEMMs. A trained one runs at an L0
+of tens, where our step takes its sparse CSR path (``sparse_below``) and the peers' steps stay
+dense. ``relu-sparse`` starts every side's encoder bias lowered so that each latent fires on K/n
+of the first batch's rows (L0 K, the rule JumpReLU's thresholds follow), the regime most of a
+ReLU run is spent in. These random batches hold no equilibrium for that sparsity: at the default
+learning rates, Adam lifts the L0 from 32 to 130-190 within one measurement. So this row trains at
+a learning rate of ``HELD_LR`` on every side, which holds the sparsity where it was set and leaves
+the work of a step unchanged (every product, the Adam update, the dead counters). Its round
+records say what our side actually ran: the share of timed steps that took the sparse path, and
+the L0 on the first batch after the measurement.
 
 Shapes: 1024 -> 8192 at batch 4,096, and 256 -> 2,048 at batch 1,024. In each round, for each
 architecture: the GEMM peak of the encoder's shape, ours, each peer, the GEMM peak again (the
@@ -59,6 +72,7 @@ from benchmarks.common import (
     git_commit,
     hold_dead,
     peers_python,
+    set_l0_bias,
     set_l0_thresholds,
 )
 from unsuperpose.train import SAETrainConfig, new_state, train_steps
@@ -77,6 +91,7 @@ K_ARCHS = ("topk", "batchtopk", "matryoshka")
 # Our entries per architecture: name -> SAETrainConfig overrides.
 OURS = {
     "relu": {"ours": {}},
+    "relu-sparse": {"ours": {"lr": 1e-8}},
     "topk": {"ours": {}, "ours-noauxk": {"auxk": AuxKOptions(coef=0.0)}},
     "batchtopk": {"ours": {}},
     "matryoshka": {"ours": {}},
@@ -85,6 +100,7 @@ OURS = {
 # The peers per architecture: peer -> the entry of ours it is compared with.
 PEERS = {
     "relu": {"saelens-standard": "ours", "dl-standard": "ours"},
+    "relu-sparse": {"saelens-standard-sparse": "ours", "dl-standard-sparse": "ours"},
     "topk": {
         "sparsify-topk": "ours",
         "sparsify-topk-noauxk": "ours-noauxk",
@@ -98,8 +114,15 @@ PEERS = {
 # What a peer does not have at all (printed as n/a beside the figures).
 LACKS = {
     arch: {"sparsify": "sparsify 1.3 trains TopK (and GroupMax) coders only"}
-    for arch in ("relu", "batchtopk", "matryoshka", "jumprelu")
+    for arch in ("relu", "relu-sparse", "batchtopk", "matryoshka", "jumprelu")
 }
+# Rows that are not an architecture's own name: row -> the architecture it trains.
+ARCH_OF = {"relu-sparse": "relu"}
+HELD_LR = OURS["relu-sparse"]["ours"]["lr"]  # the peers' learning rate in that row too
+
+
+def arch_of(row: str) -> str:
+    return ARCH_OF.get(row, row)
 
 
 def batches(B: int, D: int, seed: int = SEED) -> list[torch.Tensor]:
@@ -111,7 +134,8 @@ def batches(B: int, D: int, seed: int = SEED) -> list[torch.Tensor]:
 class Ours:
     """One SAE of ours, trained by our trainer on the two batches; ``rate(steps)`` times it."""
 
-    def __init__(self, arch: str, xs: list[torch.Tensor], n: int, k: int, dead: int, **overrides):
+    def __init__(self, row: str, xs: list[torch.Tensor], n: int, k: int, dead: int, **overrides):
+        arch = arch_of(row)
         value = 1e-3 if arch in ("relu", "jumprelu") else k
         self.B = len(xs[0])
         cfg = SAETrainConfig(
@@ -130,6 +154,9 @@ class Ours:
         g = self.group = self.state.groups[0]
         if arch == "jumprelu":
             set_l0_thresholds(g, xs[0], k)
+        if row == "relu-sparse":
+            set_l0_bias(g, xs[0], k)
+        self.x0 = xs[0]
         if arch in K_ARCHS and cfg.auxk.coef > 0 and dead:
             hold_dead(g, dead)  # the module docstring's dead latents
         self.step_s = self._time(1)  # warm-up (the first step allocates)
@@ -142,8 +169,16 @@ class Ours:
 
     def rate(self, steps: int) -> tuple[float, int]:
         """Samples/s over ``steps`` trainer steps, and the latents AuxK counts as dead."""
+        sparse = getattr(self.group, "sparse_steps", 0)
         rate = self.B / self._time(steps)
+        self.sparse_share = (getattr(self.group, "sparse_steps", 0) - sparse) / steps
         return rate, int(dead_for_auxk(self.group).sum())
+
+    @torch.no_grad()
+    def relu_l0(self) -> float:
+        """The first dictionary's mean L0 on the first batch now (ReLU rows)."""
+        g = self.group
+        return float((g.pre_activations(self.x0, g.dictionaries())[:, 0] > 0).sum(1).float().mean())
 
 
 class PeerProcess:
@@ -206,7 +241,7 @@ def run_shape(
     xs = batches(B, D)
     checksum = [float(x.double().sum()) for x in xs]
     spec = {"B": B, "D": D, "N": N, "K": k, "dead": dead, "widths": widths}
-    spec.update(threads=torch.get_num_threads(), seed=SEED)
+    spec.update(threads=torch.get_num_threads(), seed=SEED, held_lr=HELD_LR)
     worker = PeerProcess(exe, spec) if exe else None
     na: dict[str, dict[str, str]] = {a: dict(LACKS.get(a, {})) for a in archs}
     try:
@@ -279,6 +314,10 @@ def run_shape(
                     },
                     "dead": dead_seen,
                 }
+                if arch_of(arch) == "relu":  # what our ReLU step ran while it was timed
+                    ours = entries[arch]["ours"]
+                    row["ours_sparse_share"] = round(ours.sparse_share, 3)
+                    row["ours_l0_after"] = round(ours.relu_l0(), 1)
                 history[arch].append(row)
                 yield row
         for arch in archs:
@@ -320,9 +359,14 @@ def _summary(arch: str, rows: list[dict], na: dict[str, str]) -> dict:
         "goal_1_5x_fastest_peer": min(vs.values()) >= 1.5 if vs else None,
         "na": na,
     }
-    if arch == "relu":
-        s = vs.get("saelens-standard")
+    if arch_of(arch) == "relu":
+        s = next((v for p, v in vs.items() if p.startswith("saelens-standard")), None)
         out["goal_2x_saelens"] = None if s is None else s >= 2.0
+        out["ours_sparse_share"] = statistics.median(r["ours_sparse_share"] for r in rows)
+        out["ours_l0_after"] = [
+            min(r["ours_l0_after"] for r in rows),
+            max(r["ours_l0_after"] for r in rows),
+        ]
     if arch in K_ARCHS:
         out["goal_within_2x_encoder_gemm"] = of_gemm["ours"] >= 0.5
     return out

@@ -46,15 +46,28 @@ def peers_python() -> str | None:
     return exe if Path(exe).exists() else None
 
 
+def _l0_cut(group, x: torch.Tensor, l0: int) -> torch.Tensor:
+    """Per latent of the group's first dictionary, the pre-activation it exceeds on ``l0 / n``
+    of the rows of ``x``: a cut there gives an average L0 of ``l0`` per row."""
+    B, n = len(x), group.n
+    pre = group.pre_activations(x, group.dictionaries())[:, 0]  # (B, n)
+    return pre.kthvalue(B - B * l0 // n, dim=0).values
+
+
 @torch.no_grad()
 def set_l0_thresholds(group, x: torch.Tensor, l0: int) -> None:
     """Start a JumpReLU group's thresholds where each latent fires on ``l0 / n`` of the rows of
     ``x``: an average L0 of ``l0`` per row, as a trained JumpReLU SAE runs (its default 1e-3
     thresholds let about half the latents through, a dense start no trained SAE has)."""
-    B, n = len(x), group.n
-    pre = group.pre_activations(x, group.dictionaries())[:, 0]  # (B, n), the first dictionary
-    theta = pre.kthvalue(B - B * l0 // n, dim=0).values
-    group.extra["log_threshold"].copy_(theta.clamp(min=1e-6).log())
+    group.extra["log_threshold"].copy_(_l0_cut(group, x, l0).clamp(min=1e-6).log())
+
+
+@torch.no_grad()
+def set_l0_bias(group, x: torch.Tensor, l0: int) -> None:
+    """Lower a ReLU group's encoder bias so that each latent fires on ``l0 / n`` of the rows of
+    ``x``: an average L0 of ``l0`` per row, the sparsity a trained ReLU SAE runs at (a fresh one
+    lets about half its latents through)."""
+    group.b_enc.view(group.S, group.n)[0] -= _l0_cut(group, x, l0)
 
 
 @torch.no_grad()

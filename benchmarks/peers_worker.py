@@ -70,7 +70,7 @@ class Peer:
 
 
 # -- SAELens ------------------------------------------------------------------------------------
-def _saelens(spec: dict, sae_class: str, **cfg_kw) -> tuple[Peer, object]:
+def _saelens(spec: dict, sae_class: str, lr: float = 3e-4, **cfg_kw) -> tuple[Peer, object]:
     import sae_lens
     from sae_lens.config import SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
@@ -82,7 +82,7 @@ def _saelens(spec: dict, sae_class: str, **cfg_kw) -> tuple[Peer, object]:
     trainer = SAETrainer(
         # lr_end as their runner config fills it in (lr / 10; only a cosine schedule reads it)
         cfg=SAETrainerConfig(
-            total_training_samples=10**12, train_batch_size_samples=B, lr_end=3e-4 / 10
+            total_training_samples=10**12, train_batch_size_samples=B, lr=lr, lr_end=lr / 10
         ),
         sae=sae,
         data_provider=iter(()),  # unused: the batches are handed to step() below
@@ -103,6 +103,14 @@ def _saelens(spec: dict, sae_class: str, **cfg_kw) -> tuple[Peer, object]:
 
 def saelens_standard(spec, xs):
     return _saelens(spec, "StandardTrainingSAE")[0]
+
+
+def saelens_standard_sparse(spec, xs):
+    peer, sae = _saelens(spec, "StandardTrainingSAE", lr=spec["held_lr"])
+    with torch.no_grad():  # a trained SAE's sparsity, held (bench_peers: "Why ReLU runs twice")
+        _, pre = sae.encode_with_hidden_pre(xs[0])
+        sae.b_enc -= l0_thresholds(pre, spec["K"])
+    return peer
 
 
 def saelens_topk(spec, xs):
@@ -161,6 +169,14 @@ def _dl_hold_dead(trainer, spec: dict, bias: torch.Tensor) -> Peer:
 
 def dl_standard(spec, xs):
     peer, _ = _dl(spec, "StandardTrainer", "standard")
+    return peer
+
+
+def dl_standard_sparse(spec, xs):
+    peer, tr = _dl(spec, "StandardTrainer", "standard", lr=spec["held_lr"])
+    with torch.no_grad():  # a trained SAE's sparsity, held (bench_peers: "Why ReLU runs twice")
+        ae = tr.ae
+        ae.encoder.bias -= l0_thresholds(ae.encoder(xs[0] - ae.bias), spec["K"])
     return peer
 
 
@@ -255,6 +271,8 @@ def sparsify_topk_noauxk(spec, xs):
 BUILDERS = {
     "saelens-standard": saelens_standard,
     "dl-standard": dl_standard,
+    "saelens-standard-sparse": saelens_standard_sparse,
+    "dl-standard-sparse": dl_standard_sparse,
     "sparsify-topk": sparsify_topk,
     "sparsify-topk-noauxk": sparsify_topk_noauxk,
     "saelens-topk": saelens_topk,

@@ -19,9 +19,9 @@ K = 4
 DEAD = 128 // 16
 
 
-def _run(exe, rounds=2):
-    kw = dict(archs=list(bp.OURS), rounds=rounds, target_s=0.01, exe=exe, threads=1)
-    return list(bp.run_bench(SHAPE, K, **kw))
+def _run(exe, rounds=2, archs=tuple(bp.OURS), shape=SHAPE):
+    kw = dict(archs=list(archs), rounds=rounds, target_s=0.01, exe=exe, threads=1)
+    return list(bp.run_bench(shape, K, **kw))
 
 
 def _by(records, figure):
@@ -62,7 +62,7 @@ def test_our_side_runs_and_every_peer_reads_na_without_a_venv():
         assert s["goal_1_5x_fastest_peer"] is None  # not judged without a peer
         if s["arch"] in bp.K_ARCHS:
             assert isinstance(s["goal_within_2x_encoder_gemm"], bool)
-        if s["arch"] == "relu":
+        if bp.arch_of(s["arch"]) == "relu":
             assert s["goal_2x_saelens"] is None
         lo, hi = s["load_1m"]
         assert lo <= hi
@@ -77,6 +77,27 @@ def test_ours_jumprelu_starts_at_the_peers_l0():
     pre = g.pre_activations(xs[0], g.dictionaries())[:, 0]
     l0 = (pre > g.extra["log_threshold"].view(-1).exp()).sum(1).float().mean()
     assert 0.5 * K <= float(l0) <= 2 * K
+
+
+def test_relu_runs_dense_from_a_fresh_sae_and_sparse_from_a_trained_sparsity():
+    """The two ReLU rows time different regimes, and their records say which one ran."""
+    n = 512  # L0 K is 0.8% of the latents, below the sparse path's 2%
+    records = _run(exe=None, rounds=1, archs=("relu", "relu-sparse"), shape={"t": (64, 16, n)})
+    rounds = {r["arch"]: r for r in _by(records, "peers_round")}
+    fresh, trained = rounds["relu"], rounds["relu-sparse"]
+    assert fresh["ours_sparse_share"] == 0.0 and fresh["ours_l0_after"] > n / 4
+    assert trained["ours_sparse_share"] == 1.0 and trained["ours_l0_after"] <= 2 * K
+    summary = {s["arch"]: s for s in _by(records, "peers_summary")}["relu-sparse"]
+    assert summary["ours_sparse_share"] == 1.0 and "sparsify" in summary["na"]
+
+
+def test_relu_sparse_starts_at_the_peers_l0():
+    torch.set_num_threads(1)
+    xs = bp.batches(256, 16)
+    ours = bp.Ours("relu-sparse", xs, 128, K, DEAD)
+    assert ours.group.config.arch == "relu"
+    assert 0.5 * K <= ours.relu_l0() <= 2 * K
+    assert bp.Ours("relu", xs, 128, K, DEAD).relu_l0() > 128 / 4  # a fresh SAE is dense
 
 
 PEERS_PYTHON = os.environ.get("PEERS_PYTHON")
