@@ -9,14 +9,14 @@ from pathlib import Path
 
 import torch
 
-from unsuperpose import distributed, locking, storage
+from unsuperpose import distributed, storage
 from unsuperpose.analyze.autointerp import AutointerpError, AutointerpSettings, run_autointerp
 from unsuperpose.analyze.browser import BrowserError, contexts, firing_summary, scan, token_arrays
 from unsuperpose.analyze.browser_page import render, write_index
 from unsuperpose.analyze.endpoint import EndpointError
 from unsuperpose.analyze.html import write
 from unsuperpose.analyze.monosemantic import summary as concentration_summary
-from unsuperpose.analyze.remote import Names
+from unsuperpose.analyze.remote import Names, copies
 from unsuperpose.config import write_json_atomic
 from unsuperpose.harvest import ActivationStore, StoreError, store_decoder
 from unsuperpose.lm import ModelError
@@ -256,21 +256,15 @@ def write_browser(
     locked as its writer's (the dictionaries and stores read are not), a dictionary on S3 read
     from a local copy, a browser for S3 written in one and copied up. Returns the pages and the
     ``Names`` that show their URLs; a folder without a dictionary is a ``BrowserError``."""
-    names = Names()
-    try:
+    out = out or dictionary / "features"
+    with copies() as names:
         with names.messages():
             try:
                 saes = find_saes(names.read_copy(dictionary))
             except FileNotFoundError as exc:
                 raise BrowserError(str(exc)) from None
-        out = out or dictionary / "features"
-        with locking.hold(out, what=f"the feature browser {out}"):
-            local = names.out_folder(out)
-            with names.messages():
-                pages = browse(saes, local, settings, store=store)
-            names.upload(local, out)
-    finally:
-        names.forget()
+        with names.writing(out, f"the feature browser {out}") as local:
+            pages = browse(saes, local, settings, store=store)
     return pages, names
 
 

@@ -28,7 +28,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from unsuperpose import locking, storage
+from unsuperpose import storage
 from unsuperpose.analyze.collect import GridError, is_set, lm_sets_dir
 from unsuperpose.analyze.html import write
 from unsuperpose.analyze.methods_page import (  # the page's; importable from here as before
@@ -36,7 +36,7 @@ from unsuperpose.analyze.methods_page import (  # the page's; importable from he
     frontier_figure,
     render,
 )
-from unsuperpose.analyze.remote import Names
+from unsuperpose.analyze.remote import Names, copies
 from unsuperpose.config import write_json_atomic
 from unsuperpose.tracking import Tracker
 from unsuperpose.train.dictionary import read_config
@@ -390,17 +390,10 @@ def write_methods(
     local copy and a page for S3 written in one, then copied up. Returns the page's report and
     the ``Names`` that show its local paths as their URLs."""
     out = out or runs / "report" / f"{lm}-layer{layer}-methods"
-    names = Names()
-    try:
-        with locking.hold(out, what=f"the methods page {out}"):
-            if storage.is_remote(runs):
-                runs = names.read_copy(runs, (f"sae/{lm}/layer{layer}",))
-            local = names.out_folder(out)
-            with names.messages():
-                report = build_methods(runs, lm, layer, local, target_l0=target_l0, browse=browse)
-            names.upload(local, out)
-    finally:
-        names.forget()
+    with copies() as names, names.writing(out, f"the methods page {out}") as local:
+        if storage.is_remote(runs):
+            runs = names.read_copy(runs, (f"sae/{lm}/layer{layer}",))
+        report = build_methods(runs, lm, layer, local, target_l0=target_l0, browse=browse)
     return report, names
 
 

@@ -7,6 +7,9 @@ objects' modification times (the report orders dictionary sets by them). A URL w
 (``--out s3://...``) is written in ``$UNSUPERPOSE_CACHE/runs-out/<hash>`` and copied up at the
 end. ``Names`` turns the local folders back into their URLs in messages and in the text files
 written (the report's page and JSON), so what a user reads names the bucket, not the cache.
+Every writer of an analyze output (the report, the methods page, the feature browser) runs
+``with copies() as names, names.writing(out, what) as local:``, so each one locks, renames,
+uploads and cleans up the same way.
 Activation stores recorded by a dictionary are read where they are (harvest reads S3 itself).
 """
 
@@ -18,7 +21,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from unsuperpose import storage
+from unsuperpose import locking, storage
 from unsuperpose.run_folder import cache_folder
 from unsuperpose.train.layout import CHECKPOINT_DIR
 
@@ -38,6 +41,17 @@ def wanted(rel: str) -> bool:
         if part == CHECKPOINT_DIR:  # a set still training: its state.json says so, not weights
             return parts[i + 1 :] == ["state.json"]
     return True
+
+
+@contextlib.contextmanager
+def copies() -> Iterator[Names]:
+    """A ``Names`` whose local copies of what was read are removed when the block ends, however
+    it ends (an output's copy is removed by its upload)."""
+    names = Names()
+    try:
+        yield names
+    finally:
+        names.forget()
 
 
 class Names:
@@ -110,6 +124,18 @@ class Names:
         for local in list(self.urls):
             if Path(local).parent.name == "runs-read":
                 shutil.rmtree(local, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def writing(self, out: storage.Location, what: str) -> Iterator[storage.Location]:
+        """The folder to write the output meant for ``out`` in, while ``out`` is locked as this
+        writer's (``what`` names it in the lock's messages). When the block ends cleanly the
+        output is renamed and copied up to ``out``; an error leaves ``out`` as it was and names
+        URLs, not their local copies."""
+        with locking.hold(out, what=what):
+            local = self.out_folder(out)
+            with self.messages():
+                yield local
+            self.upload(local, out)
 
     @contextlib.contextmanager
     def messages(self) -> Iterator[None]:

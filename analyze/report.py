@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from unsuperpose import locking, storage
+from unsuperpose import storage
 from unsuperpose.analyze.browser import BrowserError
 from unsuperpose.analyze.collect import Grid, GridError, collect_lm, collect_toy
 from unsuperpose.analyze.compare import COMPARISONS, ratio_label, side_by_side, size_labels
@@ -41,7 +41,7 @@ from unsuperpose.analyze.evidence import (
 from unsuperpose.analyze.figures import frontier, heatmap
 from unsuperpose.analyze.grid import GRID_FIGURES
 from unsuperpose.analyze.metrics import mmcs_with_larger, ssll
-from unsuperpose.analyze.remote import Names
+from unsuperpose.analyze.remote import Names, copies
 from unsuperpose.analyze.report_page import render_index
 from unsuperpose.analyze.signals import novel_counts
 from unsuperpose.config import write_json_atomic
@@ -415,31 +415,24 @@ def write_report(
             f"--layer {layer}`"
         )
     out = out or runs / "report" / report_dirname(lm, layer, arch)
-    names = Names()
-    try:
-        with locking.hold(out, what=f"the report folder {out}"):
-            toy = names.read_copy(toy) if toy is not None else None
-            if storage.is_remote(runs):
-                parts = [f"sae/{lm}/layer{layer}"] + ([] if toy else ["toy"])
-                runs = names.read_copy(runs, tuple(parts))
-            local = names.out_folder(out)
-            with names.messages():
-                report = build_report(
-                    runs,
-                    lm,
-                    layer,
-                    out=local,
-                    toy=toy,
-                    tolerance=tolerance,
-                    sets=sets,
-                    arch=arch,
-                    wandb_mode=wandb_mode,
-                    browse=browse,
-                    command=command,
-                )
-            names.upload(local, out)
-    finally:
-        names.forget()
+    with copies() as names, names.writing(out, f"the report folder {out}") as local:
+        toy = names.read_copy(toy) if toy is not None else None
+        if storage.is_remote(runs):
+            parts = [f"sae/{lm}/layer{layer}"] + ([] if toy else ["toy"])
+            runs = names.read_copy(runs, tuple(parts))
+        report = build_report(
+            runs,
+            lm,
+            layer,
+            out=local,
+            toy=toy,
+            tolerance=tolerance,
+            sets=sets,
+            arch=arch,
+            wandb_mode=wandb_mode,
+            browse=browse,
+            command=command,
+        )
     return report, names
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from unsuperpose import distributed, storage
 from unsuperpose.analyze.diagnostics import DEFAULT_TOLERANCE, calibration_text
-from unsuperpose.analyze.remote import Names
+from unsuperpose.analyze.remote import copies
 from unsuperpose.commands.errors import in_flags, stage_errors
 from unsuperpose.commands.flags import FlagDeprecation, alias
 from unsuperpose.train.layout import report_dirname
@@ -245,26 +245,23 @@ def _run_splice(args: argparse.Namespace) -> int:
     from unsuperpose.lm import CorpusError, ModelError
 
     # Its model and corpus are the ones the dictionary recorded, not flags: said as they are.
-    names = Names()  # a dictionary on S3 is read from a local copy
-    try:
-        with (
-            names.messages(),
-            stage_errors((ModelError, CorpusError, StoreError)),
-            stage_errors(SpliceError, SPLICE_FLAGS),
-        ):
-            result = splice_dictionaries(
-                names.read_copy(args.dict_path),
-                corpus=args.corpus,
-                tokens=args.tokens,
-                batch_size=args.batch_size,
-                progress=not args.no_progress,
-                device=getattr(args, "device", "cpu"),
-                show=names.show,
-            )
-            out = splice_file(args.out, args.dict_path, warn=True)
-            write_splice(out, result)
-    finally:
-        names.forget()
+    with (
+        copies() as names,  # a dictionary on S3 is read from a local copy
+        names.messages(),
+        stage_errors((ModelError, CorpusError, StoreError)),
+        stage_errors(SpliceError, SPLICE_FLAGS),
+    ):
+        result = splice_dictionaries(
+            names.read_copy(args.dict_path),
+            corpus=args.corpus,
+            tokens=args.tokens,
+            batch_size=args.batch_size,
+            progress=not args.no_progress,
+            device=getattr(args, "device", "cpu"),
+            show=names.show,
+        )
+        out = splice_file(args.out, args.dict_path, warn=True)
+        write_splice(out, result)
     text = result["text"]
     print(
         f"spliced into {result['model_dir']} at {result['hook']}, {result['tokens']:,} predicted "
