@@ -66,8 +66,8 @@ def _bench_peers(name: str):
 TABLES = {
     "calibration": _calibration,
     "calibration-decision": _calibration_decision,
-    # the run on a quiet machine (both shapes, all five architectures)
-    "bench_peers-6f7984d": _bench_peers("bench_peers-6f7984d"),
+    # the run on a quiet machine (both shapes, all five architectures, ReLU fresh and trained)
+    "bench_peers-a36a13b": _bench_peers("bench_peers-a36a13b"),
 }
 
 
