@@ -27,7 +27,7 @@ of tens, where our step takes its sparse CSR path (``sparse_below``) and the pee
 dense. ``relu-sparse`` starts every side's encoder bias lowered so that each latent fires on K/n
 of the first batch's rows (L0 K, the rule JumpReLU's thresholds follow), the regime most of a
 ReLU run is spent in. These random batches hold no equilibrium for that sparsity: at the default
-learning rates, Adam lifts the L0 from 32 to 130-190 within one measurement. So this row trains at
+learning rates, Adam lifts the L0 from 32 to 70-190 within one measurement. So this row trains at
 a learning rate of ``HELD_LR`` on every side, which holds the sparsity where it was set and leaves
 the work of a step unchanged (every product, the Adam update, the dead counters). Its round
 records say what our side actually ran: the share of timed steps that took the sparse path, and

@@ -88,8 +88,7 @@ class BatchTopKFastGroup(BatchTopKGroup):
             return super().forward_backward(x)
         B, n = len(x), self.n
         self._buf = buf = work_buffers(self, B, self._buf)
-        norms = self.W_dec.norm(dim=-1, keepdim=True)
-        dn = self.W_dec / norms  # (S, n, d)
+        norms, dn = self.unit_decoder()  # (S, n, 1), (S, n, d)
         pre = encode_into(self, x, buf["pre"])  # (B, S, n): the one dense GEMM
         with one_thread() if pre.numel() < SMALL_STEP else nullcontext():
             rows, bags, vals, smallest = [], [], [], []

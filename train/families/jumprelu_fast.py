@@ -64,8 +64,7 @@ class JumpReLUFastGroup(JumpReLUGroup):
         B = len(x)
         S, n, eps = self.S, self.n, self.bandwidth
         self._buf = buf = work_buffers(self, B, self._buf)
-        norms = self.W_dec.norm(dim=-1, keepdim=True)
-        dn = self.W_dec / norms  # (S, n, d)
+        norms, dn = self.unit_decoder()  # (S, n, 1), (S, n, d)
         pre = encode_into(self, x, buf["pre"])  # (B, S, n): the one dense GEMM
         theta = self.threshold()  # (S, n)
         lower = theta - eps  # below every active entry and every entry of the window

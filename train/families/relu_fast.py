@@ -64,8 +64,7 @@ class ReluFastGroup(ReluGroup):
         B, d = x.shape
         S, n = self.S, self.n
         buf = self._buffers(B)
-        norms = self.W_dec.norm(dim=-1, keepdim=True)
-        dn = self.W_dec / norms
+        norms, dn = self.unit_decoder()
         w_enc = self.encoder_weight(dn)
 
         codes = torch.addmm(self.b_enc, x, w_enc, out=buf["pre"]).clamp_(min=0)  # (B, S*n)
@@ -110,8 +109,8 @@ class ReluFastGroup(ReluGroup):
             d_dn += d_w_enc.view(d, S, n).permute(1, 2, 0)
         else:
             self.W_enc.grad.copy_(d_w_enc)
-        radial = (d_dn * dn).sum(dim=-1, keepdim=True)
-        torch.div(d_dn.sub_(dn * radial), norms, out=self.W_dec.grad)
+        radial = torch.mul(d_dn, dn, out=self.scratch("row_dots", dn)).sum(dim=-1, keepdim=True)
+        torch.div(d_dn.addcmul_(dn, radial, value=-1), norms, out=self.W_dec.grad)
         return {"fired": (fired, "sum")}
 
 

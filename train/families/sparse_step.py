@@ -170,7 +170,8 @@ def write_grads(
     # Through dn = W_dec / ||W_dec||: (dDn - dn <dDn, dn>) / ||W_dec||, in two passes.
     d_dn = d_dn.view(S, n, d)
     inv = norms.reciprocal()
-    radial = torch.linalg.vecdot(d_dn, dn).unsqueeze(-1).mul_(inv).neg_()
+    radial = torch.mul(d_dn, dn, out=group.scratch("row_dots", dn)).sum(-1, keepdim=True)
+    radial.mul_(inv).neg_()
     torch.mul(d_dn, inv, out=group.W_dec.grad).addcmul_(dn, radial)
 
 

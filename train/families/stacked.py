@@ -167,6 +167,23 @@ class StackedGroup:
         with torch.no_grad():
             return self.W_dec / self.W_dec.norm(dim=-1, keepdim=True)
 
+    def scratch(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """A work tensor shaped like ``like``, kept across steps for the hand-written steps: a
+        fresh tensor of a decoder's size page-faults on every step (a fresh W_dec / norms took
+        19 ms at 8,192 x 1,024 against 3.7 ms into a kept one)."""
+        work = self.__dict__.setdefault("_scratch", {})
+        t = work.get(name)
+        if t is None or t.shape != like.shape or t.device != like.device or t.dtype != like.dtype:
+            t = work[name] = torch.empty_like(like)
+        return t
+
+    @torch.no_grad()
+    def unit_decoder(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norms (S, n, 1), W_dec / norms (S, n, d)) for a hand-written step, the atoms in a
+        ``scratch`` tensor: valid until the next call."""
+        norms = self.W_dec.norm(dim=-1, keepdim=True)
+        return norms, torch.div(self.W_dec, norms, out=self.scratch("unit_decoder", self.W_dec))
+
     def encoder_weight(self, dn: torch.Tensor | None = None) -> torch.Tensor:
         """(d, S*n): the untied encoders, or the tied ones built from the normalised decoders."""
         if not self.tied:

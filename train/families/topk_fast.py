@@ -81,8 +81,7 @@ class TopKFastGroup(TopKGroup):
         B, d = x.shape
         S, n, K = self.S, self.n, self.k_max
         buf = self._work(B)
-        norms = self.W_dec.norm(dim=-1, keepdim=True)
-        dn = self.W_dec / norms  # (S, n, d)
+        norms, dn = self.unit_decoder()  # (S, n, 1), (S, n, d)
         table = dn.view(S * n, d)
         pre = encode_into(self, x, buf["pre"])  # (B, S, n): the one dense GEMM
         vals, idx = pre.topk(K, dim=-1, sorted=self.rank_keep is not None)  # (B, S, K)
