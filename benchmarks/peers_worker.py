@@ -24,6 +24,11 @@ dictionary_learning start past its threshold's start step, 1,000, as in most of 
   host, backward, decoder gradient made tangent, its default optimiser (schedule-free SignSGD at
   its default lr), dead counters.
 
+The ``-sparse`` standard trainers (``saelens-standard-sparse``, ``dl-standard-sparse``) are the
+same steps from a trained SAE's sparsity: the encoder bias cut so that each latent fires on K/n
+of the first batch's rows, at the learning rate ``held_lr`` of the spec, which holds that
+sparsity while it is timed (``bench_peers``: "Why ReLU runs twice").
+
 The k-architectures run with AuxK on (each peer's own default coefficient; sparsify's default is
 off, so it runs both ways, 1/32 when on) and with the last ``dead`` latents held dead: their
 encoder bias is -30 (far below any kept code on these data) and their counters start past each
