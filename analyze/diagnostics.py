@@ -53,7 +53,8 @@ the same pointers, record and pages. No signal is read without its minimum evide
 (``analyze.evidence``: the dead window a run's own observables call for, and training at least
 twice that long); below it a pointer is "no reading", with the reason, never a bound. Each
 architecture has a default reading (``DEFAULT_READING``) and the signals its estimate rests on
-(``ESTIMATE_SIGNALS``); the other signals are printed beside it.
+(``estimate_signals``: the default reading alone, or the report's three for ReLU); the other
+signals are printed beside it.
 
 With ground truth (toy data) each pointer is scored against the truth (grid steps from the true
 number of features) and against the optimum (the cell with the best MMCS with the true features).
@@ -107,13 +108,21 @@ DECLARED_READING = {
 # one step everywhere (both read 1/4x at G 2,048, topk also at G 1,024), so theirs stays as
 # declared and CALIBRATION says where it missed.
 DEFAULT_READING = {**DECLARED_READING, "jumprelu": MEASURED}
-ESTIMATE_SIGNALS = {
-    "relu": (DEAD, SSLL, LARGER),
-    "topk": (LIVE,),
-    "batchtopk": (LIVE,),
-    "matryoshka": (LIVE,),
-    "jumprelu": (MEASURED,),
-}
+# The architectures whose estimate rests on more signals than their default reading.
+ESTIMATE_SIGNALS = {"relu": (DEAD, SSLL, LARGER)}
+
+
+def default_reading(arch: str) -> str:
+    """``DEFAULT_READING`` of an architecture; dead neurons for one the calibration has not seen."""
+    return DEFAULT_READING.get(arch, DEAD)
+
+
+def estimate_signals(arch: str) -> tuple[str, ...]:
+    """The signals an architecture's estimate rests on: ``ESTIMATE_SIGNALS``, else its default
+    reading alone."""
+    return ESTIMATE_SIGNALS.get(arch, (default_reading(arch),))
+
+
 # Why each default reading is the default (keyed by the reading).
 WHY_DEFAULT = {
     DEAD: "the report's own reading for an L1 SAE; its three diagnostics were argued and "
@@ -443,7 +452,7 @@ class Diagnosis:
     @property
     def basis(self) -> tuple[str, ...]:
         """The signals the estimate rests on for this architecture."""
-        return ESTIMATE_SIGNALS.get(self.arch, (DEFAULT_READING.get(self.arch, DEAD),))
+        return estimate_signals(self.arch)
 
     def estimate(self) -> dict | None:
         """The number of features the architecture's estimate signals (``basis``) point to.
@@ -636,7 +645,7 @@ def diagnose(
     basins = ssll_basins(recon, l1_loss, columns.get("heldout_l0"))
     report_basins = interior_minima(col("ssll"))
     k = peak(col("mmcs_larger"))
-    default = DEFAULT_READING.get(arch, DEAD)
+    default = default_reading(arch)
     pointers = [
         _dead_pointer(db),
         _ssll_pointer(basins),
@@ -736,8 +745,8 @@ def diagnosis_record(d: Diagnosis, base: int, base_name: str) -> dict:
         ],
         "arch": d.arch,
         "default_reading": {
-            "diagnostic": DEFAULT_READING.get(d.arch, DEAD),
-            "why": WHY_DEFAULT[DEFAULT_READING.get(d.arch, DEAD)],
+            "diagnostic": default_reading(d.arch),
+            "why": WHY_DEFAULT[default_reading(d.arch)],
             "estimate_signals": list(d.basis),
             "calibration": CALIBRATION.get(d.arch),
             "calibration_text": calibration_text(d.arch),

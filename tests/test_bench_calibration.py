@@ -82,7 +82,7 @@ def test_the_defaults_are_what_the_rule_decides_on_the_committed_records():
     from unsuperpose.analyze.diagnostics import (
         DECLARED_READING,
         DEFAULT_READING,
-        ESTIMATE_SIGNALS,
+        estimate_signals,
     )
 
     data = Path(__file__).resolve().parent.parent / "docs/results/data/calibration.jsonl"
@@ -90,4 +90,4 @@ def test_the_defaults_are_what_the_rule_decides_on_the_committed_records():
     decision = decide_defaults(records, DECLARED_READING)
     assert {arch: d["default"] for arch, d in decision.items()} == DEFAULT_READING
     for arch, reading in DEFAULT_READING.items():
-        assert reading in ESTIMATE_SIGNALS[arch]  # the estimate rests on the default reading
+        assert reading in estimate_signals(arch)  # the estimate rests on the default reading
