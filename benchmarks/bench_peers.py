@@ -68,6 +68,7 @@ import torch
 
 from benchmarks.common import (
     RamSource,
+    first_pre_activations,
     gemm_peak,
     git_commit,
     hold_dead,
@@ -174,11 +175,9 @@ class Ours:
         self.sparse_share = (getattr(self.group, "sparse_steps", 0) - sparse) / steps
         return rate, int(dead_for_auxk(self.group).sum())
 
-    @torch.no_grad()
     def relu_l0(self) -> float:
         """The first dictionary's mean L0 on the first batch now (ReLU rows)."""
-        g = self.group
-        return float((g.pre_activations(self.x0, g.dictionaries())[:, 0] > 0).sum(1).float().mean())
+        return float((first_pre_activations(self.group, self.x0) > 0).sum(1).float().mean())
 
 
 class PeerProcess:

@@ -46,12 +46,17 @@ def peers_python() -> str | None:
     return exe if Path(exe).exists() else None
 
 
+@torch.no_grad()
+def first_pre_activations(group, x: torch.Tensor) -> torch.Tensor:
+    """(B, n): the pre-activations of the group's first dictionary on the rows of ``x``."""
+    return group.pre_activations(x, group.dictionaries())[:, 0]
+
+
 def _l0_cut(group, x: torch.Tensor, l0: int) -> torch.Tensor:
     """Per latent of the group's first dictionary, the pre-activation it exceeds on ``l0 / n``
     of the rows of ``x``: a cut there gives an average L0 of ``l0`` per row."""
     B, n = len(x), group.n
-    pre = group.pre_activations(x, group.dictionaries())[:, 0]  # (B, n)
-    return pre.kthvalue(B - B * l0 // n, dim=0).values
+    return first_pre_activations(group, x).kthvalue(B - B * l0 // n, dim=0).values
 
 
 @torch.no_grad()
