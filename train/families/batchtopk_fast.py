@@ -30,7 +30,6 @@ from unsuperpose.train.families.sparse_step import (
     bag_step,
     encode_into,
     one_thread,
-    work_buffers,
 )
 from unsuperpose.train.families.stacked import Reductions
 from unsuperpose.train.registry import register_fast_path
@@ -45,7 +44,6 @@ class BatchTopKFastGroup(BatchTopKGroup):
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
         self.fast = self.device.type == "cpu" and not self.tied
-        self._buf: dict[str, torch.Tensor] = {}
         self.full_ranks = 0  # selections that fell back to ranking the whole batch
 
     def candidate_floor(self, p: torch.Tensor, k: int) -> float | None:
@@ -87,9 +85,8 @@ class BatchTopKFastGroup(BatchTopKGroup):
         if not self.fast:
             return super().forward_backward(x)
         B, n = len(x), self.n
-        self._buf = buf = work_buffers(self, B, self._buf)
         norms, dn = self.unit_decoder()  # (S, n, 1), (S, n, d)
-        pre = encode_into(self, x, buf["pre"])  # (B, S, n): the one dense GEMM
+        pre = encode_into(self, x)  # (B, S, n): the one dense GEMM
         with one_thread() if pre.numel() < SMALL_STEP else nullcontext():
             rows, bags, vals, smallest = [], [], [], []
             for s, k in enumerate(self.k):
@@ -116,7 +113,6 @@ class BatchTopKFastGroup(BatchTopKGroup):
                 bags,
                 v,
                 active,
-                buf,
                 auxk=True,
                 prefixes=self.prefixes(),
             )

@@ -38,7 +38,6 @@ from unsuperpose.train.families.sparse_step import (
     bag_step,
     encode_into,
     one_thread,
-    work_buffers,
     write_grads,
 )
 from unsuperpose.train.families.stacked import Reductions
@@ -53,7 +52,6 @@ class JumpReLUFastGroup(JumpReLUGroup):
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
         self.fast = self.device.type == "cpu" and not self.tied
-        self._buf: dict[str, torch.Tensor] = {}
         self.dense_steps = 0
 
     @torch.no_grad()
@@ -63,9 +61,8 @@ class JumpReLUFastGroup(JumpReLUGroup):
             return super().forward_backward(x)
         B = len(x)
         S, n, eps = self.S, self.n, self.bandwidth
-        self._buf = buf = work_buffers(self, B, self._buf)
         norms, dn = self.unit_decoder()  # (S, n, 1), (S, n, d)
-        pre = encode_into(self, x, buf["pre"])  # (B, S, n): the one dense GEMM
+        pre = encode_into(self, x)  # (B, S, n): the one dense GEMM
         theta = self.threshold()  # (S, n)
         lower = theta - eps  # below every active entry and every entry of the window
         above = pre > lower  # (B, S, n)
@@ -88,7 +85,7 @@ class JumpReLUFastGroup(JumpReLUGroup):
                 rows, bags, p, th = rows[keep], bags[keep], p[keep], th[keep]
                 active, window = active[keep], window[keep]
                 v = p * active
-            dots, fired = bag_step(self, x, pre, norms, dn, rows, bags, v, active, buf, auxk=False)
+            dots, fired = bag_step(self, x, pre, norms, dn, rows, bags, v, active, auxk=False)
             with one_thread():
                 coef = self.l0_coef[rows // n]
                 d_theta = torch.where(window, -(th / eps) * dots - coef / (eps * B), 0.0)

@@ -40,34 +40,30 @@ class ReluFastGroup(ReluGroup):
         super().__init__(*args, **kw)
         self.sparse_below = self.config.sparse_below if self.device.type == "cpu" else 0.0
         self.sparse_steps = 0
-        self._buf: dict[str, torch.Tensor] | None = None
         self._zero = torch.zeros((), device=self.device)
 
-    def _buffers(self, B: int) -> dict[str, torch.Tensor]:
-        """Work tensors reused across steps (fresh allocations of this size page-fault)."""
-        if self._buf is None or self._buf["pre"].shape[0] != B:
-            S, n, d = self.S, self.n, self.d
-            shapes = {
-                "pre": (B, S * n),
-                "dpre": (B, S * n),
-                "err": (S, B, d),
-                "dc": (S, B, n),
-                "d_dn": (S, n, d),
-                "d_w_enc": (d, S * n),
-            }
-            self._buf = {k: torch.empty(v, device=self.device) for k, v in shapes.items()}
-        return self._buf
+    def work(self, name: str, B: int) -> torch.Tensor:
+        """The step's work tensor ``name`` for a batch of B rows, kept across steps."""
+        S, n, d = self.S, self.n, self.d
+        shapes = {
+            "pre": (B, S * n),
+            "dpre": (B, S * n),
+            "err": (S, B, d),
+            "dc": (S, B, n),
+            "d_dn": (S, n, d),
+            "d_w_enc": (d, S * n),
+        }
+        return self.scratch(name, shapes[name])
 
     @torch.no_grad()
     def forward_backward(self, x: torch.Tensor) -> Reductions:
         """Gradients of every SAE's loss on batch ``x`` into ``.grad``; statistics."""
         B, d = x.shape
         S, n = self.S, self.n
-        buf = self._buffers(B)
         norms, dn = self.unit_decoder()
         w_enc = self.encoder_weight(dn)
 
-        codes = torch.addmm(self.b_enc, x, w_enc, out=buf["pre"]).clamp_(min=0)  # (B, S*n)
+        codes = torch.addmm(self.b_enc, x, w_enc, out=self.work("pre", B)).clamp_(min=0)  # (B, S*n)
         codes3 = codes.view(B, S, n)
         codes_s = codes3.transpose(0, 1)  # (S, B, n) view
         fired = torch.count_nonzero(codes3, dim=0)  # (S, n), this rank's rows
@@ -78,18 +74,18 @@ class ReluFastGroup(ReluGroup):
         if use_sparse:
             self.sparse_steps += 1
             pairs = [sparse.to_csr_pair(codes3[:, s].contiguous()) for s in range(S)]
-            err = buf["err"]
+            err = self.work("err", B)
             for s in range(S):
                 err[s] = sparse.decode(pairs[s], dn[s])
             err.sub_(x)
         else:
-            err = torch.bmm(codes_s, dn, out=buf["err"]).sub_(x)  # (S, B, d)
+            err = torch.bmm(codes_s, dn, out=self.work("err", B)).sub_(x)  # (S, B, d)
 
         self.count_stats(codes3, err, fired, B)
 
         g = err.mul_(2.0 / (B * d))
-        d_dn = buf["d_dn"]
-        d_w_enc = buf["d_w_enc"]
+        d_dn = self.work("d_dn", B)
+        d_w_enc = self.work("d_w_enc", B)
         if use_sparse:
             l1_grad = (self.l1_coef / B).tolist()
             for s in range(S):
@@ -99,9 +95,9 @@ class ReluFastGroup(ReluGroup):
                 )
         else:
             torch.bmm(codes_s.transpose(1, 2), g, out=d_dn)  # (S, n, d)
-            dc = torch.bmm(g, dn.transpose(1, 2), out=buf["dc"])  # (S, B, n)
+            dc = torch.bmm(g, dn.transpose(1, 2), out=self.work("dc", B))  # (S, B, n)
             dc.add_((self.l1_coef / B).view(S, 1, 1))
-            dpre = buf["dpre"]
+            dpre = self.work("dpre", B)
             torch.where(codes3 > 0, dc.transpose(0, 1), self._zero, out=dpre.view(B, S, n))
             torch.mm(x.T, dpre, out=d_w_enc)  # (d, S*n)
             torch.sum(dpre, dim=0, out=self.b_enc.grad)
@@ -109,8 +105,7 @@ class ReluFastGroup(ReluGroup):
             d_dn += d_w_enc.view(d, S, n).permute(1, 2, 0)
         else:
             self.W_enc.grad.copy_(d_w_enc)
-        radial = torch.mul(d_dn, dn, out=self.scratch("row_dots", dn)).sum(dim=-1, keepdim=True)
-        torch.div(d_dn.addcmul_(dn, radial, value=-1), norms, out=self.W_dec.grad)
+        self.write_decoder_grad(d_dn, dn, norms)
         return {"fired": (fired, "sum")}
 
 

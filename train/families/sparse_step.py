@@ -103,6 +103,17 @@ def mm_into(csr: torch.Tensor, dense: torch.Tensor, out: torch.Tensor) -> torch.
     return torch.addmm(out, csr, dense, beta=0.0, out=out)
 
 
+def sparse_products(
+    group, codes_t: torch.Tensor, g: torch.Tensor, dpre_t: torch.Tensor, xc: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stacked decoder's and (transposed) encoder's gradients, each (S*n, d), into the
+    group's kept tensors: codes_t @ g and dpre_t @ xc, codes_t and dpre_t (S*n, bags) CSR."""
+    shape = (group.S * group.n, group.d)
+    d_dn = mm_into(codes_t, g, group.scratch("d_dn", shape))
+    d_wt = mm_into(dpre_t, xc, group.scratch("d_wt", shape))
+    return d_dn, d_wt
+
+
 def sampled_dots(
     crow: torch.Tensor, idx: torch.Tensor, g: torch.Tensor, table: torch.Tensor
 ) -> torch.Tensor:
@@ -139,14 +150,16 @@ def decode_bags(
     )
 
 
-def encode_into(group, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """(B, S, n) pre-activations into ``out`` (B, S*n): the one dense GEMM, with the pre-encoder
-    bias folded into the encoder bias (the same function as ``pre_activations``, rounded
-    differently)."""
-    w3 = group.W_enc.view(group.d, group.S, group.n)
+def encode_into(group, x: torch.Tensor) -> torch.Tensor:
+    """(B, S, n) pre-activations, into the group's kept ``pre`` tensor (valid until the next
+    step): the one dense GEMM, with the pre-encoder bias folded into the encoder bias (the same
+    function as ``pre_activations``, rounded differently)."""
+    B, S, n = len(x), group.S, group.n
+    w3 = group.W_enc.view(group.d, S, n)
     shift = torch.einsum("sd,dsn->sn", group.b_dec, w3)
+    out = group.scratch("pre", (B, S * n))
     pre = torch.addmm(group.b_enc - shift.reshape(-1), x, group.W_enc, out=out)
-    return pre.view(len(x), group.S, group.n)
+    return pre.view(B, S, n)
 
 
 def write_grads(
@@ -159,20 +172,15 @@ def write_grads(
     dn: torch.Tensor,
 ) -> None:
     """The four shared parameters' gradients into ``.grad``: g (S, rows, d) dL/dx_hat summed
-    into the decoder bias, d_dn (S*n, d) dL/dDn, d_wt (S*n, d) the encoder's gradient
-    transposed, db_enc (S*n,), norms (S, n, 1) the raw decoder rows' norms."""
+    into the decoder bias, d_dn (S*n, d) dL/dDn (overwritten), d_wt (S*n, d) the encoder's
+    gradient transposed, db_enc (S*n,), norms (S, n, 1) the raw decoder rows' norms."""
     S, n, d = group.S, group.n, group.d
     w3 = group.W_enc.view(d, S, n)
     group.W_enc.grad.copy_(d_wt.T)
     group.b_enc.grad.copy_(db_enc)
     db_dec = g.sum(dim=1) - torch.einsum("dsn,sn->sd", w3, db_enc.view(S, n))
     group.b_dec.grad.copy_(db_dec)
-    # Through dn = W_dec / ||W_dec||: (dDn - dn <dDn, dn>) / ||W_dec||, in two passes.
-    d_dn = d_dn.view(S, n, d)
-    inv = norms.reciprocal()
-    radial = torch.mul(d_dn, dn, out=group.scratch("row_dots", dn)).sum(-1, keepdim=True)
-    radial.mul_(inv).neg_()
-    torch.mul(d_dn, inv, out=group.W_dec.grad).addcmul_(dn, radial)
+    group.write_decoder_grad(d_dn.view(S, n, d), dn, norms)
 
 
 def auxk_grads(
@@ -280,7 +288,6 @@ def bag_step(
     bags: torch.Tensor,
     v: torch.Tensor,
     active: torch.Tensor,
-    buf: dict[str, torch.Tensor],
     *,
     auxk: bool,
     prefixes: list[int] | None = None,
@@ -290,8 +297,7 @@ def bag_step(
 
     rows, bags, v (N,) the entries in bag order (bag s*B + b nondecreasing) and, within a bag,
     by latent where ``prefixes`` are given; active (N,) where d code / d pre is 1 (else 0); pre
-    (B, S, n) for AuxK; buf holds (S*n, d) work tensors ``d_dn`` and ``d_wt``. Returns dL/d code
-    of every entry (N,) and the firing counts (S, n).
+    (B, S, n) for AuxK. Returns dL/d code of every entry (N,) and the firing counts (S, n).
 
     ``prefixes`` (Matryoshka): increasing sizes m_1 < ... < m_P = n, each prefix's own
     reconstruction loss counted (the last is the whole dictionary's). Latent j belongs to the
@@ -336,22 +342,8 @@ def bag_step(
         dpre = dots * active
         dpre_t = (tr if P == 1 else tr.with_bags(bags, S * B)).lay(dpre)
         db_enc = torch.zeros(S * n, device=x.device).index_add_(0, rows, dpre)
-    d_dn = mm_into(codes_t, g_sub, buf["d_dn"])
-    d_wt = mm_into(dpre_t, xc.view(S * B, d), buf["d_wt"])
+    d_dn, d_wt = sparse_products(group, codes_t, g_sub, dpre_t, xc.view(S * B, d))
     add_auxk(aux, n, db_enc, d_dn, d_wt)
     # Every prefix's reconstruction adds the decoder bias: its gradient is G_0's.
     write_grads(group, g[:, :, 0], d_dn, d_wt, db_enc, norms, dn)
     return dots, fired
-
-
-def work_buffers(group, B: int, buf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Work tensors reused across steps (fresh allocations of this size page-fault every step):
-    the pre-activations (B, S*n) and the two sparse products (S*n, d)."""
-    if not buf or buf["pre"].shape[0] != B:
-        S, n, d = group.S, group.n, group.d
-        buf = {
-            "pre": torch.empty(B, S * n, device=group.device),
-            "d_dn": torch.empty(S * n, d, device=group.device),
-            "d_wt": torch.empty(S * n, d, device=group.device),
-        }
-    return buf

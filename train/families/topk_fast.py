@@ -41,9 +41,9 @@ from unsuperpose.train.families.sparse_step import (
     auxk_grads,
     encode_into,
     fixed_offsets,
-    mm_into,
     one_thread,
     sampled_dots,
+    sparse_products,
     write_grads,
 )
 from unsuperpose.train.families.stacked import Reductions
@@ -57,21 +57,15 @@ class TopKFastGroup(TopKGroup):
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
         self.fast = self.device.type == "cpu" and not self.tied
-        self._buf: dict[str, torch.Tensor] = {}
 
-    def _work(self, B: int) -> dict[str, torch.Tensor]:
-        """Work tensors reused across steps (fresh allocations of this size page-fault every
-        step): pre-activations, the two sparse products, each entry's bag s*B + b."""
-        if not self._buf or self._buf["pre"].shape[0] != B:
-            S, n, d = self.S, self.n, self.d
-            new = lambda *shape: torch.empty(shape, device=self.device)  # noqa: E731
-            self._buf = {
-                "pre": new(B, S * n),
-                "d_dn": new(S * n, d),
-                "d_wt": new(S * n, d),
-                "bags": torch.arange(S * B, device=self.device).repeat_interleave(self.k_max),
-            }
-        return self._buf
+    def entry_bags(self, B: int) -> torch.Tensor:
+        """(S*B*K,): each entry's bag s*B + b, the same every step of batch size B."""
+        S, K = self.S, self.k_max
+
+        def fill(t: torch.Tensor) -> None:
+            t.copy_(torch.arange(S * B, device=self.device).unsqueeze(1))
+
+        return self.scratch("entry_bags", (S * B, K), torch.int64, fill).view(-1)
 
     @torch.no_grad()
     def forward_backward(self, x: torch.Tensor) -> Reductions:
@@ -80,10 +74,9 @@ class TopKFastGroup(TopKGroup):
             return super().forward_backward(x)
         B, d = x.shape
         S, n, K = self.S, self.n, self.k_max
-        buf = self._work(B)
         norms, dn = self.unit_decoder()  # (S, n, 1), (S, n, d)
         table = dn.view(S * n, d)
-        pre = encode_into(self, x, buf["pre"])  # (B, S, n): the one dense GEMM
+        pre = encode_into(self, x)  # (B, S, n): the one dense GEMM
         vals, idx = pre.topk(K, dim=-1, sorted=self.rank_keep is not None)  # (B, S, K)
         with one_thread():
             vals.clamp_(min=0)
@@ -99,7 +92,7 @@ class TopKFastGroup(TopKGroup):
             self.stats[1] += v.view(S, -1).sum(dim=1)
             self.stats[2] += fired.sum(dim=1)
             self.stat_rows += B
-            tr = Transposed(rows, buf["bags"], S * n, S * B)
+            tr = Transposed(rows, self.entry_bags(B), S * n, S * B)
             codes_t = tr.lay(v)  # (S*n, S*B)
 
         # Decoder: gather the active atoms.
@@ -117,8 +110,7 @@ class TopKFastGroup(TopKGroup):
             dpre.mul_(active)
             dpre_t = tr.lay(dpre)  # (S*n, S*B)
             db_enc = torch.zeros(S * n, device=self.device).index_add_(0, rows, dpre)
-        d_dn = mm_into(codes_t, g, buf["d_dn"])  # (S*n, d)
-        d_wt = mm_into(dpre_t, xc, buf["d_wt"])  # (S*n, d): the encoder gradient, transposed
+        d_dn, d_wt = sparse_products(self, codes_t, g, dpre_t, xc)  # (S*n, d) each
         add_auxk(aux, n, db_enc, d_dn, d_wt)
         write_grads(self, g.view(S, B, d), d_dn, d_wt, db_enc, norms, dn)
         return {"fired": (fired, "sum"), **self.step_reductions()}
