@@ -40,7 +40,7 @@ from unsuperpose.train.families.sparse_step import (
     one_thread,
     write_grads,
 )
-from unsuperpose.train.families.stacked import Reductions
+from unsuperpose.train.families.stacked import Reductions, firing_counts
 from unsuperpose.train.registry import register_fast_path
 
 DENSE_ABOVE = 0.1  # fraction of the (B, S*n) entries above theta - eps beyond which it is dense
@@ -102,7 +102,7 @@ class JumpReLUFastGroup(JumpReLUGroup):
         codes = pre * active
         codes_s = codes.transpose(0, 1)  # (S, B, n)
         err = torch.bmm(codes_s, dn).add_(self.b_dec.unsqueeze(1)).sub_(x)  # (S, B, d)
-        fired = torch.count_nonzero(codes, dim=0)
+        fired = firing_counts(codes)
         self.count_stats(codes, err, fired, B)
         g = err.mul_(2.0 / B)
         d_codes = torch.bmm(g, dn.transpose(1, 2)).transpose(0, 1)  # (B, S, n)
