@@ -7,8 +7,10 @@ from sae_reference import assert_matches, train_alone
 from unsuperpose.analyze import mmcs
 from unsuperpose.toy import ToyConfig, ToySource
 from unsuperpose.train import SAE, NonFiniteLoss, SAETrainConfig, evaluate, new_state, train_steps
+from unsuperpose.train.codes import firing_counts
 from unsuperpose.train.families.relu import ReluGroup
 from unsuperpose.train.families.relu_fast import ReluFastGroup
+from unsuperpose.train.heldout import HeldOut, score
 from unsuperpose.train.init import init_params
 
 SMALL = ToyConfig(h=16, G=32, k=2, decay=0.95, seed=0)
@@ -269,3 +271,27 @@ def test_a_fresh_sae_without_params_starts_from_the_default_init():
     torch.testing.assert_close(sae.W_dec.detach(), init_params(8, 12, seed=0)["W_dec"])
     assert sae(torch.randn(3, 8))[0].shape == (3, 8)
     assert SAE(8, 12, tied=True).W_enc is None
+
+
+def test_firing_counts_are_count_nonzero_and_held_out_scoring_counts_the_same_way():
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randn(50, 3, 7, generator=g).clamp_(min=0)
+    codes[:, 1, 4] = 0  # a latent that never fires
+    codes[1, 2, 3] = -2.0  # signed codes (PCA, ICA) fire too
+    with_nan = codes.clone()
+    with_nan[0, 0, 0] = float("nan")
+    mask = torch.empty_like(codes)
+    assert torch.equal(firing_counts(with_nan, mask), torch.count_nonzero(with_nan, dim=0))
+    assert torch.equal(mask, (with_nan != 0).float())  # the mask a step reuses
+
+    xs = [torch.randn(25, 4, generator=g) for _ in range(2)]
+    parts = iter([codes[:25], codes[25:]])
+    held = HeldOut(xs, 50, 4, 1.0)
+    metrics, fires = score(held, lambda x: (next(parts), torch.zeros(3, len(x), 4)), 3, 7)
+    assert torch.equal(fires, torch.count_nonzero(codes, dim=0))
+    for s in range(3):
+        assert metrics[s]["heldout_l0"] == int(torch.count_nonzero(codes[:, s])) / 50
+        assert metrics[s]["heldout_dead"] == int(
+            (torch.count_nonzero(codes[:, s], dim=0) == 0).sum()
+        )
+    assert metrics[1]["heldout_dead"] >= 1

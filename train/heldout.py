@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from unsuperpose.train.codes import firing_counts
+
 # x (B, d) -> (codes (B, S, n), reconstructions (S, B, d)) of S dictionaries of n latents
 Reconstruct = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -70,9 +72,9 @@ def score(
         err = x_hat - x
         sq += err.pow(2).sum(dim=(1, 2), dtype=torch.float64)
         l1 += codes.abs().sum(dim=(0, 2), dtype=torch.float64)
-        nonzero = codes != 0
-        l0 += nonzero.sum(dim=(0, 2), dtype=torch.float64)
-        fires += nonzero.sum(dim=0)  # (S, n)
+        fired = firing_counts(codes)  # (S, n)
+        fires += fired
+        l0 += fired.sum(dim=1)
         if each_batch is not None:
             each_batch(x, codes)
     rows, var = held.rows, held.total_var

@@ -32,6 +32,7 @@ from contextlib import nullcontext
 
 import torch
 
+from unsuperpose.train.codes import firing_counts
 from unsuperpose.train.families.jumprelu import JumpReLUGroup
 from unsuperpose.train.families.sparse_step import (
     SMALL_STEP,
@@ -40,7 +41,7 @@ from unsuperpose.train.families.sparse_step import (
     one_thread,
     write_grads,
 )
-from unsuperpose.train.families.stacked import Reductions, firing_counts
+from unsuperpose.train.families.stacked import Reductions
 from unsuperpose.train.registry import register_fast_path
 
 DENSE_ABOVE = 0.1  # fraction of the (B, S*n) entries above theta - eps beyond which it is dense

@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 
 from unsuperpose.train import sparse
+from unsuperpose.train.codes import firing_counts
 from unsuperpose.train.families.relu import ReluGroup
 from unsuperpose.train.families.stacked import Reductions
 from unsuperpose.train.registry import register_fast_path
@@ -65,11 +66,10 @@ class ReluFastGroup(ReluGroup):
         codes = torch.addmm(self.b_enc, x, w_enc, out=self.work("pre", B)).clamp_(min=0)  # (B, S*n)
         codes3 = codes.view(B, S, n)
         codes_s = codes3.transpose(0, 1)  # (S, B, n) view
-        # The active codes as a 0/1 float mask, in the tensor that becomes dL/d pre: counting it is
-        # a column sum, where count_nonzero first casts every code to int64 (2.8 against 0.3 ms
-        # at 1,024 x 2,048; 135 against 17 ms at 4,096 x 8,192).
-        active = torch.sign(codes, out=self.work("dpre", B)).view(B, S, n)
-        fired = active.sum(0).to(torch.int64)  # (S, n), this rank's rows
+        # The active codes' 0/1 mask is kept in the tensor that becomes dL/d pre by one multiply
+        # (torch.where on the transposed dc took 5.1 against 0.2 ms at 1,024 x 2,048).
+        active = self.work("dpre", B).view(B, S, n)
+        fired = firing_counts(codes3, active)  # (S, n), this rank's rows
         # Decided per step from this step's own codes: the sparse kernels pay off only when few
         # codes are active, which is true late in training and false at the start. The count is
         # read on the host only when the sparse path is possible at all (CPU).

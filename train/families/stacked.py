@@ -28,18 +28,12 @@ from typing import ClassVar
 
 import torch
 
+from unsuperpose.train.codes import firing_counts
 from unsuperpose.train.init import init_params
 
 # name -> (tensor, how ranks combine it: "sum" or "min"); combined in place by the trainer.
 Reductions = dict[str, tuple[torch.Tensor, str]]
 STATS = ("sq", "l1", "l0")  # summed over rows: squared error, sum of codes, active codes
-
-
-def firing_counts(codes: torch.Tensor) -> torch.Tensor:
-    """(S, n) int64: on how many rows of codes (B, S, n) each latent is nonzero. The count of
-    ``count_nonzero(codes, dim=0)``, which first casts every code to int64: 2.7 against 0.5 ms
-    at 1,024 x 2,048, 134 against 71 ms at 4,096 x 8,192."""
-    return torch.sign(codes).abs_().sum(0).to(torch.int64)
 
 
 class StackedGroup:
