@@ -283,6 +283,8 @@ def test_firing_counts_are_count_nonzero_and_held_out_scoring_counts_the_same_wa
     mask = torch.empty_like(codes)
     assert torch.equal(firing_counts(with_nan, mask), torch.count_nonzero(with_nan, dim=0))
     assert torch.equal(mask, (with_nan != 0).float())  # the mask a step reuses
+    many = torch.ones(601, 1, 2, dtype=torch.bfloat16)  # a bf16 sum rounds 601 to 600
+    assert firing_counts(many).tolist() == [[601, 601]]
 
     xs = [torch.randn(25, 4, generator=g) for _ in range(2)]
     parts = iter([codes[:25], codes[25:]])
