@@ -88,7 +88,8 @@ class ReluFastGroup(ReluGroup):
 
         g = err.mul_(2.0 / (B * d))
         d_dn = self.work("d_dn", B)
-        d_w_enc = self.work("d_w_enc", B)
+        # Untied, the encoder's gradient is written where it belongs; tied, it joins the decoder's.
+        d_w_enc = self.work("d_w_enc", B) if self.tied else self.W_enc.grad  # (d, S*n)
         if use_sparse:
             l1_grad = (self.l1_coef / B).tolist()
             for s in range(S):
@@ -105,8 +106,6 @@ class ReluFastGroup(ReluGroup):
             torch.sum(dpre, dim=0, out=self.b_enc.grad)
         if self.tied:
             d_dn += d_w_enc.view(d, S, n).permute(1, 2, 0)
-        else:
-            self.W_enc.grad.copy_(d_w_enc)
         self.write_decoder_grad(d_dn, dn, norms)
         return {"fired": (fired, "sum")}
 
