@@ -1,8 +1,8 @@
 """Where each of the report's three diagnostics points in a (knob x dictionary size) grid.
 
 Pure functions of {(knob, size): value} dicts, so they can be tested on constructed grids. Each
-reading is taken from the report (``shared/SCIENCE.md``), serves toy data and the LM alike, and
-is built so that widening the grid moves it only when the new cells carry new evidence:
+reading is taken from the report (Sharkey, Braun & Millidge 2022), serves toy data and the LM
+alike, and is built so that widening the grid moves it only when the new cells carry new evidence:
 
 - dead neurons: "the largest dictionary, with the largest L1 coefficient, that still has no dead
   neurons". Per L1, the boundary is the largest size with at most ``tolerance`` x size dead

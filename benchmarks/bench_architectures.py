@@ -1,4 +1,4 @@
-"""What each architecture finds on toy data with known truth (issue 18's table).
+"""What each architecture finds on toy data with known truth (the architectures page's table).
 
 Default toy data (h 256, G 512, 5 active features on average, threshold copula rho 0.5), a seed no
 test uses, 5,000 steps of 256, sizes 1/4x, 1/2x, 1x and 2x of G, each architecture over its own

@@ -1,4 +1,4 @@
-"""The fitted baselines beside SAEs on toy data with known truth (issue 19's toy table).
+"""The fitted baselines beside SAEs on toy data with known truth (the baselines page's toy table).
 
 Cunningham et al. (2023) compare SAE directions with the neuron basis, PCA and ICA; a coauthor
 adds that sparse coding (FISTA-style inference) may reconstruct better at the same sparsity.

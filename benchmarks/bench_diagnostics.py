@@ -1,4 +1,4 @@
-"""Issue 17's figures: does the count depend on how the grid was drawn, or on the toy data?
+"""Does the count depend on how the grid was drawn, or on the toy data?
 
 For two seeds no test uses, `make toy`'s default grid (h 256, G 512, 5 L1 x 1/4x..4x, batch 256)
 is trained on four kinds of toy data:

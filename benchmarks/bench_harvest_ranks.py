@@ -1,4 +1,4 @@
-"""Issue 11's harvest figures: 1 vs 2 processes here, bf16 autocast vs fp32 (and on a GPU).
+"""Harvest scale-out: 1 vs 2 processes here, bf16 autocast vs fp32 (and on a GPU).
 
 All on a random-initialised LM of the `small` preset (6 layers, d_model 256, MLP 1024, n_ctx 256;
 nothing downloaded), layer 1's MLP into a store, random token blocks:

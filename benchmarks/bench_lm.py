@@ -1,4 +1,4 @@
-"""Issue 4's figures: LM training tokens/s for `tiny` and `small`, next to the FLOP floor.
+"""LM training tokens/s for `tiny` and `small`, next to the FLOP floor.
 
 For each preset shape (random init, random GPT-2 token blocks, batch 8 x 256, AdamW), on 1 and
 on 2 threads, in the same run:

@@ -1,4 +1,4 @@
-"""Issue 28, item 2: each architecture's training step against the step its peers' own trainers
+"""Each architecture's training step against the step its peers' own trainers
 run, in one run (`make bench ARGS=bench_peers`).
 
 Peers, each driven through its own trainer by ``benchmarks/peers_worker.py`` in the interpreter
@@ -42,7 +42,7 @@ with ours in the same setting: sparsify without AuxK with ours without AuxK), an
 fraction of the encoder GEMM alone at the round's peak (the better of its two reads):
 ``rate * 2*d*n / peak``, the floor of a sparse step (the k-architectures' goal is >= 0.5; a dense
 ReLU step has five such GEMMs, so 0.2 is its ceiling). The summary per shape and architecture
-takes medians over the rounds and says whether the issue's goals are met: ours >= 1.5x the
+takes medians over the rounds and says whether its goals are met: ours >= 1.5x the
 fastest peer; relu >= 2x SAELens; the k-architectures within 2x of the encoder GEMM.
 
 Every round record carries the machine's load averages: the figures of one round are comparable,
@@ -332,7 +332,7 @@ def _median(rows: list[dict], key: str) -> dict[str, float]:
 
 
 def _summary(arch: str, rows: list[dict], na: dict[str, str]) -> dict:
-    """Medians over the rounds, and the issue's goals: met, not met, or None (not measured)."""
+    """Medians over the rounds, and the speed goals: met, not met, or None (not measured)."""
     rates = _median(rows, "samples_s")
     vs = _median(rows, "ours_vs") if rows[0]["ours_vs"] else {}
     of_gemm = _median(rows, "of_encoder_gemm")

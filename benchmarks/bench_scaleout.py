@@ -1,4 +1,4 @@
-"""Issue 11's training figures: one process vs two under torchrun, and the GPU when there is one.
+"""Training scale-out: one process vs two under torchrun, and the GPU when there is one.
 
 On any machine:
 - the same toy grid trained by one process (its threads, and one thread) and by two processes

@@ -1,4 +1,4 @@
-"""Issue 19, item 1: our sparse-coding learner against scikit-learn's MiniBatchDictionaryLearning.
+"""Our sparse-coding learner against scikit-learn's MiniBatchDictionaryLearning.
 
 The default toy data (h 256, G 512, seed 101; tests use seeds below 20), the first ``ROWS``
 rows of its batch stream in batches of 256, centred on their mean and divided by the root of

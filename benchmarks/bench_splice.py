@@ -1,4 +1,4 @@
-"""Issue 12's figure: what the spliced-in evaluation costs per SAE, next to a plain LM forward.
+"""What the spliced-in evaluation costs per SAE, next to a plain LM forward.
 
 The `tiny` preset's architecture (d_model 16, 6 layers, MLP 64, n_ctx 256) with random weights,
 blocks of random tokens (speed does not depend on the weights), SAEs of 8x d at layer 1's MLP.

@@ -1,5 +1,5 @@
-"""Issue 18, item 5: the TopK step against EleutherAI's sparsify, side by side in one run; and
-(issue 28, item 1) the BatchTopK, Matryoshka and JumpReLU fast paths against their autograd
+"""The TopK step against EleutherAI's sparsify, side by side in one run; and
+the BatchTopK, Matryoshka and JumpReLU fast paths against their autograd
 groups, with ``TOPK_BENCH_ARCH``.
 
 One SAE, 1024 -> 8192, k 32, batch 4,096, Adam, on the same synthetic batches (two

@@ -1,4 +1,4 @@
-"""Issue 3's figures: grid throughput vs GEMM peak (recovery and the diagnostics moved to
+"""The toy grid's figures: grid throughput vs GEMM peak (recovery and the diagnostics moved to
 bench_diagnostics).
 
 - throughput: SAE-steps/s and GFLOP/s (10*b*d*n FLOPs per SAE step) of the grid trainer at toy

@@ -1,4 +1,4 @@
-"""Issue 6's figures: SAE training speed, as ratios measured within this one run.
+"""SAE training speed of our ReLU trainer, as ratios measured within this one run.
 
 An SAE step is counted as 10*b*d*n FLOPs (five dense GEMMs). Figures:
 - dense: one 1024 -> 8192 SAE at batch 4,096 from RAM, our trainer vs a plain autograd SAE + Adam,
@@ -8,8 +8,8 @@ An SAE step is counted as 10*b*d*n FLOPs (five dense GEMMs). Figures:
 - grid vs sequential: 8 L1 values x 256 -> 512 (batch 256) in one pass vs one SAE at a time, fed
   from memory (the trainer alone) and from the toy generator (what a user pays);
 - store vs RAM: the same grid fed from a bfloat16 Zarr store vs from tensors in memory.
-SAELens and dictionary_learning are not installed here; FACTS.md measured them on this machine
-at 0.65x of a plain PyTorch SAE at 1024 -> 8192, which is how the SAELens column is derived.
+The peers' own trainers (SAELens, dictionary_learning, sparsify), timed in the same run on the
+same batches, are ``bench_peers``'s.
 """
 
 from __future__ import annotations
@@ -24,8 +24,6 @@ import torch
 from benchmarks.common import RamSource, gemm_peak
 from unsuperpose.train import SAE, SAETrainConfig, new_state, train_steps
 from unsuperpose.train.init import init_params
-
-SAELENS_VS_PLAIN = 1650 / 2520  # FACTS.md, same machine, same shape
 
 
 def _trainer_rate(
@@ -92,7 +90,6 @@ def dense_and_sparse(b: int = 4096, d: int = 1024, n: int = 8192, steps: int = 3
             "plain_torch_samples_per_s": round(plain),
             "plain_pct_of_peak": round(100 * plain * flops / 1e9 / peak, 1),
             "ours_vs_plain": round(ours / plain, 2),
-            "ours_vs_saelens_est": round(ours / (plain * SAELENS_VS_PLAIN), 2),
         },
         {
             "figure": "sae_sparse_1024x8192_b4096",
@@ -100,7 +97,6 @@ def dense_and_sparse(b: int = 4096, d: int = 1024, n: int = 8192, steps: int = 3
             "sparse_samples_per_s": round(sparse),
             "dense_samples_per_s": round(dense_same),
             "sparse_vs_dense": round(sparse / dense_same, 2),
-            "sparse_vs_saelens_est": round(sparse / (plain * SAELENS_VS_PLAIN), 2),
         },
     ]
 

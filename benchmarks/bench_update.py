@@ -1,4 +1,4 @@
-"""Issue 10's figure for the follow-up update's experiment: the wall time of `make replicate-update`
+"""The follow-up update's experiment: the wall time of `make replicate-update`
 (tiny LM, layer-3 store, 1x..32x grid, `make toy`'s grid, report) from an empty runs folder, and
 where the diagnostics point on the LM and on the toy grid. About 30 minutes on 2 cores.
 

@@ -1,4 +1,4 @@
-"""Issue 28, item 4: the GPU check's sub-checks, one command each; ``benchmarks/gpu_check.sh``
+"""The GPU check's sub-checks, one command each; ``benchmarks/gpu_check.sh``
 runs them in turn, each under ``timeout``, and prints their rows as one table.
 
     python -m benchmarks.gpu_check resolve                     # device, size and budgets

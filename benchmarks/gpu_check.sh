@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check (issue 28, item 4): one table of the figures a session with a GPU should measure.
+# The GPU check: one table of the figures a session with a GPU should measure.
 #
 #   benchmarks/gpu_check.sh                                         # auto: full on CUDA, else reduced on the CPU
 #   GPU_CHECK_DEVICE=cpu GPU_CHECK_SIZE=reduced benchmarks/gpu_check.sh

@@ -73,14 +73,14 @@ QUICK = dict(
 )
 QUICK_RUNS = Path("runs/quick")
 # --lm smollm2 (`make real`): SmolLM2-135M-Instruct (30 layers, d_model 576, MLP 1,536 wide).
-# Layer 2's mlp.hook_post (the input of down_proj, the issue's main hook). Zero-ablating each
-# MLP on 1,020 validation tokens (clean CE 3.24 nats) cost: layer 0 +10.3 nats, 1 +0.23,
-# 2 +0.70, 3 +0.14, 5 +0.13, 8 +0.27, 12 +0.10, 15 +0.17, 20 +0.16. Layer 2 is the one whose
+# Layer 2's mlp.hook_post (the input of down_proj, the hook the real-model guide studies).
+# Zero-ablating each MLP on 1,020 validation tokens (clean CE 3.24 nats) cost: layer 0 +10.3 nats, 1
+# +0.23, 2 +0.70, 3 +0.14, 5 +0.13, 8 +0.27, 12 +0.10, 15 +0.17, 20 +0.16. Layer 2 is the one whose
 # ablation costs most short of layer 0 (an extended embedding, against which any dictionary
-# "recovers" ~100%), so CE recovered discriminates there (the tiny LM's layer 3: +0.08). Early
-# is also cheap: harvest runs the model only up to the layer (3 of 30 blocks). Blocks of 256
-# tokens (--n-ctx): the model's own context is 8,192, but the embedded Wikipedia leads are ~100
-# tokens each, so longer blocks only join unrelated documents at a quadratic price.
+# "recovers" ~100%), so CE recovered discriminates there (the tiny LM's layer 3: +0.08). Early is
+# also cheap: harvest runs the model only up to the layer (3 of 30 blocks). Blocks of 256 tokens
+# (--n-ctx): the model's own context is 8,192, but the embedded Wikipedia leads are ~100 tokens
+# each, so longer blocks only join unrelated documents at a quadratic price.
 # The budget goes where the fast paths make it cheap: the TopK SAEs, whose CPU step is sparse
 # after one dense encoder GEMM, train on one pass over the whole corpus; the ReLU grid the
 # report's count reads stays the short grid it was.

@@ -1,6 +1,6 @@
 """Old flag spellings kept for one release, each printing a warning that names the new one.
 
-A flag means one thing across the commands (issue 29): dictionary sizes are ``--dict-sizes`` in
+A flag means one thing across the commands: dictionary sizes are ``--dict-sizes`` in
 ``train`` and ``toy``, a saved dictionary is ``--dictionary``, force is ``--force``, the
 corpus's split seed is ``--split-seed``, and flags are lower-case. The spellings they replace
 still parse to the same value, with a warning on stderr (a ``FlagDeprecation``, a

@@ -328,7 +328,8 @@ class ActivationStore:
         return None if len(keep_all) == at else keep_all
 
     def _read_into(self, lo: int, hi: int, out: np.ndarray) -> None:
-        # Decoding straight into reused memory avoids fresh pages per chunk (see FACTS.md).
+        # Decoding straight into reused memory: a fresh buffer per chunk is fresh pages, each
+        # faulted in and zeroed by the kernel before the decoder writes it.
         try:
             self._acts.get_basic_selection(
                 (slice(lo, hi), slice(None)), out=NDBuffer.from_numpy_array(out)

@@ -215,7 +215,7 @@ def test_ssll_basin_needs_an_interior_minimum():
 
 
 def test_a_size_without_a_basin_cannot_unmake_another_sizes_basin():
-    # Grid-wide z-scores let a new row change every size's weights (the constructed case:
+    # Grid-wide z-scores let a new row change every size's weights (a constructed case:
     # adding a 256 row moved the pointer from 512 to none). Per-size profiles cannot.
     c = planted()
     only_512 = {k: {key: v for key, v in col.items() if key[1] == 512} for k, col in c.items()}
@@ -247,7 +247,7 @@ def test_a_collapsed_cell_reads_the_same_whether_its_l1_loss_is_0_or_1e_9(collap
 
 
 def test_an_l1_column_below_the_grid_leaves_the_pointers_where_the_evidence_is():
-    # The regression case: at L1 1e-5 overcomplete dictionaries still shed latents (the
+    # A regression case: at L1 1e-5 overcomplete dictionaries still shed latents (the
     # toy data at 5,000 steps), so nothing new is alive there and no pointer moves.
     c = planted()
     base = cells(diagnose(c, truth_size=512))

@@ -1,4 +1,4 @@
-"""One meaning per flag (issue 29, item 4): sizes are --dict-sizes in train and toy, a saved
+"""One meaning per flag: sizes are --dict-sizes in train and toy, a saved
 dictionary is --dictionary, force is --force, the corpus's split seed is --split-seed, flags are
 lower-case. Each old spelling still parses to what the new one does, warns naming the new one
 (a FlagDeprecation, a FutureWarning), and the reference lists both; `make train DICT=8x` and

@@ -1,4 +1,4 @@
-"""`--help` says each default once, and truly (issue 29, item 5).
+"""`--help` says each default once, and truly.
 
 Every subcommand's help is read flag by flag: no default said twice ("(default: X)" after a help
 that says its default already), none said as "(default: None)", and a hand-written
