@@ -66,9 +66,9 @@ def _bench_peers(name: str):
 TABLES = {
     "calibration": _calibration,
     "calibration-decision": _calibration_decision,
-    # the run on a quiet machine (both shapes, all five architectures, ReLU fresh and trained)
+    # the runs on a quiet machine (both shapes, all five architectures, ReLU fresh and trained)
     "bench_peers-c15ee0e": _bench_peers("bench_peers-c15ee0e"),
-    "bench_peers-a82d7b7": _bench_peers("bench_peers-a82d7b7"),
+    "bench_peers-fdd61d9": _bench_peers("bench_peers-fdd61d9"),
 }
 
 
