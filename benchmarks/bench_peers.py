@@ -55,6 +55,7 @@ Knobs: ``PEERS_QUICK=1`` (a smoke run: 64 -> 512, batch 256, k 8, one round, ~1-
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import math
 import os
@@ -244,6 +245,14 @@ def run_shape(
     worker = PeerProcess(exe, spec) if exe else None
     na: dict[str, dict[str, str]] = {a: dict(LACKS.get(a, {})) for a in archs}
     try:
+        theirs = worker.hello["versions"]["torch"] if worker else None
+        if worker and theirs != importlib.metadata.version("torch"):
+            # Another torch is other kernels: the ratios would compare versions, not trainers.
+            raise RuntimeError(
+                f"the peers' venv runs torch {theirs}, ours {importlib.metadata.version('torch')}:"
+                f" install torch=={torch.__version__.split('+')[0]} into it together with the"
+                " peers (docs/development.md shows the commands)"
+            )
         if worker and worker.hello["checksum"] != checksum:
             raise RuntimeError(
                 f"the peers' batches differ from ours ({worker.hello['checksum']} vs {checksum}):"

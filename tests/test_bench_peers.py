@@ -1,11 +1,12 @@
-"""``benchmarks/bench_peers.py``: our side runs, and its records say what the README reads.
+"""``benchmarks/bench_peers.py``: our side runs, and its records say what the speed page reads.
 
-The peers' side needs a venv with sae-lens, dictionary-learning and eai-sparsify (README, "What we
-measured"); its test runs only where ``PEERS_PYTHON`` names one.
+The peers' side needs a venv with sae-lens, dictionary-learning and eai-sparsify
+(docs/development.md shows how to make one); its test runs only where ``PEERS_PYTHON`` names one.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -100,6 +101,17 @@ def test_relu_sparse_starts_at_the_peers_l0():
     assert bp.Ours("relu", xs, 128, K, DEAD).relu_l0() > 128 / 4  # a fresh SAE is dense
 
 
+def test_a_peers_venv_on_another_torch_is_refused(tmp_path):
+    """The peers' venv reports its versions first; on another torch the bench stops, saying
+    what to install, before it times anything."""
+    fake = tmp_path / "python"  # stands in for the venv's interpreter: it only says hello
+    hello = {"ready": True, "checksum": [], "versions": {"torch": "2.0.0"}}
+    fake.write_text(f"#!/bin/sh\necho 'PEER {json.dumps(hello)}'\ncat > /dev/null\n")
+    fake.chmod(0o755)
+    with pytest.raises(RuntimeError, match=r"torch 2\.0\.0, ours .*install torch=="):
+        _run(exe=str(fake), rounds=1, archs=["relu"])
+
+
 PEERS_PYTHON = os.environ.get("PEERS_PYTHON")
 
 
@@ -107,7 +119,7 @@ PEERS_PYTHON = os.environ.get("PEERS_PYTHON")
 @pytest.mark.skipif(
     not (PEERS_PYTHON and Path(PEERS_PYTHON).exists()),
     reason="PEERS_PYTHON is unset: it names the python of a venv with sae-lens, "
-    "dictionary-learning and eai-sparsify (README, 'What we measured')",
+    "dictionary-learning and eai-sparsify (docs/development.md shows how to make one)",
 )
 def test_every_peer_runs_on_the_same_batches():
     records = _run(exe=PEERS_PYTHON, rounds=1)
