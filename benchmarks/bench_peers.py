@@ -245,13 +245,13 @@ def run_shape(
     worker = PeerProcess(exe, spec) if exe else None
     na: dict[str, dict[str, str]] = {a: dict(LACKS.get(a, {})) for a in archs}
     try:
-        theirs = worker.hello["versions"]["torch"] if worker else None
-        if worker and theirs != importlib.metadata.version("torch"):
+        ours_torch = importlib.metadata.version("torch")
+        if worker and worker.hello["versions"]["torch"] != ours_torch:
             # Another torch is other kernels: the ratios would compare versions, not trainers.
             raise RuntimeError(
-                f"the peers' venv runs torch {theirs}, ours {importlib.metadata.version('torch')}:"
-                f" install torch=={torch.__version__.split('+')[0]} into it together with the"
-                " peers (docs/development.md shows the commands)"
+                f"the peers' venv runs torch {worker.hello['versions']['torch']}, ours"
+                f" {ours_torch}: install torch=={ours_torch.split('+')[0]} into it together with"
+                " the peers (docs/development.md shows the commands)"
             )
         if worker and worker.hello["checksum"] != checksum:
             raise RuntimeError(
